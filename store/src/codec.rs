@@ -1,0 +1,108 @@
+//! Chunk encodings at rest and on the wire.
+//!
+//! A chunk is stored zstd-compressed unless compression does not shrink it,
+//! then raw. Ids never depend on the encoding: [`decode`] checks that the
+//! plaintext hashes to the expected id before anyone sees it.
+
+use std::cell::RefCell;
+
+use crate::error::{Error, Result};
+use crate::id::ChunkId;
+
+/// zstd level at rest. Level 3 is zstd's default; measured in
+/// `benches/chunk_pipeline` against level 1.
+pub const ZSTD_LEVEL: i32 = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Encoding {
+    Raw = 0,
+    Zstd = 1,
+}
+
+impl Encoding {
+    pub fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::Raw),
+            1 => Some(Self::Zstd),
+            _ => None,
+        }
+    }
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Encodes `plain`; returns the encoding chosen and the stored bytes.
+pub fn encode(plain: &[u8]) -> (Encoding, Vec<u8>) {
+    let compressed = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        c.as_mut().and_then(|c| c.compress(plain).ok())
+    });
+    match compressed {
+        Some(z) if z.len() < plain.len() => (Encoding::Zstd, z),
+        _ => (Encoding::Raw, plain.to_vec()),
+    }
+}
+
+/// Decodes stored bytes and verifies them against `id`.
+pub fn decode(id: &ChunkId, enc: Encoding, stored: &[u8], plain_len: usize) -> Result<Vec<u8>> {
+    let plain = match enc {
+        Encoding::Raw => stored.to_vec(),
+        Encoding::Zstd => DECOMPRESSOR
+            .with(|d| {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = zstd::bulk::Decompressor::new().ok();
+                }
+                d.as_mut().map(|d| d.decompress(stored, plain_len))
+            })
+            .ok_or_else(|| Error::ChunkCorrupt { id: *id, why: "no zstd decoder".into() })?
+            .map_err(|e| Error::ChunkCorrupt { id: *id, why: format!("zstd: {e}") })?,
+    };
+    if plain.len() != plain_len {
+        return Err(Error::ChunkCorrupt {
+            id: *id,
+            why: format!("decoded {} bytes, expected {plain_len}", plain.len()),
+        });
+    }
+    if ChunkId::of(&plain) != *id {
+        return Err(Error::ChunkCorrupt { id: *id, why: "content does not hash to its id".into() });
+    }
+    Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_raw_fallback() {
+        let text = b"abcabcabc".repeat(1000);
+        let (enc, stored) = encode(&text);
+        assert_eq!(enc, Encoding::Zstd);
+        assert!(stored.len() < text.len());
+        assert_eq!(decode(&ChunkId::of(&text), enc, &stored, text.len()).unwrap(), text);
+
+        let tiny = b"x";
+        let (enc, stored) = encode(tiny);
+        assert_eq!(enc, Encoding::Raw);
+        assert_eq!(decode(&ChunkId::of(tiny), enc, &stored, 1).unwrap(), tiny);
+    }
+
+    #[test]
+    fn wrong_bytes_are_refused() {
+        let text = b"hello world".repeat(100);
+        let (enc, mut stored) = encode(&text);
+        let id = ChunkId::of(&text);
+        let mid = stored.len() / 2;
+        stored[mid] ^= 1;
+        assert!(matches!(decode(&id, enc, &stored, text.len()), Err(Error::ChunkCorrupt { .. })));
+        assert!(decode(&ChunkId::of(b"other"), Encoding::Raw, b"hello", 5).is_err());
+    }
+}

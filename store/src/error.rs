@@ -1,0 +1,75 @@
+//! The store's one error type.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::id::ChunkId;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system call failed on a named file.
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("chunk {id} is corrupt: {why}")]
+    ChunkCorrupt { id: ChunkId, why: String },
+    #[error("chunk {id} is not in the store")]
+    ChunkMissing { id: ChunkId },
+    /// A manifest or layer root that does not decode or breaks an invariant.
+    #[error("bad manifest of layer {layer}: {why}")]
+    Manifest { layer: String, why: String },
+    /// Input to import (a tree, a tar stream) that cannot be stored as given.
+    #[error("bad input at {at}: {why}")]
+    BadInput { at: String, why: String },
+    /// Refused while materialising a layer.
+    #[error("export to {}: {why}", dest.display())]
+    Export { dest: PathBuf, why: String },
+    #[error("name {name}: {why}")]
+    Name { name: String, why: String },
+    #[error("no layer matches {0:?}")]
+    UnknownRef(String),
+    #[error("index database {}", path.display())]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::Error>,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(what: &'static str, path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> Self {
+        let path = path.as_ref().to_path_buf();
+        move |source| Self::Io { what, path, source }
+    }
+
+    pub(crate) fn manifest(layer: impl std::fmt::Display, why: impl Into<String>) -> Self {
+        Self::Manifest { layer: layer.to_string(), why: why.into() }
+    }
+
+    pub(crate) fn bad_input(at: impl Into<String>, why: impl Into<String>) -> Self {
+        Self::BadInput { at: at.into(), why: why.into() }
+    }
+}
+
+/// Attaches the file a failed call was about.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, what: &'static str, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, what: &'static str, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(Error::io(what, path))
+    }
+}
+
+impl<T> IoContext<T> for rustix::io::Result<T> {
+    fn ctx(self, what: &'static str, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::io(what, path)(e.into()))
+    }
+}

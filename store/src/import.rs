@@ -1,0 +1,569 @@
+//! Import: directory trees, tar streams and disk images become entries.
+//!
+//! Directory import is a pipeline: one thread walks the tree in tree order
+//! (each directory listing sorted), rayon hashes, compresses and stores file
+//! contents in parallel, and entries come out in order through a bounded
+//! window, so memory is bounded by the window and the batch size, not by
+//! the input.
+//!
+//! How a regular file is cut ([`Chunking`]): fixed 64 KiB blocks when it is
+//! a disk image, content-defined otherwise. A file is taken for a disk image
+//! when import is told so (`--image`), when its name ends in `.img`, `.raw`
+//! or `.qcow2`, when it is 1 GiB or larger, or when it is sparse. Images are
+//! read by their data regions (`SEEK_DATA`), so holes cost neither reading
+//! nor storage.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::chunker::{BLOCK, Batcher, Chunking, is_zero};
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::{Entry, Extent, Kind, OrderCheck, Timestamp, Xattr, cmp_paths, display_path, parent};
+use crate::store::Store;
+
+/// Files at least this large are cut as images.
+pub const IMAGE_MIN_SIZE: u64 = 1 << 30;
+/// Entries in flight between the walker and the writer.
+const WINDOW: usize = 512;
+
+pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
+
+#[derive(Clone, Default)]
+pub struct ImportOptions {
+    /// Cut every regular file as a disk image.
+    pub all_images: bool,
+    /// Called with the number of content bytes just processed.
+    pub progress: Option<Progress>,
+}
+
+impl std::fmt::Debug for ImportOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImportOptions").field("all_images", &self.all_images).finish_non_exhaustive()
+    }
+}
+
+impl ImportOptions {
+    fn chunking(&self, name: &[u8], size: u64, sparse: bool) -> Chunking {
+        let image_name = [&b".img"[..], b".raw", b".qcow2"].iter().any(|s| name.ends_with(s));
+        if self.all_images || image_name || size >= IMAGE_MIN_SIZE || sparse { Chunking::Fixed } else { Chunking::Cdc }
+    }
+
+    fn tick(&self, n: u64) {
+        if let Some(p) = &self.progress {
+            p(n);
+        }
+    }
+}
+
+fn put_chunk(store: &Store, chunk: &[u8]) -> Result<Extent> {
+    if is_zero(chunk) {
+        return Ok(Extent::Hole { len: chunk.len() as u64 });
+    }
+    let (id, _) = store.put(chunk)?;
+    Ok(Extent::Data { id, len: chunk.len() as u32 })
+}
+
+fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    if let (Some(Extent::Hole { len: prev }), Extent::Hole { len }) = (out.last_mut(), e) {
+        *prev += len;
+    } else {
+        out.push(e);
+    }
+}
+
+/// Chunks a stream; hashing and compression of each batch run in parallel.
+pub fn chunk_stream(
+    store: &Store,
+    reader: impl Read,
+    chunking: Chunking,
+    size_hint: u64,
+    opts: &ImportOptions,
+    at: &dyn Fn() -> String,
+) -> Result<(Vec<Extent>, u64)> {
+    let mut b = Batcher::with_capacity(reader, chunking, size_hint.saturating_add(1) as usize);
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    while let Some(batch) = b.next_batch().map_err(|e| Error::io("reading", at())(e))? {
+        let chunks: Vec<&[u8]> = batch.chunks().collect();
+        let exts: Vec<Result<Extent>> = if chunks.len() > 1 {
+            chunks.par_iter().map(|c| put_chunk(store, c)).collect()
+        } else {
+            chunks.iter().map(|c| put_chunk(store, c)).collect()
+        };
+        for e in exts {
+            let e = e?;
+            total += e.len();
+            push_extent(&mut out, e);
+        }
+        opts.tick(batch.data.len() as u64);
+    }
+    Ok((out, total))
+}
+
+/// Chunks a file of `size` bytes; images are read by data region.
+fn chunk_file(store: &Store, path: &Path, size: u64, chunking: Chunking, opts: &ImportOptions) -> Result<Vec<Extent>> {
+    let mut f = File::open(path).ctx("opening", path)?;
+    let at = || path.display().to_string();
+    let (extents, total) = match chunking {
+        Chunking::Cdc => chunk_stream(store, &mut f, chunking, size, opts, &at)?,
+        Chunking::Fixed => {
+            let mut out = Vec::new();
+            let mut pos = 0u64;
+            while pos < size {
+                let data = match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(pos)) {
+                    Ok(d) => d.min(size),
+                    Err(rustix::io::Errno::NXIO) => size,
+                    Err(e) => return Err(Error::io("seeking data in", path)(e.into())),
+                };
+                let start = data / BLOCK as u64 * BLOCK as u64;
+                if start > pos {
+                    push_extent(&mut out, Extent::Hole { len: start - pos });
+                    pos = start;
+                }
+                if pos >= size {
+                    break;
+                }
+                let hole = match rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(pos)) {
+                    Ok(h) => h.min(size),
+                    Err(e) => return Err(Error::io("seeking hole in", path)(e.into())),
+                };
+                let end = hole.div_ceil(BLOCK as u64).saturating_mul(BLOCK as u64).min(size).max(pos + 1);
+                f.seek(SeekFrom::Start(pos)).ctx("seeking in", path)?;
+                let (exts, n) = chunk_stream(store, (&mut f).take(end - pos), chunking, end - pos, opts, &at)?;
+                for e in exts {
+                    push_extent(&mut out, e);
+                }
+                if n != end - pos {
+                    break;
+                }
+                pos = end;
+            }
+            let total = out.iter().map(Extent::len).sum();
+            (out, total)
+        }
+    };
+    if total != size {
+        return Err(Error::bad_input(at(), format!("changed while being read ({size} bytes at stat, {total} read)")));
+    }
+    Ok(extents)
+}
+
+fn timestamp(md: &fs::Metadata) -> Timestamp {
+    Timestamp { secs: md.mtime(), nanos: md.mtime_nsec() as u32 }
+}
+
+fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
+    let mut names = vec![0u8; 4096];
+    let n = loop {
+        match rustix::fs::llistxattr(path, &mut names) {
+            Ok(n) => break n,
+            Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
+            Err(rustix::io::Errno::NOTSUP) => return Ok(vec![]),
+            Err(e) => return Err(Error::io("listing xattrs of", path)(e.into())),
+        }
+    };
+    let mut out = Vec::new();
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let cname = std::ffi::OsStr::from_bytes(name);
+        let mut value = vec![0u8; 256];
+        let len = loop {
+            match rustix::fs::lgetxattr(path, cname, &mut value) {
+                Ok(len) => break len,
+                Err(rustix::io::Errno::RANGE) => value.resize(value.len() * 16, 0),
+                Err(rustix::io::Errno::NODATA) => break usize::MAX,
+                Err(e) => return Err(Error::io("reading xattrs of", path)(e.into())),
+            }
+        };
+        if len != usize::MAX {
+            value.truncate(len);
+            out.push(Xattr { name: name.to_vec(), value });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// What the walker hands on: a finished entry, or a file whose contents a
+/// rayon task is still chunking.
+enum Slot {
+    Ready(Entry),
+    Chunking(Entry, crossbeam_channel::Receiver<Result<Vec<Extent>>>),
+}
+
+/// Walks `root` and feeds its entries, in tree order, to `sink`.
+pub fn import_dir(
+    store: &Store,
+    root: &Path,
+    opts: &ImportOptions,
+    sink: &mut (dyn FnMut(Entry) -> Result<()> + Send),
+) -> Result<()> {
+    let md = fs::symlink_metadata(root).ctx("reading", root)?;
+    if !md.is_dir() {
+        return Err(Error::bad_input(root.display().to_string(), "not a directory"));
+    }
+    let (tx, rx) = crossbeam_channel::bounded::<Slot>(WINDOW);
+    rayon::in_place_scope(|rs| {
+        std::thread::scope(|ts| {
+            let consumer = ts.spawn(move || -> Result<()> {
+                for slot in rx {
+                    let e = match slot {
+                        Slot::Ready(e) => e,
+                        Slot::Chunking(mut e, done) => {
+                            let extents = done
+                                .recv()
+                                .map_err(|_| Error::bad_input(e.display_path(), "chunking task vanished"))??;
+                            if let Kind::File { extents: ref mut x, .. } = e.kind {
+                                *x = extents;
+                            }
+                            e
+                        }
+                    };
+                    sink(e)?;
+                }
+                Ok(())
+            });
+            let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+            let walked = walk(root, &[], &md, &mut |rel, path, md| {
+                let slot = entry_for(store, rs, opts, rel, path, md, &mut links)?;
+                tx.send(slot).map_err(|_| Error::bad_input(display_path(rel), "import stopped"))
+            });
+            drop(tx);
+            let consumed = consumer.join().unwrap_or_else(|_| Err(Error::bad_input("import", "writer panicked")));
+            // The writer's error explains a walker stopped by it.
+            consumed.and(walked)
+        })
+    })
+}
+
+type Visit<'a> = dyn FnMut(&[u8], &Path, &fs::Metadata) -> Result<()> + 'a;
+
+fn walk(path: &Path, rel: &[u8], md: &fs::Metadata, visit: &mut Visit<'_>) -> Result<()> {
+    visit(rel, path, md)?;
+    if !md.is_dir() {
+        return Ok(());
+    }
+    let mut children: Vec<_> = fs::read_dir(path)
+        .ctx("listing", path)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .ctx("listing", path)?;
+    children.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for name in children {
+        let child = path.join(&name);
+        let md = fs::symlink_metadata(&child).ctx("reading", &child)?;
+        let mut crel = rel.to_vec();
+        if !crel.is_empty() {
+            crel.push(b'/');
+        }
+        crel.extend_from_slice(name.as_bytes());
+        walk(&child, &crel, &md, visit)?;
+    }
+    Ok(())
+}
+
+fn entry_for<'s>(
+    store: &'s Store,
+    rs: &rayon::Scope<'s>,
+    opts: &ImportOptions,
+    rel: &[u8],
+    path: &Path,
+    md: &fs::Metadata,
+    links: &mut HashMap<(u64, u64), Vec<u8>>,
+) -> Result<Slot> {
+    let ft = md.file_type();
+    let mut e = Entry {
+        path: rel.to_vec(),
+        kind: Kind::Fifo,
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: timestamp(md),
+        xattrs: read_xattrs(path)?,
+    };
+    if ft.is_file() && md.nlink() > 1 {
+        if let Some(target) = links.get(&(md.dev(), md.ino())) {
+            return Ok(Slot::Ready(hardlink(rel, target.clone())));
+        }
+        links.insert((md.dev(), md.ino()), rel.to_vec());
+    }
+    e.kind = if ft.is_dir() {
+        Kind::Dir { opaque: false }
+    } else if ft.is_symlink() {
+        let t = fs::read_link(path).ctx("reading symlink", path)?;
+        Kind::Symlink { target: t.as_os_str().as_bytes().to_vec() }
+    } else if ft.is_char_device() {
+        Kind::CharDev { rdev: md.rdev() }
+    } else if ft.is_block_device() {
+        Kind::BlockDev { rdev: md.rdev() }
+    } else if ft.is_fifo() {
+        Kind::Fifo
+    } else if ft.is_socket() {
+        Kind::Socket
+    } else {
+        let size = md.len();
+        let sparse = size > 0 && md.blocks() * 512 < size / 2;
+        let chunking = opts.chunking(crate::manifest::file_name(rel), size, sparse);
+        e.kind = Kind::File { size, chunking, extents: vec![] };
+        if size == 0 {
+            return Ok(Slot::Ready(e));
+        }
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let path = path.to_path_buf();
+        let opts = opts.clone();
+        rs.spawn(move |_| {
+            let _ = done_tx.send(chunk_file(store, &path, size, chunking, &opts));
+        });
+        return Ok(Slot::Chunking(e, done_rx));
+    };
+    Ok(Slot::Ready(e))
+}
+
+fn hardlink(path: &[u8], target: Vec<u8>) -> Entry {
+    Entry {
+        path: path.to_vec(),
+        kind: Kind::Hardlink { target },
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        mtime: Timestamp::default(),
+        xattrs: vec![],
+    }
+}
+
+/// Imports one file as a single-file layer: the root directory holding it
+/// under `name`. Used for raw disk images.
+pub fn import_image(
+    store: &Store,
+    path: &Path,
+    name: &[u8],
+    opts: &ImportOptions,
+    sink: &mut dyn FnMut(Entry) -> Result<()>,
+) -> Result<()> {
+    let md = fs::metadata(path).ctx("reading", path)?;
+    if !md.is_file() {
+        return Err(Error::bad_input(path.display().to_string(), "not a regular file"));
+    }
+    let root = Entry {
+        path: vec![],
+        kind: Kind::Dir { opaque: false },
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: timestamp(&md),
+        xattrs: vec![],
+    };
+    sink(root)?;
+    let size = md.len();
+    let extents = chunk_file(store, path, size, Chunking::Fixed, opts)?;
+    sink(Entry {
+        path: name.to_vec(),
+        kind: Kind::File { size, chunking: Chunking::Fixed, extents },
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: timestamp(&md),
+        xattrs: vec![],
+    })
+}
+
+/// Normalises a tar member name: strips `./` and trailing `/`, refuses
+/// `..`, absolute paths and NUL.
+fn tar_path(raw: &[u8]) -> Result<Vec<u8>> {
+    let shown = String::from_utf8_lossy(raw).into_owned();
+    if raw.contains(&0) {
+        return Err(Error::bad_input(shown, "NUL in tar member name"));
+    }
+    if raw.first() == Some(&b'/') {
+        return Err(Error::bad_input(shown, "absolute tar member name"));
+    }
+    let mut parts = Vec::new();
+    for c in raw.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err(Error::bad_input(shown, "'..' in tar member name")),
+            c => parts.push(c),
+        }
+    }
+    Ok(parts.join(&b'/'))
+}
+
+/// Imports a tar stream. Tar members come in any order, so entries are
+/// collected and sorted before they go to `sink` (memory grows with the
+/// number of members, not with their contents).
+pub fn import_tar(
+    store: &Store,
+    reader: impl Read,
+    opts: &ImportOptions,
+    sink: &mut dyn FnMut(Entry) -> Result<()>,
+) -> Result<()> {
+    let mut ar = tar::Archive::new(reader);
+    let mut entries: Vec<Entry> = Vec::new();
+    let iter = ar.entries().map_err(|e| Error::io("reading tar stream", "-")(e))?;
+    for (n, member) in iter.enumerate() {
+        let mut member = member.map_err(|e| Error::bad_input(format!("tar member {}", n + 1), e.to_string()))?;
+        let raw = member.path_bytes().into_owned();
+        let path = tar_path(&raw)?;
+        let at = display_path(&path);
+        let h = member.header().clone();
+        let mut xattrs = Vec::new();
+        let mut mtime = Timestamp { secs: h.mtime().unwrap_or(0) as i64, nanos: 0 };
+        if let Some(pax) = member.pax_extensions().map_err(|e| Error::bad_input(&at, e.to_string()))? {
+            for ext in pax.flatten() {
+                let key = ext.key_bytes();
+                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                    xattrs.push(Xattr { name: name.to_vec(), value: ext.value_bytes().to_vec() });
+                } else if key == b"mtime"
+                    && let Ok(v) = std::str::from_utf8(ext.value_bytes())
+                {
+                    let (s, frac) = v.split_once('.').unwrap_or((v, "0"));
+                    let nanos = format!("{frac:0<9}")[..9].parse().unwrap_or(0);
+                    mtime = Timestamp { secs: s.parse().unwrap_or(mtime.secs), nanos };
+                }
+            }
+        }
+        xattrs.sort_by(|a, b| a.name.cmp(&b.name));
+        xattrs.dedup_by(|a, b| a.name == b.name);
+        let rdev = || {
+            let major = h.device_major().ok().flatten().unwrap_or(0) as u64;
+            let minor = h.device_minor().ok().flatten().unwrap_or(0) as u64;
+            rustix::fs::makedev(major as u32, minor as u32)
+        };
+        let link = || -> Result<Vec<u8>> {
+            member
+                .link_name_bytes()
+                .map(|l| l.into_owned())
+                .ok_or_else(|| Error::bad_input(at.clone(), "link without a target"))
+        };
+        use tar::EntryType as T;
+        let kind = match h.entry_type() {
+            T::Directory => Kind::Dir { opaque: false },
+            T::Symlink => Kind::Symlink { target: link()? },
+            T::Link => Kind::Hardlink { target: tar_path(&link()?)? },
+            T::Char => Kind::CharDev { rdev: rdev() },
+            T::Block => Kind::BlockDev { rdev: rdev() },
+            T::Fifo => Kind::Fifo,
+            T::Regular | T::Continuous => {
+                let size = h.size().map_err(|e| Error::bad_input(&at, e.to_string()))?;
+                let chunking = opts.chunking(crate::manifest::file_name(&path), size, false);
+                let (extents, total) = chunk_stream(store, &mut member, chunking, size, opts, &|| at.clone())?;
+                if total != size {
+                    return Err(Error::bad_input(at, format!("tar member holds {total} bytes, header says {size}")));
+                }
+                Kind::File { size, chunking, extents }
+            }
+            other => return Err(Error::bad_input(at, format!("unsupported tar member type {other:?}"))),
+        };
+        let mut e = Entry {
+            path,
+            kind,
+            mode: h.mode().unwrap_or(0o644) & 0o7777,
+            uid: h.uid().unwrap_or(0) as u32,
+            gid: h.gid().unwrap_or(0) as u32,
+            mtime,
+            xattrs,
+        };
+        if let Kind::Hardlink { target } = &e.kind {
+            e = hardlink(&e.path, target.clone());
+        }
+        entries.push(e);
+    }
+    entries.sort_by(|a, b| cmp_paths(&a.path, &b.path));
+    if let Some(w) = entries.windows(2).find(|w| w[0].path == w[1].path) {
+        return Err(Error::bad_input(w[0].display_path(), "duplicate member in tar stream"));
+    }
+    fix_hardlinks(&mut entries)?;
+    // Synthesise directories the archive does not list (`tar c usr/bin/x`).
+    let mut check = OrderCheck::default();
+    let mut emitted: Vec<Vec<u8>> = Vec::new();
+    if entries.first().is_none_or(|e| !e.path.is_empty()) {
+        entries.insert(0, synthetic_dir(b""));
+    }
+    for e in entries {
+        let mut missing = Vec::new();
+        let mut p = parent(&e.path);
+        while let Some(d) = p {
+            while emitted.last().is_some_and(|x| x.as_slice() != d && !crate::manifest::is_below(d, x)) {
+                emitted.pop();
+            }
+            if emitted.last().is_some_and(|x| x.as_slice() == d) {
+                break;
+            }
+            missing.push(d.to_vec());
+            p = parent(d);
+        }
+        for d in missing.into_iter().rev() {
+            let de = synthetic_dir(&d);
+            check.check(&de).map_err(|why| Error::bad_input(de.display_path(), why))?;
+            emitted.push(d);
+            sink(de)?;
+        }
+        check.check(&e).map_err(|why| Error::bad_input(e.display_path(), why))?;
+        if e.is_dir() {
+            emitted.push(e.path.clone());
+        }
+        sink(e)?;
+    }
+    Ok(())
+}
+
+fn synthetic_dir(path: &[u8]) -> Entry {
+    Entry {
+        path: path.to_vec(),
+        kind: Kind::Dir { opaque: false },
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: Timestamp::default(),
+        xattrs: vec![],
+    }
+}
+
+/// In tree order the first member of a hardlink set must carry the data;
+/// a tar stream may have put the data under a later name.
+fn fix_hardlinks(entries: &mut [Entry]) -> Result<()> {
+    let index: HashMap<Vec<u8>, usize> = entries.iter().enumerate().map(|(i, e)| (e.path.clone(), i)).collect();
+    let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        if let Kind::Hardlink { target } = &e.kind {
+            let mut t =
+                *index.get(target).ok_or_else(|| Error::bad_input(e.display_path(), "hardlink to a missing member"))?;
+            let mut hops = 0;
+            while let Kind::Hardlink { target } = &entries[t].kind {
+                t = *index
+                    .get(target)
+                    .ok_or_else(|| Error::bad_input(e.display_path(), "hardlink to a missing member"))?;
+                hops += 1;
+                if hops > entries.len() {
+                    return Err(Error::bad_input(e.display_path(), "hardlink cycle"));
+                }
+            }
+            if !matches!(entries[t].kind, Kind::File { .. }) {
+                return Err(Error::bad_input(e.display_path(), "hardlink to something other than a regular file"));
+            }
+            groups.entry(t).or_default().push(i);
+        }
+    }
+    for (data, members) in groups {
+        let first = *members.iter().chain(std::iter::once(&data)).min().unwrap_or(&data);
+        let first_path = entries[first].path.clone();
+        if first != data {
+            let mut carrier = entries[data].clone();
+            carrier.path = first_path.clone();
+            entries[first] = carrier;
+            entries[data] = hardlink(&entries[data].path.clone(), first_path.clone());
+        }
+        for m in members {
+            if m != first {
+                entries[m] = hardlink(&entries[m].path.clone(), first_path.clone());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! xenod's content-addressed store.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | `id` | [`ChunkId`]: BLAKE3 of a chunk's plaintext |
+//! | `chunker` | FastCDC and fixed 64 KiB cutting, batched for parallel work |
+//! | `codec` | zstd-or-raw encoding, decode-and-verify |
+//! | `store` | [`Store`]: pack files, the redb index, crash-safe sealing |
+//! | `manifest` | [`Entry`], [`LayerRoot`]: the canonical layer format |
+//! | `layer` | [`LayerWriter`], [`LayerReader`]: layers as chunked streams |
+//! | `merge` | [`Merged`] (union of a stack) and [`diff()`] (overlay of a tree) |
+//! | `import` | directories, tar streams and disk images into entries |
+//! | `export` | entries out to a directory or a tar stream |
+//! | `names` | signed `template://` names, pins, reference resolution |
+//! | `gc`, `verify` | mark-and-sweep from roots; rehash and reference checks |
+//! | `digest` | a metadata-complete digest of a directory tree |
+
+mod chunker;
+mod codec;
+mod digest;
+mod error;
+mod export;
+mod gc;
+mod id;
+mod import;
+mod layer;
+mod manifest;
+mod merge;
+mod names;
+mod store;
+mod verify;
+
+pub use chunker::{BATCH, BLOCK, Batch, Batcher, CDC_AVG, CDC_MAX, CDC_MIN, Cdc, Chunking, is_zero};
+pub use codec::{Encoding, ZSTD_LEVEL, decode, encode};
+pub use digest::{tree_digest, tree_listing};
+pub use error::{Error, Result};
+pub use export::{ExportStats, FileReader, export_dir, export_tar};
+pub use gc::GcStats;
+pub use id::{ChunkId, LayerId, ParseIdError};
+pub use import::{IMAGE_MIN_SIZE, ImportOptions, Progress, chunk_stream, import_dir, import_image, import_tar};
+pub use layer::{LayerInfo, LayerReader, LayerWriter, MAX_STACK};
+pub use manifest::{
+    ChunkRef, Entry, Extent, FORMAT_VERSION, Kind, LayerRoot, MAX_ENTRY_BYTES, OrderCheck, Timestamp, Xattr, cmp_paths,
+    display_path, file_name, is_below, parent,
+};
+pub use merge::{Diff, Merged, diff};
+pub use names::{NameRecord, SCHEME, check_name, generate_key, hex};
+pub use store::{Location, Store, WriteLock, WriteStats};
+pub use verify::{Damage, VerifyReport};
+
+pub use ed25519_dalek::{SigningKey, VerifyingKey};

@@ -1,0 +1,537 @@
+//! Subcommands and their output.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use xenod_store::{
+    Entry, ImportOptions, LayerId, LayerWriter, Merged, NameRecord, Store, diff, export_dir, export_tar, hex,
+    import_dir, import_image, import_tar,
+};
+
+use crate::config::{self, Config};
+use crate::progress;
+use crate::{Coded, Exit};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  any other failure (I/O, database, ...)
+  2  usage error
+  3  a reference (name, id, prefix) matches no layer
+  4  the store is damaged (verify found bad or missing chunks)
+  5  a name record was refused (bad signature, untrusted key, older sequence)
+  6  bad input: a tree, tar stream or manifest that cannot be stored or exported as given
+
+References (REF): template://PUBLISHER/NAME[/VERSION] (a signed name),
+NAME@ID (that exact layer), a 64-digit layer id, or a unique id prefix of 8+ digits.";
+
+/// Content-addressed VM templates and overlays: publish, layer, export, verify.
+#[derive(Debug, Parser)]
+#[command(name = "xenod", version, after_help = EXIT_CODES)]
+pub struct Args {
+    /// Data directory holding the store, keys and config
+    /// [default: /var/lib/xenod as root, else ~/.local/share/xenod]
+    #[arg(long, global = true, env = "XENOD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Import a directory, a tar archive (`-` for stdin) or a raw disk image as a layer.
+    ///
+    /// Files are cut into content-defined chunks; disk images (with --image,
+    /// a raw image file as SRC, files named *.img/*.raw/*.qcow2, files of
+    /// 1 GiB or more, and sparse files) into fixed 64 KiB blocks. Only chunks
+    /// the store lacks are written. Without --name the layer is pinned by id.
+    Publish {
+        /// Directory, tar archive, `-` (tar on stdin) or disk image.
+        src: String,
+        /// Sign and record a name for the layer (template://publisher/name/version).
+        #[arg(long)]
+        name: Option<String>,
+        /// Treat SRC (or every file in it) as a disk image.
+        #[arg(long)]
+        image: bool,
+    },
+    /// Overlays: layers that record only what differs from a base.
+    #[command(subcommand)]
+    Overlay(OverlayCmd),
+    /// Materialise a layer with everything below it, to a new directory or
+    /// as a tar stream on stdout (DEST `-`).
+    Export {
+        r#ref: String,
+        dest: String,
+        /// Only this layer, not the stack below it; whiteouts appear as
+        /// overlayfs does (0/0 character devices).
+        #[arg(long)]
+        layer_only: bool,
+    },
+    /// List names, pins and layers.
+    Ls,
+    /// Resolve a reference to a layer id.
+    Resolve { r#ref: String },
+    /// Rehash every chunk and check every layer's references.
+    Verify,
+    /// Remove every chunk that no named or pinned layer needs.
+    Gc,
+    /// Keep a layer (and its stack) from gc.
+    Pin {
+        r#ref: String,
+        /// Label for the pin [default: the layer id].
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// Remove a pin by label.
+    Unpin { label: String },
+    /// The publisher key that signs names.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Print a digest of a directory tree covering contents and all metadata.
+    Digest {
+        dir: PathBuf,
+        /// Print one line per path instead of the digest.
+        #[arg(long)]
+        list: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OverlayCmd {
+    /// Store DIR as an overlay on BASE: added and changed entries, whiteouts for deletions.
+    Create {
+        #[arg(long)]
+        base: String,
+        dir: PathBuf,
+        /// Sign and record a name for the overlay.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Create this host's publisher key (DATA_DIR/keys/publisher.key).
+    Generate {
+        /// Replace an existing key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print this host's public key.
+    Show,
+    /// Trust names signed by KEY (64 hex digits) on this host.
+    Trust { key: String },
+}
+
+struct Ctx {
+    data_dir: PathBuf,
+    json: bool,
+}
+
+impl Ctx {
+    fn store(&self) -> Result<Store> {
+        Store::open(&self.data_dir).with_context(|| format!("opening the store in {}", self.data_dir.display()))
+    }
+
+    /// Prints `value` as JSON, or `text` for people.
+    fn out(&self, value: serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
+        let mut o = io::stdout().lock();
+        if self.json {
+            writeln!(o, "{value}")?;
+        } else {
+            let t = text();
+            if !t.is_empty() {
+                writeln!(o, "{t}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let ctx = Ctx { data_dir: args.data_dir.unwrap_or_else(config::default_data_dir), json: args.json };
+    match args.cmd {
+        Cmd::Publish { src, name, image } => publish(&ctx, &src, name.as_deref(), image),
+        Cmd::Overlay(OverlayCmd::Create { base, dir, name }) => overlay_create(&ctx, &base, &dir, name.as_deref()),
+        Cmd::Export { r#ref, dest, layer_only } => export(&ctx, &r#ref, &dest, layer_only),
+        Cmd::Ls => ls(&ctx),
+        Cmd::Resolve { r#ref } => {
+            let id = ctx.store()?.resolve(&r#ref)?;
+            ctx.out(json!({ "id": id.to_string() }), || id.to_string())
+        }
+        Cmd::Verify => verify(&ctx),
+        Cmd::Gc => {
+            let s = ctx.store()?.gc()?;
+            ctx.out(
+                json!({ "live_chunks": s.live_chunks, "removed_chunks": s.removed_chunks,
+                        "removed_packs": s.removed_packs, "rewritten_packs": s.rewritten_packs,
+                        "freed_bytes": s.freed_bytes }),
+                || {
+                    format!(
+                        "kept {} chunks; removed {} chunks, {} packs removed, {} rewritten, {} freed",
+                        s.live_chunks,
+                        s.removed_chunks,
+                        s.removed_packs,
+                        s.rewritten_packs,
+                        human(s.freed_bytes)
+                    )
+                },
+            )
+        }
+        Cmd::Pin { r#ref, label } => {
+            let store = ctx.store()?;
+            let id = store.resolve(&r#ref)?;
+            store.layer_root(&id)?;
+            let label = label.unwrap_or_else(|| id.to_string());
+            store.pin(&label, &id)?;
+            ctx.out(json!({ "id": id.to_string(), "label": label }), || format!("pinned {id} as {label}"))
+        }
+        Cmd::Unpin { label } => {
+            if !ctx.store()?.unpin(&label)? {
+                return Err(Coded { code: Exit::NotFound, msg: format!("no pin labelled {label:?}") }.into());
+            }
+            ctx.out(json!({ "label": label }), || format!("unpinned {label}"))
+        }
+        Cmd::Key(k) => key(&ctx, k),
+        Cmd::Digest { dir, list } => {
+            if list {
+                let lines = xenod_store::tree_listing(&dir)?;
+                ctx.out(json!({ "entries": lines }), || lines.join("\n"))
+            } else {
+                let d = xenod_store::tree_digest(&dir)?;
+                ctx.out(json!({ "digest": d }), || d.clone())
+            }
+        }
+    }
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
+}
+
+/// Signs and records `name` -> `id` with this host's key (created on first use).
+fn record_name(ctx: &Ctx, store: &Store, name: &str, id: LayerId) -> Result<u64> {
+    xenod_store::check_name(name)?;
+    let key = match config::load_key(&ctx.data_dir)? {
+        Some(k) => k,
+        None => {
+            let k = config::generate_key(&ctx.data_dir, false)?;
+            eprintln!(
+                "xenod: created publisher key {} (public {})",
+                config::key_path(&ctx.data_dir).display(),
+                hex(k.verifying_key().as_bytes())
+            );
+            k
+        }
+    };
+    let seq = store.name(name)?.map_or(1, |r| r.seq + 1);
+    let rec = NameRecord::sign(&key, name, id, seq)?;
+    let trusted = Config::load(&ctx.data_dir)?.trusted(&ctx.data_dir)?;
+    store.set_name(&rec, &trusted)?;
+    Ok(seq)
+}
+
+fn is_tar(path: &Path) -> Result<bool> {
+    let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut head = [0u8; 265];
+    let n = f.read(&mut head)?;
+    Ok(n >= 262 && &head[257..262] == b"ustar")
+}
+
+struct Published {
+    id: LayerId,
+    entries: u64,
+    bytes_in: u64,
+}
+
+fn publish(ctx: &Ctx, src: &str, name: Option<&str>, image: bool) -> Result<()> {
+    if let Some(n) = name {
+        xenod_store::check_name(n)?;
+    }
+    let started = Instant::now();
+    let store = ctx.store()?;
+    let _lock = store.write_lock()?;
+    let path = Path::new(src);
+    let total = if src == "-" { None } else { fs::metadata(path).ok().filter(|m| m.is_file()).map(|m| m.len()) };
+    let pb = progress::bytes("publishing", total, ctx.json);
+    let opts = ImportOptions { all_images: image && path.is_dir(), progress: Some(progress::callback(&pb)) };
+    let mut w = LayerWriter::new(&store);
+    let mut entries = 0u64;
+    let mut sink = |e: Entry| {
+        entries += 1;
+        w.push(&e)
+    };
+    if src == "-" {
+        import_tar(&store, io::stdin().lock(), &opts, &mut sink)?;
+    } else {
+        let md = fs::metadata(path).with_context(|| format!("reading {src}"))?;
+        if md.is_dir() {
+            import_dir(&store, path, &opts, &mut sink)?;
+        } else if !image && is_tar(path)? {
+            let f = fs::File::open(path).with_context(|| format!("opening {src}"))?;
+            import_tar(&store, io::BufReader::with_capacity(1 << 20, f), &opts, &mut sink)?;
+        } else {
+            let file_name =
+                path.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_else(|| b"disk.img".to_vec());
+            import_image(&store, path, &file_name, &opts, &mut sink)?;
+        }
+    }
+    let mut meta = BTreeMap::new();
+    if let Some(n) = name {
+        meta.insert("name".to_string(), n.to_string());
+    }
+    let id = w.finish(None, meta)?;
+    pb.finish_and_clear();
+    let bytes_in = store.layer_root(&id)?.file_bytes;
+    let p = Published { id, entries, bytes_in };
+    finish_layer(ctx, &store, name, &p, started)
+}
+
+fn finish_layer(ctx: &Ctx, store: &Store, name: Option<&str>, p: &Published, started: Instant) -> Result<()> {
+    let seq = match name {
+        Some(n) => Some(record_name(ctx, store, n, p.id)?),
+        None => {
+            store.pin(&p.id.to_string(), &p.id)?;
+            None
+        }
+    };
+    let st = &store.stats;
+    use std::sync::atomic::Ordering::Relaxed;
+    let (chunks, new_chunks, stored) =
+        (st.chunks.load(Relaxed), st.new_chunks.load(Relaxed), st.stored_bytes.load(Relaxed));
+    let secs = started.elapsed().as_secs_f64();
+    ctx.out(
+        json!({ "id": p.id.to_string(), "name": name, "seq": seq, "entries": p.entries,
+                "bytes_in": p.bytes_in, "bytes_stored": stored, "chunks": chunks,
+                "new_chunks": new_chunks, "seconds": secs }),
+        || {
+            format!(
+                "{}\n{} entries, {} in, {} newly stored ({} of {} chunks new) in {:.2}s{}",
+                p.id,
+                p.entries,
+                human(p.bytes_in),
+                human(stored),
+                new_chunks,
+                chunks,
+                secs,
+                name.map(|n| format!("\nnamed {n} (sequence {})", seq.unwrap_or(0))).unwrap_or_default()
+            )
+        },
+    )
+}
+
+fn overlay_create(ctx: &Ctx, base_ref: &str, dir: &Path, name: Option<&str>) -> Result<()> {
+    if let Some(n) = name {
+        xenod_store::check_name(n)?;
+    }
+    let started = Instant::now();
+    let store = ctx.store()?;
+    let _lock = store.write_lock()?;
+    let base = store.resolve(base_ref)?;
+    let base_entries = Merged::of(&store, &base)?;
+    let pb = progress::bytes("creating overlay", None, ctx.json);
+    let opts = ImportOptions { all_images: false, progress: Some(progress::callback(&pb)) };
+    let (tx, rx) = std::sync::mpsc::sync_channel::<xenod_store::Result<Entry>>(256);
+    let mut entries = 0u64;
+    let id = std::thread::scope(|s| -> Result<LayerId> {
+        let store = &store;
+        let opts = &opts;
+        let walker = s.spawn(move || {
+            let tx2 = tx.clone();
+            let r = import_dir(store, dir, opts, &mut |e| {
+                tx2.send(Ok(e)).map_err(|_| xenod_store::Error::BadInput {
+                    at: dir.display().to_string(),
+                    why: "overlay writer stopped".into(),
+                })
+            });
+            if let Err(e) = r {
+                let _ = tx.send(Err(e));
+            }
+        });
+        let mut w = LayerWriter::new(store);
+        for e in diff(base_entries, rx.into_iter()) {
+            w.push(&e?)?;
+            entries += 1;
+        }
+        let _ = walker.join();
+        let mut meta = BTreeMap::new();
+        meta.insert("base".to_string(), base_ref.to_string());
+        if let Some(n) = name {
+            meta.insert("name".to_string(), n.to_string());
+        }
+        Ok(w.finish(Some(base), meta)?)
+    })?;
+    pb.finish_and_clear();
+    let bytes_in = store.layer_root(&id)?.file_bytes;
+    finish_layer(ctx, &store, name, &Published { id, entries, bytes_in }, started)
+}
+
+fn export(ctx: &Ctx, r: &str, dest: &str, layer_only: bool) -> Result<()> {
+    let store = ctx.store()?;
+    let id = store.resolve(r)?;
+    let stack = if layer_only { vec![id] } else { store.stack(&id)? };
+    let total: u64 = store.layer_root(&id).map(|r| r.file_bytes).unwrap_or(0);
+    let pb = progress::bytes("exporting", None, ctx.json || dest == "-");
+    let started = Instant::now();
+    let stats = if layer_only {
+        let entries = store.read_layer(&id)?;
+        do_export(&store, entries, dest, &pb)?
+    } else {
+        do_export(&store, Merged::new(&store, &stack)?, dest, &pb)?
+    };
+    pb.finish_and_clear();
+    let _ = total;
+    if dest == "-" {
+        return Ok(());
+    }
+    ctx.out(
+        json!({ "id": id.to_string(), "layers": stack.len(), "entries": stats.entries,
+                "file_bytes": stats.file_bytes, "seconds": started.elapsed().as_secs_f64() }),
+        || {
+            format!(
+                "exported {id} ({} layers, {} entries, {}) to {dest}",
+                stack.len(),
+                stats.entries,
+                human(stats.file_bytes)
+            )
+        },
+    )
+}
+
+fn do_export(
+    store: &Store,
+    entries: impl Iterator<Item = xenod_store::Result<Entry>>,
+    dest: &str,
+    pb: &indicatif::ProgressBar,
+) -> Result<xenod_store::ExportStats> {
+    Ok(if dest == "-" {
+        export_tar(store, entries, io::BufWriter::with_capacity(1 << 20, io::stdout().lock()))?
+    } else {
+        export_dir(store, entries, Path::new(dest), &|n| pb.inc(n))?
+    })
+}
+
+fn ls(ctx: &Ctx) -> Result<()> {
+    let store = ctx.store()?;
+    let mut names = store.names()?;
+    names.sort_by(|a, b| a.name.cmp(&b.name));
+    let pins = store.pins()?;
+    let mut layers = store.layers()?;
+    layers.sort_by_key(|(_, i)| i.created);
+    let j = json!({
+        "names": names.iter().map(|n| json!({"name": n.name, "id": n.id.to_string(), "seq": n.seq, "key": hex(&n.key)})).collect::<Vec<_>>(),
+        "pins": pins.iter().map(|(l, id)| json!({"label": l, "id": id.to_string()})).collect::<Vec<_>>(),
+        "layers": layers.iter().map(|(id, i)| json!({"id": id.to_string(), "base": i.base.map(|b| b.to_string()),
+            "entries": i.entries, "file_bytes": i.file_bytes, "created": i.created})).collect::<Vec<_>>(),
+        "chunks": store.chunk_count()?,
+    });
+    ctx.out(j, || {
+        let mut s = String::new();
+        s += "NAMES\n";
+        for n in &names {
+            s += &format!("  {}  {}  seq {}  key {}\n", n.name, n.id.fmt_short(), n.seq, &hex(&n.key)[..10]);
+        }
+        s += "PINS\n";
+        for (l, id) in &pins {
+            s += &format!("  {l}  {}\n", id.fmt_short());
+        }
+        s += "LAYERS\n";
+        for (id, i) in &layers {
+            s += &format!(
+                "  {}  {:>8} entries  {:>10}  {}\n",
+                id.fmt_short(),
+                i.entries,
+                human(i.file_bytes),
+                i.base.map(|b| format!("on {}", b.fmt_short())).unwrap_or_else(|| "template".into())
+            );
+        }
+        s.trim_end().to_string()
+    })
+}
+
+fn verify(ctx: &Ctx) -> Result<()> {
+    let store = ctx.store()?;
+    let r = store.verify()?;
+    let damage: Vec<_> = r
+        .damage
+        .iter()
+        .map(|d| {
+            json!({ "chunk": d.chunk.to_string(), "why": d.why,
+                    "layers": d.layers.iter().map(|(l, at)| json!({"id": l.to_string(), "at": at})).collect::<Vec<_>>() })
+        })
+        .collect();
+    ctx.out(
+        json!({ "clean": r.is_clean(), "packs": r.packs, "chunks": r.chunks, "bytes": r.bytes, "layers": r.layers,
+                "damage": damage, "broken_layers": r.broken_layers.iter().map(|(l, w)| json!({"id": l.to_string(), "why": w})).collect::<Vec<_>>(),
+                "bad_packs": r.bad_packs, "stale_tmp": r.stale_tmp }),
+        || {
+            let mut s = format!("checked {} chunks ({}) in {} packs, {} layers", r.chunks, human(r.bytes), r.packs, r.layers);
+            for d in &r.damage {
+                s += &format!("\nbad chunk {}: {}", d.chunk, d.why);
+                for (l, at) in &d.layers {
+                    s += &format!("\n  breaks layer {l} at {at}");
+                }
+            }
+            for (l, w) in &r.broken_layers {
+                s += &format!("\nbroken layer {l}: {w}");
+            }
+            for p in &r.bad_packs {
+                s += &format!("\nbad pack: {p}");
+            }
+            if r.stale_tmp > 0 {
+                s += &format!("\n{} unfinished pack(s) from interrupted writes (harmless; gc removes them)", r.stale_tmp);
+            }
+            s += if r.is_clean() { "\nclean" } else { "\nDAMAGED" };
+            s
+        },
+    )?;
+    if !r.is_clean() {
+        return Err(Coded { code: Exit::Damaged, msg: "the store is damaged (see above)".into() }.into());
+    }
+    Ok(())
+}
+
+fn key(ctx: &Ctx, k: KeyCmd) -> Result<()> {
+    match k {
+        KeyCmd::Generate { force } => {
+            let key = config::generate_key(&ctx.data_dir, force)?;
+            let public = hex(key.verifying_key().as_bytes());
+            ctx.out(json!({ "public_key": public, "path": config::key_path(&ctx.data_dir) }), || public.clone())
+        }
+        KeyCmd::Show => {
+            let Some(key) = config::load_key(&ctx.data_dir)? else {
+                bail!("no publisher key in {}; run `xenod key generate`", config::key_path(&ctx.data_dir).display());
+            };
+            let public = hex(key.verifying_key().as_bytes());
+            ctx.out(json!({ "public_key": public }), || public.clone())
+        }
+        KeyCmd::Trust { key } => {
+            config::parse_key(&key)?;
+            fs::create_dir_all(&ctx.data_dir).with_context(|| format!("creating {}", ctx.data_dir.display()))?;
+            let mut cfg = Config::load(&ctx.data_dir)?;
+            let key = key.to_ascii_lowercase();
+            if !cfg.trusted_keys.contains(&key) {
+                cfg.trusted_keys.push(key.clone());
+                cfg.save(&ctx.data_dir)?;
+            }
+            ctx.out(json!({ "trusted": key }), || format!("trusting {key}"))
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Host configuration: the data directory, `config.toml` and the publisher key.
+//!
+//! ```text
+//! DATA_DIR/config.toml     trusted_keys = ["<64 hex>", ...]
+//! DATA_DIR/keys/publisher.key   the host's ed25519 secret (hex), mode 0600
+//! ```
+//! The host's own publisher key is always trusted.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use xenod_store::{SigningKey, VerifyingKey, hex};
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Publisher keys whose name records this host accepts (64 hex digits).
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+}
+
+/// The default data directory: `/var/lib/xenod` for root, else under
+/// `$XDG_DATA_HOME` (or `~/.local/share`).
+pub fn default_data_dir() -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/xenod");
+    }
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("xenod")
+}
+
+pub fn parse_key(s: &str) -> Result<VerifyingKey> {
+    let b = decode_hex32(s).with_context(|| format!("key {s:?} is not 64 hex digits"))?;
+    VerifyingKey::from_bytes(&b).map_err(|_| anyhow::anyhow!("key {s} is not a valid ed25519 public key"))
+}
+
+fn decode_hex32(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Config {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("config.toml")
+    }
+
+    pub fn load(data_dir: &Path) -> Result<Self> {
+        let p = Self::path(data_dir);
+        match fs::read_to_string(&p) {
+            Ok(s) => toml::from_str(&s).with_context(|| format!("reading {}", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    pub fn save(&self, data_dir: &Path) -> Result<()> {
+        let p = Self::path(data_dir);
+        let tmp = p.with_extension("toml.tmp");
+        fs::write(&tmp, toml::to_string_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))
+    }
+
+    /// Trusted keys: the configured ones and this host's own.
+    pub fn trusted(&self, data_dir: &Path) -> Result<Vec<VerifyingKey>> {
+        let mut keys = self
+            .trusted_keys
+            .iter()
+            .map(|k| parse_key(k))
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("in {}", Self::path(data_dir).display()))?;
+        if let Some(k) = load_key(data_dir)? {
+            keys.push(k.verifying_key());
+        }
+        Ok(keys)
+    }
+}
+
+pub fn key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("keys").join("publisher.key")
+}
+
+pub fn load_key(data_dir: &Path) -> Result<Option<SigningKey>> {
+    let p = key_path(data_dir);
+    match fs::read_to_string(&p) {
+        Ok(s) => {
+            let b = decode_hex32(&s).with_context(|| format!("{} does not hold a 64-hex-digit key", p.display()))?;
+            Ok(Some(SigningKey::from_bytes(&b)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+/// Creates the publisher key; refuses to replace one unless `force`.
+pub fn generate_key(data_dir: &Path, force: bool) -> Result<SigningKey> {
+    let p = key_path(data_dir);
+    if p.exists() && !force {
+        bail!("{} exists; pass --force to replace it (names signed with it will no longer verify here)", p.display());
+    }
+    let dir = p.parent().unwrap_or(data_dir);
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key = xenod_store::generate_key()?;
+    let tmp = p.with_extension("key.tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    writeln!(f, "{}", hex(&key.to_bytes()))?;
+    f.sync_all()?;
+    fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))?;
+    Ok(key)
+}
