@@ -1,0 +1,1 @@
+//! The FUSE union copy-on-write filesystem over store layers.

@@ -1,0 +1,1 @@
+//! Deploy specs, the hypervisor trait and its libvirt backend.
