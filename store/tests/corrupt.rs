@@ -1,0 +1,246 @@
+//! Damaged stores and hostile manifests: each case gives a clear error
+//! naming what and where, and nothing is written outside the destination.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use xenod_store::{
+    ChunkId, ChunkRef, Entry, Error, Extent, FORMAT_VERSION, Kind, LayerRoot, Merged, Store, Timestamp, export_dir,
+};
+
+fn store_with_tree(dir: &Path) -> (Store, ChunkId) {
+    let src = dir.join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/data"), common::noise(300_000, 7)).unwrap();
+    fs::write(src.join("small"), b"small file").unwrap();
+    let store = Store::open(dir.join("store")).unwrap();
+    let id = common::publish_dir(&store, &src);
+    store.pin("t", &id).unwrap();
+    (store, id)
+}
+
+fn data_chunk(store: &Store, id: &ChunkId, path: &[u8]) -> ChunkId {
+    for e in store.read_layer(id).unwrap() {
+        let e = e.unwrap();
+        if e.path == path
+            && let Kind::File { extents, .. } = e.kind
+            && let Some(Extent::Data { id, .. }) = extents.first()
+        {
+            return *id;
+        }
+    }
+    panic!("no data chunk at {}", String::from_utf8_lossy(path));
+}
+
+fn flip_byte(store: &Store, chunk: &ChunkId) {
+    let loc = store.locate(chunk).unwrap().unwrap();
+    let pack = store.root().join("packs").join(format!("{:016x}.pack", loc.pack));
+    let f = fs::OpenOptions::new().read(true).write(true).open(pack).unwrap();
+    let mut b = [0u8];
+    let at = loc.offset + loc.stored_len as u64 / 2;
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+}
+
+#[test]
+fn flipped_byte_is_named_by_verify_and_export() {
+    let t = tempfile::tempdir().unwrap();
+    let (store, id) = store_with_tree(t.path());
+    assert!(store.verify().unwrap().is_clean());
+    let bad = data_chunk(&store, &id, b"d/data");
+    flip_byte(&store, &bad);
+
+    let r = store.verify().unwrap();
+    assert!(!r.is_clean());
+    assert_eq!(r.damage.len(), 1, "{r:#?}");
+    assert_eq!(r.damage[0].chunk, bad);
+    assert_eq!(r.damage[0].layers, vec![(id, "/d/data".to_string())]);
+
+    let err = export_dir(&store, Merged::of(&store, &id).unwrap(), &t.path().join("out"), &|_| {}).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&bad.to_string()) && msg.contains("d/data"), "{msg}");
+    // Other chunks still read.
+    let small = data_chunk(&store, &id, b"small");
+    assert_eq!(store.get(&small).unwrap(), b"small file");
+}
+
+#[test]
+fn missing_chunk_and_missing_pack() {
+    let t = tempfile::tempdir().unwrap();
+    let (store, id) = store_with_tree(t.path());
+    // A layer that refers to a chunk never stored.
+    let ghost = ChunkId::of(b"never stored");
+    let layer = raw_layer(
+        &store,
+        &[
+            dir(""),
+            Entry {
+                kind: Kind::File {
+                    size: 5,
+                    chunking: xenod_store::Chunking::Cdc,
+                    extents: vec![Extent::Data { id: ghost, len: 5 }],
+                },
+                ..dir("f")
+            },
+        ],
+        None,
+    );
+    store.pin("ghost", &layer).unwrap();
+    let r = store.verify().unwrap();
+    let d = r.damage.iter().find(|d| d.chunk == ghost).expect("ghost chunk reported");
+    assert!(d.why.contains("missing"), "{}", d.why);
+    assert_eq!(d.layers, vec![(layer, "/f".to_string())]);
+
+    // Every pack gone: every chunk of the tree is damaged, named with its layer.
+    for e in fs::read_dir(store.root().join("packs")).unwrap() {
+        fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let store = Store::open(store.root()).unwrap();
+    let r = store.verify().unwrap();
+    assert!(r.damage.iter().any(|d| d.chunk == id), "layer root reported: {r:#?}");
+    assert!(matches!(
+        store.layer_root(&id),
+        Err(Error::Manifest { .. }) | Err(Error::ChunkMissing { .. }) | Err(Error::Io { .. })
+    ));
+}
+
+fn dir(path: &str) -> Entry {
+    Entry {
+        path: path.as_bytes().to_vec(),
+        kind: Kind::Dir { opaque: false },
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: Timestamp::default(),
+        xattrs: vec![],
+    }
+}
+
+/// Writes entries as a layer without any of LayerWriter's checks.
+fn raw_layer(store: &Store, entries: &[Entry], claimed: Option<u64>) -> ChunkId {
+    let mut stream = b"XNDLYR01".to_vec();
+    for e in entries {
+        let body = postcard::to_stdvec(e).unwrap();
+        let mut n = body.len();
+        loop {
+            let b = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                stream.push(b);
+                break;
+            }
+            stream.push(b | 0x80);
+        }
+        stream.extend_from_slice(&body);
+    }
+    raw_root(store, &stream, claimed.unwrap_or(entries.len() as u64))
+}
+
+fn raw_root(store: &Store, stream: &[u8], entries: u64) -> ChunkId {
+    let (mid, _) = store.put(stream).unwrap();
+    let root = LayerRoot {
+        format: FORMAT_VERSION,
+        base: None,
+        entries,
+        file_bytes: 0,
+        manifest: vec![ChunkRef { id: mid, len: stream.len() as u32 }],
+        meta: Default::default(),
+    };
+    let (id, _) = store.put(&root.encode()).unwrap();
+    store.flush().unwrap();
+    id
+}
+
+fn read_err(store: &Store, id: &ChunkId) -> String {
+    match store.read_layer(id) {
+        Err(e) => e.to_string(),
+        Ok(r) => r.filter_map(Result::err).next().map(|e| e.to_string()).unwrap_or_else(|| "no error".into()),
+    }
+}
+
+#[test]
+fn hostile_manifests_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let store = Store::open(t.path().join("store")).unwrap();
+    let file = |p: &str, size: u64, extents: Vec<Extent>| Entry {
+        kind: Kind::File { size, chunking: xenod_store::Chunking::Cdc, extents },
+        ..dir(p)
+    };
+    let cases: Vec<(&str, Vec<Entry>, Option<u64>, &str)> = vec![
+        ("traversal", vec![dir(""), dir("../etc")], None, "path component \"..\""),
+        ("absolute", vec![dir(""), dir("/etc")], None, "absolute"),
+        ("nul", vec![dir(""), dir("a\0b")], None, "NUL"),
+        ("duplicate", vec![dir(""), dir("a"), dir("a")], None, "duplicate"),
+        ("order", vec![dir(""), dir("b"), dir("a")], None, "out of order"),
+        ("no root", vec![dir("a")], None, "root"),
+        (
+            "through symlink",
+            vec![dir(""), Entry { kind: Kind::Symlink { target: b"/tmp".to_vec() }, ..dir("a") }, dir("a/x")],
+            None,
+            "parent is not a directory",
+        ),
+        ("size", vec![dir(""), file("f", 10, vec![Extent::Hole { len: 4 }])], None, "disagrees"),
+        ("count", vec![dir(""), dir("a")], Some(5), "its root says 5"),
+    ];
+    for (what, entries, claimed, want) in cases {
+        let id = raw_layer(&store, &entries, claimed);
+        let err = read_err(&store, &id);
+        assert!(err.contains(want) && err.contains(&id.to_string()), "{what}: {err}");
+    }
+
+    // Truncated and garbage manifests.
+    let mut stream = b"XNDLYR01".to_vec();
+    stream.extend_from_slice(&[0x20, 1, 2, 3]);
+    let id = raw_root(&store, &stream, 1);
+    assert!(read_err(&store, &id).contains("truncated"), "{}", read_err(&store, &id));
+    let id = raw_root(&store, b"garbage!garbage!", 1);
+    assert!(read_err(&store, &id).contains("bad header"));
+    let (junk, _) = store.put(b"not a root at all").unwrap();
+    store.flush().unwrap();
+    assert!(store.layer_root(&junk).unwrap_err().to_string().contains("not a layer root"));
+    let huge = raw_root(&store, &[&b"XNDLYR01"[..], &[0xff, 0xff, 0xff, 0xff, 0x0f]].concat(), 1);
+    assert!(read_err(&store, &huge).contains("exceeds"));
+}
+
+#[test]
+fn export_never_writes_outside_dest() {
+    let t = tempfile::tempdir().unwrap();
+    let store = Store::open(t.path().join("store")).unwrap();
+    let (data, _) = store.put(b"payload").unwrap();
+    let outside = t.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("victim"), b"keep").unwrap();
+    // A hardlink whose target goes through a symlink pointing outside.
+    let id = raw_layer(
+        &store,
+        &[
+            dir(""),
+            Entry { kind: Kind::Symlink { target: outside.as_os_str().as_encoded_bytes().to_vec() }, ..dir("a") },
+            Entry { kind: Kind::Hardlink { target: b"a/victim".to_vec() }, ..dir("b") },
+            Entry {
+                kind: Kind::File {
+                    size: 7,
+                    chunking: xenod_store::Chunking::Cdc,
+                    extents: vec![Extent::Data { id: data, len: 7 }],
+                },
+                ..dir("c")
+            },
+        ],
+        None,
+    );
+    let dest = t.path().join("dest");
+    let err = export_dir(&store, store.read_layer(&id).unwrap(), &dest, &|_| {}).unwrap_err().to_string();
+    assert!(err.contains("/b") && err.contains("cannot be reached"), "{err}");
+    assert_eq!(fs::read(outside.join("victim")).unwrap(), b"keep");
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+    assert!(!dest.join("b").exists());
+
+    // A non-empty destination is refused before anything is written.
+    fs::create_dir_all(t.path().join("full")).unwrap();
+    fs::write(t.path().join("full/x"), b"").unwrap();
+    let err = export_dir(&store, store.read_layer(&id).unwrap(), &t.path().join("full"), &|_| {}).unwrap_err();
+    assert!(err.to_string().contains("not empty"), "{err}");
+}

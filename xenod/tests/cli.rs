@@ -1,0 +1,231 @@
+//! The real `xenod` binary, end to end on a real on-disk store.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn xenod(data: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_xenod"));
+    c.arg("--data-dir").arg(data).env_remove("XENOD_DATA_DIR");
+    c
+}
+
+fn run(c: &mut Command) -> Output {
+    c.output().expect("spawning xenod")
+}
+
+fn ok_json(c: &mut Command) -> serde_json::Value {
+    let out = run(c.arg("--json"));
+    assert!(out.status.success(), "xenod failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bad json {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n / 8 + 1)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .take(n)
+        .collect()
+}
+
+fn tree(root: &Path) {
+    fs::create_dir_all(root.join("etc/app")).unwrap();
+    fs::write(root.join("etc/app/conf"), b"port = 80\n").unwrap();
+    fs::write(root.join("blob"), noise(700_000, 3)).unwrap();
+    std::os::unix::fs::symlink("etc/app/conf", root.join("conf")).unwrap();
+}
+
+fn digest(p: &Path) -> String {
+    xenod_store::tree_digest(p).unwrap()
+}
+
+#[test]
+fn publish_overlay_export_resolve_verify() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    let src = t.path().join("src");
+    tree(&src);
+    let p = ok_json(xenod(&data).args(["publish"]).arg(&src).args(["--name", "template://test/base/1"]));
+    let id = p["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 64);
+    assert_eq!(p["bytes_in"], 700_000 + 10);
+    assert!(p["bytes_stored"].as_u64().unwrap() > 600_000, "noise does not compress: {p}");
+
+    let r = ok_json(xenod(&data).args(["resolve", "template://test/base/1"]));
+    assert_eq!(r["id"], id.as_str());
+    let r = ok_json(xenod(&data).args(["resolve", &id[..12]]));
+    assert_eq!(r["id"], id.as_str());
+
+    // Overlay: one changed file; the unchanged 700 kB blob costs nothing.
+    let new = t.path().join("new");
+    assert!(Command::new("cp").arg("-a").arg(&src).arg(&new).status().unwrap().success());
+    fs::write(new.join("etc/app/conf"), b"port = 8080\n").unwrap();
+    fs::remove_file(new.join("conf")).unwrap();
+    let o = ok_json(
+        xenod(&data)
+            .args(["overlay", "create", "--base", "template://test/base/1"])
+            .arg(&new)
+            .args(["--name", "template://test/web/1"]),
+    );
+    assert_eq!(o["bytes_in"], 12, "{o}");
+    assert!(o["bytes_stored"].as_u64().unwrap() < 2000, "overlay stored too much: {o}");
+
+    let out = t.path().join("out");
+    ok_json(xenod(&data).args(["export", "template://test/web/1"]).arg(&out));
+    assert_eq!(digest(&out), digest(&new));
+
+    // The same stack as a tar stream, published again, is the same tree.
+    let tar = run(xenod(&data).args(["export", "template://test/web/1", "-"]));
+    assert!(tar.status.success());
+    let mut child =
+        xenod(&data).args(["publish", "-", "--json"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(&tar.stdout).unwrap();
+    let piped = child.wait_with_output().unwrap();
+    assert!(piped.status.success(), "{}", String::from_utf8_lossy(&piped.stderr));
+    let pid: serde_json::Value = serde_json::from_slice(&piped.stdout).unwrap();
+    let out2 = t.path().join("out2");
+    ok_json(xenod(&data).args(["export", pid["id"].as_str().unwrap()]).arg(&out2));
+    assert_eq!(digest(&out2), digest(&new));
+
+    let v = ok_json(xenod(&data).arg("verify"));
+    assert_eq!(v["clean"], true);
+    let ls = ok_json(xenod(&data).arg("ls"));
+    assert_eq!(ls["names"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn documented_exit_codes() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    let code = |c: &mut Command| run(c).status.code();
+    assert_eq!(code(xenod(&data).args(["resolve", "template://nobody/nothing"])), Some(3));
+    assert_eq!(code(xenod(&data).args(["export", "deadbeefdeadbeef", "/tmp/x"])), Some(3));
+    assert_eq!(code(xenod(&data).args(["publish", "/nonexistent/dir"])), Some(1));
+    assert_eq!(code(xenod(&data).args(["publish", ".", "--name", "bad name"])), Some(5));
+    assert_eq!(code(xenod(&data).args(["frobnicate"])), Some(2));
+
+    // A tar member that climbs out of the tree.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.as_gnu_mut().unwrap().name[..7].copy_from_slice(b"../evil");
+    h.set_cksum();
+    b.append(&h, &b"x"[..]).unwrap();
+    let tarball = t.path().join("evil.tar");
+    fs::write(&tarball, b.into_inner().unwrap()).unwrap();
+    let out = run(xenod(&data).arg("publish").arg(&tarball));
+    assert_eq!(out.status.code(), Some(6));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("../evil") && err.contains(".."), "{err}");
+
+    // A flipped byte in a pack: verify names it and exits 4.
+    let src = t.path().join("src");
+    tree(&src);
+    ok_json(xenod(&data).arg("publish").arg(&src));
+    let pack = fs::read_dir(data.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "pack"))
+        .unwrap();
+    let mut bytes = fs::read(&pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    fs::write(&pack, bytes).unwrap();
+    let out = run(xenod(&data).arg("verify"));
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("breaks layer"));
+}
+
+#[test]
+fn names_from_untrusted_keys_are_refused_until_trusted() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    let key_a = ok_json(xenod(&a).args(["key", "generate"]));
+    ok_json(xenod(&b).args(["key", "generate"]));
+    // b refuses a record signed by a until it trusts a's key.
+    let id = xenod_store::ChunkId::of(b"layer");
+    let store_b = xenod_store::Store::open(&b).unwrap();
+    let key = fs::read_to_string(a.join("keys/publisher.key")).unwrap();
+    let seed: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&key.trim()[2 * i..2 * i + 2], 16).unwrap()).collect();
+    let sk = xenod_store::SigningKey::from_bytes(&seed.try_into().unwrap());
+    let rec = xenod_store::NameRecord::sign(&sk, "template://a/os/1", id, 1).unwrap();
+    let trusted_b: Vec<xenod_store::VerifyingKey> = vec![];
+    assert!(store_b.set_name(&rec, &trusted_b).unwrap_err().to_string().contains("not trusted"));
+    drop(store_b);
+    ok_json(xenod(&b).args(["key", "trust", key_a["public_key"].as_str().unwrap()]));
+    let cfg = fs::read_to_string(b.join("config.toml")).unwrap();
+    assert!(cfg.contains(key_a["public_key"].as_str().unwrap()));
+}
+
+fn big_tree(root: &Path) -> PathBuf {
+    fs::create_dir_all(root).unwrap();
+    for i in 0..24 {
+        fs::write(root.join(format!("f{i:02}")), noise(8 << 20, i)).unwrap();
+    }
+    root.to_path_buf()
+}
+
+#[test]
+fn kill_9_during_publish_leaves_a_clean_store() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    let src = big_tree(&t.path().join("src"));
+    // Something already stored must survive the crash.
+    let small = t.path().join("small");
+    tree(&small);
+    let first = ok_json(xenod(&data).arg("publish").arg(&small));
+    for delay in [150, 400, 900] {
+        let mut child =
+            xenod(&data).arg("publish").arg(&src).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let v = ok_json(xenod(&data).arg("verify"));
+        assert_eq!(v["clean"], true, "after kill at {delay} ms: {v}");
+    }
+    let p = ok_json(xenod(&data).arg("publish").arg(&src));
+    let out = t.path().join("out");
+    ok_json(xenod(&data).args(["export", p["id"].as_str().unwrap()]).arg(&out));
+    assert_eq!(digest(&out), digest(&src));
+    let out = t.path().join("out-first");
+    ok_json(xenod(&data).args(["export", first["id"].as_str().unwrap()]).arg(&out));
+    assert_eq!(digest(&out), digest(&small));
+}
+
+#[test]
+fn gc_keeps_named_and_pinned_and_drops_the_rest() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    let mk = |name: &str, seed: u64| {
+        let d = t.path().join(name);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("data"), noise(500_000, seed)).unwrap();
+        d
+    };
+    let (a, b, c) = (mk("a", 10), mk("b", 20), mk("c", 30));
+    ok_json(xenod(&data).arg("publish").arg(&a).args(["--name", "template://t/a/1"]));
+    let pb = ok_json(xenod(&data).arg("publish").arg(&b));
+    let pc = ok_json(xenod(&data).arg("publish").arg(&c));
+    let cid = pc["id"].as_str().unwrap();
+    ok_json(xenod(&data).args(["unpin", cid]));
+    let g = ok_json(xenod(&data).arg("gc"));
+    assert!(g["removed_chunks"].as_u64().unwrap() >= 2, "{g}");
+    assert!(g["freed_bytes"].as_u64().unwrap() >= 400_000, "{g}");
+    let v = ok_json(xenod(&data).arg("verify"));
+    assert_eq!(v["clean"], true);
+    for (i, (r, src)) in [("template://t/a/1", &a), (pb["id"].as_str().unwrap(), &b)].into_iter().enumerate() {
+        let out = t.path().join(format!("out-{i}"));
+        ok_json(xenod(&data).args(["export", r]).arg(&out));
+        assert_eq!(digest(&out), digest(src));
+    }
+    assert_ne!(run(xenod(&data).args(["export", cid]).arg(t.path().join("gone"))).status.code(), Some(0));
+}
