@@ -9,9 +9,16 @@ use std::cell::RefCell;
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
 
-/// zstd level at rest. Level 3 is zstd's default; measured in
-/// `benches/chunk_pipeline` against level 1.
+/// zstd level at rest unless `XENOD_ZSTD_LEVEL` says otherwise.
 pub const ZSTD_LEVEL: i32 = 3;
+
+/// The level in force: `XENOD_ZSTD_LEVEL` (1..=22) or [`ZSTD_LEVEL`].
+pub fn zstd_level() -> i32 {
+    static LEVEL: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        std::env::var("XENOD_ZSTD_LEVEL").ok().and_then(|v| v.parse().ok()).filter(|l| (1..=22).contains(l)).unwrap_or(ZSTD_LEVEL)
+    })
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -40,7 +47,7 @@ pub fn encode(plain: &[u8]) -> (Encoding, Vec<u8>) {
     let compressed = COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
         if c.is_none() {
-            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+            *c = zstd::bulk::Compressor::new(zstd_level()).ok();
         }
         c.as_mut().and_then(|c| c.compress(plain).ok())
     });

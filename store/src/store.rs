@@ -441,6 +441,13 @@ impl Store {
         Ok(out)
     }
 
+    /// Gives space the index no longer uses back to the file system. Needs
+    /// the only handle on the store; returns whether anything was done.
+    pub fn compact(&mut self) -> Result<bool> {
+        self.refresh_view();
+        self.db.compact().map_err(|e| Error::Db { path: self.root.join("index.redb"), source: Box::new(e.into()) })
+    }
+
     /// Number of chunks in the index.
     pub fn chunk_count(&self) -> Result<u64> {
         let txn = self.begin_read()?;

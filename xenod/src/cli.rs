@@ -171,7 +171,9 @@ pub fn run(args: Args) -> Result<()> {
         }
         Cmd::Verify => verify(&ctx),
         Cmd::Gc => {
-            let s = ctx.store()?.gc()?;
+            let mut store = ctx.store()?;
+            let s = store.gc()?;
+            compact(&mut store);
             ctx.out(
                 json!({ "live_chunks": s.live_chunks, "removed_chunks": s.removed_chunks,
                         "removed_packs": s.removed_packs, "rewritten_packs": s.rewritten_packs,
@@ -266,7 +268,7 @@ fn publish(ctx: &Ctx, src: &str, name: Option<&str>, image: bool) -> Result<()> 
         xenod_store::check_name(n)?;
     }
     let started = Instant::now();
-    let store = ctx.store()?;
+    let mut store = ctx.store()?;
     let _lock = store.write_lock()?;
     let path = Path::new(src);
     let total = if src == "-" { None } else { fs::metadata(path).ok().filter(|m| m.is_file()).map(|m| m.len()) };
@@ -301,7 +303,18 @@ fn publish(ctx: &Ctx, src: &str, name: Option<&str>, image: bool) -> Result<()> 
     pb.finish_and_clear();
     let bytes_in = store.layer_root(&id)?.file_bytes;
     let p = Published { id, entries, bytes_in };
-    finish_layer(ctx, &store, name, &p, started)
+    finish_layer(ctx, &store, name, &p, started)?;
+    drop(_lock);
+    compact(&mut store);
+    Ok(())
+}
+
+/// Gives the index's free pages back; skipped when another process holds
+/// the store open (it is only space).
+fn compact(store: &mut Store) {
+    if let Err(e) = store.compact() {
+        tracing::debug!("index not compacted: {e}");
+    }
 }
 
 fn finish_layer(ctx: &Ctx, store: &Store, name: Option<&str>, p: &Published, started: Instant) -> Result<()> {
@@ -342,7 +355,7 @@ fn overlay_create(ctx: &Ctx, base_ref: &str, dir: &Path, name: Option<&str>) -> 
         xenod_store::check_name(n)?;
     }
     let started = Instant::now();
-    let store = ctx.store()?;
+    let mut store = ctx.store()?;
     let _lock = store.write_lock()?;
     let base = store.resolve(base_ref)?;
     let base_entries = Merged::of(&store, &base)?;
@@ -380,7 +393,10 @@ fn overlay_create(ctx: &Ctx, base_ref: &str, dir: &Path, name: Option<&str>) -> 
     })?;
     pb.finish_and_clear();
     let bytes_in = store.layer_root(&id)?.file_bytes;
-    finish_layer(ctx, &store, name, &Published { id, entries, bytes_in }, started)
+    finish_layer(ctx, &store, name, &Published { id, entries, bytes_in }, started)?;
+    drop(_lock);
+    compact(&mut store);
+    Ok(())
 }
 
 fn export(ctx: &Ctx, r: &str, dest: &str, layer_only: bool) -> Result<()> {
