@@ -16,7 +16,11 @@ pub const ZSTD_LEVEL: i32 = 3;
 pub fn zstd_level() -> i32 {
     static LEVEL: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
     *LEVEL.get_or_init(|| {
-        std::env::var("XENOD_ZSTD_LEVEL").ok().and_then(|v| v.parse().ok()).filter(|l| (1..=22).contains(l)).unwrap_or(ZSTD_LEVEL)
+        std::env::var("XENOD_ZSTD_LEVEL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|l| (1..=22).contains(l))
+            .unwrap_or(ZSTD_LEVEL)
     })
 }
 
