@@ -12,6 +12,7 @@
 //! | `import` | directories, tar streams and disk images into entries |
 //! | `export` | entries out to a directory or a tar stream |
 //! | `names` | signed `template://` names, pins, reference resolution |
+//! | `peer` | [`Node`]: the iroh chunk protocol, multi-provider fetch, tickets |
 //! | `gc`, `verify` | mark-and-sweep from roots; rehash and reference checks |
 //! | `digest` | a metadata-complete digest of a directory tree |
 
@@ -27,6 +28,7 @@ mod layer;
 mod manifest;
 mod merge;
 mod names;
+mod peer;
 mod store;
 mod verify;
 
@@ -45,6 +47,11 @@ pub use manifest::{
 };
 pub use merge::{Diff, Merged, diff};
 pub use names::{NameRecord, SCHEME, check_name, generate_key, hex};
+pub use peer::{
+    ALPN, Counters, EndpointAddr, EndpointId, FRAMES_IN_FLIGHT, FetchOptions, FetchProgress, FetchReport, MAX_BATCH,
+    MAX_NAMES, MAX_PLAIN, Misbehave, NamesReport, Node, NodeOptions, PeerCounters, PeerError, Phase, ProgressFn,
+    ProviderReport, Relay, STREAMS_PER_CONN, Snapshot, Stats, Ticket, TicketError, format_peer, parse_peer,
+};
 pub use store::{Location, Store, WriteLock, WriteStats};
 pub use verify::{Damage, VerifyReport};
 

@@ -1,0 +1,545 @@
+//! Fetching a layer stack from several providers at once.
+//!
+//! A fetch runs in three rounds, each asking only for what this store
+//! lacks, so an interrupted fetch resumes where it stopped:
+//!
+//! ```text
+//!  roots      layer -> base -> base ...   one chunk at a time (each names the next)
+//!  manifests  every root's manifest chunks
+//!  data       every Data extent of every entry, deduplicated
+//! ```
+//!
+//! Each round is a [`Swarm`] run: a shared queue of wanted ids, and per
+//! provider a few *lanes*, each keeping one request of up to `batch` ids in
+//! flight on its own QUIC stream. A lane takes its next batch when the
+//! previous one is answered, so fast providers take more of the queue. When
+//! the queue is empty an idle lane *steals*: it asks its provider for ids
+//! still outstanding at another one; whichever copy arrives first is kept.
+//! So a slow or hung provider never holds the tail of a transfer.
+//!
+//! Every frame is decoded and hashed before it is stored
+//! ([`Store::put_encoded`]). A provider that sends a chunk that does not
+//! verify, breaks the wire format, or whose connection fails is dropped
+//! for the rest of the fetch: the bad chunk is counted against it, and
+//! everything it still owed goes back to the queue for the others. A
+//! provider that answers "absent" for an id is not asked for it again.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use iroh::endpoint::Connection;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use super::PeerError;
+use super::protocol::{Request, WireError, read_frame};
+use super::stats::Stats;
+use crate::error::Error;
+use crate::id::ChunkId;
+use crate::manifest::{Extent, Kind};
+use crate::store::Store;
+
+/// Called as chunks arrive.
+pub type ProgressFn = Arc<dyn Fn(&FetchProgress) + Send + Sync>;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    #[default]
+    Roots,
+    Manifests,
+    Data,
+}
+
+/// Where a fetch stands.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FetchProgress {
+    pub phase: Phase,
+    /// Chunks of this phase stored so far, and wanted in all.
+    pub chunks_done: u64,
+    pub chunks_total: u64,
+    /// Plaintext bytes stored so far (all phases).
+    pub bytes: u64,
+    /// Bytes received on the wire so far (all phases, duplicates included).
+    pub wire_bytes: u64,
+}
+
+#[derive(Clone)]
+pub struct FetchOptions {
+    pub progress: Option<ProgressFn>,
+    /// Requests in flight per provider.
+    pub lanes: usize,
+    /// Most ids per request.
+    pub batch: usize,
+    /// A provider silent for this long while owing a frame is dropped.
+    pub read_timeout: Duration,
+    /// Stored bytes between flushes, so an interrupted fetch keeps its work.
+    pub flush_every: u64,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        Self { progress: None, lanes: 4, batch: 32, read_timeout: Duration::from_secs(20), flush_every: 64 << 20 }
+    }
+}
+
+impl std::fmt::Debug for FetchOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FetchOptions").field("lanes", &self.lanes).field("batch", &self.batch).finish_non_exhaustive()
+    }
+}
+
+/// What one provider contributed to a fetch.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProviderReport {
+    pub node: String,
+    pub chunks: u64,
+    pub wire_bytes: u64,
+    /// Chunks that arrived after another provider's copy had been stored.
+    pub duplicates: u64,
+    pub bad_chunks: u64,
+    /// Why it was dropped, if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<String>,
+}
+
+/// The outcome of a fetch.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FetchReport {
+    pub layer: String,
+    /// The stack, template first.
+    pub stack: Vec<String>,
+    pub chunks_fetched: u64,
+    /// Chunks the stack needs that were already here.
+    pub chunks_local: u64,
+    pub bytes: u64,
+    pub wire_bytes: u64,
+    pub elapsed_ms: u64,
+    pub providers: Vec<ProviderReport>,
+}
+
+pub(crate) struct ProviderConn {
+    pub(crate) node: String,
+    /// The connection, or why there is none.
+    pub(crate) conn: Result<Connection, String>,
+}
+
+#[derive(Default)]
+struct State {
+    todo: VecDeque<ChunkId>,
+    /// Requested and not yet stored: who was asked.
+    inflight: HashMap<ChunkId, Vec<usize>>,
+    /// Providers that said they lack an id, or sent it corrupt.
+    lacks: HashMap<ChunkId, Vec<usize>>,
+    remaining: usize,
+    total: usize,
+    alive: Vec<bool>,
+    failed: Option<PeerError>,
+    reports: Vec<ProviderReport>,
+}
+
+enum Take {
+    Batch(Vec<ChunkId>),
+    Wait,
+    Stop,
+}
+
+impl State {
+    fn alive_count(&self) -> usize {
+        self.alive.iter().filter(|a| **a).count()
+    }
+
+    fn lacked_by_all(&self, id: &ChunkId) -> bool {
+        let lacks = self.lacks.get(id).map(Vec::as_slice).unwrap_or(&[]);
+        self.alive.iter().enumerate().all(|(p, a)| !*a || lacks.contains(&p))
+    }
+
+    fn lacks(&self, p: usize, id: &ChunkId) -> bool {
+        self.lacks.get(id).is_some_and(|l| l.contains(&p))
+    }
+
+    fn take(&mut self, p: usize, max: usize, lanes_total: usize) -> Take {
+        if self.remaining == 0 || self.failed.is_some() || !self.alive[p] {
+            return Take::Stop;
+        }
+        // Spread the tail: never take more than a fair share of what is left.
+        let fair = self.todo.len().div_ceil(lanes_total.max(1)).max(1);
+        let want = max.min(fair);
+        let mut batch = Vec::new();
+        let mut skipped = Vec::new();
+        while batch.len() < want {
+            let Some(id) = self.todo.pop_front() else { break };
+            if self.lacked_by_all(&id) {
+                self.failed = Some(PeerError::Unavailable { id });
+                return Take::Stop;
+            }
+            if self.lacks(p, &id) {
+                skipped.push(id);
+            } else {
+                batch.push(id);
+            }
+        }
+        for id in skipped.into_iter().rev() {
+            self.todo.push_front(id);
+        }
+        if batch.is_empty() {
+            // Steal: ids outstanding at exactly one other provider.
+            for (id, holders) in &self.inflight {
+                if batch.len() >= want {
+                    break;
+                }
+                if holders.len() == 1 && holders[0] != p && !self.lacks(p, id) {
+                    batch.push(*id);
+                }
+            }
+        }
+        if batch.is_empty() {
+            return Take::Wait;
+        }
+        for id in &batch {
+            self.inflight.entry(*id).or_default().push(p);
+        }
+        Take::Batch(batch)
+    }
+
+    /// `p` will not deliver `id`: give it back to the queue unless another
+    /// provider was asked too.
+    fn release(&mut self, p: usize, id: &ChunkId) {
+        if let Some(h) = self.inflight.get_mut(id) {
+            h.retain(|q| *q != p);
+            if h.is_empty() {
+                self.inflight.remove(id);
+                self.todo.push_front(*id);
+            }
+        }
+    }
+
+    fn drop_provider(&mut self, p: usize, why: String) {
+        if !self.alive[p] {
+            return;
+        }
+        self.alive[p] = false;
+        self.reports[p].dropped = Some(why);
+        let owed: Vec<ChunkId> = self.inflight.iter().filter(|(_, h)| h.contains(&p)).map(|(id, _)| *id).collect();
+        for id in owed {
+            self.release(p, &id);
+        }
+        if self.alive_count() == 0 && self.remaining > 0 && self.failed.is_none() {
+            let why = self.reports.iter().filter_map(|r| r.dropped.as_ref().map(|d| format!("{}: {d}", r.node)));
+            self.failed = Some(PeerError::NoProviders { why: why.collect::<Vec<_>>().join("; ") });
+        }
+    }
+}
+
+/// The providers of one fetch, shared by its rounds.
+pub(crate) struct Swarm {
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+    conns: Vec<ProviderConn>,
+    opts: FetchOptions,
+    state: Mutex<State>,
+    notify: Notify,
+    phase: Mutex<Phase>,
+    bytes: AtomicU64,
+    wire_bytes: AtomicU64,
+    since_flush: AtomicU64,
+}
+
+impl Swarm {
+    pub(crate) fn new(store: Arc<Store>, stats: Arc<Stats>, conns: Vec<ProviderConn>, opts: FetchOptions) -> Arc<Self> {
+        let alive = conns.iter().map(|c| c.conn.is_ok()).collect();
+        let reports = conns
+            .iter()
+            .map(|c| ProviderReport {
+                node: c.node.clone(),
+                dropped: c.conn.as_ref().err().cloned(),
+                ..Default::default()
+            })
+            .collect();
+        Arc::new(Self {
+            store,
+            stats,
+            conns,
+            opts,
+            state: Mutex::new(State { alive, reports, ..Default::default() }),
+            notify: Notify::new(),
+            phase: Mutex::new(Phase::Roots),
+            bytes: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
+            since_flush: AtomicU64::new(0),
+        })
+    }
+
+    /// Closes every connection; the swarm is done.
+    pub(crate) fn close(&self) {
+        for c in &self.conns {
+            if let Ok(c) = &c.conn {
+                c.close(0u32.into(), b"done");
+            }
+        }
+    }
+
+    fn conn(&self, p: usize) -> &Connection {
+        match &self.conns[p].conn {
+            Ok(c) => c,
+            Err(_) => unreachable!("lanes run only for connected providers"),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn reports(&self) -> Vec<ProviderReport> {
+        self.lock().reports.clone()
+    }
+
+    pub(crate) fn wire_bytes(&self) -> u64 {
+        self.wire_bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn progress(&self, done: usize, total: usize) {
+        if let Some(f) = &self.opts.progress {
+            f(&FetchProgress {
+                phase: *self.phase.lock().unwrap_or_else(|e| e.into_inner()),
+                chunks_done: done as u64,
+                chunks_total: total as u64,
+                bytes: self.bytes(),
+                wire_bytes: self.wire_bytes(),
+            });
+        }
+    }
+
+    /// Fetches every id in `ids` (none of them local) into the store.
+    pub(crate) async fn run(self: &Arc<Self>, phase: Phase, ids: Vec<ChunkId>) -> Result<(), PeerError> {
+        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut st = self.lock();
+            if let Some(e) = st.failed.take() {
+                return Err(e);
+            }
+            st.total = ids.len();
+            st.remaining = ids.len();
+            st.todo = ids.into();
+            st.inflight.clear();
+            st.lacks.clear();
+            if st.alive_count() == 0 {
+                let why = st.reports.iter().filter_map(|r| r.dropped.as_ref().map(|d| format!("{}: {d}", r.node)));
+                let why = why.collect::<Vec<_>>().join("; ");
+                return Err(PeerError::NoProviders { why: if why.is_empty() { "none given".into() } else { why } });
+            }
+        }
+        let total = self.lock().total;
+        self.progress(0, total);
+        let lanes_total = self.conns.len() * self.opts.lanes.max(1);
+        let mut set = tokio::task::JoinSet::new();
+        for p in 0..self.conns.len() {
+            if !self.lock().alive[p] {
+                continue;
+            }
+            for _ in 0..self.opts.lanes.max(1) {
+                let me = self.clone();
+                set.spawn(async move { me.lane(p, lanes_total).await });
+            }
+        }
+        loop {
+            {
+                let st = self.lock();
+                if st.remaining == 0 || st.failed.is_some() {
+                    break;
+                }
+            }
+            tokio::select! {
+                r = set.join_next() => if r.is_none() { break },
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        // Lanes still waiting on a slow provider are not needed any more.
+        set.abort_all();
+        while set.join_next().await.is_some() {}
+        let mut st = self.lock();
+        if let Some(e) = st.failed.take() {
+            return Err(e);
+        }
+        if st.remaining > 0 {
+            return Err(PeerError::NoProviders { why: "every provider was dropped".into() });
+        }
+        Ok(())
+    }
+
+    async fn lane(self: Arc<Self>, p: usize, lanes_total: usize) {
+        loop {
+            let notified = self.notify.notified();
+            let took = self.lock().take(p, self.opts.batch, lanes_total);
+            let batch = match took {
+                Take::Stop => return,
+                Take::Wait => {
+                    let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+                    continue;
+                }
+                Take::Batch(b) => b,
+            };
+            if let Err(e) = self.request(p, &batch).await {
+                let why = e.to_string();
+                tracing::debug!("dropping provider {}: {why}", self.conns[p].node);
+                let node = &self.conns[p].node;
+                self.stats.with(node, |t, c| {
+                    t.peers_dropped += 1;
+                    c.dropped += 1;
+                    if matches!(e, PeerError::Protocol { .. }) {
+                        t.protocol_errors += 1;
+                        c.protocol_errors += 1;
+                    }
+                    c.last_error = Some(why.clone());
+                });
+                self.lock().drop_provider(p, why);
+                self.conn(p).close(VAR_DROPPED.into(), b"dropped");
+                self.notify.notify_waiters();
+                return;
+            }
+        }
+    }
+
+    /// Asks provider `p` for `batch` and stores what it sends.
+    async fn request(&self, p: usize, batch: &[ChunkId]) -> Result<(), PeerError> {
+        let node = &self.conns[p].node;
+        let conn_err = |e: &dyn std::fmt::Display| PeerError::Connection { peer: node.clone(), why: e.to_string() };
+        let (mut send, mut recv) = self.conn(p).open_bi().await.map_err(|e| conn_err(&e))?;
+        send.write_all(&Request::Chunks(batch.to_vec()).encode()).await.map_err(|e| conn_err(&e))?;
+        send.finish().map_err(|e| conn_err(&e))?;
+        for id in batch {
+            let frame = match tokio::time::timeout(self.opts.read_timeout, read_frame(&mut recv)).await {
+                Err(_) => return Err(conn_err(&"no answer within the read timeout")),
+                Ok(Err(WireError::Io(e))) => return Err(conn_err(&e)),
+                Ok(Err(e)) => return Err(PeerError::Protocol { peer: node.clone(), why: e.to_string() }),
+                Ok(Ok(f)) => f,
+            };
+            let Some(frame) = frame else {
+                let mut st = self.lock();
+                st.lacks.entry(*id).or_default().push(p);
+                st.release(p, id);
+                drop(st);
+                self.notify.notify_waiters();
+                continue;
+            };
+            let wire = frame.stored.len() as u64;
+            self.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+            let wanted = self.lock().inflight.contains_key(id);
+            if !wanted {
+                self.lock().reports[p].duplicates += 1;
+                continue;
+            }
+            let store = self.store.clone();
+            let id2 = *id;
+            let plain = frame.plain_len as u64;
+            let put = tokio::task::spawn_blocking(move || {
+                store.put_encoded(id2, frame.encoding, &frame.stored, frame.plain_len)
+            })
+            .await
+            .map_err(|e| PeerError::Connection { peer: node.clone(), why: format!("verifier task: {e}") })?;
+            match put {
+                Ok(_) => {}
+                Err(Error::ChunkCorrupt { why, .. }) => {
+                    self.stats.with(node, |t, c| {
+                        t.bad_chunks += 1;
+                        c.bad_chunks += 1;
+                    });
+                    let mut st = self.lock();
+                    st.reports[p].bad_chunks += 1;
+                    st.lacks.entry(*id).or_default().push(p);
+                    return Err(PeerError::BadChunk { peer: node.clone(), id: *id, why });
+                }
+                Err(e) => return Err(PeerError::Store(e)),
+            }
+            self.bytes.fetch_add(plain, Ordering::Relaxed);
+            self.stats.with(node, |t, c| {
+                t.chunks_received += 1;
+                t.bytes_received += wire;
+                c.chunks_received += 1;
+                c.bytes_received += wire;
+            });
+            let (done, total) = {
+                let mut st = self.lock();
+                st.reports[p].chunks += 1;
+                st.reports[p].wire_bytes += wire;
+                if st.inflight.remove(id).is_some() {
+                    st.remaining -= 1;
+                }
+                (st.total - st.remaining, st.total)
+            };
+            if done == total {
+                self.notify.notify_waiters();
+            }
+            self.progress(done, total);
+            if self.since_flush.fetch_add(wire, Ordering::Relaxed) + wire >= self.opts.flush_every {
+                self.since_flush.store(0, Ordering::Relaxed);
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || store.flush())
+                    .await
+                    .map_err(|e| PeerError::Connection { peer: node.clone(), why: format!("flush task: {e}") })??;
+            }
+        }
+        Ok(())
+    }
+}
+
+const VAR_DROPPED: u32 = 1;
+
+/// Every chunk a stack needs, by round: the manifest chunks of each layer,
+/// then the distinct data chunks. Reads only local data.
+pub(crate) fn missing_manifest_chunks(store: &Store, stack: &[ChunkId]) -> Result<(Vec<ChunkId>, u64), Error> {
+    let mut seen = HashSet::new();
+    let mut want = Vec::new();
+    let mut local = 0;
+    for id in stack {
+        for c in store.layer_root(id)?.manifest {
+            if seen.insert(c.id) {
+                if store.contains(&c.id)? {
+                    local += 1;
+                } else {
+                    want.push(c.id);
+                }
+            }
+        }
+    }
+    Ok((want, local))
+}
+
+pub(crate) fn missing_data_chunks(store: &Store, stack: &[ChunkId]) -> Result<(Vec<ChunkId>, u64), Error> {
+    let mut seen = HashSet::new();
+    let mut want = Vec::new();
+    let mut local = 0;
+    for id in stack {
+        for e in store.read_layer(id)? {
+            if let Kind::File { extents, .. } = e?.kind {
+                for x in extents {
+                    if let Extent::Data { id, .. } = x
+                        && seen.insert(id)
+                    {
+                        if store.contains(&id)? {
+                            local += 1;
+                        } else {
+                            want.push(id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok((want, local))
+}
+
+/// Elapsed milliseconds since `t`.
+pub(crate) fn ms(t: Instant) -> u64 {
+    t.elapsed().as_millis() as u64
+}

@@ -1,0 +1,257 @@
+//! The chunk protocol's wire format (ALPN [`ALPN`]).
+//!
+//! One request per QUIC bidirectional stream; the client finishes its send
+//! side after the request, the server answers and finishes its own.
+//!
+//! ```text
+//! request  := "XNQ1" op:u8 body
+//!   op 1 chunks: count:u16le id[32]*count        1 <= count <= MAX_BATCH
+//!   op 2 names:  (empty)
+//!
+//! answer to chunks: one frame per requested id, in request order
+//!   frame   := 0x00 enc:u8 plain_len:u32le stored_len:u32le stored[stored_len]
+//!            | 0x01                            (this provider lacks the chunk)
+//! answer to names:
+//!   names   := len:u32le json(Vec<NameRecord>)[len]
+//! ```
+//!
+//! `stored` is the chunk exactly as the provider keeps it at rest (zstd, or
+//! raw when compression did not shrink it), so nothing is recompressed on
+//! either side. A receiver trusts nothing in a frame: `plain_len` is capped
+//! at [`MAX_PLAIN`], `stored_len` may not exceed `plain_len` (the encoder
+//! only keeps zstd output that is smaller), and the chunk must decode to
+//! bytes that hash to the id asked for before it is stored.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::codec::Encoding;
+use crate::id::ChunkId;
+
+/// The ALPN of the chunk protocol; a connection for any other is refused
+/// in the TLS handshake.
+pub const ALPN: &[u8] = b"xenod/chunks/1";
+/// Most chunk ids in one request.
+pub const MAX_BATCH: usize = 256;
+/// Largest chunk plaintext accepted in a frame. Data chunks are at most
+/// [`crate::CDC_MAX`]; a layer root grows with the tree (36 bytes per
+/// manifest chunk), so this leaves room for trees of ~10^8 entries.
+pub const MAX_PLAIN: u32 = 16 << 20;
+/// Largest names answer accepted.
+pub const MAX_NAMES: u32 = 8 << 20;
+
+const MAGIC: &[u8; 4] = b"XNQ1";
+const OP_CHUNKS: u8 = 1;
+const OP_NAMES: u8 = 2;
+const PRESENT: u8 = 0;
+const ABSENT: u8 = 1;
+const FRAME_HEADER: usize = 1 + 1 + 4 + 4;
+
+/// A request from a fetcher to a provider.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Chunks(Vec<ChunkId>),
+    Names,
+}
+
+/// One chunk as it travels: its encoding, plaintext length and stored bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub encoding: Encoding,
+    pub plain_len: u32,
+    pub stored: Vec<u8>,
+}
+
+/// What was wrong with bytes read from a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("stream ended inside a {0}")]
+    Truncated(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("reading from peer")]
+    Io(#[source] std::io::Error),
+}
+
+impl WireError {
+    fn from_read(what: &'static str) -> impl FnOnce(std::io::Error) -> Self {
+        move |e| if e.kind() == std::io::ErrorKind::UnexpectedEof { Self::Truncated(what) } else { Self::Io(e) }
+    }
+}
+
+impl Request {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        match self {
+            Self::Chunks(ids) => {
+                debug_assert!(!ids.is_empty() && ids.len() <= MAX_BATCH);
+                b.push(OP_CHUNKS);
+                b.extend_from_slice(&(ids.len() as u16).to_le_bytes());
+                for id in ids {
+                    b.extend_from_slice(id.as_bytes());
+                }
+            }
+            Self::Names => b.push(OP_NAMES),
+        }
+        b
+    }
+
+    /// Reads one request, refusing anything malformed or oversized.
+    pub async fn read(r: &mut (impl AsyncRead + Unpin)) -> Result<Self, WireError> {
+        let mut head = [0u8; 5];
+        r.read_exact(&mut head).await.map_err(WireError::from_read("request header"))?;
+        if &head[..4] != MAGIC {
+            return Err(WireError::Invalid("not a xenod chunk request (bad magic)".into()));
+        }
+        match head[4] {
+            OP_CHUNKS => {
+                let mut n = [0u8; 2];
+                r.read_exact(&mut n).await.map_err(WireError::from_read("request"))?;
+                let n = u16::from_le_bytes(n) as usize;
+                if n == 0 || n > MAX_BATCH {
+                    return Err(WireError::Invalid(format!("batch of {n} ids is outside 1..={MAX_BATCH}")));
+                }
+                let mut raw = vec![0u8; n * 32];
+                r.read_exact(&mut raw).await.map_err(WireError::from_read("request"))?;
+                let ids = raw.chunks_exact(32).map(|c| ChunkId::from_bytes(c.try_into().unwrap_or([0; 32]))).collect();
+                Ok(Self::Chunks(ids))
+            }
+            OP_NAMES => Ok(Self::Names),
+            op => Err(WireError::Invalid(format!("unknown request op {op}"))),
+        }
+    }
+}
+
+/// Writes the frame for one chunk, or the "absent" marker.
+pub async fn write_frame(w: &mut (impl AsyncWrite + Unpin), frame: Option<&Frame>) -> std::io::Result<()> {
+    match frame {
+        None => w.write_all(&[ABSENT]).await,
+        Some(f) => {
+            let mut h = [0u8; FRAME_HEADER];
+            h[0] = PRESENT;
+            h[1] = f.encoding as u8;
+            h[2..6].copy_from_slice(&f.plain_len.to_le_bytes());
+            h[6..10].copy_from_slice(&(f.stored.len() as u32).to_le_bytes());
+            w.write_all(&h).await?;
+            w.write_all(&f.stored).await
+        }
+    }
+}
+
+/// Reads one frame; `Ok(None)` when the provider lacks the chunk. The
+/// length fields are checked before any buffer is sized from them.
+pub async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> Result<Option<Frame>, WireError> {
+    let mut status = [0u8; 1];
+    r.read_exact(&mut status).await.map_err(WireError::from_read("frame header"))?;
+    match status[0] {
+        ABSENT => return Ok(None),
+        PRESENT => {}
+        s => return Err(WireError::Invalid(format!("unknown frame status {s}"))),
+    }
+    let mut h = [0u8; FRAME_HEADER - 1];
+    r.read_exact(&mut h).await.map_err(WireError::from_read("frame header"))?;
+    let encoding = Encoding::from_u8(h[0]).ok_or_else(|| WireError::Invalid(format!("unknown encoding {}", h[0])))?;
+    let plain_len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]);
+    let stored_len = u32::from_le_bytes([h[5], h[6], h[7], h[8]]);
+    if plain_len > MAX_PLAIN {
+        return Err(WireError::Invalid(format!("frame claims {plain_len} plaintext bytes, more than {MAX_PLAIN}")));
+    }
+    if stored_len > plain_len || (encoding == Encoding::Raw && stored_len != plain_len) {
+        return Err(WireError::Invalid(format!(
+            "frame stores {stored_len} bytes for {plain_len} of plaintext in encoding {encoding:?}"
+        )));
+    }
+    let mut stored = vec![0u8; stored_len as usize];
+    r.read_exact(&mut stored).await.map_err(WireError::from_read("frame"))?;
+    Ok(Some(Frame { encoding, plain_len, stored }))
+}
+
+/// Writes a names answer.
+pub async fn write_names(w: &mut (impl AsyncWrite + Unpin), json: &[u8]) -> std::io::Result<()> {
+    w.write_all(&(json.len() as u32).to_le_bytes()).await?;
+    w.write_all(json).await
+}
+
+/// Reads a names answer (raw JSON, not yet trusted).
+pub async fn read_names(r: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>, WireError> {
+    let mut n = [0u8; 4];
+    r.read_exact(&mut n).await.map_err(WireError::from_read("names header"))?;
+    let n = u32::from_le_bytes(n);
+    if n > MAX_NAMES {
+        return Err(WireError::Invalid(format!("names answer of {n} bytes exceeds {MAX_NAMES}")));
+    }
+    let mut b = vec![0u8; n as usize];
+    r.read_exact(&mut b).await.map_err(WireError::from_read("names answer"))?;
+    Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn request_round_trip_and_limits() {
+        rt().block_on(async {
+            // Boundary batch sizes: 1 and MAX_BATCH pass.
+            for n in [1, 2, MAX_BATCH] {
+                let req = Request::Chunks((0..n).map(|i| ChunkId::of(&i.to_le_bytes())).collect());
+                let b = req.encode();
+                assert_eq!(Request::read(&mut b.as_slice()).await.unwrap(), req);
+                // Every truncation is refused as truncated.
+                let e = Request::read(&mut &b[..b.len() - 1]).await.unwrap_err();
+                assert!(matches!(e, WireError::Truncated(_)), "{e}");
+            }
+            assert_eq!(Request::read(&mut Request::Names.encode().as_slice()).await.unwrap(), Request::Names);
+            for (bad, why) in [
+                (b"XNQ1\x01\x00\x00".to_vec(), "outside"),
+                (b"XNQ1\x01\x01\x01".to_vec(), "outside"),
+                (b"XNQ1\x09".to_vec(), "unknown request op"),
+                (b"HTTP/".to_vec(), "bad magic"),
+            ] {
+                let e = Request::read(&mut bad.as_slice()).await.unwrap_err().to_string();
+                assert!(e.contains(why), "{e}");
+            }
+        });
+    }
+
+    #[test]
+    fn frames_round_trip_and_hostile_lengths() {
+        rt().block_on(async {
+            let f = Frame { encoding: Encoding::Zstd, plain_len: 100, stored: vec![7; 40] };
+            let mut b = Vec::new();
+            write_frame(&mut b, Some(&f)).await.unwrap();
+            write_frame(&mut b, None).await.unwrap();
+            let mut r = b.as_slice();
+            assert_eq!(read_frame(&mut r).await.unwrap(), Some(f));
+            assert_eq!(read_frame(&mut r).await.unwrap(), None);
+            assert!(matches!(read_frame(&mut r).await, Err(WireError::Truncated(_))));
+
+            let frame = |status: u8, enc: u8, plain: u32, stored: u32| {
+                let mut b = vec![status, enc];
+                b.extend_from_slice(&plain.to_le_bytes());
+                b.extend_from_slice(&stored.to_le_bytes());
+                b
+            };
+            for (bytes, why) in [
+                (frame(0, 1, u32::MAX, 10), "more than"),
+                (frame(0, 1, 10, u32::MAX), "stores"),
+                (frame(0, 0, 10, 9), "stores"),
+                (frame(0, 9, 10, 9), "unknown encoding"),
+                (frame(5, 0, 0, 0), "unknown frame status"),
+            ] {
+                let e = read_frame(&mut bytes.as_slice()).await.unwrap_err().to_string();
+                assert!(e.contains(why), "{e}");
+            }
+            // A plausible header with its payload cut short.
+            let mut cut = frame(0, 0, 10, 10);
+            cut.extend_from_slice(&[1; 5]);
+            assert!(matches!(read_frame(&mut cut.as_slice()).await, Err(WireError::Truncated(_))));
+
+            let huge = (MAX_NAMES + 1).to_le_bytes();
+            assert!(read_names(&mut huge.as_slice()).await.unwrap_err().to_string().contains("exceeds"));
+        });
+    }
+}

@@ -1,0 +1,171 @@
+//! The serving side of the chunk protocol.
+//!
+//! Each accepted stream carries one request. Chunks are read from packs on
+//! a blocking thread and handed to the stream through a channel of
+//! [`FRAMES_IN_FLIGHT`] frames, so a slow reader holds at most that many
+//! chunks in memory per stream, and a connection may open at most
+//! [`STREAMS_PER_CONN`] streams at once: QUIC flow control does the rest of
+//! the back-pressure. Chunks are served as stored, without re-verifying
+//! them (they were verified when they entered this store; the receiver
+//! verifies again anyway).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use iroh::endpoint::{Connection, RecvStream, SendStream, VarInt};
+use iroh::protocol::{AcceptError, ProtocolHandler};
+use tokio::io::AsyncWriteExt;
+use tracing::debug;
+
+use super::protocol::{Frame, Request, WireError, write_frame, write_names};
+use super::stats::Stats;
+use crate::error::Error;
+use crate::store::Store;
+
+/// Frames buffered per stream between the pack reader and the network.
+pub const FRAMES_IN_FLIGHT: usize = 8;
+/// Concurrent request streams a peer may open on one connection.
+pub const STREAMS_PER_CONN: u32 = 16;
+/// How long a peer may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Test hooks that make a provider misbehave; never set in production.
+#[derive(Clone, Debug, Default)]
+pub struct Misbehave {
+    /// Flip a byte in this many of the next chunks served.
+    pub corrupt_chunks: u64,
+    /// Serve name records with their layer id altered (bad signatures).
+    pub forge_names: bool,
+    /// Sleep this long before each frame (a slow provider).
+    pub delay_per_chunk: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Provider {
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+    corrupt_left: Arc<AtomicU64>,
+    forge_names: bool,
+    delay: Duration,
+}
+
+impl Provider {
+    pub(crate) fn new(store: Arc<Store>, stats: Arc<Stats>, m: Misbehave) -> Self {
+        Self {
+            store,
+            stats,
+            corrupt_left: Arc::new(AtomicU64::new(m.corrupt_chunks)),
+            forge_names: m.forge_names,
+            delay: m.delay_per_chunk,
+        }
+    }
+
+    async fn serve_stream(&self, peer: &str, mut send: SendStream, mut recv: RecvStream) -> Result<(), WireError> {
+        let req = tokio::time::timeout(REQUEST_TIMEOUT, Request::read(&mut recv))
+            .await
+            .map_err(|_| WireError::Invalid("no request within the timeout".into()))??;
+        match req {
+            Request::Chunks(ids) => self.serve_chunks(peer, &mut send, ids).await?,
+            Request::Names => {
+                let mut recs = self.store.names().unwrap_or_default();
+                if self.forge_names {
+                    for r in &mut recs {
+                        let mut b = *r.id.as_bytes();
+                        b[0] ^= 0xff;
+                        r.id = crate::ChunkId::from_bytes(b);
+                    }
+                }
+                let json = serde_json::to_vec(&recs).unwrap_or_default();
+                write_names(&mut send, &json).await.map_err(WireError::Io)?;
+            }
+        }
+        send.flush().await.map_err(WireError::Io)?;
+        // Finishing is graceful: what is buffered is still delivered after
+        // the stream is dropped.
+        let _ = send.finish();
+        Ok(())
+    }
+
+    async fn serve_chunks(&self, peer: &str, send: &mut SendStream, ids: Vec<crate::ChunkId>) -> Result<(), WireError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Frame>>(FRAMES_IN_FLIGHT);
+        let store = self.store.clone();
+        let corrupt = self.corrupt_left.clone();
+        let reader = tokio::task::spawn_blocking(move || {
+            for id in ids {
+                let frame = match store.get_encoded(&id) {
+                    Ok((loc, mut stored)) => {
+                        if corrupt.load(Ordering::Relaxed) > 0
+                            && corrupt.fetch_sub(1, Ordering::Relaxed) > 0
+                            && let Some(b) = stored.last_mut()
+                        {
+                            *b ^= 0x55;
+                        }
+                        Some(Frame { encoding: loc.encoding, plain_len: loc.plain_len, stored })
+                    }
+                    Err(Error::ChunkMissing { .. }) => None,
+                    Err(e) => {
+                        tracing::warn!("cannot serve chunk {}: {e}", id.fmt_short());
+                        None
+                    }
+                };
+                if tx.blocking_send(frame).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut n, mut bytes, mut absent) = (0u64, 0u64, 0u64);
+        let mut result = Ok(());
+        while let Some(frame) = rx.recv().await {
+            if !self.delay.is_zero() {
+                tokio::time::sleep(self.delay).await;
+            }
+            match &frame {
+                Some(f) => {
+                    n += 1;
+                    bytes += f.stored.len() as u64;
+                }
+                None => absent += 1,
+            }
+            if let Err(e) = write_frame(send, frame.as_ref()).await {
+                result = Err(WireError::Io(e));
+                break;
+            }
+        }
+        drop(rx);
+        let _ = reader.await;
+        self.stats.with(peer, |t, p| {
+            t.chunks_served += n;
+            t.bytes_served += bytes;
+            t.chunks_absent += absent;
+            p.chunks_served += n;
+        });
+        result
+    }
+}
+
+impl ProtocolHandler for Provider {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(STREAMS_PER_CONN));
+        let peer = conn.remote_id().to_string();
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let me = self.clone();
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                match me.serve_stream(&peer, send, recv).await {
+                    Ok(()) => {}
+                    Err(WireError::Invalid(why)) => {
+                        debug!("refused request from {peer}: {why}");
+                        me.stats.with(&peer, |t, p| {
+                            t.protocol_errors += 1;
+                            p.protocol_errors += 1;
+                            p.last_error = Some(why);
+                        });
+                    }
+                    Err(e) => debug!("stream from {peer} ended: {e}"),
+                }
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,237 @@
+//! Two to three nodes in one process on loopback: the fetch engine's
+//! behaviour with good, absent, corrupt, slow and vanished providers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::chunker::Chunking;
+use crate::layer::LayerWriter;
+use crate::manifest::{Entry, Extent, Kind, Timestamp};
+
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Half the bytes compressible, so both encodings travel.
+        out.extend_from_slice(&(x & 0x0f0f_0f0f_0f0f_0f0f).to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+fn entry(path: &str, kind: Kind) -> Entry {
+    Entry {
+        path: path.as_bytes().to_vec(),
+        kind,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: Timestamp::default(),
+        xattrs: vec![],
+    }
+}
+
+/// A layer of `files` files of `chunks` 64 KiB chunks each, on `base`.
+fn make_layer(store: &Store, seed: u64, files: usize, chunks: usize, base: Option<LayerId>) -> LayerId {
+    let mut w = LayerWriter::new(store);
+    w.push(&entry("", Kind::Dir { opaque: false })).unwrap();
+    for f in 0..files {
+        let mut extents = Vec::new();
+        for c in 0..chunks {
+            let data = noise(65536, seed * 1_000_000 + (f * chunks + c) as u64);
+            let (id, _) = store.put(&data).unwrap();
+            extents.push(Extent::Data { id, len: data.len() as u32 });
+        }
+        let size = (chunks * 65536) as u64;
+        w.push(&entry(&format!("f{f:04}"), Kind::File { size, chunking: Chunking::Fixed, extents })).unwrap();
+    }
+    w.finish(base, BTreeMap::new()).unwrap()
+}
+
+struct Host {
+    _dir: tempfile::TempDir,
+    node: Node,
+}
+
+async fn host(m: Misbehave) -> Host {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let mut secret = [0u8; 32];
+    rustix::rand::getrandom(&mut secret, rustix::rand::GetRandomFlags::empty()).unwrap();
+    let opts =
+        NodeOptions { secret_key: secret, bind: "127.0.0.1:0".parse().unwrap(), relay: Relay::Disabled, misbehave: m };
+    let node = Node::spawn(store, Arc::new(Stats::default()), opts).await.unwrap();
+    Host { _dir: dir, node }
+}
+
+/// Publishes the same two-layer stack on every host in `hosts`.
+fn publish(hosts: &[&Host]) -> LayerId {
+    let mut top = None;
+    for h in hosts {
+        let s = h.node.store();
+        let base = make_layer(s, 1, 6, 16, None);
+        let t = make_layer(s, 2, 2, 8, Some(base));
+        assert!(top.is_none() || top == Some(t));
+        top = Some(t);
+    }
+    top.unwrap()
+}
+
+/// Every chunk of the stack is readable and verifies.
+fn complete(store: &Store, top: LayerId) {
+    let stack = store.stack(&top).unwrap();
+    assert_eq!(stack.len(), 2);
+    let (m, _) = missing_manifest_chunks(store, &stack).unwrap();
+    let (d, local) = missing_data_chunks(store, &stack).unwrap();
+    assert!(m.is_empty() && d.is_empty(), "missing {} manifest, {} data chunks", m.len(), d.len());
+    assert_eq!(local, 6 * 16 + 2 * 8);
+    for l in &stack {
+        for e in store.read_layer(l).unwrap() {
+            if let Kind::File { extents, .. } = e.unwrap().kind {
+                for x in extents {
+                    if let Extent::Data { id, .. } = x {
+                        store.get(&id).unwrap();
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn small_batches() -> FetchOptions {
+    FetchOptions { batch: 4, lanes: 2, read_timeout: Duration::from_secs(5), ..Default::default() }
+}
+
+#[test]
+fn two_providers_share_the_work_and_a_refetch_asks_nothing() {
+    rt().block_on(async {
+        let (a, b, c) =
+            (host(Misbehave::default()).await, host(Misbehave::default()).await, host(Misbehave::default()).await);
+        let top = publish(&[&a, &b]);
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let calls2 = calls.clone();
+        let mut opts = small_batches();
+        opts.progress = Some(Arc::new(move |_p: &FetchProgress| {
+            calls2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }));
+        let rep = c.node.fetch(top, &[a.node.addr(), b.node.addr()], opts).await.unwrap();
+        complete(c.node.store(), top);
+        assert_eq!(rep.stack.len(), 2);
+        assert_eq!(rep.chunks_local, 0);
+        assert!(rep.providers.iter().all(|p| p.chunks > 0 && p.dropped.is_none()), "{rep:#?}");
+        assert!(calls.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        assert!(rep.wire_bytes < rep.bytes, "chunks travel compressed: {rep:?}");
+
+        // Resumable: nothing is asked for again, even with no provider up.
+        a.node.shutdown().await;
+        b.node.shutdown().await;
+        let dead = c.node.addr(); // our own address is skipped
+        let rep = c.node.fetch(top, &[dead], small_batches()).await.unwrap();
+        assert_eq!(rep.chunks_fetched, 0);
+        assert!(rep.chunks_local > 0);
+    });
+}
+
+#[test]
+fn corrupt_chunk_is_refused_and_fetched_from_another() {
+    rt().block_on(async {
+        let bad = host(Misbehave { corrupt_chunks: 1, ..Default::default() }).await;
+        let (good, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
+        let top = publish(&[&bad, &good]);
+        let rep = c.node.fetch(top, &[bad.node.addr(), good.node.addr()], small_batches()).await.unwrap();
+        complete(c.node.store(), top);
+        let r = &rep.providers[0];
+        assert_eq!(r.bad_chunks, 1, "{rep:#?}");
+        assert!(r.dropped.as_deref().unwrap_or("").contains("does not verify"), "{rep:#?}");
+        let snap = c.node.stats().snapshot();
+        assert_eq!(snap.totals.bad_chunks, 1);
+        assert_eq!(snap.peers[&bad.node.id().to_string()].bad_chunks, 1);
+
+        // Alone, the corrupting provider makes the fetch fail, storing nothing bad.
+        let bad2 = host(Misbehave { corrupt_chunks: 1000, ..Default::default() }).await;
+        let d = host(Misbehave::default()).await;
+        let top2 = make_layer(bad2.node.store(), 9, 1, 4, None);
+        let e = d.node.fetch(top2, &[bad2.node.addr()], small_batches()).await.unwrap_err();
+        assert!(e.to_string().contains("does not verify"), "{e}");
+        assert!(!d.node.store().contains(&top2).unwrap());
+    });
+}
+
+#[test]
+fn slow_provider_does_not_hold_the_transfer() {
+    rt().block_on(async {
+        let slow = host(Misbehave { delay_per_chunk: Duration::from_millis(300), ..Default::default() }).await;
+        let (fast, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
+        let top = publish(&[&slow, &fast]);
+        let t = std::time::Instant::now();
+        let rep = c.node.fetch(top, &[slow.node.addr(), fast.node.addr()], small_batches()).await.unwrap();
+        complete(c.node.store(), top);
+        // 114 chunks at 300 ms each would take 30 s from the slow one alone.
+        assert!(t.elapsed() < Duration::from_secs(8), "took {:?}: {rep:#?}", t.elapsed());
+        assert!(rep.providers[1].chunks > rep.providers[0].chunks * 4, "{rep:#?}");
+    });
+}
+
+#[test]
+fn provider_lacking_chunks_and_vanished_provider() {
+    rt().block_on(async {
+        let (empty, full, c) =
+            (host(Misbehave::default()).await, host(Misbehave::default()).await, host(Misbehave::default()).await);
+        let top = publish(&[&full]);
+        // A provider that has nothing, and an address where nobody listens.
+        let gone = {
+            let h = host(Misbehave::default()).await;
+            let a = h.node.addr();
+            h.node.shutdown().await;
+            a
+        };
+        let rep = c.node.fetch(top, &[empty.node.addr(), gone, full.node.addr()], small_batches()).await.unwrap();
+        complete(c.node.store(), top);
+        assert_eq!(rep.providers[0].chunks, 0);
+        assert!(rep.providers[1].dropped.is_some(), "{rep:#?}");
+
+        // Nobody has it: a clear error, not a hang.
+        let d = host(Misbehave::default()).await;
+        let e = d.node.fetch(ChunkId::of(b"nothing"), &[empty.node.addr()], small_batches()).await.unwrap_err();
+        assert!(matches!(e, PeerError::Unavailable { .. }), "{e}");
+    });
+}
+
+#[test]
+fn names_are_verified_before_they_are_kept() {
+    rt().block_on(async {
+        let (a, forger, c) = (
+            host(Misbehave::default()).await,
+            host(Misbehave { forge_names: true, ..Default::default() }).await,
+            host(Misbehave::default()).await,
+        );
+        let key = crate::generate_key().unwrap();
+        let trusted = [key.verifying_key()];
+        let id = ChunkId::of(b"layer");
+        for h in [&a, &forger] {
+            h.node.store().set_name(&NameRecord::sign(&key, "template://t/os/1", id, 1).unwrap(), &trusted).unwrap();
+        }
+        // Untrusted: c trusts another key.
+        let other = [crate::generate_key().unwrap().verifying_key()];
+        let rep = c.node.fetch_names(&a.node.addr(), &other).await.unwrap();
+        assert!(rep.accepted.is_empty() && rep.refused[0].1.contains("not trusted"), "{rep:?}");
+        // Forged: bad signature.
+        let rep = c.node.fetch_names(&forger.node.addr(), &trusted).await.unwrap();
+        assert!(rep.accepted.is_empty() && rep.refused[0].1.contains("bad signature"), "{rep:?}");
+        assert_eq!(c.node.stats().snapshot().totals.names_refused, 2);
+        assert!(c.node.store().name("template://t/os/1").unwrap().is_none());
+        // Genuine and trusted.
+        let rep = c.node.fetch_names(&a.node.addr(), &trusted).await.unwrap();
+        assert_eq!(rep.accepted, vec!["template://t/os/1".to_string()]);
+        assert_eq!(c.node.store().resolve("template://t/os/1").unwrap(), id);
+    });
+}
