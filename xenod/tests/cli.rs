@@ -229,3 +229,27 @@ fn gc_keeps_named_and_pinned_and_drops_the_rest() {
     }
     assert_ne!(run(xenod(&data).args(["export", cid]).arg(t.path().join("gone"))).status.code(), Some(0));
 }
+
+#[test]
+fn gc_waits_for_a_concurrent_publish() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    let src = big_tree(&t.path().join("src"));
+    // An unnamed, then unpinned layer shares no chunks with src: gc may drop it.
+    let old = t.path().join("old");
+    tree(&old);
+    let o = ok_json(xenod(&data).arg("publish").arg(&old));
+    ok_json(xenod(&data).args(["unpin", o["id"].as_str().unwrap()]));
+    let publish = xenod(&data).arg("publish").arg(&src).arg("--json").stdout(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let g = ok_json(xenod(&data).arg("gc"));
+    let out = publish.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(g["live_chunks"].as_u64().unwrap() > 0, "gc ran after the publish finished: {g}");
+    let v = ok_json(xenod(&data).arg("verify"));
+    assert_eq!(v["clean"], true);
+    let dest = t.path().join("out");
+    ok_json(xenod(&data).args(["export", p["id"].as_str().unwrap()]).arg(&dest));
+    assert_eq!(digest(&dest), digest(&src));
+}
