@@ -1,1 +1,34 @@
 //! Deploy specs, the hypervisor trait and its libvirt backend.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | `spec` | [`DeploySpec`]: how to boot a guest, as carried in overlay metadata; [`SpecOverrides`] |
+//! | `model` | [`DomainModel`]: a spec resolved against a mounted tree (paths checked, ports chosen) |
+//! | `xml` | [`domain_xml`]: libvirt XML for each [`Target`] (xen, kvm, qemu, test) from one model |
+//! | `probe` | [`probe_accel`]: KVM where it can run stock kernels, TCG otherwise |
+//! | `hypervisor` | the [`Hypervisor`] trait: define/start/stop/save/restore/list by name |
+//! | `libvirt` | [`Libvirt`]: the trait over libvirt, chosen by URI |
+//! | `error` | [`Error`]: one enum; messages say what to do |
+//!
+//! Flow: `DeploySpec` (+ overrides) -> [`DomainModel::from_spec`] with the
+//! cowfs mountpoint -> [`Hypervisor::deploy`] -> the guest runs; its console
+//! is in [`Hypervisor::console_log`].
+
+mod error;
+mod hypervisor;
+mod libvirt;
+mod model;
+mod probe;
+mod spec;
+mod xml;
+
+pub use error::{Error, Result};
+pub use hypervisor::{DomainState, DomainStatus, Hypervisor, StopOutcome, wait_state};
+pub use libvirt::{Libvirt, URI_ENV, default_uri};
+pub use model::{DomainMeta, DomainModel, Network, ROOT_TAG, Root, check_ports_free, resolve_ports};
+pub use probe::{ACCEL_ENV, Accel, AccelProbe, probe_accel};
+pub use spec::{
+    BootFile, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, DeploySpec, FsShare, MAX_NAME_LEN, PortForward, RootMode,
+    SpecOverrides, validate_name,
+};
+pub use xml::{META_NS, Target, XenBoot, domain_xml, kernel_cmdline};

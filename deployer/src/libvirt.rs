@@ -1,0 +1,330 @@
+//! [`Libvirt`]: the [`Hypervisor`] over libvirt (crate `virt`), for
+//! `xen:///system`, `qemu:///system` (KVM or TCG, probed) and
+//! `test:///default` (in-process, no daemon; shared by every connection in
+//! the process, so tests use unique names).
+
+use std::ffi::CString;
+use std::path::Path;
+use std::sync::Once;
+
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState as VirState};
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use crate::error::{Error, Result};
+use crate::hypervisor::{DomainState, DomainStatus, Hypervisor};
+use crate::model::{DomainModel, check_ports_free};
+use crate::probe::{Accel, AccelProbe, probe_accel};
+use crate::spec::RootMode;
+use crate::xml::{META_NS, Target, XenBoot, domain_xml, parse_meta};
+
+/// Environment variable naming the libvirt URI xenod uses by default.
+pub const URI_ENV: &str = "XENOD_LIBVIRT_URI";
+
+/// The URI to use on this host: `XENOD_LIBVIRT_URI` if set, `xen:///system`
+/// in a Xen control domain, `qemu:///system` otherwise.
+pub fn default_uri() -> String {
+    if let Ok(uri) = std::env::var(URI_ENV) {
+        return uri;
+    }
+    let dom0 = std::fs::read_to_string("/proc/xen/capabilities").is_ok_and(|c| c.contains("control_d"));
+    if dom0 { "xen:///system".into() } else { "qemu:///system".into() }
+}
+
+/// A libvirt connection and the XML flavour its domains take.
+pub struct Libvirt {
+    conn: Connect,
+    uri: String,
+    target: Target,
+    accel: Option<AccelProbe>,
+}
+
+impl std::fmt::Debug for Libvirt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Libvirt").field("uri", &self.uri).field("target", &self.target).finish()
+    }
+}
+
+impl Libvirt {
+    /// Connects to `uri` and picks the target from its scheme: `xen` ->
+    /// Xen PVH, `qemu` -> KVM or TCG as [`probe_accel`] finds, `test` -> test.
+    pub fn connect(uri: &str) -> Result<Self> {
+        let scheme = uri.split([':', '+']).next().unwrap_or_default();
+        let (target, accel) = match scheme {
+            "xen" => (Target::Xen(XenBoot::Pvh), None),
+            "qemu" => {
+                let probe = probe_accel();
+                tracing::info!(accel = %probe.accel, reason = %probe.reason, "QEMU accelerator");
+                let target = if probe.accel == Accel::Kvm { Target::Kvm } else { Target::Qemu };
+                (target, Some(probe))
+            }
+            "test" => (Target::Test, None),
+            _ => {
+                return Err(Error::Unsupported {
+                    op: "libvirt URI",
+                    reason: format!("{uri:?}: want xen:///system, qemu:///system or test:///default"),
+                });
+            }
+        };
+        Self::connect_as(uri, target).map(|l| Libvirt { accel, ..l })
+    }
+
+    /// Connects to `uri` for an explicit target (no probing).
+    pub fn connect_as(uri: &str, target: Target) -> Result<Self> {
+        static QUIET: Once = Once::new();
+        // libvirt prints every error to stderr by default; ours are returned.
+        QUIET.call_once(virt::error::clear_error_callback);
+        let conn = Connect::open(Some(uri)).map_err(|source| connect_error(uri, source))?;
+        Ok(Libvirt { conn, uri: uri.to_string(), target, accel: None })
+    }
+
+    /// What the accelerator probe found (QEMU URIs from [`Libvirt::connect`]).
+    pub fn accel(&self) -> Option<&AccelProbe> {
+        self.accel.as_ref()
+    }
+
+    /// The XML this connection would define for `model`.
+    pub fn domain_xml(&self, model: &DomainModel) -> Result<String> {
+        domain_xml(model, self.target)
+    }
+
+    fn lookup(&self, name: &str) -> Result<Domain> {
+        self.conn.lookup_domain_by_name(name).map_err(|e| {
+            if e.code().is(ErrorNumber::NoDomain) {
+                Error::NoSuchDomain { name: name.into() }
+            } else {
+                lv("lookup", name)(e)
+            }
+        })
+    }
+
+    /// A domain of ours, with its metadata.
+    fn managed(&self, name: &str) -> Result<(Domain, DomainStatus)> {
+        let dom = self.lookup(name)?;
+        let status = status_of(&dom, name)?.ok_or_else(|| Error::NotManaged { name: name.into() })?;
+        Ok((dom, status))
+    }
+}
+
+/// Reads a domain's state and xenod metadata; `None` if it has none.
+fn status_of(dom: &Domain, name: &str) -> Result<Option<DomainStatus>> {
+    let meta = match dom.metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(META_NS), 0) {
+        Ok(xml) => parse_meta(&xml),
+        Err(e) if e.code().is(ErrorNumber::NoDomainMetadata) => None,
+        Err(e) => return Err(lv("read metadata of", name)(e)),
+    };
+    let Some(meta) = meta else { return Ok(None) };
+    let (state, _) = dom.state().map_err(lv("get state of", name))?;
+    let state = match state.known() {
+        Some(VirState::Running | VirState::Blocked) => DomainState::Running,
+        Some(VirState::Paused) => DomainState::Paused,
+        Some(VirState::Shutoff) => DomainState::ShutOff,
+        Some(VirState::Shutdown) => DomainState::ShuttingDown,
+        Some(VirState::Crashed) => DomainState::Crashed,
+        Some(VirState::PMSuspended) => DomainState::PmSuspended,
+        Some(VirState::NoState) | None => DomainState::Other,
+    };
+    Ok(Some(DomainStatus { name: name.to_string(), state, meta }))
+}
+
+fn lv(op: &'static str, name: &str) -> impl FnOnce(virt::error::Error) -> Error {
+    let name = name.to_string();
+    move |source| Error::Libvirt { op, name, source }
+}
+
+fn connect_error(uri: &str, source: virt::error::Error) -> Error {
+    let msg = source.message();
+    if msg.contains("Failed to connect socket") || msg.contains("libvirt-sock") {
+        return Error::DaemonNotRunning { uri: uri.into(), source };
+    }
+    let hint = if msg.contains("no connection driver available") && uri.starts_with("xen") {
+        ": this host runs no Xen hypervisor, or libvirt lacks its Xen driver (libvirt-daemon-driver-xen)"
+    } else if msg.contains("no connection driver available") {
+        ": libvirt has no driver for this URI here (install libvirt-daemon-driver-qemu for qemu://)"
+    } else {
+        ""
+    };
+    Error::Connect { uri: uri.into(), hint, source }
+}
+
+/// QEMU names the forward it could not set up; map that to PortTaken.
+fn start_error(name: &str, source: virt::error::Error, ports: &[crate::spec::PortForward]) -> Error {
+    let msg = source.message();
+    if msg.contains("host forwarding rule") || msg.contains("hostfwd") {
+        let port = ports.iter().map(|p| p.host).find(|p| msg.contains(&format!(":{p}-"))).unwrap_or(0);
+        return Error::PortTaken { port, source: None };
+    }
+    lv("start", name)(source)
+}
+
+fn state_file_str(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::Io {
+        op: "use state file",
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains a NUL byte"),
+    })
+}
+
+impl Hypervisor for Libvirt {
+    fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    fn target(&self) -> Target {
+        self.target
+    }
+
+    fn define(&self, model: &DomainModel) -> Result<()> {
+        let xml = domain_xml(model, self.target)?;
+        // virDomainDefineXML would silently redefine an existing domain.
+        match self.lookup(&model.name) {
+            Ok(_) => return Err(Error::NameInUse { name: model.name.clone() }),
+            Err(Error::NoSuchDomain { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        if let (Target::Kvm | Target::Qemu, Some(log)) = (self.target, self.target.console_log(model)) {
+            // virtlogd appends (so restore keeps the boot log): a new domain
+            // starts with an empty log, in a directory that exists.
+            if let Some(dir) = log.parent() {
+                std::fs::create_dir_all(dir).map_err(Error::io("create console log directory", dir))?;
+            }
+            std::fs::File::create(&log).map_err(Error::io("create console log", &log))?;
+        }
+        self.conn.define_domain_xml(&xml).map_err(|e| {
+            if e.code().is(ErrorNumber::DomExist)
+                || e.code().is(ErrorNumber::OperationFailed) && e.message().contains("already exists")
+            {
+                Error::NameInUse { name: model.name.clone() }
+            } else {
+                lv("define", &model.name)(e)
+            }
+        })?;
+        Ok(())
+    }
+
+    fn start(&self, name: &str) -> Result<()> {
+        let (dom, status) = self.managed(name)?;
+        if matches!(self.target, Target::Kvm | Target::Qemu) {
+            check_ports_free(&status.meta.ports)?;
+        }
+        dom.create().map_err(|e| start_error(name, e, &status.meta.ports))?;
+        Ok(())
+    }
+
+    fn shutdown(&self, name: &str) -> Result<()> {
+        let (dom, _) = self.managed(name)?;
+        dom.shutdown().map_err(lv("shut down", name))?;
+        Ok(())
+    }
+
+    fn kill(&self, name: &str) -> Result<()> {
+        let (dom, status) = self.managed(name)?;
+        if !status.state.is_active() {
+            return Ok(());
+        }
+        match dom.destroy() {
+            Ok(()) => Ok(()),
+            // It stopped by itself in the meantime.
+            Err(e) if e.code().is(ErrorNumber::OperationInvalid) && !dom.is_active().unwrap_or(true) => Ok(()),
+            Err(e) => Err(lv("power off", name)(e)),
+        }
+    }
+
+    fn undefine(&self, name: &str) -> Result<()> {
+        let (dom, _) = self.managed(name)?;
+        dom.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE).map_err(lv("undefine", name))?;
+        Ok(())
+    }
+
+    fn suspend(&self, name: &str) -> Result<()> {
+        let (dom, _) = self.managed(name)?;
+        dom.suspend().map_err(lv("suspend", name))?;
+        Ok(())
+    }
+
+    fn resume(&self, name: &str) -> Result<()> {
+        let (dom, _) = self.managed(name)?;
+        dom.resume().map_err(lv("resume", name))?;
+        Ok(())
+    }
+
+    fn save(&self, name: &str, state_file: &Path) -> Result<()> {
+        let (dom, status) = self.managed(name)?;
+        if status.meta.root == RootMode::Fs && !self.target.can_save_shared_fs() {
+            return Err(Error::Unsupported {
+                op: "save",
+                reason: format!(
+                    "{name:?} has its root shared over {}, and QEMU cannot save or migrate such a \
+                     guest; stop it and start it again instead (its tree keeps what it wrote)",
+                    status.meta.share.map(|s| s.to_string()).unwrap_or_else(|| "a shared filesystem".into())
+                ),
+            });
+        }
+        if let Some(dir) = state_file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(Error::io("create state directory", dir))?;
+        }
+        let path = state_file_str(state_file)?;
+        // SAFETY: `dom` owns a live virDomainPtr for the duration of the call
+        // and `path` is a NUL-terminated string that outlives it; the crate
+        // has no safe wrapper for virDomainSave.
+        let rc = unsafe { sys::virDomainSave(dom.as_ptr(), path.as_ptr()) };
+        if rc < 0 {
+            return Err(lv("save", name)(virt::error::Error::last_error()));
+        }
+        Ok(())
+    }
+
+    fn restore(&self, state_file: &Path) -> Result<String> {
+        let file = state_file.to_string_lossy();
+        if !state_file.is_file() {
+            return Err(Error::Io {
+                op: "read state file",
+                path: state_file.to_path_buf(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
+        let xml = self.conn.save_image_xml_desc(&file, 0).map_err(lv("read saved state", &file))?;
+        let name = xml
+            .split_once("<name>")
+            .and_then(|(_, rest)| rest.split_once("</name>"))
+            .map(|(n, _)| n.trim().to_string())
+            .ok_or_else(|| Error::Unsupported { op: "restore", reason: format!("{file}: saved XML has no <name>") })?;
+        let meta = xml.find(META_NS).is_some();
+        if !meta {
+            return Err(Error::NotManaged { name });
+        }
+        match self.managed(&name) {
+            Ok((_, s)) if s.state.is_active() => return Err(Error::NameInUse { name }),
+            Ok((_, s)) if matches!(self.target, Target::Kvm | Target::Qemu) => check_ports_free(&s.meta.ports)?,
+            Ok(_) | Err(Error::NoSuchDomain { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        self.conn.restore_domain(&file).map_err(|e| {
+            let ports = self.managed(&name).map(|(_, s)| s.meta.ports).unwrap_or_default();
+            start_error(&name, e, &ports)
+        })?;
+        Ok(name)
+    }
+
+    fn list(&self) -> Result<Vec<DomainStatus>> {
+        let doms = self.conn.list_all_domains(0).map_err(lv("list domains on", &self.uri))?;
+        let mut out = Vec::new();
+        for dom in doms {
+            let name = dom.name().map_err(lv("get name of domain on", &self.uri))?;
+            match status_of(&dom, &name) {
+                Ok(Some(s)) => out.push(s),
+                Ok(None) => {}
+                // Gone between listing and reading it.
+                Err(Error::Libvirt { source, .. }) if source.code().is(ErrorNumber::NoDomain) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn status(&self, name: &str) -> Result<DomainStatus> {
+        Ok(self.managed(name)?.1)
+    }
+}

@@ -1,0 +1,302 @@
+//! Real guests through `qemu:///system` (KVM where usable, TCG here), booted
+//! from the fixture guest (fixtures/build-guest.sh): an fs root over 9p (and
+//! virtiofs) from a copy of template + web, and a disk root from a copy of
+//! disk/root.img. Each waits until the guest's HTTP service answers on a
+//! forwarded 127.0.0.1 port with `instance=NAME` and `counter=N`; the disk
+//! guest is also saved to a file and restored, and its counter goes on.
+//!
+//! Needs root, qemu-system-x86_64 and the fixture; starts libvirtd through
+//! scripts/start-libvirtd.sh (idempotent). Skips, loudly, only when QEMU is
+//! absent or the fixture cannot be built. Domains are destroyed even when a
+//! test fails (a guard per guest); every wait is bounded.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use xenod_deployer::{
+    BootFile, DeploySpec, DomainModel, DomainState, Error, FsShare, Hypervisor, Libvirt, RootMode, StopOutcome, Target,
+};
+
+/// Per boot: TCG on 2 cores, possibly beside a busy build.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn skip(why: &str) {
+    eprintln!("\n*** SKIPPED: {why} ***\n");
+}
+
+fn on_path(tool: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
+}
+
+/// The fixture guest directory, built if needed; `None` (after a loud
+/// message) when this host cannot run the test.
+fn fixture() -> Option<PathBuf> {
+    if !on_path("qemu-system-x86_64") {
+        skip("qemu-system-x86_64 is not installed (scripts/install-deps.sh installs qemu-system-x86)");
+        return None;
+    }
+    let uid = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if uid.as_deref().ok() != Some("0") {
+        skip("not root: qemu:///system, 9p passthrough and the fixture build need root");
+        return None;
+    }
+    let base =
+        std::env::var_os("XENOD_FIXTURES").map_or_else(|| PathBuf::from("/var/cache/xenod-fixtures"), PathBuf::from);
+    let dir = base.join("guest");
+    // Cached: returns at once when the fixture is current.
+    let out = Command::new("bash").arg(workspace().join("fixtures/build-guest.sh")).arg(&dir).output().unwrap();
+    if !out.status.success() || !dir.join("STAMP").is_file() {
+        skip(&format!(
+            "the fixture guest cannot be built at {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or_default()
+        ));
+        return None;
+    }
+    Some(dir)
+}
+
+fn qemu() -> Libvirt {
+    let out = Command::new("bash").arg(workspace().join("scripts/start-libvirtd.sh")).output().unwrap();
+    assert!(out.status.success(), "scripts/start-libvirtd.sh failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let hv = Libvirt::connect("qemu:///system").unwrap();
+    eprintln!("accelerator: {:?} -> target {}", hv.accel(), hv.target());
+    assert!(matches!(hv.target(), Target::Qemu | Target::Kvm));
+    hv
+}
+
+/// Destroys its domain when dropped, also when the test panics.
+struct Guest<'a> {
+    hv: &'a Libvirt,
+    name: String,
+    console: PathBuf,
+}
+
+impl Drop for Guest<'_> {
+    fn drop(&mut self) {
+        match self.hv.destroy(&self.name) {
+            Ok(()) | Err(Error::NoSuchDomain { .. }) => {}
+            Err(e) => eprintln!("cleanup of {}: {e}", self.name),
+        }
+    }
+}
+
+impl Guest<'_> {
+    fn console_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.console).unwrap_or_default();
+        let lines: Vec<_> = text.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    }
+
+    /// Waits for `xenod-guest: ready` on the console, then for httpd. The
+    /// console comes first: a probe sent before the guest listens stalls in
+    /// QEMU's user net until it times out.
+    fn wait_http(&self, port: u16, since: Instant) -> Duration {
+        let deadline = since + BOOT_TIMEOUT;
+        loop {
+            let text = std::fs::read_to_string(&self.console).unwrap_or_default();
+            if text.lines().any(|l| l.starts_with("xenod-guest: ready")) {
+                break;
+            }
+            let state = self.hv.state(&self.name).unwrap();
+            assert!(
+                state == DomainState::Running,
+                "{}: {state} during boot; console:\n{}",
+                self.name,
+                self.console_tail()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{}: not ready in {BOOT_TIMEOUT:?}; console:\n{}",
+                self.name,
+                self.console_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.wait_listening(port, deadline);
+        since.elapsed()
+    }
+
+    fn wait_listening(&self, port: u16, deadline: Instant) {
+        // A missing path is answered 404 without running (and counting) the CGI.
+        while !matches!(http_get(port, "/xenod-probe", Duration::from_secs(2)), Ok((404, _))) {
+            assert!(Instant::now() < deadline, "{}: httpd not up; console:\n{}", self.name, self.console_tail());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// GET / and check the page's instance name and counter.
+    fn expect_page(&self, port: u16, counter: u32) {
+        let (code, body) = http_get(port, "/", Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{}: GET / failed: {e}; console:\n{}", self.name, self.console_tail()));
+        assert_eq!(code, 200, "{body}");
+        assert!(body.lines().any(|l| l == format!("instance={}", self.name)), "{}: page was:\n{body}", self.name);
+        assert!(
+            body.lines().any(|l| l == format!("counter={counter}")),
+            "{}: want counter={counter}, page was:\n{body}",
+            self.name
+        );
+    }
+}
+
+/// A bare HTTP/1.0 GET on 127.0.0.1: (status, body).
+fn http_get(port: u16, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an HTTP response: {resp:?}"))
+    })?;
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn spec(fixture: &Path, name: &str) -> DeploySpec {
+    let mut s = DeploySpec::new(BootFile::Host(fixture.join("kernel/vmlinux")));
+    s.initrd = Some(BootFile::Host(fixture.join("kernel/initrd.img")));
+    s.instance = Some(name.into());
+    s.ports = vec!["0:80".parse().unwrap()];
+    s
+}
+
+/// template + web merged into `dir`, owners kept (`cp -a`).
+fn merged_tree(fixture: &Path, dir: &Path) {
+    run(Command::new("cp").arg("-a").arg(fixture.join("template")).arg(dir));
+    run(Command::new("cp").arg("-a").arg(fixture.join("web/.")).arg(dir));
+}
+
+fn fs_root(share: FsShare) {
+    let Some(fixture) = fixture() else { return };
+    let hv = qemu();
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("root");
+    merged_tree(&fixture, &tree);
+    let name = format!("xenod-it-{share}-{}", std::process::id());
+    let mut s = spec(&fixture, &name);
+    s.root = RootMode::Fs;
+    s.fs_share = share;
+    let model = DomainModel::from_spec(&s, &tree, tmp.path().join("console.log")).unwrap();
+    let port = model.network.forwards()[0].host;
+
+    let t0 = Instant::now();
+    hv.deploy(&model).unwrap();
+    let guest = Guest { hv: &hv, name: name.clone(), console: hv.console_log(&name).unwrap() };
+    let started = t0.elapsed();
+    let answered = guest.wait_http(port, t0);
+    guest.expect_page(port, 1);
+    eprintln!("{share} root: define+start {started:?}, boot to HTTP answer {answered:?} (127.0.0.1:{port})");
+    guest.expect_page(port, 2);
+    guest.expect_page(port, 3);
+    // The guest's writes are in the tree at once (cache=mmap, synced CGI).
+    assert_eq!(std::fs::read_to_string(tree.join("var/lib/web/counter")).unwrap().trim(), "3");
+
+    let listed = hv.list().unwrap();
+    let me = listed.iter().find(|d| d.name == name).expect("listed");
+    assert_eq!((me.state, me.meta.root, me.meta.share), (DomainState::Running, RootMode::Fs, Some(share)));
+
+    // QEMU cannot save a guest with a shared-fs root: a clear error, and
+    // the guest keeps running.
+    match hv.save(&name, &tmp.path().join("state")) {
+        Err(e @ Error::Unsupported { .. }) => assert!(e.to_string().contains("stop it and start it again"), "{e}"),
+        other => panic!("want Unsupported, got {other:?}"),
+    }
+    // Pause in memory and go on.
+    hv.suspend(&name).unwrap();
+    assert_eq!(hv.state(&name).unwrap(), DomainState::Paused);
+    hv.resume(&name).unwrap();
+    guest.expect_page(port, 4);
+
+    let t = Instant::now();
+    assert_eq!(hv.stop(&name, STOP_GRACE).unwrap(), StopOutcome::Graceful, "console:\n{}", guest.console_tail());
+    eprintln!("{share} root: graceful stop took {:?}", t.elapsed());
+    let console = std::fs::read_to_string(&guest.console).unwrap();
+    assert!(console.contains("xenod-guest: power off"), "{console}");
+    drop(guest);
+    assert!(matches!(hv.status(&name), Err(Error::NoSuchDomain { .. })));
+}
+
+#[test]
+fn fs_root_9p_boots_and_answers() {
+    fs_root(FsShare::NineP);
+}
+
+#[test]
+fn fs_root_virtiofs_boots_and_answers() {
+    if !Path::new("/usr/lib/qemu/virtiofsd").exists() && !on_path("virtiofsd") {
+        skip("virtiofsd is not installed (qemu-system-common ships /usr/lib/qemu/virtiofsd)");
+        return;
+    }
+    fs_root(FsShare::VirtioFs);
+}
+
+#[test]
+fn disk_root_boots_and_counter_survives_save_restore() {
+    let Some(fixture) = fixture() else { return };
+    let hv = qemu();
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("root");
+    std::fs::create_dir_all(tree.join("disk")).unwrap();
+    let image = tree.join("disk/root.img");
+    run(Command::new("cp").arg("--sparse=always").arg(fixture.join("disk/root.img")).arg(&image));
+    let name = format!("xenod-it-disk-{}", std::process::id());
+    let mut s = spec(&fixture, &name);
+    s.root = RootMode::Disk;
+    s.disk_image = Some("disk/root.img".into());
+    let model = DomainModel::from_spec(&s, &tree, tmp.path().join("console.log")).unwrap();
+    let port = model.network.forwards()[0].host;
+
+    let t0 = Instant::now();
+    hv.deploy(&model).unwrap();
+    let guest = Guest { hv: &hv, name: name.clone(), console: hv.console_log(&name).unwrap() };
+    let started = t0.elapsed();
+    let answered = guest.wait_http(port, t0);
+    guest.expect_page(port, 1);
+    eprintln!("disk root: define+start {started:?}, boot to HTTP answer {answered:?} (127.0.0.1:{port})");
+    guest.expect_page(port, 2);
+
+    // The same name again is refused, and leaves the running guest alone.
+    assert!(matches!(hv.deploy(&model), Err(Error::NameInUse { .. })));
+
+    let state = tmp.path().join("state/disk.save");
+    let t = Instant::now();
+    hv.save(&name, &state).unwrap();
+    let saved = t.elapsed();
+    assert_eq!(hv.state(&name).unwrap(), DomainState::ShutOff);
+    let size = std::fs::metadata(&state).unwrap().len();
+
+    let t = Instant::now();
+    assert_eq!(hv.restore(&state).unwrap(), name);
+    let restored = t.elapsed();
+    guest.wait_listening(port, Instant::now() + BOOT_TIMEOUT);
+    guest.expect_page(port, 3);
+    eprintln!(
+        "disk root: save {saved:?} ({} MiB state), restore {restored:?}, restore to HTTP answer {:?}",
+        size >> 20,
+        t.elapsed()
+    );
+
+    assert_eq!(hv.stop(&name, STOP_GRACE).unwrap(), StopOutcome::Graceful, "console:\n{}", guest.console_tail());
+    drop(guest);
+    // The guest synced and unmounted: the image holds the counter.
+    if on_path("debugfs") {
+        let out = Command::new("debugfs").args(["-R", "cat /var/lib/web/counter"]).arg(&image).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+    }
+}
