@@ -84,6 +84,10 @@ pub enum Error {
     #[error("domain {name:?}: {what} did not happen within {secs} s")]
     Timeout { name: String, what: &'static str, secs: u64 },
 
+    /// The guest stopped while xenod waited for it to come up.
+    #[error("domain {name:?} is {state} instead of booting; last console lines:\n{console_tail}")]
+    GuestStopped { name: String, state: crate::hypervisor::DomainState, console_tail: String },
+
     /// A libvirt call failed.
     #[error("libvirt: {op} {name:?} failed")]
     Libvirt {

@@ -8,17 +8,20 @@
 //! | `probe` | [`probe_accel`]: KVM where it can run stock kernels, TCG otherwise |
 //! | `hypervisor` | the [`Hypervisor`] trait: define/start/stop/save/restore/list by name |
 //! | `libvirt` | [`Libvirt`]: the trait over libvirt, chosen by URI |
+//! | `ready` | [`wait_console`], [`wait_http`]: bounded waits until a guest is of use |
 //! | `error` | [`Error`]: one enum; messages say what to do |
 //!
 //! Flow: `DeploySpec` (+ overrides) -> [`DomainModel::from_spec`] with the
-//! cowfs mountpoint -> [`Hypervisor::deploy`] -> the guest runs; its console
-//! is in [`Hypervisor::console_log`].
+//! cowfs mountpoint -> [`Hypervisor::deploy`] -> [`wait_console`] and
+//! [`wait_http`] -> the guest serves; its console is in
+//! [`Hypervisor::console_log`].
 
 mod error;
 mod hypervisor;
 mod libvirt;
 mod model;
 mod probe;
+mod ready;
 mod spec;
 mod xml;
 
@@ -27,6 +30,7 @@ pub use hypervisor::{DomainState, DomainStatus, Hypervisor, StopOutcome, wait_st
 pub use libvirt::{Libvirt, URI_ENV, default_uri};
 pub use model::{DomainMeta, DomainModel, Network, ROOT_TAG, Root, check_ports_free, resolve_ports};
 pub use probe::{ACCEL_ENV, Accel, AccelProbe, probe_accel};
+pub use ready::{GUEST_READY_LINE, console_tail, http_get, wait_console, wait_http};
 pub use spec::{
     BootFile, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, DeploySpec, FsShare, MAX_NAME_LEN, PortForward, RootMode,
     SpecOverrides, validate_name,

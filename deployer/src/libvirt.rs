@@ -192,9 +192,8 @@ impl Hypervisor for Libvirt {
             std::fs::File::create(&log).map_err(Error::io("create console log", &log))?;
         }
         self.conn.define_domain_xml(&xml).map_err(|e| {
-            if e.code().is(ErrorNumber::DomExist)
-                || e.code().is(ErrorNumber::OperationFailed) && e.message().contains("already exists")
-            {
+            // A concurrent define of the same name won the race.
+            if e.code().is(ErrorNumber::DomExist) || e.message().contains("already exists") {
                 Error::NameInUse { name: model.name.clone() }
             } else {
                 lv("define", &model.name)(e)
@@ -290,8 +289,7 @@ impl Hypervisor for Libvirt {
             .and_then(|(_, rest)| rest.split_once("</name>"))
             .map(|(n, _)| n.trim().to_string())
             .ok_or_else(|| Error::Unsupported { op: "restore", reason: format!("{file}: saved XML has no <name>") })?;
-        let meta = xml.find(META_NS).is_some();
-        if !meta {
+        if !xml.contains(META_NS) {
             return Err(Error::NotManaged { name });
         }
         match self.managed(&name) {

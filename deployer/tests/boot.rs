@@ -10,14 +10,13 @@
 //! absent or the fixture cannot be built. Domains are destroyed even when a
 //! test fails (a guard per guest); every wait is bounded.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use xenod_deployer::{
-    BootFile, DeploySpec, DomainModel, DomainState, Error, FsShare, Hypervisor, Libvirt, RootMode, StopOutcome, Target,
+    BootFile, DeploySpec, DomainModel, DomainState, Error, FsShare, GUEST_READY_LINE, Hypervisor, Libvirt, RootMode,
+    StopOutcome, Target, console_tail, http_get, wait_console, wait_http,
 };
 
 /// Per boot: TCG on 2 cores, possibly beside a busy build.
@@ -90,53 +89,22 @@ impl Drop for Guest<'_> {
 }
 
 impl Guest<'_> {
-    fn console_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.console).unwrap_or_default();
-        let lines: Vec<_> = text.lines().collect();
-        lines[lines.len().saturating_sub(25)..].join("\n")
+    fn die(&self, e: impl std::fmt::Display) -> ! {
+        panic!("{}: {e}; console:\n{}", self.name, console_tail(&self.console, 25))
     }
 
-    /// Waits for `xenod-guest: ready` on the console, then for httpd. The
-    /// console comes first: a probe sent before the guest listens stalls in
-    /// QEMU's user net until it times out.
+    /// Boot to first HTTP answer: the console's ready line, then httpd (a
+    /// missing path is answered 404 without running, and counting, the CGI).
     fn wait_http(&self, port: u16, since: Instant) -> Duration {
-        let deadline = since + BOOT_TIMEOUT;
-        loop {
-            let text = std::fs::read_to_string(&self.console).unwrap_or_default();
-            if text.lines().any(|l| l.starts_with("xenod-guest: ready")) {
-                break;
-            }
-            let state = self.hv.state(&self.name).unwrap();
-            assert!(
-                state == DomainState::Running,
-                "{}: {state} during boot; console:\n{}",
-                self.name,
-                self.console_tail()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "{}: not ready in {BOOT_TIMEOUT:?}; console:\n{}",
-                self.name,
-                self.console_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.wait_listening(port, deadline);
+        wait_console(self.hv, &self.name, GUEST_READY_LINE, BOOT_TIMEOUT).unwrap_or_else(|e| self.die(e));
+        let left = BOOT_TIMEOUT.saturating_sub(since.elapsed());
+        assert_eq!(wait_http(self.hv, &self.name, port, "/xenod-probe", left).unwrap_or_else(|e| self.die(e)), 404);
         since.elapsed()
-    }
-
-    fn wait_listening(&self, port: u16, deadline: Instant) {
-        // A missing path is answered 404 without running (and counting) the CGI.
-        while !matches!(http_get(port, "/xenod-probe", Duration::from_secs(2)), Ok((404, _))) {
-            assert!(Instant::now() < deadline, "{}: httpd not up; console:\n{}", self.name, self.console_tail());
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 
     /// GET / and check the page's instance name and counter.
     fn expect_page(&self, port: u16, counter: u32) {
-        let (code, body) = http_get(port, "/", Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("{}: GET / failed: {e}; console:\n{}", self.name, self.console_tail()));
+        let (code, body) = http_get(port, "/", Duration::from_secs(30)).unwrap_or_else(|e| self.die(e));
         assert_eq!(code, 200, "{body}");
         assert!(body.lines().any(|l| l == format!("instance={}", self.name)), "{}: page was:\n{body}", self.name);
         assert!(
@@ -145,22 +113,6 @@ impl Guest<'_> {
             self.name
         );
     }
-}
-
-/// A bare HTTP/1.0 GET on 127.0.0.1: (status, body).
-fn http_get(port: u16, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an HTTP response: {resp:?}"))
-    })?;
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((code, body))
 }
 
 fn run(cmd: &mut Command) {
@@ -224,7 +176,12 @@ fn fs_root(share: FsShare) {
     guest.expect_page(port, 4);
 
     let t = Instant::now();
-    assert_eq!(hv.stop(&name, STOP_GRACE).unwrap(), StopOutcome::Graceful, "console:\n{}", guest.console_tail());
+    assert_eq!(
+        hv.stop(&name, STOP_GRACE).unwrap(),
+        StopOutcome::Graceful,
+        "console:\n{}",
+        console_tail(&guest.console, 25)
+    );
     eprintln!("{share} root: graceful stop took {:?}", t.elapsed());
     let console = std::fs::read_to_string(&guest.console).unwrap();
     assert!(console.contains("xenod-guest: power off"), "{console}");
@@ -284,7 +241,8 @@ fn disk_root_boots_and_counter_survives_save_restore() {
     let t = Instant::now();
     assert_eq!(hv.restore(&state).unwrap(), name);
     let restored = t.elapsed();
-    guest.wait_listening(port, Instant::now() + BOOT_TIMEOUT);
+    // No console line after a restore: the guest is already up.
+    wait_http(&hv, &name, port, "/xenod-probe", BOOT_TIMEOUT).unwrap();
     guest.expect_page(port, 3);
     eprintln!(
         "disk root: save {saved:?} ({} MiB state), restore {restored:?}, restore to HTTP answer {:?}",
@@ -292,11 +250,33 @@ fn disk_root_boots_and_counter_survives_save_restore() {
         t.elapsed()
     );
 
-    assert_eq!(hv.stop(&name, STOP_GRACE).unwrap(), StopOutcome::Graceful, "console:\n{}", guest.console_tail());
+    assert_eq!(
+        hv.stop(&name, STOP_GRACE).unwrap(),
+        StopOutcome::Graceful,
+        "console:\n{}",
+        console_tail(&guest.console, 25)
+    );
     drop(guest);
     // The guest synced and unmounted: the image holds the counter.
     if on_path("debugfs") {
         let out = Command::new("debugfs").args(["-R", "cat /var/lib/web/counter"]).arg(&image).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
     }
+}
+
+#[test]
+fn taken_port_fails_the_deploy_and_leaves_no_domain() {
+    let Some(fixture) = fixture() else { return };
+    let hv = qemu();
+    let tmp = tempfile::tempdir().unwrap();
+    let name = format!("xenod-it-port-{}", std::process::id());
+    let model = DomainModel::from_spec(&spec(&fixture, &name), tmp.path(), tmp.path().join("console.log")).unwrap();
+    let port = model.network.forwards()[0].host;
+    // Taken after the model chose it, before the guest starts.
+    let _busy = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    match hv.deploy(&model) {
+        Err(e @ Error::PortTaken { .. }) => assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}"),
+        other => panic!("want PortTaken, got {other:?}"),
+    }
+    assert!(matches!(hv.status(&name), Err(Error::NoSuchDomain { .. })));
 }
