@@ -104,6 +104,8 @@ pub enum Cmd {
         #[arg(long)]
         list: bool,
     },
+    #[command(flatten)]
+    Peer(crate::peer_cmds::PeerCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,6 +207,7 @@ pub fn run(args: Args) -> Result<()> {
             ctx.out(json!({ "label": label }), || format!("unpinned {label}"))
         }
         Cmd::Key(k) => key(&ctx, k),
+        Cmd::Peer(c) => crate::peer_cmds::run(&ctx.data_dir, ctx.json, c),
         Cmd::Digest { dir, list } => {
             if list {
                 let lines = xenod_store::tree_listing(&dir)?;

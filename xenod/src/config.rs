@@ -2,7 +2,11 @@
 //!
 //! ```text
 //! DATA_DIR/config.toml     trusted_keys = ["<64 hex>", ...]
+//!                          listen = "0.0.0.0:0"        peer endpoint (UDP); port 0 = pick one, kept
+//!                          peers = ["NODE@IP:PORT"]     static peers asked for layers and names
+//!                          relay = "disabled"           or "default" (number 0's public relays)
 //! DATA_DIR/keys/publisher.key   the host's ed25519 secret (hex), mode 0600
+//! DATA_DIR/keys/node.key        the peer endpoint's secret (hex), mode 0600
 //! ```
 //! The host's own publisher key is always trusted.
 
@@ -21,6 +25,25 @@ pub struct Config {
     /// Publisher keys whose name records this host accepts (64 hex digits).
     #[serde(default)]
     pub trusted_keys: Vec<String>,
+    /// UDP address of the peer endpoint [default: 0.0.0.0:0].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Static peers (`NODE@IP:PORT`) asked for layers and names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
+    /// Whether the endpoint may use relay servers.
+    #[serde(default)]
+    pub relay: RelayConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayConfig {
+    /// Direct addresses only (tests and closed networks never leave them).
+    #[default]
+    Disabled,
+    /// number 0's public relays and DNS address lookup.
+    Default,
 }
 
 /// The default data directory: `/var/lib/xenod` for root, else under
@@ -86,6 +109,37 @@ impl Config {
             keys.push(k.verifying_key());
         }
         Ok(keys)
+    }
+}
+
+/// Writes a 32-byte secret as hex, mode 0600, atomically.
+pub fn write_secret(p: &Path, secret: &[u8; 32]) -> Result<()> {
+    let dir = p.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = p.with_extension("key.tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    writeln!(f, "{}", hex(secret))?;
+    f.sync_all()?;
+    fs::rename(&tmp, p).with_context(|| format!("writing {}", p.display()))
+}
+
+/// The peer endpoint's secret, created on first use.
+pub fn node_secret(data_dir: &Path) -> Result<[u8; 32]> {
+    let p = data_dir.join("keys").join("node.key");
+    match fs::read_to_string(&p) {
+        Ok(s) => decode_hex32(&s).with_context(|| format!("{} does not hold a 64-hex-digit key", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = xenod_store::generate_key()?.to_bytes();
+            write_secret(&p, &secret)?;
+            Ok(secret)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
     }
 }
 

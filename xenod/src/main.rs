@@ -14,7 +14,9 @@
 
 mod cli;
 mod config;
+mod peer_cmds;
 mod progress;
+mod serve;
 
 use std::process::ExitCode;
 

@@ -129,8 +129,10 @@ pub(crate) struct ProviderConn {
 #[derive(Default)]
 struct State {
     todo: VecDeque<ChunkId>,
-    /// Requested and not yet stored: who was asked.
-    inflight: HashMap<ChunkId, Vec<usize>>,
+    /// Requested and not yet stored: who was asked, and when.
+    inflight: HashMap<ChunkId, Vec<(usize, Instant)>>,
+    /// Smoothed time a batch takes to be answered, over all providers.
+    batch_time: Duration,
     /// Providers that said they lack an id, or sent it corrupt.
     lacks: HashMap<ChunkId, Vec<usize>>,
     remaining: usize,
@@ -185,12 +187,19 @@ impl State {
             self.todo.push_front(id);
         }
         if batch.is_empty() {
-            // Steal: ids outstanding at exactly one other provider.
+            // Steal ids outstanding at exactly one other provider for longer
+            // than batches usually take: that provider is slow or gone. The
+            // wait keeps fast providers from duplicating each other's work.
+            let patience = self.batch_time * 2 + Duration::from_millis(20);
             for (id, holders) in &self.inflight {
                 if batch.len() >= want {
                     break;
                 }
-                if holders.len() == 1 && holders[0] != p && !self.lacks(p, id) {
+                if let [(q, since)] = holders[..]
+                    && q != p
+                    && since.elapsed() > patience
+                    && !self.lacks(p, id)
+                {
                     batch.push(*id);
                 }
             }
@@ -198,8 +207,9 @@ impl State {
         if batch.is_empty() {
             return Take::Wait;
         }
+        let now = Instant::now();
         for id in &batch {
-            self.inflight.entry(*id).or_default().push(p);
+            self.inflight.entry(*id).or_default().push((p, now));
         }
         Take::Batch(batch)
     }
@@ -208,7 +218,7 @@ impl State {
     /// provider was asked too.
     fn release(&mut self, p: usize, id: &ChunkId) {
         if let Some(h) = self.inflight.get_mut(id) {
-            h.retain(|q| *q != p);
+            h.retain(|(q, _)| *q != p);
             if h.is_empty() {
                 self.inflight.remove(id);
                 self.todo.push_front(*id);
@@ -222,7 +232,8 @@ impl State {
         }
         self.alive[p] = false;
         self.reports[p].dropped = Some(why);
-        let owed: Vec<ChunkId> = self.inflight.iter().filter(|(_, h)| h.contains(&p)).map(|(id, _)| *id).collect();
+        let owed: Vec<ChunkId> =
+            self.inflight.iter().filter(|(_, h)| h.iter().any(|(q, _)| *q == p)).map(|(id, _)| *id).collect();
         for id in owed {
             self.release(p, &id);
         }
@@ -263,7 +274,7 @@ impl Swarm {
             stats,
             conns,
             opts,
-            state: Mutex::new(State { alive, reports, ..Default::default() }),
+            state: Mutex::new(State { alive, reports, batch_time: Duration::from_millis(100), ..Default::default() }),
             notify: Notify::new(),
             phase: Mutex::new(Phase::Roots),
             bytes: AtomicU64::new(0),
@@ -389,7 +400,13 @@ impl Swarm {
                 }
                 Take::Batch(b) => b,
             };
-            if let Err(e) = self.request(p, &batch).await {
+            let t = Instant::now();
+            let r = self.request(p, &batch).await;
+            if r.is_ok() {
+                let mut st = self.lock();
+                st.batch_time = (st.batch_time * 7 + t.elapsed()) / 8;
+            }
+            if let Err(e) = r {
                 let why = e.to_string();
                 tracing::debug!("dropping provider {}: {why}", self.conns[p].node);
                 let node = &self.conns[p].node;

@@ -1,0 +1,263 @@
+//! Daemons as separate processes on loopback, each with its own data dir:
+//! publish, share, fetch from several providers at once, a provider killed
+//! mid-transfer, a corrupting provider, forged and untrusted names, and a
+//! restarted daemon that keeps its identity, port, peers and counters.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn xenod(data: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_xenod"));
+    c.arg("--data-dir").arg(data).env_remove("XENOD_DATA_DIR").env("XENOD_LOG", "error");
+    c
+}
+
+fn run(c: &mut Command) -> Output {
+    c.output().expect("spawning xenod")
+}
+
+fn ok_json(c: &mut Command) -> Value {
+    let out = run(c.arg("--json"));
+    assert!(out.status.success(), "xenod failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bad json {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// A running `xenod serve`; killed when dropped.
+struct Daemon {
+    data: PathBuf,
+    child: Child,
+    node: String,
+    addr: String,
+}
+
+impl Daemon {
+    fn start(data: &Path, env: &[(&str, &str)]) -> Self {
+        let mut c = xenod(data);
+        c.args(["--json", "serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).stderr(Stdio::null());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().expect("spawning xenod serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve said {line:?}: {e}"));
+        Self {
+            data: data.to_path_buf(),
+            child,
+            node: v["node"].as_str().unwrap().to_owned(),
+            addr: v["addr"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops through the API and waits for the process to exit.
+    fn stop(mut self) {
+        ok_json(xenod(&self.data).arg("stop"));
+        let t = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(t.elapsed() < Duration::from_secs(10), "daemon did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Compressible, like an OS tree: chunks travel as zstd.
+        out.extend_from_slice(&(x & 0x3f3f_3f3f_3f3f_3f3f).to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+/// A template tree of about `mib` MiB in a few files.
+fn tree(root: &Path, mib: usize, seed: u64) {
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/hostname"), format!("host{seed}\n")).unwrap();
+    for i in 0..mib.div_ceil(4) {
+        std::fs::write(root.join(format!("file{i}")), noise(4 << 20, seed * 100 + i as u64)).unwrap();
+    }
+}
+
+fn publish(data: &Path, src: &Path, name: &str) -> String {
+    ok_json(xenod(data).arg("publish").arg(src).args(["--name", name]))["id"].as_str().unwrap().to_owned()
+}
+
+fn share(data: &Path, r: &str) -> String {
+    let out = run(xenod(data).args(["share", r]));
+    assert!(out.status.success(), "share: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let last = text.lines().last().unwrap().to_owned();
+    assert!(last.starts_with("xenod1"), "ticket is the last line: {text}");
+    last
+}
+
+fn digest_of(data: &Path, r: &str, dest: &Path) -> String {
+    let out = run(xenod(data).arg("export").arg(r).arg(dest));
+    assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
+    xenod_store::tree_digest(dest).unwrap()
+}
+
+fn status(data: &Path) -> Value {
+    ok_json(xenod(data).arg("status"))
+}
+
+#[test]
+fn fetch_from_two_providers_one_killed_midway() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b, c) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
+    let src = t.path().join("src");
+    tree(&src, 24, 1);
+    let id = publish(&a, &src, "template://test/os/1");
+    assert_eq!(publish(&b, &src, "template://test/os/1"), id);
+    // Slow enough that the transfer is still running when B dies.
+    let slow = [("XENOD_TEST_DELAY_MS", "15")];
+    let da = Daemon::start(&a, &slow);
+    let mut db = Daemon::start(&b, &slow);
+    let ticket_a = share(&a, "template://test/os/1");
+
+    let started = Instant::now();
+    let mut fetch = xenod(&c)
+        .args(["--json", "fetch", &ticket_a, "--from", &db.addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(fetch.try_wait().unwrap().is_none(), "fetch finished before B was killed; make it slower");
+    db.kill();
+    let out = fetch.wait_with_output().unwrap();
+    assert!(out.status.success(), "fetch failed: {}", String::from_utf8_lossy(&out.stderr));
+    let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("fetch with B killed: {:?}", started.elapsed());
+    let provs = rep["providers"].as_array().unwrap();
+    let by = |node: &str| provs.iter().find(|p| p["node"] == node).unwrap().clone();
+    assert!(by(&db.node)["chunks"].as_u64().unwrap() > 0, "B took part before dying: {rep}");
+    assert!(by(&da.node)["chunks"].as_u64().unwrap() > 0, "{rep}");
+    assert!(rep["wire_bytes"].as_u64().unwrap() < rep["bytes"].as_u64().unwrap(), "travels compressed: {rep}");
+    assert_eq!(digest_of(&c, &id, &t.path().join("out")), xenod_store::tree_digest(&src).unwrap());
+
+    // Resumable: asking again transfers nothing.
+    let again = ok_json(xenod(&c).args(["fetch", &ticket_a]));
+    assert_eq!(again["chunks_fetched"], 0, "{again}");
+    drop(da);
+}
+
+#[test]
+fn corrupting_provider_is_detected_and_the_chunk_comes_from_another() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b, c) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
+    let src = t.path().join("src");
+    tree(&src, 8, 2);
+    let id = publish(&a, &src, "template://test/os/1");
+    publish(&b, &src, "template://test/os/1");
+    let da = Daemon::start(&a, &[("XENOD_TEST_CORRUPT", "1")]);
+    let db = Daemon::start(&b, &[]);
+    let rep = ok_json(xenod(&c).args(["fetch", &id, "--from", &da.addr, "--from", &db.addr]));
+    let provs = rep["providers"].as_array().unwrap();
+    let bad = provs.iter().find(|p| p["node"] == da.node.as_str()).unwrap();
+    assert_eq!(bad["bad_chunks"], 1, "{rep}");
+    assert!(bad["dropped"].as_str().unwrap().contains("does not verify"), "{rep}");
+    assert_eq!(digest_of(&c, &id, &t.path().join("out")), xenod_store::tree_digest(&src).unwrap());
+    let s = status(&c);
+    assert_eq!(s["counters"]["bad_chunks"], 1, "{s}");
+    assert_eq!(s["peers"][&da.node]["bad_chunks"], 1, "{s}");
+    let text = String::from_utf8(run(xenod(&c).arg("status")).stdout).unwrap();
+    assert!(text.contains("refused bad chunks   1"), "{text}");
+    ok_json(xenod(&c).arg("verify"));
+    drop((da, db));
+}
+
+#[test]
+fn forged_and_untrusted_names_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, f, c) = (t.path().join("a"), t.path().join("f"), t.path().join("c"));
+    let src = t.path().join("src");
+    tree(&src, 1, 3);
+    let id = publish(&a, &src, "template://test/os/1");
+    publish(&f, &src, "template://test/os/1");
+    let da = Daemon::start(&a, &[]);
+    let df = Daemon::start(&f, &[("XENOD_TEST_FORGE_NAMES", "1")]);
+    let key = |d: &Path| ok_json(xenod(d).args(["key", "show"]))["public_key"].as_str().unwrap().to_owned();
+    let (ka, kf) = (key(&a), key(&f));
+
+    // Untrusted: C does not trust A's key yet.
+    let out = run(xenod(&c).args(["fetch", "template://test/os/1", "--from", &da.addr]));
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not trusted"));
+
+    // Forged: C trusts F's key, but F serves records with a broken signature.
+    ok_json(xenod(&c).args(["key", "trust", &kf]));
+    let out = run(xenod(&c).args(["fetch", "template://test/os/1", "--from", &df.addr]));
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad signature"));
+    let n = ok_json(xenod(&c).args(["names", "--from", &df.addr]));
+    assert!(n["peers"][0]["accepted"].as_array().unwrap().is_empty(), "{n}");
+    assert_eq!(status(&c)["counters"]["names_refused"], 3);
+    assert!(!run(xenod(&c).args(["resolve", "template://test/os/1"])).status.success(), "nothing was stored");
+
+    // Trusted and genuine: the name resolves and the stack arrives.
+    ok_json(xenod(&c).args(["key", "trust", &ka]));
+    let rep = ok_json(xenod(&c).args(["fetch", "template://test/os/1", "--from", &da.addr]));
+    assert_eq!(rep["layer"], id.as_str());
+    assert_eq!(ok_json(xenod(&c).args(["resolve", "template://test/os/1"]))["id"], id.as_str());
+    drop((da, df));
+}
+
+#[test]
+fn restarted_daemon_keeps_identity_port_peers_and_counters() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, c) = (t.path().join("a"), t.path().join("c"));
+    let src = t.path().join("src");
+    tree(&src, 1, 4);
+    let id = publish(&a, &src, "template://test/os/1");
+    let da = Daemon::start(&a, &[]);
+    let dc = Daemon::start(&c, &[]);
+    assert_ne!(dc.addr, da.addr, "two daemons side by side, each its own port");
+    ok_json(xenod(&c).args(["fetch", &id, "--from", &da.addr]));
+    let before = status(&c);
+    assert_eq!(before["daemon"], true);
+    let (node, addr) = (dc.node.clone(), dc.addr.clone());
+    dc.stop();
+    assert!(!c.join("xenod.sock").exists(), "socket removed on stop");
+    let offline = status(&c);
+    assert_eq!(offline["daemon"], false);
+    assert_eq!(offline["counters"], before["counters"], "{offline}");
+
+    let dc = Daemon::start(&c, &[]);
+    assert_eq!((dc.node.as_str(), dc.addr.as_str()), (node.as_str(), addr.as_str()), "same id and port");
+    let after = status(&c);
+    assert_eq!(after["counters"], before["counters"]);
+    assert!(after["known_peers"][&da.node]["layers"].as_array().unwrap().iter().any(|l| l == id.as_str()));
+
+    // A new layer on A is found through the remembered peer, with no --from.
+    let src2 = t.path().join("src2");
+    tree(&src2, 1, 5);
+    let id2 = publish(&a, &src2, "template://test/os/2");
+    let rep = ok_json(xenod(&c).args(["fetch", &id2]));
+    assert_eq!(rep["layer"], id2.as_str());
+    // A second daemon on the same data dir is refused.
+    let out = run(xenod(&c).args(["serve", "--listen", "127.0.0.1:0"]));
+    assert!(!out.status.success());
+    drop((da, dc));
+}
