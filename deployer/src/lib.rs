@@ -15,6 +15,21 @@
 //! cowfs mountpoint -> [`Hypervisor::deploy`] -> [`wait_console`] and
 //! [`wait_http`] -> the guest serves; its console is in
 //! [`Hypervisor::console_log`].
+//!
+//! ```text
+//! let hv = Libvirt::connect(&default_uri())?;             // xen, qemu (KVM or TCG), test
+//! let mut spec = DeploySpec::from_json(&layer_meta)?;      // from the overlay
+//! spec.apply(&overrides);                                  // from the command line
+//! let model = DomainModel::from_spec(&spec, &mountpoint, run_dir.join("console.log"))?;
+//! hv.deploy(&model)?;                                      // define + start, undone on failure
+//! wait_console(&hv, &model.name, GUEST_READY_LINE, timeout)?;
+//! wait_http(&hv, &model.name, model.network.forwards()[0].host, "/", timeout)?;
+//! hv.save(&name, &state)? / hv.restore(&state)?            // xenod suspend / resume (disk root)
+//! hv.stop(&name, grace)?; hv.destroy(&name)?;              // graceful then forced; undefine
+//! ```
+//!
+//! Every call blocks (libvirt's API is synchronous): call it from
+//! `tokio::task::spawn_blocking`. [`Libvirt`] is `Send + Sync`.
 
 mod error;
 mod hypervisor;

@@ -17,6 +17,16 @@
 //! kept by save/restore. Its NIC gets a fixed PCI slot (0x1f) because QEMU
 //! would otherwise give it a slot libvirt assigns to its own devices.
 //!
+//! Real hosts put guests on a bridge instead: set
+//! `model.network = Network::Bridge { bridge: "br0".into() }` after
+//! [`DomainModel::from_spec`] (xenod's host config decides, not the spec).
+//! The bridge is the host's: e.g. with iproute2
+//! `ip link add br0 type bridge && ip link set eth0 master br0 && ip link set br0 up`
+//! (then move the host's address to br0), or `xenbr0` as Xen's network
+//! scripts create it. Guests then take addresses from the LAN (DHCP, or
+//! `ip=`/`gw=` in the per-instance `/etc/xenod/instance` file, or the
+//! `xenod.ip=`/`xenod.gw=` kernel arguments), and port forwards are not needed.
+//!
 //! Each domain carries xenod's [`DomainMeta`] as JSON in
 //! `<metadata><xenod:instance xmlns:xenod="urn:xenod:domain:1">…`.
 
