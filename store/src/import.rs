@@ -26,6 +26,7 @@ use rayon::prelude::*;
 use crate::chunker::{BLOCK, Batcher, Chunking, is_zero};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{Entry, Extent, Kind, OrderCheck, Timestamp, Xattr, cmp_paths, display_path, parent};
+use crate::spill::Spill;
 use crate::store::Store;
 
 /// Files at least this large are cut as images.
@@ -394,9 +395,9 @@ fn tar_path(raw: &[u8]) -> Result<Vec<u8>> {
     Ok(parts.join(&b'/'))
 }
 
-/// Imports a tar stream. Tar members come in any order, so entries are
-/// collected and sorted before they go to `sink` (memory grows with the
-/// number of members, not with their contents).
+/// Imports a tar stream. Tar members come in any order, so entries go
+/// through an external sort (bounded memory; hardlink members are kept in
+/// memory) before they reach `sink` in tree order.
 pub fn import_tar(
     store: &Store,
     reader: impl Read,
@@ -404,7 +405,8 @@ pub fn import_tar(
     sink: &mut dyn FnMut(Entry) -> Result<()>,
 ) -> Result<()> {
     let mut ar = tar::Archive::new(reader);
-    let mut entries: Vec<Entry> = Vec::new();
+    let mut spill = Spill::new();
+    let mut links: Vec<Entry> = Vec::new();
     let iter = ar.entries().map_err(|e| Error::io("reading tar stream", "-")(e))?;
     for (n, member) in iter.enumerate() {
         let mut member = member.map_err(|e| Error::bad_input(format!("tar member {}", n + 1), e.to_string()))?;
@@ -471,21 +473,30 @@ pub fn import_tar(
         };
         if let Kind::Hardlink { target } = &e.kind {
             e = hardlink(&e.path, target.clone());
+            links.push(e);
+        } else {
+            spill.push(e)?;
         }
-        entries.push(e);
     }
-    entries.sort_by(|a, b| cmp_paths(&a.path, &b.path));
-    if let Some(w) = entries.windows(2).find(|w| w[0].path == w[1].path) {
-        return Err(Error::bad_input(w[0].display_path(), "duplicate member in tar stream"));
-    }
-    fix_hardlinks(&mut entries)?;
+    let plan = LinkPlan::new(links, &mut spill)?;
     // Synthesise directories the archive does not list (`tar c usr/bin/x`).
     let mut check = OrderCheck::default();
     let mut emitted: Vec<Vec<u8>> = Vec::new();
-    if entries.first().is_none_or(|e| !e.path.is_empty()) {
-        entries.insert(0, synthetic_dir(b""));
-    }
-    for e in entries {
+    let mut last: Option<Vec<u8>> = None;
+    let mut first = true;
+    for e in plan.apply(spill.sorted()?) {
+        let e = e?;
+        if last.as_ref().is_some_and(|l| *l == e.path) {
+            return Err(Error::bad_input(e.display_path(), "duplicate member in tar stream"));
+        }
+        last = Some(e.path.clone());
+        if first && !e.path.is_empty() {
+            let root = synthetic_dir(b"");
+            check.check(&root).map_err(|why| Error::bad_input("/", why))?;
+            emitted.push(vec![]);
+            sink(root)?;
+        }
+        first = false;
         let mut missing = Vec::new();
         let mut p = parent(&e.path);
         while let Some(d) = p {
@@ -510,6 +521,9 @@ pub fn import_tar(
         }
         sink(e)?;
     }
+    if first {
+        sink(synthetic_dir(b""))?;
+    }
     Ok(())
 }
 
@@ -525,45 +539,98 @@ fn synthetic_dir(path: &[u8]) -> Entry {
     }
 }
 
-/// In tree order the first member of a hardlink set must carry the data;
-/// a tar stream may have put the data under a later name.
-fn fix_hardlinks(entries: &mut [Entry]) -> Result<()> {
-    let index: HashMap<Vec<u8>, usize> = entries.iter().enumerate().map(|(i, e)| (e.path.clone(), i)).collect();
-    let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (i, e) in entries.iter().enumerate() {
-        if let Kind::Hardlink { target } = &e.kind {
-            let mut t =
-                *index.get(target).ok_or_else(|| Error::bad_input(e.display_path(), "hardlink to a missing member"))?;
+/// Hardlink sets of a tar stream. In tree order the first member of a set
+/// must carry the data, but a tar stream may have put it under a later
+/// name; such sets are rewritten (the carrier's entry is found in a first
+/// pass over the sorted entries). Only link members are held in memory.
+struct LinkPlan {
+    /// Link path -> the member that now carries the data.
+    link_to: HashMap<Vec<u8>, Vec<u8>>,
+    /// Old data path -> its new carrier (a link path that sorts first).
+    moved: HashMap<Vec<u8>, Vec<u8>>,
+    /// New carrier path -> the data entry, renamed.
+    carriers: HashMap<Vec<u8>, Entry>,
+    links: std::iter::Peekable<std::vec::IntoIter<Entry>>,
+}
+
+impl LinkPlan {
+    fn new(mut links: Vec<Entry>, spill: &mut Spill) -> Result<Self> {
+        let target_of: HashMap<Vec<u8>, Vec<u8>> = links
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Kind::Hardlink { target } => Some((e.path.clone(), target.clone())),
+                _ => None,
+            })
+            .collect();
+        // Follow link-to-link chains to the member holding the data.
+        let mut data_of: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+        for (l, t) in &target_of {
+            let mut t = t.clone();
             let mut hops = 0;
-            while let Kind::Hardlink { target } = &entries[t].kind {
-                t = *index
-                    .get(target)
-                    .ok_or_else(|| Error::bad_input(e.display_path(), "hardlink to a missing member"))?;
+            while let Some(next) = target_of.get(&t) {
+                t = next.clone();
                 hops += 1;
-                if hops > entries.len() {
-                    return Err(Error::bad_input(e.display_path(), "hardlink cycle"));
+                if hops > target_of.len() {
+                    return Err(Error::bad_input(display_path(l), "hardlink cycle"));
                 }
             }
-            if !matches!(entries[t].kind, Kind::File { .. }) {
-                return Err(Error::bad_input(e.display_path(), "hardlink to something other than a regular file"));
-            }
-            groups.entry(t).or_default().push(i);
+            data_of.insert(l.clone(), t);
         }
-    }
-    for (data, members) in groups {
-        let first = *members.iter().chain(std::iter::once(&data)).min().unwrap_or(&data);
-        let first_path = entries[first].path.clone();
-        if first != data {
-            let mut carrier = entries[data].clone();
-            carrier.path = first_path.clone();
-            entries[first] = carrier;
-            entries[data] = hardlink(&entries[data].path.clone(), first_path.clone());
-        }
-        for m in members {
-            if m != first {
-                entries[m] = hardlink(&entries[m].path.clone(), first_path.clone());
+        let mut first_of: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+        for (l, d) in &data_of {
+            let f = first_of.entry(d.clone()).or_insert_with(|| d.clone());
+            if cmp_paths(l, f) == std::cmp::Ordering::Less {
+                *f = l.clone();
             }
         }
+        let moved: HashMap<Vec<u8>, Vec<u8>> =
+            first_of.iter().filter(|(d, f)| d != f).map(|(d, f)| (d.clone(), f.clone())).collect();
+        let mut carriers = HashMap::new();
+        let mut found = std::collections::HashSet::new();
+        for e in spill.sorted()? {
+            let e = e?;
+            if first_of.contains_key(&e.path) {
+                if !matches!(e.kind, Kind::File { .. }) {
+                    return Err(Error::bad_input(e.display_path(), "hardlink to something other than a regular file"));
+                }
+                found.insert(e.path.clone());
+                if let Some(to) = moved.get(&e.path) {
+                    let mut c = e.clone();
+                    c.path = to.clone();
+                    carriers.insert(to.clone(), c);
+                }
+            }
+        }
+        if let Some((l, d)) = data_of.iter().find(|(_, d)| !found.contains(*d)) {
+            return Err(Error::bad_input(display_path(l), format!("hardlink to missing member {}", display_path(d))));
+        }
+        let link_to = data_of.iter().map(|(l, d)| (l.clone(), first_of[d].clone())).collect();
+        links.sort_by(|a, b| cmp_paths(&a.path, &b.path));
+        Ok(Self { link_to, moved, carriers, links: links.into_iter().peekable() })
     }
-    Ok(())
+
+    /// Merges the link members into the sorted entries, rewriting sets.
+    fn apply(mut self, sorted: impl Iterator<Item = Result<Entry>>) -> impl Iterator<Item = Result<Entry>> {
+        let mut sorted = sorted.peekable();
+        std::iter::from_fn(move || {
+            let take_link = match (sorted.peek(), self.links.peek()) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(Err(_)), _) => false,
+                (Some(Ok(e)), Some(l)) => cmp_paths(&l.path, &e.path) == std::cmp::Ordering::Less,
+            };
+            let e = if take_link { self.links.next().map(Ok) } else { sorted.next() }?;
+            Some(e.map(|e| {
+                if let Some(c) = self.carriers.remove(&e.path) {
+                    c
+                } else if let Some(to) = self.moved.get(&e.path) {
+                    hardlink(&e.path, to.clone())
+                } else if let Some(to) = self.link_to.get(&e.path) {
+                    hardlink(&e.path, to.clone())
+                } else {
+                    e
+                }
+            }))
+        })
+    }
 }

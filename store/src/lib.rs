@@ -29,6 +29,7 @@ mod manifest;
 mod merge;
 mod names;
 mod peer;
+mod spill;
 mod store;
 mod verify;
 
