@@ -1,1 +1,34 @@
-//! The FUSE union copy-on-write filesystem over store layers.
+//! cowfs: the FUSE union copy-on-write filesystem over store layers.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | `lower` | [`LowerTree`]: the union of a layer stack, in memory for the mount's life |
+//! | `cache` | a bounded LRU of decoded chunks; lower reads by extent binary search |
+//! | `union` | [`Union`]: lookup, readdir merge, copy-up, whiteouts, rename, xattrs |
+//! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] |
+//! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union` |
+//! | `mount` | [`mount`], [`serve`], [`unmount`]: sessions on a mountpoint |
+//! | `commit` | [`commit`]: an upper directory over a stack becomes a new layer |
+//!
+//! Semantics follow Linux overlayfs (with `redirect_dir=on`), and the upper
+//! directory uses its on-disk conventions, so the same upper can be mounted
+//! by the kernel unless it holds partial files (see `partial`). Memory: the
+//! lower tree is held whole, O(entries) of the stack (not of file data),
+//! plus the chunk cache, plus one inode per name looked up in the upper.
+
+mod cache;
+mod commit;
+mod error;
+mod fs;
+mod lower;
+mod mount;
+mod partial;
+mod union;
+
+pub use commit::{CommitStats, commit, union_entries};
+pub use error::{Error, Result};
+pub use fs::CowFs;
+pub use lower::LowerTree;
+pub use mount::{MountOptions, Mounted, is_mounted, mount, serve, unmount};
+pub use partial::DirtyMap;
+pub use union::{Attr, BLOCK_COPY_MIN, FType, Union, WORK_DIR};

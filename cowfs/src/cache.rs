@@ -1,0 +1,107 @@
+//! A bounded LRU cache of decoded chunks, and reads of lower file ranges
+//! through it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use xenod_store::{ChunkId, Extent, Store};
+
+use crate::lower::FileData;
+
+/// Decoded chunks, least recently used evicted first, bounded in bytes.
+pub(crate) struct ChunkCache {
+    inner: Mutex<Lru>,
+    cap: usize,
+}
+
+#[derive(Default)]
+struct Lru {
+    map: HashMap<ChunkId, (Arc<[u8]>, u64)>,
+    order: BTreeMap<u64, ChunkId>,
+    tick: u64,
+    bytes: usize,
+}
+
+impl ChunkCache {
+    pub fn new(cap: usize) -> Self {
+        Self { inner: Mutex::new(Lru::default()), cap }
+    }
+
+    /// The decoded chunk `id`, from the cache or the store.
+    pub fn get(&self, store: &Store, id: &ChunkId) -> xenod_store::Result<Arc<[u8]>> {
+        {
+            let mut l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            l.tick += 1;
+            let tick = l.tick;
+            if let Some((data, t)) = l.map.get_mut(id) {
+                let (data, old) = (data.clone(), *t);
+                *t = tick;
+                l.order.remove(&old);
+                l.order.insert(tick, *id);
+                return Ok(data);
+            }
+        }
+        // Fetch outside the lock: decoding is the slow part.
+        let data: Arc<[u8]> = store.get(id)?.into();
+        let mut l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        l.tick += 1;
+        let tick = l.tick;
+        if let Some((_, old)) = l.map.insert(*id, (data.clone(), tick)) {
+            l.order.remove(&old);
+        } else {
+            l.bytes += data.len();
+        }
+        l.order.insert(tick, *id);
+        while l.bytes > self.cap {
+            let Some((_, victim)) = l.order.pop_first() else { break };
+            if let Some((d, _)) = l.map.remove(&victim) {
+                l.bytes -= d.len();
+            }
+        }
+        Ok(data)
+    }
+}
+
+/// Reads `buf.len()` bytes of `f` at `off` (clipped to the file's size);
+/// returns how many were read. A chunk that cannot be had fails the read
+/// with its id.
+pub(crate) fn read_lower(
+    store: &Store,
+    cache: &ChunkCache,
+    f: &FileData,
+    off: u64,
+    buf: &mut [u8],
+) -> Result<usize, (ChunkId, xenod_store::Error)> {
+    if off >= f.size {
+        return Ok(0);
+    }
+    let end = (off + buf.len() as u64).min(f.size);
+    let mut pos = off;
+    let mut i = f.extent_at(off);
+    while pos < end {
+        let start = f.starts[i];
+        let e = f.extents[i];
+        let in_ext = (pos - start) as usize;
+        let n = ((start + e.len()).min(end) - pos) as usize;
+        let out = &mut buf[(pos - off) as usize..(pos - off) as usize + n];
+        match e {
+            Extent::Hole { .. } => out.fill(0),
+            Extent::Data { id, len } => {
+                let data = cache.get(store, &id).map_err(|err| (id, err))?;
+                if data.len() != len as usize {
+                    return Err((
+                        id,
+                        xenod_store::Error::ChunkCorrupt {
+                            id,
+                            why: format!("{} bytes, manifest says {len}", data.len()),
+                        },
+                    ));
+                }
+                out.copy_from_slice(&data[in_ext..in_ext + n]);
+            }
+        }
+        pos += n as u64;
+        i += 1;
+    }
+    Ok((end - off) as usize)
+}

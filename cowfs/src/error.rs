@@ -1,0 +1,44 @@
+//! The crate's error type, and the errno results of filesystem operations.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] xenod_store::Error),
+    /// An operating-system call failed on a named file.
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The lower stack cannot be presented (a broken layer).
+    #[error("bad lower stack: {0}")]
+    BadLayer(String),
+    /// An upper directory that cannot be used or committed as it is.
+    #[error("upper directory {}: {why}", path.display())]
+    BadUpper { path: PathBuf, why: String },
+}
+
+impl Error {
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { what, path, source }
+    }
+}
+
+/// What a filesystem operation fails with: the errno the caller sees.
+pub(crate) type Errno = rustix::io::Errno;
+pub(crate) type FsResult<T> = std::result::Result<T, Errno>;
+
+pub(crate) fn io_errno(e: &std::io::Error) -> Errno {
+    Errno::from_raw_os_error(e.raw_os_error().unwrap_or(libc_eio()))
+}
+
+const fn libc_eio() -> i32 {
+    5
+}

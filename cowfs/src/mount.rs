@@ -1,0 +1,168 @@
+//! Sessions: a union mounted on a directory, in a background thread or
+//! serving in the calling thread until unmounted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{Config, MountOption, SessionACL};
+use xenod_store::{LayerId, Store};
+
+use crate::error::{Error, Result};
+use crate::fs::CowFs;
+use crate::lower::LowerTree;
+use crate::union::Union;
+
+/// How to mount.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// The writable upper directory (created if missing); none: read-only.
+    pub upper: Option<PathBuf>,
+    /// Refuse writes even with an upper directory.
+    pub read_only: bool,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// Bound of the decoded-chunk cache, in bytes.
+    pub cache_bytes: usize,
+    /// Let every user in (as the kernel's overlayfs does); the kernel checks
+    /// permissions either way.
+    pub allow_other: bool,
+    /// Lower files at least this large copy up block by block.
+    pub block_copy_min: u64,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self {
+            upper: None,
+            read_only: false,
+            threads: std::thread::available_parallelism().map_or(4, |n| n.get().clamp(2, 16)),
+            cache_bytes: 256 << 20,
+            allow_other: true,
+            block_copy_min: crate::union::BLOCK_COPY_MIN,
+        }
+    }
+}
+
+fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<(CowFs, Config)> {
+    let lower = LowerTree::load(&store, stack)?;
+    let upper = if opts.read_only { None } else { opts.upper.as_deref() };
+    let mut union = Union::new(store, lower, upper, opts.cache_bytes)?;
+    union.block_copy_min = opts.block_copy_min;
+    let mut mount_options = vec![
+        MountOption::FSName("xenod".into()),
+        MountOption::Subtype("xenod".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    if upper.is_none() {
+        mount_options.push(MountOption::RO);
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    Ok((CowFs::new(Arc::new(union)), config))
+}
+
+/// A mounted union, served by background threads; unmounted on drop.
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    mountpoint: PathBuf,
+}
+
+impl Mounted {
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmounts and waits for the session to end.
+    pub fn unmount(mut self) -> Result<()> {
+        match self.session.take() {
+            Some(s) => s.umount_and_join().map_err(Error::io("unmounting", &self.mountpoint)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = s.umount_and_join();
+        }
+    }
+}
+
+/// Mounts the union of `stack` (bottom first) on `mountpoint`, served in
+/// the background. The lower tree is loaded before this returns.
+pub fn mount(store: Arc<Store>, stack: &[LayerId], mountpoint: &Path, opts: &MountOptions) -> Result<Mounted> {
+    let (fs, config) = prepare(store, stack, opts)?;
+    let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
+    Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_path_buf() })
+}
+
+/// Mounts and serves in the calling thread until the filesystem is
+/// unmounted; `ready` is called once the mount is in place.
+pub fn serve(
+    store: Arc<Store>,
+    stack: &[LayerId],
+    mountpoint: &Path,
+    opts: &MountOptions,
+    ready: impl FnOnce(),
+) -> Result<()> {
+    let (fs, config) = prepare(store, stack, opts)?;
+    let session = fuser::Session::new(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
+    ready();
+    session.run().map_err(Error::io("serving", mountpoint))
+}
+
+/// Whether `path` is a mount point (of any filesystem).
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(canon) = path.canonicalize() else { return false };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    mounts.lines().any(|l| l.split(' ').nth(4).is_some_and(|mp| unescape(mp) == canon.as_os_str().as_encoded_bytes()))
+}
+
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && let Some(Ok(v)) =
+                b.get(i + 1..i + 4).map(|o| u8::from_str_radix(std::str::from_utf8(o).unwrap_or("x"), 8))
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Unmounts `mountpoint` (`umount2`, lazily with `lazy`); the serving
+/// process then exits.
+pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
+    let flags = if lazy { rustix::mount::UnmountFlags::DETACH } else { rustix::mount::UnmountFlags::empty() };
+    match rustix::mount::unmount(mountpoint, flags) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::PERM) => {
+            // Not root: fusermount3 is setuid and allowed to unmount our own mounts.
+            let mut c = std::process::Command::new("fusermount3");
+            c.arg("-u");
+            if lazy {
+                c.arg("-z");
+            }
+            let st = c.arg(mountpoint).status().map_err(Error::io("running fusermount3 for", mountpoint))?;
+            if st.success() {
+                Ok(())
+            } else {
+                Err(Error::io("unmounting", mountpoint)(std::io::Error::other(format!("fusermount3 -u: {st}"))))
+            }
+        }
+        Err(e) => Err(Error::io("unmounting", mountpoint)(e.into())),
+    }
+}
