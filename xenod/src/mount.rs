@@ -1,0 +1,126 @@
+//! `xenod mount`, `xenod umount`, `xenod commit`: the cowfs union on a
+//! directory, and an upper directory turned into an overlay layer.
+//!
+//! Without `--foreground`, `mount` starts `xenod --data-dir DIR mount ...
+//! --foreground` as a detached process (its own session, stdio on
+//! /dev/null, log in DATA_DIR/mounts/<mountpoint hash>.log) and returns
+//! once the mount is in place, or fails with the child's log if it died.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use xenod_cowfs::{CommitStats, MountOptions};
+use xenod_store::Store;
+
+/// How long a background mount may take to appear.
+const MOUNT_WAIT: Duration = Duration::from_secs(60);
+
+/// Mounts the stack of `reference` on `mountpoint`: read-only without
+/// `upper` or with `read_only`, writable into `upper` otherwise. Serves in
+/// this process with `foreground`, else in a detached child.
+pub fn mount_cmd(
+    data_dir: &Path,
+    reference: &str,
+    mountpoint: &Path,
+    upper: Option<&Path>,
+    read_only: bool,
+    foreground: bool,
+) -> Result<()> {
+    if !mountpoint.is_dir() {
+        bail!("mount point {} is not a directory", mountpoint.display());
+    }
+    if xenod_cowfs::is_mounted(mountpoint) {
+        bail!("{} is already a mount point", mountpoint.display());
+    }
+    let store =
+        Arc::new(Store::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
+    let top = store.resolve(reference)?;
+    let stack = store.stack(&top)?;
+    if foreground {
+        let opts = MountOptions { upper: upper.map(Path::to_path_buf), read_only, ..Default::default() };
+        return xenod_cowfs::serve(store, &stack, mountpoint, &opts, || {
+            tracing::info!(mountpoint = %mountpoint.display(), layers = stack.len(), "mounted");
+        })
+        .with_context(|| format!("serving the union on {}", mountpoint.display()));
+    }
+    drop(store);
+    let logs = data_dir.join("mounts");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let abs = mountpoint.canonicalize().with_context(|| format!("resolving {}", mountpoint.display()))?;
+    let log = logs.join(format!("{}.log", &path_hash(abs.as_os_str().as_encoded_bytes())[..16]));
+    let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let exe = std::env::current_exe().context("finding the xenod executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--data-dir").arg(data_dir).arg("mount").arg(reference).arg(&abs).arg("--foreground");
+    if let Some(u) = upper {
+        cmd.arg("--upper").arg(std::path::absolute(u).unwrap_or_else(|_| u.to_path_buf()));
+    }
+    if read_only {
+        cmd.arg("--ro");
+    }
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log_file);
+    // Detach: its own process group and session, so the terminal's signals
+    // and the caller's exit leave it alone.
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| rustix::process::setsid().map(drop).map_err(std::io::Error::from));
+    }
+    let mut child = cmd.spawn().context("starting the mount process")?;
+    let started = Instant::now();
+    loop {
+        if xenod_cowfs::is_mounted(&abs) {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!("the mount process exited ({status}):\n{}", text.trim_end());
+        }
+        if started.elapsed() > MOUNT_WAIT {
+            let _ = child.kill();
+            bail!("{} did not appear within {MOUNT_WAIT:?}; see {}", abs.display(), log.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn path_hash(b: &[u8]) -> String {
+    // A stable file name per mount point; not security relevant.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &x in b {
+        h ^= x as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{h:016x}{:016x}", h.rotate_left(29) ^ b.len() as u64)
+}
+
+/// Unmounts a union (the serving process then exits).
+pub fn umount_cmd(mountpoint: &Path) -> Result<()> {
+    if !xenod_cowfs::is_mounted(mountpoint) {
+        bail!("{} is not a mount point", mountpoint.display());
+    }
+    xenod_cowfs::unmount(mountpoint, false).with_context(|| format!("unmounting {}", mountpoint.display()))
+}
+
+/// Turns the upper directory `upper` (not mounted meanwhile) over the stack
+/// of `base` into a new overlay layer. The caller records `name`, if any,
+/// with its signing key; it is also kept in the layer's metadata.
+pub fn commit_cmd(store: Store, upper: &Path, base: &str, name: Option<&str>) -> Result<CommitStats> {
+    let upper: PathBuf = upper.to_path_buf();
+    if xenod_cowfs::is_mounted(&upper) {
+        bail!("{} is a mount point: unmount it and commit its upper directory", upper.display());
+    }
+    let top = store.resolve(base)?;
+    let stack = store.stack(&top)?;
+    let mut meta = BTreeMap::new();
+    meta.insert("base".to_string(), base.to_string());
+    if let Some(n) = name {
+        meta.insert("name".to_string(), n.to_string());
+    }
+    let stats = xenod_cowfs::commit(Arc::new(store), &stack, &upper, meta)
+        .with_context(|| format!("committing {} onto {base}", upper.display()))?;
+    Ok(stats)
+}
