@@ -108,7 +108,7 @@ pub fn umount_cmd(mountpoint: &Path) -> Result<()> {
 /// Turns the upper directory `upper` (not mounted meanwhile) over the stack
 /// of `base` into a new overlay layer. The caller records `name`, if any,
 /// with its signing key; it is also kept in the layer's metadata.
-pub fn commit_cmd(store: Store, upper: &Path, base: &str, name: Option<&str>) -> Result<CommitStats> {
+pub fn commit_cmd(store: Arc<Store>, upper: &Path, base: &str, name: Option<&str>) -> Result<CommitStats> {
     let upper: PathBuf = upper.to_path_buf();
     if xenod_cowfs::is_mounted(&upper) {
         bail!("{} is a mount point: unmount it and commit its upper directory", upper.display());
@@ -120,7 +120,7 @@ pub fn commit_cmd(store: Store, upper: &Path, base: &str, name: Option<&str>) ->
     if let Some(n) = name {
         meta.insert("name".to_string(), n.to_string());
     }
-    let stats = xenod_cowfs::commit(Arc::new(store), &stack, &upper, meta)
+    let stats = xenod_cowfs::commit(store, &stack, &upper, meta)
         .with_context(|| format!("committing {} onto {base}", upper.display()))?;
     Ok(stats)
 }
