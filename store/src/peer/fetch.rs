@@ -115,7 +115,10 @@ pub struct FetchReport {
     /// Chunks the stack needs that were already here.
     pub chunks_local: u64,
     pub bytes: u64,
+    /// Chunk payload bytes received (compressed, duplicates included).
     pub wire_bytes: u64,
+    /// Every UDP byte of the fetch's connections, both directions.
+    pub udp_bytes: u64,
     pub elapsed_ms: u64,
     pub providers: Vec<ProviderReport>,
 }
@@ -283,13 +286,18 @@ impl Swarm {
         })
     }
 
-    /// Closes every connection; the swarm is done.
-    pub(crate) fn close(&self) {
+    /// Closes every connection; returns the UDP bytes they moved (both
+    /// directions, QUIC and TLS overhead included).
+    pub(crate) fn close(&self) -> u64 {
+        let mut udp = 0;
         for c in &self.conns {
             if let Ok(c) = &c.conn {
+                let s = c.stats();
+                udp += s.udp_rx.bytes + s.udp_tx.bytes;
                 c.close(0u32.into(), b"done");
             }
         }
+        udp
     }
 
     fn conn(&self, p: usize) -> &Connection {

@@ -33,8 +33,14 @@
 //!   nothing, while its outboard and range bookkeeping cost per chunk.
 //!
 //! So frames carry the stored bytes of many chunks per request and the
-//! receiver verifies each against its id before storing it (see
-//! `benches/p2p-throughput.sh` for the measured comparison).
+//! receiver verifies each against its id before storing it.
+//! `benches/p2p-throughput.sh` measures both side by side. First run (2
+//! cores, shared with two compiles): a 1 GiB template (a tar of /usr, 64
+//! KiB blocks) moved daemon to daemon in 5.6 s, 190 MB/s of plaintext with
+//! 457 MB on the wire, against 4.1 s (259 MB/s, 1074 MB on the wire) for
+//! iroh-blobs moving the same bytes as one raw blob between two file
+//! stores. The per-chunk iroh-blobs variant (each 64 KiB chunk a blob)
+//! would run at the 27-52 MB/s its file store managed here.
 
 mod fetch;
 mod protocol;
@@ -297,7 +303,7 @@ impl Node {
         local += l;
         fetched += want.len() as u64;
         swarm.run(Phase::Data, want).await?;
-        swarm.close();
+        let udp_bytes = swarm.close();
 
         record_layers(&self.store, &stack)?;
         Ok(FetchReport {
@@ -307,6 +313,7 @@ impl Node {
             chunks_local: local,
             bytes: swarm.bytes(),
             wire_bytes: swarm.wire_bytes(),
+            udp_bytes,
             elapsed_ms: ms(t0),
             providers: swarm.reports(),
         })
