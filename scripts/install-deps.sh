@@ -10,7 +10,7 @@ PKGS=(
   qemu-system-x86 qemu-utils      # guests (TCG where KVM is unusable)
   busybox-static e2fsprogs cpio kmod   # fixture guest images
   zstd rsync debootstrap ostree casync # benchmarks and their peers
-  iproute2 curl jq
+  iproute2 curl jq libxml2-utils  # xmllint: virt-xml-validate needs it
 )
 
 missing=()

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -63,6 +64,9 @@ pub enum Cmd {
         /// Treat SRC (or every file in it) as a disk image.
         #[arg(long)]
         image: bool,
+        /// A deploy spec (JSON) to carry in the layer's metadata.
+        #[arg(long)]
+        spec: Option<PathBuf>,
     },
     /// Overlays: layers that record only what differs from a base.
     #[command(subcommand)]
@@ -97,6 +101,56 @@ pub enum Cmd {
     /// The publisher key that signs names.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Deploy a guest from a layer: resolve, mount its stack with a private
+    /// upper, define and start it through libvirt, wait until it answers.
+    Deploy(crate::deploy::DeployArgs),
+    /// List instances and their state.
+    Ps,
+    /// Shut an instance's guest down (gracefully, then forced); its upper is kept.
+    Stop { name: String },
+    /// Start a stopped instance again.
+    Start { name: String },
+    /// Remove an instance: its guest, its mount and (unless --keep) its upper layer.
+    Destroy {
+        name: String,
+        /// Keep the instance's upper directory.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Print an instance's serial console.
+    Logs { name: String },
+    /// Save a disk-root guest's running state to a file and stop it.
+    Suspend { name: String },
+    /// Restore a suspended guest from its saved state.
+    Resume { name: String },
+    /// Mount a stack (read-only, or writable into --upper) with the cowfs union.
+    Mount {
+        r#ref: String,
+        mountpoint: PathBuf,
+        /// Writable upper directory (overlayfs format); without it the mount is read-only.
+        #[arg(long)]
+        upper: Option<PathBuf>,
+        /// Read-only even with --upper.
+        #[arg(long)]
+        ro: bool,
+        /// Serve in this process instead of a detached one.
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Unmount a union mounted by `xenod mount`.
+    Umount { mountpoint: PathBuf },
+    /// Turn a writable layer into an overlay: an instance's upper (TARGET is
+    /// an instance name), or an upper directory over --base.
+    Commit {
+        /// An instance name, or an upper directory (with --base).
+        target: String,
+        /// The stack an upper directory applies to.
+        #[arg(long)]
+        base: Option<String>,
+        /// Sign and record a name for the new overlay.
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Print a digest of a directory tree covering contents and all metadata.
     Digest {
         dir: PathBuf,
@@ -118,6 +172,10 @@ pub enum OverlayCmd {
         /// Sign and record a name for the overlay.
         #[arg(long)]
         name: Option<String>,
+        /// A deploy spec (JSON) to carry in the overlay's metadata: how
+        /// `xenod deploy` boots a guest from it.
+        #[arg(long)]
+        spec: Option<PathBuf>,
     },
 }
 
@@ -163,8 +221,89 @@ impl Ctx {
 pub fn run(args: Args) -> Result<()> {
     let ctx = Ctx { data_dir: args.data_dir.unwrap_or_else(config::default_data_dir), json: args.json };
     match args.cmd {
-        Cmd::Publish { src, name, image } => publish(&ctx, &src, name.as_deref(), image),
-        Cmd::Overlay(OverlayCmd::Create { base, dir, name }) => overlay_create(&ctx, &base, &dir, name.as_deref()),
+        Cmd::Publish { src, name, image, spec } => publish(&ctx, &src, name.as_deref(), image, spec_meta(spec)?),
+        Cmd::Overlay(OverlayCmd::Create { base, dir, name, spec }) => {
+            overlay_create(&ctx, &base, &dir, name.as_deref(), spec_meta(spec)?)
+        }
+        Cmd::Deploy(a) => crate::deploy::deploy(&ctx.data_dir, ctx.json, &a),
+        Cmd::Ps => {
+            let list = crate::deploy::list(&ctx.data_dir)?;
+            let j: Vec<_> = list
+                .iter()
+                .map(|(i, st)| json!({ "name": i.name, "state": st, "id": i.layer.to_string(), "top": i.top.to_string(),
+                    "root": format!("{:?}", i.root).to_lowercase(), "ports": i.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>() }))
+                .collect();
+            ctx.out(json!({ "instances": j }), || {
+                let mut s = format!("{:<20} {:<12} {:<6} {:<12} PORTS", "NAME", "STATE", "ROOT", "STACK");
+                for (i, st) in &list {
+                    let ports: Vec<String> = i.ports.iter().map(|p| p.to_string()).collect();
+                    s += &format!(
+                        "\n{:<20} {:<12} {:<6} {:<12} {}",
+                        i.name,
+                        st,
+                        format!("{:?}", i.root).to_lowercase(),
+                        i.top.fmt_short(),
+                        ports.join(",")
+                    );
+                }
+                s
+            })
+        }
+        Cmd::Stop { name } => {
+            let how = crate::deploy::stop(&ctx.data_dir, &name)?;
+            ctx.out(json!({ "name": name, "outcome": how }), || format!("{name} stopped ({how})"))
+        }
+        Cmd::Start { name } => {
+            crate::deploy::start(&ctx.data_dir, &name)?;
+            ctx.out(json!({ "name": name }), || format!("{name} started"))
+        }
+        Cmd::Destroy { name, keep } => {
+            crate::deploy::destroy(&ctx.data_dir, &name, keep)?;
+            ctx.out(json!({ "name": name, "kept_upper": keep }), || format!("{name} destroyed"))
+        }
+        Cmd::Logs { name } => {
+            let log = crate::deploy::logs(&ctx.data_dir, &name)?;
+            ctx.out(json!({ "name": name, "console": log }), || log.trim_end().to_string())
+        }
+        Cmd::Suspend { name } => {
+            let state = crate::deploy::suspend(&ctx.data_dir, &name)?;
+            ctx.out(json!({ "name": name, "state_file": state }), || format!("{name} suspended to {}", state.display()))
+        }
+        Cmd::Resume { name } => {
+            crate::deploy::resume(&ctx.data_dir, &name)?;
+            ctx.out(json!({ "name": name }), || format!("{name} resumed"))
+        }
+        Cmd::Mount { r#ref, mountpoint, upper, ro, foreground } => {
+            crate::mount::mount_cmd(&ctx.data_dir, &r#ref, &mountpoint, upper.as_deref(), ro, foreground)?;
+            ctx.out(json!({ "mountpoint": mountpoint }), String::new)
+        }
+        Cmd::Umount { mountpoint } => {
+            crate::mount::umount_cmd(&mountpoint)?;
+            ctx.out(json!({ "mountpoint": mountpoint }), || format!("unmounted {}", mountpoint.display()))
+        }
+        Cmd::Commit { target, base, name } => {
+            if let Some(n) = &name {
+                xenod_store::check_name(n)?;
+            }
+            let st = match base {
+                Some(b) => crate::mount::commit_cmd(Arc::new(ctx.store()?), Path::new(&target), &b, name.as_deref())?,
+                None if crate::deploy::instances_dir(&ctx.data_dir).join(&target).is_dir() => {
+                    let mut meta = BTreeMap::new();
+                    meta.insert("committed_from".to_string(), target.clone());
+                    crate::deploy::commit(&ctx.data_dir, &target, meta)?
+                }
+                None => bail!("{target:?} is no instance here; to commit an upper directory pass --base REF"),
+            };
+            if let Some(n) = &name {
+                let store = ctx.store()?;
+                record_name(&ctx, &store, n, st.id)?;
+            } else {
+                ctx.store()?.pin(&st.id.to_string(), &st.id)?;
+            }
+            ctx.out(json!({ "id": st.id.to_string(), "entries": st.entries, "name": name }), || {
+                format!("{}\n{} entries committed from {target}", st.id, st.entries)
+            })
+        }
         Cmd::Export { r#ref, dest, layer_only } => export(&ctx, &r#ref, &dest, layer_only),
         Cmd::Ls => ls(&ctx),
         Cmd::Resolve { r#ref } => {
@@ -266,7 +405,19 @@ struct Published {
     bytes_in: u64,
 }
 
-fn publish(ctx: &Ctx, src: &str, name: Option<&str>, image: bool) -> Result<()> {
+/// Reads and checks a deploy spec file into layer metadata.
+fn spec_meta(spec: Option<PathBuf>) -> Result<BTreeMap<String, String>> {
+    let mut meta = BTreeMap::new();
+    if let Some(p) = spec {
+        let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        let parsed =
+            xenod_deployer::DeploySpec::from_json(&text).with_context(|| format!("deploy spec {}", p.display()))?;
+        meta.insert(crate::deploy::SPEC_KEY.to_string(), parsed.to_json());
+    }
+    Ok(meta)
+}
+
+fn publish(ctx: &Ctx, src: &str, name: Option<&str>, image: bool, mut meta: BTreeMap<String, String>) -> Result<()> {
     if let Some(n) = name {
         xenod_store::check_name(n)?;
     }
@@ -298,7 +449,6 @@ fn publish(ctx: &Ctx, src: &str, name: Option<&str>, image: bool) -> Result<()> 
             import_image(&store, path, &file_name, &opts, &mut sink)?;
         }
     }
-    let mut meta = BTreeMap::new();
     if let Some(n) = name {
         meta.insert("name".to_string(), n.to_string());
     }
@@ -353,7 +503,13 @@ fn finish_layer(ctx: &Ctx, store: &Store, name: Option<&str>, p: &Published, sta
     )
 }
 
-fn overlay_create(ctx: &Ctx, base_ref: &str, dir: &Path, name: Option<&str>) -> Result<()> {
+fn overlay_create(
+    ctx: &Ctx,
+    base_ref: &str,
+    dir: &Path,
+    name: Option<&str>,
+    mut meta: BTreeMap<String, String>,
+) -> Result<()> {
     if let Some(n) = name {
         xenod_store::check_name(n)?;
     }
@@ -387,7 +543,6 @@ fn overlay_create(ctx: &Ctx, base_ref: &str, dir: &Path, name: Option<&str>) -> 
             entries += 1;
         }
         let _ = walker.join();
-        let mut meta = BTreeMap::new();
         meta.insert("base".to_string(), base_ref.to_string());
         if let Some(n) = name {
             meta.insert("name".to_string(), n.to_string());

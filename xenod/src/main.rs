@@ -14,6 +14,8 @@
 
 mod cli;
 mod config;
+mod deploy;
+mod mount;
 mod peer_cmds;
 mod progress;
 mod serve;

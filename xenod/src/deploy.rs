@@ -1,0 +1,545 @@
+//! `xenod deploy` and the instance lifecycle: ps, stop, start, destroy,
+//! logs, suspend, resume, commit.
+//!
+//! An instance lives in `DATA_DIR/instances/NAME/`:
+//!
+//! ```text
+//! instance.json   what was deployed: layers, domain, ports, mount
+//! root/           the cowfs mount: stack + instance layer + upper
+//! upper/          the instance's private writable layer
+//! console.log     the guest's serial console
+//! mount.log       the filesystem process's own log
+//! state.save      a suspended guest's saved machine state
+//! ```
+//!
+//! Per-instance settings (the instance name) travel as a tiny layer of
+//! their own on top of the deployed stack, so replicas share every other
+//! layer. The instance layer is pinned while the instance exists.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use xenod_deployer::{
+    DeploySpec, DomainModel, GUEST_READY_LINE, Hypervisor, Libvirt, PortForward, RootMode, SpecOverrides, default_uri,
+    wait_console, wait_http,
+};
+use xenod_store::{Chunking, Entry, Extent, Kind, LayerId, LayerWriter, Merged, Store, Timestamp, cmp_paths};
+
+/// Metadata key of a layer's deploy spec (JSON).
+pub const SPEC_KEY: &str = "deploy";
+const INSTANCE_FILE: &[u8] = b"etc/xenod/instance";
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// What to deploy: a template name, NAME@ID, a layer id or prefix.
+    pub url: String,
+    /// Instance name [default: the spec's, else derived from the layer].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Start N instances sharing the cached layers (NAME-1 .. NAME-N).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// libvirt connection [default: $XENOD_LIBVIRT_URI or qemu:///system].
+    #[arg(long)]
+    pub uri: Option<String>,
+    /// Root mode override: fs (shared tree) or disk (image inside the tree).
+    #[arg(long)]
+    pub root: Option<RootMode>,
+    /// Memory override, MiB.
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// Port forwards override, HOST:GUEST on 127.0.0.1 (HOST 0 = any free port).
+    #[arg(long = "port")]
+    pub ports: Vec<PortForward>,
+    /// Extra kernel command line override.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Seconds to wait for the guest's service to answer.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// Return once the guest is started, without waiting for its service.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// What `instance.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Instance {
+    pub name: String,
+    /// The deployed stack's top layer.
+    pub top: LayerId,
+    /// The per-instance layer on top of it.
+    pub layer: LayerId,
+    pub uri: String,
+    pub root: RootMode,
+    pub ports: Vec<PortForward>,
+    pub mount_pid: Option<u32>,
+    pub created: u64,
+}
+
+pub fn instances_dir(data: &Path) -> PathBuf {
+    data.join("instances")
+}
+
+fn instance_dir(data: &Path, name: &str) -> PathBuf {
+    instances_dir(data).join(name)
+}
+
+fn pin_label(name: &str) -> String {
+    format!("instance:{name}")
+}
+
+impl Instance {
+    pub fn load(data: &Path, name: &str) -> Result<Self> {
+        let p = instance_dir(data, name).join("instance.json");
+        let s = fs::read(&p).with_context(|| format!("no instance {name:?} here (reading {})", p.display()))?;
+        serde_json::from_slice(&s).with_context(|| format!("{} does not parse", p.display()))
+    }
+
+    fn save(&self, data: &Path) -> Result<()> {
+        let dir = instance_dir(data, &self.name);
+        let tmp = dir.join("instance.json.tmp");
+        let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&serde_json::to_vec_pretty(self)?)?;
+        f.sync_all()?;
+        fs::rename(&tmp, dir.join("instance.json")).with_context(|| format!("writing {}", dir.display()))
+    }
+
+    pub fn mountpoint(&self, data: &Path) -> PathBuf {
+        instance_dir(data, &self.name).join("root")
+    }
+
+    pub fn upper(&self, data: &Path) -> PathBuf {
+        instance_dir(data, &self.name).join("upper")
+    }
+}
+
+/// The deploy spec carried by the topmost layer of the stack that has one.
+pub fn stack_spec(store: &Store, top: &LayerId) -> Result<Option<DeploySpec>> {
+    for id in store.stack(top)?.iter().rev() {
+        if let Some(s) = store.layer_root(id)?.meta.get(SPEC_KEY) {
+            return Ok(Some(DeploySpec::from_json(s).with_context(|| format!("deploy spec of layer {id}"))?));
+        }
+    }
+    Ok(None)
+}
+
+/// A step of the deployment timeline.
+struct Timeline {
+    t0: Instant,
+    last: Instant,
+    steps: Vec<(String, Duration)>,
+    quiet: bool,
+}
+
+impl Timeline {
+    fn new(quiet: bool) -> Self {
+        let now = Instant::now();
+        Self { t0: now, last: now, steps: Vec::new(), quiet }
+    }
+
+    fn step(&mut self, what: &str) {
+        let now = Instant::now();
+        let d = now - self.last;
+        self.last = now;
+        if !self.quiet {
+            eprintln!("  {:>7.3}s  +{:>6.3}s  {what}", (now - self.t0).as_secs_f64(), d.as_secs_f64());
+        }
+        self.steps.push((what.to_string(), d));
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!(self.steps.iter().map(|(s, d)| json!({"step": s, "seconds": d.as_secs_f64()})).collect::<Vec<_>>())
+    }
+}
+
+fn hypervisor(uri: &str) -> Result<Libvirt> {
+    Libvirt::connect(uri).map_err(|e| anyhow!(e))
+}
+
+pub fn deploy(data: &Path, json_out: bool, a: &DeployArgs) -> Result<()> {
+    let mut tl = Timeline::new(json_out);
+    let store = Arc::new(Store::open(data).with_context(|| format!("opening the store in {}", data.display()))?);
+    let top = store.resolve(&a.url)?;
+    tl.step("resolve");
+    // Every layer of the stack must be local (fetching from peers is `xenod fetch`).
+    store.stack(&top).with_context(|| format!("layers of {} are not all here; fetch them first", a.url))?;
+    tl.step("fetch (layers local)");
+    let mut spec = stack_spec(&store, &top)?.ok_or_else(|| {
+        anyhow!(
+            "{} carries no deploy spec: create the overlay with --spec FILE (see `xenod overlay create --help`)",
+            a.url
+        )
+    })?;
+    spec.apply(&SpecOverrides {
+        root: a.root,
+        memory_mib: a.memory,
+        ports: (!a.ports.is_empty()).then(|| a.ports.clone()),
+        cmdline: a.cmdline.clone(),
+        ..Default::default()
+    });
+    let base_name =
+        a.name.clone().or_else(|| spec.instance.clone()).unwrap_or_else(|| format!("xenod-{}", &top.to_string()[..8]));
+    let names: Vec<String> =
+        if a.replicas <= 1 { vec![base_name] } else { (1..=a.replicas).map(|i| format!("{base_name}-{i}")).collect() };
+    if a.replicas > 1 {
+        // Replicas cannot share fixed host ports.
+        for p in &mut spec.ports {
+            p.host = 0;
+        }
+    }
+    for n in &names {
+        xenod_deployer::validate_name(n)?;
+        if instance_dir(data, n).exists() {
+            bail!("instance {n:?} exists; `xenod destroy {n}` it first or pick another --name");
+        }
+    }
+    let uri = a.uri.clone().unwrap_or_else(default_uri);
+    let single = names.len() == 1 && !json_out;
+    let results: Vec<Result<serde_json::Value>> = std::thread::scope(|s| {
+        let handles: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let (store, spec, uri) = (store.clone(), spec.clone(), uri.clone());
+                s.spawn(move || deploy_one(data, store, top, spec, n, &uri, a, single))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("deploy thread panicked")))).collect()
+    });
+    tl.step(if names.len() == 1 { "deployed" } else { "all replicas deployed" });
+    let mut ok = Vec::new();
+    let mut errors = Vec::new();
+    for (n, r) in names.iter().zip(results) {
+        match r {
+            Ok(v) => ok.push(v),
+            Err(e) => errors.push(format!("{n}: {e:#}")),
+        }
+    }
+    let out = json!({ "instances": ok, "timeline": tl.json(), "errors": errors });
+    if json_out {
+        println_json(&out)?;
+    } else {
+        for v in &ok {
+            println_text(&format!(
+                "{} running ({}), http://127.0.0.1:{}/",
+                v["name"].as_str().unwrap_or("?"),
+                v["root"].as_str().unwrap_or("?"),
+                v["port"].as_u64().unwrap_or(0)
+            ))?;
+        }
+    }
+    if !errors.is_empty() {
+        bail!("{}", errors.join("; "));
+    }
+    Ok(())
+}
+
+fn println_json(v: &serde_json::Value) -> Result<()> {
+    writeln!(std::io::stdout().lock(), "{v}")?;
+    Ok(())
+}
+
+fn println_text(s: &str) -> Result<()> {
+    writeln!(std::io::stdout().lock(), "{s}")?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn deploy_one(
+    data: &Path,
+    store: Arc<Store>,
+    top: LayerId,
+    mut spec: DeploySpec,
+    name: &str,
+    uri: &str,
+    a: &DeployArgs,
+    verbose: bool,
+) -> Result<serde_json::Value> {
+    let mut tl = Timeline::new(!verbose);
+    let dir = instance_dir(data, name);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut guard =
+        Cleanup { data: data.to_path_buf(), name: name.to_string(), store: store.clone(), uri: None, armed: true };
+    spec.instance = Some(name.to_string());
+    let layer = instance_layer(&store, &top, name)?;
+    store.pin(&pin_label(name), &layer)?;
+    tl.step("instance layer");
+    let mut inst = Instance {
+        name: name.to_string(),
+        top,
+        layer,
+        uri: uri.to_string(),
+        root: spec.root,
+        ports: vec![],
+        mount_pid: None,
+        created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    };
+    inst.save(data)?;
+    let pid = spawn_mount(data, &inst)?;
+    inst.mount_pid = Some(pid);
+    inst.save(data)?;
+    tl.step("mount");
+    let hv = hypervisor(uri)?;
+    let model = DomainModel::from_spec(&spec, &inst.mountpoint(data), dir.join("console.log"))?;
+    inst.ports = model.network.forwards().to_vec();
+    inst.save(data)?;
+    guard.uri = Some(uri.to_string());
+    hv.deploy(&model)?;
+    tl.step("define + start");
+    let port = inst.ports.first().map(|p| p.host);
+    if !a.no_wait {
+        let timeout = Duration::from_secs(a.timeout);
+        wait_console(&hv, name, GUEST_READY_LINE, timeout)?;
+        tl.step("guest booted");
+        if let Some(p) = port {
+            wait_http(&hv, name, p, "/xenod-ready-probe", timeout)?;
+            tl.step("service answers");
+        }
+    }
+    guard.armed = false;
+    Ok(
+        json!({ "name": name, "id": layer.to_string(), "top": top.to_string(), "root": format!("{:?}", spec.root).to_lowercase(),
+               "port": port, "ports": inst.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "timeline": tl.json() }),
+    )
+}
+
+/// Undoes a half-done deploy: no domain, mount or upper is left behind.
+struct Cleanup {
+    data: PathBuf,
+    name: String,
+    store: Arc<Store>,
+    uri: Option<String>,
+    armed: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(uri) = &self.uri
+            && let Ok(hv) = hypervisor(uri)
+        {
+            let _ = hv.destroy(&self.name);
+        }
+        let _ = teardown(&self.data, &self.name, &self.store, false);
+    }
+}
+
+/// Builds the per-instance layer: `/etc/xenod/instance` with the name,
+/// under directories that keep the stack's own metadata.
+fn instance_layer(store: &Store, top: &LayerId, name: &str) -> Result<LayerId> {
+    let dirs: [&[u8]; 3] = [b"", b"etc", b"etc/xenod"];
+    let mut found: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
+    for e in Merged::of(store, top)? {
+        let e = e?;
+        if cmp_paths(&e.path, INSTANCE_FILE) == std::cmp::Ordering::Greater {
+            break;
+        }
+        if dirs.contains(&e.path.as_slice()) {
+            found.insert(e.path.clone(), e);
+        }
+    }
+    let content = format!("name={name}\n");
+    let (id, _) = store.put(content.as_bytes())?;
+    let mut w = LayerWriter::new(store);
+    for d in dirs {
+        let e = match found.remove(d) {
+            Some(e) if e.is_dir() => e,
+            _ => Entry {
+                path: d.to_vec(),
+                kind: Kind::Dir { opaque: false },
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: Timestamp::default(),
+                xattrs: vec![],
+            },
+        };
+        w.push(&e)?;
+    }
+    w.push(&Entry {
+        path: INSTANCE_FILE.to_vec(),
+        kind: Kind::File {
+            size: content.len() as u64,
+            chunking: Chunking::Cdc,
+            extents: vec![Extent::Data { id, len: content.len() as u32 }],
+        },
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: Timestamp::default(),
+        xattrs: vec![],
+    })?;
+    Ok(w.finish(Some(*top), [("instance".to_string(), name.to_string())].into())?)
+}
+
+/// Starts the instance's filesystem in its own process (it outlives this
+/// command) and waits until it is mounted.
+fn spawn_mount(data: &Path, inst: &Instance) -> Result<u32> {
+    let (mnt, upper) = (inst.mountpoint(data), inst.upper(data));
+    fs::create_dir_all(&mnt)?;
+    fs::create_dir_all(&upper)?;
+    let log = instance_dir(data, &inst.name).join("mount.log");
+    let logf = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let child = Command::new(std::env::current_exe()?)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["mount", &inst.layer.to_string()])
+        .arg(&mnt)
+        .arg("--upper")
+        .arg(&upper)
+        .arg("--foreground")
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .process_group(0)
+        .spawn()
+        .context("starting the instance's filesystem")?;
+    let pid = child.id();
+    let t0 = Instant::now();
+    while !xenod_cowfs::is_mounted(&mnt) {
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("the instance filesystem did not mount within 30 s; see {}", log.display());
+        }
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            bail!("the instance filesystem exited: {}", fs::read_to_string(&log).unwrap_or_default().trim());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(pid)
+}
+
+/// Unmounts and removes an instance's files (keeping the upper if `keep`).
+fn teardown(data: &Path, name: &str, store: &Store, keep: bool) -> Result<()> {
+    let dir = instance_dir(data, name);
+    let mnt = dir.join("root");
+    if xenod_cowfs::is_mounted(&mnt) {
+        xenod_cowfs::unmount(&mnt, true).with_context(|| format!("unmounting {}", mnt.display()))?;
+    }
+    if let Ok(inst) = Instance::load(data, name)
+        && let Some(pid) = inst.mount_pid
+    {
+        // The filesystem process exits once unmounted; wait for it briefly.
+        let t0 = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    store.unpin(&pin_label(name))?;
+    if keep {
+        for f in ["root", "console.log", "mount.log", "state.save", "instance.json"] {
+            let p = dir.join(f);
+            let _ = if p.is_dir() { fs::remove_dir(&p) } else { fs::remove_file(&p) };
+        }
+    } else if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+pub fn list(data: &Path) -> Result<Vec<(Instance, String)>> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(instances_dir(data)) else { return Ok(out) };
+    for e in rd {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if let Ok(inst) = Instance::load(data, &name) {
+            let state = hypervisor(&inst.uri)
+                .and_then(|hv| hv.state(&name).map_err(|e| anyhow!(e)))
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| format!("unknown ({e})"));
+            let state =
+                if instance_dir(data, &name).join("state.save").exists() { "suspended".to_string() } else { state };
+            out.push((inst, state));
+        }
+    }
+    out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    Ok(out)
+}
+
+pub fn stop(data: &Path, name: &str) -> Result<String> {
+    let inst = Instance::load(data, name)?;
+    let outcome = hypervisor(&inst.uri)?.stop(name, Duration::from_secs(30))?;
+    Ok(format!("{outcome:?}"))
+}
+
+pub fn start(data: &Path, name: &str) -> Result<()> {
+    let inst = Instance::load(data, name)?;
+    if !xenod_cowfs::is_mounted(&inst.mountpoint(data)) {
+        let mut inst = inst.clone();
+        inst.mount_pid = Some(spawn_mount(data, &inst)?);
+        inst.save(data)?;
+    }
+    hypervisor(&inst.uri)?.start(name)?;
+    Ok(())
+}
+
+pub fn destroy(data: &Path, name: &str, keep: bool) -> Result<()> {
+    let inst = Instance::load(data, name)?;
+    let store = Store::open(data)?;
+    match hypervisor(&inst.uri)?.destroy(name) {
+        Ok(()) | Err(xenod_deployer::Error::NoSuchDomain { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    teardown(data, name, &store, keep)
+}
+
+pub fn logs(data: &Path, name: &str) -> Result<String> {
+    let p = instance_dir(data, name).join("console.log");
+    let b = fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(String::from_utf8_lossy(&b).into_owned())
+}
+
+pub fn suspend(data: &Path, name: &str) -> Result<PathBuf> {
+    let inst = Instance::load(data, name)?;
+    if inst.root == RootMode::Fs {
+        bail!(
+            "{name} has a shared-filesystem root, and the hypervisor cannot save such a guest; \
+             use `xenod stop {name}` and `xenod start {name}` instead (its upper layer is kept)"
+        );
+    }
+    let state = instance_dir(data, name).join("state.save");
+    hypervisor(&inst.uri)?.save(name, &state)?;
+    Ok(state)
+}
+
+pub fn resume(data: &Path, name: &str) -> Result<()> {
+    let inst = Instance::load(data, name)?;
+    let state = instance_dir(data, name).join("state.save");
+    if !state.exists() {
+        bail!("{name} is not suspended (no {})", state.display());
+    }
+    if !xenod_cowfs::is_mounted(&inst.mountpoint(data)) {
+        let mut inst = inst.clone();
+        inst.mount_pid = Some(spawn_mount(data, &inst)?);
+        inst.save(data)?;
+    }
+    hypervisor(&inst.uri)?.restore(&state)?;
+    fs::remove_file(&state).with_context(|| format!("removing {}", state.display()))?;
+    Ok(())
+}
+
+/// The instance's upper layer as an overlay on its stack.
+pub fn commit(data: &Path, name: &str, meta: BTreeMap<String, String>) -> Result<xenod_cowfs::CommitStats> {
+    let inst = Instance::load(data, name)?;
+    let store = Arc::new(Store::open(data)?);
+    let stack = store.stack(&inst.layer)?;
+    // A paused guest writes nothing while its upper is read.
+    let hv = hypervisor(&inst.uri)?;
+    let paused = hv.state(name).is_ok_and(|s| s.is_active()) && hv.suspend(name).is_ok();
+    let r = xenod_cowfs::commit(store, &stack, &inst.upper(data), meta);
+    if paused {
+        hv.resume(name)?;
+    }
+    Ok(r?)
+}
