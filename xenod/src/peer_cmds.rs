@@ -49,8 +49,8 @@ pub enum PeerCmd {
     /// This host's node id and address, transfer counters (refused bad chunks,
     /// dropped peers, refused names) and known peers.
     Status,
-    /// Stop the daemon of DATA_DIR.
-    Stop,
+    /// Shut the daemon of DATA_DIR down (`xenod stop NAME` stops an instance).
+    Shutdown,
 }
 
 pub fn run(data_dir: &Path, json: bool, cmd: PeerCmd) -> Result<()> {
@@ -60,7 +60,7 @@ pub fn run(data_dir: &Path, json: bool, cmd: PeerCmd) -> Result<()> {
         PeerCmd::Fetch { target, from } => Request::Fetch { target, from },
         PeerCmd::Names { from } => Request::Names { from },
         PeerCmd::Status => Request::Status,
-        PeerCmd::Stop => Request::Shutdown,
+        PeerCmd::Shutdown => Request::Shutdown,
     };
     let result = match UnixStream::connect(serve::socket_path(data_dir)) {
         Ok(s) => call(s, &req, json)?,

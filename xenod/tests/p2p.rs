@@ -61,7 +61,7 @@ impl Daemon {
 
     /// Stops through the API and waits for the process to exit.
     fn stop(mut self) {
-        ok_json(xenod(&self.data).arg("stop"));
+        ok_json(xenod(&self.data).arg("shutdown"));
         let t = Instant::now();
         while self.child.try_wait().unwrap().is_none() {
             assert!(t.elapsed() < Duration::from_secs(10), "daemon did not stop");
