@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Command 1 of the README: install what is missing, build xenod, build the
 # fixture guest template from Debian packages, publish it as a named
-# template, describe the web service as an overlay on it, export the stack
-# and show what was stored.
+# template, describe the web service as an overlay on it (with its deploy
+# spec), deploy a guest from the overlay through libvirt and show its
+# service answering.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ cargo build --release --locked -p xenod
 XENOD=$PWD/target/release/xenod
 FIX=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/guest
 bash fixtures/build-guest.sh "$FIX"
+bash scripts/start-libvirtd.sh
 
 DATA=${XENOD_DEMO_DATA:-/tmp/xenod-demo}
 rm -rf "$DATA" && mkdir -p "$DATA"
@@ -25,7 +27,7 @@ x publish "$TREE" --name template://xenod/busybox/1
 echo "== the web service as an overlay: only what differs is stored"
 WEB=$DATA/work/web
 cp -a "$TREE" "$WEB" && cp -a "$FIX/web/." "$WEB/"
-x overlay create --base template://xenod/busybox/1 "$WEB" --name template://demo/web/1
+x overlay create --base template://xenod/busybox/1 "$WEB" --name template://demo/web/1 --spec fixtures/guest/web.spec.json
 
 echo "== export the stack and compare it with the tree it came from"
 x export template://demo/web/1 "$DATA/work/exported"
@@ -37,3 +39,15 @@ echo "== what the store holds"
 x ls
 x verify
 du -sh "$DATA/packs"
+
+echo "== deploy the overlay: mount its stack with a private upper, boot, wait for the service"
+"$XENOD" --data-dir "$DATA" destroy demo-web >/dev/null 2>&1 || true
+trap '"$XENOD" --data-dir "$DATA" destroy demo-web >/dev/null 2>&1 || true' EXIT
+x deploy template://demo/web/1 --name demo-web
+PORT=$("$XENOD" --data-dir "$DATA" ps --json | jq -r '.instances[] | select(.name=="demo-web") | .ports[0]' | cut -d: -f1)
+echo "== the guest's service, twice (its counter lives in the instance's upper layer)"
+curl -sf "http://127.0.0.1:$PORT/"
+curl -sf "http://127.0.0.1:$PORT/" | grep counter=
+x ps
+echo "(set KEEP=1 to leave the guest running)"
+if [ "${KEEP:-0}" = 1 ]; then trap - EXIT; fi
