@@ -114,15 +114,7 @@ impl Walk<'_> {
                     if let Some(first) = self.links.get(&ino) {
                         let target = first.clone();
                         // The first name carries the data and metadata (as import writes it).
-                        return Ok(Entry {
-                            path,
-                            kind: Kind::Hardlink { target },
-                            mode: 0,
-                            uid: 0,
-                            gid: 0,
-                            mtime: Timestamp::default(),
-                            xattrs: vec![],
-                        });
+                        return Ok(Entry::hardlink(path, target));
                     }
                     self.links.insert(ino, path.clone());
                 }

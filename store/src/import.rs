@@ -327,15 +327,7 @@ fn entry_for<'s>(
 }
 
 fn hardlink(path: &[u8], target: Vec<u8>) -> Entry {
-    Entry {
-        path: path.to_vec(),
-        kind: Kind::Hardlink { target },
-        mode: 0,
-        uid: 0,
-        gid: 0,
-        mtime: Timestamp::default(),
-        xattrs: vec![],
-    }
+    Entry::hardlink(path.to_vec(), target)
 }
 
 /// Imports one file as a single-file layer: the root directory holding it

@@ -44,7 +44,7 @@ pub use import::{IMAGE_MIN_SIZE, ImportOptions, Progress, chunk_stream, import_d
 pub use layer::{LayerInfo, LayerReader, LayerWriter, MAX_STACK};
 pub use manifest::{
     ChunkRef, Entry, Extent, FORMAT_VERSION, Kind, LayerRoot, MAX_ENTRY_BYTES, OrderCheck, Timestamp, Xattr, cmp_paths,
-    display_path, file_name, is_below, parent,
+    display_path, encode_entry, file_name, is_below, parent,
 };
 pub use merge::{Diff, Merged, diff};
 pub use names::{NameRecord, SCHEME, check_name, generate_key, hex};

@@ -137,6 +137,20 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Another name for the regular file `target`, which carries the data
+    /// and the metadata of the set (so this entry's own are zero).
+    pub fn hardlink(path: Vec<u8>, target: Vec<u8>) -> Self {
+        Self {
+            path,
+            kind: Kind::Hardlink { target },
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            mtime: Timestamp::default(),
+            xattrs: vec![],
+        }
+    }
+
     pub fn is_dir(&self) -> bool {
         matches!(self.kind, Kind::Dir { .. })
     }
@@ -293,8 +307,9 @@ impl LayerRoot {
     }
 }
 
-/// Appends one entry to a manifest stream.
-pub(crate) fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
+/// Appends one entry to a manifest stream (length prefix + postcard), with
+/// no checks: [`crate::LayerWriter`] is the checked way to write layers.
+pub fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
     let body = postcard::to_stdvec(e).unwrap_or_default();
     let mut n = body.len() as u64;
     loop {

@@ -123,18 +123,7 @@ fn dir(path: &str) -> Entry {
 fn raw_layer(store: &Store, entries: &[Entry], claimed: Option<u64>) -> ChunkId {
     let mut stream = b"XNDLYR01".to_vec();
     for e in entries {
-        let body = postcard::to_stdvec(e).unwrap();
-        let mut n = body.len();
-        loop {
-            let b = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                stream.push(b);
-                break;
-            }
-            stream.push(b | 0x80);
-        }
-        stream.extend_from_slice(&body);
+        xenod_store::encode_entry(e, &mut stream);
     }
     raw_root(store, &stream, claimed.unwrap_or(entries.len() as u64))
 }
