@@ -37,6 +37,24 @@ fn xenod(data: &Path, args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// The fixture (built and cached), libvirt started; `None` (said loudly)
+/// when this machine cannot run a guest.
+fn setup() -> Option<PathBuf> {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIPPED: real-guest deploy test: {why}");
+        return None;
+    }
+    Some(fixture())
+}
+
+/// Copies the fixture's kernel and initrd into `tree/boot`.
+fn add_boot(fix: &Path, tree: &Path) {
+    fs::create_dir_all(tree.join("boot")).unwrap();
+    for k in ["vmlinux", "initrd.img"] {
+        fs::copy(fix.join("kernel").join(k), tree.join("boot").join(k)).unwrap();
+    }
+}
+
 /// Builds (cached) the fixture and returns its directory.
 fn fixture() -> PathBuf {
     let st = Command::new("bash").arg(repo().join("scripts/start-libvirtd.sh")).status().unwrap();
@@ -79,19 +97,12 @@ impl Drop for Instances<'_> {
 
 #[test]
 fn fs_root_guest_replicas_and_commit() {
-    if let Some(why) = skip_reason() {
-        eprintln!("SKIPPED: real-guest deploy test: {why}");
-        return;
-    }
-    let fix = fixture();
+    let Some(fix) = setup() else { return };
     let t = tempfile::tempdir().unwrap();
     let data = t.path().join("data");
     let tree = t.path().join("template");
     cp(&fix.join("template"), &tree);
-    fs::create_dir_all(tree.join("boot")).unwrap();
-    for k in ["vmlinux", "initrd.img"] {
-        fs::copy(fix.join("kernel").join(k), tree.join("boot").join(k)).unwrap();
-    }
+    add_boot(&fix, &tree);
     xenod(&data, &["publish", tree.to_str().unwrap(), "--name", "template://t/os/1"]);
     let web = t.path().join("web");
     cp(&tree, &web);
@@ -157,19 +168,12 @@ fn fs_root_guest_replicas_and_commit() {
 
 #[test]
 fn disk_root_guest_suspends_and_resumes() {
-    if let Some(why) = skip_reason() {
-        eprintln!("SKIPPED: real-guest deploy test: {why}");
-        return;
-    }
-    let fix = fixture();
+    let Some(fix) = setup() else { return };
     let t = tempfile::tempdir().unwrap();
     let data = t.path().join("data");
     let tree = t.path().join("tree");
-    fs::create_dir_all(tree.join("boot")).unwrap();
+    add_boot(&fix, &tree);
     fs::create_dir_all(tree.join("disk")).unwrap();
-    for k in ["vmlinux", "initrd.img"] {
-        fs::copy(fix.join("kernel").join(k), tree.join("boot").join(k)).unwrap();
-    }
     fs::copy(fix.join("disk/root.img"), tree.join("disk/root.img")).unwrap();
     let spec = t.path().join("disk.spec.json");
     fs::write(
