@@ -80,7 +80,8 @@ pub fn http_get(port: u16, path: &str, timeout: Duration) -> std::io::Result<(u1
     let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    // One write: the request goes out in one segment.
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp)?;
     let resp = String::from_utf8_lossy(&resp);
@@ -103,9 +104,15 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let server = std::thread::spawn(move || {
             let (mut c, _) = l.accept().unwrap();
+            // Read the whole request head, however TCP splits it.
+            let mut req = Vec::new();
             let mut buf = [0; 256];
-            let n = c.read(&mut buf).unwrap();
-            assert!(buf[..n].starts_with(b"GET /x HTTP/1.0\r\n"));
+            while !req.ends_with(b"\r\n\r\n") {
+                let n = c.read(&mut buf).unwrap();
+                assert!(n > 0, "request ended early: {:?}", String::from_utf8_lossy(&req));
+                req.extend_from_slice(&buf[..n]);
+            }
+            assert!(req.starts_with(b"GET /x HTTP/1.0\r\n"));
             c.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n\r\nnope\n").unwrap();
         });
         assert_eq!(http_get(port, "/x", Duration::from_secs(5)).unwrap(), (404, "nope\n".to_string()));
