@@ -520,15 +520,7 @@ pub fn import_tar(
 }
 
 fn synthetic_dir(path: &[u8]) -> Entry {
-    Entry {
-        path: path.to_vec(),
-        kind: Kind::Dir { opaque: false },
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        mtime: Timestamp::default(),
-        xattrs: vec![],
-    }
+    Entry::dir(path.to_vec())
 }
 
 /// Hardlink sets of a tar stream. In tree order the first member of a set

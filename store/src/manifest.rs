@@ -137,6 +137,20 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// A plain directory: mode 0755, owned by root, mtime zero (for
+    /// directories an input implies but does not describe).
+    pub fn dir(path: Vec<u8>) -> Self {
+        Self {
+            path,
+            kind: Kind::Dir { opaque: false },
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: Timestamp::default(),
+            xattrs: vec![],
+        }
+    }
+
     /// Another name for the regular file `target`, which carries the data
     /// and the metadata of the set (so this entry's own are zero).
     pub fn hardlink(path: Vec<u8>, target: Vec<u8>) -> Self {

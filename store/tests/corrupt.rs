@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use xenod_store::{
-    ChunkId, ChunkRef, Entry, Error, Extent, FORMAT_VERSION, Kind, LayerRoot, Merged, Store, Timestamp, export_dir,
+    ChunkId, ChunkRef, Entry, Error, Extent, FORMAT_VERSION, Kind, LayerRoot, Merged, Store, export_dir,
 };
 
 fn store_with_tree(dir: &Path) -> (Store, ChunkId) {
@@ -108,15 +108,7 @@ fn missing_chunk_and_missing_pack() {
 }
 
 fn dir(path: &str) -> Entry {
-    Entry {
-        path: path.as_bytes().to_vec(),
-        kind: Kind::Dir { opaque: false },
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        mtime: Timestamp::default(),
-        xattrs: vec![],
-    }
+    Entry::dir(path.as_bytes().to_vec())
 }
 
 /// Writes entries as a layer without any of LayerWriter's checks.

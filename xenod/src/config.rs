@@ -165,19 +165,7 @@ pub fn generate_key(data_dir: &Path, force: bool) -> Result<SigningKey> {
     if p.exists() && !force {
         bail!("{} exists; pass --force to replace it (names signed with it will no longer verify here)", p.display());
     }
-    let dir = p.parent().unwrap_or(data_dir);
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let key = xenod_store::generate_key()?;
-    let tmp = p.with_extension("key.tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    writeln!(f, "{}", hex(&key.to_bytes()))?;
-    f.sync_all()?;
-    fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))?;
+    write_secret(&p, &key.to_bytes())?;
     Ok(key)
 }

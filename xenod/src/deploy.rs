@@ -356,15 +356,7 @@ fn instance_layer(store: &Store, top: &LayerId, name: &str) -> Result<LayerId> {
     for d in dirs {
         let e = match found.remove(d) {
             Some(e) if e.is_dir() => e,
-            _ => Entry {
-                path: d.to_vec(),
-                kind: Kind::Dir { opaque: false },
-                mode: 0o755,
-                uid: 0,
-                gid: 0,
-                mtime: Timestamp::default(),
-                xattrs: vec![],
-            },
+            _ => Entry::dir(d.to_vec()),
         };
         w.push(&e)?;
     }
