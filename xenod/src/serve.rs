@@ -279,7 +279,9 @@ impl Daemon {
             }
             Request::Fetch { target, from } => self.fetch(&target, &from, progress).await,
             Request::Shutdown => {
-                self.shutdown.notify_waiters();
+                // notify_one keeps a permit when the accept loop is not
+                // waiting at this instant; notify_waiters would lose it.
+                self.shutdown.notify_one();
                 Ok(json!({ "stopping": true }))
             }
         }
@@ -423,11 +425,18 @@ impl Daemon {
         Ok(())
     }
 
+    /// Saves state and closes the endpoint; peers that do not answer the
+    /// close are given 3 s, then dropped.
     pub async fn stop(self: Arc<Self>) {
         self.save_state();
-        match Arc::try_unwrap(self) {
-            Ok(d) => d.node.shutdown().await,
-            Err(d) => d.node.endpoint().close().await,
+        let close = async move {
+            match Arc::try_unwrap(self) {
+                Ok(d) => d.node.shutdown().await,
+                Err(d) => d.node.endpoint().close().await,
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(3), close).await.is_err() {
+            tracing::warn!("peers did not acknowledge the close within 3 s; stopping anyway");
         }
     }
 }
