@@ -28,6 +28,12 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Lower files at least this large copy up block by block.
     pub block_copy_min: u64,
+    /// Read-only host directories over the stack (below the upper), the
+    /// first the highest, as in overlayfs's `lowerdir=` list.
+    pub lower_dirs: Vec<PathBuf>,
+    /// Let the kernel do upper files' I/O directly (FUSE passthrough) where
+    /// it supports it.
+    pub passthrough: bool,
 }
 
 impl Default for MountOptions {
@@ -39,12 +45,14 @@ impl Default for MountOptions {
             cache_bytes: 256 << 20,
             allow_other: true,
             block_copy_min: crate::union::BLOCK_COPY_MIN,
+            lower_dirs: Vec::new(),
+            passthrough: true,
         }
     }
 }
 
 fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<(CowFs, Config)> {
-    let lower = LowerTree::load(&store, stack)?;
+    let lower = LowerTree::load_with(&store, stack, &opts.lower_dirs)?;
     let upper = if opts.read_only { None } else { opts.upper.as_deref() };
     let mut union = Union::new(store, lower, upper, opts.cache_bytes)?;
     union.block_copy_min = opts.block_copy_min;
@@ -63,7 +71,7 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    Ok((CowFs::new(Arc::new(union)), config))
+    Ok((CowFs::with_passthrough(Arc::new(union), opts.passthrough), config))
 }
 
 /// A mounted union, served by background threads; unmounted on drop.

@@ -136,6 +136,15 @@ pub enum Cmd {
         /// Serve in this process instead of a detached one.
         #[arg(long)]
         foreground: bool,
+        /// A read-only host directory as a lower layer, over the stack and
+        /// below the upper (repeatable: the first given is the highest, as in
+        /// overlayfs's lowerdir=). It must not change while mounted.
+        #[arg(long = "lower-dir", value_name = "DIR")]
+        lower_dirs: Vec<PathBuf>,
+        /// Serve upper files' data through this process even where the kernel
+        /// offers FUSE passthrough.
+        #[arg(long)]
+        no_passthrough: bool,
     },
     /// Unmount a union mounted by `xenod mount`.
     Umount { mountpoint: PathBuf },
@@ -273,8 +282,9 @@ pub fn run(args: Args) -> Result<()> {
             crate::deploy::resume(&ctx.data_dir, &name)?;
             ctx.out(json!({ "name": name }), || format!("{name} resumed"))
         }
-        Cmd::Mount { r#ref, mountpoint, upper, ro, foreground } => {
-            crate::mount::mount_cmd(&ctx.data_dir, &r#ref, &mountpoint, upper.as_deref(), ro, foreground)?;
+        Cmd::Mount { r#ref, mountpoint, upper, ro, foreground, lower_dirs, no_passthrough } => {
+            let how = crate::mount::MountHow { upper, read_only: ro, lower_dirs, passthrough: !no_passthrough };
+            crate::mount::mount_cmd(&ctx.data_dir, &r#ref, &mountpoint, &how, foreground)?;
             ctx.out(json!({ "mountpoint": mountpoint }), String::new)
         }
         Cmd::Umount { mountpoint } => {

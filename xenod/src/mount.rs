@@ -18,17 +18,24 @@ use xenod_store::Store;
 /// How long a background mount may take to appear.
 const MOUNT_WAIT: Duration = Duration::from_secs(60);
 
-/// Mounts the stack of `reference` on `mountpoint`: read-only without
-/// `upper` or with `read_only`, writable into `upper` otherwise. Serves in
+/// How `xenod mount` stacks and serves.
+#[derive(Debug, Default)]
+pub struct MountHow {
+    /// Writable upper directory; none: read-only.
+    pub upper: Option<PathBuf>,
+    /// Read-only even with an upper.
+    pub read_only: bool,
+    /// Read-only host directories over the stack, the first the highest.
+    pub lower_dirs: Vec<PathBuf>,
+    /// Use FUSE passthrough for upper files where the kernel offers it.
+    pub passthrough: bool,
+}
+
+/// Mounts the stack of `reference` on `mountpoint`: read-only without an
+/// upper or with `read_only`, writable into the upper otherwise. Serves in
 /// this process with `foreground`, else in a detached child.
-pub fn mount_cmd(
-    data_dir: &Path,
-    reference: &str,
-    mountpoint: &Path,
-    upper: Option<&Path>,
-    read_only: bool,
-    foreground: bool,
-) -> Result<()> {
+pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &MountHow, foreground: bool) -> Result<()> {
+    let (upper, read_only) = (how.upper.as_deref(), how.read_only);
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
@@ -37,10 +44,21 @@ pub fn mount_cmd(
     }
     let store =
         Arc::new(Store::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
+    for d in &how.lower_dirs {
+        if !d.is_dir() {
+            bail!("lower directory {} is not a directory", d.display());
+        }
+    }
     let top = store.resolve(reference)?;
     let stack = store.stack(&top)?;
     if foreground {
-        let opts = MountOptions { upper: upper.map(Path::to_path_buf), read_only, ..Default::default() };
+        let opts = MountOptions {
+            upper: upper.map(Path::to_path_buf),
+            read_only,
+            lower_dirs: how.lower_dirs.clone(),
+            passthrough: how.passthrough,
+            ..Default::default()
+        };
         return xenod_cowfs::serve(store, &stack, mountpoint, &opts, || {
             tracing::info!(mountpoint = %mountpoint.display(), layers = stack.len(), "mounted");
         })
@@ -60,6 +78,12 @@ pub fn mount_cmd(
     }
     if read_only {
         cmd.arg("--ro");
+    }
+    for d in &how.lower_dirs {
+        cmd.arg("--lower-dir").arg(std::path::absolute(d).unwrap_or_else(|_| d.clone()));
+    }
+    if !how.passthrough {
+        cmd.arg("--no-passthrough");
     }
     cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log_file);
     // Detach: its own process group and session, so the terminal's signals
