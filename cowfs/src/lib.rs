@@ -8,6 +8,7 @@
 //! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] |
 //! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union` |
 //! | `mount` | [`mount`], [`serve`], [`unmount`]: sessions on a mountpoint |
+//! | `track` | [`DirtySet`]: blocks and paths written since the last drain, over a control socket |
 //! | `commit` | [`commit`]: an upper directory over a stack becomes a new layer |
 //!
 //! Semantics follow Linux overlayfs (with `redirect_dir=on`), and the upper
@@ -23,12 +24,14 @@ mod fs;
 mod lower;
 mod mount;
 mod partial;
+mod track;
 mod union;
 
-pub use commit::{CommitStats, commit, union_entries};
+pub use commit::{CommitCache, CommitStats, commit, commit_live, union_entries};
 pub use error::{Error, Result};
 pub use fs::CowFs;
 pub use lower::LowerTree;
 pub use mount::{MountOptions, Mounted, is_mounted, mount, serve, unmount};
 pub use partial::DirtyMap;
+pub use track::{DirtySet, control_socket_for, drain_dirty};
 pub use union::{Attr, BLOCK_COPY_MIN, FType, Union, WORK_DIR};

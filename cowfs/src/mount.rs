@@ -28,6 +28,9 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Lower files at least this large copy up block by block.
     pub block_copy_min: u64,
+    /// Track writes and answer `drain` on this Unix socket
+    /// ([`crate::drain_dirty`]), for incremental commits.
+    pub control: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -39,6 +42,7 @@ impl Default for MountOptions {
             cache_bytes: 256 << 20,
             allow_other: true,
             block_copy_min: crate::union::BLOCK_COPY_MIN,
+            control: None,
         }
     }
 }
@@ -48,6 +52,14 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     let upper = if opts.read_only { None } else { opts.upper.as_deref() };
     let mut union = Union::new(store, lower, upper, opts.cache_bytes)?;
     union.block_copy_min = opts.block_copy_min;
+    if opts.control.is_some() {
+        union.track_changes();
+    }
+    let union = Arc::new(union);
+    if let Some(sock) = &opts.control {
+        let u = union.clone();
+        crate::track::serve_control(sock, Arc::new(move || u.drain_dirty()))?;
+    }
     let mut mount_options = vec![
         MountOption::FSName("xenod".into()),
         MountOption::Subtype("xenod".into()),
@@ -63,7 +75,7 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    Ok((CowFs::new(Arc::new(union)), config))
+    Ok((CowFs::new(union), config))
 }
 
 /// A mounted union, served by background threads; unmounted on drop.

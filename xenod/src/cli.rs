@@ -219,7 +219,11 @@ impl Ctx {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let ctx = Ctx { data_dir: args.data_dir.unwrap_or_else(config::default_data_dir), json: args.json };
+    // Absolute, so paths handed to libvirt and to the filesystem process
+    // (which run elsewhere) mean the same directory.
+    let data_dir = std::path::absolute(args.data_dir.unwrap_or_else(config::default_data_dir))
+        .context("resolving the data directory")?;
+    let ctx = Ctx { data_dir, json: args.json };
     match args.cmd {
         Cmd::Publish { src, name, image, spec } => publish(&ctx, &src, name.as_deref(), image, spec_meta(spec)?),
         Cmd::Overlay(OverlayCmd::Create { base, dir, name, spec }) => {
