@@ -57,3 +57,5 @@ pub use store::{Location, Store, WriteLock, WriteStats};
 pub use verify::{Damage, VerifyReport};
 
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
+/// The peer layer's transport, for protocols of their own on a [`Node`]'s endpoint.
+pub use iroh;

@@ -5,6 +5,8 @@
 //!                          listen = "0.0.0.0:0"        peer endpoint (UDP); port 0 = pick one, kept
 //!                          peers = ["NODE@IP:PORT"]     static peers asked for layers and names
 //!                          relay = "disabled"           or "default" (number 0's public relays)
+//!                          migrate_from = ["NODE"]      nodes that may move guests onto this host
+//!                          domain_prefix = "a-"         libvirt domain names (daemons sharing a libvirt)
 //! DATA_DIR/keys/publisher.key   the host's ed25519 secret (hex), mode 0600
 //! DATA_DIR/keys/node.key        the peer endpoint's secret (hex), mode 0600
 //! ```
@@ -34,6 +36,13 @@ pub struct Config {
     /// Whether the endpoint may use relay servers.
     #[serde(default)]
     pub relay: RelayConfig,
+    /// Node ids allowed to migrate or restore guests onto this host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrate_from: Vec<String>,
+    /// Prefix of this host's libvirt domain names, where several daemons
+    /// share one libvirt (instance `web` runs as domain `PREFIXweb`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub domain_prefix: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,7 @@
 mod cli;
 mod config;
 mod deploy;
+mod migrate;
 mod mount;
 mod peer_cmds;
 mod progress;

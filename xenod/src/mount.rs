@@ -28,6 +28,7 @@ pub fn mount_cmd(
     upper: Option<&Path>,
     read_only: bool,
     foreground: bool,
+    control: Option<&Path>,
 ) -> Result<()> {
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
@@ -40,7 +41,12 @@ pub fn mount_cmd(
     let top = store.resolve(reference)?;
     let stack = store.stack(&top)?;
     if foreground {
-        let opts = MountOptions { upper: upper.map(Path::to_path_buf), read_only, ..Default::default() };
+        let opts = MountOptions {
+            upper: upper.map(Path::to_path_buf),
+            read_only,
+            control: control.map(Path::to_path_buf),
+            ..Default::default()
+        };
         return xenod_cowfs::serve(store, &stack, mountpoint, &opts, || {
             tracing::info!(mountpoint = %mountpoint.display(), layers = stack.len(), "mounted");
         })
@@ -55,6 +61,9 @@ pub fn mount_cmd(
     let exe = std::env::current_exe().context("finding the xenod executable")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--data-dir").arg(data_dir).arg("mount").arg(reference).arg(&abs).arg("--foreground");
+    if let Some(c) = control {
+        cmd.arg("--control").arg(std::path::absolute(c).unwrap_or_else(|_| c.to_path_buf()));
+    }
     if let Some(u) = upper {
         cmd.arg("--upper").arg(std::path::absolute(u).unwrap_or_else(|_| u.to_path_buf()));
     }

@@ -118,7 +118,20 @@ fn kind(req: &Request) -> &'static str {
         Request::Fetch { .. } => "fetch",
         Request::Names { .. } => "names",
         Request::Shutdown => "stop",
+        Request::Migrate { .. } => "migrate",
+        Request::Checkpoint { .. } => "checkpoint",
+        Request::Restore { .. } => "restore",
     }
+}
+
+/// Sends `req` to the daemon of `data_dir`, or runs it in an embedded
+/// engine when none runs; returns its result.
+pub fn request(data_dir: &Path, json: bool, req: Request) -> Result<Value> {
+    let r = match UnixStream::connect(serve::socket_path(data_dir)) {
+        Ok(s) => call(s, &req, json)?,
+        Err(_) => embedded(data_dir, req, json)?,
+    };
+    Ok(r.1)
 }
 
 /// Runs the daemon's engine in this process for one request.

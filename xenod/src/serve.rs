@@ -109,6 +109,27 @@ pub enum Request {
         from: Vec<String>,
     },
     Shutdown,
+    /// Move an instance to another host.
+    Migrate {
+        instance: String,
+        to: String,
+        #[serde(default)]
+        cold: bool,
+    },
+    /// Save an instance's upper layer and machine state as a layer.
+    Checkpoint {
+        instance: String,
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Run a checkpoint again, here or on another host.
+    Restore {
+        checkpoint: String,
+        #[serde(default)]
+        on: Option<String>,
+        #[serde(default)]
+        name: Option<String>,
+    },
 }
 
 /// Test hooks from the environment (never set in production):
@@ -152,6 +173,10 @@ impl Daemon {
             want.set_port(0);
         }
         let stats = Arc::new(Stats::from_snapshot(state.counters.clone()));
+        let migrate = crate::migrate::Handler::default();
+        let extra = || -> Vec<(Vec<u8>, Box<dyn xenod_store::iroh::protocol::DynProtocolHandler>)> {
+            vec![(crate::migrate::ALPN.to_vec(), Box::new(migrate.clone()))]
+        };
         let opts = |bind| NodeOptions {
             secret_key: secret,
             bind,
@@ -164,15 +189,15 @@ impl Daemon {
         // Port 0 means "any": prefer the one handed out in earlier tickets.
         let node = match state.addr {
             Some(prev) if !embedded && want.port() == 0 && prev.ip() == want.ip() => {
-                match Node::spawn(store.clone(), stats.clone(), opts(prev)).await {
+                match Node::spawn_with(store.clone(), stats.clone(), opts(prev), extra()).await {
                     Ok(n) => n,
                     Err(e) => {
                         tracing::info!("previous address {prev} is taken ({e}); picking another");
-                        Node::spawn(store.clone(), stats.clone(), opts(want)).await?
+                        Node::spawn_with(store.clone(), stats.clone(), opts(want), extra()).await?
                     }
                 }
             }
-            _ => Node::spawn(store.clone(), stats.clone(), opts(want)).await?,
+            _ => Node::spawn_with(store.clone(), stats.clone(), opts(want), extra()).await?,
         };
         state.node = node.id().to_string();
         if !embedded {
@@ -186,6 +211,7 @@ impl Daemon {
             state: Mutex::new(state),
             shutdown: tokio::sync::Notify::new(),
         });
+        let _ = migrate.daemon.set(Arc::downgrade(&d));
         d.save_state();
         Ok(d)
     }
@@ -202,9 +228,21 @@ impl Daemon {
         self.node.store()
     }
 
+    pub fn store_arc(&self) -> Arc<Store> {
+        self.node.store().clone()
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
     /// Providers to ask when the caller named none: static peers from the
     /// config, then every peer remembered in the state.
-    fn default_peers(&self) -> Vec<EndpointAddr> {
+    pub fn default_peers(&self) -> Vec<EndpointAddr> {
         let mut out: Vec<EndpointAddr> = self.config.peers.iter().filter_map(|p| parse_peer(p).ok()).collect();
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         for (id, p) in &st.peers {
@@ -239,8 +277,13 @@ impl Daemon {
     }
 
     /// Answers one API request; `progress` receives fetch progress.
-    pub async fn handle(&self, req: Request, progress: Option<xenod_store::ProgressFn>) -> Result<Value> {
+    pub async fn handle(self: &Arc<Self>, req: Request, progress: Option<xenod_store::ProgressFn>) -> Result<Value> {
         match req {
+            Request::Migrate { instance, to, cold } => crate::migrate::migrate(self, &instance, &to, cold).await,
+            Request::Checkpoint { instance, name } => crate::migrate::checkpoint(self, &instance, name).await,
+            Request::Restore { checkpoint, on, name } => {
+                crate::migrate::restore(self, &checkpoint, on.as_deref(), name).await
+            }
             Request::Status => Ok(self.status()),
             Request::Share { r#ref } => {
                 let id = self.store().resolve(&r#ref)?;
@@ -442,7 +485,7 @@ impl Daemon {
 }
 
 /// Unwraps store errors so their exit codes survive.
-fn peer_err(e: xenod_store::PeerError) -> anyhow::Error {
+pub fn peer_err(e: xenod_store::PeerError) -> anyhow::Error {
     match e {
         xenod_store::PeerError::Store(s) => s.into(),
         e => e.into(),

@@ -147,6 +147,17 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// Binds the endpoint and starts serving `store`.
     pub async fn spawn(store: Arc<Store>, stats: Arc<Stats>, opts: NodeOptions) -> Result<Self, PeerError> {
+        Self::spawn_with(store, stats, opts, Vec::new()).await
+    }
+
+    /// Like [`Node::spawn`], also accepting the protocols in `extra` (by
+    /// ALPN) on the same endpoint.
+    pub async fn spawn_with(
+        store: Arc<Store>,
+        stats: Arc<Stats>,
+        opts: NodeOptions,
+        extra: Vec<(Vec<u8>, Box<dyn iroh::protocol::DynProtocolHandler>)>,
+    ) -> Result<Self, PeerError> {
         let bind_err = |why: String| PeerError::Bind { addr: opts.bind, why };
         let builder = match opts.relay {
             Relay::Disabled => Endpoint::builder(presets::Minimal).relay_mode(RelayMode::Disabled),
@@ -162,7 +173,11 @@ impl Node {
             .await
             .map_err(|e| bind_err(e.to_string()))?;
         let provider = provider::Provider::new(store.clone(), stats.clone(), opts.misbehave);
-        let router = Router::builder(endpoint).accept(ALPN, provider).spawn();
+        let mut router = Router::builder(endpoint).accept(ALPN, provider);
+        for (alpn, handler) in extra {
+            router = router.accept(alpn, handler);
+        }
+        let router = router.spawn();
         Ok(Self { router, store, stats })
     }
 
