@@ -123,10 +123,27 @@ pub struct Record {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Wire {
-    Prepare { instance: String, mounted: LayerId, source: String, need_bytes: u64 },
-    Sync { layer: LayerId, source: String },
-    Resume { layer: LayerId, state: Option<LayerId>, record: Box<Record>, source: String },
-    Abort { instance: String },
+    Prepare {
+        instance: String,
+        mounted: LayerId,
+        source: String,
+        need_bytes: u64,
+    },
+    /// `last`: sent in stop-and-copy, with the guest stopped.
+    Sync {
+        layer: LayerId,
+        source: String,
+        last: bool,
+    },
+    Resume {
+        layer: LayerId,
+        state: Option<LayerId>,
+        record: Box<Record>,
+        source: String,
+    },
+    Abort {
+        instance: String,
+    },
 }
 
 // ---- target side ---------------------------------------------------------
@@ -222,7 +239,10 @@ async fn target_op(d: &Arc<Daemon>, req: Wire, tx: tokio::sync::mpsc::UnboundedS
             }
             fetch(d, mounted, &source).await
         }
-        Wire::Sync { layer, source } => fetch(d, layer, &source).await,
+        Wire::Sync { layer, source, last } => {
+            test_hook(if last { "stop-and-copy" } else { "pre-copy" });
+            fetch(d, layer, &source).await
+        }
         Wire::Resume { layer, state, record, source } => {
             let mut rep = fetch(d, layer, &source).await?;
             if let Some(s) = state {
@@ -260,6 +280,16 @@ async fn fetch(d: &Daemon, layer: LayerId, source: &str) -> Result<Value> {
     let rep = d.node().fetch(layer, &providers, FetchOptions::default()).await.map_err(crate::serve::peer_err)?;
     Ok(json!({ "layer": layer.to_string(), "chunks_fetched": rep.chunks_fetched, "bytes": rep.bytes,
                "wire_bytes": rep.wire_bytes, "elapsed_ms": rep.elapsed_ms }))
+}
+
+/// Test hook: `XENOD_TEST_MIGRATE_DIE=PHASE` makes a target daemon kill
+/// itself (SIGKILL) when a request of that phase arrives. Never set in
+/// production.
+fn test_hook(phase: &str) {
+    if std::env::var("XENOD_TEST_MIGRATE_DIE").is_ok_and(|p| p == phase) {
+        tracing::error!("XENOD_TEST_MIGRATE_DIE={phase}: killing this daemon");
+        let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+    }
 }
 
 fn free_bytes(dir: &Path) -> Result<u64> {
@@ -576,7 +606,7 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
             let rep = if last.is_some_and(|(l, _)| l == id) {
                 json!({ "wire_bytes": 0, "chunks_fetched": 0 })
             } else {
-                call(&conn, &Wire::Sync { layer: id, source: source.clone() }, |_| {}).await?
+                call(&conn, &Wire::Sync { layer: id, source: source.clone(), last: false }, |_| {}).await?
             };
             let wire = rep["wire_bytes"].as_u64().unwrap_or(0);
             Ok((
@@ -650,7 +680,12 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
         };
         let s2 = store.clone();
         blocking(move || Ok(s2.flush()?)).await?;
-        Ok((id, state, json!({ "blocks_written": dirty.block_count(), "bytes_read": read })))
+        let mut wire = 0;
+        for l in std::iter::once(id).chain(state) {
+            let rep = call(&conn, &Wire::Sync { layer: l, source: source.clone(), last: true }, |_| {}).await?;
+            wire += rep["wire_bytes"].as_u64().unwrap_or(0);
+        }
+        Ok((id, state, json!({ "blocks_written": dirty.block_count(), "bytes_read": read, "wire_bytes": wire })))
     }
     .await;
     let (layer, state, fin_info) = match fin {
@@ -690,10 +725,10 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
         }
     };
     let downtime = t_down.elapsed().as_secs_f64();
-    let stop_wire = rep["fetch"]["wire_bytes"].as_u64().unwrap_or(0);
+    let stop_wire = fin_info["wire_bytes"].as_u64().unwrap_or(0);
     phases.push(json!({ "phase": "stop-and-copy", "seconds": copy_seconds, "wire_bytes": stop_wire,
                         "upper": fin_info, "layer": layer.to_string(),
-                        "state": state.map(|s| s.to_string()), "fetch": rep["fetch"] }));
+                        "state": state.map(|s| s.to_string()) }));
     phases.push(json!({ "phase": "resume", "seconds": t.elapsed().as_secs_f64(),
                         "target_seconds": rep["resume_seconds"] }));
 
