@@ -58,7 +58,7 @@ use xenod_store::{
 
 use crate::config::Config;
 use crate::deploy::{self, Instance};
-use crate::serve::Daemon;
+use crate::serve::{Daemon, note};
 use crate::{Coded, Exit};
 
 /// The migration protocol on the daemon's endpoint.
@@ -363,6 +363,12 @@ fn adopt(
                 inst.save(data)?;
                 restoring();
                 hv.deploy(&model)?;
+                // Downtime lasts until the service answers again.
+                let timeout = Duration::from_secs(120);
+                xenod_deployer::wait_console(&hv, &domain, xenod_deployer::GUEST_READY_LINE, timeout)?;
+                if let Some(p) = inst.ports.first() {
+                    xenod_deployer::wait_http(&hv, &domain, p.host, "/xenod-ready-probe", timeout)?;
+                }
             }
         }
         Ok(json!({ "name": name, "domain": domain, "layer": layer.to_string(),
@@ -456,12 +462,6 @@ struct Busy(PathBuf);
 impl Busy {
     fn take(dir: &Path) -> Result<Self> {
         let p = dir.join("migrating");
-        if let Ok(pid) = fs::read_to_string(&p)
-            && Path::new(&format!("/proc/{}", pid.trim())).exists()
-            && pid.trim() == std::process::id().to_string()
-        {
-            bail!("the instance is already migrating (see {})", p.display());
-        }
         match fs::OpenOptions::new().write(true).create_new(true).open(&p) {
             Ok(mut f) => {
                 use std::io::Write;
@@ -580,6 +580,7 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
     let mut phases = Vec::new();
 
     // prepare
+    note(format!("{name}: prepare: {} fetches the stack", target.id.fmt_short()));
     let t = Instant::now();
     let conn = connect(d, &target).await.map_err(|e| phase_err(Phase::Prepare, e, here))?;
     let need = upper_bytes(&inst.upper(&data)) + inst.spec.as_ref().map_or(512, |s| s.memory_mib as u64) * (1 << 20);
@@ -624,6 +625,7 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
                 return Err(phase_err(Phase::PreCopy, e, here).into());
             }
         };
+        note(format!("{name}: pre-copy round {round}: {:.1} MiB sent", wire as f64 / (1 << 20) as f64));
         rounds.push(v);
         let shrinking = last.is_none_or(|(_, prev)| wire < prev);
         last = Some((id, wire));
@@ -636,6 +638,7 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
                         "rounds": rounds }));
 
     // stop-and-copy
+    note(format!("{name}: stop-and-copy: {} the guest", if cold { "stopping" } else { "saving" }));
     let t_down = Instant::now();
     let state_file = inst.dir(&data).join("state.save");
     let stopped = {
@@ -699,6 +702,7 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
     let copy_seconds = t.elapsed().as_secs_f64();
 
     // resume (the commit point is the target's restore)
+    note(format!("{name}: resume on {}", target.id.fmt_short()));
     let t = Instant::now();
     let mut restoring = false;
     let resume = Wire::Resume { layer, state, record: Box::new(record_of(&data, &inst)), source };

@@ -85,6 +85,12 @@ fn call(s: UnixStream, req: &Request, json: bool) -> Result<(&'static str, Value
     let pb = crate::progress::bytes("fetching", None, json);
     for line in BufReader::new(s).lines() {
         let v: Value = serde_json::from_str(&line.context("reading from the daemon")?)?;
+        if let Some(n) = v.get("note").and_then(Value::as_str) {
+            if !json {
+                pb.suspend(|| eprintln!("xenod: {n}"));
+            }
+            continue;
+        }
         if let Some(p) = v.get("progress") {
             pb.set_position(p["bytes"].as_u64().unwrap_or(0));
             pb.set_message(format!(

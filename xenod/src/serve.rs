@@ -34,6 +34,20 @@ use xenod_store::{
 use crate::config::{self, Config, RelayConfig};
 use crate::{Coded, Exit};
 
+tokio::task_local! {
+    /// Where a request's `{"note":..}` lines go (its client), see [`note`].
+    static NOTES: tokio::sync::mpsc::UnboundedSender<Value>;
+}
+
+/// Tells the client of the current request what a long operation is
+/// doing; on stderr where there is no client (an embedded engine).
+pub fn note(msg: impl Into<String>) {
+    let msg = msg.into();
+    if NOTES.try_with(|tx| tx.send(json!({ "note": msg.clone() }))).is_err() {
+        eprintln!("xenod: {msg}");
+    }
+}
+
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("xenod.sock")
 }
@@ -451,11 +465,12 @@ impl Daemon {
             }
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+        let notes = tx.clone();
         let progress = throttled(move |p: &FetchProgress| {
             let _ = tx.send(json!({ "progress": p }));
         });
         let me = self.clone();
-        let work = tokio::spawn(async move { me.handle(req, Some(progress)).await });
+        let work = tokio::spawn(NOTES.scope(notes, async move { me.handle(req, Some(progress)).await }));
         while let Some(v) = rx.recv().await {
             // A client that went away does not stop the work.
             let _ = w.write_all(format!("{v}\n").as_bytes()).await;

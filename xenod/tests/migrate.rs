@@ -239,3 +239,38 @@ fn target_killed_mid_migration_leaves_the_guest_on_the_source() {
     assert!(!out.status.success() && err.contains("failed in prepare") && err.contains("xenod allow"), "{err}");
     assert_eq!(counter(port), expect + 1);
 }
+
+#[test]
+fn shared_fs_guest_moves_cold() {
+    let Some(h) = hosts("cold") else { return };
+    let fix = fixture();
+    let tree = h._t.path().join("fs-tree");
+    let cp = |from: &Path, to: &Path| {
+        fs::create_dir_all(to).unwrap();
+        assert!(Command::new("cp").arg("-a").arg(format!("{}/.", from.display())).arg(to).status().unwrap().success());
+    };
+    cp(&fix.join("template"), &tree);
+    cp(&fix.join("web"), &tree);
+    fs::create_dir_all(tree.join("boot")).unwrap();
+    for k in ["vmlinux", "initrd.img"] {
+        fs::copy(fix.join("kernel").join(k), tree.join("boot").join(k)).unwrap();
+    }
+    let spec = repo().join("fixtures/guest/web.spec.json");
+    ok(&h.a, &["publish", tree.to_str().unwrap(), "--name", "template://t/fs/1", "--spec", spec.to_str().unwrap()]);
+    let (da, db) = (Daemon::start(&h.a, &[]), Daemon::start(&h.b, &[]));
+    allow(&h, &da, &db);
+    let d = ok(&h.a, &["deploy", "template://t/fs/1", "--name", &h.name]);
+    let port = d["instances"][0]["port"].as_u64().unwrap();
+    assert_eq!(counter(port), 1);
+    // Its running state cannot be saved: the command says so and what to do.
+    let out = run(&h.a, &["migrate", &h.name, "--to", &db.addr]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("--cold"), "{err}");
+    assert_eq!(counter(port), 2, "still running here");
+    let m = ok(&h.a, &["migrate", &h.name, "--to", &db.addr, "--cold"]);
+    assert_eq!(m["cold"], true);
+    // Booted afresh on B from its committed files: the counter on disk goes on.
+    assert_eq!(counter(m["port"].as_u64().unwrap()), 3, "{m}");
+    assert!(!h.a.join("instances").join(&h.name).exists());
+}
