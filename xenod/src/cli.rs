@@ -185,6 +185,16 @@ pub enum Cmd {
         #[arg(long, hide = true)]
         control: Option<PathBuf>,
     },
+    /// Make an upper directory mountable by the kernel's overlayfs: its
+    /// block-copied (partial) files become whole files, xenod's work area goes.
+    ///
+    /// The upper must not be mounted meanwhile. Killed midway, run it again.
+    Flatten {
+        upper: PathBuf,
+        /// The stack the upper belongs to.
+        #[arg(long)]
+        base: String,
+    },
     /// Unmount a union mounted by `xenod mount`.
     Umount { mountpoint: PathBuf },
     /// Turn a writable layer into an overlay: an instance's upper (TARGET is
@@ -380,6 +390,14 @@ pub fn run(args: Args) -> Result<()> {
                 control.as_deref(),
             )?;
             ctx.out(json!({ "mountpoint": mountpoint }), String::new)
+        }
+        Cmd::Flatten { upper, base } => {
+            let store = Arc::new(ctx.store()?);
+            let stack = store.stack(&store.resolve(&base)?)?;
+            let s = xenod_cowfs::flatten(store, &stack, &upper)?;
+            ctx.out(json!({ "upper": upper, "files": s.files, "blocks": s.blocks }), || {
+                format!("{}: {} partial files made whole ({} blocks filled)", upper.display(), s.files, s.blocks)
+            })
         }
         Cmd::Umount { mountpoint } => {
             crate::mount::umount_cmd(&mountpoint)?;
