@@ -108,6 +108,11 @@ pub enum Request {
         #[serde(default)]
         from: Vec<String>,
     },
+    /// Have peers fetch a stack from this host and from each other.
+    Replicate {
+        r#ref: String,
+        to: Vec<String>,
+    },
     Shutdown,
 }
 
@@ -143,6 +148,7 @@ impl Daemon {
         fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         let config = Config::load(data_dir)?;
         let trusted = config.trusted(data_dir)?;
+        let pulls = config.pull_policy(data_dir)?;
         let store =
             Arc::new(Store::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
         let mut state = State::load(data_dir)?;
@@ -160,6 +166,7 @@ impl Daemon {
                 RelayConfig::Default => Relay::Default,
             },
             misbehave: misbehave_from_env(),
+            pulls: pulls.clone(),
         };
         // Port 0 means "any": prefer the one handed out in earlier tickets.
         let node = match state.addr {
@@ -196,6 +203,10 @@ impl Daemon {
         if let Err(e) = st.save(&self.data_dir) {
             tracing::warn!("saving daemon state: {e:#}");
         }
+    }
+
+    pub fn node(&self) -> &Node {
+        &self.node
     }
 
     fn store(&self) -> &Store {
@@ -278,6 +289,7 @@ impl Daemon {
                 Ok(json!({ "peers": out }))
             }
             Request::Fetch { target, from } => self.fetch(&target, &from, progress).await,
+            Request::Replicate { r#ref, to } => crate::replicate::replicate(self, &r#ref, &to).await,
             Request::Shutdown => {
                 // notify_one keeps a permit when the accept loop is not
                 // waiting at this instant; notify_waiters would lose it.
@@ -441,10 +453,14 @@ impl Daemon {
     }
 }
 
-/// Unwraps store errors so their exit codes survive.
+/// Unwraps store errors so their exit codes survive; a fetch no provider
+/// could serve gets its own code.
 fn peer_err(e: xenod_store::PeerError) -> anyhow::Error {
     match e {
         xenod_store::PeerError::Store(s) => s.into(),
+        e @ (xenod_store::PeerError::NoProviders { .. } | xenod_store::PeerError::Unavailable { .. }) => {
+            Coded { code: Exit::NoProvider, msg: e.to_string() }.into()
+        }
         e => e.into(),
     }
 }
