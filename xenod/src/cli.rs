@@ -29,9 +29,12 @@ Exit codes:
   4  the store is damaged (verify found bad or missing chunks)
   5  a name record was refused (bad signature, untrusted key, older sequence)
   6  bad input: a tree, tar stream or manifest that cannot be stored or exported as given
+  7  no provider could supply a layer (every peer given is unreachable, dropped, or lacks it)
 
 References (REF): template://PUBLISHER/NAME[/VERSION] (a signed name),
-NAME@ID (that exact layer), a 64-digit layer id, or a unique id prefix of 8+ digits.";
+NAME@ID (that exact layer), a 64-digit layer id, or a unique id prefix of 8+ digits.
+`deploy` and `mount` also take a ticket (xenod1..., from `xenod share`): the
+stack is fetched from the ticket's providers first.";
 
 /// Content-addressed VM templates and overlays: publish, layer, export, verify.
 #[derive(Debug, Parser)]

@@ -45,7 +45,8 @@ const INSTANCE_FILE: &[u8] = b"etc/xenod/instance";
 
 #[derive(Debug, Args)]
 pub struct DeployArgs {
-    /// What to deploy: a template name, NAME@ID, a layer id or prefix.
+    /// What to deploy: a template name, NAME@ID, a layer id or prefix, or a
+    /// ticket (its stack is fetched from the ticket's providers first).
     pub url: String,
     /// Instance name [default: the spec's, else derived from the layer].
     #[arg(long)]
@@ -209,8 +210,9 @@ pub fn hypervisor(uri: &str) -> Result<Libvirt> {
 
 pub fn deploy(data: &Path, json_out: bool, a: &DeployArgs) -> Result<()> {
     let mut tl = Timeline::new(json_out);
+    let url = crate::remote::localize(data, &a.url, json_out)?;
     let store = Arc::new(Store::open(data).with_context(|| format!("opening the store in {}", data.display()))?);
-    let top = store.resolve(&a.url)?;
+    let top = store.resolve(&url)?;
     tl.step("resolve");
     // Every layer of the stack must be local (fetching from peers is `xenod fetch`).
     store.stack(&top).with_context(|| format!("layers of {} are not all here; fetch them first", a.url))?;

@@ -36,6 +36,9 @@ pub fn mount_cmd(
     if xenod_cowfs::is_mounted(mountpoint) {
         bail!("{} is already a mount point", mountpoint.display());
     }
+    // A ticket: fetch the stack first; the mount then names the layer id.
+    let local = crate::remote::localize(data_dir, reference, false)?;
+    let reference = local.as_str();
     let store =
         Arc::new(Store::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
     let top = store.resolve(reference)?;

@@ -122,6 +122,11 @@ pub enum Request {
         #[serde(default)]
         from: Vec<String>,
     },
+    /// Have peers fetch a stack from this host and from each other.
+    Replicate {
+        r#ref: String,
+        to: Vec<String>,
+    },
     Shutdown,
     /// Move an instance to another host.
     Migrate {
@@ -178,6 +183,7 @@ impl Daemon {
         fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         let config = Config::load(data_dir)?;
         let trusted = config.trusted(data_dir)?;
+        let pulls = config.pull_policy(data_dir)?;
         let store =
             Arc::new(Store::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
         let mut state = State::load(data_dir)?;
@@ -199,6 +205,7 @@ impl Daemon {
                 RelayConfig::Default => Relay::Default,
             },
             misbehave: misbehave_from_env(),
+            pulls: pulls.clone(),
         };
         // Port 0 means "any": prefer the one handed out in earlier tickets.
         let node = match state.addr {
@@ -238,16 +245,16 @@ impl Daemon {
         }
     }
 
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
     fn store(&self) -> &Store {
         self.node.store()
     }
 
     pub fn store_arc(&self) -> Arc<Store> {
         self.node.store().clone()
-    }
-
-    pub fn node(&self) -> &Node {
-        &self.node
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -335,6 +342,7 @@ impl Daemon {
                 Ok(json!({ "peers": out }))
             }
             Request::Fetch { target, from } => self.fetch(&target, &from, progress).await,
+            Request::Replicate { r#ref, to } => crate::replicate::replicate(self, &r#ref, &to).await,
             Request::Shutdown => {
                 // notify_one keeps a permit when the accept loop is not
                 // waiting at this instant; notify_waiters would lose it.
@@ -499,10 +507,14 @@ impl Daemon {
     }
 }
 
-/// Unwraps store errors so their exit codes survive.
+/// Unwraps store errors so their exit codes survive; a fetch no provider
+/// could serve gets its own code.
 pub fn peer_err(e: xenod_store::PeerError) -> anyhow::Error {
     match e {
         xenod_store::PeerError::Store(s) => s.into(),
+        e @ (xenod_store::PeerError::NoProviders { .. } | xenod_store::PeerError::Unavailable { .. }) => {
+            Coded { code: Exit::NoProvider, msg: e.to_string() }.into()
+        }
         e => e.into(),
     }
 }
