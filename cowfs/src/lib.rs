@@ -29,6 +29,7 @@ mod partial;
 mod track;
 mod union;
 
+pub use cache::Fetcher;
 pub use commit::{CommitCache, CommitStats, commit, commit_live, union_entries};
 pub use error::{Error, Result};
 pub use flatten::{FlattenStats, flatten};

@@ -13,7 +13,7 @@ use crate::lower::LowerTree;
 use crate::union::Union;
 
 /// How to mount.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MountOptions {
     /// The writable upper directory (created if missing); none: read-only.
     pub upper: Option<PathBuf>,
@@ -31,6 +31,20 @@ pub struct MountOptions {
     /// Track writes and answer `drain` on this Unix socket
     /// ([`crate::drain_dirty`]), for incremental commits.
     pub control: Option<PathBuf>,
+    /// Asked for chunks the store lacks (lazy deployment).
+    pub fetch_missing: Option<crate::Fetcher>,
+}
+
+impl std::fmt::Debug for MountOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountOptions")
+            .field("upper", &self.upper)
+            .field("read_only", &self.read_only)
+            .field("threads", &self.threads)
+            .field("control", &self.control)
+            .field("fetch_missing", &self.fetch_missing.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for MountOptions {
@@ -43,6 +57,7 @@ impl Default for MountOptions {
             allow_other: true,
             block_copy_min: crate::union::BLOCK_COPY_MIN,
             control: None,
+            fetch_missing: None,
         }
     }
 }
@@ -54,6 +69,9 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     union.block_copy_min = opts.block_copy_min;
     if opts.control.is_some() {
         union.track_changes();
+    }
+    if let Some(f) = &opts.fetch_missing {
+        union.fetch_missing(f.clone());
     }
     let union = Arc::new(union);
     if let Some(sock) = &opts.control {

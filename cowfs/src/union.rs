@@ -270,6 +270,12 @@ impl Union {
         })
     }
 
+    /// Chunks the store lacks are asked of `f` (a lazily deployed stack)
+    /// instead of failing the read.
+    pub fn fetch_missing(&self, f: crate::cache::Fetcher) {
+        let _ = self.cache.fetcher.set(f);
+    }
+
     /// Starts recording writes and namespace changes for [`Union::drain_dirty`].
     pub fn track_changes(&mut self) {
         self.tracker.get_or_insert_with(Default::default);

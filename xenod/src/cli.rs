@@ -187,6 +187,9 @@ pub enum Cmd {
         /// Track writes and answer `drain` on this Unix socket (instances use it for migration).
         #[arg(long, hide = true)]
         control: Option<PathBuf>,
+        /// Fetch chunks that are not here yet through this host's daemon (lazy deploy).
+        #[arg(long, hide = true)]
+        lazy: bool,
     },
     /// Make an upper directory mountable by the kernel's overlayfs: its
     /// block-copied (partial) files become whole files, xenod's work area goes.
@@ -382,7 +385,7 @@ pub fn run(args: Args) -> Result<()> {
                 format!("{node} {} move guests onto this host", if revoke { "may no longer" } else { "may" })
             })
         }
-        Cmd::Mount { r#ref, mountpoint, upper, ro, foreground, control } => {
+        Cmd::Mount { r#ref, mountpoint, upper, ro, foreground, control, lazy } => {
             crate::mount::mount_cmd(
                 &ctx.data_dir,
                 &r#ref,
@@ -391,6 +394,7 @@ pub fn run(args: Args) -> Result<()> {
                 ro,
                 foreground,
                 control.as_deref(),
+                lazy,
             )?;
             ctx.out(json!({ "mountpoint": mountpoint }), String::new)
         }

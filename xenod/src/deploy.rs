@@ -75,6 +75,11 @@ pub struct DeployArgs {
     /// Return once the guest is started, without waiting for its service.
     #[arg(long)]
     pub no_wait: bool,
+    /// Boot before the stack is all here: mount once its manifests are,
+    /// fetch file data in the background and what the guest reads first at
+    /// once. Needs this host's daemon (`xenod serve`).
+    #[arg(long)]
+    pub lazy: bool,
 }
 
 /// What `instance.json` records.
@@ -101,6 +106,10 @@ pub struct Instance {
     /// The spec it was deployed with (overrides applied).
     #[serde(default)]
     pub spec: Option<DeploySpec>,
+    /// Mounted before its stack was all here: missing chunks come through
+    /// the daemon.
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 /// The libvirt domain name for instance `name` on the host of `data`:
@@ -210,7 +219,22 @@ pub fn hypervisor(uri: &str) -> Result<Libvirt> {
 
 pub fn deploy(data: &Path, json_out: bool, a: &DeployArgs) -> Result<()> {
     let mut tl = Timeline::new(json_out);
-    let url = crate::remote::localize(data, &a.url, json_out)?;
+    let url = if a.lazy {
+        if std::os::unix::net::UnixStream::connect(crate::serve::socket_path(data)).is_err() {
+            bail!(
+                "a lazy deploy fetches through this host's daemon; start `xenod --data-dir {} serve`",
+                data.display()
+            );
+        }
+        let v = crate::peer_cmds::request(
+            data,
+            json_out,
+            crate::serve::Request::Fetch { target: a.url.clone(), from: Vec::new(), lazy: true },
+        )?;
+        v["layer"].as_str().ok_or_else(|| anyhow!("the daemon's fetch named no layer"))?.to_owned()
+    } else {
+        crate::remote::localize(data, &a.url, json_out)?
+    };
     let store = Arc::new(Store::open(data).with_context(|| format!("opening the store in {}", data.display()))?);
     let top = store.resolve(&url)?;
     tl.step("resolve");
@@ -335,6 +359,7 @@ fn deploy_one(
         mounted: None,
         domain: (domain != name).then(|| domain.clone()),
         spec: Some(spec.clone()),
+        lazy: a.lazy,
     };
     inst.save(data)?;
     let pid = spawn_mount(data, &inst)?;
@@ -447,6 +472,7 @@ pub fn spawn_mount(data: &Path, inst: &Instance) -> Result<u32> {
         .arg(&upper)
         .arg("--control")
         .arg(inst.control(data))
+        .args(inst.lazy.then_some("--lazy"))
         .arg("--foreground")
         .stdin(Stdio::null())
         .stdout(logf.try_clone()?)

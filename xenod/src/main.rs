@@ -16,6 +16,7 @@
 mod cli;
 mod config;
 mod deploy;
+mod lazy;
 mod migrate;
 mod mount;
 mod peer_cmds;

@@ -329,6 +329,7 @@ fn adopt(
         mounted: Some(layer),
         domain: (domain != name).then(|| domain.clone()),
         spec: record.spec.clone(),
+        lazy: false,
     };
     let uri = inst.uri.clone();
     let undo = |started: bool| {

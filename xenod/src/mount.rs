@@ -29,6 +29,7 @@ pub fn mount_cmd(
     read_only: bool,
     foreground: bool,
     control: Option<&Path>,
+    lazy: bool,
 ) -> Result<()> {
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
@@ -48,6 +49,11 @@ pub fn mount_cmd(
             upper: upper.map(Path::to_path_buf),
             read_only,
             control: control.map(Path::to_path_buf),
+            fetch_missing: lazy.then(|| {
+                let data = data_dir.to_path_buf();
+                let f: xenod_cowfs::Fetcher = Arc::new(move |id| crate::lazy::fetch_via_daemon(&data, id));
+                f
+            }),
             ..Default::default()
         };
         return xenod_cowfs::serve(store, &stack, mountpoint, &opts, || {
@@ -64,6 +70,9 @@ pub fn mount_cmd(
     let exe = std::env::current_exe().context("finding the xenod executable")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--data-dir").arg(data_dir).arg("mount").arg(reference).arg(&abs).arg("--foreground");
+    if lazy {
+        cmd.arg("--lazy");
+    }
     if let Some(c) = control {
         cmd.arg("--control").arg(std::path::absolute(c).unwrap_or_else(|_| c.to_path_buf()));
     }

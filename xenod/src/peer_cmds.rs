@@ -69,7 +69,7 @@ pub fn run(data_dir: &Path, json: bool, cmd: PeerCmd) -> Result<()> {
     let req = match cmd {
         PeerCmd::Serve { listen } => return serve::run(data_dir, listen, json),
         PeerCmd::Share { r#ref } => Request::Share { r#ref },
-        PeerCmd::Fetch { target, from } => Request::Fetch { target, from },
+        PeerCmd::Fetch { target, from } => Request::Fetch { target, from, lazy: false },
         PeerCmd::Names { from } => Request::Names { from },
         PeerCmd::Replicate { r#ref, to } => Request::Replicate { r#ref, to },
         PeerCmd::Status => Request::Status,
@@ -94,7 +94,7 @@ pub fn run(data_dir: &Path, json: bool, cmd: PeerCmd) -> Result<()> {
 /// through its daemon if one runs, else an embedded engine; returns the
 /// fetch report. Progress goes to stderr.
 pub fn fetch(data_dir: &Path, target: &str, json: bool) -> Result<Value> {
-    let req = Request::Fetch { target: target.to_owned(), from: Vec::new() };
+    let req = Request::Fetch { target: target.to_owned(), from: Vec::new(), lazy: false };
     let (_, v) = match UnixStream::connect(serve::socket_path(data_dir)) {
         Ok(s) => call(s, &req, json)?,
         Err(_) => embedded(data_dir, req, json)?,
@@ -148,6 +148,7 @@ fn kind(req: &Request) -> &'static str {
         Request::Status => "status",
         Request::Share { .. } => "share",
         Request::Fetch { .. } => "fetch",
+        Request::Chunk { .. } => "chunk",
         Request::Names { .. } => "names",
         Request::Replicate { .. } => "replicate",
         Request::Shutdown => "stop",

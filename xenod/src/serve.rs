@@ -116,6 +116,14 @@ pub enum Request {
         target: String,
         #[serde(default)]
         from: Vec<String>,
+        /// Layer roots and manifests now, file data in the background
+        /// (chunks a reader needs first are fetched at once, see `Chunk`).
+        #[serde(default)]
+        lazy: bool,
+    },
+    /// One chunk's plaintext (hex), from the providers of lazy fetches.
+    Chunk {
+        id: String,
     },
     /// Ask peers for their signed name records.
     Names {
@@ -172,6 +180,7 @@ pub struct Daemon {
     node: Node,
     state: Mutex<State>,
     shutdown: tokio::sync::Notify,
+    pub(crate) lazy: crate::lazy::Lazy,
 }
 
 impl Daemon {
@@ -231,6 +240,7 @@ impl Daemon {
             node,
             state: Mutex::new(state),
             shutdown: tokio::sync::Notify::new(),
+            lazy: Default::default(),
         });
         let _ = migrate.daemon.set(Arc::downgrade(&d));
         d.save_state();
@@ -341,7 +351,8 @@ impl Daemon {
                 self.save_state();
                 Ok(json!({ "peers": out }))
             }
-            Request::Fetch { target, from } => self.fetch(&target, &from, progress).await,
+            Request::Fetch { target, from, lazy } => self.fetch(&target, &from, lazy, progress).await,
+            Request::Chunk { id } => crate::lazy::chunk(self, &id).await,
             Request::Replicate { r#ref, to } => crate::replicate::replicate(self, &r#ref, &to).await,
             Request::Shutdown => {
                 // notify_one keeps a permit when the accept loop is not
@@ -352,7 +363,13 @@ impl Daemon {
         }
     }
 
-    async fn fetch(&self, target: &str, from: &[String], progress: Option<xenod_store::ProgressFn>) -> Result<Value> {
+    async fn fetch(
+        self: &Arc<Self>,
+        target: &str,
+        from: &[String],
+        lazy: bool,
+        progress: Option<xenod_store::ProgressFn>,
+    ) -> Result<Value> {
         let mut peers = Self::parse_peers(from)?;
         let layer = if target.starts_with("xenod1") {
             let t: Ticket = target.parse()?;
@@ -391,7 +408,7 @@ impl Daemon {
                 Err(e) => return Err(e.into()),
             }
         };
-        let opts = FetchOptions { progress, ..FetchOptions::default() };
+        let opts = FetchOptions { progress, manifests_only: lazy, ..FetchOptions::default() };
         let r = self.node.fetch(layer, &peers, opts).await;
         let rep = match r {
             Ok(rep) => rep,
@@ -408,7 +425,12 @@ impl Daemon {
             .collect();
         self.remember(&useful, &rep.stack);
         self.save_state();
-        Ok(serde_json::to_value(&rep)?)
+        if lazy {
+            crate::lazy::background(self, layer, peers);
+        }
+        let mut v = serde_json::to_value(&rep)?;
+        v["lazy"] = json!(lazy);
+        Ok(v)
     }
 
     fn status(&self) -> Value {
@@ -423,6 +445,7 @@ impl Daemon {
             "peers": snap.peers,
             "known_peers": st.peers,
             "shared": st.shared,
+            "lazy_fetches": self.lazy.pending(),
         })
     }
 

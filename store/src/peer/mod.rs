@@ -44,6 +44,7 @@
 //! would run at the 27-52 MB/s its file store managed here.
 
 mod fetch;
+mod one;
 mod protocol;
 mod provider;
 mod pull;
@@ -69,6 +70,7 @@ pub use iroh::{EndpointAddr, EndpointId};
 pub use fetch::{
     FetchOptions, FetchProgress, FetchReport, NOT_YET_RETRY, Phase, ProgressFn, ProviderReport, SwarmPlan,
 };
+pub use one::fetch_one;
 pub use protocol::{ALPN, MAX_BATCH, MAX_NAMES, MAX_PLAIN};
 pub use provider::{FRAMES_IN_FLIGHT, Misbehave, STREAMS_PER_CONN};
 pub use pull::{MAX_MEMBERS, PULL_ALPN, PullOutcome, PullPolicy};
@@ -350,6 +352,7 @@ impl Engine {
             Some(pl) => order_for_swarm(ids, pl.index(&self.id()).unwrap_or(0), pl.members.len()),
             None => ids,
         };
+        let manifests_only = opts.manifests_only;
         let swarm = Swarm::new(self.store.clone(), self.stats.clone(), conns, opts);
 
         // Roots, top down: each names its base.
@@ -384,13 +387,15 @@ impl Engine {
         fetched += want.len() as u64;
         swarm.run(Phase::Manifests, order(want)).await?;
 
-        let (store, s) = (self.store.clone(), stack.clone());
-        let (want, l) = tokio::task::spawn_blocking(move || missing_data_chunks(&store, &s))
-            .await
-            .map_err(|e| PeerError::NoProviders { why: format!("scan task: {e}") })??;
-        local += l;
-        fetched += want.len() as u64;
-        swarm.run(Phase::Data, order(want)).await?;
+        if !manifests_only {
+            let (store, s) = (self.store.clone(), stack.clone());
+            let (want, l) = tokio::task::spawn_blocking(move || missing_data_chunks(&store, &s))
+                .await
+                .map_err(|e| PeerError::NoProviders { why: format!("scan task: {e}") })??;
+            local += l;
+            fetched += want.len() as u64;
+            swarm.run(Phase::Data, order(want)).await?;
+        }
         let udp_bytes = swarm.close();
 
         record_layers(&self.store, &stack)?;
