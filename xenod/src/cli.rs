@@ -386,16 +386,14 @@ pub fn run(args: Args) -> Result<()> {
             })
         }
         Cmd::Mount { r#ref, mountpoint, upper, ro, foreground, control, lazy } => {
-            crate::mount::mount_cmd(
-                &ctx.data_dir,
-                &r#ref,
-                &mountpoint,
-                upper.as_deref(),
-                ro,
+            let how = crate::mount::How {
+                upper: upper.as_deref(),
+                read_only: ro,
                 foreground,
-                control.as_deref(),
+                control: control.as_deref(),
                 lazy,
-            )?;
+            };
+            crate::mount::mount_cmd(&ctx.data_dir, &r#ref, &mountpoint, how)?;
             ctx.out(json!({ "mountpoint": mountpoint }), String::new)
         }
         Cmd::Flatten { upper, base } => {

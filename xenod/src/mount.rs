@@ -18,19 +18,25 @@ use xenod_store::Store;
 /// How long a background mount may take to appear.
 const MOUNT_WAIT: Duration = Duration::from_secs(60);
 
+/// How `xenod mount` mounts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct How<'a> {
+    /// Writable upper directory; none: read-only.
+    pub upper: Option<&'a Path>,
+    pub read_only: bool,
+    /// Serve in this process, not a detached one.
+    pub foreground: bool,
+    /// Dirty tracking's control socket.
+    pub control: Option<&'a Path>,
+    /// Missing chunks through the daemon.
+    pub lazy: bool,
+}
+
 /// Mounts the stack of `reference` on `mountpoint`: read-only without
 /// `upper` or with `read_only`, writable into `upper` otherwise. Serves in
 /// this process with `foreground`, else in a detached child.
-pub fn mount_cmd(
-    data_dir: &Path,
-    reference: &str,
-    mountpoint: &Path,
-    upper: Option<&Path>,
-    read_only: bool,
-    foreground: bool,
-    control: Option<&Path>,
-    lazy: bool,
-) -> Result<()> {
+pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: How<'_>) -> Result<()> {
+    let How { upper, read_only, foreground, control, lazy } = how;
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
