@@ -50,10 +50,13 @@ pub use merge::{Diff, Merged, Source, diff};
 pub use names::{NameRecord, SCHEME, check_name, generate_key, hex};
 pub use peer::{
     ALPN, Counters, EndpointAddr, EndpointId, FRAMES_IN_FLIGHT, FetchOptions, FetchProgress, FetchReport, MAX_BATCH,
-    MAX_NAMES, MAX_PLAIN, Misbehave, NamesReport, Node, NodeOptions, PeerCounters, PeerError, Phase, ProgressFn,
-    ProviderReport, Relay, STREAMS_PER_CONN, Snapshot, Stats, Ticket, TicketError, format_peer, parse_peer,
+    MAX_MEMBERS, MAX_NAMES, MAX_PLAIN, Misbehave, NOT_YET_RETRY, NamesReport, Node, NodeOptions, PULL_ALPN,
+    PeerCounters, PeerError, Phase, ProgressFn, ProviderReport, PullOutcome, PullPolicy, Relay, STREAMS_PER_CONN,
+    Snapshot, Stats, SwarmPlan, Ticket, TicketError, fetch_one, format_peer, parse_peer, stack_complete,
 };
 pub use store::{Location, Store, WriteLock, WriteStats};
 pub use verify::{Damage, VerifyReport};
 
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
+/// The peer layer's transport, for protocols of their own on a [`Node`]'s endpoint.
+pub use iroh;

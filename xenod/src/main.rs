@@ -11,13 +11,18 @@
 //! | 4 | the store is damaged (`verify` found bad or missing chunks) |
 //! | 5 | a name record was refused (bad signature, untrusted key, older sequence) |
 //! | 6 | bad input: a tree, tar stream or manifest that cannot be stored or exported as given |
+//! | 7 | no provider could supply a layer: every peer given (by a ticket, `--from` or the config) is unreachable, was dropped, or lacks it |
 
 mod cli;
 mod config;
 mod deploy;
+mod lazy;
+mod migrate;
 mod mount;
 mod peer_cmds;
 mod progress;
+mod remote;
+mod replicate;
 mod serve;
 
 use std::process::ExitCode;
@@ -33,6 +38,7 @@ pub enum Exit {
     Damaged = 4,
     NameRefused = 5,
     BadInput = 6,
+    NoProvider = 7,
 }
 
 /// An error that carries its exit code.

@@ -18,33 +18,41 @@ use xenod_store::Store;
 /// How long a background mount may take to appear.
 const MOUNT_WAIT: Duration = Duration::from_secs(60);
 
-/// How `xenod mount` stacks and serves.
-#[derive(Debug, Default)]
-pub struct MountHow {
+/// How `xenod mount` mounts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct How<'a> {
     /// Writable upper directory; none: read-only.
-    pub upper: Option<PathBuf>,
-    /// Read-only even with an upper.
+    pub upper: Option<&'a Path>,
     pub read_only: bool,
+    /// Serve in this process, not a detached one.
+    pub foreground: bool,
+    /// Dirty tracking's control socket.
+    pub control: Option<&'a Path>,
+    /// Missing chunks through the daemon.
+    pub lazy: bool,
     /// Read-only host directories over the stack, the first the highest.
-    pub lower_dirs: Vec<PathBuf>,
-    /// Use FUSE passthrough for upper files where the kernel offers it.
-    pub passthrough: bool,
+    pub lower_dirs: &'a [PathBuf],
+    /// Serve upper files' data here even where the kernel offers passthrough.
+    pub no_passthrough: bool,
 }
 
-/// Mounts the stack of `reference` on `mountpoint`: read-only without an
-/// upper or with `read_only`, writable into the upper otherwise. Serves in
+/// Mounts the stack of `reference` on `mountpoint`: read-only without
+/// `upper` or with `read_only`, writable into `upper` otherwise. Serves in
 /// this process with `foreground`, else in a detached child.
-pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &MountHow, foreground: bool) -> Result<()> {
-    let (upper, read_only) = (how.upper.as_deref(), how.read_only);
+pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: How<'_>) -> Result<()> {
+    let How { upper, read_only, foreground, control, lazy, lower_dirs, no_passthrough } = how;
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
     if xenod_cowfs::is_mounted(mountpoint) {
         bail!("{} is already a mount point", mountpoint.display());
     }
+    // A ticket: fetch the stack first; the mount then names the layer id.
+    let local = crate::remote::localize(data_dir, reference, false)?;
+    let reference = local.as_str();
     let store =
         Arc::new(Store::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
-    for d in &how.lower_dirs {
+    for d in lower_dirs {
         if !d.is_dir() {
             bail!("lower directory {} is not a directory", d.display());
         }
@@ -55,8 +63,14 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
         let opts = MountOptions {
             upper: upper.map(Path::to_path_buf),
             read_only,
-            lower_dirs: how.lower_dirs.clone(),
-            passthrough: how.passthrough,
+            lower_dirs: lower_dirs.to_vec(),
+            passthrough: !no_passthrough,
+            control: control.map(Path::to_path_buf),
+            fetch_missing: lazy.then(|| {
+                let data = data_dir.to_path_buf();
+                let f: xenod_cowfs::Fetcher = Arc::new(move |id| crate::lazy::fetch_via_daemon(&data, id));
+                f
+            }),
             ..Default::default()
         };
         return xenod_cowfs::serve(store, &stack, mountpoint, &opts, || {
@@ -73,16 +87,22 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
     let exe = std::env::current_exe().context("finding the xenod executable")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--data-dir").arg(data_dir).arg("mount").arg(reference).arg(&abs).arg("--foreground");
+    if lazy {
+        cmd.arg("--lazy");
+    }
+    if let Some(c) = control {
+        cmd.arg("--control").arg(std::path::absolute(c).unwrap_or_else(|_| c.to_path_buf()));
+    }
     if let Some(u) = upper {
         cmd.arg("--upper").arg(std::path::absolute(u).unwrap_or_else(|_| u.to_path_buf()));
     }
     if read_only {
         cmd.arg("--ro");
     }
-    for d in &how.lower_dirs {
+    for d in lower_dirs {
         cmd.arg("--lower-dir").arg(std::path::absolute(d).unwrap_or_else(|_| d.clone()));
     }
-    if !how.passthrough {
+    if no_passthrough {
         cmd.arg("--no-passthrough");
     }
     cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log_file);

@@ -1,4 +1,4 @@
-//! Peer subcommands: `serve`, `share`, `fetch`, `names`, `status`, `stop`.
+//! Peer subcommands: `serve`, `share`, `fetch`, `replicate`, `names`, `status`, `stop`.
 //!
 //! Each is a client of the daemon's local API (DATA_DIR/xenod.sock). With
 //! no daemon running, `fetch` and `names` start the same engine embedded
@@ -41,6 +41,18 @@ pub enum PeerCmd {
         #[arg(long = "from", value_name = "NODE@ADDR")]
         from: Vec<String>,
     },
+    /// Have peers fetch REF from this host's daemon and from each other at once.
+    ///
+    /// Each PEER must allow this host's node id in its config (`pull_from`).
+    /// Every target fetches its own share of the chunks from this host and
+    /// the rest from the other targets as they arrive there, so the stack
+    /// leaves this host about once however many targets there are.
+    Replicate {
+        r#ref: String,
+        /// A target, as NODE@IP:PORT (repeatable).
+        #[arg(long = "to", value_name = "NODE@ADDR", required = true)]
+        to: Vec<String>,
+    },
     /// Ask peers for their signed name records; keep those signed by trusted keys.
     Names {
         #[arg(long = "from", value_name = "NODE@ADDR")]
@@ -57,15 +69,16 @@ pub fn run(data_dir: &Path, json: bool, cmd: PeerCmd) -> Result<()> {
     let req = match cmd {
         PeerCmd::Serve { listen } => return serve::run(data_dir, listen, json),
         PeerCmd::Share { r#ref } => Request::Share { r#ref },
-        PeerCmd::Fetch { target, from } => Request::Fetch { target, from },
+        PeerCmd::Fetch { target, from } => Request::Fetch { target, from, lazy: false },
         PeerCmd::Names { from } => Request::Names { from },
+        PeerCmd::Replicate { r#ref, to } => Request::Replicate { r#ref, to },
         PeerCmd::Status => Request::Status,
         PeerCmd::Shutdown => Request::Shutdown,
     };
     let result = match UnixStream::connect(serve::socket_path(data_dir)) {
         Ok(s) => call(s, &req, json)?,
         Err(_) => match req {
-            Request::Share { .. } | Request::Shutdown => bail!(
+            Request::Share { .. } | Request::Replicate { .. } | Request::Shutdown => bail!(
                 "no daemon serves {}; start `xenod --data-dir {} serve` first",
                 data_dir.display(),
                 data_dir.display()
@@ -77,6 +90,18 @@ pub fn run(data_dir: &Path, json: bool, cmd: PeerCmd) -> Result<()> {
     print_result(&result, json)
 }
 
+/// Pulls `target` (a ticket or a reference) into the store of `data_dir`,
+/// through its daemon if one runs, else an embedded engine; returns the
+/// fetch report. Progress goes to stderr.
+pub fn fetch(data_dir: &Path, target: &str, json: bool) -> Result<Value> {
+    let req = Request::Fetch { target: target.to_owned(), from: Vec::new(), lazy: false };
+    let (_, v) = match UnixStream::connect(serve::socket_path(data_dir)) {
+        Ok(s) => call(s, &req, json)?,
+        Err(_) => embedded(data_dir, req, json)?,
+    };
+    Ok(v)
+}
+
 /// Sends `req` to a daemon; shows its progress; returns its result.
 fn call(s: UnixStream, req: &Request, json: bool) -> Result<(&'static str, Value)> {
     let kind = kind(req);
@@ -85,6 +110,12 @@ fn call(s: UnixStream, req: &Request, json: bool) -> Result<(&'static str, Value
     let pb = crate::progress::bytes("fetching", None, json);
     for line in BufReader::new(s).lines() {
         let v: Value = serde_json::from_str(&line.context("reading from the daemon")?)?;
+        if let Some(n) = v.get("note").and_then(Value::as_str) {
+            if !json {
+                pb.suspend(|| eprintln!("xenod: {n}"));
+            }
+            continue;
+        }
         if let Some(p) = v.get("progress") {
             pb.set_position(p["bytes"].as_u64().unwrap_or(0));
             pb.set_message(format!(
@@ -104,6 +135,7 @@ fn call(s: UnixStream, req: &Request, json: bool) -> Result<(&'static str, Value
             Some(4) => Exit::Damaged,
             Some(5) => Exit::NameRefused,
             Some(6) => Exit::BadInput,
+            Some(7) => Exit::NoProvider,
             _ => Exit::Failure,
         };
         return Err(Coded { code, msg: v["error"].as_str().unwrap_or("daemon error").to_owned() }.into());
@@ -116,9 +148,24 @@ fn kind(req: &Request) -> &'static str {
         Request::Status => "status",
         Request::Share { .. } => "share",
         Request::Fetch { .. } => "fetch",
+        Request::Chunk { .. } => "chunk",
         Request::Names { .. } => "names",
+        Request::Replicate { .. } => "replicate",
         Request::Shutdown => "stop",
+        Request::Migrate { .. } => "migrate",
+        Request::Checkpoint { .. } => "checkpoint",
+        Request::Restore { .. } => "restore",
     }
+}
+
+/// Sends `req` to the daemon of `data_dir`, or runs it in an embedded
+/// engine when none runs; returns its result.
+pub fn request(data_dir: &Path, json: bool, req: Request) -> Result<Value> {
+    let r = match UnixStream::connect(serve::socket_path(data_dir)) {
+        Ok(s) => call(s, &req, json)?,
+        Err(_) => embedded(data_dir, req, json)?,
+    };
+    Ok(r.1)
 }
 
 /// Runs the daemon's engine in this process for one request.
@@ -231,6 +278,7 @@ fn print_result((kind, v): &(&'static str, Value), json: bool) -> Result<()> {
                 writeln!(o, "known {id}@{}", addrs.join(","))?;
             }
         }
+        "replicate" => crate::replicate::print(&mut o, v)?,
         "stop" => writeln!(o, "daemon stopping")?,
         _ => writeln!(o, "{v}")?,
     }

@@ -261,3 +261,194 @@ fn restarted_daemon_keeps_identity_port_peers_and_counters() {
     assert!(!out.status.success());
     drop((da, dc));
 }
+
+/// Whether FUSE mounts can be made here (root and /dev/fuse); says so when not.
+fn can_mount() -> bool {
+    let ok = rustix::process::geteuid().is_root() && Path::new("/dev/fuse").exists();
+    if !ok {
+        eprintln!("SKIPPED: FUSE part of the test: needs root and /dev/fuse");
+    }
+    ok
+}
+
+fn is_mounted(p: &Path) -> bool {
+    let p = p.canonicalize().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+}
+
+/// The layer ids and the chunk count of the store of `data`.
+fn held(data: &Path) -> (Vec<String>, u64) {
+    let v = ok_json(xenod(data).arg("ls"));
+    let ids = v["layers"].as_array().unwrap().iter().map(|l| l["id"].as_str().unwrap().to_owned()).collect();
+    (ids, v["chunks"].as_u64().unwrap())
+}
+
+#[test]
+fn mount_by_ticket_on_a_host_that_never_saw_the_layer() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (a, c) = (t.path().join("a"), t.path().join("c"));
+    let src = t.path().join("src");
+    tree(&src, 8, 6);
+    let id = publish(&a, &src, "template://test/os/1");
+    let da = Daemon::start(&a, &[]);
+    let ticket = share(&a, "template://test/os/1");
+    assert_eq!(held(&c), (vec![], 0));
+
+    // No daemon on C: the mount command fetches with an embedded engine.
+    let mp = t.path().join("mnt");
+    std::fs::create_dir_all(&mp).unwrap();
+    let out = run(xenod(&c).arg("mount").arg(&ticket).arg(&mp));
+    assert!(out.status.success(), "mount by ticket: {}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fetching") && err.contains(&da.node), "progress on stderr: {err}");
+    assert!(is_mounted(&mp));
+    let read = std::fs::read_to_string(mp.join("etc/hostname"));
+    let digest = xenod_store::tree_digest(&mp);
+    let um = run(xenod(&c).arg("umount").arg(&mp));
+    assert!(um.status.success(), "umount: {}", String::from_utf8_lossy(&um.stderr));
+    assert_eq!(read.unwrap(), "host6\n");
+    assert_eq!(digest.unwrap(), xenod_store::tree_digest(&src).unwrap(), "the union shows the published tree");
+    // The stack is local now: a second mount by the same ticket needs no provider.
+    drop(da);
+    let out = run(xenod(&c).arg("mount").arg(&ticket).arg(&mp));
+    assert!(out.status.success(), "remount with the provider gone: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("fetching"), "nothing fetched the second time");
+    assert!(run(xenod(&c).arg("umount").arg(&mp)).status.success());
+    assert!(held(&c).0.contains(&id), "{:?}", held(&c));
+}
+
+#[test]
+fn deploy_by_ticket_through_the_daemon_on_the_test_driver() {
+    if !can_mount() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (a, c) = (t.path().join("a"), t.path().join("c"));
+    let src = t.path().join("src");
+    tree(&src, 4, 7);
+    std::fs::create_dir_all(src.join("boot")).unwrap();
+    // The test driver boots nothing: any file serves as the kernel.
+    std::fs::write(src.join("boot/vmlinux"), b"not a kernel").unwrap();
+    let spec = t.path().join("spec.json");
+    std::fs::write(&spec, r#"{"kernel": "stack:boot/vmlinux", "instance": "tk"}"#).unwrap();
+    let id = ok_json(xenod(&a).arg("publish").arg(&src).args(["--name", "template://test/os/1", "--spec"]).arg(&spec))
+        ["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let da = Daemon::start(&a, &[]);
+    let ticket = share(&a, &id);
+    // A daemon on C: the deploy command fetches through it.
+    let dc = Daemon::start(&c, &[]);
+    let out = run(xenod(&c).args(["--json", "deploy", &ticket, "--uri", "test:///default", "--no-wait"]));
+    assert!(out.status.success(), "deploy by ticket: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let root = c.join("instances/tk/root");
+    let hostname = std::fs::read_to_string(root.join("etc/hostname"));
+    let destroyed = run(xenod(&c).args(["destroy", "tk"]));
+    assert!(destroyed.status.success(), "destroy: {}", String::from_utf8_lossy(&destroyed.stderr));
+    assert_eq!(v["instances"][0]["top"], id.as_str(), "{v}");
+    assert_eq!(hostname.unwrap(), "host7\n");
+    let s = status(&c);
+    assert!(s["counters"]["chunks_received"].as_u64().unwrap() > 0, "C's daemon did the fetch: {s}");
+    drop((da, dc));
+}
+
+#[test]
+fn dead_or_wrong_ticket_is_refused_and_stores_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, c) = (t.path().join("a"), t.path().join("c"));
+    let src = t.path().join("src");
+    tree(&src, 1, 8);
+    publish(&a, &src, "template://test/os/1");
+    let da = Daemon::start(&a, &[]);
+    let ticket = share(&a, "template://test/os/1");
+    let addr = da.addr.clone();
+    da.stop();
+
+    let mp = t.path().join("mnt");
+    std::fs::create_dir_all(&mp).unwrap();
+    for args in [vec!["mount", &ticket, mp.to_str().unwrap()], vec!["deploy", &ticket, "--uri", "test:///default"]] {
+        let out = run(xenod(&c).args(&args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(7), "{args:?}: {err}");
+        assert!(err.contains("no provider") && err.contains(&addr), "{args:?} names what and where: {err}");
+    }
+    assert!(!is_mounted(&mp));
+    assert_eq!(held(&c), (vec![], 0), "nothing stored");
+    assert!(!c.join("instances/tk").exists());
+
+    let out = run(xenod(&c).args(["mount", "xenod1notaticket"]).arg(&mp));
+    assert_eq!(out.status.code(), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a xenod ticket"));
+}
+
+/// Lets `node` ask the host of `data` to pull stacks.
+fn allow_pulls(data: &Path, node: &str) {
+    std::fs::create_dir_all(data).unwrap();
+    std::fs::write(data.join("config.toml"), format!("pull_from = [\"{node}\"]\n")).unwrap();
+}
+
+#[test]
+fn replicate_to_three_peers_that_serve_each_other() {
+    let t = tempfile::tempdir().unwrap();
+    let [a, b, c, d, e] = ["a", "b", "c", "d", "e"].map(|n| t.path().join(n));
+    let src = t.path().join("src");
+    tree(&src, 24, 9);
+    let id = publish(&a, &src, "template://test/os/1");
+    // A slow source, so the targets' exchange among themselves shows.
+    let da = Daemon::start(&a, &[("XENOD_TEST_DELAY_MS", "20")]);
+    for x in [&b, &c, &d] {
+        allow_pulls(x, &da.node);
+    }
+    let targets = [&b, &c, &d].map(|x| Daemon::start(x, &[]));
+    let de = Daemon::start(&e, &[]);
+
+    let mut args = vec!["replicate".to_owned(), "template://test/os/1".to_owned()];
+    for tg in &targets {
+        args.extend(["--to".to_owned(), tg.addr.clone()]);
+    }
+    let rep = ok_json(xenod(&a).args(&args));
+    let outs = rep["targets"].as_array().unwrap();
+    assert_eq!(outs.len(), 3, "{rep}");
+    let mut from_members = 0;
+    let mut fetched = 0;
+    for (tg, o) in targets.iter().zip(outs) {
+        assert_eq!(o["node"], tg.node.as_str(), "{rep}");
+        let r = &o["report"];
+        assert_eq!(r["layer"], id.as_str(), "{rep}");
+        fetched += r["chunks_fetched"].as_u64().unwrap();
+        for p in r["providers"].as_array().unwrap() {
+            if p["node"] != da.node.as_str() {
+                assert!(targets.iter().any(|x| p["node"] == x.node.as_str()), "{p}");
+                from_members += p["chunks"].as_u64().unwrap();
+            }
+        }
+        assert_eq!(status(&tg.data)["counters"]["pulls"], 1);
+    }
+    let served = status(&a)["counters"]["chunks_served"].as_u64().unwrap();
+    eprintln!("fan-out to 3: {fetched} chunks stored, {served} served by the source, {from_members} by targets");
+    assert!(from_members > 0, "targets served each other: {rep}");
+    assert!(served < fetched, "the source sent less than one copy per target ({served} of {fetched}): {rep}");
+    let want = xenod_store::tree_digest(&src).unwrap();
+    for (i, tg) in targets.iter().enumerate() {
+        assert_eq!(digest_of(&tg.data, &id, &t.path().join(format!("out{i}"))), want);
+        let pins = ok_json(xenod(&tg.data).arg("ls"))["pins"].clone();
+        assert!(pins.as_array().unwrap().iter().any(|p| p["id"] == id.as_str()), "pinned: {pins}");
+    }
+
+    // E does not allow A: refused, named, counted, nothing stored.
+    let out = run(xenod(&a).args(["replicate", &id, "--to", &de.addr]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&de.node) && err.contains("may not ask"), "{err}");
+    assert_eq!(status(&e)["counters"]["pulls_refused"], 1);
+    assert_eq!(held(&e), (vec![], 0));
+    drop((da, targets, de));
+}

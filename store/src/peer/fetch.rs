@@ -23,6 +23,20 @@
 //! for the rest of the fetch: the bad chunk is counted against it, and
 //! everything it still owed goes back to the queue for the others. A
 //! provider that answers "absent" for an id is not asked for it again.
+//!
+//! # Fan-out
+//!
+//! When several hosts fetch the same stack at once ([`SwarmPlan`]), each
+//! also asks the others, which serve what they already hold. The ids are
+//! split into as many *segments* as there are members (by the first bytes
+//! of the id, so every member computes the same split without talking):
+//! a member asks the full providers (the source) for its own segment
+//! first, then for the rest, oldest-wanted last; it asks member `j` for
+//! segment `j`, which is what `j` is fetching first. A member that answers
+//! "absent" has not got the chunk *yet*: it is asked again after
+//! [`NOT_YET_RETRY`], never counted as lacking it for good while a full
+//! provider is alive. So the source sends each chunk about once and the
+//! members exchange the rest among themselves.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +46,8 @@ use std::time::{Duration, Instant};
 use iroh::endpoint::Connection;
 use serde::Serialize;
 use tokio::sync::Notify;
+
+use iroh::EndpointId;
 
 use super::PeerError;
 use super::protocol::{Request, WireError, read_frame};
@@ -66,6 +82,30 @@ pub struct FetchProgress {
     pub wire_bytes: u64,
 }
 
+/// A fan-out: the hosts fetching the same stack at the same time, in an
+/// order every one of them was given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SwarmPlan {
+    pub members: Vec<EndpointId>,
+}
+
+impl SwarmPlan {
+    /// The segment of `id` among `n` members.
+    pub fn segment(id: &ChunkId, n: usize) -> usize {
+        let b = id.as_bytes();
+        (u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) % n.max(1) as u64) as usize
+    }
+
+    /// The position of `node` in the plan, if it is a member.
+    pub fn index(&self, node: &EndpointId) -> Option<usize> {
+        self.members.iter().position(|m| m == node)
+    }
+}
+
+/// How long a fan-out member that said "not yet" for an id is left alone
+/// before it is asked for that id again.
+pub const NOT_YET_RETRY: Duration = Duration::from_millis(150);
+
 #[derive(Clone)]
 pub struct FetchOptions {
     pub progress: Option<ProgressFn>,
@@ -77,11 +117,25 @@ pub struct FetchOptions {
     pub read_timeout: Duration,
     /// Stored bytes between flushes, so an interrupted fetch keeps its work.
     pub flush_every: u64,
+    /// Fetching as one member of a fan-out; providers that are members are
+    /// fetching too (see the module doc).
+    pub swarm: Option<SwarmPlan>,
+    /// Stop after the layer roots and manifests (a lazy deploy mounts then,
+    /// and file data follows in the background).
+    pub manifests_only: bool,
 }
 
 impl Default for FetchOptions {
     fn default() -> Self {
-        Self { progress: None, lanes: 4, batch: 32, read_timeout: Duration::from_secs(20), flush_every: 64 << 20 }
+        Self {
+            progress: None,
+            lanes: 4,
+            batch: 32,
+            read_timeout: Duration::from_secs(20),
+            flush_every: 64 << 20,
+            swarm: None,
+            manifests_only: false,
+        }
     }
 }
 
@@ -125,6 +179,8 @@ pub struct FetchReport {
 
 pub(crate) struct ProviderConn {
     pub(crate) node: String,
+    /// Its segment, when it is a fan-out member (fetching too).
+    pub(crate) member: Option<usize>,
     /// The connection, or why there is none.
     pub(crate) conn: Result<Connection, String>,
 }
@@ -138,6 +194,12 @@ struct State {
     batch_time: Duration,
     /// Providers that said they lack an id, or sent it corrupt.
     lacks: HashMap<ChunkId, Vec<usize>>,
+    /// Fan-out members that said "absent" for an id, and when.
+    not_yet: HashMap<ChunkId, Vec<(usize, Instant)>>,
+    /// Per provider: `Some(segment)` for a fan-out member.
+    member: Vec<Option<usize>>,
+    /// Members in the plan (segments), 0 without one.
+    segments: usize,
     remaining: usize,
     total: usize,
     alive: Vec<bool>,
@@ -157,8 +219,48 @@ impl State {
     }
 
     fn lacked_by_all(&self, id: &ChunkId) -> bool {
-        let lacks = self.lacks.get(id).map(Vec::as_slice).unwrap_or(&[]);
-        self.alive.iter().enumerate().all(|(p, a)| !*a || lacks.contains(&p))
+        if self.full_can_supply(id) {
+            return false;
+        }
+        // No full provider can: a member's "absent" is final now.
+        let not_yet = self.not_yet.get(id).map(Vec::as_slice).unwrap_or(&[]);
+        self.alive.iter().enumerate().all(|(p, a)| !*a || self.lacks(p, id) || not_yet.iter().any(|(q, _)| *q == p))
+    }
+
+    /// Whether a live provider that is not a fan-out member may still have `id`.
+    fn full_can_supply(&self, id: &ChunkId) -> bool {
+        self.alive.iter().enumerate().any(|(p, a)| *a && self.member[p].is_none() && !self.lacks(p, id))
+    }
+
+    fn not_yet_at(&self, p: usize, id: &ChunkId) -> bool {
+        self.not_yet.get(id).is_some_and(|v| v.iter().any(|(q, t)| *q == p && t.elapsed() < NOT_YET_RETRY))
+    }
+
+    /// For fan-out member `p`: up to `want` ids of its segment it has not
+    /// just said it lacks, searched from the back of the queue (where the
+    /// ids members fetch first wait; see [`order_for_swarm`]).
+    fn take_from_member(&mut self, p: usize, seg: usize, want: usize) -> Vec<ChunkId> {
+        const SCAN: usize = 8192;
+        let mut picked = Vec::new();
+        let mut i = self.todo.len();
+        let mut scanned = 0;
+        while i > 0 && picked.len() < want && scanned < SCAN {
+            i -= 1;
+            scanned += 1;
+            let id = self.todo[i];
+            if self.lacked_by_all(&id) {
+                self.failed = Some(PeerError::Unavailable { id });
+                return Vec::new();
+            }
+            // Once no full provider can supply an id, every member is asked.
+            let mine = SwarmPlan::segment(&id, self.segments) == seg || !self.full_can_supply(&id);
+            if mine && !self.not_yet_at(p, &id) && !self.lacks(p, &id) {
+                picked.push(i);
+            }
+        }
+        // `picked` is in descending index order, so removals do not shift
+        // the indices still to remove.
+        picked.into_iter().filter_map(|i| self.todo.remove(i)).collect()
     }
 
     fn lacks(&self, p: usize, id: &ChunkId) -> bool {
@@ -172,6 +274,20 @@ impl State {
         // Spread the tail: never take more than a fair share of what is left.
         let fair = self.todo.len().div_ceil(lanes_total.max(1)).max(1);
         let want = max.min(fair);
+        if let Some(seg) = self.member[p] {
+            let batch = self.take_from_member(p, seg, want);
+            if self.failed.is_some() {
+                return Take::Stop;
+            }
+            if batch.is_empty() {
+                return Take::Wait;
+            }
+            let now = Instant::now();
+            for id in &batch {
+                self.inflight.entry(*id).or_default().push((p, now));
+            }
+            return Take::Batch(batch);
+        }
         let mut batch = Vec::new();
         let mut skipped = Vec::new();
         while batch.len() < want {
@@ -224,7 +340,13 @@ impl State {
             h.retain(|(q, _)| *q != p);
             if h.is_empty() {
                 self.inflight.remove(id);
-                self.todo.push_front(*id);
+                if self.member[p].is_some() {
+                    // Back where members look first, not ahead of the
+                    // source's own queue.
+                    self.todo.push_back(*id);
+                } else {
+                    self.todo.push_front(*id);
+                }
             }
         }
     }
@@ -264,6 +386,8 @@ pub(crate) struct Swarm {
 impl Swarm {
     pub(crate) fn new(store: Arc<Store>, stats: Arc<Stats>, conns: Vec<ProviderConn>, opts: FetchOptions) -> Arc<Self> {
         let alive = conns.iter().map(|c| c.conn.is_ok()).collect();
+        let member = conns.iter().map(|c| c.member).collect();
+        let segments = opts.swarm.as_ref().map_or(0, |s| s.members.len());
         let reports = conns
             .iter()
             .map(|c| ProviderReport {
@@ -277,7 +401,14 @@ impl Swarm {
             stats,
             conns,
             opts,
-            state: Mutex::new(State { alive, reports, batch_time: Duration::from_millis(100), ..Default::default() }),
+            state: Mutex::new(State {
+                alive,
+                reports,
+                member,
+                segments,
+                batch_time: Duration::from_millis(100),
+                ..Default::default()
+            }),
             notify: Notify::new(),
             phase: Mutex::new(Phase::Roots),
             bytes: AtomicU64::new(0),
@@ -351,6 +482,7 @@ impl Swarm {
             st.todo = ids.into();
             st.inflight.clear();
             st.lacks.clear();
+            st.not_yet.clear();
             if st.alive_count() == 0 {
                 let why = st.reports.iter().filter_map(|r| r.dropped.as_ref().map(|d| format!("{}: {d}", r.node)));
                 let why = why.collect::<Vec<_>>().join("; ");
@@ -451,7 +583,11 @@ impl Swarm {
             };
             let Some(frame) = frame else {
                 let mut st = self.lock();
-                st.lacks.entry(*id).or_default().push(p);
+                if st.member[p].is_some() {
+                    st.not_yet.entry(*id).or_default().push((p, Instant::now()));
+                } else {
+                    st.lacks.entry(*id).or_default().push(p);
+                }
                 st.release(p, id);
                 drop(st);
                 self.notify.notify_waiters();
@@ -562,6 +698,19 @@ pub(crate) fn missing_data_chunks(store: &Store, stack: &[ChunkId]) -> Result<(V
         }
     }
     Ok((want, local))
+}
+
+/// Orders the wanted ids of a fan-out member with segment `me` among
+/// `n`: its own segment first (asked of the full providers), then the
+/// others newest-first, so that the full providers reach the ids other
+/// members fetch last, and members' lanes, scanning from the back, find
+/// the ids their peers fetched first.
+pub(crate) fn order_for_swarm(ids: Vec<ChunkId>, me: usize, n: usize) -> Vec<ChunkId> {
+    let (mut mine, mut rest): (Vec<ChunkId>, Vec<ChunkId>) =
+        ids.into_iter().partition(|id| SwarmPlan::segment(id, n) == me);
+    rest.reverse();
+    mine.append(&mut rest);
+    mine
 }
 
 /// Elapsed milliseconds since `t`.

@@ -6,6 +6,7 @@
 //! | `provider` | the serving side, with back-pressure |
 //! | `fetch` | multi-provider fetch of a layer stack with work stealing |
 //! | `ticket` | `xenod1...` tickets: a layer id and its providers |
+//! | `pull` | fan-out: asking other nodes to fetch a stack, on [`PULL_ALPN`] |
 //! | `stats` | counters of served, fetched and refused chunks, per peer |
 //!
 //! A [`Node`] is one iroh endpoint (node key = an ed25519 key, like a
@@ -43,8 +44,10 @@
 //! would run at the 27-52 MB/s its file store managed here.
 
 mod fetch;
+mod one;
 mod protocol;
 mod provider;
+mod pull;
 mod stats;
 mod ticket;
 
@@ -64,9 +67,13 @@ use serde::Serialize;
 /// Node ids and dialable addresses, as iroh defines them.
 pub use iroh::{EndpointAddr, EndpointId};
 
-pub use fetch::{FetchOptions, FetchProgress, FetchReport, Phase, ProgressFn, ProviderReport};
+pub use fetch::{
+    FetchOptions, FetchProgress, FetchReport, NOT_YET_RETRY, Phase, ProgressFn, ProviderReport, SwarmPlan,
+};
+pub use one::fetch_one;
 pub use protocol::{ALPN, MAX_BATCH, MAX_NAMES, MAX_PLAIN};
 pub use provider::{FRAMES_IN_FLIGHT, Misbehave, STREAMS_PER_CONN};
+pub use pull::{MAX_MEMBERS, PULL_ALPN, PullOutcome, PullPolicy};
 pub use stats::{Counters, PeerCounters, Snapshot, Stats};
 pub use ticket::{Ticket, TicketError, format_peer, parse_peer};
 
@@ -75,7 +82,7 @@ use crate::id::{ChunkId, LayerId};
 use crate::layer::{LayerInfo, MAX_STACK};
 use crate::names::NameRecord;
 use crate::store::{LAYERS, Store};
-use fetch::{ProviderConn, Swarm, missing_data_chunks, missing_manifest_chunks, ms};
+use fetch::{ProviderConn, Swarm, missing_data_chunks, missing_manifest_chunks, ms, order_for_swarm};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -119,6 +126,8 @@ pub struct NodeOptions {
     pub relay: Relay,
     /// Test hooks; leave at the default.
     pub misbehave: Misbehave,
+    /// Which peers may ask this node to fetch a stack (fan-out).
+    pub pulls: PullPolicy,
 }
 
 /// Name records a peer offered, sorted by what happened to them.
@@ -134,6 +143,14 @@ pub struct NamesReport {
 /// One iroh endpoint serving a store and fetching into it.
 pub struct Node {
     router: Router,
+    engine: Engine,
+}
+
+/// What a fetch needs: the endpoint to dial from, the store to fill, the
+/// counters to keep. Shared by [`Node`] and the pull handler.
+#[derive(Clone)]
+pub(crate) struct Engine {
+    endpoint: Endpoint,
     store: Arc<Store>,
     stats: Arc<Stats>,
 }
@@ -147,6 +164,17 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// Binds the endpoint and starts serving `store`.
     pub async fn spawn(store: Arc<Store>, stats: Arc<Stats>, opts: NodeOptions) -> Result<Self, PeerError> {
+        Self::spawn_with(store, stats, opts, Vec::new()).await
+    }
+
+    /// Like [`Node::spawn`], also accepting the protocols in `extra` (by
+    /// ALPN) on the same endpoint.
+    pub async fn spawn_with(
+        store: Arc<Store>,
+        stats: Arc<Stats>,
+        opts: NodeOptions,
+        extra: Vec<(Vec<u8>, Box<dyn iroh::protocol::DynProtocolHandler>)>,
+    ) -> Result<Self, PeerError> {
         let bind_err = |why: String| PeerError::Bind { addr: opts.bind, why };
         let builder = match opts.relay {
             Relay::Disabled => Endpoint::builder(presets::Minimal).relay_mode(RelayMode::Disabled),
@@ -162,8 +190,14 @@ impl Node {
             .await
             .map_err(|e| bind_err(e.to_string()))?;
         let provider = provider::Provider::new(store.clone(), stats.clone(), opts.misbehave);
-        let router = Router::builder(endpoint).accept(ALPN, provider).spawn();
-        Ok(Self { router, store, stats })
+        let engine = Engine { endpoint: endpoint.clone(), store, stats };
+        let puller = pull::PullHandler::new(engine.clone(), opts.pulls);
+        let mut router = Router::builder(endpoint).accept(ALPN, provider).accept(PULL_ALPN, puller);
+        for (alpn, handler) in extra {
+            router = router.accept(alpn, handler);
+        }
+        let router = router.spawn();
+        Ok(Self { router, engine })
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -187,26 +221,71 @@ impl Node {
     }
 
     pub fn stats(&self) -> &Arc<Stats> {
-        &self.stats
+        &self.engine.stats
     }
 
     pub fn store(&self) -> &Arc<Store> {
-        &self.store
-    }
-
-    async fn connect(&self, addr: &EndpointAddr) -> Result<iroh::endpoint::Connection, PeerError> {
-        let peer = addr.id.to_string();
-        match tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint().connect(addr.clone(), ALPN)).await {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(PeerError::Connection { peer, why: format!("connecting: {e}") }),
-            Err(_) => Err(PeerError::Connection { peer, why: "connecting: timed out".into() }),
-        }
+        &self.engine.store
     }
 
     /// Fetches layer `layer` and the stack below it from `providers`,
     /// asking only for chunks this store lacks. Everything stored is
     /// verified and durable on return.
     pub async fn fetch(
+        &self,
+        layer: LayerId,
+        providers: &[EndpointAddr],
+        opts: FetchOptions,
+    ) -> Result<FetchReport, PeerError> {
+        self.engine.fetch(layer, providers, opts).await
+    }
+
+    /// Asks every node in `targets` to fetch `layer` from this node and
+    /// from each other at once (see [`SwarmPlan`]); returns each one's
+    /// outcome, in order.
+    pub async fn replicate(&self, layer: LayerId, targets: &[EndpointAddr]) -> Vec<PullOutcome> {
+        pull::replicate(&self.engine, self.addr(), layer, targets).await
+    }
+
+    /// Asks `provider` for its name records and keeps those signed by a
+    /// key in `trusted` and newer than what is held.
+    pub async fn fetch_names(
+        &self,
+        provider: &EndpointAddr,
+        trusted: &[VerifyingKey],
+    ) -> Result<NamesReport, PeerError> {
+        self.engine.fetch_names(provider, trusted).await
+    }
+
+    /// Closes the endpoint gracefully.
+    pub async fn shutdown(self) {
+        let _ = self.router.shutdown().await;
+    }
+}
+
+impl Engine {
+    pub(crate) async fn connect(
+        &self,
+        addr: &EndpointAddr,
+        alpn: &[u8],
+    ) -> Result<iroh::endpoint::Connection, PeerError> {
+        let peer = addr.id.to_string();
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint.connect(addr.clone(), alpn)).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(PeerError::Connection { peer, why: format!("connecting: {e}") }),
+            Err(_) => Err(PeerError::Connection { peer, why: "connecting: timed out".into() }),
+        }
+    }
+
+    fn id(&self) -> EndpointId {
+        self.endpoint.id()
+    }
+
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    pub(crate) async fn fetch(
         &self,
         layer: LayerId,
         providers: &[EndpointAddr],
@@ -261,7 +340,19 @@ impl Node {
         }
         let mut conns = set.join_all().await;
         conns.sort_by_key(|(i, _, _)| *i);
-        let conns = conns.into_iter().map(|(_, node, r)| ProviderConn { node, conn: r }).collect();
+        let plan = opts.swarm.clone().filter(|p| p.members.len() > 1 && p.index(&self.id()).is_some());
+        let conns = conns
+            .into_iter()
+            .map(|(i, node, r)| {
+                let member = plan.as_ref().and_then(|pl| pl.index(&providers[i].id));
+                ProviderConn { node, member, conn: r }
+            })
+            .collect();
+        let order = |ids: Vec<ChunkId>| match &plan {
+            Some(pl) => order_for_swarm(ids, pl.index(&self.id()).unwrap_or(0), pl.members.len()),
+            None => ids,
+        };
+        let manifests_only = opts.manifests_only;
         let swarm = Swarm::new(self.store.clone(), self.stats.clone(), conns, opts);
 
         // Roots, top down: each names its base.
@@ -294,15 +385,17 @@ impl Node {
             .map_err(|e| PeerError::NoProviders { why: format!("scan task: {e}") })??;
         local += l;
         fetched += want.len() as u64;
-        swarm.run(Phase::Manifests, want).await?;
+        swarm.run(Phase::Manifests, order(want)).await?;
 
-        let (store, s) = (self.store.clone(), stack.clone());
-        let (want, l) = tokio::task::spawn_blocking(move || missing_data_chunks(&store, &s))
-            .await
-            .map_err(|e| PeerError::NoProviders { why: format!("scan task: {e}") })??;
-        local += l;
-        fetched += want.len() as u64;
-        swarm.run(Phase::Data, want).await?;
+        if !manifests_only {
+            let (store, s) = (self.store.clone(), stack.clone());
+            let (want, l) = tokio::task::spawn_blocking(move || missing_data_chunks(&store, &s))
+                .await
+                .map_err(|e| PeerError::NoProviders { why: format!("scan task: {e}") })??;
+            local += l;
+            fetched += want.len() as u64;
+            swarm.run(Phase::Data, order(want)).await?;
+        }
         let udp_bytes = swarm.close();
 
         record_layers(&self.store, &stack)?;
@@ -319,15 +412,13 @@ impl Node {
         })
     }
 
-    /// Asks `provider` for its name records and keeps those signed by a
-    /// key in `trusted` and newer than what is held.
-    pub async fn fetch_names(
+    pub(crate) async fn fetch_names(
         &self,
         provider: &EndpointAddr,
         trusted: &[VerifyingKey],
     ) -> Result<NamesReport, PeerError> {
         let peer = provider.id.to_string();
-        let conn = self.connect(provider).await?;
+        let conn = self.connect(provider, ALPN).await?;
         let cerr = |e: &dyn std::fmt::Display| PeerError::Connection { peer: peer.clone(), why: e.to_string() };
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| cerr(&e))?;
         send.write_all(&protocol::Request::Names.encode()).await.map_err(|e| cerr(&e))?;
@@ -365,11 +456,29 @@ impl Node {
         }
         Ok(rep)
     }
+}
 
-    /// Closes the endpoint gracefully.
-    pub async fn shutdown(self) {
-        let _ = self.router.shutdown().await;
+/// Whether the whole stack of `top` (roots, manifests, data) is in `store`,
+/// so using it needs no peer.
+pub fn stack_complete(store: &Store, top: &LayerId) -> Result<bool, Error> {
+    store.refresh_view();
+    let mut stack = Vec::new();
+    let mut cur = *top;
+    loop {
+        if !store.contains(&cur)? {
+            return Ok(false);
+        }
+        stack.push(cur);
+        match store.layer_root(&cur)?.base {
+            Some(b) if stack.len() < MAX_STACK => cur = b,
+            Some(_) => return Ok(false),
+            None => break,
+        }
     }
+    if !missing_manifest_chunks(store, &stack)?.0.is_empty() {
+        return Ok(false);
+    }
+    Ok(missing_data_chunks(store, &stack)?.0.is_empty())
 }
 
 /// Remembers fetched layers like published ones, so `ls` and id prefixes

@@ -45,6 +45,12 @@ pub struct Counters {
     pub names_refused: u64,
     pub fetches: u64,
     pub fetches_failed: u64,
+    /// Fan-out pull requests carried out, and refused (peer not allowed,
+    /// malformed request).
+    #[serde(default)]
+    pub pulls: u64,
+    #[serde(default)]
+    pub pulls_refused: u64,
 }
 
 /// Shared, thread-safe counters of one node.

@@ -63,8 +63,13 @@ async fn host(m: Misbehave) -> Host {
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let mut secret = [0u8; 32];
     rustix::rand::getrandom(&mut secret, rustix::rand::GetRandomFlags::empty()).unwrap();
-    let opts =
-        NodeOptions { secret_key: secret, bind: "127.0.0.1:0".parse().unwrap(), relay: Relay::Disabled, misbehave: m };
+    let opts = NodeOptions {
+        secret_key: secret,
+        bind: "127.0.0.1:0".parse().unwrap(),
+        relay: Relay::Disabled,
+        misbehave: m,
+        pulls: Default::default(),
+    };
     let node = Node::spawn(store, Arc::new(Stats::default()), opts).await.unwrap();
     Host { _dir: dir, node }
 }
