@@ -49,7 +49,7 @@ impl ChunkCache {
         }
         // Fetch outside the lock: decoding is the slow part.
         // Kept as the Vec the store returned: no copy into a new allocation.
-        let data: Arc<Vec<u8>> = match store.get(id) {
+        let data = match store.get(id) {
             Ok(d) => Arc::new(d),
             Err(xenod_store::Error::ChunkMissing { .. }) if self.fetcher.get().is_some() => {
                 let f = self.fetcher.get().cloned().unwrap_or_else(|| unreachable!());

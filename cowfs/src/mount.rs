@@ -32,8 +32,7 @@ pub struct MountOptions {
     /// first the highest, as in overlayfs's `lowerdir=` list.
     pub lower_dirs: Vec<PathBuf>,
     /// Let the kernel do upper files' I/O directly (FUSE passthrough) where
-    /// it supports it; never while writes are tracked (`control`), since
-    /// passed-through writes do not reach this process.
+    /// it supports it; off while `control` tracks writes.
     pub passthrough: bool,
     /// Track writes and answer `drain` on this Unix socket
     /// ([`crate::drain_dirty`]), for incremental commits.
@@ -49,9 +48,9 @@ impl std::fmt::Debug for MountOptions {
             .field("read_only", &self.read_only)
             .field("threads", &self.threads)
             .field("control", &self.control)
-            .field("fetch_missing", &self.fetch_missing.is_some())
             .field("lower_dirs", &self.lower_dirs)
             .field("passthrough", &self.passthrough)
+            .field("fetch_missing", &self.fetch_missing.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -65,10 +64,10 @@ impl Default for MountOptions {
             cache_bytes: 256 << 20,
             allow_other: true,
             block_copy_min: crate::union::BLOCK_COPY_MIN,
-            lower_dirs: Vec::new(),
-            passthrough: true,
             control: None,
             fetch_missing: None,
+            lower_dirs: Vec::new(),
+            passthrough: true,
         }
     }
 }
@@ -104,7 +103,9 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    Ok((CowFs::with_passthrough(union, opts.passthrough && opts.control.is_none()), config))
+    // Passthrough writes bypass this process, and so the dirty tracker.
+    let passthrough = opts.passthrough && opts.control.is_none();
+    Ok((CowFs::with_passthrough(union, passthrough), config))
 }
 
 /// A mounted union, served by background threads; unmounted on drop.

@@ -4,32 +4,13 @@
 
 mod common;
 
-use std::ffi::CString;
 use std::fs;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
 use xenod_cowfs::{MountOptions, mount};
 use xenod_store::{Store, tree_listing};
-
-fn overlay(lower: &Path, upper: &Path, work: &Path, mnt: &Path) -> rustix::io::Result<()> {
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={},redirect_dir=on,index=off,metacopy=off,xino=off",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    rustix::mount::mount(
-        c(Path::new("overlay")),
-        c(mnt),
-        c(Path::new("overlay")),
-        rustix::mount::MountFlags::empty(),
-        Some(CString::new(opts).unwrap().as_c_str()),
-    )
-}
 
 #[test]
 fn flattened_upper_mounts_in_the_kernel_with_the_same_contents() {
@@ -83,7 +64,7 @@ fn flattened_upper_mounts_in_the_kernel_with_the_same_contents() {
     let (work, kmnt) = (t.path().join("work"), t.path().join("kmnt"));
     fs::create_dir(&work).unwrap();
     fs::create_dir(&kmnt).unwrap();
-    overlay(&lower, &upper, &work, &kmnt).unwrap();
+    kernel_overlay(&lower, &upper, &work, &kmnt).unwrap();
     // The merged root's mtime is the upper root's, which the kernel's own
     // mount bookkeeping touches; everything below must match exactly.
     let below = |l: Vec<String>| l.into_iter().filter(|e| !e.starts_with("/ dir ")).collect::<Vec<_>>();

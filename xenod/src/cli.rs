@@ -184,6 +184,12 @@ pub enum Cmd {
         /// Serve in this process instead of a detached one.
         #[arg(long)]
         foreground: bool,
+        /// Track writes and answer `drain` on this Unix socket (instances use it for migration).
+        #[arg(long, hide = true)]
+        control: Option<PathBuf>,
+        /// Fetch chunks that are not here yet through this host's daemon (lazy deploy).
+        #[arg(long, hide = true)]
+        lazy: bool,
         /// A read-only host directory as a lower layer, over the stack and
         /// below the upper (repeatable: the first given is the highest, as in
         /// overlayfs's lowerdir=). It must not change while mounted.
@@ -193,12 +199,6 @@ pub enum Cmd {
         /// offers FUSE passthrough.
         #[arg(long)]
         no_passthrough: bool,
-        /// Track writes and answer `drain` on this Unix socket (instances use it for migration).
-        #[arg(long, hide = true)]
-        control: Option<PathBuf>,
-        /// Fetch chunks that are not here yet through this host's daemon (lazy deploy).
-        #[arg(long, hide = true)]
-        lazy: bool,
     },
     /// Make an upper directory mountable by the kernel's overlayfs: its
     /// block-copied (partial) files become whole files, xenod's work area goes.
@@ -394,17 +394,16 @@ pub fn run(args: Args) -> Result<()> {
                 format!("{node} {} move guests onto this host", if revoke { "may no longer" } else { "may" })
             })
         }
-        Cmd::Mount { r#ref, mountpoint, upper, ro, foreground, control, lazy, lower_dirs, no_passthrough } => {
-            let how = crate::mount::How {
-                upper: upper.as_deref(),
+        Cmd::Mount { r#ref, mountpoint, upper, ro, foreground, lower_dirs, no_passthrough, control, lazy } => {
+            let how = crate::mount::MountHow {
+                upper,
                 read_only: ro,
-                foreground,
-                control: control.as_deref(),
+                lower_dirs,
+                passthrough: !no_passthrough,
+                control,
                 lazy,
-                lower_dirs: &lower_dirs,
-                no_passthrough,
             };
-            crate::mount::mount_cmd(&ctx.data_dir, &r#ref, &mountpoint, how)?;
+            crate::mount::mount_cmd(&ctx.data_dir, &r#ref, &mountpoint, &how, foreground)?;
             ctx.out(json!({ "mountpoint": mountpoint }), String::new)
         }
         Cmd::Flatten { upper, base } => {

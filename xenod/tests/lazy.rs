@@ -6,69 +6,13 @@
 //! the background fetch is still far from done. Needs root, /dev/fuse and
 //! QEMU; skips loudly when one is truly absent.
 
+mod common;
+
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::path::Path;
 
-use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn skip_reason() -> Option<String> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("not root".into());
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return Some("/dev/fuse is absent".into());
-    }
-    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
-        return Some("qemu-system-x86_64 is not installed".into());
-    }
-    None
-}
-
-fn xenod(data: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_xenod"));
-    c.arg("--data-dir").arg(data).env("XENOD_LOG", "error");
-    c
-}
-
-fn ok(data: &Path, args: &[&str]) -> Value {
-    let out = xenod(data).arg("--json").args(args).output().unwrap();
-    assert!(out.status.success(), "xenod {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
-
-struct Daemon {
-    child: Child,
-    addr: String,
-}
-
-impl Daemon {
-    fn start(data: &Path, env: &[(&str, &str)]) -> Self {
-        let mut c = xenod(data);
-        c.args(["--json", "serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).stderr(Stdio::null());
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let mut child = c.spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve said {line:?}: {e}"));
-        Self { child, addr: v["addr"].as_str().unwrap().into() }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::*;
 
 /// Compressible, never repeating: many distinct chunks.
 fn noise_file(p: &Path, mib: usize) {
@@ -86,29 +30,18 @@ fn noise_file(p: &Path, mib: usize) {
     }
 }
 
-fn cp(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    assert!(Command::new("cp").arg("-a").arg(format!("{}/.", from.display())).arg(to).status().unwrap().success());
-}
-
 #[test]
 fn lazy_deploy_answers_before_the_overlay_is_local() {
     if let Some(why) = skip_reason() {
         eprintln!("SKIPPED: lazy deploy test: {why}");
         return;
     }
-    assert!(Command::new("bash").arg(repo().join("scripts/start-libvirtd.sh")).status().unwrap().success());
-    let fix =
-        PathBuf::from(std::env::var("XENOD_FIXTURES").unwrap_or("/var/cache/xenod-fixtures".into())).join("guest");
-    assert!(Command::new("bash").arg(repo().join("fixtures/build-guest.sh")).arg(&fix).status().unwrap().success());
+    let fix = fixture();
     let t = tempfile::tempdir().unwrap();
     let (a, c) = (t.path().join("a"), t.path().join("c"));
     let tree = t.path().join("template");
     cp(&fix.join("template"), &tree);
-    fs::create_dir_all(tree.join("boot")).unwrap();
-    for k in ["vmlinux", "initrd.img"] {
-        fs::copy(fix.join("kernel").join(k), tree.join("boot").join(k)).unwrap();
-    }
+    add_boot(&fix, &tree);
     let base = ok(&a, &["publish", tree.to_str().unwrap()])["id"].as_str().unwrap().to_owned();
     let web = t.path().join("web");
     cp(&tree, &web);
@@ -136,27 +69,13 @@ fn lazy_deploy_answers_before_the_overlay_is_local() {
         .to_owned();
     let name = format!("lazy{}", std::process::id());
     let d = ok(&c, &["deploy", &ticket, "--lazy", "--name", &name]);
-    let guard = scopeguard(&c, &name);
+    let guard = Instances(&c, vec![name.clone()]);
     let port = d["instances"][0]["port"].as_u64().unwrap();
     // deploy returns once the service answered; the overlay is not all here.
     let st = ok(&c, &["status"]);
     assert!(st["lazy_fetches"].get(&top).is_some(), "the background fetch is still running: {st}");
-    let out = Command::new("curl").args(["-sf", "--max-time", "10"]).arg(format!("http://127.0.0.1:{port}/")).output();
-    let body = String::from_utf8_lossy(&out.unwrap().stdout).into_owned();
-    assert!(body.contains(&format!("instance={name}")), "{body}");
+    assert_eq!(page(port).0, name);
     assert!(xenod(&c).args(["verify"]).output().unwrap().status.code() == Some(4), "chunks are still missing");
     drop(guard);
     drop((da, dc));
-}
-
-struct Destroy<'a>(&'a Path, String);
-
-impl Drop for Destroy<'_> {
-    fn drop(&mut self) {
-        let _ = xenod(self.0).args(["destroy", &self.1]).output();
-    }
-}
-
-fn scopeguard<'a>(data: &'a Path, name: &str) -> Destroy<'a> {
-    Destroy(data, name.to_owned())
 }

@@ -6,105 +6,16 @@
 //! defined on the target; checkpoint and restore. Needs root, /dev/fuse
 //! and QEMU; skips loudly when one is truly absent.
 
+mod common;
+
 use std::fs;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 
-use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-fn skip_reason() -> Option<String> {
-    if !rustix::process::geteuid().is_root() {
-        return Some("not root".into());
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return Some("/dev/fuse is absent".into());
-    }
-    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
-        return Some("qemu-system-x86_64 is not installed".into());
-    }
-    None
-}
-
-fn xenod(data: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_xenod"));
-    c.arg("--data-dir").arg(data).env("XENOD_LOG", "error");
-    c
-}
-
-fn run(data: &Path, args: &[&str]) -> Output {
-    xenod(data).arg("--json").args(args).output().unwrap()
-}
-
-fn ok(data: &Path, args: &[&str]) -> Value {
-    let out = run(data, args);
-    assert!(out.status.success(), "xenod {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
-
-/// A running `xenod serve`; killed when dropped.
-struct Daemon {
-    child: Child,
-    node: String,
-    addr: String,
-}
-
-impl Daemon {
-    fn start(data: &Path, env: &[(&str, &str)]) -> Self {
-        let mut c = xenod(data);
-        c.args(["--json", "serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).stderr(Stdio::null());
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let mut child = c.spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve said {line:?}: {e}"));
-        Self { child, node: v["node"].as_str().unwrap().into(), addr: v["addr"].as_str().unwrap().into() }
-    }
-
-    /// Waits for a daemon that is expected to die.
-    fn wait_dead(&mut self) {
-        for _ in 0..100 {
-            if self.child.try_wait().unwrap().is_some() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        panic!("the daemon did not die");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn fixture() -> PathBuf {
-    let st = Command::new("bash").arg(repo().join("scripts/start-libvirtd.sh")).status().unwrap();
-    assert!(st.success(), "libvirtd did not start");
-    let dir =
-        PathBuf::from(std::env::var("XENOD_FIXTURES").unwrap_or("/var/cache/xenod-fixtures".into())).join("guest");
-    let st = Command::new("bash").arg(repo().join("fixtures/build-guest.sh")).arg(&dir).status().unwrap();
-    assert!(st.success(), "fixture build failed");
-    dir
-}
+use common::*;
 
 fn counter(port: u64) -> u64 {
-    let out = Command::new("curl")
-        .args(["-sf", "--max-time", "10"])
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .output()
-        .unwrap();
-    let body = String::from_utf8_lossy(&out.stdout);
-    body.lines().find_map(|l| l.strip_prefix("counter=")).and_then(|c| c.trim().parse().ok()).unwrap_or(0)
+    page(port).1
 }
 
 fn domains() -> String {
@@ -145,11 +56,8 @@ fn hosts(tag: &str) -> Option<Hosts> {
         fs::write(d.join("config.toml"), format!("domain_prefix = \"{p}\"\n")).unwrap();
     }
     let tree = t.path().join("tree");
-    fs::create_dir_all(tree.join("boot")).unwrap();
+    add_boot(&fix, &tree);
     fs::create_dir_all(tree.join("disk")).unwrap();
-    for k in ["vmlinux", "initrd.img"] {
-        fs::copy(fix.join("kernel").join(k), tree.join("boot").join(k)).unwrap();
-    }
     fs::copy(fix.join("disk/root.img"), tree.join("disk/root.img")).unwrap();
     let spec = t.path().join("disk.spec.json");
     fs::write(
@@ -245,16 +153,9 @@ fn shared_fs_guest_moves_cold() {
     let Some(h) = hosts("cold") else { return };
     let fix = fixture();
     let tree = h._t.path().join("fs-tree");
-    let cp = |from: &Path, to: &Path| {
-        fs::create_dir_all(to).unwrap();
-        assert!(Command::new("cp").arg("-a").arg(format!("{}/.", from.display())).arg(to).status().unwrap().success());
-    };
     cp(&fix.join("template"), &tree);
     cp(&fix.join("web"), &tree);
-    fs::create_dir_all(tree.join("boot")).unwrap();
-    for k in ["vmlinux", "initrd.img"] {
-        fs::copy(fix.join("kernel").join(k), tree.join("boot").join(k)).unwrap();
-    }
+    add_boot(&fix, &tree);
     let spec = repo().join("fixtures/guest/web.spec.json");
     ok(&h.a, &["publish", tree.to_str().unwrap(), "--name", "template://t/fs/1", "--spec", spec.to_str().unwrap()]);
     let (da, db) = (Daemon::start(&h.a, &[]), Daemon::start(&h.b, &[]));
