@@ -2,7 +2,7 @@
 //! through it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use xenod_store::{ChunkId, Extent, Store};
 
@@ -12,7 +12,13 @@ use crate::lower::FileData;
 pub(crate) struct ChunkCache {
     inner: Mutex<Lru>,
     cap: usize,
+    /// Asked for chunks the store lacks (a lazily deployed stack).
+    pub(crate) fetcher: OnceLock<Fetcher>,
 }
+
+/// Fetches a chunk the store lacks: its plaintext, verified against its id,
+/// or why not.
+pub type Fetcher = Arc<dyn Fn(&ChunkId) -> Result<Vec<u8>, String> + Send + Sync>;
 
 #[derive(Default)]
 struct Lru {
@@ -24,7 +30,7 @@ struct Lru {
 
 impl ChunkCache {
     pub fn new(cap: usize) -> Self {
-        Self { inner: Mutex::new(Lru::default()), cap }
+        Self { inner: Mutex::new(Lru::default()), cap, fetcher: OnceLock::new() }
     }
 
     /// The decoded chunk `id`, from the cache or the store.
@@ -42,7 +48,20 @@ impl ChunkCache {
             }
         }
         // Fetch outside the lock: decoding is the slow part.
-        let data: Arc<[u8]> = store.get(id)?.into();
+        let data: Arc<[u8]> = match store.get(id) {
+            Ok(d) => d.into(),
+            Err(xenod_store::Error::ChunkMissing { .. }) if self.fetcher.get().is_some() => {
+                let f = self.fetcher.get().cloned().unwrap_or_else(|| unreachable!());
+                match f(id) {
+                    Ok(d) => d.into(),
+                    Err(why) => {
+                        tracing::error!(chunk = %id, "fetching a missing chunk: {why}");
+                        return Err(xenod_store::Error::ChunkMissing { id: *id });
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        };
         let mut l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         l.tick += 1;
         let tick = l.tick;

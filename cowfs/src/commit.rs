@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -25,6 +26,7 @@ use xenod_store::{
 use crate::error::{Error, Result};
 use crate::lower::{LKind, LowerTree};
 use crate::partial::Partial;
+use crate::track::DirtySet;
 use crate::union::{FType, Union, join};
 
 /// What a commit wrote.
@@ -63,10 +65,69 @@ pub fn commit(
     Ok(CommitStats { id, entries })
 }
 
+/// Chunk lists of upper files from one commit of a live upper to the
+/// next ([`commit_live`]): a file nothing wrote to since is not read again,
+/// and of a fixed-block file only the blocks written are.
+#[derive(Debug, Default)]
+pub struct CommitCache {
+    files: HashMap<Vec<u8>, Cached>,
+    /// Bytes read from upper files by the last commit.
+    pub last_read: u64,
+}
+
+#[derive(Debug)]
+struct Cached {
+    size: u64,
+    kind: Kind,
+    /// One extent per 64 KiB block, for block-aligned fixed files.
+    blocks: Option<Vec<Extent>>,
+}
+
+/// Commits an upper directory that a mount may still be writing (its
+/// staging area is left alone). With `dirty` (what the mount's tracker
+/// recorded since the commit that filled `cache`), upper files are read
+/// only where they were written; without it, every upper file is read
+/// and `cache` filled. A consistent result needs the writers paused for
+/// the last call; earlier calls are a best effort whose misses the next
+/// drain reports.
+pub fn commit_live(
+    store: Arc<Store>,
+    stack: &[LayerId],
+    upper: &Path,
+    meta: BTreeMap<String, String>,
+    cache: &mut CommitCache,
+    dirty: Option<&DirtySet>,
+) -> Result<CommitStats> {
+    let Some(&top) = stack.last() else {
+        return Err(Error::BadUpper { path: upper.into(), why: "no base stack to commit onto".into() });
+    };
+    let _lock = store.write_lock()?;
+    let lower = LowerTree::load(&store, stack)?;
+    let union = Union::inspect(store.clone(), lower, upper, 64 << 20)?;
+    let base = Merged::new(&store, stack)?;
+    let mut w = LayerWriter::new(&store);
+    let mut entries = 0;
+    cache.last_read = 0;
+    let walk = Walk {
+        union: &union,
+        stack: Vec::new(),
+        started: false,
+        links: HashMap::new(),
+        failed: false,
+        inc: Some((cache, dirty)),
+    };
+    for e in diff(base, walk) {
+        w.push(&e?)?;
+        entries += 1;
+    }
+    let id = w.finish(Some(top), meta)?;
+    Ok(CommitStats { id, entries })
+}
+
 /// The whole union as entries in tree order (file contents chunked into
 /// the union's store where they are not lower extents already).
 pub fn union_entries(union: &Union) -> impl Iterator<Item = xenod_store::Result<Entry>> + '_ {
-    Walk { union, stack: Vec::new(), started: false, links: HashMap::new(), failed: false }
+    Walk { union, stack: Vec::new(), started: false, links: HashMap::new(), failed: false, inc: None }
 }
 
 type Child = (Vec<u8>, u64, FType);
@@ -78,6 +139,7 @@ struct Walk<'u> {
     started: bool,
     links: HashMap<u64, Vec<u8>>,
     failed: bool,
+    inc: Option<(&'u mut CommitCache, Option<&'u DirtySet>)>,
 }
 
 fn fail(path: &[u8], e: impl std::fmt::Display) -> xenod_store::Error {
@@ -119,6 +181,7 @@ impl Walk<'_> {
                     self.links.insert(ino, path.clone());
                 }
                 match (&upper, &partial, lower) {
+                    (Some(up), p, _) if self.inc.is_some() => self.upper_file(&path, up, p.as_deref(), a.size)?,
                     (_, Some(p), _) => partial_file(u, p, &path)?,
                     (Some(up), None, _) => whole_file(u.store(), up, &path, a.size)?,
                     (None, _, Some(l)) => match &lower_node(l).kind {
@@ -149,6 +212,112 @@ impl Walk<'_> {
         let mode = if a.kind == FType::Symlink && upper.is_some() { 0o777 } else { mode };
         Ok(Entry { path, kind, mode, uid: a.uid, gid: a.gid, mtime, xattrs })
     }
+}
+
+impl Walk<'_> {
+    /// An upper (or partial) file's content, from the cache where the
+    /// tracker says nothing changed, re-reading only written blocks.
+    fn upper_file(
+        &mut self,
+        path: &[u8],
+        up: &Path,
+        partial: Option<&Partial>,
+        size: u64,
+    ) -> xenod_store::Result<Kind> {
+        let u = self.union;
+        let Some((cache, dirty)) = self.inc.as_mut() else { unreachable!("upper_file without a cache") };
+        if let (Some(d), Some(c)) = (dirty, cache.files.get_mut(path))
+            && c.size == size
+            && !d.whole_changed(path)
+        {
+            match (d.blocks.get(path), &mut c.blocks) {
+                (None, _) => return Ok(c.kind.clone()),
+                (Some(written), Some(blocks)) => {
+                    let b = BLOCK as u64;
+                    let mut buf = vec![0u8; BLOCK];
+                    let f = match partial {
+                        Some(_) => None,
+                        None => Some(std::fs::File::open(up).map_err(|e| fail(path, e))?),
+                    };
+                    for &i in written.iter().filter(|&&i| i * b < size) {
+                        let (pos, end) = (i * b, ((i + 1) * b).min(size));
+                        let chunk = &mut buf[..(end - pos) as usize];
+                        match (partial, &f) {
+                            (Some(p), _) => {
+                                let n = u.read_partial(p, pos, chunk).map_err(|e| fail(path, e))?;
+                                if n != chunk.len() {
+                                    return Err(fail(path, "file shrank while committing"));
+                                }
+                            }
+                            (None, Some(f)) => f.read_exact_at(chunk, pos).map_err(|e| fail(path, e))?,
+                            (None, None) => unreachable!(),
+                        }
+                        cache.last_read += chunk.len() as u64;
+                        blocks[i as usize] = if is_zero(chunk) {
+                            Extent::Hole { len: chunk.len() as u64 }
+                        } else {
+                            Extent::Data { id: u.store().put(chunk)?.0, len: chunk.len() as u32 }
+                        };
+                    }
+                    let mut extents = Vec::new();
+                    for e in blocks.iter() {
+                        push_extent(&mut extents, *e);
+                    }
+                    c.kind = Kind::File { size, chunking: Chunking::Fixed, extents };
+                    return Ok(c.kind.clone());
+                }
+                (Some(_), None) => {}
+            }
+        }
+        let kind = match partial {
+            Some(p) => {
+                let dirty_blocks = p.map.lock().unwrap_or_else(|e| e.into_inner()).dirty_count();
+                cache.last_read += dirty_blocks * BLOCK as u64;
+                partial_file(u, p, path)?
+            }
+            None => {
+                cache.last_read += size;
+                whole_file(u.store(), up, path, size)?
+            }
+        };
+        let blocks = match &kind {
+            Kind::File { chunking: Chunking::Fixed, extents, .. } => per_block(extents, size),
+            _ => None,
+        };
+        cache.files.insert(path.to_vec(), Cached { size, kind: kind.clone(), blocks });
+        Ok(kind)
+    }
+}
+
+/// Fixed-block extents as one extent per 64 KiB block; `None` if they are
+/// not block-aligned.
+fn per_block(extents: &[Extent], size: u64) -> Option<Vec<Extent>> {
+    let b = BLOCK as u64;
+    let mut out = Vec::with_capacity(size.div_ceil(b) as usize);
+    let mut pos = 0u64;
+    for e in extents {
+        match *e {
+            Extent::Data { id, len } => {
+                if !pos.is_multiple_of(b) || (len as u64 != b && pos + len as u64 != size) {
+                    return None;
+                }
+                out.push(Extent::Data { id, len });
+                pos += len as u64;
+            }
+            Extent::Hole { len } => {
+                let end = pos + len;
+                while pos < end {
+                    let next = ((pos / b + 1) * b).min(end);
+                    if !pos.is_multiple_of(b) || (next - pos != b && next != size) {
+                        return None;
+                    }
+                    out.push(Extent::Hole { len: next - pos });
+                    pos = next;
+                }
+            }
+        }
+    }
+    (pos == size).then_some(out)
 }
 
 impl Iterator for Walk<'_> {

@@ -22,6 +22,9 @@ pub enum Error {
     /// An upper directory that cannot be used or committed as it is.
     #[error("upper directory {}: {why}", path.display())]
     BadUpper { path: PathBuf, why: String },
+    /// A mount's control socket did not answer as it should.
+    #[error("control socket {}: {why}", socket.display())]
+    Control { socket: PathBuf, why: String },
 }
 
 impl Error {

@@ -8,6 +8,8 @@
 //! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] |
 //! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union` |
 //! | `mount` | [`mount`], [`serve`], [`unmount`]: sessions on a mountpoint |
+//! | `track` | [`DirtySet`]: blocks and paths written since the last drain, over a control socket |
+//! | `flatten` | [`flatten`]: partial files made whole, so the kernel's overlayfs can mount an upper |
 //! | `commit` | [`commit`]: an upper directory over a stack becomes a new layer |
 //!
 //! Semantics follow Linux overlayfs (with `redirect_dir=on`), and the upper
@@ -19,16 +21,21 @@
 mod cache;
 mod commit;
 mod error;
+mod flatten;
 mod fs;
 mod lower;
 mod mount;
 mod partial;
+mod track;
 mod union;
 
-pub use commit::{CommitStats, commit, union_entries};
+pub use cache::Fetcher;
+pub use commit::{CommitCache, CommitStats, commit, commit_live, union_entries};
 pub use error::{Error, Result};
+pub use flatten::{FlattenStats, flatten};
 pub use fs::CowFs;
 pub use lower::LowerTree;
 pub use mount::{MountOptions, Mounted, is_mounted, mount, serve, unmount};
 pub use partial::DirtyMap;
+pub use track::{DirtySet, control_socket_for, drain_dirty};
 pub use union::{Attr, BLOCK_COPY_MIN, FType, Union, WORK_DIR};

@@ -13,7 +13,7 @@ use crate::lower::LowerTree;
 use crate::union::Union;
 
 /// How to mount.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct MountOptions {
     /// The writable upper directory (created if missing); none: read-only.
     pub upper: Option<PathBuf>,
@@ -28,6 +28,23 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Lower files at least this large copy up block by block.
     pub block_copy_min: u64,
+    /// Track writes and answer `drain` on this Unix socket
+    /// ([`crate::drain_dirty`]), for incremental commits.
+    pub control: Option<PathBuf>,
+    /// Asked for chunks the store lacks (lazy deployment).
+    pub fetch_missing: Option<crate::Fetcher>,
+}
+
+impl std::fmt::Debug for MountOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountOptions")
+            .field("upper", &self.upper)
+            .field("read_only", &self.read_only)
+            .field("threads", &self.threads)
+            .field("control", &self.control)
+            .field("fetch_missing", &self.fetch_missing.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for MountOptions {
@@ -39,6 +56,8 @@ impl Default for MountOptions {
             cache_bytes: 256 << 20,
             allow_other: true,
             block_copy_min: crate::union::BLOCK_COPY_MIN,
+            control: None,
+            fetch_missing: None,
         }
     }
 }
@@ -48,6 +67,17 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     let upper = if opts.read_only { None } else { opts.upper.as_deref() };
     let mut union = Union::new(store, lower, upper, opts.cache_bytes)?;
     union.block_copy_min = opts.block_copy_min;
+    if opts.control.is_some() {
+        union.track_changes();
+    }
+    if let Some(f) = &opts.fetch_missing {
+        union.fetch_missing(f.clone());
+    }
+    let union = Arc::new(union);
+    if let Some(sock) = &opts.control {
+        let u = union.clone();
+        crate::track::serve_control(sock, Arc::new(move || u.drain_dirty()))?;
+    }
     let mut mount_options = vec![
         MountOption::FSName("xenod".into()),
         MountOption::Subtype("xenod".into()),
@@ -63,7 +93,7 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    Ok((CowFs::new(Arc::new(union)), config))
+    Ok((CowFs::new(union), config))
 }
 
 /// A mounted union, served by background threads; unmounted on drop.

@@ -38,6 +38,7 @@ use crate::cache::{ChunkCache, read_lower};
 use crate::error::{Errno, Error, FsResult, Result, io_errno};
 use crate::lower::{FileData, LKind, LowerTree};
 use crate::partial::{DirtyMap, Partial};
+use crate::track::{DirtySet, Tracker};
 
 pub(crate) const OPAQUE: &str = "trusted.overlay.opaque";
 pub(crate) const REDIRECT: &str = "trusted.overlay.redirect";
@@ -131,6 +132,8 @@ pub struct Union {
     next_fh: AtomicU64,
     /// Lower file size from which copy-up is block by block.
     pub block_copy_min: u64,
+    /// Records what changes, when incremental commits are wanted.
+    pub(crate) tracker: Option<Arc<Tracker>>,
 }
 
 fn ts(t: Timestamp) -> SystemTime {
@@ -203,7 +206,18 @@ impl Union {
     /// A union of `lower` and, if given, the upper directory `upper`
     /// (created if missing). `cache_bytes` bounds the decoded-chunk cache.
     pub fn new(store: Arc<Store>, lower: LowerTree, upper: Option<&Path>, cache_bytes: usize) -> Result<Self> {
+        Self::build(store, lower, upper, cache_bytes, true)
+    }
+
+    /// A view of an upper directory that a live mount may be writing:
+    /// nothing in it is created or cleaned up. For reading (commit) only.
+    pub fn inspect(store: Arc<Store>, lower: LowerTree, upper: &Path, cache_bytes: usize) -> Result<Self> {
+        Self::build(store, lower, Some(upper), cache_bytes, false)
+    }
+
+    fn build(store: Arc<Store>, lower: LowerTree, upper: Option<&Path>, cache_bytes: usize, own: bool) -> Result<Self> {
         let upper = match upper {
+            Some(u) if !own => Some(u.canonicalize().map_err(Error::io("resolving", u))?),
             Some(u) => {
                 std::fs::create_dir_all(u).map_err(Error::io("creating", u))?;
                 let u = u.canonicalize().map_err(Error::io("resolving", u))?;
@@ -252,7 +266,39 @@ impl Union {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             block_copy_min: BLOCK_COPY_MIN,
+            tracker: None,
         })
+    }
+
+    /// Chunks the store lacks are asked of `f` (a lazily deployed stack)
+    /// instead of failing the read.
+    pub fn fetch_missing(&self, f: crate::cache::Fetcher) {
+        let _ = self.cache.fetcher.set(f);
+    }
+
+    /// Starts recording writes and namespace changes for [`Union::drain_dirty`].
+    pub fn track_changes(&mut self) {
+        self.tracker.get_or_insert_with(Default::default);
+    }
+
+    /// What changed since the last drain (or since tracking started).
+    pub fn drain_dirty(&self) -> DirtySet {
+        let Some(t) = &self.tracker else { return DirtySet::default() };
+        t.drain(|ino| {
+            let st = self.lock();
+            let Some(n) = st.inodes.get(&ino) else { return Vec::new() };
+            let mut out = Vec::new();
+            for (p, name) in &n.names {
+                out.push(join(&self.rel(&st, *p), name));
+            }
+            out
+        })
+    }
+
+    fn track_name(&self, st: &State, parent: u64, name: &[u8]) {
+        if let Some(t) = &self.tracker {
+            t.path(join(&self.rel(st, parent), name));
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -775,6 +821,7 @@ impl Union {
             Inode { names: vec![(parent, name.to_vec())], lower: None, lower_dir, upper: true, ftype, partial: None },
         );
         st.dentries.insert((parent, name.to_vec()), ino);
+        self.track_name(st, parent, name);
         ino
     }
 
@@ -862,6 +909,7 @@ impl Union {
         st.by_upper.insert(s.st_ino, ino);
         Self::inode_mut(&mut st, ino)?.names.push((parent, name.to_vec()));
         st.dentries.insert((parent, name.to_vec()), ino);
+        self.track_name(&st, parent, name);
         self.attr_locked(&st, ino)
     }
 
@@ -871,6 +919,7 @@ impl Union {
     }
 
     fn drop_name(&self, st: &mut State, parent: u64, name: &[u8]) {
+        self.track_name(st, parent, name);
         if let Some(ino) = st.dentries.remove(&(parent, name.to_vec()))
             && let Some(node) = st.inodes.get_mut(&ino)
         {
@@ -1157,6 +1206,8 @@ impl Union {
             }
         }
         st.dentries.insert((newparent, newname.to_vec()), src);
+        self.track_name(st, parent, name);
+        self.track_name(st, newparent, newname);
         Ok(())
     }
 
@@ -1346,11 +1397,18 @@ impl Union {
         if let Some(p) = partial {
             let off = if *append { p.file.metadata().map_err(|e| io_errno(&e))?.len() } else { off };
             let l = self.lower.find(&p.lower_path).ok_or(Errno::IO)?;
-            return p.write(off, data, &self.lower_reader(l));
+            let n = p.write(off, data, &self.lower_reader(l))?;
+            if let Some(t) = &self.tracker {
+                t.wrote(*ino, off, n);
+            }
+            return Ok(n);
         }
         let f = self.upper_file(&h)?.ok_or(Errno::IO)?;
         // With O_APPEND, Linux's pwrite appends whatever the offset.
         f.write_all_at(data, off).map_err(|e| io_errno(&e))?;
+        if let Some(t) = &self.tracker {
+            if *append { t.whole_ino(*ino) } else { t.wrote(*ino, off, data.len()) }
+        }
         Ok(data.len())
     }
 
@@ -1408,6 +1466,9 @@ impl Union {
 
     fn truncate_locked(&self, st: &mut State, ino: u64, size: u64) -> FsResult<()> {
         self.copy_up(st, ino)?;
+        if let Some(t) = &self.tracker {
+            t.whole_ino(ino);
+        }
         let node = Self::inode(st, ino)?;
         if let Some(p) = &node.partial {
             return p.truncate(size);

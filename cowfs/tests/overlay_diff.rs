@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::ffi::CString;
 use std::fs;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -247,24 +246,6 @@ fn sh(cmd: &mut std::process::Command) {
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-fn kernel_overlay(lower: &Path, upper: &Path, work: &Path, mnt: &Path) {
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={},redirect_dir=on,index=off,metacopy=off,xino=off",
-        lower.display(),
-        upper.display(),
-        work.display()
-    );
-    let c = |p: &Path| CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    rustix::mount::mount(
-        c(Path::new("overlay")),
-        c(mnt),
-        c(Path::new("overlay")),
-        rustix::mount::MountFlags::empty(),
-        Some(CString::new(opts).unwrap().as_c_str()),
-    )
-    .unwrap();
-}
-
 fn run_seq(store: &Arc<Store>, stack: &[LayerId], lower: &Path, t: &Path, seed: u64, steps: usize) {
     let k = t.join(format!("k{seed}"));
     let x = t.join(format!("x{seed}"));
@@ -272,7 +253,7 @@ fn run_seq(store: &Arc<Store>, stack: &[LayerId], lower: &Path, t: &Path, seed: 
         fs::create_dir_all(k.join(d)).unwrap();
     }
     fs::create_dir_all(x.join("mnt")).unwrap();
-    kernel_overlay(lower, &k.join("upper"), &k.join("work"), &k.join("mnt"));
+    kernel_overlay(lower, &k.join("upper"), &k.join("work"), &k.join("mnt")).unwrap();
     let opts = MountOptions { upper: Some(x.join("upper")), threads: 2, ..Default::default() };
     let m = mount(store.clone(), stack, &x.join("mnt"), &opts).unwrap();
     let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);

@@ -302,6 +302,13 @@ impl Hypervisor for Libvirt {
             let ports = self.managed(&name).map(|(_, s)| s.meta.ports).unwrap_or_default();
             start_error(&name, e, &ports)
         })?;
+        // A state file brought from another host restores as a transient
+        // domain; define it, so stop and start work as for a deployed one.
+        let dom = self.lookup(&name)?;
+        if !dom.is_persistent().map_err(lv("inspect", &name))? {
+            let xml = dom.xml_desc(0).map_err(lv("read XML of", &name))?;
+            self.conn.define_domain_xml(&xml).map_err(lv("define restored", &name))?;
+        }
         Ok(name)
     }
 

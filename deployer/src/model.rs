@@ -16,8 +16,11 @@ pub const ROOT_TAG: &str = "root";
 /// One guest, ready to be written as domain XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainModel {
-    /// Instance name = libvirt domain name.
+    /// The libvirt domain name: the instance name, or a host-specific
+    /// prefix plus it where several daemons share one libvirt.
     pub name: String,
+    /// The instance name the guest is told (`xenod.instance=`).
+    pub instance: String,
     pub memory_mib: u32,
     pub vcpus: u32,
     pub kernel: PathBuf,
@@ -124,6 +127,7 @@ impl DomainModel {
         };
         let forwards = resolve_ports(&spec.ports)?;
         Ok(DomainModel {
+            instance: name.clone(),
             name,
             memory_mib: spec.memory_mib,
             vcpus: spec.vcpus,

@@ -135,7 +135,7 @@ pub fn kernel_cmdline(model: &DomainModel, target: Target) -> String {
         (Root::Disk { .. }, Target::Xen(_)) => args.push("xenod.root=disk:/dev/xvda".into()),
         (Root::Disk { .. }, _) => args.push("xenod.root=disk:/dev/vda".into()),
     }
-    args.push(format!("xenod.instance={}", model.name));
+    args.push(format!("xenod.instance={}", model.instance));
     let extra = model.extra_cmdline.trim();
     if !extra.is_empty() {
         args.push(extra.to_string());
@@ -400,6 +400,7 @@ mod tests {
     pub(crate) fn model(root: Root, network: Network) -> DomainModel {
         DomainModel {
             name: "web-1".into(),
+            instance: "web-1".into(),
             memory_mib: 256,
             vcpus: 1,
             kernel: "/k/vmlinux".into(),

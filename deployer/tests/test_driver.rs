@@ -18,6 +18,7 @@ fn hv() -> Libvirt {
 fn model(name: &str, root: Root, dir: &Path) -> DomainModel {
     DomainModel {
         name: name.into(),
+        instance: name.into(),
         memory_mib: 128,
         vcpus: 1,
         kernel: "/boot/vmlinux".into(),

@@ -10,6 +10,7 @@ use xenod_deployer::{DomainModel, FsShare, Network, PortForward, Root, Target, X
 fn model(name: &str, root: Root, network: Network) -> DomainModel {
     DomainModel {
         name: name.into(),
+        instance: name.into(),
         memory_mib: 256,
         vcpus: 2,
         kernel: "/var/lib/xenod/k/vmlinux".into(),

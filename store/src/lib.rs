@@ -53,9 +53,11 @@ pub use peer::{
     MAX_ANNOUNCED_LAYERS, MAX_BATCH, MAX_MEMBERS, MAX_MESSAGE, MAX_NAMES, MAX_PLAIN, Misbehave, NOT_YET_RETRY,
     NamesReport, Node, NodeOptions, PULL_ALPN, PeerCounters, PeerError, Phase, Presence, PresenceFn, ProgressFn,
     ProviderReport, PullOutcome, PullPolicy, Relay, STREAMS_PER_CONN, Snapshot, Stats, SwarmPlan, Ticket, TicketError,
-    format_peer, parse_peer, stack_complete,
+    fetch_one, format_peer, parse_peer, stack_complete,
 };
 pub use store::{Location, Store, WriteLock, WriteStats};
 pub use verify::{Damage, VerifyReport};
 
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
+/// The peer layer's transport, for protocols of their own on a [`Node`]'s endpoint.
+pub use iroh;

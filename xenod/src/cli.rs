@@ -17,6 +17,7 @@ use xenod_store::{
 
 use crate::config::{self, Config};
 use crate::progress;
+use crate::serve::Request;
 use crate::{Coded, Exit};
 
 const EXIT_CODES: &str = "\
@@ -126,6 +127,50 @@ pub enum Cmd {
     Suspend { name: String },
     /// Restore a suspended guest from its saved state.
     Resume { name: String },
+    /// Move a running instance to another host's daemon, sending only what it lacks.
+    ///
+    /// Phases: prepare (the target fetches the stack), pre-copy (the upper
+    /// layer's written blocks, repeated while a round sends less), stop-and-copy
+    /// (the guest is saved; its last writes and its state go as chunks), resume
+    /// on the target, clean up here. Until the target resumes the guest, any
+    /// failure leaves it running here. The target must `xenod allow` this
+    /// host's node id. Reports bytes per phase, the guest's downtime and the total time.
+    Migrate {
+        name: String,
+        /// The target daemon, as NODE@IP:PORT (`xenod status` there shows it).
+        #[arg(long, value_name = "NODE@ADDR")]
+        to: String,
+        /// Stop the guest, send its upper layer and boot it on the target (for
+        /// shared-filesystem roots, whose running state cannot be saved).
+        #[arg(long)]
+        cold: bool,
+    },
+    /// Save a disk-root instance's upper layer and machine state as a pinned
+    /// layer; the guest runs on. Later checkpoints share unchanged chunks.
+    Checkpoint {
+        name: String,
+        /// Also sign a name for the checkpoint (template://...).
+        #[arg(long = "name", value_name = "NAME")]
+        label: Option<String>,
+    },
+    /// Run a checkpoint as an instance again: here, or on another host with --on.
+    Restore {
+        checkpoint: String,
+        /// The host to run it on, as NODE@IP:PORT (it must `xenod allow` this one).
+        #[arg(long, value_name = "NODE@ADDR")]
+        on: Option<String>,
+        /// Instance name [default: the checkpointed instance's].
+        #[arg(long = "as", value_name = "NAME")]
+        name: Option<String>,
+    },
+    /// Let the host NODE migrate or restore guests onto this one.
+    Allow {
+        /// A node id (the first part of NODE@ADDR in `xenod status` there).
+        node: String,
+        /// Take the permission back.
+        #[arg(long)]
+        revoke: bool,
+    },
     /// Mount a stack (read-only, or writable into --upper) with the cowfs union.
     Mount {
         r#ref: String,
@@ -139,6 +184,22 @@ pub enum Cmd {
         /// Serve in this process instead of a detached one.
         #[arg(long)]
         foreground: bool,
+        /// Track writes and answer `drain` on this Unix socket (instances use it for migration).
+        #[arg(long, hide = true)]
+        control: Option<PathBuf>,
+        /// Fetch chunks that are not here yet through this host's daemon (lazy deploy).
+        #[arg(long, hide = true)]
+        lazy: bool,
+    },
+    /// Make an upper directory mountable by the kernel's overlayfs: its
+    /// block-copied (partial) files become whole files, xenod's work area goes.
+    ///
+    /// The upper must not be mounted meanwhile. Killed midway, run it again.
+    Flatten {
+        upper: PathBuf,
+        /// The stack the upper belongs to.
+        #[arg(long)]
+        base: String,
     },
     /// Unmount a union mounted by `xenod mount`.
     Umount { mountpoint: PathBuf },
@@ -222,7 +283,11 @@ impl Ctx {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let ctx = Ctx { data_dir: args.data_dir.unwrap_or_else(config::default_data_dir), json: args.json };
+    // Absolute, so paths handed to libvirt and to the filesystem process
+    // (which run elsewhere) mean the same directory.
+    let data_dir = std::path::absolute(args.data_dir.unwrap_or_else(config::default_data_dir))
+        .context("resolving the data directory")?;
+    let ctx = Ctx { data_dir, json: args.json };
     match args.cmd {
         Cmd::Publish { src, name, image, spec } => publish(&ctx, &src, name.as_deref(), image, spec_meta(spec)?),
         Cmd::Overlay(OverlayCmd::Create { base, dir, name, spec }) => {
@@ -276,9 +341,68 @@ pub fn run(args: Args) -> Result<()> {
             crate::deploy::resume(&ctx.data_dir, &name)?;
             ctx.out(json!({ "name": name }), || format!("{name} resumed"))
         }
-        Cmd::Mount { r#ref, mountpoint, upper, ro, foreground } => {
-            crate::mount::mount_cmd(&ctx.data_dir, &r#ref, &mountpoint, upper.as_deref(), ro, foreground)?;
+        Cmd::Migrate { name, to, cold } => {
+            let v = crate::peer_cmds::request(&ctx.data_dir, ctx.json, Request::Migrate { instance: name, to, cold })?;
+            ctx.out(v.clone(), || crate::migrate::describe(&v))
+        }
+        Cmd::Checkpoint { name, label } => {
+            let v = crate::peer_cmds::request(
+                &ctx.data_dir,
+                ctx.json,
+                Request::Checkpoint { instance: name, name: label },
+            )?;
+            ctx.out(v.clone(), || {
+                format!(
+                    "checkpoint {} of {} ({} new chunks, guest paused {:.2} s)",
+                    v["checkpoint"].as_str().unwrap_or(""),
+                    v["instance"].as_str().unwrap_or(""),
+                    v["new_chunks"],
+                    v["paused_seconds"].as_f64().unwrap_or(0.0)
+                )
+            })
+        }
+        Cmd::Restore { checkpoint, on, name } => {
+            let v = crate::peer_cmds::request(&ctx.data_dir, ctx.json, Request::Restore { checkpoint, on, name })?;
+            ctx.out(v.clone(), || {
+                format!(
+                    "{} runs {} (port {})",
+                    v["restored"]["name"].as_str().unwrap_or(""),
+                    v["on"].as_str().unwrap_or(""),
+                    v["restored"]["port"]
+                )
+            })
+        }
+        Cmd::Allow { node, revoke } => {
+            node.parse::<xenod_store::EndpointId>()
+                .map_err(|e| Coded { code: Exit::BadInput, msg: format!("{node:?} is not a node id: {e}") })?;
+            let mut c = Config::load(&ctx.data_dir)?;
+            c.migrate_from.retain(|n| n != &node);
+            if !revoke {
+                c.migrate_from.push(node.clone());
+            }
+            c.save(&ctx.data_dir)?;
+            ctx.out(json!({ "node": node, "allowed": !revoke }), || {
+                format!("{node} {} move guests onto this host", if revoke { "may no longer" } else { "may" })
+            })
+        }
+        Cmd::Mount { r#ref, mountpoint, upper, ro, foreground, control, lazy } => {
+            let how = crate::mount::How {
+                upper: upper.as_deref(),
+                read_only: ro,
+                foreground,
+                control: control.as_deref(),
+                lazy,
+            };
+            crate::mount::mount_cmd(&ctx.data_dir, &r#ref, &mountpoint, how)?;
             ctx.out(json!({ "mountpoint": mountpoint }), String::new)
+        }
+        Cmd::Flatten { upper, base } => {
+            let store = Arc::new(ctx.store()?);
+            let stack = store.stack(&store.resolve(&base)?)?;
+            let s = xenod_cowfs::flatten(store, &stack, &upper)?;
+            ctx.out(json!({ "upper": upper, "files": s.files, "blocks": s.blocks }), || {
+                format!("{}: {} partial files made whole ({} blocks filled)", upper.display(), s.files, s.blocks)
+            })
         }
         Cmd::Umount { mountpoint } => {
             crate::mount::umount_cmd(&mountpoint)?;
@@ -375,14 +499,19 @@ fn human(n: u64) -> String {
 
 /// Signs and records `name` -> `id` with this host's key (created on first use).
 fn record_name(ctx: &Ctx, store: &Store, name: &str, id: LayerId) -> Result<u64> {
+    record_name_in(&ctx.data_dir, store, name, id)
+}
+
+/// [`record_name`] for the host of `data_dir`.
+pub(crate) fn record_name_in(data_dir: &Path, store: &Store, name: &str, id: LayerId) -> Result<u64> {
     xenod_store::check_name(name)?;
-    let key = match config::load_key(&ctx.data_dir)? {
+    let key = match config::load_key(data_dir)? {
         Some(k) => k,
         None => {
-            let k = config::generate_key(&ctx.data_dir, false)?;
+            let k = config::generate_key(data_dir, false)?;
             eprintln!(
                 "xenod: created publisher key {} (public {})",
-                config::key_path(&ctx.data_dir).display(),
+                config::key_path(data_dir).display(),
                 hex(k.verifying_key().as_bytes())
             );
             k
@@ -390,7 +519,7 @@ fn record_name(ctx: &Ctx, store: &Store, name: &str, id: LayerId) -> Result<u64>
     };
     let seq = store.name(name)?.map_or(1, |r| r.seq + 1);
     let rec = NameRecord::sign(&key, name, id, seq)?;
-    let trusted = Config::load(&ctx.data_dir)?.trusted(&ctx.data_dir)?;
+    let trusted = Config::load(data_dir)?.trusted(data_dir)?;
     store.set_name(&rec, &trusted)?;
     Ok(seq)
 }

@@ -5,6 +5,8 @@
 //!                          listen = "0.0.0.0:0"        peer endpoint (UDP); port 0 = pick one, kept
 //!                          peers = ["NODE@IP:PORT"]     static peers asked for layers and names
 //!                          relay = "disabled"           or "default" (number 0's public relays)
+//!                          migrate_from = ["NODE"]      nodes that may move guests onto this host
+//!                          domain_prefix = "a-"         libvirt domain names (daemons sharing a libvirt)
 //!                          pull_from = ["NODE", ...]    nodes that may ask this host to fetch a
 //!                                                       stack (`xenod replicate`); "*" = any
 //! DATA_DIR/keys/publisher.key   the host's ed25519 secret (hex), mode 0600
@@ -36,6 +38,13 @@ pub struct Config {
     /// Whether the endpoint may use relay servers.
     #[serde(default)]
     pub relay: RelayConfig,
+    /// Node ids allowed to migrate or restore guests onto this host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub migrate_from: Vec<String>,
+    /// Prefix of this host's libvirt domain names, where several daemons
+    /// share one libvirt (instance `web` runs as domain `PREFIXweb`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub domain_prefix: String,
     /// Node ids that may ask this host to fetch a stack (`xenod replicate`);
     /// `"*"` allows any node. Empty: pull requests are refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

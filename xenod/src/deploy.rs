@@ -10,7 +10,11 @@
 //! console.log     the guest's serial console
 //! mount.log       the filesystem process's own log
 //! state.save      a suspended guest's saved machine state
+//! mount.ctl       the filesystem's control socket (dirty tracking, for migration)
 //! ```
+//!
+//! The libvirt domain is named after the instance, prefixed by the
+//! config's `domain_prefix` where several daemons share one libvirt.
 //!
 //! Per-instance settings (the instance name) travel as a tiny layer of
 //! their own on top of the deployed stack, so replicas share every other
@@ -71,6 +75,11 @@ pub struct DeployArgs {
     /// Return once the guest is started, without waiting for its service.
     #[arg(long)]
     pub no_wait: bool,
+    /// Boot before the stack is all here: mount once its manifests are,
+    /// fetch file data in the background and what the guest reads first at
+    /// once. Needs this host's daemon (`xenod serve`).
+    #[arg(long)]
+    pub lazy: bool,
 }
 
 /// What `instance.json` records.
@@ -86,17 +95,40 @@ pub struct Instance {
     pub ports: Vec<PortForward>,
     pub mount_pid: Option<u32>,
     pub created: u64,
+    /// The top of the mounted stack when it is not `layer`: an instance
+    /// that arrived by migration or from a checkpoint runs on its upper
+    /// layer as committed there.
+    #[serde(default)]
+    pub mounted: Option<LayerId>,
+    /// The libvirt domain name, when not the instance name.
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// The spec it was deployed with (overrides applied).
+    #[serde(default)]
+    pub spec: Option<DeploySpec>,
+    /// Mounted before its stack was all here: missing chunks come through
+    /// the daemon.
+    #[serde(default)]
+    pub lazy: bool,
+}
+
+/// The libvirt domain name for instance `name` on the host of `data`:
+/// prefixed by the config's `domain_prefix` where several daemons share
+/// one libvirt.
+pub fn domain_name(data: &Path, name: &str) -> String {
+    let prefix = crate::config::Config::load(data).map(|c| c.domain_prefix).unwrap_or_default();
+    format!("{prefix}{name}")
 }
 
 pub fn instances_dir(data: &Path) -> PathBuf {
     data.join("instances")
 }
 
-fn instance_dir(data: &Path, name: &str) -> PathBuf {
+pub fn instance_dir(data: &Path, name: &str) -> PathBuf {
     instances_dir(data).join(name)
 }
 
-fn pin_label(name: &str) -> String {
+pub fn pin_label(name: &str) -> String {
     format!("instance:{name}")
 }
 
@@ -107,7 +139,24 @@ impl Instance {
         serde_json::from_slice(&s).with_context(|| format!("{} does not parse", p.display()))
     }
 
-    fn save(&self, data: &Path) -> Result<()> {
+    pub fn domain(&self) -> &str {
+        self.domain.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The top of the stack under the upper directory.
+    pub fn mounted(&self) -> LayerId {
+        self.mounted.unwrap_or(self.layer)
+    }
+
+    pub fn dir(&self, data: &Path) -> PathBuf {
+        instance_dir(data, &self.name)
+    }
+
+    pub fn control(&self, data: &Path) -> PathBuf {
+        self.dir(data).join("mount.ctl")
+    }
+
+    pub fn save(&self, data: &Path) -> Result<()> {
         let dir = instance_dir(data, &self.name);
         let tmp = dir.join("instance.json.tmp");
         let mut f = fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
@@ -164,13 +213,28 @@ impl Timeline {
     }
 }
 
-fn hypervisor(uri: &str) -> Result<Libvirt> {
+pub fn hypervisor(uri: &str) -> Result<Libvirt> {
     Libvirt::connect(uri).map_err(|e| anyhow!(e))
 }
 
 pub fn deploy(data: &Path, json_out: bool, a: &DeployArgs) -> Result<()> {
     let mut tl = Timeline::new(json_out);
-    let url = crate::remote::localize(data, &a.url, json_out)?;
+    let url = if a.lazy {
+        if std::os::unix::net::UnixStream::connect(crate::serve::socket_path(data)).is_err() {
+            bail!(
+                "a lazy deploy fetches through this host's daemon; start `xenod --data-dir {} serve`",
+                data.display()
+            );
+        }
+        let v = crate::peer_cmds::request(
+            data,
+            json_out,
+            crate::serve::Request::Fetch { target: a.url.clone(), from: Vec::new(), lazy: true },
+        )?;
+        v["layer"].as_str().ok_or_else(|| anyhow!("the daemon's fetch named no layer"))?.to_owned()
+    } else {
+        crate::remote::localize(data, &a.url, json_out)?
+    };
     let store = Arc::new(Store::open(data).with_context(|| format!("opening the store in {}", data.display()))?);
     let top = store.resolve(&url)?;
     tl.step("resolve");
@@ -270,8 +334,15 @@ fn deploy_one(
     let mut tl = Timeline::new(!verbose);
     let dir = instance_dir(data, name);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut guard =
-        Cleanup { data: data.to_path_buf(), name: name.to_string(), store: store.clone(), uri: None, armed: true };
+    let domain = domain_name(data, name);
+    let mut guard = Cleanup {
+        data: data.to_path_buf(),
+        name: name.to_string(),
+        domain: domain.clone(),
+        store: store.clone(),
+        uri: None,
+        armed: true,
+    };
     spec.instance = Some(name.to_string());
     let layer = instance_layer(&store, &top, name)?;
     store.pin(&pin_label(name), &layer)?;
@@ -285,6 +356,10 @@ fn deploy_one(
         ports: vec![],
         mount_pid: None,
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        mounted: None,
+        domain: (domain != name).then(|| domain.clone()),
+        spec: Some(spec.clone()),
+        lazy: a.lazy,
     };
     inst.save(data)?;
     let pid = spawn_mount(data, &inst)?;
@@ -292,7 +367,8 @@ fn deploy_one(
     inst.save(data)?;
     tl.step("mount");
     let hv = hypervisor(uri)?;
-    let model = DomainModel::from_spec(&spec, &inst.mountpoint(data), dir.join("console.log"))?;
+    let mut model = DomainModel::from_spec(&spec, &inst.mountpoint(data), dir.join("console.log"))?;
+    model.name = domain.clone();
     inst.ports = model.network.forwards().to_vec();
     inst.save(data)?;
     guard.uri = Some(uri.to_string());
@@ -301,10 +377,10 @@ fn deploy_one(
     let port = inst.ports.first().map(|p| p.host);
     if !a.no_wait {
         let timeout = Duration::from_secs(a.timeout);
-        wait_console(&hv, name, GUEST_READY_LINE, timeout)?;
+        wait_console(&hv, &domain, GUEST_READY_LINE, timeout)?;
         tl.step("guest booted");
         if let Some(p) = port {
-            wait_http(&hv, name, p, "/xenod-ready-probe", timeout)?;
+            wait_http(&hv, &domain, p, "/xenod-ready-probe", timeout)?;
             tl.step("service answers");
         }
     }
@@ -316,9 +392,10 @@ fn deploy_one(
 }
 
 /// Undoes a half-done deploy: no domain, mount or upper is left behind.
-struct Cleanup {
+pub struct Cleanup {
     data: PathBuf,
     name: String,
+    domain: String,
     store: Arc<Store>,
     uri: Option<String>,
     armed: bool,
@@ -332,7 +409,7 @@ impl Drop for Cleanup {
         if let Some(uri) = &self.uri
             && let Ok(hv) = hypervisor(uri)
         {
-            let _ = hv.destroy(&self.name);
+            let _ = hv.destroy(&self.domain);
         }
         let _ = teardown(&self.data, &self.name, &self.store, false);
     }
@@ -380,7 +457,7 @@ fn instance_layer(store: &Store, top: &LayerId, name: &str) -> Result<LayerId> {
 
 /// Starts the instance's filesystem in its own process (it outlives this
 /// command) and waits until it is mounted.
-fn spawn_mount(data: &Path, inst: &Instance) -> Result<u32> {
+pub fn spawn_mount(data: &Path, inst: &Instance) -> Result<u32> {
     let (mnt, upper) = (inst.mountpoint(data), inst.upper(data));
     fs::create_dir_all(&mnt)?;
     fs::create_dir_all(&upper)?;
@@ -389,10 +466,13 @@ fn spawn_mount(data: &Path, inst: &Instance) -> Result<u32> {
     let child = Command::new(std::env::current_exe()?)
         .arg("--data-dir")
         .arg(data)
-        .args(["mount", &inst.layer.to_string()])
+        .args(["mount", &inst.mounted().to_string()])
         .arg(&mnt)
         .arg("--upper")
         .arg(&upper)
+        .arg("--control")
+        .arg(inst.control(data))
+        .args(inst.lazy.then_some("--lazy"))
         .arg("--foreground")
         .stdin(Stdio::null())
         .stdout(logf.try_clone()?)
@@ -401,12 +481,18 @@ fn spawn_mount(data: &Path, inst: &Instance) -> Result<u32> {
         .spawn()
         .context("starting the instance's filesystem")?;
     let pid = child.id();
+    // A long-lived caller (the daemon) reaps it when it exits; a short one
+    // leaves it to init.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
     let t0 = Instant::now();
     while !xenod_cowfs::is_mounted(&mnt) {
         if t0.elapsed() > Duration::from_secs(30) {
             bail!("the instance filesystem did not mount within 30 s; see {}", log.display());
         }
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !alive(pid) {
             bail!("the instance filesystem exited: {}", fs::read_to_string(&log).unwrap_or_default().trim());
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -414,8 +500,17 @@ fn spawn_mount(data: &Path, inst: &Instance) -> Result<u32> {
     Ok(pid)
 }
 
+/// Whether process `pid` runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(s) => s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
 /// Unmounts and removes an instance's files (keeping the upper if `keep`).
-fn teardown(data: &Path, name: &str, store: &Store, keep: bool) -> Result<()> {
+pub fn teardown(data: &Path, name: &str, store: &Store, keep: bool) -> Result<()> {
     let dir = instance_dir(data, name);
     let mnt = dir.join("root");
     if xenod_cowfs::is_mounted(&mnt) {
@@ -426,13 +521,13 @@ fn teardown(data: &Path, name: &str, store: &Store, keep: bool) -> Result<()> {
     {
         // The filesystem process exits once unmounted; wait for it briefly.
         let t0 = Instant::now();
-        while Path::new(&format!("/proc/{pid}")).exists() && t0.elapsed() < Duration::from_secs(5) {
+        while alive(pid) && t0.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
     store.unpin(&pin_label(name))?;
     if keep {
-        for f in ["root", "console.log", "mount.log", "state.save", "instance.json"] {
+        for f in ["root", "console.log", "mount.log", "state.save", "instance.json", "mount.ctl"] {
             let p = dir.join(f);
             let _ = if p.is_dir() { fs::remove_dir(&p) } else { fs::remove_file(&p) };
         }
@@ -449,7 +544,7 @@ pub fn list(data: &Path) -> Result<Vec<(Instance, String)>> {
         let name = e?.file_name().to_string_lossy().into_owned();
         if let Ok(inst) = Instance::load(data, &name) {
             let state = hypervisor(&inst.uri)
-                .and_then(|hv| hv.state(&name).map_err(|e| anyhow!(e)))
+                .and_then(|hv| hv.state(inst.domain()).map_err(|e| anyhow!(e)))
                 .map(|s| s.to_string())
                 .unwrap_or_else(|e| format!("unknown ({e})"));
             let state =
@@ -463,7 +558,7 @@ pub fn list(data: &Path) -> Result<Vec<(Instance, String)>> {
 
 pub fn stop(data: &Path, name: &str) -> Result<String> {
     let inst = Instance::load(data, name)?;
-    let outcome = hypervisor(&inst.uri)?.stop(name, Duration::from_secs(30))?;
+    let outcome = hypervisor(&inst.uri)?.stop(inst.domain(), Duration::from_secs(30))?;
     Ok(format!("{outcome:?}"))
 }
 
@@ -474,14 +569,14 @@ pub fn start(data: &Path, name: &str) -> Result<()> {
         inst.mount_pid = Some(spawn_mount(data, &inst)?);
         inst.save(data)?;
     }
-    hypervisor(&inst.uri)?.start(name)?;
+    hypervisor(&inst.uri)?.start(inst.domain())?;
     Ok(())
 }
 
 pub fn destroy(data: &Path, name: &str, keep: bool) -> Result<()> {
     let inst = Instance::load(data, name)?;
     let store = Store::open(data)?;
-    match hypervisor(&inst.uri)?.destroy(name) {
+    match hypervisor(&inst.uri)?.destroy(inst.domain()) {
         Ok(()) | Err(xenod_deployer::Error::NoSuchDomain { .. }) => {}
         Err(e) => return Err(e.into()),
     }
@@ -503,7 +598,7 @@ pub fn suspend(data: &Path, name: &str) -> Result<PathBuf> {
         );
     }
     let state = instance_dir(data, name).join("state.save");
-    hypervisor(&inst.uri)?.save(name, &state)?;
+    hypervisor(&inst.uri)?.save(inst.domain(), &state)?;
     Ok(state)
 }
 
@@ -527,13 +622,15 @@ pub fn resume(data: &Path, name: &str) -> Result<()> {
 pub fn commit(data: &Path, name: &str, meta: BTreeMap<String, String>) -> Result<xenod_cowfs::CommitStats> {
     let inst = Instance::load(data, name)?;
     let store = Arc::new(Store::open(data)?);
-    let stack = store.stack(&inst.layer)?;
+    let stack = store.stack(&inst.mounted())?;
     // A paused guest writes nothing while its upper is read.
     let hv = hypervisor(&inst.uri)?;
-    let paused = hv.state(name).is_ok_and(|s| s.is_active()) && hv.suspend(name).is_ok();
-    let r = xenod_cowfs::commit(store, &stack, &inst.upper(data), meta);
+    let paused = hv.state(inst.domain()).is_ok_and(|s| s.is_active()) && hv.suspend(inst.domain()).is_ok();
+    // The mount is live: commit_live leaves its staging area alone.
+    let mut cache = xenod_cowfs::CommitCache::default();
+    let r = xenod_cowfs::commit_live(store, &stack, &inst.upper(data), meta, &mut cache, None);
     if paused {
-        hv.resume(name)?;
+        hv.resume(inst.domain())?;
     }
     Ok(r?)
 }

@@ -17,6 +17,8 @@ mod announce;
 mod cli;
 mod config;
 mod deploy;
+mod lazy;
+mod migrate;
 mod mount;
 mod peer_cmds;
 mod progress;

@@ -18,17 +18,25 @@ use xenod_store::Store;
 /// How long a background mount may take to appear.
 const MOUNT_WAIT: Duration = Duration::from_secs(60);
 
+/// How `xenod mount` mounts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct How<'a> {
+    /// Writable upper directory; none: read-only.
+    pub upper: Option<&'a Path>,
+    pub read_only: bool,
+    /// Serve in this process, not a detached one.
+    pub foreground: bool,
+    /// Dirty tracking's control socket.
+    pub control: Option<&'a Path>,
+    /// Missing chunks through the daemon.
+    pub lazy: bool,
+}
+
 /// Mounts the stack of `reference` on `mountpoint`: read-only without
 /// `upper` or with `read_only`, writable into `upper` otherwise. Serves in
 /// this process with `foreground`, else in a detached child.
-pub fn mount_cmd(
-    data_dir: &Path,
-    reference: &str,
-    mountpoint: &Path,
-    upper: Option<&Path>,
-    read_only: bool,
-    foreground: bool,
-) -> Result<()> {
+pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: How<'_>) -> Result<()> {
+    let How { upper, read_only, foreground, control, lazy } = how;
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
@@ -43,7 +51,17 @@ pub fn mount_cmd(
     let top = store.resolve(reference)?;
     let stack = store.stack(&top)?;
     if foreground {
-        let opts = MountOptions { upper: upper.map(Path::to_path_buf), read_only, ..Default::default() };
+        let opts = MountOptions {
+            upper: upper.map(Path::to_path_buf),
+            read_only,
+            control: control.map(Path::to_path_buf),
+            fetch_missing: lazy.then(|| {
+                let data = data_dir.to_path_buf();
+                let f: xenod_cowfs::Fetcher = Arc::new(move |id| crate::lazy::fetch_via_daemon(&data, id));
+                f
+            }),
+            ..Default::default()
+        };
         return xenod_cowfs::serve(store, &stack, mountpoint, &opts, || {
             tracing::info!(mountpoint = %mountpoint.display(), layers = stack.len(), "mounted");
         })
@@ -58,6 +76,12 @@ pub fn mount_cmd(
     let exe = std::env::current_exe().context("finding the xenod executable")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("--data-dir").arg(data_dir).arg("mount").arg(reference).arg(&abs).arg("--foreground");
+    if lazy {
+        cmd.arg("--lazy");
+    }
+    if let Some(c) = control {
+        cmd.arg("--control").arg(std::path::absolute(c).unwrap_or_else(|_| c.to_path_buf()));
+    }
     if let Some(u) = upper {
         cmd.arg("--upper").arg(std::path::absolute(u).unwrap_or_else(|_| u.to_path_buf()));
     }

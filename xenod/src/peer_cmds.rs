@@ -69,7 +69,7 @@ pub fn run(data_dir: &Path, json: bool, cmd: PeerCmd) -> Result<()> {
     let req = match cmd {
         PeerCmd::Serve { listen } => return serve::run(data_dir, listen, json),
         PeerCmd::Share { r#ref } => Request::Share { r#ref },
-        PeerCmd::Fetch { target, from } => Request::Fetch { target, from },
+        PeerCmd::Fetch { target, from } => Request::Fetch { target, from, lazy: false },
         PeerCmd::Names { from } => Request::Names { from },
         PeerCmd::Replicate { r#ref, to } => Request::Replicate { r#ref, to },
         PeerCmd::Status => Request::Status,
@@ -94,7 +94,7 @@ pub fn run(data_dir: &Path, json: bool, cmd: PeerCmd) -> Result<()> {
 /// through its daemon if one runs, else an embedded engine; returns the
 /// fetch report. Progress goes to stderr.
 pub fn fetch(data_dir: &Path, target: &str, json: bool) -> Result<Value> {
-    let req = Request::Fetch { target: target.to_owned(), from: Vec::new() };
+    let req = Request::Fetch { target: target.to_owned(), from: Vec::new(), lazy: false };
     let (_, v) = match UnixStream::connect(serve::socket_path(data_dir)) {
         Ok(s) => call(s, &req, json)?,
         Err(_) => embedded(data_dir, req, json)?,
@@ -110,6 +110,12 @@ fn call(s: UnixStream, req: &Request, json: bool) -> Result<(&'static str, Value
     let pb = crate::progress::bytes("fetching", None, json);
     for line in BufReader::new(s).lines() {
         let v: Value = serde_json::from_str(&line.context("reading from the daemon")?)?;
+        if let Some(n) = v.get("note").and_then(Value::as_str) {
+            if !json {
+                pb.suspend(|| eprintln!("xenod: {n}"));
+            }
+            continue;
+        }
         if let Some(p) = v.get("progress") {
             pb.set_position(p["bytes"].as_u64().unwrap_or(0));
             pb.set_message(format!(
@@ -142,10 +148,24 @@ fn kind(req: &Request) -> &'static str {
         Request::Status => "status",
         Request::Share { .. } => "share",
         Request::Fetch { .. } => "fetch",
+        Request::Chunk { .. } => "chunk",
         Request::Names { .. } => "names",
         Request::Replicate { .. } => "replicate",
         Request::Shutdown => "stop",
+        Request::Migrate { .. } => "migrate",
+        Request::Checkpoint { .. } => "checkpoint",
+        Request::Restore { .. } => "restore",
     }
+}
+
+/// Sends `req` to the daemon of `data_dir`, or runs it in an embedded
+/// engine when none runs; returns its result.
+pub fn request(data_dir: &Path, json: bool, req: Request) -> Result<Value> {
+    let r = match UnixStream::connect(serve::socket_path(data_dir)) {
+        Ok(s) => call(s, &req, json)?,
+        Err(_) => embedded(data_dir, req, json)?,
+    };
+    Ok(r.1)
 }
 
 /// Runs the daemon's engine in this process for one request.

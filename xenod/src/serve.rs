@@ -34,6 +34,20 @@ use xenod_store::{
 use crate::config::{self, Config, RelayConfig};
 use crate::{Coded, Exit};
 
+tokio::task_local! {
+    /// Where a request's `{"note":..}` lines go (its client), see [`note`].
+    static NOTES: tokio::sync::mpsc::UnboundedSender<Value>;
+}
+
+/// Tells the client of the current request what a long operation is
+/// doing; on stderr where there is no client (an embedded engine).
+pub fn note(msg: impl Into<String>) {
+    let msg = msg.into();
+    if NOTES.try_with(|tx| tx.send(json!({ "note": msg.clone() }))).is_err() {
+        eprintln!("xenod: {msg}");
+    }
+}
+
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("xenod.sock")
 }
@@ -102,6 +116,14 @@ pub enum Request {
         target: String,
         #[serde(default)]
         from: Vec<String>,
+        /// Layer roots and manifests now, file data in the background
+        /// (chunks a reader needs first are fetched at once, see `Chunk`).
+        #[serde(default)]
+        lazy: bool,
+    },
+    /// One chunk's plaintext (hex), from the providers of lazy fetches.
+    Chunk {
+        id: String,
     },
     /// Ask peers for their signed name records.
     Names {
@@ -114,6 +136,27 @@ pub enum Request {
         to: Vec<String>,
     },
     Shutdown,
+    /// Move an instance to another host.
+    Migrate {
+        instance: String,
+        to: String,
+        #[serde(default)]
+        cold: bool,
+    },
+    /// Save an instance's upper layer and machine state as a layer.
+    Checkpoint {
+        instance: String,
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Run a checkpoint again, here or on another host.
+    Restore {
+        checkpoint: String,
+        #[serde(default)]
+        on: Option<String>,
+        #[serde(default)]
+        name: Option<String>,
+    },
 }
 
 /// Test hooks from the environment (never set in production):
@@ -137,6 +180,7 @@ pub struct Daemon {
     node: Node,
     state: Mutex<State>,
     shutdown: tokio::sync::Notify,
+    pub(crate) lazy: crate::lazy::Lazy,
 }
 
 impl Daemon {
@@ -158,6 +202,10 @@ impl Daemon {
             want.set_port(0);
         }
         let stats = Arc::new(Stats::from_snapshot(state.counters.clone()));
+        let migrate = crate::migrate::Handler::default();
+        let extra = || -> Vec<(Vec<u8>, Box<dyn xenod_store::iroh::protocol::DynProtocolHandler>)> {
+            vec![(crate::migrate::ALPN.to_vec(), Box::new(migrate.clone()))]
+        };
         let opts = |bind| NodeOptions {
             secret_key: secret,
             bind,
@@ -171,15 +219,15 @@ impl Daemon {
         // Port 0 means "any": prefer the one handed out in earlier tickets.
         let node = match state.addr {
             Some(prev) if !embedded && want.port() == 0 && prev.ip() == want.ip() => {
-                match Node::spawn(store.clone(), stats.clone(), opts(prev)).await {
+                match Node::spawn_with(store.clone(), stats.clone(), opts(prev), extra()).await {
                     Ok(n) => n,
                     Err(e) => {
                         tracing::info!("previous address {prev} is taken ({e}); picking another");
-                        Node::spawn(store.clone(), stats.clone(), opts(want)).await?
+                        Node::spawn_with(store.clone(), stats.clone(), opts(want), extra()).await?
                     }
                 }
             }
-            _ => Node::spawn(store.clone(), stats.clone(), opts(want)).await?,
+            _ => Node::spawn_with(store.clone(), stats.clone(), opts(want), extra()).await?,
         };
         state.node = node.id().to_string();
         if !embedded {
@@ -192,7 +240,9 @@ impl Daemon {
             node,
             state: Mutex::new(state),
             shutdown: tokio::sync::Notify::new(),
+            lazy: Default::default(),
         });
+        let _ = migrate.daemon.set(Arc::downgrade(&d));
         d.save_state();
         Ok(d)
     }
@@ -217,9 +267,17 @@ impl Daemon {
         self.node.store()
     }
 
+    pub fn store_arc(&self) -> Arc<Store> {
+        self.node.store().clone()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
     /// Providers to ask when the caller named none: static peers from the
     /// config, then every peer remembered in the state.
-    pub(crate) fn default_peers(&self) -> Vec<EndpointAddr> {
+    pub fn default_peers(&self) -> Vec<EndpointAddr> {
         let mut out: Vec<EndpointAddr> = self.config.peers.iter().filter_map(|p| parse_peer(p).ok()).collect();
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         for (id, p) in &st.peers {
@@ -254,8 +312,13 @@ impl Daemon {
     }
 
     /// Answers one API request; `progress` receives fetch progress.
-    pub async fn handle(&self, req: Request, progress: Option<xenod_store::ProgressFn>) -> Result<Value> {
+    pub async fn handle(self: &Arc<Self>, req: Request, progress: Option<xenod_store::ProgressFn>) -> Result<Value> {
         match req {
+            Request::Migrate { instance, to, cold } => crate::migrate::migrate(self, &instance, &to, cold).await,
+            Request::Checkpoint { instance, name } => crate::migrate::checkpoint(self, &instance, name).await,
+            Request::Restore { checkpoint, on, name } => {
+                crate::migrate::restore(self, &checkpoint, on.as_deref(), name).await
+            }
             Request::Status => Ok(self.status()),
             Request::Share { r#ref } => {
                 let id = self.store().resolve(&r#ref)?;
@@ -292,7 +355,8 @@ impl Daemon {
                 self.save_state();
                 Ok(json!({ "peers": out }))
             }
-            Request::Fetch { target, from } => self.fetch(&target, &from, progress).await,
+            Request::Fetch { target, from, lazy } => self.fetch(&target, &from, lazy, progress).await,
+            Request::Chunk { id } => crate::lazy::chunk(self, &id).await,
             Request::Replicate { r#ref, to } => crate::replicate::replicate(self, &r#ref, &to).await,
             Request::Shutdown => {
                 // notify_one keeps a permit when the accept loop is not
@@ -303,7 +367,13 @@ impl Daemon {
         }
     }
 
-    async fn fetch(&self, target: &str, from: &[String], progress: Option<xenod_store::ProgressFn>) -> Result<Value> {
+    async fn fetch(
+        self: &Arc<Self>,
+        target: &str,
+        from: &[String],
+        lazy: bool,
+        progress: Option<xenod_store::ProgressFn>,
+    ) -> Result<Value> {
         let mut peers = Self::parse_peers(from)?;
         let layer = if target.starts_with("xenod1") {
             let t: Ticket = target.parse()?;
@@ -346,7 +416,7 @@ impl Daemon {
         let mut heard = self.node.providers_of(&layer);
         heard.retain(|h| !peers.iter().any(|p| p.id == h.id));
         peers.splice(0..0, heard);
-        let opts = FetchOptions { progress, ..FetchOptions::default() };
+        let opts = FetchOptions { progress, manifests_only: lazy, ..FetchOptions::default() };
         let r = self.node.fetch(layer, &peers, opts).await;
         let rep = match r {
             Ok(rep) => rep,
@@ -363,7 +433,12 @@ impl Daemon {
             .collect();
         self.remember(&useful, &rep.stack);
         self.save_state();
-        Ok(serde_json::to_value(&rep)?)
+        if lazy {
+            crate::lazy::background(self, layer, peers);
+        }
+        let mut v = serde_json::to_value(&rep)?;
+        v["lazy"] = json!(lazy);
+        Ok(v)
     }
 
     fn status(&self) -> Value {
@@ -379,6 +454,7 @@ impl Daemon {
             "known_peers": st.peers,
             "shared": st.shared,
             "gossip": { "joined": self.node.gossip_joined(), "presences": self.node.presences().len() },
+            "lazy_fetches": self.lazy.pending(),
         })
     }
 
@@ -429,11 +505,12 @@ impl Daemon {
             }
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+        let notes = tx.clone();
         let progress = throttled(move |p: &FetchProgress| {
             let _ = tx.send(json!({ "progress": p }));
         });
         let me = self.clone();
-        let work = tokio::spawn(async move { me.handle(req, Some(progress)).await });
+        let work = tokio::spawn(NOTES.scope(notes, async move { me.handle(req, Some(progress)).await }));
         while let Some(v) = rx.recv().await {
             // A client that went away does not stop the work.
             let _ = w.write_all(format!("{v}\n").as_bytes()).await;
@@ -464,7 +541,7 @@ impl Daemon {
 
 /// Unwraps store errors so their exit codes survive; a fetch no provider
 /// could serve gets its own code.
-fn peer_err(e: xenod_store::PeerError) -> anyhow::Error {
+pub fn peer_err(e: xenod_store::PeerError) -> anyhow::Error {
     match e {
         xenod_store::PeerError::Store(s) => s.into(),
         e @ (xenod_store::PeerError::NoProviders { .. } | xenod_store::PeerError::Unavailable { .. }) => {

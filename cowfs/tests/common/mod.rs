@@ -150,3 +150,22 @@ pub fn assert_same_listing(a: &[String], b: &[String], what: &str) {
     }
     assert_eq!(a.len(), b.len(), "{what} differ in length:\n{a:#?}\n{b:#?}");
 }
+
+/// Mounts the kernel's overlayfs with the options the differential test
+/// compares against (redirect_dir on, no index, metacopy or xino).
+pub fn kernel_overlay(lower: &Path, upper: &Path, work: &Path, mnt: &Path) -> rustix::io::Result<()> {
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},redirect_dir=on,index=off,metacopy=off,xino=off",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    rustix::mount::mount(
+        c(Path::new("overlay")),
+        c(mnt),
+        c(Path::new("overlay")),
+        rustix::mount::MountFlags::empty(),
+        Some(std::ffi::CString::new(opts).unwrap().as_c_str()),
+    )
+}

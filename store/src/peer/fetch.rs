@@ -120,6 +120,9 @@ pub struct FetchOptions {
     /// Fetching as one member of a fan-out; providers that are members are
     /// fetching too (see the module doc).
     pub swarm: Option<SwarmPlan>,
+    /// Stop after the layer roots and manifests (a lazy deploy mounts then,
+    /// and file data follows in the background).
+    pub manifests_only: bool,
 }
 
 impl Default for FetchOptions {
@@ -131,6 +134,7 @@ impl Default for FetchOptions {
             read_timeout: Duration::from_secs(20),
             flush_every: 64 << 20,
             swarm: None,
+            manifests_only: false,
         }
     }
 }

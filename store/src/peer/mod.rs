@@ -46,6 +46,7 @@
 
 mod fetch;
 mod gossip;
+mod one;
 mod protocol;
 mod provider;
 mod pull;
@@ -73,6 +74,7 @@ pub use fetch::{
     FetchOptions, FetchProgress, FetchReport, NOT_YET_RETRY, Phase, ProgressFn, ProviderReport, SwarmPlan,
 };
 pub use gossip::{MAX_ANNOUNCED_LAYERS, MAX_MESSAGE, Presence, PresenceFn};
+pub use one::fetch_one;
 pub use protocol::{ALPN, MAX_BATCH, MAX_NAMES, MAX_PLAIN};
 pub use provider::{FRAMES_IN_FLIGHT, Misbehave, STREAMS_PER_CONN};
 pub use pull::{MAX_MEMBERS, PULL_ALPN, PullOutcome, PullPolicy};
@@ -167,6 +169,17 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// Binds the endpoint and starts serving `store`.
     pub async fn spawn(store: Arc<Store>, stats: Arc<Stats>, opts: NodeOptions) -> Result<Self, PeerError> {
+        Self::spawn_with(store, stats, opts, Vec::new()).await
+    }
+
+    /// Like [`Node::spawn`], also accepting the protocols in `extra` (by
+    /// ALPN) on the same endpoint.
+    pub async fn spawn_with(
+        store: Arc<Store>,
+        stats: Arc<Stats>,
+        opts: NodeOptions,
+        extra: Vec<(Vec<u8>, Box<dyn iroh::protocol::DynProtocolHandler>)>,
+    ) -> Result<Self, PeerError> {
         let bind_err = |why: String| PeerError::Bind { addr: opts.bind, why };
         let builder = match opts.relay {
             Relay::Disabled => Endpoint::builder(presets::Minimal).relay_mode(RelayMode::Disabled),
@@ -188,11 +201,14 @@ impl Node {
         let engine = Engine { endpoint: endpoint.clone(), store, stats };
         let puller = pull::PullHandler::new(engine.clone(), opts.pulls);
         let g = iroh_gossip::Gossip::builder().max_message_size(gossip::MAX_MESSAGE).spawn(endpoint.clone());
-        let router = Router::builder(endpoint)
+        let mut router = Router::builder(endpoint)
             .accept(ALPN, provider)
             .accept(PULL_ALPN, puller)
-            .accept(iroh_gossip::ALPN, g.clone())
-            .spawn();
+            .accept(iroh_gossip::ALPN, g.clone());
+        for (alpn, handler) in extra {
+            router = router.accept(alpn, handler);
+        }
+        let router = router.spawn();
         Ok(Self { router, engine, gossip: gossip::GossipState::new(g, lookup) })
     }
 
@@ -392,6 +408,7 @@ impl Engine {
             Some(pl) => order_for_swarm(ids, pl.index(&self.id()).unwrap_or(0), pl.members.len()),
             None => ids,
         };
+        let manifests_only = opts.manifests_only;
         let swarm = Swarm::new(self.store.clone(), self.stats.clone(), conns, opts);
 
         // Roots, top down: each names its base.
@@ -426,13 +443,15 @@ impl Engine {
         fetched += want.len() as u64;
         swarm.run(Phase::Manifests, order(want)).await?;
 
-        let (store, s) = (self.store.clone(), stack.clone());
-        let (want, l) = tokio::task::spawn_blocking(move || missing_data_chunks(&store, &s))
-            .await
-            .map_err(|e| PeerError::NoProviders { why: format!("scan task: {e}") })??;
-        local += l;
-        fetched += want.len() as u64;
-        swarm.run(Phase::Data, order(want)).await?;
+        if !manifests_only {
+            let (store, s) = (self.store.clone(), stack.clone());
+            let (want, l) = tokio::task::spawn_blocking(move || missing_data_chunks(&store, &s))
+                .await
+                .map_err(|e| PeerError::NoProviders { why: format!("scan task: {e}") })??;
+            local += l;
+            fetched += want.len() as u64;
+            swarm.run(Phase::Data, order(want)).await?;
+        }
         let udp_bytes = swarm.close();
 
         record_layers(&self.store, &stack)?;

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Migration of a disk-root guest after a known workload, against rsync of
+# the same changed upper layer.
+#
+#   sudo bash benches/migrate.sh            # WORK=/var/tmp/xenod-bench-migrate ROUNDS=1
+#
+# Two daemons on loopback (separate processes and data dirs, one libvirt
+# shared through domain prefixes). The template: the fixture guest's busybox
+# root plus /data/big (100 MiB random) and /data/f1..f150 (8 KiB random
+# each) in a 1 GiB ext4 image, 256 MiB of guest memory. B holds the template
+# before the move, as a host that ran it before would. In the guest,
+# /cgi-bin/work.cgi runs the workload and syncs:
+#
+#   a 200 MiB log written (varied lines, as a web server logs)
+#   50 files edited in place (100 bytes each, conv=notrunc)
+#   1 MiB appended to the 100 MiB file
+#   100 files deleted
+#
+# Then `xenod migrate` A -> B. Reported: bytes on the wire per phase (chunk
+# payload, compressed, as the target's fetch counted it), the guest's
+# downtime (save on A to answering restore on B), total time, and
+# `rsync -aS -z --compress-choice=zstd` of A's changed upper directory to an
+# empty rsync daemon module on loopback (Total bytes sent).
+set -euo pipefail
+export LC_ALL=C
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=${WORK:-/var/tmp/xenod-bench-migrate}
+ROUNDS=${ROUNDS:-1}
+FIX=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/guest
+log() { echo "migrate-bench: $*" >&2; }
+
+command -v rsync >/dev/null || bash "$ROOT/scripts/install-deps.sh"
+(cd "$ROOT" && cargo build --release --locked -p xenod >&2)
+X=$ROOT/target/release/xenod
+bash "$ROOT/scripts/start-libvirtd.sh" >&2
+bash "$ROOT/fixtures/build-guest.sh" "$FIX" >&2
+
+pids=()
+cleanup() {
+    for d in "$WORK/a" "$WORK/b"; do
+        [ -d "$d" ] && "$X" --data-dir "$d" destroy bench >/dev/null 2>&1 || true
+    done
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+rm -rf "$WORK"
+mkdir -p "$WORK"
+
+# --- the template ------------------------------------------------------
+stage=$WORK/stage
+mkdir -p "$stage" "$WORK/tree/boot" "$WORK/tree/disk"
+cp -a "$FIX/template/." "$stage/"
+cp -a "$FIX/web/." "$stage/"
+mkdir -p "$stage/data"
+head -c $((100 << 20)) /dev/urandom > "$stage/data/big"
+for i in $(seq 1 150); do head -c 8192 /dev/urandom > "$stage/data/f$i"; done
+cat > "$stage/srv/www/cgi-bin/work.cgi" <<'EOF'
+#!/bin/sh
+# The migration benchmark's workload (benches/migrate.sh).
+awk 'BEGIN { srand(7); n = 0
+  while (n < 209715200) {
+    l = sprintf("2026-11-22T07:%02d:%02d.%03d web[%d]: GET /shop/item/%d?ref=%x 200 %d bytes %.1f ms\n",
+                int(n / 3e6) % 60, int(n / 5e4) % 60, n % 1000, 4000 + int(rand() * 64),
+                int(rand() * 100000), int(rand() * 16777216), int(rand() * 90000), rand() * 40)
+    printf "%s", l; n += length(l) } }' > /var/log/web-big.log
+i=1; while [ $i -le 50 ]; do
+  printf 'edited in place %03d\n' $i | dd of=/data/f$i bs=1 seek=100 conv=notrunc 2>/dev/null
+  i=$((i + 1))
+done
+head -c 1048576 /dev/urandom >> /data/big
+i=51; while [ $i -le 150 ]; do rm -f /data/f$i; i=$((i + 1)); done
+sync
+printf 'Content-Type: text/plain\r\n\r\nworkload done\n'
+EOF
+chmod 755 "$stage/srv/www/cgi-bin/work.cgi"
+cp "$FIX/kernel/vmlinux" "$FIX/kernel/initrd.img" "$WORK/tree/boot/"
+mkfs.ext4 -q -F -d "$stage" -L root "$WORK/tree/disk/root.img" 1024M
+cat > "$WORK/spec.json" <<'EOF'
+{"kernel":"stack:boot/vmlinux","initrd":"stack:boot/initrd.img","root":"disk","disk_image":"disk/root.img",
+ "memory_mib":256,"ports":["0:80"]}
+EOF
+
+# --- two hosts -----------------------------------------------------------
+for h in a b; do
+    mkdir -p "$WORK/$h"
+    printf 'domain_prefix = "bench%s-"\n' "$h" > "$WORK/$h/config.toml"
+done
+ID=$("$X" --data-dir "$WORK/a" --json publish "$WORK/tree" --name template://bench/disk/1 --spec "$WORK/spec.json" | jq -r .id)
+for h in a b; do
+    "$X" --data-dir "$WORK/$h" --json serve --listen 127.0.0.1:0 > "$WORK/$h.serve" 2> "$WORK/$h.log" &
+    pids+=($!)
+done
+for h in a b; do
+    for _ in $(seq 100); do [ -s "$WORK/$h.serve" ] && break; sleep 0.1; done
+done
+NA=$(jq -r .node "$WORK/a.serve"); NB=$(jq -r .node "$WORK/b.serve"); AB=$(jq -r .addr "$WORK/b.serve")
+AA=$(jq -r .addr "$WORK/a.serve")
+"$X" --data-dir "$WORK/a" allow "$NB" >/dev/null
+"$X" --data-dir "$WORK/b" allow "$NA" >/dev/null
+"$X" --data-dir "$WORK/b" fetch "$ID" --from "$AA" >/dev/null
+
+# --- rsync daemon on loopback --------------------------------------------
+RPORT=18730
+cat > "$WORK/rsyncd.conf" <<EOF
+port = $RPORT
+use chroot = no
+pid file = $WORK/rsyncd.pid
+[dst]
+path = $WORK/rsync-dst
+read only = no
+uid = root
+gid = root
+EOF
+rsync --daemon --config="$WORK/rsyncd.conf" --no-detach &
+pids+=($!)
+
+printf '%-6s %12s %12s %12s %12s %10s %10s %12s\n' round prepare pre-copy stop+copy total downtime "total s" "rsync upper"
+for r in $(seq "$ROUNDS"); do
+    "$X" --data-dir "$WORK/a" --json deploy template://bench/disk/1 --name bench > "$WORK/deploy.json"
+    port=$(jq -r '.instances[0].port' "$WORK/deploy.json")
+    t0=$(date +%s.%N)
+    curl -sf --max-time 1200 "http://127.0.0.1:$port/cgi-bin/work.cgi" >/dev/null
+    log "round $r: workload took $(echo "$(date +%s.%N) - $t0" | bc) s"
+    rm -rf "$WORK/rsync-dst"; mkdir -p "$WORK/rsync-dst"
+    rs=$(rsync -aS -z --compress-choice=zstd --stats "$WORK/a/instances/bench/upper/" "rsync://127.0.0.1:$RPORT/dst/" \
+        | awk '/^Total bytes sent/ { gsub(",", "", $4); print $4 }')
+    "$X" --data-dir "$WORK/a" --json migrate bench --to "$AB" > "$WORK/migrate-$r.json"
+    j=$WORK/migrate-$r.json
+    ph() { jq -r --arg p "$1" '.phases[] | select(.phase == $p) | (.wire_bytes // .fetch.wire_bytes // 0)' "$j"; }
+    printf '%-6s %12s %12s %12s %12s %10.2f %10.2f %12s\n' "$r" "$(ph prepare)" "$(ph pre-copy)" "$(ph stop-and-copy)" \
+        "$(jq -r .wire_bytes "$j")" "$(jq -r .downtime_seconds "$j")" "$(jq -r .total_seconds "$j")" "$rs"
+    jq -c '.phases[] | select(.phase == "stop-and-copy") | .upper' "$j" >&2
+    port=$(jq -r .port "$j")
+    curl -sf --max-time 10 "http://127.0.0.1:$port/" | grep counter >&2
+    "$X" --data-dir "$WORK/b" destroy bench >/dev/null
+done
+log "bytes are chunk payload on the wire (compressed); the total includes the guest's saved state"

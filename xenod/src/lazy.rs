@@ -1,0 +1,154 @@
+//! Lazy deployment: `xenod deploy --lazy` mounts a stack once its layer
+//! roots and manifests are here; file data follows in the background.
+//!
+//! ```text
+//! deploy --lazy ──Fetch{lazy}──> daemon: roots + manifests now,
+//!                                        the whole stack in the background
+//! mount process ──Chunk{id}───> daemon: a chunk a reader needs now, from the
+//!  (a read finds a chunk missing)        lazy fetches' providers, verified,
+//!                                        over one cached connection each
+//! ```
+//!
+//! A chunk fetched at once is not stored (the background fetch stores
+//! everything); the filesystem keeps it in its decoded-chunk cache.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use serde_json::{Value, json};
+use xenod_store::iroh::endpoint::Connection;
+use xenod_store::{ALPN, ChunkId, EndpointAddr, EndpointId, FetchOptions, LayerId, fetch_one, hex};
+
+use crate::serve::{Daemon, Request, socket_path};
+
+/// The daemon's lazy fetches: their providers and how far they are.
+#[derive(Default)]
+pub struct Lazy {
+    providers: Mutex<Vec<EndpointAddr>>,
+    conns: tokio::sync::Mutex<HashMap<EndpointId, Connection>>,
+    /// Background fetches by layer: "fetching", or why one failed.
+    pending: Mutex<BTreeMap<LayerId, String>>,
+}
+
+impl Lazy {
+    /// Background fetches not yet complete, for `xenod status`.
+    pub fn pending(&self) -> Value {
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        json!(p.iter().map(|(l, s)| (l.to_string(), s.clone())).collect::<BTreeMap<_, _>>())
+    }
+}
+
+/// Fetches the whole stack of `layer` in the background.
+pub fn background(d: &Arc<Daemon>, layer: LayerId, peers: Vec<EndpointAddr>) {
+    {
+        let mut p = d.lazy.providers.lock().unwrap_or_else(|e| e.into_inner());
+        for q in &peers {
+            if !p.iter().any(|x| x.id == q.id) {
+                p.push(q.clone());
+            }
+        }
+    }
+    d.lazy.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(layer, "fetching".into());
+    let d = d.clone();
+    tokio::spawn(async move {
+        let r = d.node().fetch(layer, &peers, FetchOptions::default()).await;
+        let mut p = d.lazy.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match r {
+            Ok(_) => {
+                p.remove(&layer);
+            }
+            Err(e) => {
+                tracing::warn!("background fetch of {layer}: {e}");
+                p.insert(layer, format!("failed: {e}"));
+            }
+        }
+    });
+}
+
+/// `Request::Chunk`: chunk `id` now, from the store or a provider.
+pub async fn chunk(d: &Arc<Daemon>, id: &str) -> Result<Value> {
+    let id: ChunkId = id.parse().map_err(|e| anyhow!("chunk id {id:?}: {e}"))?;
+    let store = d.store_arc();
+    if let Ok(Ok(b)) = tokio::task::spawn_blocking(move || store.get(&id)).await {
+        return Ok(json!({ "data": hex(&b) }));
+    }
+    let mut providers = d.lazy.providers.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for p in d.default_peers() {
+        if !providers.iter().any(|q| q.id == p.id) {
+            providers.push(p);
+        }
+    }
+    let mut why = Vec::new();
+    for p in providers {
+        let conn = {
+            let mut conns = d.lazy.conns.lock().await;
+            match conns.get(&p.id) {
+                Some(c) if c.close_reason().is_none() => c.clone(),
+                _ => {
+                    let c = match tokio::time::timeout(
+                        Duration::from_secs(5),
+                        d.node().endpoint().connect(p.clone(), ALPN),
+                    )
+                    .await
+                    {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
+                            why.push(format!("{}: {e}", p.id.fmt_short()));
+                            continue;
+                        }
+                        Err(_) => {
+                            why.push(format!("{}: connecting timed out", p.id.fmt_short()));
+                            continue;
+                        }
+                    };
+                    conns.insert(p.id, c.clone());
+                    c
+                }
+            }
+        };
+        match fetch_one(&conn, id).await {
+            Ok(Some(b)) => return Ok(json!({ "data": hex(&b) })),
+            Ok(None) => why.push(format!("{}: does not have it", p.id.fmt_short())),
+            Err(e) => {
+                d.lazy.conns.lock().await.remove(&p.id);
+                why.push(e.to_string());
+            }
+        }
+    }
+    Err(anyhow!("no provider gave chunk {id}: {}", if why.is_empty() { "none known".into() } else { why.join("; ") }))
+}
+
+/// For a mount process: chunk `id` from the daemon of `data_dir`,
+/// verified against its id.
+pub fn fetch_via_daemon(data_dir: &Path, id: &ChunkId) -> std::result::Result<Vec<u8>, String> {
+    let sock = socket_path(data_dir);
+    let mut s = UnixStream::connect(&sock).map_err(|e| format!("no daemon at {}: {e}", sock.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+    let req = serde_json::to_string(&Request::Chunk { id: id.to_string() }).map_err(|e| e.to_string())?;
+    writeln!(s, "{req}").map_err(|e| e.to_string())?;
+    for line in BufReader::new(s).lines() {
+        let v: Value = serde_json::from_str(&line.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        if v.get("ok").is_none() {
+            continue;
+        }
+        if v["ok"] != true {
+            return Err(v["error"].as_str().unwrap_or("daemon error").to_owned());
+        }
+        let h = v["result"]["data"].as_str().ok_or("no data in the answer")?;
+        let b = (0..h.len())
+            .step_by(2)
+            .map(|i| h.get(i..i + 2).and_then(|x| u8::from_str_radix(x, 16).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .ok_or("bad hex in the answer")?;
+        if ChunkId::of(&b) != *id {
+            return Err(format!("the daemon sent bytes that are not chunk {id}"));
+        }
+        return Ok(b);
+    }
+    Err("the daemon closed the connection without an answer".into())
+}

@@ -1,0 +1,908 @@
+//! `xenod migrate`, `xenod checkpoint`, `xenod restore`: an instance's
+//! changes and machine state as layers, sent as the chunks the target
+//! lacks.
+//!
+//! The target already holds, or fetches from any peer, the immutable
+//! layers the instance runs on. What moves is the instance's upper layer,
+//! committed as an overlay on its stack ([`xenod_cowfs::commit_live`]),
+//! and for a disk-root guest its saved state, chunked like any file
+//! (content-defined, so pages unchanged since an earlier checkpoint or
+//! migration the target holds are not sent; zero pages are holes). On the
+//! target the instance runs on that overlay with a fresh upper layer.
+//!
+//! Phases, each with its own error ([`PhaseError`]):
+//!
+//! ```text
+//! prepare        target: check trust, name and space; fetch the stack
+//! pre-copy       source: drain cowfs's dirty set, commit only what was
+//!                written, target fetches the new chunks; repeat while a
+//!                round sends less than the one before (at most 6 rounds)
+//! stop-and-copy  source: save the guest (or stop it, --cold), commit the
+//!                last writes, chunk the state; target fetches them
+//! resume         target: mount, rewrite the saved state's identity and
+//!                paths, restore (or boot, --cold)        <- commit point
+//! clean up       source: undefine, unmount, remove the instance
+//! ```
+//!
+//! Before the commit point any failure aborts: the target forgets what it
+//! prepared and the source guest runs again. Once the target has begun
+//! restoring, a lost connection leaves the outcome unknown; the source
+//! then keeps its guest saved (never running twice) and says so.
+//!
+//! Wire: ALPN [`ALPN`] on the daemon's endpoint; one bi-stream per request,
+//! one JSON request, then JSON lines: `{"alive":true}` every 2 s while the
+//! target works (a silent target is declared dead after 20 s),
+//! `{"restoring":true}` when it passes the commit point, and one
+//! `{"ok":true,"result":..}` or `{"ok":false,"error":".."}`. Only nodes
+//! listed in the target's `migrate_from` (see `xenod allow`) are served.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use xenod_cowfs::{CommitCache, DirtySet};
+use xenod_deployer::{DeploySpec, DomainModel, Hypervisor, PortForward, RootMode, default_uri};
+use xenod_store::iroh::endpoint::{Connection, RecvStream, SendStream};
+use xenod_store::iroh::protocol::{AcceptError, ProtocolHandler};
+use xenod_store::{
+    Chunking, EndpointAddr, Entry, FetchOptions, FileReader, ImportOptions, Kind, LayerId, LayerWriter, Store,
+    Timestamp, chunk_stream, format_peer, parse_peer,
+};
+
+use crate::config::Config;
+use crate::deploy::{self, Instance};
+use crate::serve::{Daemon, note};
+use crate::{Coded, Exit};
+
+/// The migration protocol on the daemon's endpoint.
+pub const ALPN: &[u8] = b"xenod/migrate/1";
+const MAX_ROUNDS: usize = 6;
+/// Pre-copy stops once a round sends less than this.
+const CONVERGED: u64 = 2 << 20;
+const ALIVE_EVERY: Duration = Duration::from_secs(2);
+const SILENT_LIMIT: Duration = Duration::from_secs(20);
+/// The state file's name inside a state layer.
+const STATE_FILE: &[u8] = b"state.save";
+/// Layer metadata of a checkpoint: its state layer and instance record.
+const META_STATE: &str = "checkpoint-state";
+const META_RECORD: &str = "instance-record";
+
+/// Where a migration failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Prepare,
+    PreCopy,
+    StopAndCopy,
+    Resume,
+    CleanUp,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Prepare => "prepare",
+            Phase::PreCopy => "pre-copy",
+            Phase::StopAndCopy => "stop-and-copy",
+            Phase::Resume => "resume",
+            Phase::CleanUp => "clean up",
+        })
+    }
+}
+
+/// A migration error, naming its phase and where the guest runs now.
+#[derive(Debug, thiserror::Error)]
+#[error("migration failed in {phase}: {msg:#}; {guest}")]
+pub struct PhaseError {
+    pub phase: Phase,
+    pub msg: anyhow::Error,
+    pub guest: String,
+}
+
+/// What a target needs to run an instance.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    pub name: String,
+    pub top: LayerId,
+    pub layer: LayerId,
+    pub root: RootMode,
+    pub ports: Vec<PortForward>,
+    pub spec: Option<DeploySpec>,
+    /// The instance directory on the sending host, as named in the saved
+    /// state's paths.
+    pub source_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Wire {
+    Prepare {
+        instance: String,
+        mounted: LayerId,
+        source: String,
+        need_bytes: u64,
+    },
+    /// `last`: sent in stop-and-copy, with the guest stopped.
+    Sync {
+        layer: LayerId,
+        source: String,
+        last: bool,
+    },
+    Resume {
+        layer: LayerId,
+        state: Option<LayerId>,
+        record: Box<Record>,
+        source: String,
+    },
+    Abort {
+        instance: String,
+    },
+}
+
+// ---- target side ---------------------------------------------------------
+
+/// Serves [`ALPN`] for the daemon once it is up.
+#[derive(Clone, Debug, Default)]
+pub struct Handler {
+    pub daemon: Arc<OnceLock<Weak<Daemon>>>,
+}
+
+impl ProtocolHandler for Handler {
+    async fn accept(&self, conn: Connection) -> Result<(), AcceptError> {
+        let peer = conn.remote_id().to_string();
+        let Some(d) = self.daemon.get().and_then(Weak::upgrade) else {
+            conn.close(1u32.into(), b"daemon starting");
+            return Ok(());
+        };
+        let allowed = Config::load(d.data_dir()).map(|c| c.migrate_from.contains(&peer)).unwrap_or(false);
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let d = d.clone();
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_request(&d, &peer, allowed, send, recv).await {
+                    tracing::warn!("migration request from {peer}: {e:#}");
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+async fn serve_request(
+    d: &Arc<Daemon>,
+    peer: &str,
+    allowed: bool,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> Result<()> {
+    let req = recv.read_to_end(1 << 20).await.context("reading the request")?;
+    let req: Wire = serde_json::from_slice(&req).context("a malformed request")?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let work = {
+        let d = d.clone();
+        let peer = peer.to_owned();
+        tokio::spawn(async move {
+            if !allowed {
+                bail!(
+                    "this host does not take guests from {peer}; on it run `xenod allow {peer}` \
+                     (the node id is in `xenod status` of the sending host)"
+                );
+            }
+            target_op(&d, req, tx).await
+        })
+    };
+    let mut work = std::pin::pin!(work);
+    let mut alive = tokio::time::interval(ALIVE_EVERY);
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r.map_err(|e| anyhow!("task: {e}")).and_then(|r| r),
+            Some(v) = rx.recv() => send.write_all(format!("{v}\n").as_bytes()).await?,
+            _ = alive.tick() => send.write_all(b"{\"alive\":true}\n").await?,
+        }
+    };
+    while let Ok(v) = rx.try_recv() {
+        send.write_all(format!("{v}\n").as_bytes()).await?;
+    }
+    let v = match result {
+        Ok(v) => json!({ "ok": true, "result": v }),
+        Err(e) => json!({ "ok": false, "error": format!("{e:#}") }),
+    };
+    send.write_all(format!("{v}\n").as_bytes()).await?;
+    send.finish().ok();
+    // Let the peer read the answer before the stream is dropped.
+    let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+    Ok(())
+}
+
+async fn target_op(d: &Arc<Daemon>, req: Wire, tx: tokio::sync::mpsc::UnboundedSender<Value>) -> Result<Value> {
+    match req {
+        Wire::Prepare { instance, mounted, source, need_bytes } => {
+            xenod_deployer::validate_name(&instance)?;
+            if deploy::instance_dir(d.data_dir(), &instance).exists() {
+                bail!("an instance named {instance:?} already exists on this host");
+            }
+            let free = free_bytes(d.data_dir())?;
+            if free < need_bytes {
+                bail!(
+                    "this host lacks space: {} MiB free in {}, about {} MiB needed",
+                    free >> 20,
+                    d.data_dir().display(),
+                    need_bytes >> 20
+                );
+            }
+            fetch(d, mounted, &source).await
+        }
+        Wire::Sync { layer, source, last } => {
+            test_hook(if last { "stop-and-copy" } else { "pre-copy" });
+            fetch(d, layer, &source).await
+        }
+        Wire::Resume { layer, state, record, source } => {
+            let mut rep = fetch(d, layer, &source).await?;
+            if let Some(s) = state {
+                let r = fetch(d, s, &source).await?;
+                for k in ["chunks_fetched", "bytes", "wire_bytes"] {
+                    rep[k] = json!(rep[k].as_u64().unwrap_or(0) + r[k].as_u64().unwrap_or(0));
+                }
+            }
+            let (data, store) = (d.data_dir().to_path_buf(), d.store_arc());
+            let t = Instant::now();
+            let adopted = tokio::task::spawn_blocking(move || {
+                adopt(&data, &store, layer, state, &record, &|| {
+                    let _ = tx.send(json!({ "restoring": true }));
+                })
+            })
+            .await??;
+            Ok(json!({ "fetch": rep, "instance": adopted, "resume_seconds": t.elapsed().as_secs_f64() }))
+        }
+        Wire::Abort { instance } => {
+            // Only what a failed resume could have left: adopt cleans up
+            // after itself, so normally there is nothing.
+            let dir = deploy::instance_dir(d.data_dir(), &instance);
+            Ok(json!({ "aborted": instance, "left": dir.exists() }))
+        }
+    }
+}
+
+async fn fetch(d: &Daemon, layer: LayerId, source: &str) -> Result<Value> {
+    let mut providers = vec![parse_peer(source).map_err(|e| anyhow!("source address {source}: {e}"))?];
+    for p in d.default_peers() {
+        if !providers.iter().any(|q| q.id == p.id) {
+            providers.push(p);
+        }
+    }
+    let rep = d.node().fetch(layer, &providers, FetchOptions::default()).await.map_err(crate::serve::peer_err)?;
+    Ok(json!({ "layer": layer.to_string(), "chunks_fetched": rep.chunks_fetched, "bytes": rep.bytes,
+               "wire_bytes": rep.wire_bytes, "elapsed_ms": rep.elapsed_ms }))
+}
+
+/// Test hook: `XENOD_TEST_MIGRATE_DIE=PHASE` makes a target daemon kill
+/// itself (SIGKILL) when a request of that phase arrives. Never set in
+/// production.
+fn test_hook(phase: &str) {
+    if std::env::var("XENOD_TEST_MIGRATE_DIE").is_ok_and(|p| p == phase) {
+        tracing::error!("XENOD_TEST_MIGRATE_DIE={phase}: killing this daemon");
+        let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+    }
+}
+
+fn free_bytes(dir: &Path) -> Result<u64> {
+    let s = rustix::fs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Runs `record`'s instance here on the committed upper `layer` (all of
+/// whose chunks are local): mounts it with a fresh upper layer, then
+/// restores the saved state of `state`, or boots it when there is none.
+/// Leaves nothing behind on failure.
+fn adopt(
+    data: &Path,
+    store: &Arc<Store>,
+    layer: LayerId,
+    state: Option<LayerId>,
+    record: &Record,
+    restoring: &dyn Fn(),
+) -> Result<Value> {
+    let name = record.name.as_str();
+    xenod_deployer::validate_name(name)?;
+    let dir = deploy::instance_dir(data, name);
+    if dir.exists() {
+        bail!("an instance named {name:?} already exists on this host");
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let domain = deploy::domain_name(data, name);
+    let mut inst = Instance {
+        name: name.to_owned(),
+        top: record.top,
+        layer: record.layer,
+        uri: default_uri(),
+        root: record.root,
+        ports: record.ports.clone(),
+        mount_pid: None,
+        created: now(),
+        mounted: Some(layer),
+        domain: (domain != name).then(|| domain.clone()),
+        spec: record.spec.clone(),
+        lazy: false,
+    };
+    let uri = inst.uri.clone();
+    let undo = |started: bool| {
+        if started && let Ok(hv) = deploy::hypervisor(&uri) {
+            let _ = hv.destroy(&domain);
+        }
+        let _ = deploy::teardown(data, name, store, false);
+    };
+    let r = (|| -> Result<Value> {
+        inst.save(data)?;
+        store.pin(&deploy::pin_label(name), &layer)?;
+        inst.mount_pid = Some(deploy::spawn_mount(data, &inst)?);
+        inst.save(data)?;
+        let hv = deploy::hypervisor(&inst.uri)?;
+        match state {
+            Some(s) => {
+                let file = dir.join("state.save");
+                export_state(store, &s, &file)?;
+                let from = format!("{}/", record.source_dir.display());
+                let to = format!("{}/", dir.display());
+                xenod_deployer::retarget(&file, &domain, &xenod_deployer::random_uuid(), &[(from, to)])?;
+                restoring();
+                hv.restore(&file)?;
+                let _ = fs::remove_file(&file);
+            }
+            None => {
+                let mut spec = record.spec.clone().ok_or_else(|| anyhow!("no deploy spec to boot {name} from"))?;
+                spec.instance = Some(name.to_owned());
+                let mut model = DomainModel::from_spec(&spec, &inst.mountpoint(data), dir.join("console.log"))?;
+                model.name = domain.clone();
+                inst.ports = model.network.forwards().to_vec();
+                inst.save(data)?;
+                restoring();
+                hv.deploy(&model)?;
+                // Downtime lasts until the service answers again.
+                let timeout = Duration::from_secs(120);
+                xenod_deployer::wait_console(&hv, &domain, xenod_deployer::GUEST_READY_LINE, timeout)?;
+                if let Some(p) = inst.ports.first() {
+                    xenod_deployer::wait_http(&hv, &domain, p.host, "/xenod-ready-probe", timeout)?;
+                }
+            }
+        }
+        Ok(json!({ "name": name, "domain": domain, "layer": layer.to_string(),
+                   "port": inst.ports.first().map(|p| p.host) }))
+    })();
+    if r.is_err() {
+        undo(true);
+    }
+    r
+}
+
+// ---- state as a layer ----------------------------------------------------
+
+/// Stores a saved-state file as a one-file layer, cut by content so that
+/// a later state shares the chunks of unchanged memory.
+fn state_layer(store: &Store, file: &Path, meta: BTreeMap<String, String>) -> Result<LayerId> {
+    let f = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let size = f.metadata()?.len();
+    let at = || file.display().to_string();
+    let (extents, total) = chunk_stream(store, f, Chunking::Cdc, size, &ImportOptions::default(), &at)?;
+    let mut w = LayerWriter::new(store);
+    w.push(&Entry::dir(Vec::new()))?;
+    w.push(&Entry {
+        path: STATE_FILE.to_vec(),
+        kind: Kind::File { size: total, chunking: Chunking::Cdc, extents },
+        mode: 0o600,
+        uid: 0,
+        gid: 0,
+        mtime: Timestamp::default(),
+        xattrs: vec![],
+    })?;
+    Ok(w.finish(None, meta)?)
+}
+
+fn export_state(store: &Store, layer: &LayerId, to: &Path) -> Result<()> {
+    for e in store.read_layer(layer)? {
+        let e = e?;
+        if e.path == STATE_FILE
+            && let Kind::File { extents, .. } = e.kind
+        {
+            let mut out = fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
+            std::io::copy(&mut FileReader::new(store, extents), &mut out)
+                .with_context(|| format!("writing {}", to.display()))?;
+            out.sync_all()?;
+            return Ok(());
+        }
+    }
+    bail!("layer {layer} holds no saved state")
+}
+
+// ---- source side ---------------------------------------------------------
+
+/// A request to the target over an open connection; `on_line` sees the
+/// target's intermediate lines.
+async fn call(conn: &Connection, req: &Wire, mut on_line: impl FnMut(&Value)) -> Result<Value> {
+    let (mut send, recv) = conn.open_bi().await.context("opening a stream to the target")?;
+    send.write_all(serde_json::to_string(req)?.as_bytes()).await.context("sending to the target")?;
+    send.finish().ok();
+    let mut lines = BufReader::new(recv).lines();
+    loop {
+        let line = match tokio::time::timeout(SILENT_LIMIT, lines.next_line()).await {
+            Err(_) => bail!("the target went silent for {} s", SILENT_LIMIT.as_secs()),
+            Ok(Err(e)) => bail!("the connection to the target broke: {e}"),
+            Ok(Ok(None)) => bail!("the target closed the stream without an answer"),
+            Ok(Ok(Some(l))) => l,
+        };
+        let v: Value = serde_json::from_str(&line).with_context(|| format!("target sent {line:?}"))?;
+        if v.get("ok").is_some() {
+            if v["ok"] == true {
+                return Ok(v["result"].clone());
+            }
+            bail!("the target refused: {}", v["error"].as_str().unwrap_or("no reason given"));
+        }
+        if v.get("alive").is_none() {
+            on_line(&v);
+        }
+    }
+}
+
+async fn connect(d: &Daemon, to: &EndpointAddr) -> Result<Connection> {
+    match tokio::time::timeout(Duration::from_secs(10), d.node().endpoint().connect(to.clone(), ALPN)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => bail!("connecting to {}: {e}", to.id),
+        Err(_) => bail!("connecting to {}: timed out", to.id),
+    }
+}
+
+/// Marks an instance as migrating; a second migration is refused.
+struct Busy(PathBuf);
+
+impl Busy {
+    fn take(dir: &Path) -> Result<Self> {
+        let p = dir.join("migrating");
+        match fs::OpenOptions::new().write(true).create_new(true).open(&p) {
+            Ok(mut f) => {
+                use std::io::Write;
+                let _ = write!(f, "{}", std::process::id());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let pid = fs::read_to_string(&p).unwrap_or_default();
+                if Path::new(&format!("/proc/{}", pid.trim())).exists() {
+                    bail!("the instance is already migrating (process {}, {})", pid.trim(), p.display());
+                }
+                fs::write(&p, std::process::id().to_string())?;
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating {}", p.display())),
+        }
+        Ok(Self(p))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn upper_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            if let Ok(m) = e.metadata() {
+                if m.is_dir() {
+                    stack.push(e.path());
+                } else {
+                    total += m.blocks() * 512;
+                }
+            }
+        }
+    }
+    total
+}
+
+fn record_of(data: &Path, inst: &Instance) -> Record {
+    Record {
+        name: inst.name.clone(),
+        top: inst.top,
+        layer: inst.layer,
+        root: inst.root,
+        ports: inst.ports.clone(),
+        spec: inst.spec.clone(),
+        source_dir: inst.dir(data),
+    }
+}
+
+/// One commit of the live upper: drain (or not) and commit what changed.
+async fn sync_upper(
+    store: &Arc<Store>,
+    inst: &Instance,
+    data: &Path,
+    cache: CommitCache,
+    full: bool,
+) -> Result<(LayerId, CommitCache, DirtySet)> {
+    let (store, data, inst) = (store.clone(), data.to_path_buf(), inst.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut cache = cache;
+        let dirty = xenod_cowfs::drain_dirty(&inst.control(&data))?;
+        let stack = store.stack(&inst.mounted())?;
+        let meta = [("instance".to_string(), inst.name.clone())].into();
+        let c = xenod_cowfs::commit_live(
+            store.clone(),
+            &stack,
+            &inst.upper(&data),
+            meta,
+            &mut cache,
+            (!full).then_some(&dirty),
+        )?;
+        store.flush()?;
+        Ok((c.id, cache, dirty))
+    })
+    .await?
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+/// `xenod migrate NAME --to PEER [--cold]`.
+pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Result<Value> {
+    let t0 = Instant::now();
+    let data = d.data_dir().to_path_buf();
+    let store = d.store_arc();
+    let inst = Instance::load(&data, name).map_err(|e| Coded { code: Exit::NotFound, msg: format!("{e:#}") })?;
+    if inst.root == RootMode::Fs && !cold {
+        return Err(Coded {
+            code: Exit::BadInput,
+            msg: format!(
+                "{name} has a shared-filesystem root, and the hypervisor cannot save such a guest's running \
+                 state; `xenod migrate {name} --to ... --cold` stops it, sends its upper layer and boots it there"
+            ),
+        }
+        .into());
+    }
+    let target = parse_peer(to).map_err(|e| Coded { code: Exit::BadInput, msg: format!("--to: {e}") })?;
+    let _busy = Busy::take(&inst.dir(&data))?;
+    let hv = Arc::new(deploy::hypervisor(&inst.uri)?);
+    if !hv.state(inst.domain())?.is_active() {
+        bail!("{name} is not running (its domain {} is {})", inst.domain(), hv.state(inst.domain())?);
+    }
+    let source = format_peer(&d.node().addr());
+    let phase_err = |phase: Phase, msg: anyhow::Error, guest: &str| PhaseError { phase, msg, guest: guest.into() };
+    let here = "the guest keeps running here";
+    let mut phases = Vec::new();
+
+    // prepare
+    note(format!("{name}: prepare: {} fetches the stack", target.id.fmt_short()));
+    let t = Instant::now();
+    let conn = connect(d, &target).await.map_err(|e| phase_err(Phase::Prepare, e, here))?;
+    let need = upper_bytes(&inst.upper(&data)) + inst.spec.as_ref().map_or(512, |s| s.memory_mib as u64) * (1 << 20);
+    let prep =
+        Wire::Prepare { instance: name.into(), mounted: inst.mounted(), source: source.clone(), need_bytes: need };
+    let rep = call(&conn, &prep, |_| {}).await.map_err(|e| phase_err(Phase::Prepare, e, here))?;
+    phases.push(json!({ "phase": "prepare", "seconds": t.elapsed().as_secs_f64(), "fetch": rep }));
+
+    let abort = |conn: Connection, name: String| async move {
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), call(&conn, &Wire::Abort { instance: name }, |_| {})).await;
+    };
+
+    // pre-copy
+    let t = Instant::now();
+    let mut rounds = Vec::new();
+    let mut cache = CommitCache::default();
+    let mut last: Option<(LayerId, u64)> = None;
+    for round in 0..MAX_ROUNDS {
+        let r: Result<(LayerId, u64, Value)> = async {
+            let (id, c, dirty) = sync_upper(&store, &inst, &data, std::mem::take(&mut cache), round == 0).await?;
+            cache = c;
+            let read = cache.last_read;
+            let rep = if last.is_some_and(|(l, _)| l == id) {
+                json!({ "wire_bytes": 0, "chunks_fetched": 0 })
+            } else {
+                call(&conn, &Wire::Sync { layer: id, source: source.clone(), last: false }, |_| {}).await?
+            };
+            let wire = rep["wire_bytes"].as_u64().unwrap_or(0);
+            Ok((
+                id,
+                wire,
+                json!({ "round": round, "layer": id.to_string(), "blocks_written": dirty.block_count(),
+                                  "bytes_read": read, "fetch": rep }),
+            ))
+        }
+        .await;
+        let (id, wire, v) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                abort(conn, name.into()).await;
+                return Err(phase_err(Phase::PreCopy, e, here).into());
+            }
+        };
+        note(format!("{name}: pre-copy round {round}: {:.1} MiB sent", wire as f64 / (1 << 20) as f64));
+        rounds.push(v);
+        let shrinking = last.is_none_or(|(_, prev)| wire < prev);
+        last = Some((id, wire));
+        if round > 0 && (wire < CONVERGED || !shrinking) {
+            break;
+        }
+    }
+    let pre_wire: u64 = rounds.iter().map(|r| r["fetch"]["wire_bytes"].as_u64().unwrap_or(0)).sum();
+    phases.push(json!({ "phase": "pre-copy", "seconds": t.elapsed().as_secs_f64(), "wire_bytes": pre_wire,
+                        "rounds": rounds }));
+
+    // stop-and-copy
+    note(format!("{name}: stop-and-copy: {} the guest", if cold { "stopping" } else { "saving" }));
+    let t_down = Instant::now();
+    let state_file = inst.dir(&data).join("state.save");
+    let stopped = {
+        let (hv, dom, f) = (hv.clone(), inst.domain().to_owned(), state_file.clone());
+        blocking(move || {
+            if cold {
+                hv.stop(&dom, Duration::from_secs(30))?;
+            } else {
+                hv.save(&dom, &f)?;
+            }
+            Ok(())
+        })
+        .await
+    };
+    // Brings the source guest back after a failure before the commit point.
+    let revive = |hv: Arc<xenod_deployer::Libvirt>, dom: String, f: PathBuf| {
+        blocking(move || {
+            if cold {
+                hv.start(&dom)?;
+            } else {
+                hv.restore(&f)?;
+                let _ = fs::remove_file(&f);
+            }
+            Ok(())
+        })
+    };
+    if let Err(e) = stopped {
+        abort(conn, name.into()).await;
+        return Err(phase_err(Phase::StopAndCopy, e, "the guest was not stopped").into());
+    }
+    let t = Instant::now();
+    let fin: Result<(LayerId, Option<LayerId>, Value)> = async {
+        let (id, c, dirty) = sync_upper(&store, &inst, &data, std::mem::take(&mut cache), false).await?;
+        cache = c;
+        let read = cache.last_read;
+        let state = if cold {
+            None
+        } else {
+            let (s, f) = (store.clone(), state_file.clone());
+            let meta = [("instance-state".to_string(), name.to_string())].into();
+            Some(blocking(move || state_layer(&s, &f, meta)).await?)
+        };
+        let s2 = store.clone();
+        blocking(move || Ok(s2.flush()?)).await?;
+        let mut wire = 0;
+        for l in std::iter::once(id).chain(state) {
+            let rep = call(&conn, &Wire::Sync { layer: l, source: source.clone(), last: true }, |_| {}).await?;
+            wire += rep["wire_bytes"].as_u64().unwrap_or(0);
+        }
+        Ok((id, state, json!({ "blocks_written": dirty.block_count(), "bytes_read": read, "wire_bytes": wire })))
+    }
+    .await;
+    let (layer, state, fin_info) = match fin {
+        Ok(x) => x,
+        Err(e) => {
+            abort(conn, name.into()).await;
+            let back = revive(hv.clone(), inst.domain().into(), state_file.clone()).await;
+            return Err(phase_err(Phase::StopAndCopy, e, &revived(back)).into());
+        }
+    };
+    let copy_seconds = t.elapsed().as_secs_f64();
+
+    // resume (the commit point is the target's restore)
+    note(format!("{name}: resume on {}", target.id.fmt_short()));
+    let t = Instant::now();
+    let mut restoring = false;
+    let resume = Wire::Resume { layer, state, record: Box::new(record_of(&data, &inst)), source };
+    let rep = call(&conn, &resume, |v| restoring |= v.get("restoring").is_some()).await;
+    let rep = match rep {
+        Ok(r) => r,
+        Err(e) if restoring => {
+            return Err(phase_err(
+                Phase::Resume,
+                e,
+                &format!(
+                    "the target was restoring the guest when it stopped answering, so it may run there: \
+                     check `xenod ps` on the target; the state is kept here ({}), and `xenod resume {name}` \
+                     brings it back here if it does not run there",
+                    state_file.display()
+                ),
+            )
+            .into());
+        }
+        Err(e) => {
+            abort(conn, name.into()).await;
+            let back = revive(hv.clone(), inst.domain().into(), state_file.clone()).await;
+            return Err(phase_err(Phase::Resume, e, &revived(back)).into());
+        }
+    };
+    let downtime = t_down.elapsed().as_secs_f64();
+    let stop_wire = fin_info["wire_bytes"].as_u64().unwrap_or(0);
+    phases.push(json!({ "phase": "stop-and-copy", "seconds": copy_seconds, "wire_bytes": stop_wire,
+                        "upper": fin_info, "layer": layer.to_string(),
+                        "state": state.map(|s| s.to_string()) }));
+    phases.push(json!({ "phase": "resume", "seconds": t.elapsed().as_secs_f64(),
+                        "target_seconds": rep["resume_seconds"] }));
+
+    // clean up
+    let t = Instant::now();
+    let cleanup = {
+        let (hv, dom, data, name, store) =
+            (hv.clone(), inst.domain().to_owned(), data.clone(), name.to_owned(), store.clone());
+        blocking(move || {
+            match hv.destroy(&dom) {
+                Ok(()) | Err(xenod_deployer::Error::NoSuchDomain { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            deploy::teardown(&data, &name, &store, false)
+        })
+        .await
+    };
+    if let Err(e) = cleanup {
+        return Err(phase_err(
+            Phase::CleanUp,
+            e,
+            "the guest runs on the target; remove what is left here with \
+                                                 `xenod destroy`",
+        )
+        .into());
+    }
+    phases.push(json!({ "phase": "clean-up", "seconds": t.elapsed().as_secs_f64() }));
+    let total_wire: u64 = phases
+        .iter()
+        .map(|p| p["wire_bytes"].as_u64().or_else(|| p["fetch"]["wire_bytes"].as_u64()).unwrap_or(0))
+        .sum();
+    Ok(json!({ "instance": name, "to": to, "cold": cold, "layer": layer.to_string(),
+               "port": rep["instance"]["port"], "wire_bytes": total_wire, "downtime_seconds": downtime,
+               "total_seconds": t0.elapsed().as_secs_f64(), "phases": phases }))
+}
+
+fn revived(r: Result<()>) -> String {
+    match r {
+        Ok(()) => "the guest runs here again".into(),
+        Err(e) => format!("bringing the guest back here failed too ({e:#}); `xenod resume` or `xenod start` it"),
+    }
+}
+
+/// `xenod checkpoint NAME`: the guest's upper layer and saved state as a
+/// layer (pinned); the guest runs on.
+pub async fn checkpoint(d: &Arc<Daemon>, name: &str, label: Option<String>) -> Result<Value> {
+    let data = d.data_dir().to_path_buf();
+    let store = d.store_arc();
+    let inst = Instance::load(&data, name).map_err(|e| Coded { code: Exit::NotFound, msg: format!("{e:#}") })?;
+    if inst.root == RootMode::Fs {
+        bail!(
+            "{name} has a shared-filesystem root, and the hypervisor cannot save such a guest; `xenod commit {name}` keeps its files"
+        );
+    }
+    let _busy = Busy::take(&inst.dir(&data))?;
+    let hv = Arc::new(deploy::hypervisor(&inst.uri)?);
+    let state_file = inst.dir(&data).join("state.save");
+    let t = Instant::now();
+    let before = store.chunk_count()?;
+    {
+        let (hv, dom, f) = (hv.clone(), inst.domain().to_owned(), state_file.clone());
+        blocking(move || Ok(hv.save(&dom, &f)?)).await?;
+    }
+    let made: Result<(LayerId, LayerId)> = {
+        let (store, data, inst, f) = (store.clone(), data.clone(), inst.clone(), state_file.clone());
+        blocking(move || {
+            let s = state_layer(&store, &f, [("instance-state".to_string(), inst.name.clone())].into())?;
+            let record = serde_json::to_string(&record_of(&data, &inst))?;
+            let meta: BTreeMap<String, String> = [
+                (META_STATE.to_string(), s.to_string()),
+                (META_RECORD.to_string(), record),
+                ("instance".to_string(), inst.name.clone()),
+            ]
+            .into();
+            let mut cache = CommitCache::default();
+            let stack = store.stack(&inst.mounted())?;
+            let c = xenod_cowfs::commit_live(store.clone(), &stack, &inst.upper(&data), meta, &mut cache, None)?;
+            let pin = format!("checkpoint:{}:{}", inst.name, now());
+            store.pin(&pin, &c.id)?;
+            store.pin(&format!("{pin}:state"), &s)?;
+            store.flush()?;
+            Ok((c.id, s))
+        })
+        .await
+    };
+    let (hv2, f) = (hv.clone(), state_file.clone());
+    let back = blocking(move || {
+        hv2.restore(&f)?;
+        let _ = fs::remove_file(&f);
+        Ok(())
+    })
+    .await;
+    let (id, state) = made?;
+    back.context("the checkpoint is stored, but the guest did not resume")?;
+    if let Some(l) = label {
+        crate::cli::record_name_in(&data, &store, &l, id)?;
+    }
+    Ok(json!({ "checkpoint": id.to_string(), "state": state.to_string(), "instance": name,
+               "new_chunks": store.chunk_count()?.saturating_sub(before), "paused_seconds": t.elapsed().as_secs_f64() }))
+}
+
+/// `xenod restore CHECKPOINT [--on PEER] [--name NAME]`.
+pub async fn restore(d: &Arc<Daemon>, checkpoint: &str, on: Option<&str>, name: Option<String>) -> Result<Value> {
+    let store = d.store_arc();
+    let id = store.resolve(checkpoint)?;
+    let root = store.layer_root(&id)?;
+    let state = root.meta.get(META_STATE).ok_or_else(|| Coded {
+        code: Exit::BadInput,
+        msg: format!("{checkpoint} is not a checkpoint (no saved state in its metadata)"),
+    })?;
+    let state: LayerId = state.parse().map_err(|e| anyhow!("checkpoint {id}: state id: {e}"))?;
+    let mut record: Record = serde_json::from_str(
+        root.meta.get(META_RECORD).ok_or_else(|| anyhow!("checkpoint {id} has no instance record"))?,
+    )?;
+    if let Some(n) = name {
+        record.name = n;
+    }
+    match on {
+        None => {
+            let (data, store) = (d.data_dir().to_path_buf(), store.clone());
+            let v = blocking(move || adopt(&data, &store, id, Some(state), &record, &|| {})).await?;
+            Ok(json!({ "restored": v, "on": "here" }))
+        }
+        Some(peer) => {
+            let target = parse_peer(peer).map_err(|e| Coded { code: Exit::BadInput, msg: format!("--on: {e}") })?;
+            let source = format_peer(&d.node().addr());
+            let conn = connect(d, &target).await?;
+            let prep = Wire::Prepare {
+                instance: record.name.clone(),
+                mounted: id,
+                source: source.clone(),
+                need_bytes: record.spec.as_ref().map_or(512, |s| s.memory_mib as u64) << 20,
+            };
+            call(&conn, &prep, |_| {}).await.context("prepare")?;
+            let rep =
+                call(&conn, &Wire::Resume { layer: id, state: Some(state), record: Box::new(record), source }, |_| {})
+                    .await
+                    .context("resume")?;
+            Ok(json!({ "restored": rep["instance"], "on": peer, "fetch": rep["fetch"] }))
+        }
+    }
+}
+
+/// A migration report for people.
+pub fn describe(v: &Value) -> String {
+    let mib = |b: &Value| format!("{:.1} MiB", b.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64);
+    let mut out = format!(
+        "{} moved to {}{}: {} sent, guest down {:.2} s, {:.2} s in all",
+        v["instance"].as_str().unwrap_or(""),
+        v["to"].as_str().unwrap_or(""),
+        if v["cold"] == true { " (cold)" } else { "" },
+        mib(&v["wire_bytes"]),
+        v["downtime_seconds"].as_f64().unwrap_or(0.0),
+        v["total_seconds"].as_f64().unwrap_or(0.0)
+    );
+    for p in v["phases"].as_array().into_iter().flatten() {
+        let wire = p["wire_bytes"].as_u64().or_else(|| p["fetch"]["wire_bytes"].as_u64());
+        out.push_str(&format!(
+            "\n  {:<14} {:>7.2} s{}",
+            p["phase"].as_str().unwrap_or(""),
+            p["seconds"].as_f64().unwrap_or(0.0),
+            wire.map(|w| format!("  {}", mib(&json!(w)))).unwrap_or_default()
+        ));
+        if let Some(r) = p["rounds"].as_array() {
+            out.push_str(&format!(" in {} rounds", r.len()));
+        }
+    }
+    if let Some(port) = v["port"].as_u64() {
+        out.push_str(&format!("\n  serving on the target's port {port}"));
+    }
+    out
+}

@@ -1,0 +1,177 @@
+//! Migration between two daemons (separate processes, loopback, one
+//! libvirt shared through per-daemon domain prefixes) with a real
+//! disk-root guest: A -> B -> A with its counter intact and the way back
+//! sending only what changed; a target killed during pre-copy and during
+//! stop-and-copy leaves the guest running on the source and nothing
+//! defined on the target; checkpoint and restore. Needs root, /dev/fuse
+//! and QEMU; skips loudly when one is truly absent.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+fn counter(port: u64) -> u64 {
+    page(port).1
+}
+
+fn domains() -> String {
+    let out = Command::new("virsh").args(["-c", "qemu:///system", "list", "--all", "--name"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Two hosts: data dirs with their own domain prefix, allowed to move
+/// guests onto each other; the disk-root fixture published on A.
+struct Hosts {
+    _t: tempfile::TempDir,
+    a: PathBuf,
+    b: PathBuf,
+    prefix_b: String,
+    name: String,
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for d in [&self.a, &self.b] {
+            let _ = xenod(d).args(["destroy", &self.name]).output();
+        }
+    }
+}
+
+fn hosts(tag: &str) -> Option<Hosts> {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIPPED: real-guest migration test: {why}");
+        return None;
+    }
+    let fix = fixture();
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    let pid = std::process::id();
+    let prefix_b = format!("b{pid}{tag}-");
+    for (d, p) in [(&a, format!("a{pid}{tag}-")), (&b, prefix_b.clone())] {
+        fs::create_dir_all(d).unwrap();
+        fs::write(d.join("config.toml"), format!("domain_prefix = \"{p}\"\n")).unwrap();
+    }
+    let tree = t.path().join("tree");
+    add_boot(&fix, &tree);
+    fs::create_dir_all(tree.join("disk")).unwrap();
+    fs::copy(fix.join("disk/root.img"), tree.join("disk/root.img")).unwrap();
+    let spec = t.path().join("disk.spec.json");
+    fs::write(
+        &spec,
+        r#"{"kernel":"stack:boot/vmlinux","initrd":"stack:boot/initrd.img","root":"disk","disk_image":"disk/root.img","ports":["0:80"]}"#,
+    )
+    .unwrap();
+    ok(&a, &["publish", tree.to_str().unwrap(), "--name", "template://t/disk/1", "--spec", spec.to_str().unwrap()]);
+    Some(Hosts { _t: t, a, b, prefix_b, name: format!("m{pid}{tag}") })
+}
+
+fn allow(h: &Hosts, da: &Daemon, db: &Daemon) {
+    ok(&h.a, &["allow", &db.node]);
+    ok(&h.b, &["allow", &da.node]);
+}
+
+#[test]
+fn guest_moves_there_and_back_with_its_counter() {
+    let Some(h) = hosts("mv") else { return };
+    let (da, db) = (Daemon::start(&h.a, &[]), Daemon::start(&h.b, &[]));
+    allow(&h, &da, &db);
+    let d = ok(&h.a, &["deploy", "template://t/disk/1", "--name", &h.name]);
+    let port = d["instances"][0]["port"].as_u64().unwrap();
+    assert_eq!((counter(port), counter(port)), (1, 2));
+
+    let there = ok(&h.a, &["migrate", &h.name, "--to", &db.addr]);
+    let port = there["port"].as_u64().unwrap();
+    assert_eq!(counter(port), 3, "the counter continues on B: {there}");
+    let phases: Vec<&str> = there["phases"].as_array().unwrap().iter().map(|p| p["phase"].as_str().unwrap()).collect();
+    assert_eq!(phases, ["prepare", "pre-copy", "stop-and-copy", "resume", "clean-up"]);
+    assert!(there["downtime_seconds"].as_f64().unwrap() > 0.0);
+    assert!(!h.a.join("instances").join(&h.name).exists(), "the source cleaned up");
+    assert!(domains().contains(&format!("{}{}", h.prefix_b, h.name)));
+    assert_eq!(ok(&h.b, &["ps"])["instances"][0]["state"], "running");
+
+    // The guest writes on B; the way back sends only what changed there.
+    assert_eq!(counter(port), 4);
+    let back = ok(&h.b, &["migrate", &h.name, "--to", &da.addr]);
+    let port = back["port"].as_u64().unwrap();
+    assert_eq!(counter(port), 5, "the counter continues on A again");
+    let (w1, w2) = (there["wire_bytes"].as_u64().unwrap(), back["wire_bytes"].as_u64().unwrap());
+    eprintln!(
+        "A->B {w1} bytes, B->A {w2} bytes; downtime {} s, {} s",
+        there["downtime_seconds"], back["downtime_seconds"]
+    );
+    assert!(w2 * 4 < w1, "the move back sends only what changed: {w2} bytes against {w1}");
+    assert!(!h.b.join("instances").join(&h.name).exists());
+    assert!(!domains().contains(&format!("{}{}", h.prefix_b, h.name)), "nothing left defined on B");
+
+    // A checkpoint, restored on B under another name: it carries the state.
+    let cp = ok(&h.a, &["checkpoint", &h.name]);
+    assert_eq!(counter(port), 6, "the guest runs on after a checkpoint");
+    ok(&h.a, &["destroy", &h.name]);
+    let copy = format!("{}c", h.name);
+    let r = ok(&h.a, &["restore", cp["checkpoint"].as_str().unwrap(), "--on", &db.addr, "--as", &copy]);
+    assert_eq!(counter(r["restored"]["port"].as_u64().unwrap()), 6, "the copy goes on from the checkpoint: {r}");
+    ok(&h.b, &["destroy", &copy]);
+}
+
+#[test]
+fn target_killed_mid_migration_leaves_the_guest_on_the_source() {
+    let Some(h) = hosts("kill") else { return };
+    let da = Daemon::start(&h.a, &[]);
+    let d = ok(&h.a, &["deploy", "template://t/disk/1", "--name", &h.name]);
+    let port = d["instances"][0]["port"].as_u64().unwrap();
+    assert_eq!(counter(port), 1);
+    let mut expect = 1;
+    for phase in ["pre-copy", "stop-and-copy"] {
+        let mut db = Daemon::start(&h.b, &[("XENOD_TEST_MIGRATE_DIE", phase)]);
+        allow(&h, &da, &db);
+        let out = run(&h.a, &["migrate", &h.name, "--to", &db.addr]);
+        assert!(!out.status.success(), "migration with a dying target succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("failed in {phase}")), "the error names the phase: {err}");
+        db.wait_dead();
+        expect += 1;
+        assert_eq!(counter(port), expect, "the guest still answers on the source after a death in {phase}: {err}");
+        assert_eq!(ok(&h.a, &["ps"])["instances"][0]["state"], "running");
+        assert!(!h.b.join("instances").join(&h.name).exists(), "nothing half-made on the target");
+        assert!(!domains().contains(&format!("{}{}", h.prefix_b, h.name)), "nothing defined on the target");
+    }
+    // Refused: an untrusted source, and a second migration of a busy instance.
+    let db = Daemon::start(&h.b, &[]);
+    ok(&h.b, &["allow", &da.node, "--revoke"]);
+    let out = run(&h.a, &["migrate", &h.name, "--to", &db.addr]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("failed in prepare") && err.contains("xenod allow"), "{err}");
+    assert_eq!(counter(port), expect + 1);
+}
+
+#[test]
+fn shared_fs_guest_moves_cold() {
+    let Some(h) = hosts("cold") else { return };
+    let fix = fixture();
+    let tree = h._t.path().join("fs-tree");
+    cp(&fix.join("template"), &tree);
+    cp(&fix.join("web"), &tree);
+    add_boot(&fix, &tree);
+    let spec = repo().join("fixtures/guest/web.spec.json");
+    ok(&h.a, &["publish", tree.to_str().unwrap(), "--name", "template://t/fs/1", "--spec", spec.to_str().unwrap()]);
+    let (da, db) = (Daemon::start(&h.a, &[]), Daemon::start(&h.b, &[]));
+    allow(&h, &da, &db);
+    let d = ok(&h.a, &["deploy", "template://t/fs/1", "--name", &h.name]);
+    let port = d["instances"][0]["port"].as_u64().unwrap();
+    assert_eq!(counter(port), 1);
+    // Its running state cannot be saved: the command says so and what to do.
+    let out = run(&h.a, &["migrate", &h.name, "--to", &db.addr]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("--cold"), "{err}");
+    assert_eq!(counter(port), 2, "still running here");
+    let m = ok(&h.a, &["migrate", &h.name, "--to", &db.addr, "--cold"]);
+    assert_eq!(m["cold"], true);
+    // Booted afresh on B from its committed files: the counter on disk goes on.
+    assert_eq!(counter(m["port"].as_u64().unwrap()), 3, "{m}");
+    assert!(!h.a.join("instances").join(&h.name).exists());
+}
