@@ -484,6 +484,16 @@ fn names_and_presence_travel_over_gossip() {
             .unwrap();
     }
     let db = Daemon::start(&b, &fast);
+    // F announces its names with broken signatures; C trusts F's key.
+    let f = t.path().join("f");
+    let kf = key(&f);
+    std::fs::write(f.join("config.toml"), format!("peers = [\"{}\"]\n", da.addr)).unwrap();
+    let cfg = std::fs::read_to_string(c.join("config.toml")).unwrap();
+    std::fs::write(c.join("config.toml"), cfg.replace(&format!("\"{ka}\""), &format!("\"{ka}\", \"{kf}\""))).unwrap();
+    let srcf = t.path().join("srcf");
+    tree(&srcf, 1, 12);
+    publish(&f, &srcf, "template://test/f/1");
+    let df = Daemon::start(&f, &[("XENOD_ANNOUNCE_MS", "200"), ("XENOD_TEST_FORGE_NAMES", "1")]);
     let dc = Daemon::start(&c, &fast);
 
     // B publishes under its own key, which C does not trust.
@@ -515,6 +525,8 @@ fn names_and_presence_travel_over_gossip() {
     assert_eq!(digest_of(&c, &id, &t.path().join("out")), xenod_store::tree_digest(&src).unwrap());
     let s = status(&c);
     assert_eq!(s["gossip"]["joined"], true, "{s}");
-    assert_eq!(s["counters"]["names_refused"], 0, "untrusted names are ignored, not refused: {s}");
-    drop((db, dc));
+    // Only F's forged records count as refused (untrusted ones are ignored).
+    eventually("C refused F's forged records", || status(&c)["counters"]["names_refused"].as_u64() > Some(0));
+    assert_eq!(resolves(&c, "template://test/f/1"), None, "a forged record is not kept");
+    drop((db, dc, df));
 }

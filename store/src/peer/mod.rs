@@ -149,6 +149,8 @@ pub struct Node {
     router: Router,
     engine: Engine,
     gossip: gossip::GossipState,
+    /// Test hook: announce name records with broken signatures.
+    forge_names: bool,
 }
 
 /// What a fetch needs: the endpoint to dial from, the store to fill, the
@@ -197,6 +199,7 @@ impl Node {
             .bind()
             .await
             .map_err(|e| bind_err(e.to_string()))?;
+        let forge_names = opts.misbehave.forge_names;
         let provider = provider::Provider::new(store.clone(), stats.clone(), opts.misbehave);
         let engine = Engine { endpoint: endpoint.clone(), store, stats };
         let puller = pull::PullHandler::new(engine.clone(), opts.pulls);
@@ -209,7 +212,7 @@ impl Node {
             router = router.accept(alpn, handler);
         }
         let router = router.spawn();
-        Ok(Self { router, engine, gossip: gossip::GossipState::new(g, lookup) })
+        Ok(Self { router, engine, gossip: gossip::GossipState::new(g, lookup), forge_names })
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -292,7 +295,14 @@ impl Node {
 
     /// Announces this node's presence (address, the newest
     /// [`MAX_ANNOUNCED_LAYERS`] layers it holds) and `names`.
-    pub async fn announce(&self, names: Vec<NameRecord>) -> Result<(), PeerError> {
+    pub async fn announce(&self, mut names: Vec<NameRecord>) -> Result<(), PeerError> {
+        if self.forge_names {
+            for r in &mut names {
+                let mut b = *r.id.as_bytes();
+                b[0] ^= 0xff;
+                r.id = ChunkId::from_bytes(b);
+            }
+        }
         let mut layers = self.store().layers()?;
         layers.sort_by_key(|(_, i)| std::cmp::Reverse(i.created));
         let layers = layers.into_iter().map(|(id, _)| id).collect();
