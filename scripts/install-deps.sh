@@ -9,7 +9,7 @@ PKGS=(
   libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu
   qemu-system-x86 qemu-utils      # guests (TCG where KVM is unusable)
   busybox-static e2fsprogs cpio kmod   # fixture guest images
-  zstd rsync debootstrap ostree casync # benchmarks and their peers
+  zstd rsync debootstrap ostree casync openssl # benchmarks and their peers
   iproute2 curl jq libxml2-utils  # xmllint: virt-xml-validate needs it
 )
 

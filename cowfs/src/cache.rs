@@ -22,7 +22,7 @@ pub type Fetcher = Arc<dyn Fn(&ChunkId) -> Result<Vec<u8>, String> + Send + Sync
 
 #[derive(Default)]
 struct Lru {
-    map: HashMap<ChunkId, (Arc<[u8]>, u64)>,
+    map: HashMap<ChunkId, (Arc<Vec<u8>>, u64)>,
     order: BTreeMap<u64, ChunkId>,
     tick: u64,
     bytes: usize,
@@ -34,7 +34,7 @@ impl ChunkCache {
     }
 
     /// The decoded chunk `id`, from the cache or the store.
-    pub fn get(&self, store: &Store, id: &ChunkId) -> xenod_store::Result<Arc<[u8]>> {
+    pub fn get(&self, store: &Store, id: &ChunkId) -> xenod_store::Result<Arc<Vec<u8>>> {
         {
             let mut l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             l.tick += 1;
@@ -48,12 +48,13 @@ impl ChunkCache {
             }
         }
         // Fetch outside the lock: decoding is the slow part.
-        let data: Arc<[u8]> = match store.get(id) {
-            Ok(d) => d.into(),
+        // Kept as the Vec the store returned: no copy into a new allocation.
+        let data = match store.get(id) {
+            Ok(d) => Arc::new(d),
             Err(xenod_store::Error::ChunkMissing { .. }) if self.fetcher.get().is_some() => {
                 let f = self.fetcher.get().cloned().unwrap_or_else(|| unreachable!());
                 match f(id) {
-                    Ok(d) => d.into(),
+                    Ok(d) => Arc::new(d),
                     Err(why) => {
                         tracing::error!(chunk = %id, "fetching a missing chunk: {why}");
                         return Err(xenod_store::Error::ChunkMissing { id: *id });
@@ -81,6 +82,10 @@ impl ChunkCache {
     }
 }
 
+/// A failed lower read: the chunk that could not be had (none for a file
+/// of a host directory) and why.
+pub(crate) type ReadError = (Option<ChunkId>, xenod_store::Error);
+
 /// Reads `buf.len()` bytes of `f` at `off` (clipped to the file's size);
 /// returns how many were read. A chunk that cannot be had fails the read
 /// with its id.
@@ -90,11 +95,28 @@ pub(crate) fn read_lower(
     f: &FileData,
     off: u64,
     buf: &mut [u8],
-) -> Result<usize, (ChunkId, xenod_store::Error)> {
+) -> Result<usize, ReadError> {
     if off >= f.size {
         return Ok(0);
     }
     let end = (off + buf.len() as u64).min(f.size);
+    if let Some(h) = &f.host {
+        let io = |source| (None, xenod_store::Error::Io { what: "reading", path: h.to_path_buf(), source });
+        let file = std::fs::File::open(h).map_err(io)?;
+        let want = &mut buf[..(end - off) as usize];
+        // A host file that shrank since the mount reads as zeros past its end.
+        let mut done = 0;
+        while done < want.len() {
+            match std::os::unix::fs::FileExt::read_at(&file, &mut want[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
+        want[done..].fill(0);
+        return Ok(want.len());
+    }
     let mut pos = off;
     let mut i = f.extent_at(off);
     while pos < end {
@@ -106,10 +128,10 @@ pub(crate) fn read_lower(
         match e {
             Extent::Hole { .. } => out.fill(0),
             Extent::Data { id, len } => {
-                let data = cache.get(store, &id).map_err(|err| (id, err))?;
+                let data = cache.get(store, &id).map_err(|err| (Some(id), err))?;
                 if data.len() != len as usize {
                     return Err((
-                        id,
+                        Some(id),
                         xenod_store::Error::ChunkCorrupt {
                             id,
                             why: format!("{} bytes, manifest says {len}", data.len()),

@@ -53,8 +53,10 @@ pub fn commit(
     }
     let _lock = store.write_lock()?;
     let lower = LowerTree::load(&store, stack)?;
+    // The base as the union shows it: with the layers `.mount` files add, so
+    // their content is not recorded again.
+    let base = Merged::placed(&store, lower.placed(), Vec::new())?;
     let union = Union::new(store.clone(), lower, Some(upper), 64 << 20)?;
-    let base = Merged::new(&store, stack)?;
     let mut w = LayerWriter::new(&store);
     let mut entries = 0;
     for e in diff(base, union_entries(&union)) {

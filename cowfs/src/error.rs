@@ -19,6 +19,20 @@ pub enum Error {
     /// The lower stack cannot be presented (a broken layer).
     #[error("bad lower stack: {0}")]
     BadLayer(String),
+    /// A `.mount` file names a layer the store cannot resolve.
+    #[error("{file}: cannot mount layer reference {reference:?}")]
+    MountRef {
+        file: String,
+        reference: String,
+        #[source]
+        source: xenod_store::Error,
+    },
+    /// A `.mount` file that cannot be followed.
+    #[error("{file}: {why}")]
+    BadMount { file: String, why: String },
+    /// A host directory that cannot be a lower layer.
+    #[error("lower directory {}: {why}", path.display())]
+    BadLower { path: PathBuf, why: String },
     /// An upper directory that cannot be used or committed as it is.
     #[error("upper directory {}: {why}", path.display())]
     BadUpper { path: PathBuf, why: String },

@@ -1,14 +1,15 @@
 //! The FUSE boundary: fuser callbacks as thin wrappers over [`Union`].
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
     TimeOrNow, WriteFlags,
 };
@@ -22,11 +23,104 @@ const UPPER_TTL: Duration = Duration::from_secs(1);
 /// The fuser filesystem over a [`Union`].
 pub struct CowFs {
     pub(crate) union: Arc<Union>,
+    /// Whether to ask for FUSE passthrough (the kernel may still refuse it).
+    want_passthrough: bool,
+    /// Whether the kernel granted it at init.
+    passthrough: bool,
+    /// Open files by inode: how each is open, for passthrough's rules.
+    opens: Mutex<HashMap<INodeNo, Opens>>,
+    /// How each open file handle was opened.
+    handles: Mutex<HashMap<FileHandle, (INodeNo, bool)>>,
+}
+
+/// The kernel's rule for one inode: while any handle is open in passthrough
+/// mode, every open must pass through the same backing file; while any is
+/// open through this process (cached), none may pass through. A mismatch
+/// fails the open with EIO, so a file copied up while a cached handle is
+/// still open is served here until that handle closes.
+#[derive(Default)]
+struct Opens {
+    cached: u32,
+    through: u32,
+    backing: Option<BackingId>,
 }
 
 impl CowFs {
     pub fn new(union: Arc<Union>) -> Self {
-        Self { union }
+        Self::with_passthrough(union, true)
+    }
+
+    /// `passthrough`: let the kernel read and write whole upper files
+    /// directly (FUSE passthrough, Linux 6.9+), when it offers it.
+    pub fn with_passthrough(union: Arc<Union>, passthrough: bool) -> Self {
+        Self {
+            union,
+            want_passthrough: passthrough,
+            passthrough: false,
+            opens: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Decides how handle `fh` of `ino` is opened and replies.
+    fn reply_open(&self, ino: INodeNo, fh: u64, reply: ReplyOpen) {
+        let fh = FileHandle(fh);
+        let lower_only = self.union.is_lower_only(ino.0);
+        // Lower files never change: keep their pages across opens. Upper
+        // files may have been written through a backing file meanwhile.
+        let flags = if lower_only { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+        let mut opens = self.opens.lock().unwrap_or_else(|e| e.into_inner());
+        let o = opens.entry(ino).or_default();
+        if self.passthrough && !lower_only && o.cached == 0 {
+            if o.backing.is_none() {
+                match self.union.backing_file(ino.0) {
+                    Ok(Some(file)) => match reply.open_backing(&file) {
+                        Ok(b) => o.backing = Some(b),
+                        Err(e) => tracing::debug!(ino = ino.0, "no passthrough: {e}"),
+                    },
+                    Ok(None) => {}
+                    Err(e) => {
+                        drop(opens);
+                        self.union.release(fh.0);
+                        return reply.error(errno(e));
+                    }
+                }
+            }
+            if let Some(b) = &o.backing {
+                o.through += 1;
+                reply.opened_passthrough(fh, flags, b);
+                drop(opens);
+                self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, (ino, true));
+                return;
+            }
+        }
+        if o.through > 0 {
+            // Cannot happen for a file that stays upper; refuse rather than
+            // have the kernel fail the open.
+            drop(opens);
+            self.union.release(fh.0);
+            return reply.error(Errno::EBUSY);
+        }
+        o.cached += 1;
+        drop(opens);
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, (ino, false));
+        reply.opened(fh, flags);
+    }
+
+    fn closed(&self, fh: FileHandle) {
+        let Some((ino, through)) = self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh) else { return };
+        let mut opens = self.opens.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = opens.get_mut(&ino) {
+            if through {
+                o.through = o.through.saturating_sub(1);
+            } else {
+                o.cached = o.cached.saturating_sub(1);
+            }
+            if o.through == 0 && o.cached == 0 {
+                // Dropping the backing id closes it in the kernel.
+                opens.remove(&ino);
+            }
+        }
     }
 }
 
@@ -100,6 +194,15 @@ impl Filesystem for CowFs {
             | InitFlags::FUSE_EXPORT_SUPPORT;
         let _ = config.add_capabilities(want & config.capabilities());
         let _ = config.set_max_readahead(1 << 20);
+        // Passthrough needs a stacking depth of at least 1; 1 (not 2) keeps
+        // the mount usable as a lower layer of the kernel's overlayfs.
+        if self.want_passthrough
+            && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough = true;
+        }
         Ok(())
     }
 
@@ -188,7 +291,7 @@ impl Filesystem for CowFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.union.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(fh) => self.reply_open(ino, fh, reply),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -229,7 +332,9 @@ impl Filesystem for CowFs {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok()
+        // Nothing to do at close (writes are not buffered here); ENOSYS
+        // makes the kernel stop sending FLUSH, saving a round trip per close.
+        reply.error(Errno::ENOSYS)
     }
 
     fn release(
@@ -242,6 +347,7 @@ impl Filesystem for CowFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.closed(fh);
         self.union.release(fh.0);
         reply.ok()
     }
@@ -251,8 +357,16 @@ impl Filesystem for CowFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // A directory only lower layers show never changes: the kernel may
+        // keep its listing across opens. Others are listed afresh per open
+        // (changes made through the mount invalidate the kernel's copy anyway).
+        let flags = if self.union.is_lower_only(ino.0) {
+            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
         match self.union.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -363,7 +477,13 @@ impl Filesystem for CowFs {
         reply: ReplyCreate,
     ) {
         match self.union.create(parent.0, name.as_bytes(), mode & !umask, flags, req.uid(), req.gid()) {
-            Ok((a, fh)) => reply.created(&ttl(&a), &fattr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+            Ok((a, fh)) => {
+                // fuser's create reply cannot pass through: a cached open.
+                let ino = INodeNo(a.ino);
+                self.opens.lock().unwrap_or_else(|e| e.into_inner()).entry(ino).or_default().cached += 1;
+                self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(FileHandle(fh), (ino, false));
+                reply.created(&ttl(&a), &fattr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+            }
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -2,11 +2,11 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | `lower` | [`LowerTree`]: the union of a layer stack, in memory for the mount's life |
+//! | `lower` | [`LowerTree`]: the union of a layer stack (with the layers `.mount` files add, and read-only host directories), in memory for the mount's life |
 //! | `cache` | a bounded LRU of decoded chunks; lower reads by extent binary search |
 //! | `union` | [`Union`]: lookup, readdir merge, copy-up, whiteouts, rename, xattrs |
 //! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] |
-//! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union` |
+//! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union`; kernel caching and FUSE passthrough |
 //! | `mount` | [`mount`], [`serve`], [`unmount`]: sessions on a mountpoint |
 //! | `track` | [`DirtySet`]: blocks and paths written since the last drain, over a control socket |
 //! | `flatten` | [`flatten`]: partial files made whole, so the kernel's overlayfs can mount an upper |
@@ -34,7 +34,7 @@ pub use commit::{CommitCache, CommitStats, commit, commit_live, union_entries};
 pub use error::{Error, Result};
 pub use flatten::{FlattenStats, flatten};
 pub use fs::CowFs;
-pub use lower::LowerTree;
+pub use lower::{LowerTree, MOUNT_FILE, MOUNT_ROUNDS};
 pub use mount::{MountOptions, Mounted, is_mounted, mount, serve, unmount};
 pub use partial::DirtyMap;
 pub use track::{DirtySet, control_socket_for, drain_dirty};

@@ -1,5 +1,32 @@
-//! The read-only lower tree: the union of a stack of store layers, held in
+//! The read-only lower tree: the union of a stack of store layers (plus
+//! layers that `.mount` files add, plus read-only host directories), held in
 //! memory as an inode table for the life of a mount.
+//!
+//! Per-subtree stacking: a regular file named `.mount` in a directory of any
+//! layer lists layer references (ids or names the store resolves, one per
+//! line, the highest priority first; blank lines and `#` comments are
+//! skipped). Each reference's whole stack is overlaid on that directory,
+//! just above the layer holding the `.mount` file, so layers higher in the
+//! stack still override (and may whiteout) what the mounted layers show:
+//!
+//! ```text
+//!   upper                       (writable)
+//!   host dirs  --lower-dir      (first given = highest)
+//!   O  overlay                  layers above the .mount's layer win
+//!   A  mounted at /srv/app      <- lines of T's /srv/app/.mount,
+//!   B  mounted at /srv/app         first line on top
+//!   T  template with /srv/app/.mount
+//! ```
+//!
+//! Only `.mount` files the union shows count (a whited-out one does not);
+//! mounted layers may hold `.mount` files of their own, followed up to
+//! [`MOUNT_ROUNDS`] deep. `.mount` files in host directories are shown but
+//! not followed. An unresolvable reference fails the mount, naming the file
+//! and the reference.
+//!
+//! Host directories are walked once at mount time; their files are read in
+//! place. Like overlayfs's lower directories, they must not change while
+//! mounted (the kernel may cache their entries for long).
 //!
 //! Built once by streaming [`Merged`] (whiteouts and opaque directories are
 //! already applied there), so it costs memory in proportion to the number of
@@ -8,11 +35,23 @@
 //! is inode number `i + 1`; node 0 is the root, FUSE's inode 1. Names of a
 //! directory are kept sorted, so a lookup is a binary search.
 
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use xenod_store::{Chunking, Entry, Extent, Kind, LayerId, Merged, Store, Timestamp, Xattr, file_name};
+use xenod_store::{Chunking, Entry, Extent, Kind, LayerId, Merged, Source, Store, Timestamp, Xattr, file_name};
 
 use crate::error::{Error, Result};
+
+/// The file whose lines name layers to overlay on its directory.
+pub const MOUNT_FILE: &str = ".mount";
+/// How deep mounted layers holding `.mount` files of their own are followed.
+pub const MOUNT_ROUNDS: usize = 8;
+/// The largest `.mount` file read.
+const MOUNT_FILE_MAX: u64 = 64 << 10;
 
 /// What a lower node is.
 #[derive(Clone, Debug)]
@@ -39,24 +78,26 @@ pub(crate) struct FileData {
     pub extents: Box<[Extent]>,
     /// `starts[i]` is the file offset of `extents[i]`.
     pub starts: Box<[u64]>,
+    /// A file of a host directory: its data is read there, `extents` is empty.
+    pub host: Option<Box<Path>>,
 }
 
 impl FileData {
-    fn new(size: u64, chunking: Chunking, extents: Vec<Extent>) -> Self {
+    fn new(size: u64, chunking: Chunking, extents: Vec<Extent>, host: Option<Box<Path>>) -> Self {
         let mut starts = Vec::with_capacity(extents.len());
         let mut off = 0;
         for e in &extents {
             starts.push(off);
             off += e.len();
         }
-        Self { size, chunking, extents: extents.into(), starts: starts.into() }
+        Self { size, chunking, extents: extents.into(), starts: starts.into(), host }
     }
 
     /// Index of the extent holding byte `off` (`off < size`).
     pub fn extent_at(&self, off: u64) -> usize {
         match self.starts.binary_search(&off) {
             Ok(i) => i,
-            Err(i) => i - 1,
+            Err(i) => i.saturating_sub(1),
         }
     }
 
@@ -90,16 +131,107 @@ pub(crate) struct LNode {
 pub struct LowerTree {
     pub(crate) nodes: Vec<LNode>,
     /// For files with several names: node -> its other (hardlink) nodes.
-    pub(crate) links: std::collections::HashMap<u32, Vec<u32>>,
+    pub(crate) links: HashMap<u32, Vec<u32>>,
     stack: Vec<LayerId>,
+    /// Every store layer with the directory it is placed at, bottom first:
+    /// the stack plus what `.mount` files add.
+    placed: Vec<(LayerId, Vec<u8>)>,
 }
 
 impl LowerTree {
-    /// Streams the union of `stack` (bottom first) into memory. An empty
-    /// stack gives an empty root.
+    /// Streams the union of `stack` (bottom first) into memory, with the
+    /// layers its `.mount` files name. An empty stack gives an empty root.
     pub fn load(store: &Store, stack: &[LayerId]) -> Result<Self> {
-        let mut t = LowerTree { nodes: Vec::new(), links: Default::default(), stack: stack.to_vec() };
-        if stack.is_empty() {
+        Self::load_with(store, stack, &[])
+    }
+
+    /// As [`load`](Self::load), with read-only host directories over the
+    /// stack, `host_dirs[0]` the highest.
+    pub fn load_with(store: &Store, stack: &[LayerId], host_dirs: &[PathBuf]) -> Result<Self> {
+        for d in host_dirs {
+            let md = std::fs::metadata(d).map_err(Error::io("reading lower directory", d))?;
+            if !md.is_dir() {
+                return Err(Error::BadLower { path: d.clone(), why: "not a directory".into() });
+            }
+        }
+        // Bottom first, as sources are stacked.
+        let hosts: Vec<PathBuf> = host_dirs.iter().rev().cloned().collect();
+        let mut placed: Vec<(LayerId, Vec<u8>)> = stack.iter().map(|id| (*id, Vec::new())).collect();
+        let mut followed: HashSet<Vec<u8>> = HashSet::new();
+        for round in 0..=MOUNT_ROUNDS {
+            let (mut t, mounts) = Self::build(store, &placed, &hosts)?;
+            let mut new: Vec<(Vec<u8>, u32, usize)> = mounts
+                .into_iter()
+                .map(|(node, src)| (t.path(node), node, src))
+                .filter(|(p, _, _)| !followed.contains(p))
+                .collect();
+            if new.is_empty() {
+                t.stack = stack.to_vec();
+                t.placed = placed;
+                return Ok(t);
+            }
+            if round == MOUNT_ROUNDS {
+                return Err(Error::BadMount {
+                    file: format!("/{}", xenod_store::display_path(&new[0].0)),
+                    why: format!("mounted layers hold .mount files more than {MOUNT_ROUNDS} deep (a cycle?)"),
+                });
+            }
+            // From the highest source down, so lower insertion points stay valid.
+            new.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| b.0.cmp(&a.0)));
+            for (path, node, src) in new {
+                followed.insert(path.clone());
+                let file = format!("/{}", xenod_store::display_path(&path));
+                if src >= placed.len() {
+                    tracing::warn!(file, "a .mount file in a host directory is not followed");
+                    continue;
+                }
+                let dir = xenod_store::parent(&path).unwrap_or_default().to_vec();
+                let mut add = Vec::new();
+                // The last line is the lowest priority, so it goes in first.
+                for reference in t.mount_refs(store, node, &file)?.into_iter().rev() {
+                    let unknown = |source| Error::MountRef { file: file.clone(), reference: reference.clone(), source };
+                    let top = store.resolve(&reference).map_err(unknown)?;
+                    let s = store.stack(&top).map_err(|source| Error::MountRef {
+                        file: file.clone(),
+                        reference: reference.clone(),
+                        source,
+                    })?;
+                    add.extend(s.into_iter().map(|l| (l, dir.clone())));
+                }
+                placed.splice(src + 1..src + 1, add);
+            }
+        }
+        unreachable!("the last round returns")
+    }
+
+    /// The layer references a `.mount` file lists.
+    fn mount_refs(&self, store: &Store, node: u32, file: &str) -> Result<Vec<String>> {
+        let bad = |why: String| Error::BadMount { file: file.to_string(), why };
+        let f = self.file(node).ok_or_else(|| bad("not a regular file".into()))?;
+        if f.size > MOUNT_FILE_MAX {
+            return Err(bad(format!("{} bytes, more than the {MOUNT_FILE_MAX} a .mount file may have", f.size)));
+        }
+        let mut text = vec![0u8; f.size as usize];
+        match &f.host {
+            Some(h) => {
+                let file = std::fs::File::open(h).map_err(Error::io("reading", &**h))?;
+                file.read_exact_at(&mut text, 0).map_err(Error::io("reading", &**h))?;
+            }
+            None => {
+                let cache = crate::cache::ChunkCache::new(MOUNT_FILE_MAX as usize);
+                crate::cache::read_lower(store, &cache, f, 0, &mut text).map_err(|(_, e)| e)?;
+            }
+        }
+        let text = String::from_utf8(text).map_err(|_| bad("not UTF-8 text".into()))?;
+        Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect())
+    }
+
+    /// The tree of `placed` layers under `hosts` (bottom first), and every
+    /// `.mount` file it shows with the index of the source it comes from.
+    fn build(store: &Store, placed: &[(LayerId, Vec<u8>)], hosts: &[PathBuf]) -> Result<(Self, Vec<(u32, usize)>)> {
+        let mut t = LowerTree { nodes: Vec::new(), links: Default::default(), stack: Vec::new(), placed: Vec::new() };
+        let mut mounts = Vec::new();
+        if placed.is_empty() && hosts.is_empty() {
             t.nodes.push(LNode {
                 name: Box::default(),
                 parent: 0,
@@ -111,21 +243,30 @@ impl LowerTree {
                 xattrs: Box::default(),
                 nlink: 1,
             });
-            return Ok(t);
+            return Ok((t, mounts));
         }
         // The chain of open directories: (path, node).
         let mut open: Vec<(Vec<u8>, u32)> = Vec::new();
-        for e in Merged::new(store, stack)? {
+        let above: Vec<Source<'_>> = hosts.iter().map(|h| Box::new(HostDir::new(h)) as Source<'_>).collect();
+        let mut merged = Merged::placed(store, placed, above)?;
+        while let Some(e) = merged.next() {
             let e = e?;
-            t.push(e, &mut open)?;
+            let src = merged.last_source();
+            let host = src.checked_sub(placed.len()).map(|h| hosts[h].as_path());
+            let mount = file_name(&e.path) == MOUNT_FILE.as_bytes() && matches!(e.kind, Kind::File { .. });
+            if t.push(e, &mut open, host)? && mount {
+                mounts.push((t.nodes.len() as u32 - 1, src));
+            }
         }
         if t.nodes.is_empty() {
             return Err(Error::BadLayer("the stack has no root directory".into()));
         }
-        Ok(t)
+        Ok((t, mounts))
     }
 
-    fn push(&mut self, e: Entry, open: &mut Vec<(Vec<u8>, u32)>) -> Result<()> {
+    /// Adds an entry; whether it became a node. `host`: the host directory
+    /// it comes from.
+    fn push(&mut self, e: Entry, open: &mut Vec<(Vec<u8>, u32)>, host: Option<&Path>) -> Result<bool> {
         let idx = self.nodes.len() as u32;
         let parent = if e.path.is_empty() {
             0
@@ -141,7 +282,10 @@ impl LowerTree {
         let shown = e.display_path();
         let kind = match e.kind {
             Kind::Dir { .. } => LKind::Dir { children: Vec::new() },
-            Kind::File { size, chunking, extents } => LKind::File(Arc::new(FileData::new(size, chunking, extents))),
+            Kind::File { size, chunking, extents } => {
+                let host = host.map(|h| h.join(std::ffi::OsStr::from_bytes(&e.path)).into_boxed_path());
+                LKind::File(Arc::new(FileData::new(size, chunking, extents, host)))
+            }
             Kind::Symlink { target } => LKind::Symlink(target.into()),
             Kind::Hardlink { target } => {
                 let t = self
@@ -156,7 +300,7 @@ impl LowerTree {
             Kind::BlockDev { rdev } => LKind::BlockDev(rdev),
             Kind::Fifo => LKind::Fifo,
             Kind::Socket => LKind::Socket,
-            Kind::Whiteout => return Ok(()),
+            Kind::Whiteout => return Ok(false),
         };
         let is_dir = matches!(kind, LKind::Dir { .. });
         self.nodes.push(LNode {
@@ -178,12 +322,18 @@ impl LowerTree {
         if is_dir {
             open.push((e.path, idx));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The stack this tree is the union of, bottom first.
     pub fn stack(&self) -> &[LayerId] {
         &self.stack
+    }
+
+    /// Every store layer shown, with the directory it is placed at, bottom
+    /// first: the stack with the layers `.mount` files add.
+    pub fn placed(&self) -> &[(LayerId, Vec<u8>)] {
+        &self.placed
     }
 
     pub fn len(&self) -> usize {
@@ -268,5 +418,114 @@ impl LowerTree {
             v.extend_from_slice(others);
         }
         v
+    }
+}
+
+/// A host directory walked in tree order as a layer: overlayfs whiteouts
+/// (0/0 character devices) and opaque directories are honoured, files are
+/// described (not read), names of one file become hardlinks.
+struct HostDir {
+    root: PathBuf,
+    started: bool,
+    /// Open directories: (relative path, names not yet visited, sorted).
+    open: Vec<(Vec<u8>, std::vec::IntoIter<OsString>)>,
+    links: HashMap<(u64, u64), Vec<u8>>,
+    failed: bool,
+}
+
+impl HostDir {
+    fn new(root: &Path) -> Self {
+        Self { root: root.to_path_buf(), started: false, open: Vec::new(), links: HashMap::new(), failed: false }
+    }
+
+    fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> xenod_store::Error {
+        let path = path.to_path_buf();
+        move |source| xenod_store::Error::Io { what, path, source }
+    }
+
+    fn names(path: &Path) -> xenod_store::Result<std::vec::IntoIter<OsString>> {
+        let mut names = std::fs::read_dir(path)
+            .and_then(|rd| rd.map(|e| e.map(|e| e.file_name())).collect::<std::io::Result<Vec<_>>>())
+            .map_err(Self::io("listing", path))?;
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        Ok(names.into_iter())
+    }
+
+    fn entry(&mut self, rel: Vec<u8>) -> xenod_store::Result<Entry> {
+        let path = if rel.is_empty() { self.root.clone() } else { self.root.join(std::ffi::OsStr::from_bytes(&rel)) };
+        let md = std::fs::symlink_metadata(&path).map_err(Self::io("reading", &path))?;
+        let ft = md.file_type();
+        use std::os::unix::fs::FileTypeExt;
+        let xattrs: Vec<Xattr> = crate::union::list_xattrs(&path)
+            .map_err(|e| Self::io("reading xattrs of", &path)(e.into()))?
+            .into_iter()
+            .filter(|x| !crate::union::private_xattr(&x.name))
+            .collect();
+        let mut kind = if ft.is_dir() {
+            let opaque =
+                crate::union::getxattr_path(&path, crate::union::OPAQUE).ok().flatten().is_some_and(|v| v == b"y");
+            self.open.push((rel.clone(), Self::names(&path)?));
+            Kind::Dir { opaque }
+        } else if ft.is_symlink() {
+            let t = std::fs::read_link(&path).map_err(Self::io("reading symlink", &path))?;
+            Kind::Symlink { target: t.as_os_str().as_bytes().to_vec() }
+        } else if ft.is_char_device() && md.rdev() == 0 {
+            Kind::Whiteout
+        } else if ft.is_char_device() {
+            Kind::CharDev { rdev: md.rdev() }
+        } else if ft.is_block_device() {
+            Kind::BlockDev { rdev: md.rdev() }
+        } else if ft.is_fifo() {
+            Kind::Fifo
+        } else if ft.is_socket() {
+            Kind::Socket
+        } else {
+            Kind::File { size: md.len(), chunking: Chunking::Cdc, extents: Vec::new() }
+        };
+        if ft.is_file() && md.nlink() > 1 {
+            match self.links.get(&(md.dev(), md.ino())) {
+                Some(target) => kind = Kind::Hardlink { target: target.clone() },
+                None => {
+                    self.links.insert((md.dev(), md.ino()), rel.clone());
+                }
+            }
+        }
+        let mtime = Timestamp { secs: md.mtime(), nanos: md.mtime_nsec() as u32 };
+        Ok(Entry { path: rel, kind, mode: md.mode() & 0o7777, uid: md.uid(), gid: md.gid(), mtime, xattrs })
+    }
+
+    fn step(&mut self) -> xenod_store::Result<Option<Entry>> {
+        if !self.started {
+            self.started = true;
+            return self.entry(Vec::new()).map(Some);
+        }
+        loop {
+            let Some((dir, names)) = self.open.last_mut() else { return Ok(None) };
+            let Some(name) = names.next() else {
+                self.open.pop();
+                continue;
+            };
+            let mut rel = dir.clone();
+            if !rel.is_empty() {
+                rel.push(b'/');
+            }
+            rel.extend_from_slice(name.as_bytes());
+            return self.entry(rel).map(Some);
+        }
+    }
+}
+
+impl Iterator for HostDir {
+    type Item = xenod_store::Result<Entry>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let r = self.step().transpose();
+        if matches!(r, Some(Err(_))) {
+            self.failed = true;
+        }
+        r
     }
 }

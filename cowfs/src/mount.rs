@@ -28,6 +28,12 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Lower files at least this large copy up block by block.
     pub block_copy_min: u64,
+    /// Read-only host directories over the stack (below the upper), the
+    /// first the highest, as in overlayfs's `lowerdir=` list.
+    pub lower_dirs: Vec<PathBuf>,
+    /// Let the kernel do upper files' I/O directly (FUSE passthrough) where
+    /// it supports it; off while `control` tracks writes.
+    pub passthrough: bool,
     /// Track writes and answer `drain` on this Unix socket
     /// ([`crate::drain_dirty`]), for incremental commits.
     pub control: Option<PathBuf>,
@@ -42,6 +48,8 @@ impl std::fmt::Debug for MountOptions {
             .field("read_only", &self.read_only)
             .field("threads", &self.threads)
             .field("control", &self.control)
+            .field("lower_dirs", &self.lower_dirs)
+            .field("passthrough", &self.passthrough)
             .field("fetch_missing", &self.fetch_missing.is_some())
             .finish_non_exhaustive()
     }
@@ -58,12 +66,14 @@ impl Default for MountOptions {
             block_copy_min: crate::union::BLOCK_COPY_MIN,
             control: None,
             fetch_missing: None,
+            lower_dirs: Vec::new(),
+            passthrough: true,
         }
     }
 }
 
 fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<(CowFs, Config)> {
-    let lower = LowerTree::load(&store, stack)?;
+    let lower = LowerTree::load_with(&store, stack, &opts.lower_dirs)?;
     let upper = if opts.read_only { None } else { opts.upper.as_deref() };
     let mut union = Union::new(store, lower, upper, opts.cache_bytes)?;
     union.block_copy_min = opts.block_copy_min;
@@ -93,7 +103,9 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    Ok((CowFs::new(union), config))
+    // Passthrough writes bypass this process, and so the dirty tracker.
+    let passthrough = opts.passthrough && opts.control.is_none();
+    Ok((CowFs::with_passthrough(union, passthrough), config))
 }
 
 /// A mounted union, served by background threads; unmounted on drop.

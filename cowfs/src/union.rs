@@ -36,7 +36,7 @@ use xenod_store::{Extent, Store, Timestamp, Xattr};
 
 use crate::cache::{ChunkCache, read_lower};
 use crate::error::{Errno, Error, FsResult, Result, io_errno};
-use crate::lower::{FileData, LKind, LowerTree};
+use crate::lower::{LKind, LowerTree};
 use crate::partial::{DirtyMap, Partial};
 use crate::track::{DirtySet, Tracker};
 
@@ -573,6 +573,7 @@ impl Union {
             _ => (0, 0),
         };
         let stored: u64 = match &n.kind {
+            LKind::File(f) if f.host.is_some() => f.size,
             LKind::File(f) => f.extents.iter().filter(|e| matches!(e, Extent::Data { .. })).map(|e| e.len()).sum(),
             _ => 0,
         };
@@ -645,6 +646,13 @@ impl Union {
                     .mode(0o600)
                     .open(dst)
                     .map_err(|e| io_errno(&e))?;
+                if let Some(h) = &f.host {
+                    let mut src = std::fs::File::open(h).map_err(|e| {
+                        tracing::error!(path = %h.display(), "copy-up: {e}");
+                        io_errno(&e)
+                    })?;
+                    std::io::copy(&mut src, &mut &file).map_err(|e| io_errno(&e))?;
+                }
                 for (e, &start) in f.extents.iter().zip(f.starts.iter()) {
                     if let Extent::Data { id, .. } = e {
                         let data = self.store.get(id).map_err(|err| {
@@ -676,8 +684,10 @@ impl Union {
     }
 
     fn is_large(&self, l: u32) -> bool {
+        // Host files copy up whole: block copy-up reads the lower file's extents.
         self.lower.file(l).is_some_and(|f| {
-            f.size >= self.block_copy_min || (f.chunking == xenod_store::Chunking::Fixed && f.size > 0)
+            f.host.is_none() && f.size >= self.block_copy_min
+                || (f.chunking == xenod_store::Chunking::Fixed && f.size > 0)
         })
     }
 
@@ -1311,6 +1321,32 @@ impl Union {
         Ok((attr, fh))
     }
 
+    /// For FUSE passthrough: the upper file behind `ino`, opened for reading
+    /// and writing (every open of the inode shares it), when the kernel may
+    /// do its I/O directly: a whole upper regular file. None for lower,
+    /// partial and non-regular files, whose data this process serves.
+    pub(crate) fn backing_file(&self, ino: u64) -> FsResult<Option<File>> {
+        let st = self.lock();
+        let node = Self::inode(&st, ino)?;
+        if !node.upper || node.partial.is_some() || node.ftype != FType::File || node.names.is_empty() {
+            return Ok(None);
+        }
+        let path = self.node_upath(&st, ino)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc_o_nofollow())
+            .open(&path)
+            .map_err(|e| io_errno(&e))?;
+        Ok(Some(file))
+    }
+
+    /// Whether `ino` shows lower data only (the kernel may keep its cache).
+    pub(crate) fn is_lower_only(&self, ino: u64) -> bool {
+        let st = self.lock();
+        st.inodes.get(&ino).is_some_and(|n| !n.upper)
+    }
+
     /// The upper file of a handle, opened on first use.
     fn upper_file(&self, h: &Handle) -> FsResult<Option<Arc<File>>> {
         let Handle::File { ino, file, write, append } = h else { return Err(Errno::ISDIR) };
@@ -1336,19 +1372,25 @@ impl Union {
         Ok(Some(file))
     }
 
+    /// Reads lower file `l` at `off`; a failure is logged with the chunk
+    /// and path and gives EIO.
+    fn read_lower_at(&self, l: u32, off: u64, buf: &mut [u8]) -> FsResult<usize> {
+        let f = self.lower.file(l).ok_or(Errno::IO)?;
+        read_lower(&self.store, &self.cache, f, off, buf).map_err(|(id, err)| {
+            let path = xenod_store::display_path(&self.lower.path(l));
+            match id {
+                Some(id) => tracing::error!(chunk = %id, path = %path, "read failed: {err}"),
+                None => tracing::error!(path = %path, "read failed: {err}"),
+            }
+            Errno::IO
+        })
+    }
+
     fn lower_reader(&self, l: u32) -> impl Fn(u64, &mut [u8]) -> FsResult<()> + '_ {
         move |off, buf| {
-            let f = self.lower.file(l).ok_or(Errno::IO)?;
-            match read_lower(&self.store, &self.cache, f, off, buf) {
-                Ok(n) => {
-                    buf[n..].fill(0);
-                    Ok(())
-                }
-                Err((id, err)) => {
-                    tracing::error!(chunk = %id, path = %xenod_store::display_path(&self.lower.path(l)), "read failed: {err}");
-                    Err(Errno::IO)
-                }
-            }
+            let n = self.read_lower_at(l, off, buf)?;
+            buf[n..].fill(0);
+            Ok(())
         }
     }
 
@@ -1365,14 +1407,7 @@ impl Union {
             let l = self.lower.find(&p.lower_path).ok_or(Errno::IO)?;
             p.read(off, &mut buf, &self.lower_reader(l))?
         } else if let Some(l) = lower {
-            let f: &FileData = self.lower.file(l).ok_or(Errno::IO)?;
-            match read_lower(&self.store, &self.cache, f, off, &mut buf) {
-                Ok(n) => n,
-                Err((id, err)) => {
-                    tracing::error!(chunk = %id, path = %xenod_store::display_path(&self.lower.path(l)), "read failed: {err}");
-                    return Err(Errno::IO);
-                }
-            }
+            self.read_lower_at(l, off, &mut buf)?
         } else {
             let f = self.upper_file(&h)?.ok_or(Errno::IO)?;
             let mut done = 0;
@@ -1447,6 +1482,10 @@ impl Union {
             let f = self.lower.file(l).ok_or(Errno::INVAL)?;
             if off >= f.size {
                 return Err(Errno::NXIO);
+            }
+            if f.host.is_some() {
+                // Host files are shown as all data.
+                return Ok(if hole { f.size } else { off });
             }
             let mut i = f.extent_at(off);
             while i < f.extents.len() {

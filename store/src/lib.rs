@@ -46,7 +46,7 @@ pub use manifest::{
     ChunkRef, Entry, Extent, FORMAT_VERSION, Kind, LayerRoot, MAX_ENTRY_BYTES, OrderCheck, Timestamp, Xattr, cmp_paths,
     display_path, encode_entry, file_name, is_below, parent,
 };
-pub use merge::{Diff, Merged, diff};
+pub use merge::{Diff, Merged, Source, diff};
 pub use names::{NameRecord, SCHEME, check_name, generate_key, hex};
 pub use peer::{
     ALPN, Counters, EndpointAddr, EndpointId, FRAMES_IN_FLIGHT, FetchOptions, FetchProgress, FetchReport,

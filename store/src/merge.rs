@@ -18,7 +18,9 @@ use crate::store::Store;
 /// The union of a stack, as one stream without whiteouts.
 pub struct Merged<'s> {
     /// Bottom first.
-    layers: Vec<Peekable<LayerReader<'s>>>,
+    layers: Vec<Peekable<Source<'s>>>,
+    /// The index in `layers` of the last entry returned.
+    last: usize,
     /// (directory, lowest layer index visible below it), nested.
     floors: Vec<(Vec<u8>, usize)>,
     failed: bool,
@@ -27,8 +29,44 @@ pub struct Merged<'s> {
 impl<'s> Merged<'s> {
     /// The union of `stack` (bottom first).
     pub fn new(store: &'s Store, stack: &[LayerId]) -> Result<Self> {
-        let layers = stack.iter().map(|id| Ok(store.read_layer(id)?.peekable())).collect::<Result<_>>()?;
-        Ok(Self { layers, floors: Vec::new(), failed: false })
+        let layers = stack
+            .iter()
+            .map(|id| Ok(Box::new(Placed { reader: store.read_layer(id)?, at: Vec::new() }) as Source<'s>))
+            .collect::<Result<_>>()?;
+        Ok(Self::of_sources(layers))
+    }
+
+    /// The union of layers each placed at a directory of the tree (bottom
+    /// first): layer `(id, at)` shows its root at path `at` (`b""`: the
+    /// root) and its entries below it, hardlink targets included. A placed
+    /// layer overlays what the layers under it have at and below `at`,
+    /// exactly as a whole layer overlays the root.
+    /// `above`: further layer-like sources over the placed layers (bottom
+    /// first), e.g. host directories.
+    pub fn placed(store: &'s Store, stack: &[(LayerId, Vec<u8>)], above: Vec<Source<'s>>) -> Result<Self> {
+        let mut layers = stack
+            .iter()
+            .map(|(id, at)| Ok(Box::new(Placed { reader: store.read_layer(id)?, at: at.clone() }) as Source<'s>))
+            .collect::<Result<Vec<_>>>()?;
+        layers.extend(above);
+        Ok(Self::of_sources(layers))
+    }
+
+    /// The union of any layer-like streams (bottom first), each a complete
+    /// tree in tree order with overlayfs whiteouts and opaque directories,
+    /// such as a host directory walked on the fly.
+    pub fn of_sources(layers: Vec<Source<'s>>) -> Self {
+        Self {
+            layers: layers.into_iter().map(Iterator::peekable).collect(),
+            last: 0,
+            floors: Vec::new(),
+            failed: false,
+        }
+    }
+
+    /// The index (bottom first) of the layer the last returned entry came from.
+    pub fn last_source(&self) -> usize {
+        self.last
     }
 
     /// The union of the stack that `top` stands on.
@@ -79,8 +117,48 @@ impl<'s> Merged<'s> {
                 Kind::Dir { opaque: false } => {}
                 _ => self.floors.push((path, i + 1)),
             }
+            self.last = i;
             return Ok(Some(e));
         }
+    }
+}
+
+/// A layer-like stream of entries in tree order.
+pub type Source<'s> = Box<dyn Iterator<Item = Result<Entry>> + 's>;
+
+/// One layer's entries with their paths moved below `at`. Tree order is
+/// kept: every path gains the same prefix.
+struct Placed<'s> {
+    reader: LayerReader<'s>,
+    at: Vec<u8>,
+}
+
+impl Placed<'_> {
+    fn place(&self, p: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.at.len() + 1 + p.len());
+        out.extend_from_slice(&self.at);
+        if !self.at.is_empty() && !p.is_empty() {
+            out.push(b'/');
+        }
+        out.extend_from_slice(p);
+        out
+    }
+}
+
+impl Iterator for Placed<'_> {
+    type Item = Result<Entry>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut r = self.reader.next()?;
+        if !self.at.is_empty()
+            && let Ok(e) = &mut r
+        {
+            e.path = self.place(&e.path);
+            if let Kind::Hardlink { target } = &mut e.kind {
+                *target = self.place(target);
+            }
+        }
+        Some(r)
     }
 }
 

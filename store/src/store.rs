@@ -386,6 +386,11 @@ impl Store {
     /// Reads, decodes and verifies chunk `id`.
     pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let (loc, stored) = self.get_encoded(id)?;
+        if loc.encoding == codec::Encoding::Raw && stored.len() == loc.plain_len as usize && ChunkId::of(&stored) == *id
+        {
+            // Stored raw and intact: the bytes read are the chunk, no copy needed.
+            return Ok(stored);
+        }
         codec::decode(id, loc.encoding, &stored, loc.plain_len as usize).map_err(|e| match e {
             Error::ChunkCorrupt { id, why } => Error::ChunkCorrupt {
                 id,

@@ -190,6 +190,15 @@ pub enum Cmd {
         /// Fetch chunks that are not here yet through this host's daemon (lazy deploy).
         #[arg(long, hide = true)]
         lazy: bool,
+        /// A read-only host directory as a lower layer, over the stack and
+        /// below the upper (repeatable: the first given is the highest, as in
+        /// overlayfs's lowerdir=). It must not change while mounted.
+        #[arg(long = "lower-dir", value_name = "DIR")]
+        lower_dirs: Vec<PathBuf>,
+        /// Serve upper files' data through this process even where the kernel
+        /// offers FUSE passthrough.
+        #[arg(long)]
+        no_passthrough: bool,
     },
     /// Make an upper directory mountable by the kernel's overlayfs: its
     /// block-copied (partial) files become whole files, xenod's work area goes.
@@ -385,15 +394,16 @@ pub fn run(args: Args) -> Result<()> {
                 format!("{node} {} move guests onto this host", if revoke { "may no longer" } else { "may" })
             })
         }
-        Cmd::Mount { r#ref, mountpoint, upper, ro, foreground, control, lazy } => {
-            let how = crate::mount::How {
-                upper: upper.as_deref(),
+        Cmd::Mount { r#ref, mountpoint, upper, ro, foreground, lower_dirs, no_passthrough, control, lazy } => {
+            let how = crate::mount::MountHow {
+                upper,
                 read_only: ro,
-                foreground,
-                control: control.as_deref(),
+                lower_dirs,
+                passthrough: !no_passthrough,
+                control,
                 lazy,
             };
-            crate::mount::mount_cmd(&ctx.data_dir, &r#ref, &mountpoint, how)?;
+            crate::mount::mount_cmd(&ctx.data_dir, &r#ref, &mountpoint, &how, foreground)?;
             ctx.out(json!({ "mountpoint": mountpoint }), String::new)
         }
         Cmd::Flatten { upper, base } => {

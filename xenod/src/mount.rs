@@ -18,25 +18,28 @@ use xenod_store::Store;
 /// How long a background mount may take to appear.
 const MOUNT_WAIT: Duration = Duration::from_secs(60);
 
-/// How `xenod mount` mounts.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct How<'a> {
+/// How `xenod mount` stacks and serves.
+#[derive(Debug, Default)]
+pub struct MountHow {
     /// Writable upper directory; none: read-only.
-    pub upper: Option<&'a Path>,
+    pub upper: Option<PathBuf>,
+    /// Read-only even with an upper.
     pub read_only: bool,
-    /// Serve in this process, not a detached one.
-    pub foreground: bool,
-    /// Dirty tracking's control socket.
-    pub control: Option<&'a Path>,
-    /// Missing chunks through the daemon.
+    /// Read-only host directories over the stack, the first the highest.
+    pub lower_dirs: Vec<PathBuf>,
+    /// Use FUSE passthrough for upper files where the kernel offers it.
+    pub passthrough: bool,
+    /// Dirty tracking's control socket (instances, for migration).
+    pub control: Option<PathBuf>,
+    /// Fetch chunks that are not here yet through the daemon (lazy deploy).
     pub lazy: bool,
 }
 
-/// Mounts the stack of `reference` on `mountpoint`: read-only without
-/// `upper` or with `read_only`, writable into `upper` otherwise. Serves in
+/// Mounts the stack of `reference` on `mountpoint`: read-only without an
+/// upper or with `read_only`, writable into the upper otherwise. Serves in
 /// this process with `foreground`, else in a detached child.
-pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: How<'_>) -> Result<()> {
-    let How { upper, read_only, foreground, control, lazy } = how;
+pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &MountHow, foreground: bool) -> Result<()> {
+    let (upper, read_only, control, lazy) = (how.upper.as_deref(), how.read_only, how.control.as_deref(), how.lazy);
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
@@ -48,6 +51,11 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: How<'
     let reference = local.as_str();
     let store =
         Arc::new(Store::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
+    for d in &how.lower_dirs {
+        if !d.is_dir() {
+            bail!("lower directory {} is not a directory", d.display());
+        }
+    }
     let top = store.resolve(reference)?;
     let stack = store.stack(&top)?;
     if foreground {
@@ -60,6 +68,8 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: How<'
                 let f: xenod_cowfs::Fetcher = Arc::new(move |id| crate::lazy::fetch_via_daemon(&data, id));
                 f
             }),
+            lower_dirs: how.lower_dirs.clone(),
+            passthrough: how.passthrough,
             ..Default::default()
         };
         return xenod_cowfs::serve(store, &stack, mountpoint, &opts, || {
@@ -87,6 +97,12 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: How<'
     }
     if read_only {
         cmd.arg("--ro");
+    }
+    for d in &how.lower_dirs {
+        cmd.arg("--lower-dir").arg(std::path::absolute(d).unwrap_or_else(|_| d.clone()));
+    }
+    if !how.passthrough {
+        cmd.arg("--no-passthrough");
     }
     cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log_file);
     // Detach: its own process group and session, so the terminal's signals
