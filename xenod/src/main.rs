@@ -13,6 +13,7 @@
 //! | 6 | bad input: a tree, tar stream or manifest that cannot be stored or exported as given |
 //! | 7 | no provider could supply a layer: every peer given (by a ticket, `--from` or the config) is unreachable, was dropped, or lacks it |
 
+mod announce;
 mod cli;
 mod config;
 mod deploy;

@@ -404,6 +404,17 @@ fn state_layer(store: &Store, file: &Path, meta: BTreeMap<String, String>) -> Re
     Ok(w.finish(None, meta)?)
 }
 
+/// Data chunks (not holes) of a layer's files.
+fn data_chunks(store: &Store, layer: &LayerId) -> Result<u64> {
+    let mut n = 0;
+    for e in store.read_layer(layer)? {
+        if let Kind::File { extents, .. } = e?.kind {
+            n += extents.iter().filter(|x| matches!(x, xenod_store::Extent::Data { .. })).count() as u64;
+        }
+    }
+    Ok(n)
+}
+
 fn export_state(store: &Store, layer: &LayerId, to: &Path) -> Result<()> {
     for e in store.read_layer(layer)? {
         let e = e?;
@@ -832,7 +843,8 @@ pub async fn checkpoint(d: &Arc<Daemon>, name: &str, label: Option<String>) -> R
         crate::cli::record_name_in(&data, &store, &l, id)?;
     }
     Ok(json!({ "checkpoint": id.to_string(), "state": state.to_string(), "instance": name,
-               "new_chunks": store.chunk_count()?.saturating_sub(before), "paused_seconds": t.elapsed().as_secs_f64() }))
+               "new_chunks": store.chunk_count()?.saturating_sub(before), "state_chunks": data_chunks(&store, &state)?,
+               "paused_seconds": t.elapsed().as_secs_f64() }))
 }
 
 /// `xenod restore CHECKPOINT [--on PEER] [--name NAME]`.

@@ -259,6 +259,10 @@ impl Daemon {
         &self.node
     }
 
+    pub fn trusted(&self) -> &[VerifyingKey] {
+        &self.trusted
+    }
+
     fn store(&self) -> &Store {
         self.node.store()
     }
@@ -287,7 +291,7 @@ impl Daemon {
         out
     }
 
-    fn remember(&self, peers: &[EndpointAddr], layers: &[String]) {
+    pub(crate) fn remember(&self, peers: &[EndpointAddr], layers: &[String]) {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         for p in peers {
@@ -408,6 +412,10 @@ impl Daemon {
                 Err(e) => return Err(e.into()),
             }
         };
+        // Nodes that announced holding the layer over gossip come first.
+        let mut heard = self.node.providers_of(&layer);
+        heard.retain(|h| !peers.iter().any(|p| p.id == h.id));
+        peers.splice(0..0, heard);
         let opts = FetchOptions { progress, manifests_only: lazy, ..FetchOptions::default() };
         let r = self.node.fetch(layer, &peers, opts).await;
         let rep = match r {
@@ -445,6 +453,7 @@ impl Daemon {
             "peers": snap.peers,
             "known_peers": st.peers,
             "shared": st.shared,
+            "gossip": { "joined": self.node.gossip_joined(), "presences": self.node.presences().len() },
             "lazy_fetches": self.lazy.pending(),
         })
     }
@@ -566,6 +575,7 @@ pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool) -> Resul
             bail!("a daemon already serves {}", data_dir.display());
         }
         let d = Daemon::start(data_dir, listen, false).await?;
+        crate::announce::spawn(&d);
         let addr = format_peer(&d.node.addr());
         let sock = socket_path(data_dir);
         // One line on stdout once the socket accepts, for scripts to wait on.

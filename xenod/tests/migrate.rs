@@ -110,10 +110,16 @@ fn guest_moves_there_and_back_with_its_counter() {
     // A checkpoint, restored on B under another name: it carries the state.
     let cp = ok(&h.a, &["checkpoint", &h.name]);
     assert_eq!(counter(port), 6, "the guest runs on after a checkpoint");
+    // A second one stores only the memory that changed since.
+    let cp2 = ok(&h.a, &["checkpoint", &h.name]);
+    let (new, all) = (cp2["new_chunks"].as_u64().unwrap(), cp2["state_chunks"].as_u64().unwrap());
+    eprintln!("checkpoints: first {} new chunks, second {new} new of {all} state chunks", cp["new_chunks"]);
+    assert!(all > 0 && new * 3 < all, "a second checkpoint shares most of its state: {new} new of {all}");
+    assert_eq!(counter(port), 7);
     ok(&h.a, &["destroy", &h.name]);
     let copy = format!("{}c", h.name);
     let r = ok(&h.a, &["restore", cp["checkpoint"].as_str().unwrap(), "--on", &db.addr, "--as", &copy]);
-    assert_eq!(counter(r["restored"]["port"].as_u64().unwrap()), 6, "the copy goes on from the checkpoint: {r}");
+    assert_eq!(counter(r["restored"]["port"].as_u64().unwrap()), 6, "the copy goes on from the first checkpoint: {r}");
     ok(&h.b, &["destroy", &copy]);
 }
 

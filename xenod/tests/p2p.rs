@@ -452,3 +452,81 @@ fn replicate_to_three_peers_that_serve_each_other() {
     assert_eq!(held(&e), (vec![], 0));
     drop((da, targets, de));
 }
+
+/// Polls `f` every 100 ms until it holds, for at most 60 s.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(60), "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn resolves(data: &Path, name: &str) -> Option<String> {
+    let out = run(xenod(data).args(["--json", "resolve", name]));
+    out.status
+        .success()
+        .then(|| serde_json::from_slice::<Value>(&out.stdout).unwrap()["id"].as_str().unwrap().to_owned())
+}
+
+#[test]
+fn names_and_presence_travel_over_gossip() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b, c) = (t.path().join("a"), t.path().join("b"), t.path().join("c"));
+    let key = |d: &Path| ok_json(xenod(d).args(["key", "generate"]))["public_key"].as_str().unwrap().to_owned();
+    let (ka, _kb) = (key(&a), key(&b));
+    let fast = [("XENOD_ANNOUNCE_MS", "200")];
+    let da = Daemon::start(&a, &fast);
+    // B and C know only A (to join the topic) and trust only A's key.
+    for x in [&b, &c] {
+        std::fs::create_dir_all(x).unwrap();
+        std::fs::write(x.join("config.toml"), format!("peers = [\"{}\"]\ntrusted_keys = [\"{ka}\"]\n", da.addr))
+            .unwrap();
+    }
+    let db = Daemon::start(&b, &fast);
+    // F announces its names with broken signatures; C trusts F's key.
+    let f = t.path().join("f");
+    let kf = key(&f);
+    std::fs::write(f.join("config.toml"), format!("peers = [\"{}\"]\n", da.addr)).unwrap();
+    let cfg = std::fs::read_to_string(c.join("config.toml")).unwrap();
+    std::fs::write(c.join("config.toml"), cfg.replace(&format!("\"{ka}\""), &format!("\"{ka}\", \"{kf}\""))).unwrap();
+    let srcf = t.path().join("srcf");
+    tree(&srcf, 1, 12);
+    publish(&f, &srcf, "template://test/f/1");
+    let df = Daemon::start(&f, &[("XENOD_ANNOUNCE_MS", "200"), ("XENOD_TEST_FORGE_NAMES", "1")]);
+    let dc = Daemon::start(&c, &fast);
+
+    // B publishes under its own key, which C does not trust.
+    let srcb = t.path().join("srcb");
+    tree(&srcb, 1, 11);
+    let idb = publish(&b, &srcb, "template://test/b/1");
+    // A publishes after every daemon is up; no one pulls names.
+    let src = t.path().join("src");
+    tree(&src, 4, 10);
+    let id = publish(&a, &src, "template://test/os/1");
+    eventually("C resolves A's name", || resolves(&c, "template://test/os/1").as_deref() == Some(id.as_str()));
+    eventually("B resolves A's name", || resolves(&b, "template://test/os/1").as_deref() == Some(id.as_str()));
+    let holds = |d: &Path, node: &str, layer: &str| {
+        status(d)["known_peers"][node]["layers"].as_array().is_some_and(|l| l.iter().any(|x| x == layer))
+    };
+    eventually("C heard B's presence with B's layer", || holds(&c, &db.node, &idb));
+    assert_eq!(resolves(&c, "template://test/b/1"), None, "a name under an untrusted key is not kept");
+
+    // B fetches by name with no --from; then announces that it holds it.
+    let rep = ok_json(xenod(&b).args(["fetch", "template://test/os/1"]));
+    assert_eq!(rep["layer"], id.as_str());
+    eventually("C heard that B holds the layer", || holds(&c, &db.node, &id));
+
+    // A is gone; C never talked to B, yet finds it as a provider.
+    drop(da);
+    let rep = ok_json(xenod(&c).args(["fetch", "template://test/os/1"]));
+    let from_b = rep["providers"].as_array().unwrap().iter().find(|p| p["node"] == db.node.as_str()).cloned();
+    assert!(from_b.is_some_and(|p| p["chunks"].as_u64().unwrap() > 0), "{rep}");
+    assert_eq!(digest_of(&c, &id, &t.path().join("out")), xenod_store::tree_digest(&src).unwrap());
+    let s = status(&c);
+    assert_eq!(s["gossip"]["joined"], true, "{s}");
+    // Only F's forged records count as refused (untrusted ones are ignored).
+    eventually("C refused F's forged records", || status(&c)["counters"]["names_refused"].as_u64() > Some(0));
+    assert_eq!(resolves(&c, "template://test/f/1"), None, "a forged record is not kept");
+    drop((db, dc, df));
+}

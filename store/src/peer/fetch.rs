@@ -717,3 +717,68 @@ pub(crate) fn order_for_swarm(ids: Vec<ChunkId>, me: usize, n: usize) -> Vec<Chu
 pub(crate) fn ms(t: Instant) -> u64 {
     t.elapsed().as_millis() as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: u32) -> Vec<ChunkId> {
+        (0..n).map(|i| ChunkId::of(&i.to_le_bytes())).collect()
+    }
+
+    #[test]
+    fn swarm_order_own_segment_first_then_the_rest_newest_first() {
+        let all = ids(200);
+        let n = 4;
+        for me in 0..n {
+            let o = order_for_swarm(all.clone(), me, n);
+            let mine: Vec<ChunkId> = all.iter().filter(|id| SwarmPlan::segment(id, n) == me).copied().collect();
+            let mut rest: Vec<ChunkId> = all.iter().filter(|id| SwarmPlan::segment(id, n) != me).copied().collect();
+            rest.reverse();
+            assert!(!mine.is_empty() && !rest.is_empty());
+            assert_eq!(o[..mine.len()], mine[..]);
+            assert_eq!(o[mine.len()..], rest[..]);
+        }
+    }
+
+    /// Provider 0 is the source, 1 and 2 are fan-out members (segments 1, 2 of 3).
+    fn state(todo: &[ChunkId]) -> State {
+        State {
+            todo: todo.iter().copied().collect(),
+            remaining: todo.len(),
+            total: todo.len(),
+            alive: vec![true; 3],
+            member: vec![None, Some(1), Some(2)],
+            segments: 3,
+            reports: vec![ProviderReport::default(); 3],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn members_are_asked_for_their_segment_and_not_yet_is_not_final() {
+        let all = ids(300);
+        let mut st = state(&all);
+        let Take::Batch(b) = st.take(1, 8, 1) else { panic!("member 1 gets a batch") };
+        assert!(b.iter().all(|id| SwarmPlan::segment(id, 3) == 1), "only its own segment");
+        // Member 1 has none of them yet: they go back and are not asked of it
+        // again at once, but they stay wanted.
+        for id in &b {
+            st.not_yet.entry(*id).or_default().push((1, Instant::now()));
+            st.release(1, id);
+        }
+        assert!(b.iter().all(|id| !st.lacked_by_all(id)), "a member's absent is not final while the source lives");
+        if let Take::Batch(b2) = st.take(1, 8, 1) {
+            assert!(b2.iter().all(|id| !b.contains(id)), "not asked again before NOT_YET_RETRY");
+        }
+        // With the source gone and every member having said absent, it is.
+        st.alive[0] = false;
+        let id = b[0];
+        st.not_yet.entry(id).or_default().push((2, Instant::now()));
+        assert!(st.lacked_by_all(&id));
+        // The source takes from the front, members' ids included.
+        let mut st = state(&all);
+        let Take::Batch(s) = st.take(0, 8, 1) else { panic!("the source gets a batch") };
+        assert_eq!(s[..], all[..8]);
+    }
+}

@@ -7,6 +7,7 @@
 //! | `fetch` | multi-provider fetch of a layer stack with work stealing |
 //! | `ticket` | `xenod1...` tickets: a layer id and its providers |
 //! | `pull` | fan-out: asking other nodes to fetch a stack, on [`PULL_ALPN`] |
+//! | `gossip` | signed name records and presence (who holds which layer) over iroh-gossip |
 //! | `stats` | counters of served, fetched and refused chunks, per peer |
 //!
 //! A [`Node`] is one iroh endpoint (node key = an ed25519 key, like a
@@ -44,6 +45,7 @@
 //! would run at the 27-52 MB/s its file store managed here.
 
 mod fetch;
+mod gossip;
 mod one;
 mod protocol;
 mod provider;
@@ -59,6 +61,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
+use iroh::address_lookup::memory::MemoryLookup;
 use iroh::endpoint::{PortmapperConfig, presets};
 use iroh::protocol::Router;
 use iroh::{Endpoint, RelayMode, SecretKey, TransportAddr};
@@ -70,6 +73,7 @@ pub use iroh::{EndpointAddr, EndpointId};
 pub use fetch::{
     FetchOptions, FetchProgress, FetchReport, NOT_YET_RETRY, Phase, ProgressFn, ProviderReport, SwarmPlan,
 };
+pub use gossip::{MAX_ANNOUNCED_LAYERS, MAX_MESSAGE, Presence, PresenceFn};
 pub use one::fetch_one;
 pub use protocol::{ALPN, MAX_BATCH, MAX_NAMES, MAX_PLAIN};
 pub use provider::{FRAMES_IN_FLIGHT, Misbehave, STREAMS_PER_CONN};
@@ -144,6 +148,9 @@ pub struct NamesReport {
 pub struct Node {
     router: Router,
     engine: Engine,
+    gossip: gossip::GossipState,
+    /// Test hook: announce name records with broken signatures.
+    forge_names: bool,
 }
 
 /// What a fetch needs: the endpoint to dial from, the store to fill, the
@@ -180,7 +187,10 @@ impl Node {
             Relay::Disabled => Endpoint::builder(presets::Minimal).relay_mode(RelayMode::Disabled),
             Relay::Default => Endpoint::builder(presets::N0),
         };
+        // Addresses of gossip peers, which gossip dials by node id alone.
+        let lookup = MemoryLookup::new();
         let endpoint = builder
+            .address_lookup(lookup.clone())
             .secret_key(SecretKey::from_bytes(&opts.secret_key))
             .portmapper_config(PortmapperConfig::Disabled)
             .clear_ip_transports()
@@ -189,15 +199,20 @@ impl Node {
             .bind()
             .await
             .map_err(|e| bind_err(e.to_string()))?;
+        let forge_names = opts.misbehave.forge_names;
         let provider = provider::Provider::new(store.clone(), stats.clone(), opts.misbehave);
         let engine = Engine { endpoint: endpoint.clone(), store, stats };
         let puller = pull::PullHandler::new(engine.clone(), opts.pulls);
-        let mut router = Router::builder(endpoint).accept(ALPN, provider).accept(PULL_ALPN, puller);
+        let g = iroh_gossip::Gossip::builder().max_message_size(gossip::MAX_MESSAGE).spawn(endpoint.clone());
+        let mut router = Router::builder(endpoint)
+            .accept(ALPN, provider)
+            .accept(PULL_ALPN, puller)
+            .accept(iroh_gossip::ALPN, g.clone());
         for (alpn, handler) in extra {
             router = router.accept(alpn, handler);
         }
         let router = router.spawn();
-        Ok(Self { router, engine })
+        Ok(Self { router, engine, gossip: gossip::GossipState::new(g, lookup), forge_names })
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -255,6 +270,57 @@ impl Node {
         trusted: &[VerifyingKey],
     ) -> Result<NamesReport, PeerError> {
         self.engine.fetch_names(provider, trusted).await
+    }
+
+    /// Joins the gossip topic through `bootstrap` (see the `gossip` module):
+    /// from then on, name records signed by a key in `trusted` are stored
+    /// as they are announced, and each believed presence is remembered and
+    /// handed to `on_presence`.
+    pub async fn join_gossip(
+        &self,
+        bootstrap: Vec<EndpointAddr>,
+        trusted: Vec<VerifyingKey>,
+        on_presence: Option<PresenceFn>,
+    ) -> Result<(), PeerError> {
+        self.gossip
+            .join(bootstrap, self.id(), self.store().clone(), self.stats().clone(), trusted, on_presence)
+            .await
+            .map_err(|why| PeerError::Connection { peer: "gossip".into(), why })
+    }
+
+    /// Whether this node has joined the gossip topic.
+    pub fn gossip_joined(&self) -> bool {
+        self.gossip.joined()
+    }
+
+    /// Announces this node's presence (address, the newest
+    /// [`MAX_ANNOUNCED_LAYERS`] layers it holds) and `names`.
+    pub async fn announce(&self, mut names: Vec<NameRecord>) -> Result<(), PeerError> {
+        if self.forge_names {
+            for r in &mut names {
+                let mut b = *r.id.as_bytes();
+                b[0] ^= 0xff;
+                r.id = ChunkId::from_bytes(b);
+            }
+        }
+        let mut layers = self.store().layers()?;
+        layers.sort_by_key(|(_, i)| std::cmp::Reverse(i.created));
+        let layers = layers.into_iter().map(|(id, _)| id).collect();
+        let addrs = self.addr().ip_addrs().copied().collect();
+        self.gossip
+            .announce(self.endpoint().secret_key(), addrs, layers, names)
+            .await
+            .map_err(|why| PeerError::Connection { peer: "gossip".into(), why })
+    }
+
+    /// Nodes that announced holding `layer`, newest announcement first.
+    pub fn providers_of(&self, layer: &LayerId) -> Vec<EndpointAddr> {
+        self.gossip.providers_of(layer)
+    }
+
+    /// Every presence heard over gossip.
+    pub fn presences(&self) -> Vec<Presence> {
+        self.gossip.presences()
     }
 
     /// Closes the endpoint gracefully.

@@ -1,0 +1,262 @@
+//! Names and presence over gossip (iroh-gossip on the node's endpoint).
+//!
+//! Every node joins one topic, `blake3("xenod/gossip/1")`, bootstrapped
+//! from the peers it knows (config, remembered, or given). Messages are
+//! JSON, at most [`MAX_MESSAGE`] bytes:
+//!
+//! ```text
+//! announce := { "name": NameRecord, "at": unix-secs }     signed by the publisher
+//!           | { "presence": body-json, "sig": [u8; 64] }  signed by the node key
+//! body     := { node: [u8; 32], addrs: [SocketAddr], layers: [LayerId], at: unix-secs }
+//! ```
+//!
+//! Gossip forwards messages, so who delivered one says nothing about who
+//! wrote it: each message carries its own signature. A name record is
+//! kept only if its key is trusted here and its sequence number is newer
+//! (the same rule as a names pull); one with a bad signature is refused
+//! and counted against the node that delivered it. A presence is believed
+//! only with a valid signature of the node it describes, and only the
+//! newest (`at`) per node is kept, so a replayed one changes nothing.
+//! `at` also makes each announcement a new message: gossip drops content
+//! it has seen, and a node that joins later must still hear it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use ed25519_dalek::VerifyingKey;
+use iroh::address_lookup::memory::MemoryLookup;
+use iroh::{EndpointAddr, EndpointId, SecretKey, Signature, TransportAddr};
+use iroh_gossip::api::{Event, GossipSender};
+use iroh_gossip::{Gossip, TopicId};
+use serde::{Deserialize, Serialize};
+
+use super::stats::Stats;
+use crate::id::LayerId;
+use crate::names::NameRecord;
+use crate::store::Store;
+
+/// Largest gossip message sent or accepted.
+pub const MAX_MESSAGE: usize = 64 << 10;
+/// Most layers one presence announces (the newest, if a node holds more).
+pub const MAX_ANNOUNCED_LAYERS: usize = 512;
+
+pub(crate) fn topic() -> TopicId {
+    TopicId::from_bytes(*blake3::hash(b"xenod/gossip/1").as_bytes())
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Announce {
+    Name { name: NameRecord, at: u64 },
+    Presence { presence: String, sig: Vec<u8> },
+}
+
+/// What a node says about itself: where to dial it and what it holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    pub node: [u8; 32],
+    pub addrs: Vec<SocketAddr>,
+    pub layers: Vec<LayerId>,
+    pub at: u64,
+}
+
+impl Presence {
+    pub fn addr(&self) -> Option<EndpointAddr> {
+        let id = EndpointId::from_bytes(&self.node).ok()?;
+        Some(EndpointAddr::new(id).with_addrs(self.addrs.iter().copied().map(TransportAddr::Ip)))
+    }
+}
+
+/// What this node heard: the newest presence of every other node.
+#[derive(Default, Debug)]
+pub(crate) struct Heard {
+    presence: BTreeMap<EndpointId, Presence>,
+}
+
+/// The gossip side of a node.
+#[derive(Clone, Debug)]
+pub(crate) struct GossipState {
+    pub(crate) gossip: Gossip,
+    pub(crate) lookup: MemoryLookup,
+    heard: Arc<Mutex<Heard>>,
+    sender: Arc<Mutex<Option<GossipSender>>>,
+}
+
+impl GossipState {
+    pub(crate) fn new(gossip: Gossip, lookup: MemoryLookup) -> Self {
+        Self { gossip, lookup, heard: Arc::default(), sender: Arc::default() }
+    }
+
+    fn heard(&self) -> std::sync::MutexGuard<'_, Heard> {
+        self.heard.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Nodes that announced holding `layer`, newest announcement first.
+    pub(crate) fn providers_of(&self, layer: &LayerId) -> Vec<EndpointAddr> {
+        let h = self.heard();
+        let mut v: Vec<&Presence> = h.presence.values().filter(|p| p.layers.contains(layer)).collect();
+        v.sort_by_key(|p| std::cmp::Reverse(p.at));
+        v.into_iter().filter_map(Presence::addr).collect()
+    }
+
+    pub(crate) fn presences(&self) -> Vec<Presence> {
+        self.heard().presence.values().cloned().collect()
+    }
+
+    pub(crate) fn joined(&self) -> bool {
+        self.sender.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    /// Joins the topic through `bootstrap` and handles what arrives until
+    /// the gossip stops. Returns once subscribed.
+    pub(crate) async fn join(
+        &self,
+        bootstrap: Vec<EndpointAddr>,
+        me: EndpointId,
+        store: Arc<Store>,
+        stats: Arc<Stats>,
+        trusted: Vec<VerifyingKey>,
+        on_presence: Option<PresenceFn>,
+    ) -> Result<(), String> {
+        let mut ids = Vec::new();
+        for b in bootstrap.into_iter().filter(|b| b.id != me) {
+            ids.push(b.id);
+            self.lookup.add_endpoint_info(b);
+        }
+        let topic = self.gossip.subscribe(topic(), ids).await.map_err(|e| format!("joining the gossip topic: {e}"))?;
+        let (sender, mut receiver) = topic.split();
+        *self.sender.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender);
+        let me2 = self.clone();
+        tokio::spawn(async move {
+            use n0_future::StreamExt;
+            while let Some(ev) = receiver.next().await {
+                match ev {
+                    Ok(Event::Received(m)) => {
+                        let from = m.delivered_from.to_string();
+                        me2.receive(&m.content, &from, &store, &stats, &trusted, on_presence.as_ref());
+                    }
+                    Ok(Event::NeighborUp(n)) => tracing::debug!("gossip neighbour up: {n}"),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!("gossip receiver: {e}");
+                        break;
+                    }
+                }
+            }
+            *me2.sender.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        });
+        Ok(())
+    }
+
+    fn receive(
+        &self,
+        content: &[u8],
+        from: &str,
+        store: &Store,
+        stats: &Stats,
+        trusted: &[VerifyingKey],
+        on_presence: Option<&PresenceFn>,
+    ) {
+        let refuse = |why: String| {
+            tracing::warn!("refused gossip from {from}: {why}");
+            stats.with(from, |t, c| {
+                t.names_refused += 1;
+                c.names_refused += 1;
+                c.last_error = Some(why);
+            });
+        };
+        if content.len() > MAX_MESSAGE {
+            return refuse(format!("message of {} bytes over the limit", content.len()));
+        }
+        match serde_json::from_slice::<Announce>(content) {
+            Err(e) => refuse(format!("malformed announcement: {e}")),
+            Ok(Announce::Name { name: rec, .. }) => {
+                let Ok(key) = VerifyingKey::from_bytes(&rec.key) else {
+                    return refuse(format!("{}: publisher key is not an ed25519 key", rec.name));
+                };
+                if !trusted.contains(&key) {
+                    // Gossip carries every publisher's names; only the
+                    // trusted ones are kept, the rest are not an offence.
+                    tracing::debug!("ignoring {} from an untrusted key", rec.name);
+                    return;
+                }
+                match store.name(&rec.name) {
+                    Ok(Some(old)) if old.seq >= rec.seq => return,
+                    Ok(_) => {}
+                    Err(e) => return tracing::warn!("reading name {}: {e}", rec.name),
+                }
+                if let Err(e) = store.set_name(&rec, trusted) {
+                    refuse(format!("{}: {e}", rec.name));
+                }
+            }
+            Ok(Announce::Presence { presence, sig }) => {
+                let body: Presence = match serde_json::from_str(&presence) {
+                    Ok(b) => b,
+                    Err(e) => return refuse(format!("malformed presence: {e}")),
+                };
+                let Ok(node) = EndpointId::from_bytes(&body.node) else {
+                    return refuse("presence names an invalid node id".into());
+                };
+                let Ok(sig) = <[u8; 64]>::try_from(sig.as_slice()) else {
+                    return refuse(format!("presence of {node}: malformed signature"));
+                };
+                if node.verify(presence.as_bytes(), &Signature::from_bytes(&sig)).is_err() {
+                    return refuse(format!("presence of {node}: bad signature"));
+                }
+                if body.layers.len() > MAX_ANNOUNCED_LAYERS {
+                    return refuse(format!("presence of {node}: {} layers", body.layers.len()));
+                }
+                {
+                    let mut h = self.heard();
+                    if h.presence.get(&node).is_some_and(|p| p.at >= body.at) {
+                        return;
+                    }
+                    h.presence.insert(node, body.clone());
+                }
+                if let Some(a) = body.addr() {
+                    self.lookup.add_endpoint_info(a);
+                }
+                if let Some(f) = on_presence {
+                    f(&body);
+                }
+            }
+        }
+    }
+
+    /// Broadcasts this node's presence and the name records in `names`.
+    pub(crate) async fn announce(
+        &self,
+        secret: &SecretKey,
+        addrs: Vec<SocketAddr>,
+        layers: Vec<LayerId>,
+        names: Vec<NameRecord>,
+    ) -> Result<(), String> {
+        let Some(sender) = self.sender.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Err("not joined to the gossip topic".into());
+        };
+        let at = now_micros();
+        let mut layers = layers;
+        layers.truncate(MAX_ANNOUNCED_LAYERS);
+        let body = Presence { node: *secret.public().as_bytes(), addrs, layers, at };
+        let presence = serde_json::to_string(&body).map_err(|e| e.to_string())?;
+        let sig = secret.sign(presence.as_bytes()).to_bytes().to_vec();
+        let mut msgs = vec![serde_json::to_vec(&Announce::Presence { presence, sig }).map_err(|e| e.to_string())?];
+        for rec in names {
+            msgs.push(serde_json::to_vec(&Announce::Name { name: rec, at }).map_err(|e| e.to_string())?);
+        }
+        for m in msgs.into_iter().filter(|m| m.len() <= MAX_MESSAGE) {
+            sender.broadcast(Bytes::from(m)).await.map_err(|e| format!("broadcasting: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Called with each newly believed presence.
+pub type PresenceFn = Arc<dyn Fn(&Presence) + Send + Sync>;
+
+/// Microseconds, so two announcements in one second still differ.
+fn now_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
