@@ -1326,6 +1326,10 @@ impl Union {
     /// do its I/O directly: a whole upper regular file. None for lower,
     /// partial and non-regular files, whose data this process serves.
     pub(crate) fn backing_file(&self, ino: u64) -> FsResult<Option<File>> {
+        if self.tracker.is_some() {
+            // Passed-through writes would not be seen, so not tracked.
+            return Ok(None);
+        }
         let st = self.lock();
         let node = Self::inode(&st, ino)?;
         if !node.upper || node.partial.is_some() || node.ftype != FType::File || node.names.is_empty() {

@@ -253,3 +253,51 @@ fn gc_waits_for_a_concurrent_publish() {
     ok_json(xenod(&data).args(["export", p["id"].as_str().unwrap()]).arg(&dest));
     assert_eq!(digest(&dest), digest(&src));
 }
+
+/// Whether FUSE mounts can be made here; says loudly why not.
+fn fuse_ok(test: &str) -> bool {
+    if !Path::new("/dev/fuse").exists() || !rustix::process::geteuid().is_root() {
+        eprintln!("\n*** SKIPPING {test}: needs root and /dev/fuse ***\n");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn mount_with_host_lower_dirs_and_a_mount_file_naming_an_unknown_layer() {
+    if !fuse_ok("mount_with_host_lower_dirs_and_a_mount_file_naming_an_unknown_layer") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    let src = t.path().join("src");
+    tree(&src);
+    let id = ok_json(xenod(&data).arg("publish").arg(&src))["id"].as_str().unwrap().to_string();
+    let (h1, h2) = (t.path().join("h1"), t.path().join("h2"));
+    for (h, text) in [(&h1, "from h1\n"), (&h2, "from h2\n")] {
+        fs::create_dir_all(h.join("etc/app")).unwrap();
+        fs::write(h.join("etc/app/conf"), text).unwrap();
+    }
+    fs::write(h2.join("only-h2"), b"h2").unwrap();
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let out = run(xenod(&data).arg("mount").arg(&id).arg(&mnt).arg("--lower-dir").arg(&h1).arg("--lower-dir").arg(&h2));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let conf = fs::read_to_string(mnt.join("etc/app/conf"));
+    let only = fs::read(mnt.join("only-h2"));
+    let blob = fs::read(mnt.join("blob"));
+    assert!(run(xenod(&data).arg("umount").arg(&mnt)).status.success());
+    assert_eq!(conf.unwrap(), "from h1\n", "the first --lower-dir is on top");
+    assert_eq!(only.unwrap(), b"h2");
+    assert_eq!(blob.unwrap(), noise(700_000, 3), "the stored layer is below");
+
+    // A .mount file naming a layer the store does not have fails the mount.
+    fs::create_dir_all(src.join("srv/app")).unwrap();
+    fs::write(src.join("srv/app/.mount"), b"template://nobody/missing/1\n").unwrap();
+    let bad = ok_json(xenod(&data).arg("publish").arg(&src))["id"].as_str().unwrap().to_string();
+    let out = run(xenod(&data).arg("mount").arg(&bad).arg(&mnt));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("/srv/app/.mount") && err.contains("template://nobody/missing/1"), "{err}");
+    assert!(!xenod_cowfs::is_mounted(&mnt));
+}
