@@ -3,78 +3,14 @@
 //! mid-transfer, a corrupting provider, forged and untrusted names, and a
 //! restarted daemon that keeps its identity, port, peers and counters.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::{Daemon, ok_json, output as run, xenod};
 use serde_json::Value;
-
-fn xenod(data: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_xenod"));
-    c.arg("--data-dir").arg(data).env_remove("XENOD_DATA_DIR").env("XENOD_LOG", "error");
-    c
-}
-
-fn run(c: &mut Command) -> Output {
-    c.output().expect("spawning xenod")
-}
-
-fn ok_json(c: &mut Command) -> Value {
-    let out = run(c.arg("--json"));
-    assert!(out.status.success(), "xenod failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("bad json {e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
-
-/// A running `xenod serve`; killed when dropped.
-struct Daemon {
-    data: PathBuf,
-    child: Child,
-    node: String,
-    addr: String,
-}
-
-impl Daemon {
-    fn start(data: &Path, env: &[(&str, &str)]) -> Self {
-        let mut c = xenod(data);
-        c.args(["--json", "serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).stderr(Stdio::null());
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let mut child = c.spawn().expect("spawning xenod serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve said {line:?}: {e}"));
-        Self {
-            data: data.to_path_buf(),
-            child,
-            node: v["node"].as_str().unwrap().to_owned(),
-            addr: v["addr"].as_str().unwrap().to_owned(),
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Stops through the API and waits for the process to exit.
-    fn stop(mut self) {
-        ok_json(xenod(&self.data).arg("shutdown"));
-        let t = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(t.elapsed() < Duration::from_secs(10), "daemon did not stop");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn noise(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

@@ -6,7 +6,7 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -31,8 +31,21 @@ pub fn skip_reason() -> Option<String> {
 /// `xenod --data-dir DATA`, quiet.
 pub fn xenod(data: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_xenod"));
-    c.arg("--data-dir").arg(data).env("XENOD_LOG", "error");
+    c.arg("--data-dir").arg(data).env_remove("XENOD_DATA_DIR").env("XENOD_LOG", "error");
     c
+}
+
+/// Runs a prepared command.
+pub fn output(c: &mut Command) -> Output {
+    c.output().expect("spawning xenod")
+}
+
+/// Runs a prepared command with `--json`, which must succeed; its answer.
+pub fn ok_json(c: &mut Command) -> Value {
+    let out = output(c.arg("--json"));
+    assert!(out.status.success(), "xenod failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bad json {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 pub fn run(data: &Path, args: &[&str]) -> Output {
@@ -49,6 +62,7 @@ pub fn ok(data: &Path, args: &[&str]) -> Value {
 
 /// A running `xenod serve` on loopback; killed when dropped.
 pub struct Daemon {
+    pub data: PathBuf,
     pub child: Child,
     pub node: String,
     pub addr: String,
@@ -65,7 +79,27 @@ impl Daemon {
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("serve said {line:?}: {e}"));
-        Self { child, node: v["node"].as_str().unwrap().into(), addr: v["addr"].as_str().unwrap().into() }
+        Self {
+            data: data.to_path_buf(),
+            child,
+            node: v["node"].as_str().unwrap().into(),
+            addr: v["addr"].as_str().unwrap().into(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops through the API and waits (at most 10 s) for the process to exit.
+    pub fn stop(mut self) {
+        ok_json(xenod(&self.data).arg("shutdown"));
+        let t = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(t.elapsed() < Duration::from_secs(10), "daemon did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits (at most 10 s) for a daemon that is expected to die.
@@ -82,8 +116,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
