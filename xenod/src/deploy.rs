@@ -515,6 +515,10 @@ pub fn teardown(data: &Path, name: &str, store: &Store, keep: bool) -> Result<()
     let mnt = dir.join("root");
     if xenod_cowfs::is_mounted(&mnt) {
         xenod_cowfs::unmount(&mnt, true).with_context(|| format!("unmounting {}", mnt.display()))?;
+        // Guests started since hold copies of this mount in their own mount
+        // namespaces (libvirt gives QEMU one); removing the mountpoint
+        // detaches those copies too, so the filesystem process can end.
+        let _ = fs::remove_dir(&mnt);
     }
     if let Ok(inst) = Instance::load(data, name)
         && let Some(pid) = inst.mount_pid
