@@ -96,17 +96,7 @@ fn disk_root_guest_suspends_and_resumes() {
     let Some(fix) = setup() else { return };
     let t = tempfile::tempdir().unwrap();
     let data = t.path().join("data");
-    let tree = t.path().join("tree");
-    add_boot(&fix, &tree);
-    fs::create_dir_all(tree.join("disk")).unwrap();
-    fs::copy(fix.join("disk/root.img"), tree.join("disk/root.img")).unwrap();
-    let spec = t.path().join("disk.spec.json");
-    fs::write(
-        &spec,
-        r#"{"kernel":"stack:boot/vmlinux","initrd":"stack:boot/initrd.img","root":"disk","disk_image":"disk/root.img","ports":["0:80"]}"#,
-    )
-    .unwrap();
-    ok(&data, &["publish", tree.to_str().unwrap(), "--name", "template://t/disk/1", "--spec", spec.to_str().unwrap()]);
+    publish_disk_fixture(&fix, t.path(), &data);
     let name = format!("disk{}", std::process::id());
     let _guard = Instances(&data, vec![name.clone()]);
     let d = ok(&data, &["deploy", "template://t/disk/1", "--name", &name]);

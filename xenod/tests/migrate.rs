@@ -55,17 +55,7 @@ fn hosts(tag: &str) -> Option<Hosts> {
         fs::create_dir_all(d).unwrap();
         fs::write(d.join("config.toml"), format!("domain_prefix = \"{p}\"\n")).unwrap();
     }
-    let tree = t.path().join("tree");
-    add_boot(&fix, &tree);
-    fs::create_dir_all(tree.join("disk")).unwrap();
-    fs::copy(fix.join("disk/root.img"), tree.join("disk/root.img")).unwrap();
-    let spec = t.path().join("disk.spec.json");
-    fs::write(
-        &spec,
-        r#"{"kernel":"stack:boot/vmlinux","initrd":"stack:boot/initrd.img","root":"disk","disk_image":"disk/root.img","ports":["0:80"]}"#,
-    )
-    .unwrap();
-    ok(&a, &["publish", tree.to_str().unwrap(), "--name", "template://t/disk/1", "--spec", spec.to_str().unwrap()]);
+    publish_disk_fixture(&fix, t.path(), &a);
     Some(Hosts { _t: t, a, b, prefix_b, name: format!("m{pid}{tag}") })
 }
 

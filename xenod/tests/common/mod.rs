@@ -145,6 +145,22 @@ pub fn add_boot(fix: &Path, tree: &Path) {
     }
 }
 
+/// Publishes the fixture's disk-root guest (boot files and `disk/root.img`,
+/// one forwarded port) as `template://t/disk/1` in `data`, staged under `work`.
+pub fn publish_disk_fixture(fix: &Path, work: &Path, data: &Path) {
+    let tree = work.join("tree");
+    add_boot(fix, &tree);
+    fs::create_dir_all(tree.join("disk")).unwrap();
+    fs::copy(fix.join("disk/root.img"), tree.join("disk/root.img")).unwrap();
+    let spec = work.join("disk.spec.json");
+    fs::write(
+        &spec,
+        r#"{"kernel":"stack:boot/vmlinux","initrd":"stack:boot/initrd.img","root":"disk","disk_image":"disk/root.img","ports":["0:80"]}"#,
+    )
+    .unwrap();
+    ok(data, &["publish", tree.to_str().unwrap(), "--name", "template://t/disk/1", "--spec", spec.to_str().unwrap()]);
+}
+
 /// The web service's page: (instance name, counter); ("", 0) if it does not answer.
 pub fn page(port: u64) -> (String, u64) {
     let out = Command::new("curl")
