@@ -29,6 +29,11 @@ pub fn zstd_level() -> i32 {
 pub enum Encoding {
     Raw = 0,
     Zstd = 1,
+    /// A member of a solid block: several chunks compressed as one zstd
+    /// frame (see `store.rs`). Only in a [`crate::Location`] and in records
+    /// scanned from a pack, where the bytes handed over are the member's
+    /// plaintext; never on the wire.
+    Block = 2,
 }
 
 impl Encoding {
@@ -36,6 +41,7 @@ impl Encoding {
         match b {
             0 => Some(Self::Raw),
             1 => Some(Self::Zstd),
+            2 => Some(Self::Block),
             _ => None,
         }
     }
@@ -46,16 +52,34 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
-/// Encodes `plain`; returns the encoding chosen and the stored bytes.
-pub fn encode(plain: &[u8]) -> (Encoding, Vec<u8>) {
-    let compressed = COMPRESSOR.with(|c| {
+/// Compresses `plain` as one zstd frame at the level in force.
+pub(crate) fn compress(plain: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
         if c.is_none() {
             *c = zstd::bulk::Compressor::new(zstd_level()).ok();
         }
         c.as_mut().and_then(|c| c.compress(plain).ok())
-    });
-    match compressed {
+    })
+}
+
+/// Decompresses one zstd frame of at most `capacity` plaintext bytes.
+pub(crate) fn decompress(stored: &[u8], capacity: usize) -> std::result::Result<Vec<u8>, String> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = zstd::bulk::Decompressor::new().ok();
+        }
+        match d.as_mut() {
+            Some(d) => d.decompress(stored, capacity).map_err(|e| format!("zstd: {e}")),
+            None => Err("no zstd decoder".into()),
+        }
+    })
+}
+
+/// Encodes `plain`; returns the encoding chosen and the stored bytes.
+pub fn encode(plain: &[u8]) -> (Encoding, Vec<u8>) {
+    match compress(plain) {
         Some(z) if z.len() < plain.len() => (Encoding::Zstd, z),
         _ => (Encoding::Raw, plain.to_vec()),
     }
@@ -64,18 +88,14 @@ pub fn encode(plain: &[u8]) -> (Encoding, Vec<u8>) {
 /// Decodes stored bytes and verifies them against `id`.
 pub fn decode(id: &ChunkId, enc: Encoding, stored: &[u8], plain_len: usize) -> Result<Vec<u8>> {
     let plain = match enc {
-        Encoding::Raw => stored.to_vec(),
-        Encoding::Zstd => DECOMPRESSOR
-            .with(|d| {
-                let mut d = d.borrow_mut();
-                if d.is_none() {
-                    *d = zstd::bulk::Decompressor::new().ok();
-                }
-                d.as_mut().map(|d| d.decompress(stored, plain_len))
-            })
-            .ok_or_else(|| Error::ChunkCorrupt { id: *id, why: "no zstd decoder".into() })?
-            .map_err(|e| Error::ChunkCorrupt { id: *id, why: format!("zstd: {e}") })?,
+        Encoding::Raw | Encoding::Block => stored.to_vec(),
+        Encoding::Zstd => decompress(stored, plain_len).map_err(|why| Error::ChunkCorrupt { id: *id, why })?,
     };
+    verify(id, plain, plain_len)
+}
+
+/// Checks that `plain` has the expected length and hashes to `id`.
+pub(crate) fn verify(id: &ChunkId, plain: Vec<u8>, plain_len: usize) -> Result<Vec<u8>> {
     if plain.len() != plain_len {
         return Err(Error::ChunkCorrupt {
             id: *id,
