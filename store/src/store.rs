@@ -62,7 +62,7 @@ const RECORD_HEADER: usize = 32 + 1 + 4 + 4;
 /// A pack is sealed once it holds this many bytes.
 const PACK_TARGET: u64 = 256 * 1024 * 1024;
 /// A solid block is compressed and written once it holds this much plaintext.
-const BLOCK_TARGET: usize = 1 << 20;
+pub(crate) const BLOCK_TARGET: usize = 1 << 20;
 /// The most plaintext a block may claim; a larger table is damage or hostile.
 pub(crate) const BLOCK_MAX_PLAIN: usize = 16 << 20;
 /// Decompressed blocks kept for readers (each at most [`BLOCK_MAX_PLAIN`],
@@ -113,7 +113,7 @@ impl Location {
 
 /// Plaintext of chunks collected for one solid block.
 #[derive(Default)]
-struct BlockBuf {
+pub(crate) struct BlockBuf {
     /// (id, start in `plain`, length), in order.
     members: Vec<(ChunkId, u32, u32)>,
     by_id: HashMap<ChunkId, usize>,
@@ -121,7 +121,7 @@ struct BlockBuf {
 }
 
 impl BlockBuf {
-    fn push(&mut self, id: ChunkId, plain: &[u8]) {
+    pub(crate) fn push(&mut self, id: ChunkId, plain: &[u8]) {
         self.by_id.insert(id, self.members.len());
         self.members.push((id, self.plain.len() as u32, plain.len() as u32));
         self.plain.extend_from_slice(plain);
@@ -132,8 +132,16 @@ impl BlockBuf {
         self.plain.get(start as usize..(start + len) as usize)
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub(crate) fn plain_len(&self) -> usize {
+        self.plain.len()
+    }
+
     /// The block record's payload: member table, then one zstd frame.
-    fn payload(&self) -> Option<Vec<u8>> {
+    pub(crate) fn payload(&self) -> Option<Vec<u8>> {
         let frame = codec::compress(&self.plain)?;
         let mut out = Vec::with_capacity(4 + 36 * self.members.len() + frame.len());
         out.extend_from_slice(&(self.members.len() as u32).to_le_bytes());
@@ -466,6 +474,63 @@ impl Store {
             self.seal(open)?;
         }
         Ok(())
+    }
+
+    /// Stores the chunks of a solid frame from a peer, which must be
+    /// exactly `expect`, in order, each hashing to its id. When none of
+    /// them is here yet the block is kept as it came; otherwise the new
+    /// ones go into this store's own blocks. Returns the members' lengths.
+    pub fn put_solid_frame(&self, block: &[u8], expect: &[ChunkId]) -> Result<Vec<u32>> {
+        let first = expect.first().copied().unwrap_or(ChunkId::from_bytes([0; 32]));
+        let (members, plain) =
+            open_block(block).map_err(|why| Error::ChunkCorrupt { id: first, why: format!("solid frame: {why}") })?;
+        if members.len() != expect.len() {
+            let why = format!("solid frame holds {} chunks for {} asked", members.len(), expect.len());
+            return Err(Error::ChunkCorrupt { id: first, why });
+        }
+        let mut buf = BlockBuf { plain, ..BlockBuf::default() };
+        let mut start = 0u32;
+        for ((id, len), want) in members.iter().zip(expect) {
+            let part = &buf.plain[start as usize..(start + len) as usize];
+            if id != want || ChunkId::of(part) != *want {
+                return Err(Error::ChunkCorrupt {
+                    id: *want,
+                    why: "solid frame: content does not hash to its id".into(),
+                });
+            }
+            buf.members.push((*id, start, *len));
+            start += len;
+        }
+        self.stats.chunks.fetch_add(members.len() as u64, Ordering::Relaxed);
+        let mut fresh = true;
+        for (id, _) in &members {
+            if self.contains(id)? {
+                fresh = false;
+                break;
+            }
+        }
+        if fresh {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            self.write_block_record(&mut open, &buf, block)?;
+        } else {
+            for &(id, start, len) in &buf.members {
+                if !self.contains(&id)? {
+                    self.stats.chunks.fetch_sub(1, Ordering::Relaxed);
+                    self.put_solid(&buf.plain[start as usize..(start + len) as usize])?;
+                }
+            }
+        }
+        Ok(members.iter().map(|m| m.1).collect())
+    }
+
+    /// The plaintext of `id` if this store keeps it in a solid block (or
+    /// is still collecting one); `None` when it is stored alone.
+    pub(crate) fn member_plain(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+        if let Some(plain) = self.lock_blocks().get(id) {
+            return Ok(Some(plain));
+        }
+        let loc = self.find(id)?;
+        if loc.encoding == Encoding::Block { self.block_member(id, &loc).map(Some) } else { Ok(None) }
     }
 
     /// Stores an already encoded chunk (from a peer) after verifying it.
