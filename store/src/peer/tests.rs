@@ -46,7 +46,7 @@ fn make_layer(store: &Store, seed: u64, files: usize, chunks: usize, base: Optio
         let mut extents = Vec::new();
         for c in 0..chunks {
             let data = noise(65536, seed * 1_000_000 + (f * chunks + c) as u64);
-            let (id, _) = if seed % 2 == 0 { store.put_solid(&data) } else { store.put(&data) }.unwrap();
+            let (id, _) = if seed.is_multiple_of(2) { store.put_solid(&data) } else { store.put(&data) }.unwrap();
             extents.push(Extent::Data { id, len: data.len() as u32 });
         }
         let size = (chunks * 65536) as u64;
