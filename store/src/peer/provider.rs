@@ -115,7 +115,7 @@ impl Provider {
                     return true;
                 }
                 let count = run.len() as u16;
-                let answer = match run.payload() {
+                let answer = match run.wire_payload() {
                     Some(mut block) => {
                         corrupt_one(&mut block);
                         Answer::Solid { count, block }
