@@ -232,7 +232,16 @@ struct OpenPack {
     tmp: PathBuf,
     out: BufWriter<File>,
     len: u64,
+    /// Background writeback of what is written so far, so that sealing
+    /// waits only for the tail (see [`WRITEBACK_EVERY`]).
+    writeback: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    written_back: u64,
 }
+
+/// Bytes written to an open pack between background `fdatasync`s. A
+/// publish otherwise ends waiting for the whole pack to reach the disk
+/// (36 ms of a 0.5 s minbase publish here).
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
 impl OpenPack {
     /// Appends one record; returns the offset of its payload.
@@ -246,7 +255,31 @@ impl OpenPack {
         self.out.write_all(payload).ctx("writing pack", &self.tmp)?;
         let offset = self.len + RECORD_HEADER as u64;
         self.len = offset + payload.len() as u64;
+        if self.len - self.written_back >= WRITEBACK_EVERY && self.writeback.as_ref().is_none_or(|h| h.is_finished()) {
+            self.wait_writeback()?;
+            self.out.flush().ctx("writing pack", &self.tmp)?;
+            let file = self.out.get_ref().try_clone().ctx("writing pack", &self.tmp)?;
+            self.writeback = Some(std::thread::spawn(move || file.sync_data()));
+            self.written_back = self.len;
+        }
         Ok(offset)
+    }
+
+    fn wait_writeback(&mut self) -> Result<()> {
+        match self.writeback.take().map(std::thread::JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(Error::io("syncing pack", &self.tmp)(e)),
+            Some(Err(_)) => {
+                Err(Error::io("syncing pack", &self.tmp)(std::io::Error::other("writeback thread panicked")))
+            }
+        }
+    }
+
+    /// Flushes, waits for background writeback and makes the pack durable.
+    fn sync(mut self) -> Result<()> {
+        self.wait_writeback()?;
+        let file = self.out.into_inner().map_err(|e| Error::io("flushing pack", &self.tmp)(e.into_error()))?;
+        file.sync_all().ctx("syncing pack", &self.tmp)
     }
 }
 
@@ -588,16 +621,16 @@ impl Store {
         let f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp).ctx("creating pack", &tmp)?;
         let mut out = BufWriter::with_capacity(1 << 20, f);
         out.write_all(PACK_MAGIC).ctx("writing pack", &tmp)?;
-        Ok(OpenPack { id, tmp, out, len: PACK_MAGIC.len() as u64 })
+        Ok(OpenPack { id, tmp, out, len: PACK_MAGIC.len() as u64, writeback: None, written_back: 0 })
     }
 
     /// Makes the open pack durable and indexes its chunks.
     fn seal(&self, open: &mut MutexGuard<'_, Option<OpenPack>>) -> Result<()> {
         let Some(pack) = open.take() else { return Ok(()) };
-        let file = pack.out.into_inner().map_err(|e| Error::io("flushing pack", &pack.tmp)(e.into_error()))?;
-        file.sync_all().ctx("syncing pack", &pack.tmp)?;
-        let path = self.pack_path(pack.id);
-        fs::rename(&pack.tmp, &path).ctx("sealing pack", &path)?;
+        let (id, tmp) = (pack.id, pack.tmp.clone());
+        pack.sync()?;
+        let path = self.pack_path(id);
+        fs::rename(&tmp, &path).ctx("sealing pack", &path)?;
         sync_dir(&self.packs_dir())?;
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let txn = self.begin_write()?;
@@ -842,8 +875,9 @@ impl Drop for Store {
         // An unflushed pack is left as .tmp and removed by gc; flushing here
         // would hide a caller's missing flush on the success path only.
         if let Ok(mut open) = self.open.lock()
-            && let Some(p) = open.take()
+            && let Some(mut p) = open.take()
         {
+            let _ = p.wait_writeback();
             drop(p.out);
             let _ = fs::remove_file(&p.tmp);
         }
@@ -958,10 +992,10 @@ pub(crate) fn write_pack(store: &Store, records: impl Iterator<Item = Record>) -
         out.push((rec.id, Location { pack: pack.id, offset, ..rec.loc }));
     }
     put_block(&mut pack, &mut block, &mut out)?;
-    let file = pack.out.into_inner().map_err(|e| Error::io("flushing pack", &pack.tmp)(e.into_error()))?;
-    file.sync_all().ctx("syncing pack", &pack.tmp)?;
-    let path = store.pack_path(pack.id);
-    fs::rename(&pack.tmp, &path).ctx("sealing pack", &path)?;
+    let (id, tmp) = (pack.id, pack.tmp.clone());
+    pack.sync()?;
+    let path = store.pack_path(id);
+    fs::rename(&tmp, &path).ctx("sealing pack", &path)?;
     sync_dir(&store.packs_dir())?;
     Ok(out)
 }
