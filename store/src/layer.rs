@@ -24,6 +24,10 @@ pub struct LayerInfo {
     pub file_bytes: u64,
     /// Unix seconds.
     pub created: u64,
+    /// Only the manifests are here (a lazy fetch); the file data follows.
+    /// Such a layer is not announced to peers as held.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
 }
 
 /// Streams entries into a new layer.
@@ -94,6 +98,7 @@ impl<'s> LayerWriter<'s> {
             entries: root.entries,
             file_bytes: root.file_bytes,
             created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            partial: false,
         };
         let txn = self.store.begin_write()?;
         {

@@ -759,7 +759,7 @@ fn ls(ctx: &Ctx) -> Result<()> {
         "names": names.iter().map(|n| json!({"name": n.name, "id": n.id.to_string(), "seq": n.seq, "key": hex(&n.key)})).collect::<Vec<_>>(),
         "pins": pins.iter().map(|(l, id)| json!({"label": l, "id": id.to_string()})).collect::<Vec<_>>(),
         "layers": layers.iter().map(|(id, i)| json!({"id": id.to_string(), "base": i.base.map(|b| b.to_string()),
-            "entries": i.entries, "file_bytes": i.file_bytes, "created": i.created})).collect::<Vec<_>>(),
+            "entries": i.entries, "file_bytes": i.file_bytes, "created": i.created, "partial": i.partial})).collect::<Vec<_>>(),
         "chunks": store.chunk_count()?,
     });
     ctx.out(j, || {
@@ -775,11 +775,12 @@ fn ls(ctx: &Ctx) -> Result<()> {
         s += "LAYERS\n";
         for (id, i) in &layers {
             s += &format!(
-                "  {}  {:>8} entries  {:>10}  {}\n",
+                "  {}  {:>8} entries  {:>10}  {}{}\n",
                 id.fmt_short(),
                 i.entries,
                 human(i.file_bytes),
-                i.base.map(|b| format!("on {}", b.fmt_short())).unwrap_or_else(|| "template".into())
+                i.base.map(|b| format!("on {}", b.fmt_short())).unwrap_or_else(|| "template".into()),
+                if i.partial { "  (manifests only; data still to come)" } else { "" }
             );
         }
         s.trim_end().to_string()

@@ -304,6 +304,7 @@ impl Node {
             }
         }
         let mut layers = self.store().layers()?;
+        layers.retain(|(_, i)| !i.partial);
         layers.sort_by_key(|(_, i)| std::cmp::Reverse(i.created));
         let layers = layers.into_iter().map(|(id, _)| id).collect();
         let addrs = self.addr().ip_addrs().copied().collect();
@@ -464,7 +465,7 @@ impl Engine {
         }
         let udp_bytes = swarm.close();
 
-        record_layers(&self.store, &stack)?;
+        record_layers(&self.store, &stack, manifests_only)?;
         Ok(FetchReport {
             layer: layer.to_string(),
             stack: stack.iter().map(|s| s.to_string()).collect(),
@@ -548,19 +549,27 @@ pub fn stack_complete(store: &Store, top: &LayerId) -> Result<bool, Error> {
 }
 
 /// Remembers fetched layers like published ones, so `ls` and id prefixes
-/// find them.
-fn record_layers(store: &Store, stack: &[LayerId]) -> Result<(), Error> {
-    let have: std::collections::HashSet<LayerId> = store.layers()?.into_iter().map(|(id, _)| id).collect();
+/// find them; `partial` when only their manifests came (a lazy fetch). A
+/// later whole fetch marks a partial layer complete.
+fn record_layers(store: &Store, stack: &[LayerId], partial: bool) -> Result<(), Error> {
+    let have: std::collections::HashMap<LayerId, LayerInfo> = store.layers()?.into_iter().collect();
     let txn = store.begin_write()?;
     {
         let mut t = txn.open_table(LAYERS).map_err(|e| store.db_err(e))?;
-        for id in stack.iter().filter(|id| !have.contains(id)) {
-            let root = store.layer_root(id)?;
-            let info = LayerInfo {
-                base: root.base,
-                entries: root.entries,
-                file_bytes: root.file_bytes,
-                created: stats::now(),
+        for id in stack {
+            let info = match have.get(id) {
+                Some(info) if info.partial && !partial => LayerInfo { partial: false, ..info.clone() },
+                Some(_) => continue,
+                None => {
+                    let root = store.layer_root(id)?;
+                    LayerInfo {
+                        base: root.base,
+                        entries: root.entries,
+                        file_bytes: root.file_bytes,
+                        created: stats::now(),
+                        partial,
+                    }
+                }
             };
             let bytes = serde_json::to_vec(&info).unwrap_or_default();
             t.insert(id.as_bytes(), bytes.as_slice()).map_err(|e| store.db_err(e))?;

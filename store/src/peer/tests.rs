@@ -204,6 +204,9 @@ fn corrupt_solid_frame_is_refused_and_its_chunks_fetched_from_another() {
         // is a solid frame of data chunks.
         let manifests = FetchOptions { manifests_only: true, ..small_batches() };
         c.node.fetch(top, &[good.node.addr()], manifests).await.unwrap();
+        let partial =
+            |n: &Node| n.store().layers().unwrap().into_iter().find(|(id, _)| *id == top).map(|(_, i)| i.partial);
+        assert_eq!(partial(&c.node), Some(true), "manifests only: listed, but not announced as held");
         let rep = c.node.fetch(top, &[bad.node.addr(), good.node.addr()], small_batches()).await.unwrap();
         assert_eq!(rep.providers[0].bad_chunks, 1, "{rep:#?}");
         assert!(rep.providers[0].dropped.as_deref().unwrap_or("").contains("does not verify"), "{rep:#?}");
@@ -212,6 +215,7 @@ fn corrupt_solid_frame_is_refused_and_its_chunks_fetched_from_another() {
         assert_eq!(c.node.store().stack(&top).unwrap().len(), 1);
         let (missing, local) = missing_data_chunks(c.node.store(), &[top]).unwrap();
         assert!(missing.is_empty() && local == 24, "{} missing", missing.len());
+        assert_eq!(partial(&c.node), Some(false), "the whole fetch completes the layer");
     });
 }
 
