@@ -62,21 +62,41 @@ running_pid() { # PIDFILE PROG
 # --- 1. qemu.conf --------------------------------------------------------------
 
 changed=
-if [ "${XENOD_LIBVIRT_QEMU_ROOT:-1}" = 1 ] && ! grep -qxF "$MARK_BEGIN" "$QEMU_CONF"; then
-    # Settings must not be set twice in qemu.conf; refuse rather than guess.
-    if grep -qE '^\s*(user|group)\s*=' "$QEMU_CONF"; then
-        die "$QEMU_CONF already sets user/group; remove them or set XENOD_LIBVIRT_QEMU_ROOT=0"
-    fi
-    log "configuring $QEMU_CONF: QEMU runs as root (9p passthrough of root-owned trees)"
-    cat >>"$QEMU_CONF" <<EOF
+xenod_block() {
+    cat <<EOF
 $MARK_BEGIN
 # QEMU as root: xenod's fs-root guests share root-owned trees over virtio-9p
 # with accessmode='passthrough'; as libvirt-qemu their writes would fail.
 user = "root"
 group = "root"
+# Do not remember files' owners in xattrs before relabelling them: on a
+# cowfs union that xattr copies each file (the guest's kernel and initrd)
+# into the instance's upper layer. With QEMU as root no owner changes.
+remember_owner = 0
 $MARK_END
 EOF
-    changed=1
+}
+if [ "${XENOD_LIBVIRT_QEMU_ROOT:-1}" = 1 ]; then
+    begin=$(grep -nxF "$MARK_BEGIN" "$QEMU_CONF" | head -1 | cut -d: -f1)
+    end=$(grep -nxF "$MARK_END" "$QEMU_CONF" | head -1 | cut -d: -f1)
+    have=
+    if [ -n "$begin" ] && [ -n "$end" ] && [ "$begin" -lt "$end" ]; then
+        have=$(sed -n "${begin},${end}p" "$QEMU_CONF")
+    fi
+    if [ "$have" != "$(xenod_block)" ]; then
+        if [ -n "$have" ]; then
+            log "updating xenod's settings in $QEMU_CONF"
+            sed -i "${begin},${end}d" "$QEMU_CONF"
+        else
+            # Settings must not be set twice in qemu.conf; refuse rather than guess.
+            if grep -qE '^\s*(user|group|remember_owner)\s*=' "$QEMU_CONF"; then
+                die "$QEMU_CONF already sets user/group/remember_owner; remove them or set XENOD_LIBVIRT_QEMU_ROOT=0"
+            fi
+            log "configuring $QEMU_CONF: QEMU runs as root (9p passthrough of root-owned trees)"
+        fi
+        xenod_block >>"$QEMU_CONF"
+        changed=1
+    fi
 fi
 
 # --- 2. daemons ------------------------------------------------------------------

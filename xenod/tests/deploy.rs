@@ -57,6 +57,7 @@ fn fs_root_guest_replicas_and_commit() {
     // The guest's write is in the instance's private upper layer.
     let upper_counter = data.join("instances").join(&name).join("upper/var/lib/web/counter");
     assert_eq!(fs::read_to_string(&upper_counter).unwrap().trim(), "2");
+    boot_files_not_copied_up(&data, &name);
     // Its upper becomes an overlay that a second deploy starts from.
     let c = ok(&data, &["commit", &name, "--name", "template://t/web-state/1"]);
     assert!(c["entries"].as_u64().unwrap() >= 1);
@@ -112,5 +113,16 @@ fn disk_root_guest_suspends_and_resumes() {
     let upper = data.join("instances").join(&name).join("upper/disk/root.img");
     let used = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&upper).unwrap()) * 512;
     assert!(used < 16 << 20, "upper image uses {used} bytes");
+    boot_files_not_copied_up(&data, &name);
     ok(&data, &["destroy", &name]);
+}
+
+/// Booting, saving and restoring read the kernel and initrd from the union
+/// without copying them up (libvirt relabels the files it hands to QEMU; it
+/// must not leave xattrs on them).
+fn boot_files_not_copied_up(data: &std::path::Path, name: &str) {
+    for boot in ["boot/vmlinux", "boot/initrd.img"] {
+        let copy = data.join("instances").join(name).join("upper").join(boot);
+        assert!(!copy.exists(), "{} was copied into the instance's upper layer", copy.display());
+    }
 }
