@@ -14,6 +14,7 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
+use crate::filecache::Key;
 use crate::union::{Attr, FType, Handle, Union};
 
 /// Lower-only entries never change under the kernel's feet.
@@ -38,20 +39,35 @@ pub struct CowFs {
 /// open through this process (cached), none may pass through. A mismatch
 /// fails the open with EIO, so a file copied up while a cached handle is
 /// still open is served here until that handle closes.
+///
+/// The backing file of a lower-only inode is its materialised copy in the
+/// file cache, which must never be written: an open for writing (which
+/// would copy up and need the upper file as backing) is refused with
+/// ETXTBSY while such handles are open, as is any open of the inode once
+/// something else copied it up meanwhile; both clear when the readers close.
+/// overlayfs has no such case (its readers keep the lower file), but the
+/// kernel allows one backing file per FUSE inode.
 #[derive(Default)]
 struct Opens {
     cached: u32,
     through: u32,
     backing: Option<BackingId>,
+    /// The backing file is this file-cache entry (read-only lower data).
+    lower: Option<Key>,
 }
+
+/// open(2) flags that make an open write (or truncate) the file.
+const O_ACCMODE: i32 = 0o3;
+const O_TRUNC: i32 = 0o1000;
 
 impl CowFs {
     pub fn new(union: Arc<Union>) -> Self {
         Self::with_passthrough(union, true)
     }
 
-    /// `passthrough`: let the kernel read and write whole upper files
-    /// directly (FUSE passthrough, Linux 6.9+), when it offers it.
+    /// `passthrough`: let the kernel do file I/O directly (FUSE
+    /// passthrough, Linux 6.9+) when it offers it: whole upper files, and
+    /// lower files the file cache holds.
     pub fn with_passthrough(union: Arc<Union>, passthrough: bool) -> Self {
         Self {
             union,
@@ -62,34 +78,58 @@ impl CowFs {
         }
     }
 
-    /// Decides how handle `fh` of `ino` is opened and replies.
-    fn reply_open(&self, ino: INodeNo, fh: u64, reply: ReplyOpen) {
+    fn lock_opens(&self) -> std::sync::MutexGuard<'_, HashMap<INodeNo, Opens>> {
+        self.opens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decides how handle `fh` of `ino` is opened and replies. `opens` is
+    /// held from before the union opened the file, so no other open of the
+    /// inode can decide differently meanwhile.
+    fn reply_open(&self, opens: &mut HashMap<INodeNo, Opens>, ino: INodeNo, fh: u64, write: bool, reply: ReplyOpen) {
         let fh = FileHandle(fh);
         let lower_only = self.union.is_lower_only(ino.0);
         // Lower files never change: keep their pages across opens. Upper
         // files may have been written through a backing file meanwhile.
         let flags = if lower_only { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
-        let mut opens = self.opens.lock().unwrap_or_else(|e| e.into_inner());
         let o = opens.entry(ino).or_default();
-        if self.passthrough && !lower_only && o.cached == 0 {
+        if o.lower.is_some() && !lower_only {
+            // Copied up (by a setattr, rename, link...) while readers pass
+            // through to the lower copy: the upper file cannot be served
+            // until they close.
+            self.union.release(fh.0);
+            return reply.error(Errno::ETXTBSY);
+        }
+        if self.passthrough && o.cached == 0 {
             if o.backing.is_none() {
-                match self.union.backing_file(ino.0) {
-                    Ok(Some(file)) => match reply.open_backing(&file) {
-                        Ok(b) => o.backing = Some(b),
+                let file = if lower_only {
+                    if write { None } else { self.union.materialised(ino.0).map(|(k, f)| (Some(k), f)) }
+                } else {
+                    match self.union.backing_file(ino.0) {
+                        Ok(f) => f.map(|f| (None, f)),
+                        Err(e) => {
+                            self.union.release(fh.0);
+                            return reply.error(errno(e));
+                        }
+                    }
+                };
+                if let Some((key, file)) = file {
+                    match reply.open_backing(&file) {
+                        Ok(b) => {
+                            o.backing = Some(b);
+                            if let (Some(k), Some(files)) = (key, &self.union.files) {
+                                files.hold(k);
+                                o.lower = Some(k);
+                            }
+                        }
                         Err(e) => tracing::debug!(ino = ino.0, "no passthrough: {e}"),
-                    },
-                    Ok(None) => {}
-                    Err(e) => {
-                        drop(opens);
-                        self.union.release(fh.0);
-                        return reply.error(errno(e));
                     }
                 }
             }
             if let Some(b) = &o.backing {
                 o.through += 1;
-                reply.opened_passthrough(fh, flags, b);
-                drop(opens);
+                // The kernel refuses (EIO) passthrough opens with any flag
+                // outside FOPEN_PASSTHROUGH_MASK, FOPEN_KEEP_CACHE included.
+                reply.opened_passthrough(fh, FopenFlags::empty(), b);
                 self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, (ino, true));
                 return;
             }
@@ -97,19 +137,17 @@ impl CowFs {
         if o.through > 0 {
             // Cannot happen for a file that stays upper; refuse rather than
             // have the kernel fail the open.
-            drop(opens);
             self.union.release(fh.0);
             return reply.error(Errno::EBUSY);
         }
         o.cached += 1;
-        drop(opens);
         self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, (ino, false));
         reply.opened(fh, flags);
     }
 
     fn closed(&self, fh: FileHandle) {
         let Some((ino, through)) = self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh) else { return };
-        let mut opens = self.opens.lock().unwrap_or_else(|e| e.into_inner());
+        let mut opens = self.lock_opens();
         if let Some(o) = opens.get_mut(&ino) {
             if through {
                 o.through = o.through.saturating_sub(1);
@@ -118,6 +156,9 @@ impl CowFs {
             }
             if o.through == 0 && o.cached == 0 {
                 // Dropping the backing id closes it in the kernel.
+                if let (Some(k), Some(files)) = (o.lower, &self.union.files) {
+                    files.unhold(k);
+                }
                 opens.remove(&ino);
             }
         }
@@ -202,6 +243,8 @@ impl Filesystem for CowFs {
             && config.set_max_stack_depth(1).is_ok()
         {
             self.passthrough = true;
+        } else if let Some(files) = &self.union.files {
+            files.deactivate();
         }
         Ok(())
     }
@@ -290,8 +333,14 @@ impl Filesystem for CowFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.0 & O_ACCMODE != 0 || flags.0 & O_TRUNC != 0;
+        let mut opens = self.lock_opens();
+        if write && opens.get(&ino).is_some_and(|o| o.lower.is_some()) {
+            // Refused before copy-up: see `Opens`.
+            return reply.error(Errno::ETXTBSY);
+        }
         match self.union.open(ino.0, flags.0) {
-            Ok(fh) => self.reply_open(ino, fh, reply),
+            Ok(fh) => self.reply_open(&mut opens, ino, fh, write, reply),
             Err(e) => reply.error(errno(e)),
         }
     }

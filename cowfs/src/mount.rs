@@ -8,9 +8,14 @@ use fuser::{Config, MountOption, SessionACL};
 use xenod_store::{LayerId, Store};
 
 use crate::error::{Error, Result};
+use crate::filecache::FileCache;
 use crate::fs::CowFs;
 use crate::lower::LowerTree;
 use crate::union::Union;
+
+/// Default bound of the materialised-file cache: room for a few large
+/// files (images, databases, big libraries) without filling a small disk.
+pub const DEFAULT_FILE_CACHE: u64 = 4 << 30;
 
 /// How to mount.
 #[derive(Clone)]
@@ -31,9 +36,14 @@ pub struct MountOptions {
     /// Read-only host directories over the stack (below the upper), the
     /// first the highest, as in overlayfs's `lowerdir=` list.
     pub lower_dirs: Vec<PathBuf>,
-    /// Let the kernel do upper files' I/O directly (FUSE passthrough) where
-    /// it supports it; off while `control` tracks writes.
+    /// Let the kernel do file I/O directly (FUSE passthrough) where it
+    /// supports it: for whole upper files (not while `control` tracks
+    /// writes) and for reads of lower files materialised in the file cache.
     pub passthrough: bool,
+    /// Bound of the store's cache of materialised lower files
+    /// (`DATA_DIR/cache/files`, shared by every mount of the store), in
+    /// bytes; 0: no file cache (lower files are always read through here).
+    pub file_cache_bytes: u64,
     /// Track writes and answer `drain` on this Unix socket
     /// ([`crate::drain_dirty`]), for incremental commits.
     pub control: Option<PathBuf>,
@@ -50,6 +60,7 @@ impl std::fmt::Debug for MountOptions {
             .field("control", &self.control)
             .field("lower_dirs", &self.lower_dirs)
             .field("passthrough", &self.passthrough)
+            .field("file_cache_bytes", &self.file_cache_bytes)
             .field("fetch_missing", &self.fetch_missing.is_some())
             .finish_non_exhaustive()
     }
@@ -68,6 +79,7 @@ impl Default for MountOptions {
             fetch_missing: None,
             lower_dirs: Vec::new(),
             passthrough: true,
+            file_cache_bytes: DEFAULT_FILE_CACHE,
         }
     }
 }
@@ -75,7 +87,9 @@ impl Default for MountOptions {
 fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<(CowFs, Config)> {
     let lower = LowerTree::load_with(&store, stack, &opts.lower_dirs)?;
     let upper = if opts.read_only { None } else { opts.upper.as_deref() };
+    let files = if opts.passthrough { FileCache::open(store.clone(), opts.file_cache_bytes)? } else { None };
     let mut union = Union::new(store, lower, upper, opts.cache_bytes)?;
+    union.files = files;
     union.block_copy_min = opts.block_copy_min;
     if opts.control.is_some() {
         union.track_changes();
@@ -103,9 +117,10 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    // Passthrough writes bypass this process, and so the dirty tracker.
-    let passthrough = opts.passthrough && opts.control.is_none();
-    Ok((CowFs::with_passthrough(union, passthrough), config))
+    // Passthrough writes bypass this process, and so the dirty tracker:
+    // with `control`, upper files are served here (`Union::backing_file`);
+    // lower files pass through either way, they are only ever read.
+    Ok((CowFs::with_passthrough(union, opts.passthrough), config))
 }
 
 /// A mounted union, served by background threads; unmounted on drop.

@@ -27,7 +27,7 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +36,7 @@ use xenod_store::{Extent, Store, Timestamp, Xattr};
 
 use crate::cache::{ChunkCache, read_lower};
 use crate::error::{Errno, Error, FsResult, Result, io_errno};
+use crate::filecache::{FileCache, Key};
 use crate::lower::{LKind, LowerTree};
 use crate::partial::{DirtyMap, Partial};
 use crate::track::{DirtySet, Tracker};
@@ -117,8 +118,17 @@ struct State {
 
 /// An open file or directory.
 pub(crate) enum Handle {
-    File { ino: u64, file: Mutex<Option<Arc<File>>>, write: bool, append: bool },
-    Dir { entries: Vec<(Vec<u8>, u64, FType)> },
+    File {
+        ino: u64,
+        file: Mutex<Option<Arc<File>>>,
+        write: bool,
+        append: bool,
+        /// Whether this handle's lower file was offered to the file cache.
+        offered: AtomicBool,
+    },
+    Dir {
+        entries: Vec<(Vec<u8>, u64, FType)>,
+    },
 }
 
 /// The mounted union.
@@ -134,6 +144,8 @@ pub struct Union {
     pub block_copy_min: u64,
     /// Records what changes, when incremental commits are wanted.
     pub(crate) tracker: Option<Arc<Tracker>>,
+    /// Lower files materialised for the kernel to read directly.
+    pub(crate) files: Option<FileCache>,
 }
 
 fn ts(t: Timestamp) -> SystemTime {
@@ -267,6 +279,7 @@ impl Union {
             next_fh: AtomicU64::new(1),
             block_copy_min: BLOCK_COPY_MIN,
             tracker: None,
+            files: None,
         })
     }
 
@@ -1312,7 +1325,13 @@ impl Union {
             self.truncate_locked(&mut st, ino, 0)?;
         }
         drop(st);
-        Ok(self.add_handle(Handle::File { ino, file: Mutex::new(None), write, append: flags & 0o2000 != 0 }))
+        Ok(self.add_handle(Handle::File {
+            ino,
+            file: Mutex::new(None),
+            write,
+            append: flags & 0o2000 != 0,
+            offered: AtomicBool::new(false),
+        }))
     }
 
     pub fn create(&self, parent: u64, name: &[u8], mode: u32, flags: i32, uid: u32, gid: u32) -> FsResult<(Attr, u64)> {
@@ -1345,6 +1364,21 @@ impl Union {
         Ok(Some(file))
     }
 
+    /// For FUSE passthrough of a lower-only file: its materialised copy,
+    /// opened read-only, if the file cache has it.
+    pub(crate) fn materialised(&self, ino: u64) -> Option<(Key, File)> {
+        let files = self.files.as_ref()?;
+        let f = {
+            let st = self.lock();
+            let node = st.inodes.get(&ino)?;
+            if node.upper || node.ftype != FType::File {
+                return None;
+            }
+            self.lower.file(node.lower?)?.clone()
+        };
+        files.open_entry(&f)
+    }
+
     /// Whether `ino` shows lower data only (the kernel may keep its cache).
     pub(crate) fn is_lower_only(&self, ino: u64) -> bool {
         let st = self.lock();
@@ -1353,7 +1387,7 @@ impl Union {
 
     /// The upper file of a handle, opened on first use.
     fn upper_file(&self, h: &Handle) -> FsResult<Option<Arc<File>>> {
-        let Handle::File { ino, file, write, append } = h else { return Err(Errno::ISDIR) };
+        let Handle::File { ino, file, write, append, .. } = h else { return Err(Errno::ISDIR) };
         let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = &*f {
             return Ok(Some(f.clone()));
@@ -1400,7 +1434,7 @@ impl Union {
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
         let h = self.handle(fh)?;
-        let Handle::File { ino, .. } = &*h else { return Err(Errno::ISDIR) };
+        let Handle::File { ino, offered, .. } = &*h else { return Err(Errno::ISDIR) };
         let (partial, lower) = {
             let st = self.lock();
             let n = Self::inode(&st, *ino)?;
@@ -1411,7 +1445,16 @@ impl Union {
             let l = self.lower.find(&p.lower_path).ok_or(Errno::IO)?;
             p.read(off, &mut buf, &self.lower_reader(l))?
         } else if let Some(l) = lower {
-            self.read_lower_at(l, off, &mut buf)?
+            let n = self.read_lower_at(l, off, &mut buf)?;
+            // Data is wanted: have the file materialised, so that later
+            // opens pass through (see `filecache` for why not at open).
+            if let Some(files) = &self.files
+                && !offered.swap(true, Ordering::Relaxed)
+                && let Some(f) = self.lower.file(l)
+            {
+                files.request(f, || xenod_store::display_path(&self.lower.path(l)));
+            }
+            n
         } else {
             let f = self.upper_file(&h)?.ok_or(Errno::IO)?;
             let mut done = 0;
