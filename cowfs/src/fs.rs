@@ -32,7 +32,16 @@ pub struct CowFs {
     opens: Mutex<HashMap<INodeNo, Opens>>,
     /// How each open file handle was opened.
     handles: Mutex<HashMap<FileHandle, (INodeNo, bool)>>,
+    /// The kernel opens directories without asking (FUSE_NO_OPENDIR_SUPPORT).
+    no_opendir: bool,
+    /// Listings being read without an OPENDIR handle, by directory.
+    listings: Mutex<HashMap<INodeNo, Arc<Listing>>>,
 }
+
+type Listing = Vec<(Vec<u8>, u64, FType)>;
+
+/// Listings kept for readers that have not reached the end.
+const MAX_LISTINGS: usize = 1024;
 
 /// The kernel's rule for one inode: while any handle is open in passthrough
 /// mode, every open must pass through the same backing file; while any is
@@ -75,6 +84,8 @@ impl CowFs {
             passthrough: false,
             opens: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
+            no_opendir: false,
+            listings: Mutex::new(HashMap::new()),
         }
     }
 
@@ -143,6 +154,36 @@ impl CowFs {
         o.cached += 1;
         self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, (ino, false));
         reply.opened(fh, flags);
+    }
+
+    /// The listing a READDIR at `offset` continues: the open handle's, or
+    /// (no OPENDIR, `fh` 0) the one taken at offset 0 of this directory.
+    fn listing(&self, ino: INodeNo, fh: FileHandle, offset: u64) -> Result<Arc<Listing>, Errno> {
+        if fh.0 != 0 {
+            let h = self.union.handle(fh.0).map_err(errno)?;
+            let Handle::Dir { entries } = &*h else { return Err(Errno::ENOTDIR) };
+            return Ok(Arc::new(entries.clone()));
+        }
+        let mut l = self.listings.lock().unwrap_or_else(|e| e.into_inner());
+        if offset != 0
+            && let Some(e) = l.get(&ino)
+        {
+            return Ok(e.clone());
+        }
+        let e = Arc::new(self.union.dir_entries(ino.0).map_err(errno)?);
+        if l.len() >= MAX_LISTINGS {
+            // Readers that stopped midway: forget their listings.
+            l.clear();
+        }
+        l.insert(ino, e.clone());
+        Ok(e)
+    }
+
+    /// A listing was read to its end.
+    fn listed(&self, ino: INodeNo, fh: FileHandle) {
+        if fh.0 == 0 {
+            self.listings.lock().unwrap_or_else(|e| e.into_inner()).remove(&ino);
+        }
     }
 
     fn closed(&self, fh: FileHandle) {
@@ -234,6 +275,10 @@ impl Filesystem for CowFs {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_EXPORT_SUPPORT;
         let _ = config.add_capabilities(want & config.capabilities());
+        // Kernels that offer it (5.1+) take ENOSYS from OPENDIR as "open
+        // directories yourself", caching every listing; changes made
+        // through the mount still invalidate a directory's cached listing.
+        self.no_opendir = config.capabilities().contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         let _ = config.set_max_readahead(1 << 20);
         // Passthrough needs a stacking depth of at least 1; 1 (not 2) keeps
         // the mount usable as a lower layer of the kernel's overlayfs.
@@ -406,6 +451,12 @@ impl Filesystem for CowFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir {
+            // From now on the kernel opens directories itself, with
+            // FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR, and sends no OPENDIR or
+            // RELEASEDIR: two round trips less per directory walked.
+            return reply.error(Errno::ENOSYS);
+        }
         // A directory only lower layers show never changes: the kernel may
         // keep its listing across opens. Others are listed afresh per open
         // (changes made through the mount invalidate the kernel's copy anyway).
@@ -420,32 +471,40 @@ impl Filesystem for CowFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let h = match self.union.handle(fh.0) {
-            Ok(h) => h,
-            Err(e) => return reply.error(errno(e)),
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.listing(ino, fh, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
         };
-        let Handle::Dir { entries } = &*h else { return reply.error(Errno::ENOTDIR) };
+        let mut full = false;
         for (i, (name, ino, t)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*ino), i as u64 + 1, ftype(*t), OsStr::from_bytes(name)) {
+                full = true;
                 break;
             }
+        }
+        if !full {
+            self.listed(ino, fh);
         }
         reply.ok()
     }
 
-    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let h = match self.union.handle(fh.0) {
-            Ok(h) => h,
-            Err(e) => return reply.error(errno(e)),
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let entries = match self.listing(ino, fh, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
         };
-        let Handle::Dir { entries } = &*h else { return reply.error(Errno::ENOTDIR) };
+        let mut full = false;
         for (i, (name, ino, _)) in entries.iter().enumerate().skip(offset as usize) {
             let Ok(a) = self.union.getattr(*ino) else { continue };
             let ttl = if name == b"." || name == b".." { Duration::ZERO } else { ttl(&a) };
             if reply.add(INodeNo(*ino), i as u64 + 1, OsStr::from_bytes(name), &ttl, &fattr(&a), Generation(0)) {
+                full = true;
                 break;
             }
+        }
+        if !full {
+            self.listed(ino, fh);
         }
         reply.ok()
     }
@@ -526,12 +585,42 @@ impl Filesystem for CowFs {
         reply: ReplyCreate,
     ) {
         match self.union.create(parent.0, name.as_bytes(), mode & !umask, flags, req.uid(), req.gid()) {
-            Ok((a, fh)) => {
-                // fuser's create reply cannot pass through: a cached open.
-                let ino = INodeNo(a.ino);
-                self.opens.lock().unwrap_or_else(|e| e.into_inner()).entry(ino).or_default().cached += 1;
-                self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(FileHandle(fh), (ino, false));
-                reply.created(&ttl(&a), &fattr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+            Ok((a, fh, file)) => {
+                let (ino, fh) = (INodeNo(a.ino), FileHandle(fh));
+                let mut opens = self.lock_opens();
+                let o = opens.entry(ino).or_default();
+                // A new upper file: pass its I/O through, which also spares
+                // the first write's security.capability lookup.
+                if self.passthrough
+                    && o.cached == 0
+                    && let Some(file) = file
+                {
+                    if o.backing.is_none() {
+                        match reply.open_backing(&file) {
+                            Ok(b) => o.backing = Some(b),
+                            Err(e) => tracing::debug!(ino = ino.0, "no passthrough: {e}"),
+                        }
+                    }
+                    if let Some(b) = &o.backing {
+                        o.through += 1;
+                        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, (ino, true));
+                        return reply.created_passthrough(
+                            &ttl(&a),
+                            &fattr(&a),
+                            Generation(0),
+                            fh,
+                            FopenFlags::empty(),
+                            b,
+                        );
+                    }
+                }
+                if o.through > 0 {
+                    self.union.release(fh.0);
+                    return reply.error(Errno::EBUSY);
+                }
+                o.cached += 1;
+                self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, (ino, false));
+                reply.created(&ttl(&a), &fattr(&a), Generation(0), fh, FopenFlags::empty())
             }
             Err(e) => reply.error(errno(e)),
         }

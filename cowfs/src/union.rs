@@ -801,17 +801,32 @@ impl Union {
     fn prepare_create(&self, st: &mut State, parent: u64, name: &[u8]) -> FsResult<(PathBuf, bool)> {
         self.upper_root()?;
         check_name(name)?;
-        if self.child(st, parent, name)?.is_some() {
+        if st.dentries.contains_key(&(parent, name.to_vec())) {
+            return Err(Errno::EXIST);
+        }
+        let p = Self::inode(st, parent)?;
+        if p.ftype != FType::Dir {
+            return Err(Errno::NOTDIR);
+        }
+        // One look at the upper decides (as `child` would): a whiteout frees
+        // the name whatever is below, anything else there takes it. A parent
+        // not yet upper has an empty upper directory once copied up.
+        let (p_upper, p_lower_dir) = (p.upper, p.lower_dir);
+        let whiteout = if p_upper {
+            let pp = self.node_upath(st, parent)?;
+            match self.upper_stat(&pp.join(OsStr::from_bytes(name)))? {
+                Some(s) if is_whiteout(&s) => true,
+                Some(_) => return Err(Errno::EXIST),
+                None => false,
+            }
+        } else {
+            false
+        };
+        if !whiteout && p_lower_dir.and_then(|d| self.lower.child(d, name)).is_some() {
             return Err(Errno::EXIST);
         }
         self.copy_up(st, parent)?;
-        let pp = self.node_upath(st, parent)?;
-        let whiteout = match self.upper_stat(&pp.join(OsStr::from_bytes(name)))? {
-            Some(s) if is_whiteout(&s) => true,
-            Some(_) => return Err(Errno::EXIST),
-            None => false,
-        };
-        Ok((pp, whiteout))
+        Ok((self.node_upath(st, parent)?, whiteout))
     }
 
     /// Moves a staged object into place at `dst`, replacing a whiteout if
@@ -860,20 +875,40 @@ impl Union {
         gid: u32,
         target: Option<&[u8]>,
     ) -> FsResult<Attr> {
+        Ok(self.make_node(parent, name, mode, rdev, uid, gid, target)?.0)
+    }
+
+    /// [`Union::mknod`], also giving a new regular file opened for reading
+    /// and writing.
+    #[allow(clippy::too_many_arguments)]
+    fn make_node(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+        target: Option<&[u8]>,
+    ) -> FsResult<(Attr, Option<File>)> {
         let mut st = self.lock();
         let (pp, whiteout) = self.prepare_create(&mut st, parent, name)?;
         let tmp = self.stage_path(&mut st)?;
         let ft = FileType::from_raw_mode(mode);
         let ftype = if target.is_some() { FType::Symlink } else { FType::of_mode(mode) };
+        let mut file = None;
         match target {
             Some(t) => rustix::fs::symlink(OsStr::from_bytes(t), &tmp)?,
             None if ft == FileType::RegularFile || mode & 0o170000 == 0 => {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(|e| io_errno(&e))?;
+                file = Some(
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&tmp)
+                        .map_err(|e| io_errno(&e))?,
+                );
             }
             None => rustix::fs::mknodat(rustix::fs::CWD, &tmp, ft, Mode::from_raw_mode(0o600), rdev)?,
         }
@@ -890,7 +925,7 @@ impl Union {
         }
         self.install(&tmp, &pp.join(OsStr::from_bytes(name)), false, whiteout)?;
         let ino = self.new_inode(&mut st, parent, name, ftype, None);
-        self.attr_locked(&st, ino)
+        Ok((self.attr_locked(&st, ino)?, file))
     }
 
     pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
@@ -1277,13 +1312,18 @@ impl Union {
     }
 
     pub(crate) fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let entries = self.dir_entries(ino)?;
+        Ok(self.add_handle(Handle::Dir { entries }))
+    }
+
+    /// A directory's listing as readdir gives it: `.`, `..`, then the union's entries.
+    pub(crate) fn dir_entries(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, u64, FType)>> {
         let mut st = self.lock();
         let mut entries = vec![(b".".to_vec(), ino, FType::Dir)];
         let parent = Self::inode(&st, ino)?.names.first().map_or(1, |n| n.0);
         entries.push((b"..".to_vec(), parent, FType::Dir));
         entries.extend(self.list(&mut st, ino)?);
-        drop(st);
-        Ok(self.add_handle(Handle::Dir { entries }))
+        Ok(entries)
     }
 
     /// Names in a directory with their inode and type.
@@ -1334,10 +1374,21 @@ impl Union {
         }))
     }
 
-    pub fn create(&self, parent: u64, name: &[u8], mode: u32, flags: i32, uid: u32, gid: u32) -> FsResult<(Attr, u64)> {
-        let attr = self.mknod(parent, name, (mode & 0o7777) | 0o100000, 0, uid, gid, None)?;
+    /// Creates and opens a regular file. Also gives the new upper file,
+    /// opened for reading and writing, when the kernel may do its I/O
+    /// directly (as [`Union::backing_file`] would).
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<(Attr, u64, Option<File>)> {
+        let (attr, file) = self.make_node(parent, name, (mode & 0o7777) | 0o100000, 0, uid, gid, None)?;
         let fh = self.open(attr.ino, flags & !0o1000)?;
-        Ok((attr, fh))
+        Ok((attr, fh, file.filter(|_| self.tracker.is_none())))
     }
 
     /// For FUSE passthrough: the upper file behind `ino`, opened for reading
