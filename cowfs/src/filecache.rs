@@ -31,7 +31,9 @@
 //! open: opens that read nothing, such as probes that only fstat or mmap
 //! without faulting, should not cost a copy of the file), and written by one
 //! background thread, so a file being read is served as before meanwhile and
-//! its later opens pass through. Only chunks already in the store are used:
+//! its later opens pass through. At unmount the file being written is
+//! finished (the serving process exits next; the work would be lost), the
+//! rest of the queue dropped. Only chunks already in the store are used:
 //! on a lazily deployed stack a file whose chunks are still missing is not
 //! materialised (that would turn one small read into a fetch of the whole
 //! file); a later read asks again once the prefetch has brought them.
@@ -90,7 +92,9 @@ impl Key {
 /// The materialised-file cache of one store, as one mount uses it.
 pub(crate) struct FileCache {
     inner: Arc<Inner>,
-    queue: SyncSender<Job>,
+    /// None once the mount has finished.
+    queue: Mutex<Option<SyncSender<Job>>>,
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Off when the kernel has no passthrough: copies would go unused.
     active: AtomicBool,
 }
@@ -104,6 +108,8 @@ struct Inner {
     /// Entries this process has open for the kernel, with their counts.
     held: Mutex<HashMap<Key, u32>>,
     tmp: AtomicU64,
+    /// The mount is gone: drop queued work.
+    closing: AtomicBool,
 }
 
 struct Job {
@@ -134,22 +140,43 @@ impl FileCache {
             pending: Mutex::new(HashSet::new()),
             held: Mutex::new(HashMap::new()),
             tmp: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
         });
         inner.remove_dead_tmp();
         inner.make_room(0, None);
         let (queue, rx) = sync_channel::<Job>(QUEUE);
-        let worker = inner.clone();
-        std::thread::Builder::new()
+        let w = inner.clone();
+        let worker = std::thread::Builder::new()
             .name("cowfs-materialise".into())
             .spawn(move || {
-                // Ends when the mount drops its sender.
+                // Ends when the mount drops its sender, or closes.
                 while let Ok(job) = rx.recv() {
-                    worker.materialise(&job);
-                    worker.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&job.key);
+                    if w.closing.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    w.materialise(&job);
+                    w.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&job.key);
                 }
             })
             .map_err(Error::io("starting the materialiser for", &inner.dir))?;
-        Ok(Some(Self { inner, queue, active: AtomicBool::new(true) }))
+        Ok(Some(Self {
+            inner,
+            queue: Mutex::new(Some(queue)),
+            worker: Mutex::new(Some(worker)),
+            active: AtomicBool::new(true),
+        }))
+    }
+
+    /// At unmount: lets the file being written finish (its work is not
+    /// lost to the process exiting right after), drops the rest.
+    pub(crate) fn finish(&self) {
+        self.active.store(false, Ordering::Relaxed);
+        self.inner.closing.store(true, Ordering::Relaxed);
+        // Without a sender the worker's wait on an empty queue ends.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = w.join();
+        }
     }
 
     /// Stops materialising (the kernel refused passthrough).
@@ -197,11 +224,12 @@ impl FileCache {
         if !self.inner.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(key) {
             return;
         }
-        match self.queue.try_send(Job { key, data: f.clone(), path: path() }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.inner.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-            }
+        let sent = match &*self.queue.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(q) => q.try_send(Job { key, data: f.clone(), path: path() }),
+            None => Ok(()),
+        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = sent {
+            self.inner.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
         }
     }
 

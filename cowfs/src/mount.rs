@@ -127,6 +127,7 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     mountpoint: PathBuf,
+    union: Arc<Union>,
 }
 
 impl Mounted {
@@ -136,10 +137,12 @@ impl Mounted {
 
     /// Unmounts and waits for the session to end.
     pub fn unmount(mut self) -> Result<()> {
-        match self.session.take() {
+        let r = match self.session.take() {
             Some(s) => s.umount_and_join().map_err(Error::io("unmounting", &self.mountpoint)),
             None => Ok(()),
-        }
+        };
+        self.union.finish_background();
+        r
     }
 }
 
@@ -147,6 +150,7 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
             let _ = s.umount_and_join();
+            self.union.finish_background();
         }
     }
 }
@@ -155,8 +159,9 @@ impl Drop for Mounted {
 /// the background. The lower tree is loaded before this returns.
 pub fn mount(store: Arc<Store>, stack: &[LayerId], mountpoint: &Path, opts: &MountOptions) -> Result<Mounted> {
     let (fs, config) = prepare(store, stack, opts)?;
+    let union = fs.union.clone();
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
-    Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_path_buf() })
+    Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_path_buf(), union })
 }
 
 /// Mounts and serves in the calling thread until the filesystem is
@@ -169,9 +174,13 @@ pub fn serve(
     ready: impl FnOnce(),
 ) -> Result<()> {
     let (fs, config) = prepare(store, stack, opts)?;
+    let union = fs.union.clone();
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
     ready();
-    session.run().map_err(Error::io("serving", mountpoint))
+    let r = session.run().map_err(Error::io("serving", mountpoint));
+    // The caller exits next: finish the file being materialised first.
+    union.finish_background();
+    r
 }
 
 /// Whether `path` is a mount point (of any filesystem).

@@ -1430,6 +1430,14 @@ impl Union {
         files.open_entry(&f)
     }
 
+    /// At unmount: background work (materialising) ends; the file being
+    /// written is finished.
+    pub(crate) fn finish_background(&self) {
+        if let Some(f) = &self.files {
+            f.finish();
+        }
+    }
+
     /// Whether `ino` shows lower data only (the kernel may keep its cache).
     pub(crate) fn is_lower_only(&self, ino: u64) -> bool {
         let st = self.lock();
