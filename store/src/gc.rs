@@ -73,10 +73,14 @@ impl Store {
         let index = self.index_entries()?;
         let mut per_pack: HashMap<u64, (u64, Vec<ChunkId>)> = HashMap::new();
         let mut dead = Vec::new();
+        // A solid block's bytes count once, as live if any member is.
+        let mut counted = HashSet::new();
         for (id, loc) in &index {
             let slot = per_pack.entry(loc.pack).or_default();
             if live.contains(id) {
-                slot.0 += loc.stored_len as u64;
+                if loc.encoding != crate::Encoding::Block || counted.insert((loc.pack, loc.offset)) {
+                    slot.0 += loc.stored_len as u64;
+                }
             } else {
                 slot.1.push(*id);
                 dead.push(*id);
@@ -97,7 +101,9 @@ impl Store {
                 let index_loc: HashMap<ChunkId, u64> =
                     index.iter().filter(|(_, l)| l.pack == pack).map(|(id, l)| (*id, l.offset)).collect();
                 scan_pack(pack, &path, |r| {
-                    if live.contains(&r.id) && index_loc.get(&r.id) == Some(&r.loc.offset) {
+                    // A member of a block that does not open cannot be
+                    // copied; verify names it.
+                    if live.contains(&r.id) && index_loc.get(&r.id) == Some(&r.loc.offset) && r.damaged.is_none() {
                         keep.push(r);
                     }
                     Ok(())
@@ -106,7 +112,8 @@ impl Store {
                 reindex(self, &moved, &[])?;
                 self.forget_pack_file(pack);
                 fs::remove_file(&path).ctx("removing", &path)?;
-                let new_size: u64 = moved.iter().map(|(_, l)| l.stored_len as u64 + 41).sum();
+                let new_size =
+                    moved.first().and_then(|(_, l)| fs::metadata(self.pack_path(l.pack)).ok()).map_or(0, |m| m.len());
                 stats.rewritten_packs += 1;
                 stats.freed_bytes += size.saturating_sub(new_size);
             }

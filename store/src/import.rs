@@ -42,6 +42,10 @@ pub struct ImportOptions {
     pub all_images: bool,
     /// Called with the number of content bytes just processed.
     pub progress: Option<Progress>,
+    /// Store each chunk alone rather than in solid blocks: for data that
+    /// is about to be sent chunk by chunk, where taking members out of
+    /// blocks again would cost time (a migrating guest's memory).
+    pub single_chunks: bool,
 }
 
 impl std::fmt::Debug for ImportOptions {
@@ -63,11 +67,13 @@ impl ImportOptions {
     }
 }
 
-fn put_chunk(store: &Store, chunk: &[u8]) -> Result<Extent> {
+/// Chunks cut by content go into solid blocks (read in order, compressed
+/// together); fixed image blocks are stored alone (read at random).
+fn put_chunk(store: &Store, chunk: &[u8], solid: bool) -> Result<Extent> {
     if is_zero(chunk) {
         return Ok(Extent::Hole { len: chunk.len() as u64 });
     }
-    let (id, _) = store.put(chunk)?;
+    let (id, _) = if solid { store.put_solid(chunk)? } else { store.put(chunk)? };
     Ok(Extent::Data { id, len: chunk.len() as u32 })
 }
 
@@ -89,14 +95,15 @@ pub fn chunk_stream(
     at: &dyn Fn() -> String,
 ) -> Result<(Vec<Extent>, u64)> {
     let mut b = Batcher::with_capacity(reader, chunking, size_hint.saturating_add(1) as usize);
+    let solid = chunking == Chunking::Cdc && !opts.single_chunks;
     let mut out = Vec::new();
     let mut total = 0u64;
     while let Some(batch) = b.next_batch().map_err(|e| Error::io("reading", at())(e))? {
         let chunks: Vec<&[u8]> = batch.chunks().collect();
         let exts: Vec<Result<Extent>> = if chunks.len() > 1 {
-            chunks.par_iter().map(|c| put_chunk(store, c)).collect()
+            chunks.par_iter().map(|c| put_chunk(store, c, solid)).collect()
         } else {
-            chunks.iter().map(|c| put_chunk(store, c)).collect()
+            chunks.iter().map(|c| put_chunk(store, c, solid)).collect()
         };
         for e in exts {
             let e = e?;

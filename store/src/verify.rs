@@ -54,8 +54,14 @@ impl Store {
         let bad_packs = Mutex::new(Vec::new());
         packs.par_iter().for_each(|(pack, path)| {
             let r = scan_pack(*pack, path, |rec| {
-                match codec::decode(&rec.id, rec.loc.encoding, &rec.stored, rec.loc.plain_len as usize) {
-                    Ok(_) => {
+                let checked = match &rec.damaged {
+                    Some(why) => Err(why.clone()),
+                    None => codec::decode(&rec.id, rec.loc.encoding, &rec.stored, rec.loc.plain_len as usize)
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                };
+                match checked {
+                    Ok(()) => {
                         good.lock().unwrap_or_else(|e| e.into_inner()).insert((rec.id, rec.loc.pack, rec.loc.offset));
                     }
                     Err(e) => {

@@ -587,7 +587,11 @@ fn publish(ctx: &Ctx, src: &str, name: Option<&str>, image: bool, mut meta: BTre
     let path = Path::new(src);
     let total = if src == "-" { None } else { fs::metadata(path).ok().filter(|m| m.is_file()).map(|m| m.len()) };
     let pb = progress::bytes("publishing", total, ctx.json);
-    let opts = ImportOptions { all_images: image && path.is_dir(), progress: Some(progress::callback(&pb)) };
+    let opts = ImportOptions {
+        all_images: image && path.is_dir(),
+        progress: Some(progress::callback(&pb)),
+        ..ImportOptions::default()
+    };
     let mut w = LayerWriter::new(&store);
     let mut entries = 0u64;
     let mut sink = |e: Entry| {
@@ -679,7 +683,7 @@ fn overlay_create(
     let base = store.resolve(base_ref)?;
     let base_entries = Merged::of(&store, &base)?;
     let pb = progress::bytes("creating overlay", None, ctx.json);
-    let opts = ImportOptions { all_images: false, progress: Some(progress::callback(&pb)) };
+    let opts = ImportOptions { progress: Some(progress::callback(&pb)), ..ImportOptions::default() };
     let (tx, rx) = std::sync::mpsc::sync_channel::<xenod_store::Result<Entry>>(256);
     let mut entries = 0u64;
     let id = std::thread::scope(|s| -> Result<LayerId> {

@@ -389,7 +389,8 @@ fn state_layer(store: &Store, file: &Path, meta: BTreeMap<String, String>) -> Re
     let f = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
     let size = f.metadata()?.len();
     let at = || file.display().to_string();
-    let (extents, total) = chunk_stream(store, f, Chunking::Cdc, size, &ImportOptions::default(), &at)?;
+    let opts = ImportOptions { single_chunks: true, ..ImportOptions::default() };
+    let (extents, total) = chunk_stream(store, f, Chunking::Cdc, size, &opts, &at)?;
     let mut w = LayerWriter::new(store);
     w.push(&Entry::dir(Vec::new()))?;
     w.push(&Entry {

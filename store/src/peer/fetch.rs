@@ -50,7 +50,7 @@ use tokio::sync::Notify;
 use iroh::EndpointId;
 
 use super::PeerError;
-use super::protocol::{Request, WireError, read_frame};
+use super::protocol::{Answer, Request, WireError, read_answer};
 use super::stats::Stats;
 use crate::error::Error;
 use crate::id::ChunkId;
@@ -572,76 +572,91 @@ impl Swarm {
         let node = &self.conns[p].node;
         let conn_err = |e: &dyn std::fmt::Display| PeerError::Connection { peer: node.clone(), why: e.to_string() };
         let (mut send, mut recv) = self.conn(p).open_bi().await.map_err(|e| conn_err(&e))?;
-        send.write_all(&Request::Chunks(batch.to_vec()).encode()).await.map_err(|e| conn_err(&e))?;
+        send.write_all(&Request::Solid(batch.to_vec()).encode()).await.map_err(|e| conn_err(&e))?;
         send.finish().map_err(|e| conn_err(&e))?;
-        for id in batch {
-            let frame = match tokio::time::timeout(self.opts.read_timeout, read_frame(&mut recv)).await {
+        let mut next = 0;
+        while next < batch.len() {
+            let answer = match tokio::time::timeout(self.opts.read_timeout, read_answer(&mut recv)).await {
                 Err(_) => return Err(conn_err(&"no answer within the read timeout")),
                 Ok(Err(WireError::Io(e))) => return Err(conn_err(&e)),
                 Ok(Err(e)) => return Err(PeerError::Protocol { peer: node.clone(), why: e.to_string() }),
-                Ok(Ok(f)) => f,
+                Ok(Ok(a)) => a,
             };
-            let Some(frame) = frame else {
-                let mut st = self.lock();
-                if st.member[p].is_some() {
-                    st.not_yet.entry(*id).or_default().push((p, Instant::now()));
-                } else {
-                    st.lacks.entry(*id).or_default().push(p);
-                }
-                st.release(p, id);
-                drop(st);
-                self.notify.notify_waiters();
-                continue;
-            };
-            let wire = frame.stored.len() as u64;
-            self.wire_bytes.fetch_add(wire, Ordering::Relaxed);
-            let wanted = self.lock().inflight.contains_key(id);
-            if !wanted {
-                self.lock().reports[p].duplicates += 1;
-                continue;
-            }
-            let store = self.store.clone();
-            let id2 = *id;
-            let plain = frame.plain_len as u64;
-            let put = tokio::task::spawn_blocking(move || {
-                store.put_encoded(id2, frame.encoding, &frame.stored, frame.plain_len)
-            })
-            .await
-            .map_err(|e| PeerError::Connection { peer: node.clone(), why: format!("verifier task: {e}") })?;
-            match put {
-                Ok(_) => {}
-                Err(Error::ChunkCorrupt { why, .. }) => {
-                    self.stats.with(node, |t, c| {
-                        t.bad_chunks += 1;
-                        c.bad_chunks += 1;
-                    });
+            let id = batch[next];
+            let (ids, wire, lens) = match answer {
+                Answer::Absent => {
+                    next += 1;
                     let mut st = self.lock();
-                    st.reports[p].bad_chunks += 1;
-                    st.lacks.entry(*id).or_default().push(p);
-                    return Err(PeerError::BadChunk { peer: node.clone(), id: *id, why });
+                    if st.member[p].is_some() {
+                        st.not_yet.entry(id).or_default().push((p, Instant::now()));
+                    } else {
+                        st.lacks.entry(id).or_default().push(p);
+                    }
+                    st.release(p, &id);
+                    drop(st);
+                    self.notify.notify_waiters();
+                    continue;
                 }
-                Err(e) => return Err(PeerError::Store(e)),
-            }
-            self.bytes.fetch_add(plain, Ordering::Relaxed);
-            self.stats.with(node, |t, c| {
-                t.chunks_received += 1;
-                t.bytes_received += wire;
-                c.chunks_received += 1;
-                c.bytes_received += wire;
-            });
-            let (done, total) = {
-                let mut st = self.lock();
-                st.reports[p].chunks += 1;
-                st.reports[p].wire_bytes += wire;
-                if st.inflight.remove(id).is_some() {
-                    st.remaining -= 1;
+                Answer::One(frame) => {
+                    next += 1;
+                    let wire = frame.stored.len() as u64;
+                    self.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+                    if !self.lock().inflight.contains_key(&id) {
+                        self.lock().reports[p].duplicates += 1;
+                        continue;
+                    }
+                    let store = self.store.clone();
+                    let plain = frame.plain_len;
+                    let put = tokio::task::spawn_blocking(move || {
+                        store.put_encoded(id, frame.encoding, &frame.stored, frame.plain_len)
+                    })
+                    .await;
+                    self.checked(p, put.map(|r| r.map(|_| vec![plain])))?;
+                    (vec![id], wire, vec![plain])
                 }
-                (st.total - st.remaining, st.total)
+                Answer::Solid { count, block } => {
+                    let Some(ids) = batch.get(next..next + count as usize) else {
+                        let why = format!("solid frame of {count} chunks where {} were left", batch.len() - next);
+                        return Err(PeerError::Protocol { peer: node.clone(), why });
+                    };
+                    next += count as usize;
+                    let ids = ids.to_vec();
+                    let wire = block.len() as u64;
+                    self.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+                    let store = self.store.clone();
+                    let expect = ids.clone();
+                    let put = tokio::task::spawn_blocking(move || store.put_solid_frame(&block, &expect)).await;
+                    let lens = self.checked(p, put)?;
+                    (ids, wire, lens)
+                }
             };
-            if done == total {
-                self.notify.notify_waiters();
+            // Bytes on the wire are shared among a solid frame's chunks by size.
+            let plain_total: u64 = lens.iter().map(|&l| l as u64).sum::<u64>().max(1);
+            for (id, len) in ids.iter().zip(lens) {
+                let share = wire * len as u64 / plain_total;
+                let (done, total) = {
+                    let mut st = self.lock();
+                    if st.inflight.remove(id).is_none() {
+                        st.reports[p].duplicates += 1;
+                        continue;
+                    }
+                    st.remaining -= 1;
+                    st.reports[p].chunks += 1;
+                    st.reports[p].wire_bytes += share;
+                    (st.total - st.remaining, st.total)
+                };
+                self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                self.stats.with(node, |t, c| {
+                    t.chunks_received += 1;
+                    t.bytes_received += share;
+                    c.chunks_received += 1;
+                    c.bytes_received += share;
+                });
+                if done == total {
+                    self.notify.notify_waiters();
+                }
+                self.progress(done, total);
             }
-            self.progress(done, total);
             if self.since_flush.fetch_add(wire, Ordering::Relaxed) + wire >= self.opts.flush_every {
                 self.since_flush.store(0, Ordering::Relaxed);
                 let store = self.store.clone();
@@ -651,6 +666,31 @@ impl Swarm {
             }
         }
         Ok(())
+    }
+
+    /// What storing chunks from provider `p` came to: a chunk that does not
+    /// verify is recorded against `p` and ends its request.
+    fn checked(
+        &self,
+        p: usize,
+        put: Result<Result<Vec<u32>, Error>, tokio::task::JoinError>,
+    ) -> Result<Vec<u32>, PeerError> {
+        let node = &self.conns[p].node;
+        match put {
+            Err(e) => Err(PeerError::Connection { peer: node.clone(), why: format!("verifier task: {e}") }),
+            Ok(Ok(lens)) => Ok(lens),
+            Ok(Err(Error::ChunkCorrupt { id, why })) => {
+                self.stats.with(node, |t, c| {
+                    t.bad_chunks += 1;
+                    c.bad_chunks += 1;
+                });
+                let mut st = self.lock();
+                st.reports[p].bad_chunks += 1;
+                st.lacks.entry(id).or_default().push(p);
+                Err(PeerError::BadChunk { peer: node.clone(), id, why })
+            }
+            Ok(Err(e)) => Err(PeerError::Store(e)),
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use iroh::endpoint::Connection;
 
 use super::PeerError;
-use super::protocol::{Request, WireError, read_frame};
+use super::protocol::{Answer, Request, WireError, read_answer};
 use crate::codec::decode;
 use crate::id::ChunkId;
 
@@ -21,12 +21,15 @@ pub async fn fetch_one(conn: &Connection, id: ChunkId) -> Result<Option<Vec<u8>>
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| cerr(&e))?;
     send.write_all(&Request::Chunks(vec![id]).encode()).await.map_err(|e| cerr(&e))?;
     send.finish().map_err(|e| cerr(&e))?;
-    let frame = match tokio::time::timeout(READ_TIMEOUT, read_frame(&mut recv)).await {
+    let frame = match tokio::time::timeout(READ_TIMEOUT, read_answer(&mut recv)).await {
         Err(_) => return Err(cerr(&"no answer within the read timeout")),
         Ok(Err(WireError::Io(e))) => return Err(cerr(&e)),
         Ok(Err(e)) => return Err(PeerError::Protocol { peer, why: e.to_string() }),
-        Ok(Ok(None)) => return Ok(None),
-        Ok(Ok(Some(f))) => f,
+        Ok(Ok(Answer::Absent)) => return Ok(None),
+        Ok(Ok(Answer::One(f))) => f,
+        Ok(Ok(Answer::Solid { .. })) => {
+            return Err(PeerError::Protocol { peer, why: "solid frame in answer to a single-frame request".into() });
+        }
     };
     decode(&id, frame.encoding, &frame.stored, frame.plain_len as usize).map(Some).map_err(|e| PeerError::BadChunk {
         peer,

@@ -7,17 +7,26 @@
 //! request  := "XNQ1" op:u8 body
 //!   op 1 chunks: count:u16le id[32]*count        1 <= count <= MAX_BATCH
 //!   op 2 names:  (empty)
+//!   op 3 solid:  as chunks; the answer may also hold solid frames
 //!
-//! answer to chunks: one frame per requested id, in request order
+//! answer to chunks: frames in request order, one per requested id, or
+//! (op 3 only) one solid frame for the next `count` ids
 //!   frame   := 0x00 enc:u8 plain_len:u32le stored_len:u32le stored[stored_len]
 //!            | 0x01                            (this provider lacks the chunk)
+//!            | 0x02 count:u16le stored_len:u32le block[stored_len]
 //! answer to names:
 //!   names   := len:u32le json(Vec<NameRecord>)[len]
 //! ```
 //!
 //! `stored` is the chunk exactly as the provider keeps it at rest (zstd, or
 //! raw when compression did not shrink it), so nothing is recompressed on
-//! either side. A receiver trusts nothing in a frame: `plain_len` is capped
+//! either side. Chunks the provider keeps in solid blocks (see
+//! `store.rs`) travel in solid frames: `block` has the layout of a block
+//! record's payload, a member table naming exactly the next `count`
+//! requested ids in order, then one zstd frame of their plaintexts. The
+//! provider compresses the members asked for together (one frame for up to
+//! [`crate::store`]'s block size), and a receiver that needed every member
+//! keeps the block as it came. A receiver trusts nothing in a frame: `plain_len` is capped
 //! at [`MAX_PLAIN`], `stored_len` may not exceed `plain_len` (the encoder
 //! only keeps zstd output that is smaller), and the chunk must decode to
 //! bytes that hash to the id asked for before it is stored.
@@ -42,15 +51,36 @@ pub const MAX_NAMES: u32 = 8 << 20;
 const MAGIC: &[u8; 4] = b"XNQ1";
 const OP_CHUNKS: u8 = 1;
 const OP_NAMES: u8 = 2;
+const OP_SOLID: u8 = 3;
 const PRESENT: u8 = 0;
 const ABSENT: u8 = 1;
+const SOLID: u8 = 2;
+/// Largest solid frame accepted: a full block of incompressible members
+/// with its table and zstd's framing.
+pub const MAX_SOLID: u32 = (crate::store::BLOCK_MAX_PLAIN + (MAX_BATCH * 36) + (1 << 20)) as u32;
 const FRAME_HEADER: usize = 1 + 1 + 4 + 4;
 
 /// A request from a fetcher to a provider.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
+    /// Chunks, each in its own frame.
     Chunks(Vec<ChunkId>),
+    /// Chunks; runs of them may come in solid frames.
+    Solid(Vec<ChunkId>),
     Names,
+}
+
+/// The provider's answer for the next requested id(s).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// This provider lacks the chunk.
+    Absent,
+    One(Frame),
+    /// The next `count` requested ids, as a block payload.
+    Solid {
+        count: u16,
+        block: Vec<u8>,
+    },
 }
 
 /// One chunk as it travels: its encoding, plaintext length and stored bytes.
@@ -82,9 +112,9 @@ impl Request {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = MAGIC.to_vec();
         match self {
-            Self::Chunks(ids) => {
+            Self::Chunks(ids) | Self::Solid(ids) => {
                 debug_assert!(!ids.is_empty() && ids.len() <= MAX_BATCH);
-                b.push(OP_CHUNKS);
+                b.push(if matches!(self, Self::Solid(_)) { OP_SOLID } else { OP_CHUNKS });
                 b.extend_from_slice(&(ids.len() as u16).to_le_bytes());
                 for id in ids {
                     b.extend_from_slice(id.as_bytes());
@@ -103,7 +133,7 @@ impl Request {
             return Err(WireError::Invalid("not a xenod chunk request (bad magic)".into()));
         }
         match head[4] {
-            OP_CHUNKS => {
+            op @ (OP_CHUNKS | OP_SOLID) => {
                 let mut n = [0u8; 2];
                 r.read_exact(&mut n).await.map_err(WireError::from_read("request"))?;
                 let n = u16::from_le_bytes(n) as usize;
@@ -113,7 +143,7 @@ impl Request {
                 let mut raw = vec![0u8; n * 32];
                 r.read_exact(&mut raw).await.map_err(WireError::from_read("request"))?;
                 let ids = raw.chunks_exact(32).map(|c| ChunkId::from_bytes(c.try_into().unwrap_or([0; 32]))).collect();
-                Ok(Self::Chunks(ids))
+                Ok(if op == OP_SOLID { Self::Solid(ids) } else { Self::Chunks(ids) })
             }
             OP_NAMES => Ok(Self::Names),
             op => Err(WireError::Invalid(format!("unknown request op {op}"))),
@@ -121,11 +151,11 @@ impl Request {
     }
 }
 
-/// Writes the frame for one chunk, or the "absent" marker.
-pub async fn write_frame(w: &mut (impl AsyncWrite + Unpin), frame: Option<&Frame>) -> std::io::Result<()> {
-    match frame {
-        None => w.write_all(&[ABSENT]).await,
-        Some(f) => {
+/// Writes one answer.
+pub async fn write_answer(w: &mut (impl AsyncWrite + Unpin), answer: &Answer) -> std::io::Result<()> {
+    match answer {
+        Answer::Absent => w.write_all(&[ABSENT]).await,
+        Answer::One(f) => {
             let mut h = [0u8; FRAME_HEADER];
             h[0] = PRESENT;
             h[1] = f.encoding as u8;
@@ -134,35 +164,63 @@ pub async fn write_frame(w: &mut (impl AsyncWrite + Unpin), frame: Option<&Frame
             w.write_all(&h).await?;
             w.write_all(&f.stored).await
         }
+        Answer::Solid { count, block } => {
+            let mut h = [0u8; 7];
+            h[0] = SOLID;
+            h[1..3].copy_from_slice(&count.to_le_bytes());
+            h[3..7].copy_from_slice(&(block.len() as u32).to_le_bytes());
+            w.write_all(&h).await?;
+            w.write_all(block).await
+        }
     }
 }
 
-/// Reads one frame; `Ok(None)` when the provider lacks the chunk. The
-/// length fields are checked before any buffer is sized from them.
-pub async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> Result<Option<Frame>, WireError> {
+/// Reads one answer. The length fields are checked before any buffer is
+/// sized from them; what a solid frame holds is checked by the store.
+pub async fn read_answer(r: &mut (impl AsyncRead + Unpin)) -> Result<Answer, WireError> {
     let mut status = [0u8; 1];
     r.read_exact(&mut status).await.map_err(WireError::from_read("frame header"))?;
     match status[0] {
-        ABSENT => return Ok(None),
-        PRESENT => {}
-        s => return Err(WireError::Invalid(format!("unknown frame status {s}"))),
+        ABSENT => Ok(Answer::Absent),
+        PRESENT => {
+            let mut h = [0u8; FRAME_HEADER - 1];
+            r.read_exact(&mut h).await.map_err(WireError::from_read("frame header"))?;
+            let encoding = Encoding::from_u8(h[0])
+                .filter(|e| *e != Encoding::Block)
+                .ok_or_else(|| WireError::Invalid(format!("unknown encoding {}", h[0])))?;
+            let plain_len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]);
+            let stored_len = u32::from_le_bytes([h[5], h[6], h[7], h[8]]);
+            if plain_len > MAX_PLAIN {
+                return Err(WireError::Invalid(format!(
+                    "frame claims {plain_len} plaintext bytes, more than {MAX_PLAIN}"
+                )));
+            }
+            if stored_len > plain_len || (encoding == Encoding::Raw && stored_len != plain_len) {
+                return Err(WireError::Invalid(format!(
+                    "frame stores {stored_len} bytes for {plain_len} of plaintext in encoding {encoding:?}"
+                )));
+            }
+            let mut stored = vec![0u8; stored_len as usize];
+            r.read_exact(&mut stored).await.map_err(WireError::from_read("frame"))?;
+            Ok(Answer::One(Frame { encoding, plain_len, stored }))
+        }
+        SOLID => {
+            let mut h = [0u8; 6];
+            r.read_exact(&mut h).await.map_err(WireError::from_read("solid frame header"))?;
+            let count = u16::from_le_bytes([h[0], h[1]]);
+            let len = u32::from_le_bytes([h[2], h[3], h[4], h[5]]);
+            if count == 0 || count as usize > MAX_BATCH {
+                return Err(WireError::Invalid(format!("solid frame of {count} chunks is outside 1..={MAX_BATCH}")));
+            }
+            if len > MAX_SOLID {
+                return Err(WireError::Invalid(format!("solid frame of {len} bytes exceeds {MAX_SOLID}")));
+            }
+            let mut block = vec![0u8; len as usize];
+            r.read_exact(&mut block).await.map_err(WireError::from_read("solid frame"))?;
+            Ok(Answer::Solid { count, block })
+        }
+        s => Err(WireError::Invalid(format!("unknown frame status {s}"))),
     }
-    let mut h = [0u8; FRAME_HEADER - 1];
-    r.read_exact(&mut h).await.map_err(WireError::from_read("frame header"))?;
-    let encoding = Encoding::from_u8(h[0]).ok_or_else(|| WireError::Invalid(format!("unknown encoding {}", h[0])))?;
-    let plain_len = u32::from_le_bytes([h[1], h[2], h[3], h[4]]);
-    let stored_len = u32::from_le_bytes([h[5], h[6], h[7], h[8]]);
-    if plain_len > MAX_PLAIN {
-        return Err(WireError::Invalid(format!("frame claims {plain_len} plaintext bytes, more than {MAX_PLAIN}")));
-    }
-    if stored_len > plain_len || (encoding == Encoding::Raw && stored_len != plain_len) {
-        return Err(WireError::Invalid(format!(
-            "frame stores {stored_len} bytes for {plain_len} of plaintext in encoding {encoding:?}"
-        )));
-    }
-    let mut stored = vec![0u8; stored_len as usize];
-    r.read_exact(&mut stored).await.map_err(WireError::from_read("frame"))?;
-    Ok(Some(Frame { encoding, plain_len, stored }))
 }
 
 /// Writes a names answer.
@@ -197,7 +255,10 @@ mod tests {
         rt().block_on(async {
             // Boundary batch sizes: 1 and MAX_BATCH pass.
             for n in [1, 2, MAX_BATCH] {
-                let req = Request::Chunks((0..n).map(|i| ChunkId::of(&i.to_le_bytes())).collect());
+                let ids: Vec<ChunkId> = (0..n).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+                let solid = Request::Solid(ids.clone());
+                assert_eq!(Request::read(&mut solid.encode().as_slice()).await.unwrap(), solid);
+                let req = Request::Chunks(ids);
                 let b = req.encode();
                 assert_eq!(Request::read(&mut b.as_slice()).await.unwrap(), req);
                 // Every truncation is refused as truncated.
@@ -220,14 +281,17 @@ mod tests {
     #[test]
     fn frames_round_trip_and_hostile_lengths() {
         rt().block_on(async {
-            let f = Frame { encoding: Encoding::Zstd, plain_len: 100, stored: vec![7; 40] };
+            let f = Answer::One(Frame { encoding: Encoding::Zstd, plain_len: 100, stored: vec![7; 40] });
+            let solid = Answer::Solid { count: 3, block: vec![1; 77] };
             let mut b = Vec::new();
-            write_frame(&mut b, Some(&f)).await.unwrap();
-            write_frame(&mut b, None).await.unwrap();
+            for a in [&f, &Answer::Absent, &solid] {
+                write_answer(&mut b, a).await.unwrap();
+            }
             let mut r = b.as_slice();
-            assert_eq!(read_frame(&mut r).await.unwrap(), Some(f));
-            assert_eq!(read_frame(&mut r).await.unwrap(), None);
-            assert!(matches!(read_frame(&mut r).await, Err(WireError::Truncated(_))));
+            assert_eq!(read_answer(&mut r).await.unwrap(), f);
+            assert_eq!(read_answer(&mut r).await.unwrap(), Answer::Absent);
+            assert_eq!(read_answer(&mut r).await.unwrap(), solid);
+            assert!(matches!(read_answer(&mut r).await, Err(WireError::Truncated(_))));
 
             let frame = |status: u8, enc: u8, plain: u32, stored: u32| {
                 let mut b = vec![status, enc];
@@ -240,15 +304,19 @@ mod tests {
                 (frame(0, 1, 10, u32::MAX), "stores"),
                 (frame(0, 0, 10, 9), "stores"),
                 (frame(0, 9, 10, 9), "unknown encoding"),
+                (frame(0, 2, 10, 9), "unknown encoding"),
                 (frame(5, 0, 0, 0), "unknown frame status"),
+                ([&[2u8, 0, 0][..], &[1, 0, 0, 0]].concat(), "outside"),
+                ([&[2u8, 1, 1][..], &[1, 0, 0, 0]].concat(), "outside"),
+                ([&[2u8, 1, 0][..], &u32::MAX.to_le_bytes()].concat(), "exceeds"),
             ] {
-                let e = read_frame(&mut bytes.as_slice()).await.unwrap_err().to_string();
+                let e = read_answer(&mut bytes.as_slice()).await.unwrap_err().to_string();
                 assert!(e.contains(why), "{e}");
             }
             // A plausible header with its payload cut short.
             let mut cut = frame(0, 0, 10, 10);
             cut.extend_from_slice(&[1; 5]);
-            assert!(matches!(read_frame(&mut cut.as_slice()).await, Err(WireError::Truncated(_))));
+            assert!(matches!(read_answer(&mut cut.as_slice()).await, Err(WireError::Truncated(_))));
 
             let huge = (MAX_NAMES + 1).to_le_bytes();
             assert!(read_names(&mut huge.as_slice()).await.unwrap_err().to_string().contains("exceeds"));

@@ -18,10 +18,10 @@ use iroh::protocol::{AcceptError, ProtocolHandler};
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
-use super::protocol::{Frame, Request, WireError, write_frame, write_names};
+use super::protocol::{Answer, Frame, Request, WireError, write_answer, write_names};
 use super::stats::Stats;
 use crate::error::Error;
-use crate::store::Store;
+use crate::store::{BLOCK_TARGET, BlockBuf, Store};
 
 /// Frames buffered per stream between the pack reader and the network.
 pub const FRAMES_IN_FLIGHT: usize = 8;
@@ -66,7 +66,8 @@ impl Provider {
             .await
             .map_err(|_| WireError::Invalid("no request within the timeout".into()))??;
         match req {
-            Request::Chunks(ids) => self.serve_chunks(peer, &mut send, ids).await?,
+            Request::Chunks(ids) => self.serve_chunks(peer, &mut send, ids, false).await?,
+            Request::Solid(ids) => self.serve_chunks(peer, &mut send, ids, true).await?,
             Request::Names => {
                 let mut recs = self.store.names().unwrap_or_default();
                 if self.forge_names {
@@ -87,47 +88,90 @@ impl Provider {
         Ok(())
     }
 
-    async fn serve_chunks(&self, peer: &str, send: &mut SendStream, ids: Vec<crate::ChunkId>) -> Result<(), WireError> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<Frame>>(FRAMES_IN_FLIGHT);
+    async fn serve_chunks(
+        &self,
+        peer: &str,
+        send: &mut SendStream,
+        ids: Vec<crate::ChunkId>,
+        solid: bool,
+    ) -> Result<(), WireError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Answer>(FRAMES_IN_FLIGHT);
         let store = self.store.clone();
         let corrupt = self.corrupt_left.clone();
         let reader = tokio::task::spawn_blocking(move || {
-            for id in ids {
-                let frame = match store.get_encoded(&id) {
-                    Ok((loc, mut stored)) => {
-                        if corrupt.load(Ordering::Relaxed) > 0
-                            && corrupt.fetch_sub(1, Ordering::Relaxed) > 0
-                            && let Some(b) = stored.last_mut()
-                        {
-                            *b ^= 0x55;
-                        }
-                        Some(Frame { encoding: loc.encoding, plain_len: loc.plain_len, stored })
+            let corrupt_one = |bytes: &mut Vec<u8>| {
+                if corrupt.load(Ordering::Relaxed) > 0
+                    && corrupt.fetch_sub(1, Ordering::Relaxed) > 0
+                    && let Some(b) = bytes.last_mut()
+                {
+                    *b ^= 0x55;
+                }
+            };
+            // Members of solid blocks asked for one after another, to be
+            // compressed together into one solid frame.
+            let mut run = BlockBuf::default();
+            let send_run = |run: &mut BlockBuf| -> bool {
+                if run.len() == 0 {
+                    return true;
+                }
+                let count = run.len() as u16;
+                let answer = match run.wire_payload() {
+                    Some(mut block) => {
+                        corrupt_one(&mut block);
+                        Answer::Solid { count, block }
                     }
-                    Err(Error::ChunkMissing { .. }) => None,
-                    Err(e) => {
-                        tracing::warn!("cannot serve chunk {}: {e}", id.fmt_short());
-                        None
-                    }
+                    None => return false,
                 };
-                if tx.blocking_send(frame).is_err() {
-                    break;
+                *run = BlockBuf::default();
+                tx.blocking_send(answer).is_ok()
+            };
+            for id in ids {
+                let answer = match if solid { store.member_plain(&id) } else { Ok(None) } {
+                    Ok(Some(plain)) => {
+                        run.push(id, &plain);
+                        if run.plain_len() >= BLOCK_TARGET && !send_run(&mut run) {
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok(None) => match store.get_encoded(&id) {
+                        Ok((loc, mut stored)) => {
+                            corrupt_one(&mut stored);
+                            Answer::One(Frame { encoding: loc.encoding, plain_len: loc.plain_len, stored })
+                        }
+                        Err(e) => absent(&id, e),
+                    },
+                    Err(e) => absent(&id, e),
+                };
+                if !send_run(&mut run) || tx.blocking_send(answer).is_err() {
+                    return;
                 }
             }
+            send_run(&mut run);
         });
         let (mut n, mut bytes, mut absent) = (0u64, 0u64, 0u64);
         let mut result = Ok(());
-        while let Some(frame) = rx.recv().await {
-            if !self.delay.is_zero() {
-                tokio::time::sleep(self.delay).await;
-            }
-            match &frame {
-                Some(f) => {
-                    n += 1;
+        while let Some(answer) = rx.recv().await {
+            let chunks = match &answer {
+                Answer::One(f) => {
                     bytes += f.stored.len() as u64;
+                    n += 1;
+                    1
                 }
-                None => absent += 1,
+                Answer::Solid { count, block } => {
+                    bytes += block.len() as u64;
+                    n += *count as u64;
+                    *count as u32
+                }
+                Answer::Absent => {
+                    absent += 1;
+                    1
+                }
+            };
+            if !self.delay.is_zero() {
+                tokio::time::sleep(self.delay * chunks).await;
             }
-            if let Err(e) = write_frame(send, frame.as_ref()).await {
+            if let Err(e) = write_answer(send, &answer).await {
                 result = Err(WireError::Io(e));
                 break;
             }
@@ -142,6 +186,14 @@ impl Provider {
         });
         result
     }
+}
+
+/// The answer for a chunk that cannot be served.
+fn absent(id: &crate::ChunkId, e: Error) -> Answer {
+    if !matches!(e, Error::ChunkMissing { .. }) {
+        tracing::warn!("cannot serve chunk {}: {e}", id.fmt_short());
+    }
+    Answer::Absent
 }
 
 impl ProtocolHandler for Provider {

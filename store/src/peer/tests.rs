@@ -37,6 +37,8 @@ fn entry(path: &str, kind: Kind) -> Entry {
 }
 
 /// A layer of `files` files of `chunks` 64 KiB chunks each, on `base`.
+/// Even seeds store their chunks in solid blocks, odd ones alone, so a
+/// stack of both travels in solid frames and single frames.
 fn make_layer(store: &Store, seed: u64, files: usize, chunks: usize, base: Option<LayerId>) -> LayerId {
     let mut w = LayerWriter::new(store);
     w.push(&entry("", Kind::Dir { opaque: false })).unwrap();
@@ -44,7 +46,7 @@ fn make_layer(store: &Store, seed: u64, files: usize, chunks: usize, base: Optio
         let mut extents = Vec::new();
         for c in 0..chunks {
             let data = noise(65536, seed * 1_000_000 + (f * chunks + c) as u64);
-            let (id, _) = store.put(&data).unwrap();
+            let (id, _) = if seed.is_multiple_of(2) { store.put_solid(&data) } else { store.put(&data) }.unwrap();
             extents.push(Extent::Data { id, len: data.len() as u32 });
         }
         let size = (chunks * 65536) as u64;
@@ -135,6 +137,23 @@ fn two_providers_share_the_work_and_a_refetch_asks_nothing() {
         assert!(rep.providers.iter().all(|p| p.chunks > 0 && p.dropped.is_none()), "{rep:#?}");
         assert!(calls.load(std::sync::atomic::Ordering::Relaxed) > 0);
         assert!(rep.wire_bytes < rep.bytes, "chunks travel compressed: {rep:?}");
+        // The solid layer's chunks arrived in solid frames and are kept as
+        // the blocks they came in; the other layer's chunks stay single.
+        let mut encodings = std::collections::HashMap::new();
+        for l in c.node.store().stack(&top).unwrap() {
+            for e in c.node.store().read_layer(&l).unwrap() {
+                if let Kind::File { extents, .. } = e.unwrap().kind {
+                    for x in extents {
+                        if let Extent::Data { id, .. } = x {
+                            let enc = c.node.store().locate(&id).unwrap().unwrap().encoding;
+                            *encodings.entry((l == top, enc)).or_insert(0) += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(encodings.get(&(true, crate::Encoding::Block)), Some(&16), "{encodings:?}");
+        assert_eq!(encodings.get(&(false, crate::Encoding::Block)), None, "{encodings:?}");
 
         // Resumable: nothing is asked for again, even with no provider up.
         a.node.shutdown().await;
@@ -168,6 +187,31 @@ fn corrupt_chunk_is_refused_and_fetched_from_another() {
         let e = d.node.fetch(top2, &[bad2.node.addr()], small_batches()).await.unwrap_err();
         assert!(e.to_string().contains("does not verify"), "{e}");
         assert!(!d.node.store().contains(&top2).unwrap());
+    });
+}
+
+#[test]
+fn corrupt_solid_frame_is_refused_and_its_chunks_fetched_from_another() {
+    rt().block_on(async {
+        let bad = host(Misbehave { corrupt_chunks: 1, ..Default::default() }).await;
+        let (good, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
+        let mut top = None;
+        for h in [&bad, &good] {
+            top = Some(make_layer(h.node.store(), 4, 3, 8, None));
+        }
+        let top = top.unwrap();
+        // Manifests first from the good host, so the bad one's first answer
+        // is a solid frame of data chunks.
+        let manifests = FetchOptions { manifests_only: true, ..small_batches() };
+        c.node.fetch(top, &[good.node.addr()], manifests).await.unwrap();
+        let rep = c.node.fetch(top, &[bad.node.addr(), good.node.addr()], small_batches()).await.unwrap();
+        assert_eq!(rep.providers[0].bad_chunks, 1, "{rep:#?}");
+        assert!(rep.providers[0].dropped.as_deref().unwrap_or("").contains("does not verify"), "{rep:#?}");
+        let report = c.node.store().verify().unwrap();
+        assert!(report.is_clean(), "{report:#?}");
+        assert_eq!(c.node.store().stack(&top).unwrap().len(), 1);
+        let (missing, local) = missing_data_chunks(c.node.store(), &[top]).unwrap();
+        assert!(missing.is_empty() && local == 24, "{} missing", missing.len());
     });
 }
 
