@@ -14,6 +14,7 @@ use fuser::{
     TimeOrNow, WriteFlags,
 };
 
+use crate::filecache::Key;
 use crate::union::{Attr, FType, Handle, Union};
 
 /// Lower-only entries never change under the kernel's feet.
@@ -31,27 +32,51 @@ pub struct CowFs {
     opens: Mutex<HashMap<INodeNo, Opens>>,
     /// How each open file handle was opened.
     handles: Mutex<HashMap<FileHandle, (INodeNo, bool)>>,
+    /// The kernel opens directories without asking (FUSE_NO_OPENDIR_SUPPORT).
+    no_opendir: bool,
+    /// Listings being read without an OPENDIR handle, by directory.
+    listings: Mutex<HashMap<INodeNo, Arc<Listing>>>,
 }
+
+type Listing = Vec<(Vec<u8>, u64, FType)>;
+
+/// Listings kept for readers that have not reached the end.
+const MAX_LISTINGS: usize = 1024;
 
 /// The kernel's rule for one inode: while any handle is open in passthrough
 /// mode, every open must pass through the same backing file; while any is
 /// open through this process (cached), none may pass through. A mismatch
 /// fails the open with EIO, so a file copied up while a cached handle is
 /// still open is served here until that handle closes.
+///
+/// The backing file of a lower-only inode is its materialised copy in the
+/// file cache, which must never be written: an open for writing (which
+/// would copy up and need the upper file as backing) is refused with
+/// ETXTBSY while such handles are open, as is any open of the inode once
+/// something else copied it up meanwhile; both clear when the readers close.
+/// overlayfs has no such case (its readers keep the lower file), but the
+/// kernel allows one backing file per FUSE inode.
 #[derive(Default)]
 struct Opens {
     cached: u32,
     through: u32,
     backing: Option<BackingId>,
+    /// The backing file is this file-cache entry (read-only lower data).
+    lower: Option<Key>,
 }
+
+/// open(2) flags that make an open write (or truncate) the file.
+const O_ACCMODE: i32 = 0o3;
+const O_TRUNC: i32 = 0o1000;
 
 impl CowFs {
     pub fn new(union: Arc<Union>) -> Self {
         Self::with_passthrough(union, true)
     }
 
-    /// `passthrough`: let the kernel read and write whole upper files
-    /// directly (FUSE passthrough, Linux 6.9+), when it offers it.
+    /// `passthrough`: let the kernel do file I/O directly (FUSE
+    /// passthrough, Linux 6.9+) when it offers it: whole upper files, and
+    /// lower files the file cache holds.
     pub fn with_passthrough(union: Arc<Union>, passthrough: bool) -> Self {
         Self {
             union,
@@ -59,37 +84,63 @@ impl CowFs {
             passthrough: false,
             opens: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
+            no_opendir: false,
+            listings: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Decides how handle `fh` of `ino` is opened and replies.
-    fn reply_open(&self, ino: INodeNo, fh: u64, reply: ReplyOpen) {
+    fn lock_opens(&self) -> std::sync::MutexGuard<'_, HashMap<INodeNo, Opens>> {
+        self.opens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decides how handle `fh` of `ino` is opened and replies. `opens` is
+    /// held from before the union opened the file, so no other open of the
+    /// inode can decide differently meanwhile.
+    fn reply_open(&self, opens: &mut HashMap<INodeNo, Opens>, ino: INodeNo, fh: u64, write: bool, reply: ReplyOpen) {
         let fh = FileHandle(fh);
         let lower_only = self.union.is_lower_only(ino.0);
         // Lower files never change: keep their pages across opens. Upper
         // files may have been written through a backing file meanwhile.
         let flags = if lower_only { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
-        let mut opens = self.opens.lock().unwrap_or_else(|e| e.into_inner());
         let o = opens.entry(ino).or_default();
-        if self.passthrough && !lower_only && o.cached == 0 {
+        if o.lower.is_some() && !lower_only {
+            // Copied up (by a setattr, rename, link...) while readers pass
+            // through to the lower copy: the upper file cannot be served
+            // until they close.
+            self.union.release(fh.0);
+            return reply.error(Errno::ETXTBSY);
+        }
+        if self.passthrough && o.cached == 0 {
             if o.backing.is_none() {
-                match self.union.backing_file(ino.0) {
-                    Ok(Some(file)) => match reply.open_backing(&file) {
-                        Ok(b) => o.backing = Some(b),
+                let file = if lower_only {
+                    if write { None } else { self.union.materialised(ino.0).map(|(k, f)| (Some(k), f)) }
+                } else {
+                    match self.union.backing_file(ino.0) {
+                        Ok(f) => f.map(|f| (None, f)),
+                        Err(e) => {
+                            self.union.release(fh.0);
+                            return reply.error(errno(e));
+                        }
+                    }
+                };
+                if let Some((key, file)) = file {
+                    match reply.open_backing(&file) {
+                        Ok(b) => {
+                            o.backing = Some(b);
+                            if let (Some(k), Some(files)) = (key, &self.union.files) {
+                                files.hold(k);
+                                o.lower = Some(k);
+                            }
+                        }
                         Err(e) => tracing::debug!(ino = ino.0, "no passthrough: {e}"),
-                    },
-                    Ok(None) => {}
-                    Err(e) => {
-                        drop(opens);
-                        self.union.release(fh.0);
-                        return reply.error(errno(e));
                     }
                 }
             }
             if let Some(b) = &o.backing {
                 o.through += 1;
-                reply.opened_passthrough(fh, flags, b);
-                drop(opens);
+                // The kernel refuses (EIO) passthrough opens with any flag
+                // outside FOPEN_PASSTHROUGH_MASK, FOPEN_KEEP_CACHE included.
+                reply.opened_passthrough(fh, FopenFlags::empty(), b);
                 self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, (ino, true));
                 return;
             }
@@ -97,19 +148,47 @@ impl CowFs {
         if o.through > 0 {
             // Cannot happen for a file that stays upper; refuse rather than
             // have the kernel fail the open.
-            drop(opens);
             self.union.release(fh.0);
             return reply.error(Errno::EBUSY);
         }
         o.cached += 1;
-        drop(opens);
         self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, (ino, false));
         reply.opened(fh, flags);
     }
 
+    /// The listing a READDIR at `offset` continues: the open handle's, or
+    /// (no OPENDIR, `fh` 0) the one taken at offset 0 of this directory.
+    fn listing(&self, ino: INodeNo, fh: FileHandle, offset: u64) -> Result<Arc<Listing>, Errno> {
+        if fh.0 != 0 {
+            let h = self.union.handle(fh.0).map_err(errno)?;
+            let Handle::Dir { entries } = &*h else { return Err(Errno::ENOTDIR) };
+            return Ok(Arc::new(entries.clone()));
+        }
+        let mut l = self.listings.lock().unwrap_or_else(|e| e.into_inner());
+        if offset != 0
+            && let Some(e) = l.get(&ino)
+        {
+            return Ok(e.clone());
+        }
+        let e = Arc::new(self.union.dir_entries(ino.0).map_err(errno)?);
+        if l.len() >= MAX_LISTINGS {
+            // Readers that stopped midway: forget their listings.
+            l.clear();
+        }
+        l.insert(ino, e.clone());
+        Ok(e)
+    }
+
+    /// A listing was read to its end.
+    fn listed(&self, ino: INodeNo, fh: FileHandle) {
+        if fh.0 == 0 {
+            self.listings.lock().unwrap_or_else(|e| e.into_inner()).remove(&ino);
+        }
+    }
+
     fn closed(&self, fh: FileHandle) {
         let Some((ino, through)) = self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh) else { return };
-        let mut opens = self.opens.lock().unwrap_or_else(|e| e.into_inner());
+        let mut opens = self.lock_opens();
         if let Some(o) = opens.get_mut(&ino) {
             if through {
                 o.through = o.through.saturating_sub(1);
@@ -118,6 +197,9 @@ impl CowFs {
             }
             if o.through == 0 && o.cached == 0 {
                 // Dropping the backing id closes it in the kernel.
+                if let (Some(k), Some(files)) = (o.lower, &self.union.files) {
+                    files.unhold(k);
+                }
                 opens.remove(&ino);
             }
         }
@@ -193,6 +275,10 @@ impl Filesystem for CowFs {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_EXPORT_SUPPORT;
         let _ = config.add_capabilities(want & config.capabilities());
+        // Kernels that offer it (5.1+) take ENOSYS from OPENDIR as "open
+        // directories yourself", caching every listing; changes made
+        // through the mount still invalidate a directory's cached listing.
+        self.no_opendir = config.capabilities().contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         let _ = config.set_max_readahead(1 << 20);
         // Passthrough needs a stacking depth of at least 1; 1 (not 2) keeps
         // the mount usable as a lower layer of the kernel's overlayfs.
@@ -202,6 +288,8 @@ impl Filesystem for CowFs {
             && config.set_max_stack_depth(1).is_ok()
         {
             self.passthrough = true;
+        } else if let Some(files) = &self.union.files {
+            files.deactivate();
         }
         Ok(())
     }
@@ -290,8 +378,14 @@ impl Filesystem for CowFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.0 & O_ACCMODE != 0 || flags.0 & O_TRUNC != 0;
+        let mut opens = self.lock_opens();
+        if write && opens.get(&ino).is_some_and(|o| o.lower.is_some()) {
+            // Refused before copy-up: see `Opens`.
+            return reply.error(Errno::ETXTBSY);
+        }
         match self.union.open(ino.0, flags.0) {
-            Ok(fh) => self.reply_open(ino, fh, reply),
+            Ok(fh) => self.reply_open(&mut opens, ino, fh, write, reply),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -357,6 +451,12 @@ impl Filesystem for CowFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir {
+            // From now on the kernel opens directories itself, with
+            // FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR, and sends no OPENDIR or
+            // RELEASEDIR: two round trips less per directory walked.
+            return reply.error(Errno::ENOSYS);
+        }
         // A directory only lower layers show never changes: the kernel may
         // keep its listing across opens. Others are listed afresh per open
         // (changes made through the mount invalidate the kernel's copy anyway).
@@ -371,32 +471,40 @@ impl Filesystem for CowFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let h = match self.union.handle(fh.0) {
-            Ok(h) => h,
-            Err(e) => return reply.error(errno(e)),
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.listing(ino, fh, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
         };
-        let Handle::Dir { entries } = &*h else { return reply.error(Errno::ENOTDIR) };
+        let mut full = false;
         for (i, (name, ino, t)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*ino), i as u64 + 1, ftype(*t), OsStr::from_bytes(name)) {
+                full = true;
                 break;
             }
+        }
+        if !full {
+            self.listed(ino, fh);
         }
         reply.ok()
     }
 
-    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let h = match self.union.handle(fh.0) {
-            Ok(h) => h,
-            Err(e) => return reply.error(errno(e)),
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let entries = match self.listing(ino, fh, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
         };
-        let Handle::Dir { entries } = &*h else { return reply.error(Errno::ENOTDIR) };
+        let mut full = false;
         for (i, (name, ino, _)) in entries.iter().enumerate().skip(offset as usize) {
             let Ok(a) = self.union.getattr(*ino) else { continue };
             let ttl = if name == b"." || name == b".." { Duration::ZERO } else { ttl(&a) };
             if reply.add(INodeNo(*ino), i as u64 + 1, OsStr::from_bytes(name), &ttl, &fattr(&a), Generation(0)) {
+                full = true;
                 break;
             }
+        }
+        if !full {
+            self.listed(ino, fh);
         }
         reply.ok()
     }
@@ -477,12 +585,42 @@ impl Filesystem for CowFs {
         reply: ReplyCreate,
     ) {
         match self.union.create(parent.0, name.as_bytes(), mode & !umask, flags, req.uid(), req.gid()) {
-            Ok((a, fh)) => {
-                // fuser's create reply cannot pass through: a cached open.
-                let ino = INodeNo(a.ino);
-                self.opens.lock().unwrap_or_else(|e| e.into_inner()).entry(ino).or_default().cached += 1;
-                self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(FileHandle(fh), (ino, false));
-                reply.created(&ttl(&a), &fattr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+            Ok((a, fh, file)) => {
+                let (ino, fh) = (INodeNo(a.ino), FileHandle(fh));
+                let mut opens = self.lock_opens();
+                let o = opens.entry(ino).or_default();
+                // A new upper file: pass its I/O through, which also spares
+                // the first write's security.capability lookup.
+                if self.passthrough
+                    && o.cached == 0
+                    && let Some(file) = file
+                {
+                    if o.backing.is_none() {
+                        match reply.open_backing(&file) {
+                            Ok(b) => o.backing = Some(b),
+                            Err(e) => tracing::debug!(ino = ino.0, "no passthrough: {e}"),
+                        }
+                    }
+                    if let Some(b) = &o.backing {
+                        o.through += 1;
+                        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, (ino, true));
+                        return reply.created_passthrough(
+                            &ttl(&a),
+                            &fattr(&a),
+                            Generation(0),
+                            fh,
+                            FopenFlags::empty(),
+                            b,
+                        );
+                    }
+                }
+                if o.through > 0 {
+                    self.union.release(fh.0);
+                    return reply.error(Errno::EBUSY);
+                }
+                o.cached += 1;
+                self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, (ino, false));
+                reply.created(&ttl(&a), &fattr(&a), Generation(0), fh, FopenFlags::empty())
             }
             Err(e) => reply.error(errno(e)),
         }

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `lower` | [`LowerTree`]: the union of a layer stack (with the layers `.mount` files add, and read-only host directories), in memory for the mount's life |
 //! | `cache` | a bounded LRU of decoded chunks; lower reads by extent binary search |
+//! | `filecache` | whole lower files materialised on local disk (shared by every mount of a store, bounded), for passthrough |
 //! | `union` | [`Union`]: lookup, readdir merge, copy-up, whiteouts, rename, xattrs |
 //! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] |
 //! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union`; kernel caching and FUSE passthrough |
@@ -16,11 +17,13 @@
 //! directory uses its on-disk conventions, so the same upper can be mounted
 //! by the kernel unless it holds partial files (see `partial`). Memory: the
 //! lower tree is held whole, O(entries) of the stack (not of file data),
-//! plus the chunk cache, plus one inode per name looked up in the upper.
+//! plus the chunk cache, plus one inode per name looked up in the upper; the
+//! file cache is on disk, bounded by its own cap.
 
 mod cache;
 mod commit;
 mod error;
+mod filecache;
 mod flatten;
 mod fs;
 mod lower;
@@ -32,10 +35,11 @@ mod union;
 pub use cache::Fetcher;
 pub use commit::{CommitCache, CommitStats, commit, commit_live, union_entries};
 pub use error::{Error, Result};
+pub use filecache::{MATERIALISE_MIN, cache_dir};
 pub use flatten::{FlattenStats, flatten};
 pub use fs::CowFs;
 pub use lower::{LowerTree, MOUNT_FILE, MOUNT_ROUNDS};
-pub use mount::{MountOptions, Mounted, is_mounted, mount, serve, unmount};
+pub use mount::{DEFAULT_FILE_CACHE, MountOptions, Mounted, is_mounted, mount, serve, unmount};
 pub use partial::DirtyMap;
 pub use track::{DirtySet, control_socket_for, drain_dirty};
 pub use union::{Attr, BLOCK_COPY_MIN, FType, Union, WORK_DIR};

@@ -8,9 +8,14 @@ use fuser::{Config, MountOption, SessionACL};
 use xenod_store::{LayerId, Store};
 
 use crate::error::{Error, Result};
+use crate::filecache::FileCache;
 use crate::fs::CowFs;
 use crate::lower::LowerTree;
 use crate::union::Union;
+
+/// Default bound of the materialised-file cache: room for a few large
+/// files (images, databases, big libraries) without filling a small disk.
+pub const DEFAULT_FILE_CACHE: u64 = 4 << 30;
 
 /// How to mount.
 #[derive(Clone)]
@@ -31,9 +36,14 @@ pub struct MountOptions {
     /// Read-only host directories over the stack (below the upper), the
     /// first the highest, as in overlayfs's `lowerdir=` list.
     pub lower_dirs: Vec<PathBuf>,
-    /// Let the kernel do upper files' I/O directly (FUSE passthrough) where
-    /// it supports it; off while `control` tracks writes.
+    /// Let the kernel do file I/O directly (FUSE passthrough) where it
+    /// supports it: for whole upper files (not while `control` tracks
+    /// writes) and for reads of lower files materialised in the file cache.
     pub passthrough: bool,
+    /// Bound of the store's cache of materialised lower files
+    /// (`DATA_DIR/cache/files`, shared by every mount of the store), in
+    /// bytes; 0: no file cache (lower files are always read through here).
+    pub file_cache_bytes: u64,
     /// Track writes and answer `drain` on this Unix socket
     /// ([`crate::drain_dirty`]), for incremental commits.
     pub control: Option<PathBuf>,
@@ -50,6 +60,7 @@ impl std::fmt::Debug for MountOptions {
             .field("control", &self.control)
             .field("lower_dirs", &self.lower_dirs)
             .field("passthrough", &self.passthrough)
+            .field("file_cache_bytes", &self.file_cache_bytes)
             .field("fetch_missing", &self.fetch_missing.is_some())
             .finish_non_exhaustive()
     }
@@ -68,6 +79,7 @@ impl Default for MountOptions {
             fetch_missing: None,
             lower_dirs: Vec::new(),
             passthrough: true,
+            file_cache_bytes: DEFAULT_FILE_CACHE,
         }
     }
 }
@@ -75,7 +87,9 @@ impl Default for MountOptions {
 fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<(CowFs, Config)> {
     let lower = LowerTree::load_with(&store, stack, &opts.lower_dirs)?;
     let upper = if opts.read_only { None } else { opts.upper.as_deref() };
+    let files = if opts.passthrough { FileCache::open(store.clone(), opts.file_cache_bytes)? } else { None };
     let mut union = Union::new(store, lower, upper, opts.cache_bytes)?;
+    union.files = files;
     union.block_copy_min = opts.block_copy_min;
     if opts.control.is_some() {
         union.track_changes();
@@ -103,15 +117,17 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    // Passthrough writes bypass this process, and so the dirty tracker.
-    let passthrough = opts.passthrough && opts.control.is_none();
-    Ok((CowFs::with_passthrough(union, passthrough), config))
+    // Passthrough writes bypass this process, and so the dirty tracker:
+    // with `control`, upper files are served here (`Union::backing_file`);
+    // lower files pass through either way, they are only ever read.
+    Ok((CowFs::with_passthrough(union, opts.passthrough), config))
 }
 
 /// A mounted union, served by background threads; unmounted on drop.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     mountpoint: PathBuf,
+    union: Arc<Union>,
 }
 
 impl Mounted {
@@ -121,10 +137,12 @@ impl Mounted {
 
     /// Unmounts and waits for the session to end.
     pub fn unmount(mut self) -> Result<()> {
-        match self.session.take() {
+        let r = match self.session.take() {
             Some(s) => s.umount_and_join().map_err(Error::io("unmounting", &self.mountpoint)),
             None => Ok(()),
-        }
+        };
+        self.union.finish_background();
+        r
     }
 }
 
@@ -132,6 +150,7 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
             let _ = s.umount_and_join();
+            self.union.finish_background();
         }
     }
 }
@@ -140,8 +159,9 @@ impl Drop for Mounted {
 /// the background. The lower tree is loaded before this returns.
 pub fn mount(store: Arc<Store>, stack: &[LayerId], mountpoint: &Path, opts: &MountOptions) -> Result<Mounted> {
     let (fs, config) = prepare(store, stack, opts)?;
+    let union = fs.union.clone();
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
-    Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_path_buf() })
+    Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_path_buf(), union })
 }
 
 /// Mounts and serves in the calling thread until the filesystem is
@@ -154,9 +174,13 @@ pub fn serve(
     ready: impl FnOnce(),
 ) -> Result<()> {
     let (fs, config) = prepare(store, stack, opts)?;
+    let union = fs.union.clone();
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
     ready();
-    session.run().map_err(Error::io("serving", mountpoint))
+    let r = session.run().map_err(Error::io("serving", mountpoint));
+    // The caller exits next: finish the file being materialised first.
+    union.finish_background();
+    r
 }
 
 /// Whether `path` is a mount point (of any filesystem).

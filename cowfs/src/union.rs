@@ -27,7 +27,7 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +36,7 @@ use xenod_store::{Extent, Store, Timestamp, Xattr};
 
 use crate::cache::{ChunkCache, read_lower};
 use crate::error::{Errno, Error, FsResult, Result, io_errno};
+use crate::filecache::{FileCache, Key};
 use crate::lower::{LKind, LowerTree};
 use crate::partial::{DirtyMap, Partial};
 use crate::track::{DirtySet, Tracker};
@@ -117,8 +118,17 @@ struct State {
 
 /// An open file or directory.
 pub(crate) enum Handle {
-    File { ino: u64, file: Mutex<Option<Arc<File>>>, write: bool, append: bool },
-    Dir { entries: Vec<(Vec<u8>, u64, FType)> },
+    File {
+        ino: u64,
+        file: Mutex<Option<Arc<File>>>,
+        write: bool,
+        append: bool,
+        /// Whether this handle's lower file was offered to the file cache.
+        offered: AtomicBool,
+    },
+    Dir {
+        entries: Vec<(Vec<u8>, u64, FType)>,
+    },
 }
 
 /// The mounted union.
@@ -134,6 +144,8 @@ pub struct Union {
     pub block_copy_min: u64,
     /// Records what changes, when incremental commits are wanted.
     pub(crate) tracker: Option<Arc<Tracker>>,
+    /// Lower files materialised for the kernel to read directly.
+    pub(crate) files: Option<FileCache>,
 }
 
 fn ts(t: Timestamp) -> SystemTime {
@@ -267,6 +279,7 @@ impl Union {
             next_fh: AtomicU64::new(1),
             block_copy_min: BLOCK_COPY_MIN,
             tracker: None,
+            files: None,
         })
     }
 
@@ -788,17 +801,32 @@ impl Union {
     fn prepare_create(&self, st: &mut State, parent: u64, name: &[u8]) -> FsResult<(PathBuf, bool)> {
         self.upper_root()?;
         check_name(name)?;
-        if self.child(st, parent, name)?.is_some() {
+        if st.dentries.contains_key(&(parent, name.to_vec())) {
+            return Err(Errno::EXIST);
+        }
+        let p = Self::inode(st, parent)?;
+        if p.ftype != FType::Dir {
+            return Err(Errno::NOTDIR);
+        }
+        // One look at the upper decides (as `child` would): a whiteout frees
+        // the name whatever is below, anything else there takes it. A parent
+        // not yet upper has an empty upper directory once copied up.
+        let (p_upper, p_lower_dir) = (p.upper, p.lower_dir);
+        let whiteout = if p_upper {
+            let pp = self.node_upath(st, parent)?;
+            match self.upper_stat(&pp.join(OsStr::from_bytes(name)))? {
+                Some(s) if is_whiteout(&s) => true,
+                Some(_) => return Err(Errno::EXIST),
+                None => false,
+            }
+        } else {
+            false
+        };
+        if !whiteout && p_lower_dir.and_then(|d| self.lower.child(d, name)).is_some() {
             return Err(Errno::EXIST);
         }
         self.copy_up(st, parent)?;
-        let pp = self.node_upath(st, parent)?;
-        let whiteout = match self.upper_stat(&pp.join(OsStr::from_bytes(name)))? {
-            Some(s) if is_whiteout(&s) => true,
-            Some(_) => return Err(Errno::EXIST),
-            None => false,
-        };
-        Ok((pp, whiteout))
+        Ok((self.node_upath(st, parent)?, whiteout))
     }
 
     /// Moves a staged object into place at `dst`, replacing a whiteout if
@@ -847,20 +875,40 @@ impl Union {
         gid: u32,
         target: Option<&[u8]>,
     ) -> FsResult<Attr> {
+        Ok(self.make_node(parent, name, mode, rdev, uid, gid, target)?.0)
+    }
+
+    /// [`Union::mknod`], also giving a new regular file opened for reading
+    /// and writing.
+    #[allow(clippy::too_many_arguments)]
+    fn make_node(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+        target: Option<&[u8]>,
+    ) -> FsResult<(Attr, Option<File>)> {
         let mut st = self.lock();
         let (pp, whiteout) = self.prepare_create(&mut st, parent, name)?;
         let tmp = self.stage_path(&mut st)?;
         let ft = FileType::from_raw_mode(mode);
         let ftype = if target.is_some() { FType::Symlink } else { FType::of_mode(mode) };
+        let mut file = None;
         match target {
             Some(t) => rustix::fs::symlink(OsStr::from_bytes(t), &tmp)?,
             None if ft == FileType::RegularFile || mode & 0o170000 == 0 => {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .map_err(|e| io_errno(&e))?;
+                file = Some(
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&tmp)
+                        .map_err(|e| io_errno(&e))?,
+                );
             }
             None => rustix::fs::mknodat(rustix::fs::CWD, &tmp, ft, Mode::from_raw_mode(0o600), rdev)?,
         }
@@ -877,7 +925,7 @@ impl Union {
         }
         self.install(&tmp, &pp.join(OsStr::from_bytes(name)), false, whiteout)?;
         let ino = self.new_inode(&mut st, parent, name, ftype, None);
-        self.attr_locked(&st, ino)
+        Ok((self.attr_locked(&st, ino)?, file))
     }
 
     pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
@@ -1264,13 +1312,18 @@ impl Union {
     }
 
     pub(crate) fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let entries = self.dir_entries(ino)?;
+        Ok(self.add_handle(Handle::Dir { entries }))
+    }
+
+    /// A directory's listing as readdir gives it: `.`, `..`, then the union's entries.
+    pub(crate) fn dir_entries(&self, ino: u64) -> FsResult<Vec<(Vec<u8>, u64, FType)>> {
         let mut st = self.lock();
         let mut entries = vec![(b".".to_vec(), ino, FType::Dir)];
         let parent = Self::inode(&st, ino)?.names.first().map_or(1, |n| n.0);
         entries.push((b"..".to_vec(), parent, FType::Dir));
         entries.extend(self.list(&mut st, ino)?);
-        drop(st);
-        Ok(self.add_handle(Handle::Dir { entries }))
+        Ok(entries)
     }
 
     /// Names in a directory with their inode and type.
@@ -1312,13 +1365,30 @@ impl Union {
             self.truncate_locked(&mut st, ino, 0)?;
         }
         drop(st);
-        Ok(self.add_handle(Handle::File { ino, file: Mutex::new(None), write, append: flags & 0o2000 != 0 }))
+        Ok(self.add_handle(Handle::File {
+            ino,
+            file: Mutex::new(None),
+            write,
+            append: flags & 0o2000 != 0,
+            offered: AtomicBool::new(false),
+        }))
     }
 
-    pub fn create(&self, parent: u64, name: &[u8], mode: u32, flags: i32, uid: u32, gid: u32) -> FsResult<(Attr, u64)> {
-        let attr = self.mknod(parent, name, (mode & 0o7777) | 0o100000, 0, uid, gid, None)?;
+    /// Creates and opens a regular file. Also gives the new upper file,
+    /// opened for reading and writing, when the kernel may do its I/O
+    /// directly (as [`Union::backing_file`] would).
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<(Attr, u64, Option<File>)> {
+        let (attr, file) = self.make_node(parent, name, (mode & 0o7777) | 0o100000, 0, uid, gid, None)?;
         let fh = self.open(attr.ino, flags & !0o1000)?;
-        Ok((attr, fh))
+        Ok((attr, fh, file.filter(|_| self.tracker.is_none())))
     }
 
     /// For FUSE passthrough: the upper file behind `ino`, opened for reading
@@ -1345,6 +1415,29 @@ impl Union {
         Ok(Some(file))
     }
 
+    /// For FUSE passthrough of a lower-only file: its materialised copy,
+    /// opened read-only, if the file cache has it.
+    pub(crate) fn materialised(&self, ino: u64) -> Option<(Key, File)> {
+        let files = self.files.as_ref()?;
+        let f = {
+            let st = self.lock();
+            let node = st.inodes.get(&ino)?;
+            if node.upper || node.ftype != FType::File {
+                return None;
+            }
+            self.lower.file(node.lower?)?.clone()
+        };
+        files.open_entry(&f)
+    }
+
+    /// At unmount: background work (materialising) ends; the file being
+    /// written is finished.
+    pub(crate) fn finish_background(&self) {
+        if let Some(f) = &self.files {
+            f.finish();
+        }
+    }
+
     /// Whether `ino` shows lower data only (the kernel may keep its cache).
     pub(crate) fn is_lower_only(&self, ino: u64) -> bool {
         let st = self.lock();
@@ -1353,7 +1446,7 @@ impl Union {
 
     /// The upper file of a handle, opened on first use.
     fn upper_file(&self, h: &Handle) -> FsResult<Option<Arc<File>>> {
-        let Handle::File { ino, file, write, append } = h else { return Err(Errno::ISDIR) };
+        let Handle::File { ino, file, write, append, .. } = h else { return Err(Errno::ISDIR) };
         let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = &*f {
             return Ok(Some(f.clone()));
@@ -1400,7 +1493,7 @@ impl Union {
 
     pub fn read(&self, fh: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
         let h = self.handle(fh)?;
-        let Handle::File { ino, .. } = &*h else { return Err(Errno::ISDIR) };
+        let Handle::File { ino, offered, .. } = &*h else { return Err(Errno::ISDIR) };
         let (partial, lower) = {
             let st = self.lock();
             let n = Self::inode(&st, *ino)?;
@@ -1411,7 +1504,16 @@ impl Union {
             let l = self.lower.find(&p.lower_path).ok_or(Errno::IO)?;
             p.read(off, &mut buf, &self.lower_reader(l))?
         } else if let Some(l) = lower {
-            self.read_lower_at(l, off, &mut buf)?
+            let n = self.read_lower_at(l, off, &mut buf)?;
+            // Data is wanted: have the file materialised, so that later
+            // opens pass through (see `filecache` for why not at open).
+            if let Some(files) = &self.files
+                && !offered.swap(true, Ordering::Relaxed)
+                && let Some(f) = self.lower.file(l)
+            {
+                files.request(f, || xenod_store::display_path(&self.lower.path(l)));
+            }
+            n
         } else {
             let f = self.upper_file(&h)?.ok_or(Errno::IO)?;
             let mut done = 0;

@@ -1,7 +1,8 @@
 //! Crash safety: the filesystem process is killed with SIGKILL during
 //! whole-file copy-up and during block writes into a partial file; after a
 //! remount no file is torn, every acknowledged write is there, and the
-//! dirty map is consistent with the data.
+//! dirty map is consistent with the data; killed while materialising a
+//! lower file into the file cache, no partial entry is ever visible.
 //!
 //! The serving process is this test binary re-run with `serve_child` and
 //! `XENOD_CRASH_CHILD` set (store dir, layer id, upper, mount point).
@@ -202,4 +203,51 @@ fn killed_during_block_writes_keeps_acknowledged_writes() {
         }
         eprintln!("round {round}: {written} pages differ from the lower file, {} dirty blocks", map.dirty_count());
     }
+}
+
+#[test]
+fn killed_during_materialisation_leaves_no_partial_entry() {
+    if !fuse_ok("killed_during_materialisation_leaves_no_partial_entry") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let lower = noise(96 << 20, 13);
+    let (store_dir, id) = setup(t.path(), &[("big", lower.clone())]);
+    let upper = t.path().join("upper");
+    let mnt = t.path().join("mnt");
+    let cache = xenod_cowfs::cache_dir(&store_dir);
+    fs::create_dir(&mnt).unwrap();
+    let listing = |prefix: &str| -> Vec<PathBuf> {
+        let Ok(rd) = fs::read_dir(&cache) else { return vec![] };
+        rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(prefix)).map(|e| e.path()).collect()
+    };
+    let child = spawn(&store_dir, &id, &upper, &mnt);
+    // One read asks for the file to be materialised in the background;
+    // kill the server once its temporary file shows (or the entry is in).
+    let f = fs::File::open(mnt.join("big")).unwrap();
+    let mut head = vec![0u8; 4096];
+    f.read_exact_at(&mut head, 0).unwrap();
+    drop(f);
+    let started = Instant::now();
+    while listing(".tmp-").is_empty() && listing("").is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(60), "materialisation never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let caught = !listing(".tmp-").is_empty();
+    kill(child, &mnt);
+    // Whatever is visible under an entry's name is whole.
+    for e in listing("").into_iter().filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.')) {
+        assert!(fs::read(&e).unwrap() == lower, "torn entry {}", e.display());
+    }
+    // A new mount removes the dead writer's temporary file; the file reads
+    // back whole and gets materialised again.
+    let store = Arc::new(Store::open(&store_dir).unwrap());
+    let opts = MountOptions { upper: Some(upper.clone()), threads: 2, ..Default::default() };
+    let m = mount(store, &[id], &mnt, &opts).unwrap();
+    if caught {
+        assert!(listing(".tmp-").is_empty(), "dead writer's temporary file left: {:?}", listing(".tmp-"));
+    }
+    assert!(fs::read(mnt.join("big")).unwrap() == lower);
+    m.unmount().unwrap();
+    eprintln!("materialisation crash: killed {}", if caught { "midway" } else { "after it finished" });
 }

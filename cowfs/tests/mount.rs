@@ -333,3 +333,47 @@ fn live_commits_read_only_what_the_tracker_reports() {
     let full = xenod_cowfs::commit(store.clone(), &[id], &upper, Default::default()).unwrap();
     assert_eq!(full.id, r1.id, "incremental and full commits agree");
 }
+
+/// Directories are listed once and the kernel keeps the listing (no OPENDIR
+/// on kernels that allow it): every change made through the mount must
+/// still show in the next listing, in lower, merged and upper directories.
+#[test]
+fn listings_follow_changes_made_through_the_mount() {
+    if !fuse_ok("listings_follow_changes_made_through_the_mount") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(t.path().join("store")).unwrap());
+    let stack = two_layers(&store, t.path());
+    let (mnt, upper) = (t.path().join("mnt"), t.path().join("upper"));
+    fs::create_dir(&mnt).unwrap();
+    let m = mount(store, &stack, &mnt, &opts(Some(&upper))).unwrap();
+    let names = |d: &str| -> Vec<String> {
+        let mut v: Vec<String> =
+            fs::read_dir(mnt.join(d)).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    };
+    for d in ["dir", "dir/sub", ""] {
+        let before = names(d);
+        let p = |n: &str| mnt.join(d).join(n);
+        fs::write(p("new-one"), b"1").unwrap();
+        let mut want = before.clone();
+        want.push("new-one".into());
+        want.sort();
+        assert_eq!(names(d), want, "{d:?} after create");
+        fs::rename(p("new-one"), p("renamed")).unwrap();
+        let mut want = before.clone();
+        want.push("renamed".into());
+        want.sort();
+        assert_eq!(names(d), want, "{d:?} after rename");
+        fs::remove_file(p("renamed")).unwrap();
+        assert_eq!(names(d), before, "{d:?} after unlink");
+        if let Some(first) = before.iter().find(|n| fs::symlink_metadata(p(n)).unwrap().is_file()) {
+            fs::remove_file(p(first)).unwrap();
+            let want: Vec<String> = before.iter().filter(|n| *n != first).cloned().collect();
+            assert_eq!(names(d), want, "{d:?} after removing lower {first}");
+        }
+    }
+    m.unmount().unwrap();
+}

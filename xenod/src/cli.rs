@@ -195,10 +195,16 @@ pub enum Cmd {
         /// overlayfs's lowerdir=). It must not change while mounted.
         #[arg(long = "lower-dir", value_name = "DIR")]
         lower_dirs: Vec<PathBuf>,
-        /// Serve upper files' data through this process even where the kernel
-        /// offers FUSE passthrough.
+        /// Serve file data through this process even where the kernel
+        /// offers FUSE passthrough (for upper files, and for lower files
+        /// materialised in the file cache).
         #[arg(long)]
         no_passthrough: bool,
+        /// Bound of the store's cache of whole lower files materialised on
+        /// disk for passthrough (DATA_DIR/cache/files, shared by every
+        /// mount); 0 turns it off. Default: 4 GiB.
+        #[arg(long, value_name = "BYTES")]
+        file_cache_bytes: Option<u64>,
     },
     /// Make an upper directory mountable by the kernel's overlayfs: its
     /// block-copied (partial) files become whole files, xenod's work area goes.
@@ -394,12 +400,24 @@ pub fn run(args: Args) -> Result<()> {
                 format!("{node} {} move guests onto this host", if revoke { "may no longer" } else { "may" })
             })
         }
-        Cmd::Mount { r#ref, mountpoint, upper, ro, foreground, lower_dirs, no_passthrough, control, lazy } => {
+        Cmd::Mount {
+            r#ref,
+            mountpoint,
+            upper,
+            ro,
+            foreground,
+            lower_dirs,
+            no_passthrough,
+            file_cache_bytes,
+            control,
+            lazy,
+        } => {
             let how = crate::mount::MountHow {
                 upper,
                 read_only: ro,
                 lower_dirs,
                 passthrough: !no_passthrough,
+                file_cache_bytes,
                 control,
                 lazy,
             };

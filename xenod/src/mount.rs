@@ -27,8 +27,12 @@ pub struct MountHow {
     pub read_only: bool,
     /// Read-only host directories over the stack, the first the highest.
     pub lower_dirs: Vec<PathBuf>,
-    /// Use FUSE passthrough for upper files where the kernel offers it.
+    /// Use FUSE passthrough (upper files, materialised lower files) where
+    /// the kernel offers it.
     pub passthrough: bool,
+    /// Bound of the store's cache of materialised lower files, in bytes
+    /// (0: none); none: the default.
+    pub file_cache_bytes: Option<u64>,
     /// Dirty tracking's control socket (instances, for migration).
     pub control: Option<PathBuf>,
     /// Fetch chunks that are not here yet through the daemon (lazy deploy).
@@ -70,6 +74,7 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
             }),
             lower_dirs: how.lower_dirs.clone(),
             passthrough: how.passthrough,
+            file_cache_bytes: how.file_cache_bytes.unwrap_or(xenod_cowfs::DEFAULT_FILE_CACHE),
             ..Default::default()
         };
         return xenod_cowfs::serve(store, &stack, mountpoint, &opts, || {
@@ -103,6 +108,9 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
     }
     if !how.passthrough {
         cmd.arg("--no-passthrough");
+    }
+    if let Some(b) = how.file_cache_bytes {
+        cmd.arg("--file-cache-bytes").arg(b.to_string());
     }
     cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log_file);
     // Detach: its own process group and session, so the terminal's signals

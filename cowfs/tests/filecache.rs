@@ -1,0 +1,279 @@
+//! The file cache: lower files materialised under DATA/cache/files and
+//! read by the kernel directly (FUSE passthrough). Needs root and /dev/fuse.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use xenod_cowfs::{MATERIALISE_MIN, MountOptions, cache_dir, mount};
+use xenod_store::{Kind, LayerId, Location, Store};
+
+fn opts(upper: Option<&Path>) -> MountOptions {
+    MountOptions { upper: upper.map(Path::to_path_buf), threads: 2, ..Default::default() }
+}
+
+/// Whether the kernel can pass reads through to a backing file (6.9+).
+fn kernel_passthrough() -> bool {
+    let rel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = rel.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (6, 9)
+}
+
+/// Publishes `files` as one layer in a store under `t`.
+fn layer(t: &Path, files: &[(&str, &[u8])]) -> (PathBuf, LayerId) {
+    let src = t.join("src");
+    fs::create_dir_all(&src).unwrap();
+    for (n, d) in files {
+        fs::write(src.join(n), d).unwrap();
+    }
+    let dir = t.join("store");
+    let store = Store::open(&dir).unwrap();
+    (dir.clone(), publish_dir(&store, &src, None))
+}
+
+/// Where the chunks of lower file `name` live in the packs.
+fn chunk_locations(store: &Store, id: &LayerId, name: &[u8]) -> Vec<Location> {
+    let mut out = vec![];
+    for e in store.read_layer(id).unwrap() {
+        let e = e.unwrap();
+        if e.path == name
+            && let Kind::File { extents, .. } = e.kind
+        {
+            for x in extents {
+                if let xenod_store::Extent::Data { id, .. } = x {
+                    out.push(store.locate(&id).unwrap().unwrap());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Flips bytes of a chunk inside its pack file.
+fn flip(store_dir: &Path, loc: &Location) {
+    let pack = store_dir.join("packs").join(format!("{:016x}.pack", loc.pack));
+    let f = fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
+    // In a solid block, the member's bytes sit after the member table at
+    // about their place in the block (noise is stored uncompressed).
+    let at = if loc.encoding == xenod_store::Encoding::Block {
+        let mut n = [0u8; 4];
+        f.read_exact_at(&mut n, loc.offset).unwrap();
+        loc.offset + 4 + 36 * u32::from_le_bytes(n) as u64 + (loc.inner + loc.plain_len / 2) as u64
+    } else {
+        loc.offset + 4
+    };
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, at).unwrap();
+    for x in &mut b {
+        *x ^= 0x5a;
+    }
+    f.write_all_at(&b, at).unwrap();
+}
+
+/// The cache's entries (not temporary files).
+fn entries(store_dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(cache_dir(store_dir)) else { return vec![] };
+    let mut out: Vec<PathBuf> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.len() == 64 && !n.starts_with('.')))
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
+}
+
+fn temporaries(store_dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(cache_dir(store_dir)) else { return vec![] };
+    rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-")).map(|e| e.path()).collect()
+}
+
+/// Waits (generously; this is no timing check) for an entry holding `want`.
+fn wait_for_entry(store_dir: &Path, want: &[u8]) -> PathBuf {
+    let started = Instant::now();
+    loop {
+        for e in entries(store_dir) {
+            if fs::metadata(&e).is_ok_and(|m| m.len() == want.len() as u64) && fs::read(&e).unwrap() == want {
+                return e;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no cache entry appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Noise with a long run of zeros in the middle, stored as a hole.
+fn with_hole(n: usize, seed: u64) -> Vec<u8> {
+    let mut d = noise(n, seed);
+    d[n / 3..n / 3 + (1 << 20)].fill(0);
+    d
+}
+
+#[test]
+fn materialised_lower_file_reads_back_through_passthrough() {
+    if !fuse_ok("materialised_lower_file_reads_back_through_passthrough") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let big = with_hole(3 << 20, 1);
+    let small = noise(MATERIALISE_MIN as usize - 1, 2);
+    // Incompressible: its chunks can be corrupted in place below.
+    let plain = noise(2 << 20, 6);
+    let (store_dir, id) = layer(t.path(), &[("big", &big), ("small", &small), ("plain", &plain)]);
+    let store = Arc::new(Store::open(&store_dir).unwrap());
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = mount(store.clone(), &[id], &mnt, &opts(None)).unwrap();
+    assert_eq!(fs::read(mnt.join("small")).unwrap(), small);
+    assert_eq!(fs::read(mnt.join("big")).unwrap(), big);
+    let entry = wait_for_entry(&store_dir, &big);
+    assert_eq!(entries(&store_dir), vec![entry.clone()], "only the big file is materialised");
+    assert_eq!(fs::read(mnt.join("plain")).unwrap(), plain);
+    wait_for_entry(&store_dir, &plain);
+    assert!(fs::metadata(&entry).unwrap().permissions().readonly());
+    // Read again, in pieces, through the now passed-through file.
+    let f = fs::File::open(mnt.join("big")).unwrap();
+    let mut got = vec![0u8; big.len()];
+    for (i, piece) in got.chunks_mut(100_000).enumerate() {
+        f.read_exact_at(piece, i as u64 * 100_000).unwrap();
+    }
+    assert_eq!(got, big);
+    drop(f);
+    m.unmount().unwrap();
+
+    // The copy is what a fresh mount reads: with the file's chunks now
+    // corrupt in the packs, its data still comes back whole.
+    if kernel_passthrough() {
+        for loc in chunk_locations(&store, &id, b"plain") {
+            flip(&store_dir, &loc);
+        }
+        let store = Arc::new(Store::open(&store_dir).unwrap());
+        let m = mount(store, &[id], &mnt, &opts(None)).unwrap();
+        assert_eq!(fs::read(mnt.join("plain")).unwrap(), plain, "read through the materialised copy");
+        assert_eq!(fs::read(mnt.join("big")).unwrap(), big);
+        m.unmount().unwrap();
+    }
+}
+
+#[test]
+fn corrupt_chunk_never_enters_the_cache() {
+    if !fuse_ok("corrupt_chunk_never_enters_the_cache") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let bad = noise(2 << 20, 3);
+    let good = noise(2 << 20, 4);
+    let (store_dir, id) = layer(t.path(), &[("bad", &bad), ("good", &good)]);
+    let store = Store::open(&store_dir).unwrap();
+    // Only a chunk near the end: the first read succeeds and asks for the
+    // file to be materialised.
+    let locs = chunk_locations(&store, &id, b"bad");
+    flip(&store_dir, locs.last().unwrap());
+    drop(store);
+    let store = Arc::new(Store::open(&store_dir).unwrap());
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = mount(store, &[id], &mnt, &opts(None)).unwrap();
+    let f = fs::File::open(mnt.join("bad")).unwrap();
+    let mut head = vec![0u8; 4096];
+    f.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(head, bad[..4096]);
+    let e = fs::read(mnt.join("bad")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(rustix::io::Errno::IO.raw_os_error()), "{e}");
+    drop(f);
+    // One materialiser works in order: once `good` is in, `bad` was tried.
+    assert_eq!(fs::read(mnt.join("good")).unwrap(), good);
+    let entry = wait_for_entry(&store_dir, &good);
+    assert_eq!(entries(&store_dir), vec![entry], "the corrupt file has no entry");
+    assert!(temporaries(&store_dir).is_empty(), "{:?}", temporaries(&store_dir));
+    // Still EIO: the file is not passed through to anything.
+    let e = fs::read(mnt.join("bad")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(rustix::io::Errno::IO.raw_os_error()), "{e}");
+    m.unmount().unwrap();
+}
+
+#[test]
+fn cache_respects_its_bound() {
+    if !fuse_ok("cache_respects_its_bound") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let files: Vec<Vec<u8>> = (0..4).map(|i| noise((5 << 20) / 4, 10 + i)).collect();
+    let named: Vec<(String, &[u8])> = files.iter().enumerate().map(|(i, d)| (format!("f{i}"), d.as_slice())).collect();
+    let refs: Vec<(&str, &[u8])> = named.iter().map(|(n, d)| (n.as_str(), *d)).collect();
+    let (store_dir, id) = layer(t.path(), &refs);
+    let cap: u64 = 3 << 20;
+    let store = Arc::new(Store::open(&store_dir).unwrap());
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = mount(store, &[id], &mnt, &MountOptions { file_cache_bytes: cap, ..opts(None) }).unwrap();
+    for (i, d) in files.iter().enumerate() {
+        assert_eq!(&fs::read(mnt.join(format!("f{i}"))).unwrap(), d);
+        let newest = wait_for_entry(&store_dir, d);
+        let used: u64 = fs::read_dir(cache_dir(&store_dir))
+            .unwrap()
+            .flatten()
+            .map(|e| std::os::unix::fs::MetadataExt::blocks(&e.metadata().unwrap()) * 512)
+            .sum();
+        assert!(used <= cap, "{used} bytes cached, bound {cap}");
+        assert!(entries(&store_dir).contains(&newest));
+    }
+    assert_eq!(entries(&store_dir).len(), 2, "two files fit under the bound");
+    m.unmount().unwrap();
+
+    // No file cache at all with a bound of 0.
+    fs::remove_dir_all(cache_dir(&store_dir)).unwrap();
+    let store = Arc::new(Store::open(&store_dir).unwrap());
+    let m = mount(store, &[id], &mnt, &MountOptions { file_cache_bytes: 0, ..opts(None) }).unwrap();
+    assert_eq!(&fs::read(mnt.join("f0")).unwrap(), &files[0]);
+    m.unmount().unwrap();
+    assert!(!cache_dir(&store_dir).exists());
+}
+
+#[test]
+fn writing_a_materialised_file_copies_up_and_keeps_the_cache() {
+    if !fuse_ok("writing_a_materialised_file_copies_up_and_keeps_the_cache") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let big = noise(3 << 20, 5);
+    let (store_dir, id) = layer(t.path(), &[("big", &big)]);
+    let store = Arc::new(Store::open(&store_dir).unwrap());
+    let mnt = t.path().join("mnt");
+    let upper = t.path().join("upper");
+    fs::create_dir(&mnt).unwrap();
+    let m = mount(store, &[id], &mnt, &opts(Some(&upper))).unwrap();
+    assert_eq!(fs::read(mnt.join("big")).unwrap(), big);
+    let entry = wait_for_entry(&store_dir, &big);
+
+    let reader = fs::File::open(mnt.join("big")).unwrap();
+    if kernel_passthrough() {
+        // The reader passes through to the cache entry, which must not be
+        // the writer's backing file: the write open waits for the reader.
+        let e = fs::OpenOptions::new().write(true).open(mnt.join("big")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(rustix::io::Errno::TXTBSY.raw_os_error()), "{e}");
+        assert!(!upper.join("big").exists(), "refused before any copy-up");
+    }
+    drop(reader);
+
+    let w = fs::OpenOptions::new().write(true).open(mnt.join("big")).unwrap();
+    w.write_all_at(b"changed", 1000).unwrap();
+    drop(w);
+    let mut want = big.clone();
+    want[1000..1007].copy_from_slice(b"changed");
+    assert_eq!(fs::read(mnt.join("big")).unwrap(), want);
+    assert_eq!(fs::read(upper.join("big")).unwrap(), want, "copied up");
+    assert_eq!(fs::read(&entry).unwrap(), big, "the cache entry is untouched");
+    // The copied-up file is read from the upper from now on.
+    let r = fs::File::open(mnt.join("big")).unwrap();
+    let mut b = [0u8; 7];
+    r.read_exact_at(&mut b, 1000).unwrap();
+    assert_eq!(&b, b"changed");
+    drop(r);
+    m.unmount().unwrap();
+    assert_eq!(fs::read(&entry).unwrap(), big);
+}
