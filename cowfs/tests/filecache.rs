@@ -54,27 +54,6 @@ fn chunk_locations(store: &Store, id: &LayerId, name: &[u8]) -> Vec<Location> {
     out
 }
 
-/// Flips bytes of a chunk inside its pack file.
-fn flip(store_dir: &Path, loc: &Location) {
-    let pack = store_dir.join("packs").join(format!("{:016x}.pack", loc.pack));
-    let f = fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
-    // In a solid block, the member's bytes sit after the member table at
-    // about their place in the block (noise is stored uncompressed).
-    let at = if loc.encoding == xenod_store::Encoding::Block {
-        let mut n = [0u8; 4];
-        f.read_exact_at(&mut n, loc.offset).unwrap();
-        loc.offset + 4 + 36 * u32::from_le_bytes(n) as u64 + (loc.inner + loc.plain_len / 2) as u64
-    } else {
-        loc.offset + 4
-    };
-    let mut b = [0u8; 8];
-    f.read_exact_at(&mut b, at).unwrap();
-    for x in &mut b {
-        *x ^= 0x5a;
-    }
-    f.write_all_at(&b, at).unwrap();
-}
-
 /// The cache's entries (not temporary files).
 fn entries(store_dir: &Path) -> Vec<PathBuf> {
     let Ok(rd) = fs::read_dir(cache_dir(store_dir)) else { return vec![] };
@@ -149,7 +128,7 @@ fn materialised_lower_file_reads_back_through_passthrough() {
     // corrupt in the packs, its data still comes back whole.
     if kernel_passthrough() {
         for loc in chunk_locations(&store, &id, b"plain") {
-            flip(&store_dir, &loc);
+            flip_chunk(&store_dir, &loc);
         }
         let store = Arc::new(Store::open(&store_dir).unwrap());
         let m = mount(store, &[id], &mnt, &opts(None)).unwrap();
@@ -172,7 +151,7 @@ fn corrupt_chunk_never_enters_the_cache() {
     // Only a chunk near the end: the first read succeeds and asks for the
     // file to be materialised.
     let locs = chunk_locations(&store, &id, b"bad");
-    flip(&store_dir, locs.last().unwrap());
+    flip_chunk(&store_dir, locs.last().unwrap());
     drop(store);
     let store = Arc::new(Store::open(&store_dir).unwrap());
     let mnt = t.path().join("mnt");

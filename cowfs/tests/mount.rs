@@ -94,23 +94,7 @@ fn corrupt_chunk_gives_eio_not_a_crash() {
     };
     // Flip bytes of the bad file's chunks inside their pack files.
     for loc in &bad_chunks {
-        let pack = store_dir.join("packs").join(format!("{:016x}.pack", loc.pack));
-        let f = fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
-        // In a solid block, the member's bytes sit after the member table
-        // at about their place in the block (noise is stored uncompressed).
-        let at = if loc.encoding == xenod_store::Encoding::Block {
-            let mut n = [0u8; 4];
-            f.read_exact_at(&mut n, loc.offset).unwrap();
-            loc.offset + 4 + 36 * u32::from_le_bytes(n) as u64 + (loc.inner + loc.plain_len / 2) as u64
-        } else {
-            loc.offset + 4
-        };
-        let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, at).unwrap();
-        for x in &mut b {
-            *x ^= 0x5a;
-        }
-        f.write_all_at(&b, at).unwrap();
+        flip_chunk(&store_dir, loc);
     }
     let store = Arc::new(Store::open(&store_dir).unwrap());
     let mnt = t.path().join("mnt");

@@ -265,6 +265,23 @@ impl OpenPack {
         Ok(offset)
     }
 
+    /// Appends a block record; returns its members' locations.
+    fn write_block(&mut self, block: &BlockBuf, payload: &[u8]) -> Result<Vec<(ChunkId, Location)>> {
+        let offset = self.write_record(&ChunkId::of(payload), Encoding::Block, block.plain.len() as u32, payload)?;
+        let at = |&(id, inner, len): &(ChunkId, u32, u32)| {
+            let loc = Location {
+                pack: self.id,
+                offset,
+                stored_len: payload.len() as u32,
+                plain_len: len,
+                encoding: Encoding::Block,
+                inner,
+            };
+            (id, loc)
+        };
+        Ok(block.members.iter().map(at).collect())
+    }
+
     fn wait_writeback(&mut self) -> Result<()> {
         match self.writeback.take().map(std::thread::JoinHandle::join) {
             None | Some(Ok(Ok(()))) => Ok(()),
@@ -492,18 +509,10 @@ impl Store {
             **open = Some(self.new_pack()?);
         }
         let Some(pack) = open.as_mut() else { unreachable!("just opened") };
-        let offset = pack.write_record(&ChunkId::of(payload), Encoding::Block, block.plain.len() as u32, payload)?;
+        let members = pack.write_block(block, payload)?;
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut new = 0u64;
-        for &(id, inner, len) in &block.members {
-            let loc = Location {
-                pack: pack.id,
-                offset,
-                stored_len: payload.len() as u32,
-                plain_len: len,
-                encoding: Encoding::Block,
-                inner,
-            };
+        for (id, loc) in members {
             if pending.insert(id, loc).is_none() {
                 new += 1;
             }
@@ -965,18 +974,7 @@ pub(crate) fn write_pack(store: &Store, records: impl Iterator<Item = Record>) -
         let payload = block
             .payload()
             .ok_or_else(|| Error::io("compressing a block for", &pack.tmp)(std::io::Error::other("zstd failed")))?;
-        let offset = pack.write_record(&ChunkId::of(&payload), Encoding::Block, block.plain.len() as u32, &payload)?;
-        for &(id, inner, len) in &block.members {
-            let loc = Location {
-                pack: pack.id,
-                offset,
-                stored_len: payload.len() as u32,
-                plain_len: len,
-                encoding: Encoding::Block,
-                inner,
-            };
-            out.push((id, loc));
-        }
+        out.extend(pack.write_block(block, &payload)?);
         *block = BlockBuf::default();
         Ok(())
     };

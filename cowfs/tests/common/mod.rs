@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::{FileExt, PermissionsExt, symlink};
 use std::path::Path;
 
 use xenod_store::{ImportOptions, LayerId, LayerWriter, Store, import_dir};
@@ -168,4 +168,25 @@ pub fn kernel_overlay(lower: &Path, upper: &Path, work: &Path, mnt: &Path) -> ru
         rustix::mount::MountFlags::empty(),
         Some(std::ffi::CString::new(opts).unwrap().as_c_str()),
     )
+}
+
+/// Flips bytes of a chunk inside its pack file.
+pub fn flip_chunk(store_dir: &Path, loc: &xenod_store::Location) {
+    let pack = store_dir.join("packs").join(format!("{:016x}.pack", loc.pack));
+    let f = fs::OpenOptions::new().read(true).write(true).open(&pack).unwrap();
+    // In a solid block, the member's bytes sit after the member table at
+    // about their place in the block (noise is stored uncompressed).
+    let at = if loc.encoding == xenod_store::Encoding::Block {
+        let mut n = [0u8; 4];
+        f.read_exact_at(&mut n, loc.offset).unwrap();
+        loc.offset + 4 + 36 * u32::from_le_bytes(n) as u64 + (loc.inner + loc.plain_len / 2) as u64
+    } else {
+        loc.offset + 4
+    };
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, at).unwrap();
+    for x in &mut b {
+        *x ^= 0x5a;
+    }
+    f.write_all_at(&b, at).unwrap();
 }
