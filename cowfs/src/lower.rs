@@ -455,7 +455,6 @@ impl HostDir {
         let path = if rel.is_empty() { self.root.clone() } else { self.root.join(std::ffi::OsStr::from_bytes(&rel)) };
         let md = std::fs::symlink_metadata(&path).map_err(Self::io("reading", &path))?;
         let ft = md.file_type();
-        use std::os::unix::fs::FileTypeExt;
         let xattrs: Vec<Xattr> = crate::union::list_xattrs(&path)
             .map_err(|e| Self::io("reading xattrs of", &path)(e.into()))?
             .into_iter()
@@ -466,21 +465,13 @@ impl HostDir {
                 crate::union::getxattr_path(&path, crate::union::OPAQUE).ok().flatten().is_some_and(|v| v == b"y");
             self.open.push((rel.clone(), Self::names(&path)?));
             Kind::Dir { opaque }
-        } else if ft.is_symlink() {
-            let t = std::fs::read_link(&path).map_err(Self::io("reading symlink", &path))?;
-            Kind::Symlink { target: t.as_os_str().as_bytes().to_vec() }
-        } else if ft.is_char_device() && md.rdev() == 0 {
-            Kind::Whiteout
-        } else if ft.is_char_device() {
-            Kind::CharDev { rdev: md.rdev() }
-        } else if ft.is_block_device() {
-            Kind::BlockDev { rdev: md.rdev() }
-        } else if ft.is_fifo() {
-            Kind::Fifo
-        } else if ft.is_socket() {
-            Kind::Socket
         } else {
-            Kind::File { size: md.len(), chunking: Chunking::Cdc, extents: Vec::new() }
+            match xenod_store::special_kind(&path, &md)? {
+                // overlayfs's whiteout: a character device 0/0.
+                Some(Kind::CharDev { rdev: 0 }) => Kind::Whiteout,
+                Some(kind) => kind,
+                None => Kind::File { size: md.len(), chunking: Chunking::Cdc, extents: Vec::new() },
+            }
         };
         if ft.is_file() && md.nlink() > 1 {
             match self.links.get(&(md.dev(), md.ino())) {

@@ -276,6 +276,26 @@ fn walk(path: &Path, rel: &[u8], md: &fs::Metadata, visit: &mut Visit<'_>) -> Re
     Ok(())
 }
 
+/// The kind of a host file that is neither a directory nor a regular file
+/// (symlink, device, fifo, socket); `None` for those two.
+pub fn special_kind(path: &Path, md: &fs::Metadata) -> Result<Option<Kind>> {
+    let ft = md.file_type();
+    Ok(Some(if ft.is_symlink() {
+        let t = fs::read_link(path).ctx("reading symlink", path)?;
+        Kind::Symlink { target: t.as_os_str().as_bytes().to_vec() }
+    } else if ft.is_char_device() {
+        Kind::CharDev { rdev: md.rdev() }
+    } else if ft.is_block_device() {
+        Kind::BlockDev { rdev: md.rdev() }
+    } else if ft.is_fifo() {
+        Kind::Fifo
+    } else if ft.is_socket() {
+        Kind::Socket
+    } else {
+        return Ok(None);
+    }))
+}
+
 fn entry_for<'s>(
     store: &'s Store,
     rs: &rayon::Scope<'s>,
@@ -303,17 +323,8 @@ fn entry_for<'s>(
     }
     e.kind = if ft.is_dir() {
         Kind::Dir { opaque: false }
-    } else if ft.is_symlink() {
-        let t = fs::read_link(path).ctx("reading symlink", path)?;
-        Kind::Symlink { target: t.as_os_str().as_bytes().to_vec() }
-    } else if ft.is_char_device() {
-        Kind::CharDev { rdev: md.rdev() }
-    } else if ft.is_block_device() {
-        Kind::BlockDev { rdev: md.rdev() }
-    } else if ft.is_fifo() {
-        Kind::Fifo
-    } else if ft.is_socket() {
-        Kind::Socket
+    } else if let Some(kind) = special_kind(path, md)? {
+        kind
     } else {
         let size = md.len();
         let sparse = size > 0 && md.blocks() * 512 < size / 2;

@@ -40,7 +40,9 @@ pub use error::{Error, Result};
 pub use export::{ExportStats, FileReader, export_dir, export_tar};
 pub use gc::GcStats;
 pub use id::{ChunkId, LayerId, ParseIdError};
-pub use import::{IMAGE_MIN_SIZE, ImportOptions, Progress, chunk_stream, import_dir, import_image, import_tar};
+pub use import::{
+    IMAGE_MIN_SIZE, ImportOptions, Progress, chunk_stream, import_dir, import_image, import_tar, special_kind,
+};
 pub use layer::{LayerInfo, LayerReader, LayerWriter, MAX_STACK};
 pub use manifest::{
     ChunkRef, Entry, Extent, FORMAT_VERSION, Kind, LayerRoot, MAX_ENTRY_BYTES, OrderCheck, Timestamp, Xattr, cmp_paths,

@@ -552,7 +552,6 @@ impl Store {
             buf.members.push((*id, start, *len));
             start += len;
         }
-        self.stats.chunks.fetch_add(members.len() as u64, Ordering::Relaxed);
         let mut fresh = true;
         for (id, _) in &members {
             if self.contains(id)? {
@@ -561,14 +560,12 @@ impl Store {
             }
         }
         if fresh {
+            self.stats.chunks.fetch_add(members.len() as u64, Ordering::Relaxed);
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             self.write_block_record(&mut open, &buf, block)?;
         } else {
-            for &(id, start, len) in &buf.members {
-                if !self.contains(&id)? {
-                    self.stats.chunks.fetch_sub(1, Ordering::Relaxed);
-                    self.put_solid(&buf.plain[start as usize..(start + len) as usize])?;
-                }
+            for &(_, start, len) in &buf.members {
+                self.put_solid(&buf.plain[start as usize..(start + len) as usize])?;
             }
         }
         Ok(members.iter().map(|m| m.1).collect())
@@ -726,29 +723,22 @@ impl Store {
     /// block member is taken out of its block and encoded alone.
     pub fn get_encoded(&self, id: &ChunkId) -> Result<(Location, Vec<u8>)> {
         let staged = self.lock_blocks().get(id);
-        let loc = match staged {
-            Some(_) => None,
-            None => Some(self.find(id)?),
-        };
-        match (staged, loc) {
-            (None, Some(loc)) if loc.encoding != Encoding::Block => Ok((loc, self.read_stored(id, &loc)?)),
-            (staged, loc) => {
-                let plain = match (staged, loc) {
-                    (Some(plain), _) => plain,
-                    (None, Some(loc)) => self.block_member(id, &loc)?,
-                    (None, None) => return Err(Error::ChunkMissing { id: *id }),
-                };
-                let (encoding, stored) = codec::encode(&plain);
-                let loc = Location {
-                    encoding,
-                    stored_len: stored.len() as u32,
-                    plain_len: plain.len() as u32,
-                    inner: 0,
-                    ..loc.unwrap_or(Location { pack: 0, offset: 0, stored_len: 0, plain_len: 0, encoding, inner: 0 })
-                };
-                Ok((loc, stored))
+        let (loc, plain) = match staged {
+            Some(plain) => (None, plain),
+            None => {
+                let loc = self.find(id)?;
+                if loc.encoding != Encoding::Block {
+                    return Ok((loc, self.read_stored(id, &loc)?));
+                }
+                (Some(loc), self.block_member(id, &loc)?)
             }
-        }
+        };
+        let (encoding, stored) = codec::encode(&plain);
+        let at = loc.unwrap_or(Location { pack: 0, offset: 0, stored_len: 0, plain_len: 0, encoding, inner: 0 });
+        Ok((
+            Location { encoding, stored_len: stored.len() as u32, plain_len: plain.len() as u32, inner: 0, ..at },
+            stored,
+        ))
     }
 
     /// Reads, decodes and verifies chunk `id`.

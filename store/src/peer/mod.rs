@@ -446,22 +446,19 @@ impl Engine {
         }
         stack.reverse();
 
-        let (store, s) = (self.store.clone(), stack.clone());
-        let (want, l) = tokio::task::spawn_blocking(move || missing_manifest_chunks(&store, &s))
-            .await
-            .map_err(|e| PeerError::NoProviders { why: format!("scan task: {e}") })??;
-        local += l;
-        fetched += want.len() as u64;
-        swarm.run(Phase::Manifests, order(want)).await?;
-
+        type Scan = fn(&Store, &[LayerId]) -> Result<(Vec<ChunkId>, u64), Error>;
+        let mut phases: Vec<(Phase, Scan)> = vec![(Phase::Manifests, missing_manifest_chunks)];
         if !manifests_only {
+            phases.push((Phase::Data, missing_data_chunks));
+        }
+        for (phase, scan) in phases {
             let (store, s) = (self.store.clone(), stack.clone());
-            let (want, l) = tokio::task::spawn_blocking(move || missing_data_chunks(&store, &s))
+            let (want, l) = tokio::task::spawn_blocking(move || scan(&store, &s))
                 .await
                 .map_err(|e| PeerError::NoProviders { why: format!("scan task: {e}") })??;
             local += l;
             fetched += want.len() as u64;
-            swarm.run(Phase::Data, order(want)).await?;
+            swarm.run(phase, order(want)).await?;
         }
         let udp_bytes = swarm.close();
 
