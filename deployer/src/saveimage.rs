@@ -63,7 +63,9 @@ fn read_block(file: &Path) -> Result<([u8; HEADER], Vec<u8>)> {
 
 /// Gives the save image `file` the domain name `name`, the UUID `uuid` and
 /// every occurrence of each `(from, to)` path prefix replaced, keeping the
-/// migration cookie and the QEMU stream byte for byte.
+/// migration cookie and the QEMU stream byte for byte. Not synced: the
+/// image is written for the restore that follows, which reads it through
+/// the page cache.
 pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)]) -> Result<()> {
     let (mut h, data) = read_block(file)?;
     let cookie_off = u32::from_le_bytes(h[32..36].try_into().unwrap_or_default()) as usize;
@@ -98,8 +100,7 @@ pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)])
     let mut f = OpenOptions::new().write(true).open(file).map_err(Error::io("open state file", file))?;
     f.write_all(&h).map_err(Error::io("write state file", file))?;
     f.seek(SeekFrom::Start(HEADER as u64)).map_err(Error::io("write state file", file))?;
-    f.write_all(&block).map_err(Error::io("write state file", file))?;
-    f.sync_all().map_err(Error::io("sync state file", file))
+    f.write_all(&block).map_err(Error::io("write state file", file))
 }
 
 /// Replaces the text of the first top-level `<tag>` element.

@@ -259,7 +259,7 @@ pub fn encode(state: &Path, index: &PageIndex, out: &Path) -> Result<EncodeStats
         }
     }
     literal(&mut w, &buf[lit..], &mut st)?;
-    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    w.flush()?;
     Ok(st)
 }
 
@@ -364,7 +364,6 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
         fill(store, &sources[src as usize], &refs[i..end], &f)?;
         i = end;
     }
-    f.sync_all()?;
     Ok(size)
 }
 
