@@ -39,6 +39,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
+use rayon::prelude::*;
 use xenod_deployer::{GUEST_PAGE, MAX_RAM_RECORD, RamRecord, ram_record};
 use xenod_store::{ChunkId, Extent, FileReader, Kind, LayerId, Merged, Store};
 
@@ -239,23 +240,32 @@ pub fn encode(state: &Path, index: &PageIndex, out: &Path) -> Result<EncodeStats
         if p >= buf.len() {
             break;
         }
-        match ram_record(&buf[p..]) {
-            Some(RamRecord::Page { data }) => {
-                st.pages += 1;
-                let page = &buf[p + data..p + data + GUEST_PAGE];
-                if let Some(&(src, n)) = index.map.get(&page_hash(page)) {
-                    literal(&mut w, &buf[lit..p + data], &mut st)?;
-                    w.write_all(&[OP_PAGE])?;
-                    w.write_all(&src.to_le_bytes())?;
-                    w.write_all(&n.to_le_bytes())?;
-                    st.delta_bytes += 7;
-                    st.pages_referenced += 1;
-                    lit = p + data + GUEST_PAGE;
+        // Where the window's page records are (a sequential walk), then
+        // their hashes (in parallel), then the delta.
+        let mut records = Vec::new();
+        while p < buf.len() && (eof || buf.len() - p >= MAX_RAM_RECORD) {
+            match ram_record(&buf[p..]) {
+                Some(RamRecord::Page { data }) => {
+                    records.push(p + data);
+                    p += data + GUEST_PAGE;
                 }
-                p += data + GUEST_PAGE;
+                Some(RamRecord::Zero { len }) => p += len,
+                None => p += 1,
             }
-            Some(RamRecord::Zero { len }) => p += len,
-            None => p += 1,
+        }
+        let found: Vec<Option<(u16, u32)>> =
+            records.par_iter().map(|&at| index.map.get(&page_hash(&buf[at..at + GUEST_PAGE])).copied()).collect();
+        st.pages += records.len() as u64;
+        for (at, hit) in records.into_iter().zip(found) {
+            if let Some((src, n)) = hit {
+                literal(&mut w, &buf[lit..at], &mut st)?;
+                w.write_all(&[OP_PAGE])?;
+                w.write_all(&src.to_le_bytes())?;
+                w.write_all(&n.to_le_bytes())?;
+                st.delta_bytes += 7;
+                st.pages_referenced += 1;
+                lit = at + GUEST_PAGE;
+            }
         }
     }
     literal(&mut w, &buf[lit..], &mut st)?;
@@ -361,27 +371,38 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
     while i < refs.len() {
         let src = refs[i].0;
         let end = refs[i..].iter().position(|r| r.0 != src).map_or(refs.len(), |n| i + n);
-        fill(store, &sources[src as usize], &refs[i..end], &f)?;
+        let extents = &sources[src as usize];
+        let starts: Vec<u64> = extents
+            .iter()
+            .scan(0u64, |at, x| {
+                let s = *at;
+                *at += x.len();
+                Some(s)
+            })
+            .collect();
+        // In parallel, by runs of pages: a chunk is decoded at most once
+        // per run it appears in.
+        refs[i..end].par_chunks(1024).try_for_each(|part| fill(store, extents, &starts, part, &f))?;
         i = end;
     }
     Ok(size)
 }
 
-/// Copies the pages `refs` (sorted by page) of the file `extents` into
-/// `out` at their offsets, decoding each chunk once.
-fn fill(store: &Store, extents: &[Extent], refs: &[(u16, u32, u64)], out: &File) -> Result<()> {
-    let mut x = 0usize; // extent index
-    let mut start = 0u64; // file offset of extents[x]
+/// Copies the pages `refs` (sorted by page) of the file `extents` (which
+/// start at the offsets `starts`) into `out` at their offsets, decoding
+/// each chunk once.
+fn fill(store: &Store, extents: &[Extent], starts: &[u64], refs: &[(u16, u32, u64)], out: &File) -> Result<()> {
+    let Some(&(_, first, _)) = refs.first() else { return Ok(()) };
+    let mut x = starts.partition_point(|&s| s <= first as u64 * GUEST_PAGE as u64).saturating_sub(1);
     let mut cur: Option<(usize, Vec<u8>)> = None;
     let mut page = vec![0u8; GUEST_PAGE];
     for &(_, n, to) in refs {
         let (mut pos, end) = (n as u64 * GUEST_PAGE as u64, (n as u64 + 1) * GUEST_PAGE as u64);
         while pos < end {
-            while start + extents[x].len() <= pos {
-                start += extents[x].len();
+            while starts[x] + extents[x].len() <= pos {
                 x += 1;
             }
-            let len = extents[x].len();
+            let (start, len) = (starts[x], extents[x].len());
             let (from, to_in) = ((pos - start) as usize, ((end.min(start + len)) - start) as usize);
             let dst = &mut page[(pos - n as u64 * GUEST_PAGE as u64) as usize..][..to_in - from];
             match extents[x] {
