@@ -444,21 +444,10 @@ fn read_u64(r: &mut impl Read) -> std::io::Result<u64> {
 mod tests {
     use std::collections::BTreeMap;
 
+    use xenod_store::testing::noise;
     use xenod_store::{Chunking, Entry, ImportOptions, LayerWriter, Timestamp, chunk_stream};
 
     use super::*;
-
-    fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     fn file(path: &str, size: u64, chunking: Chunking, extents: Vec<Extent>) -> Entry {
         Entry {
