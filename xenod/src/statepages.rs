@@ -50,7 +50,8 @@ const OP_PAGE: u8 = 2;
 const WINDOW: usize = 4 << 20;
 /// Most source files a delta may name.
 const MAX_SOURCES: usize = 64;
-/// Most pages indexed: 16 GiB of file data, about 1 GiB of index.
+/// Most pages indexed: 16 GiB of file data, about 200 MB of index (and
+/// as much again of per-chunk hashes kept between rounds).
 const MAX_PAGES: usize = 1 << 22;
 
 type Hash = [u8; 32];
@@ -104,14 +105,17 @@ impl PageHashes {
             index.files.push((path, extents_digest(&extents)));
             let src = src as u16;
             let aligned = extents.iter().all(|x| x.len() % GUEST_PAGE as u64 == 0);
-            let mut add = |page: u64, h: Hash| {
-                if index.map.len() < MAX_PAGES && page <= u32::MAX as u64 {
-                    index.map.entry(h).or_insert((src, page as u32));
+            let add = |map: &mut HashMap<Hash, (u16, u32)>, page: u64, h: Hash| {
+                if map.len() < MAX_PAGES && page <= u32::MAX as u64 {
+                    map.entry(h).or_insert((src, page as u32));
                 }
             };
             if aligned {
                 let mut at = 0u64;
                 for x in &extents {
+                    if index.map.len() >= MAX_PAGES {
+                        break;
+                    }
                     if let Extent::Data { id, .. } = x {
                         if !self.by_chunk.contains_key(id) {
                             let plain = store.get(id)?;
@@ -123,7 +127,7 @@ impl PageHashes {
                         }
                         for (i, h) in self.by_chunk[id].iter().enumerate() {
                             if let Some(h) = h {
-                                add(at / GUEST_PAGE as u64 + i as u64, *h);
+                                add(&mut index.map, at / GUEST_PAGE as u64 + i as u64, *h);
                             }
                         }
                     }
@@ -135,7 +139,7 @@ impl PageHashes {
                     let mut pages = Vec::new();
                     let mut r = FileReader::new(store, extents);
                     let mut buf = vec![0u8; GUEST_PAGE];
-                    for page in 0u32.. {
+                    for page in 0..MAX_PAGES as u32 {
                         let n = read_full(&mut r, &mut buf)?;
                         if n < GUEST_PAGE {
                             break;
@@ -147,7 +151,7 @@ impl PageHashes {
                     slot.insert(pages);
                 }
                 for (page, h) in &self.by_file[&key] {
-                    add(*page as u64, *h);
+                    add(&mut index.map, *page as u64, *h);
                 }
             }
         }
