@@ -269,8 +269,13 @@ fn time(t: TimeOrNow) -> Option<SystemTime> {
 
 impl Filesystem for CowFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Readdirplus on every READDIR, not only the first of a listing
+        // (FUSE_READDIRPLUS_AUTO): with AUTO a directory larger than one
+        // 32 KiB reply (/etc/ssl/certs, /usr/bin) had its later entries
+        // listed without attributes, and a walk then sent a LOOKUP per
+        // entry (1,011 of them for find or tar over Debian minbase). Our
+        // attributes are in memory, so the plus form costs nothing more.
         let want = InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_EXPORT_SUPPORT;
