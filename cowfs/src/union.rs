@@ -1427,6 +1427,15 @@ impl Union {
     /// For FUSE passthrough of a lower-only file: its materialised copy,
     /// opened read-only, if the file cache has it.
     pub(crate) fn materialised(&self, ino: u64) -> Option<(Key, File)> {
+        if self.tracker.is_some() {
+            // A guest's mount: its big files are its disk images, which
+            // QEMU opens read-only and then read-write while the first
+            // handle is still open (restoring a saved guest). A read-only
+            // open passed through to the cached copy would make that
+            // second open fail (ETXTBSY, see `fs.rs`), so reads are served
+            // here.
+            return None;
+        }
         let files = self.files.as_ref()?;
         let f = {
             let st = self.lock();

@@ -256,3 +256,35 @@ fn writing_a_materialised_file_copies_up_and_keeps_the_cache() {
     m.unmount().unwrap();
     assert_eq!(fs::read(&entry).unwrap(), big);
 }
+
+#[test]
+fn guest_mount_opens_a_cached_file_read_write_while_a_reader_holds_it() {
+    if !fuse_ok("guest_mount_opens_a_cached_file_read_write_while_a_reader_holds_it") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let big = noise(3 << 20, 6);
+    let (store_dir, id) = layer(t.path(), &[("disk.img", &big)]);
+    let store = Arc::new(Store::open(&store_dir).unwrap());
+    let (mnt, upper) = (t.path().join("mnt"), t.path().join("upper"));
+    fs::create_dir(&mnt).unwrap();
+    // A plain mount puts the file in the cache.
+    let m = mount(store.clone(), &[id], &mnt, &opts(Some(&upper))).unwrap();
+    assert_eq!(fs::read(mnt.join("disk.img")).unwrap(), big);
+    wait_for_entry(&store_dir, &big);
+    m.unmount().unwrap();
+
+    // A guest's mount (tracking writes): QEMU restoring a saved guest opens
+    // its disk read-only, then read-write with the first handle open.
+    let control = t.path().join("mount.ctl");
+    let o = MountOptions { control: Some(control), ..opts(Some(&upper)) };
+    let m = mount(store, &[id], &mnt, &o).unwrap();
+    let reader = fs::File::open(mnt.join("disk.img")).unwrap();
+    let w = fs::OpenOptions::new().read(true).write(true).open(mnt.join("disk.img")).unwrap();
+    w.write_all_at(b"guest", 4096).unwrap();
+    let mut b = [0u8; 5];
+    reader.read_exact_at(&mut b, 4096).unwrap();
+    assert_eq!(&b, b"guest", "the reader sees the write: both are served here");
+    drop((reader, w));
+    m.unmount().unwrap();
+}

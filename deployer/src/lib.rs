@@ -8,7 +8,7 @@
 //! | `probe` | [`probe_accel`]: KVM where it can run stock kernels, TCG otherwise |
 //! | `hypervisor` | the [`Hypervisor`] trait: define/start/stop/save/restore/list by name |
 //! | `libvirt` | [`Libvirt`]: the trait over libvirt, chosen by URI |
-//! | `saveimage` | [`retarget`]: a save image restored under another domain name, UUID and paths |
+//! | `saveimage` | [`retarget`]: a save image restored under another domain name, UUID and paths; [`ram_record`]: where guest pages sit in it |
 //! | `ready` | [`wait_console`], [`wait_http`]: bounded waits until a guest is of use |
 //! | `error` | [`Error`]: one enum; messages say what to do |
 //!
@@ -48,7 +48,7 @@ pub use libvirt::{Libvirt, URI_ENV, default_uri};
 pub use model::{DomainMeta, DomainModel, Network, ROOT_TAG, Root, check_ports_free, resolve_ports};
 pub use probe::{ACCEL_ENV, Accel, AccelProbe, probe_accel};
 pub use ready::{GUEST_READY_LINE, console_tail, http_get, wait_console, wait_http};
-pub use saveimage::{random_uuid, retarget, saved_xml};
+pub use saveimage::{GUEST_PAGE, MAX_RAM_RECORD, RamRecord, ram_record, random_uuid, retarget, saved_xml};
 pub use spec::{
     BootFile, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, DeploySpec, FsShare, MAX_NAME_LEN, PortForward, RootMode,
     SpecOverrides, validate_name,

@@ -63,7 +63,9 @@ fn read_block(file: &Path) -> Result<([u8; HEADER], Vec<u8>)> {
 
 /// Gives the save image `file` the domain name `name`, the UUID `uuid` and
 /// every occurrence of each `(from, to)` path prefix replaced, keeping the
-/// migration cookie and the QEMU stream byte for byte.
+/// migration cookie and the QEMU stream byte for byte. Not synced: the
+/// image is written for the restore that follows, which reads it through
+/// the page cache.
 pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)]) -> Result<()> {
     let (mut h, data) = read_block(file)?;
     let cookie_off = u32::from_le_bytes(h[32..36].try_into().unwrap_or_default()) as usize;
@@ -98,8 +100,7 @@ pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)])
     let mut f = OpenOptions::new().write(true).open(file).map_err(Error::io("open state file", file))?;
     f.write_all(&h).map_err(Error::io("write state file", file))?;
     f.seek(SeekFrom::Start(HEADER as u64)).map_err(Error::io("write state file", file))?;
-    f.write_all(&block).map_err(Error::io("write state file", file))?;
-    f.sync_all().map_err(Error::io("sync state file", file))
+    f.write_all(&block).map_err(Error::io("write state file", file))
 }
 
 /// Replaces the text of the first top-level `<tag>` element.
@@ -124,6 +125,59 @@ pub fn random_uuid() -> String {
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
     format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+/// Bytes of a guest page (x86: QEMU's TARGET_PAGE_SIZE).
+pub const GUEST_PAGE: usize = 4096;
+/// The longest RAM page record: header, RAMBlock name, page.
+pub const MAX_RAM_RECORD: usize = 8 + 1 + 255 + GUEST_PAGE;
+
+/// A RAM page record of QEMU's migration stream, found at some offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RamRecord {
+    /// A whole page: its bytes are `rec[data..data + GUEST_PAGE]`, and the
+    /// record ends there.
+    Page { data: usize },
+    /// A page of zeros, stored as one fill byte; the record is `len` long.
+    Zero { len: usize },
+}
+
+/// Reads `rec` as a RAM page record of QEMU's migration stream
+/// (migration/ram.c): a big-endian u64 of the page's offset in its RAM
+/// block with flags in the low 12 bits (0x02 zero page, 0x08 page, 0x20
+/// same block as the record before), without 0x20 the block's name
+/// (length byte, printable ASCII), then the page (4096 bytes) or the fill
+/// byte. `None` when the bytes do not look like one, or `rec` ends first.
+///
+/// Only a heuristic for where pages sit in a save image: whoever uses a
+/// page found here must compare its bytes, never trust the guess. It
+/// accepts block offsets below 1 TiB and nothing but these flags, so a
+/// random position passes with a chance of about 2^-40.
+pub fn ram_record(rec: &[u8]) -> Option<RamRecord> {
+    const ZERO: u64 = 0x02;
+    const PAGE: u64 = 0x08;
+    const CONTINUE: u64 = 0x20;
+    let v = u64::from_be_bytes(rec.get(..8)?.try_into().ok()?);
+    let flags = v & 0xfff;
+    if v >> 40 != 0 || flags & !(ZERO | PAGE | CONTINUE) != 0 || (flags & (ZERO | PAGE)).count_ones() != 1 {
+        return None;
+    }
+    let mut at = 8;
+    if flags & CONTINUE == 0 {
+        let len = *rec.get(8)? as usize;
+        let name = rec.get(9..9 + len)?;
+        if len == 0 || !name.iter().all(|c| c.is_ascii_graphic()) {
+            return None;
+        }
+        at += 1 + len;
+    }
+    if flags & PAGE != 0 {
+        rec.get(at..at + GUEST_PAGE)?;
+        Some(RamRecord::Page { data: at })
+    } else {
+        rec.get(at)?;
+        Some(RamRecord::Zero { len: at + 1 })
+    }
 }
 
 #[cfg(test)]
@@ -175,5 +229,25 @@ mod tests {
         let long = "x".repeat(100);
         let e = retarget(&p, &long, "u", &[]).unwrap_err().to_string();
         assert!(e.contains("holds 64"), "{e}");
+    }
+
+    #[test]
+    fn ram_records() {
+        let page = |head: u64, name: &[u8]| {
+            let mut r = head.to_be_bytes().to_vec();
+            r.extend_from_slice(name);
+            r.extend_from_slice(&[7u8; GUEST_PAGE]);
+            r
+        };
+        assert_eq!(ram_record(&page(0x1000 | 0x28, b"")), Some(RamRecord::Page { data: 8 }));
+        assert_eq!(ram_record(&page(0x08, b"\x06pc.ram")), Some(RamRecord::Page { data: 15 }));
+        assert_eq!(ram_record(&[0, 0, 0, 0, 0, 0, 0x20, 0x22, 0]), Some(RamRecord::Zero { len: 9 }));
+        // Cut short, both flags, unknown flags, a huge offset, a bad name.
+        assert_eq!(ram_record(&page(0x28, b"")[..100]), None);
+        assert_eq!(ram_record(&page(0x2a, b"")), None);
+        assert_eq!(ram_record(&page(0x128, b"")), None);
+        assert_eq!(ram_record(&page((1 << 40) | 0x28, b"")), None);
+        assert_eq!(ram_record(&page(0x08, b"\x02a\n")), None);
+        assert_eq!(ram_record(&page(0x08, b"\x00")), None);
     }
 }

@@ -60,7 +60,7 @@ impl Encoding {
 
 thread_local! {
     static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
-    static WIRE_COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static WIRE_COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
@@ -75,14 +75,15 @@ pub(crate) fn compress(plain: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
-/// Compresses `plain` as one zstd frame at [`WIRE_LEVEL`].
-pub(crate) fn compress_for_wire(plain: &[u8]) -> Option<Vec<u8>> {
+/// Compresses `plain` as one zstd frame at `level` (one compressor per
+/// thread, made again when the level changes).
+pub(crate) fn compress_at(plain: &[u8], level: i32) -> Option<Vec<u8>> {
     WIRE_COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
-        if c.is_none() {
-            *c = zstd::bulk::Compressor::new(WIRE_LEVEL.max(zstd_level())).ok();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = zstd::bulk::Compressor::new(level).ok().map(|z| (level, z));
         }
-        c.as_mut().and_then(|c| c.compress(plain).ok())
+        c.as_mut().and_then(|(_, c)| c.compress(plain).ok())
     })
 }
 

@@ -31,6 +31,8 @@ mod names;
 mod peer;
 mod spill;
 mod store;
+#[doc(hidden)]
+pub mod testing;
 mod verify;
 
 pub use chunker::{BATCH, BLOCK, Batch, Batcher, CDC_AVG, CDC_MAX, CDC_MIN, Cdc, Chunking, is_zero};

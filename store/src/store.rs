@@ -142,15 +142,16 @@ impl BlockBuf {
 
     /// The block record's payload: member table, then one zstd frame.
     pub(crate) fn payload(&self) -> Option<Vec<u8>> {
-        self.payload_with(codec::compress)
+        self.payload_with(&codec::compress)
     }
 
-    /// The payload of a solid frame for a peer ([`codec::WIRE_LEVEL`]).
-    pub(crate) fn wire_payload(&self) -> Option<Vec<u8>> {
-        self.payload_with(codec::compress_for_wire)
+    /// The payload of a solid frame for a peer, compressed at `level`
+    /// (normally [`codec::WIRE_LEVEL`]).
+    pub(crate) fn wire_payload(&self, level: i32) -> Option<Vec<u8>> {
+        self.payload_with(&|p| codec::compress_at(p, level))
     }
 
-    fn payload_with(&self, compress: fn(&[u8]) -> Option<Vec<u8>>) -> Option<Vec<u8>> {
+    fn payload_with(&self, compress: &dyn Fn(&[u8]) -> Option<Vec<u8>>) -> Option<Vec<u8>> {
         let frame = compress(&self.plain)?;
         let mut out = Vec::with_capacity(4 + 36 * self.members.len() + frame.len());
         out.extend_from_slice(&(self.members.len() as u32).to_le_bytes());

@@ -59,6 +59,7 @@ use xenod_store::{
 use crate::config::Config;
 use crate::deploy::{self, Instance};
 use crate::serve::{Daemon, note};
+use crate::statepages::{self, EncodeStats, PageHashes, PageIndex};
 use crate::{Coded, Exit};
 
 /// The migration protocol on the daemon's endpoint.
@@ -68,8 +69,19 @@ const MAX_ROUNDS: usize = 6;
 const CONVERGED: u64 = 2 << 20;
 const ALIVE_EVERY: Duration = Duration::from_secs(2);
 const SILENT_LIMIT: Duration = Duration::from_secs(20);
-/// The state file's name inside a state layer.
+/// The state file's name inside a state layer: the save image itself, or
+/// (written now) its page delta against the instance's files
+/// ([`crate::statepages`]).
 const STATE_FILE: &[u8] = b"state.save";
+const STATE_PAGES: &[u8] = b"state.pages";
+/// zstd level of what pre-copy sends (dense frames: every chunk compressed
+/// in 1 MiB runs). The guest runs meanwhile, so bytes count more than the
+/// source's CPU: on the benchmark's 200 MiB log, 64 KiB chunks at rest
+/// (level 2) made 48.8 MB, level 9 about 43.
+const PRECOPY_LEVEL: u8 = 9;
+/// zstd level in stop-and-copy, where the guest is down: compression must
+/// not take longer than the bytes it saves would.
+const FINAL_LEVEL: u8 = 3;
 /// Layer metadata of a checkpoint: its state layer and instance record.
 const META_STATE: &str = "checkpoint-state";
 const META_RECORD: &str = "instance-record";
@@ -237,16 +249,16 @@ async fn target_op(d: &Arc<Daemon>, req: Wire, tx: tokio::sync::mpsc::UnboundedS
                     need_bytes >> 20
                 );
             }
-            fetch(d, mounted, &source).await
+            fetch(d, mounted, &source, None).await
         }
         Wire::Sync { layer, source, last } => {
             test_hook(if last { "stop-and-copy" } else { "pre-copy" });
-            fetch(d, layer, &source).await
+            fetch(d, layer, &source, Some(if last { FINAL_LEVEL } else { PRECOPY_LEVEL })).await
         }
         Wire::Resume { layer, state, record, source } => {
-            let mut rep = fetch(d, layer, &source).await?;
+            let mut rep = fetch(d, layer, &source, Some(FINAL_LEVEL)).await?;
             if let Some(s) = state {
-                let r = fetch(d, s, &source).await?;
+                let r = fetch(d, s, &source, Some(FINAL_LEVEL)).await?;
                 for k in ["chunks_fetched", "bytes", "wire_bytes"] {
                     rep[k] = json!(rep[k].as_u64().unwrap_or(0) + r[k].as_u64().unwrap_or(0));
                 }
@@ -270,14 +282,17 @@ async fn target_op(d: &Arc<Daemon>, req: Wire, tx: tokio::sync::mpsc::UnboundedS
     }
 }
 
-async fn fetch(d: &Daemon, layer: LayerId, source: &str) -> Result<Value> {
+/// Fetches `layer`'s stack from the migration's source (and the default
+/// peers); `dense`: ask for every chunk in solid frames at that level.
+async fn fetch(d: &Daemon, layer: LayerId, source: &str, dense: Option<u8>) -> Result<Value> {
     let mut providers = vec![parse_peer(source).map_err(|e| anyhow!("source address {source}: {e}"))?];
     for p in d.default_peers() {
         if !providers.iter().any(|q| q.id == p.id) {
             providers.push(p);
         }
     }
-    let rep = d.node().fetch(layer, &providers, FetchOptions::default()).await.map_err(crate::serve::peer_err)?;
+    let opts = FetchOptions { dense, ..FetchOptions::default() };
+    let rep = d.node().fetch(layer, &providers, opts).await.map_err(crate::serve::peer_err)?;
     Ok(json!({ "layer": layer.to_string(), "chunks_fetched": rep.chunks_fetched, "bytes": rep.bytes,
                "wire_bytes": rep.wire_bytes, "elapsed_ms": rep.elapsed_ms }))
 }
@@ -338,22 +353,32 @@ fn adopt(
         }
         let _ = deploy::teardown(data, name, store, false);
     };
+    let mut steps = serde_json::Map::new();
+    let mut step = |k: &str, t: Instant| {
+        steps.insert(k.into(), json!(t.elapsed().as_secs_f64()));
+    };
     let r = (|| -> Result<Value> {
+        let t = Instant::now();
         inst.save(data)?;
         store.pin(&deploy::pin_label(name), &layer)?;
         inst.mount_pid = Some(deploy::spawn_mount(data, &inst)?);
         inst.save(data)?;
+        step("mount_seconds", t);
         let hv = deploy::hypervisor(&inst.uri)?;
         match state {
             Some(s) => {
-                let file = dir.join("state.save");
-                export_state(store, &s, &file)?;
+                let file = Transient::new(&dir, record.spec.as_ref().map_or(0, |s| s.memory_mib as u64));
+                let file = file.path();
+                let t = Instant::now();
+                export_state(store, &s, &layer, file)?;
+                step("state_seconds", t);
                 let from = format!("{}/", record.source_dir.display());
                 let to = format!("{}/", dir.display());
-                xenod_deployer::retarget(&file, &domain, &xenod_deployer::random_uuid(), &[(from, to)])?;
+                xenod_deployer::retarget(file, &domain, &xenod_deployer::random_uuid(), &[(from, to)])?;
                 restoring();
-                hv.restore(&file)?;
-                let _ = fs::remove_file(&file);
+                let t = Instant::now();
+                hv.restore(file)?;
+                step("restore_seconds", t);
             }
             None => {
                 let mut spec = record.spec.clone().ok_or_else(|| anyhow!("no deploy spec to boot {name} from"))?;
@@ -375,6 +400,10 @@ fn adopt(
         Ok(json!({ "name": name, "domain": domain, "layer": layer.to_string(),
                    "port": inst.ports.first().map(|p| p.host) }))
     })();
+    let r = r.map(|mut v| {
+        v["steps"] = Value::Object(steps);
+        v
+    });
     if r.is_err() {
         undo(true);
     }
@@ -384,25 +413,105 @@ fn adopt(
 // ---- state as a layer ----------------------------------------------------
 
 /// Stores a saved-state file as a one-file layer, cut by content so that
-/// a later state shares the chunks of unchanged memory.
-fn state_layer(store: &Store, file: &Path, meta: BTreeMap<String, String>) -> Result<LayerId> {
-    let f = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let size = f.metadata()?.len();
-    let at = || file.display().to_string();
-    let opts = ImportOptions { single_chunks: true, ..ImportOptions::default() };
-    let (extents, total) = chunk_stream(store, f, Chunking::Cdc, size, &opts, &at)?;
-    let mut w = LayerWriter::new(store);
-    w.push(&Entry::dir(Vec::new()))?;
-    w.push(&Entry {
-        path: STATE_FILE.to_vec(),
-        kind: Kind::File { size: total, chunking: Chunking::Cdc, extents },
-        mode: 0o600,
-        uid: 0,
-        gid: 0,
-        mtime: Timestamp::default(),
-        xattrs: vec![],
-    })?;
-    Ok(w.finish(None, meta)?)
+/// a later state shares the chunks of unchanged memory. With `index`, the
+/// layer holds the page delta of the state against the instance's files
+/// instead of the state itself.
+fn state_layer(
+    store: &Store,
+    file: &Path,
+    index: Option<&PageIndex>,
+    meta: BTreeMap<String, String>,
+) -> Result<(LayerId, Option<EncodeStats>)> {
+    let delta = file.with_extension("pages");
+    let (path, stats) = match index {
+        Some(ix) => (STATE_PAGES, Some(statepages::encode(file, ix, &delta)?)),
+        None => (STATE_FILE, None),
+    };
+    let from = if index.is_some() { &delta } else { file };
+    let r = (|| -> Result<LayerId> {
+        let f = fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
+        let size = f.metadata()?.len();
+        let at = || from.display().to_string();
+        let opts = ImportOptions { single_chunks: true, ..ImportOptions::default() };
+        let (extents, total) = chunk_stream(store, f, Chunking::Cdc, size, &opts, &at)?;
+        let mut w = LayerWriter::new(store);
+        w.push(&Entry::dir(Vec::new()))?;
+        w.push(&Entry {
+            path: path.to_vec(),
+            kind: Kind::File { size: total, chunking: Chunking::Cdc, extents },
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            mtime: Timestamp::default(),
+            xattrs: vec![],
+        })?;
+        Ok(w.finish(None, meta)?)
+    })();
+    if index.is_some() {
+        let _ = fs::remove_file(&delta);
+    }
+    Ok((r?, stats))
+}
+
+/// A save image that lives for one restore: in `/dev/shm` when that has
+/// room for it twice over, so that writing and reading it run at memory
+/// speed with no writeback to wait for (on the migration benchmark the
+/// 242 MB image took seconds to go through the disk), else in the
+/// instance directory. Removed when dropped, unless [`Transient::keep`]
+/// moved it.
+struct Transient {
+    path: PathBuf,
+    kept: bool,
+}
+
+impl Transient {
+    fn new(inst_dir: &Path, memory_mib: u64) -> Self {
+        let shm = Path::new("/dev/shm");
+        let need = memory_mib.max(256) << 21;
+        let path = if free_bytes(shm).is_ok_and(|f| f >= need) {
+            let tag = xenod_store::ChunkId::of(inst_dir.as_os_str().as_encoded_bytes()).fmt_short();
+            shm.join(format!("xenod-state-{tag}.save"))
+        } else {
+            inst_dir.join("state.save")
+        };
+        Self { path, kept: false }
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Moves the image to `to` (on disk), which then outlives this.
+    fn keep(mut self, to: &Path) -> Result<()> {
+        if self.path != to {
+            fs::copy(&self.path, to).with_context(|| format!("copying {} to {}", self.path.display(), to.display()))?;
+            fs::File::open(to)?.sync_all()?;
+        }
+        self.kept = self.path == to;
+        Ok(())
+    }
+}
+
+impl Drop for Transient {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The files of an instance whose pages its memory is likely to repeat:
+/// its disk image, and the kernel and initrd when they come from the stack.
+fn page_sources(inst: &Instance) -> Vec<Vec<u8>> {
+    let Some(spec) = &inst.spec else { return Vec::new() };
+    let rel = |p: &str| p.trim_start_matches('/').as_bytes().to_vec();
+    let mut out: Vec<Vec<u8>> = spec.disk_image.iter().map(|p| rel(p)).collect();
+    for b in std::iter::once(&spec.kernel).chain(spec.initrd.as_ref()) {
+        if let xenod_deployer::BootFile::Stack(p) = b {
+            out.push(rel(&p.to_string_lossy()));
+        }
+    }
+    out
 }
 
 /// Data chunks (not holes) of a layer's files.
@@ -416,17 +525,23 @@ fn data_chunks(store: &Store, layer: &LayerId) -> Result<u64> {
     Ok(n)
 }
 
-fn export_state(store: &Store, layer: &LayerId, to: &Path) -> Result<()> {
+/// Writes the save image of state layer `layer` to `to`; `top` is the
+/// layer the instance is restored on, whose files a page delta refers to.
+fn export_state(store: &Store, layer: &LayerId, top: &LayerId, to: &Path) -> Result<()> {
     for e in store.read_layer(layer)? {
         let e = e?;
-        if e.path == STATE_FILE
-            && let Kind::File { extents, .. } = e.kind
-        {
-            let mut out = fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
-            std::io::copy(&mut FileReader::new(store, extents), &mut out)
-                .with_context(|| format!("writing {}", to.display()))?;
-            out.sync_all()?;
-            return Ok(());
+        if let Kind::File { extents, .. } = e.kind {
+            if e.path == STATE_FILE {
+                let mut out = fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
+                std::io::copy(&mut FileReader::new(store, extents), &mut out)
+                    .with_context(|| format!("writing {}", to.display()))?;
+                return Ok(());
+            }
+            if e.path == STATE_PAGES {
+                statepages::decode(store, top, FileReader::new(store, extents), to)
+                    .with_context(|| format!("writing {} from state layer {layer}", to.display()))?;
+                return Ok(());
+            }
         }
     }
     bail!("layer {layer} holds no saved state")
@@ -612,6 +727,15 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
     let mut rounds = Vec::new();
     let mut cache = CommitCache::default();
     let mut last: Option<(LayerId, u64)> = None;
+    // Page hashes of the instance's files, brought up to date while the
+    // target fetches each round, so stop-and-copy hashes only the last
+    // writes.
+    let hashes = Arc::new(std::sync::Mutex::new(PageHashes::default()));
+    let sources = Arc::new(if cold { Vec::new() } else { page_sources(&inst) });
+    let index_pages = |id: LayerId| {
+        let (store, hashes, sources) = (store.clone(), hashes.clone(), sources.clone());
+        blocking(move || hashes.lock().unwrap_or_else(|e| e.into_inner()).index(&store, &id, &sources))
+    };
     for round in 0..MAX_ROUNDS {
         let r: Result<(LayerId, u64, Value)> = async {
             let (id, c, dirty) = sync_upper(&store, &inst, &data, std::mem::take(&mut cache), round == 0).await?;
@@ -620,7 +744,10 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
             let rep = if last.is_some_and(|(l, _)| l == id) {
                 json!({ "wire_bytes": 0, "chunks_fetched": 0 })
             } else {
-                call(&conn, &Wire::Sync { layer: id, source: source.clone(), last: false }, |_| {}).await?
+                let req = Wire::Sync { layer: id, source: source.clone(), last: false };
+                let (rep, indexed) = tokio::join!(call(&conn, &req, |_| {}), index_pages(id));
+                indexed.context("hashing the pages of the instance's files")?;
+                rep?
             };
             let wire = rep["wire_bytes"].as_u64().unwrap_or(0);
             Ok((
@@ -653,7 +780,9 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
     // stop-and-copy
     note(format!("{name}: stop-and-copy: {} the guest", if cold { "stopping" } else { "saving" }));
     let t_down = Instant::now();
-    let state_file = inst.dir(&data).join("state.save");
+    let memory_mib = inst.spec.as_ref().map_or(0, |s| s.memory_mib as u64);
+    let transient = Transient::new(&inst.dir(&data), memory_mib);
+    let state_file = transient.path().to_path_buf();
     let stopped = {
         let (hv, dom, f) = (hv.clone(), inst.domain().to_owned(), state_file.clone());
         blocking(move || {
@@ -682,26 +811,38 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
         abort(conn, name.into()).await;
         return Err(phase_err(Phase::StopAndCopy, e, "the guest was not stopped").into());
     }
+    let save_seconds = t_down.elapsed().as_secs_f64();
     let t = Instant::now();
     let fin: Result<(LayerId, Option<LayerId>, Value)> = async {
         let (id, c, dirty) = sync_upper(&store, &inst, &data, std::mem::take(&mut cache), false).await?;
         cache = c;
         let read = cache.last_read;
-        let state = if cold {
-            None
+        let t_state = Instant::now();
+        let (state, pages) = if cold {
+            (None, None)
         } else {
+            let index = index_pages(id).await.context("hashing the pages of the instance's files")?;
             let (s, f) = (store.clone(), state_file.clone());
             let meta = [("instance-state".to_string(), name.to_string())].into();
-            Some(blocking(move || state_layer(&s, &f, meta)).await?)
+            let (l, st) = blocking(move || state_layer(&s, &f, Some(&index), meta)).await?;
+            (Some(l), st)
         };
         let s2 = store.clone();
         blocking(move || Ok(s2.flush()?)).await?;
+        let state_seconds = t_state.elapsed().as_secs_f64();
+        let t_send = Instant::now();
         let mut wire = 0;
         for l in std::iter::once(id).chain(state) {
             let rep = call(&conn, &Wire::Sync { layer: l, source: source.clone(), last: true }, |_| {}).await?;
             wire += rep["wire_bytes"].as_u64().unwrap_or(0);
         }
-        Ok((id, state, json!({ "blocks_written": dirty.block_count(), "bytes_read": read, "wire_bytes": wire })))
+        Ok((
+            id,
+            state,
+            json!({ "blocks_written": dirty.block_count(), "bytes_read": read, "wire_bytes": wire,
+                    "state_pages": pages, "state_seconds": state_seconds,
+                    "send_seconds": t_send.elapsed().as_secs_f64() }),
+        ))
     }
     .await;
     let (layer, state, fin_info) = match fin {
@@ -723,6 +864,15 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
     let rep = match rep {
         Ok(r) => r,
         Err(e) if restoring => {
+            // Kept where `xenod resume` looks, on disk.
+            let kept = inst.dir(&data).join("state.save");
+            let state_file = match transient.keep(&kept) {
+                Ok(()) => kept,
+                Err(e) => {
+                    tracing::warn!("keeping the saved state in {}: {e:#}", kept.display());
+                    state_file.clone()
+                }
+            };
             return Err(phase_err(
                 Phase::Resume,
                 e,
@@ -743,11 +893,12 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
     };
     let downtime = t_down.elapsed().as_secs_f64();
     let stop_wire = fin_info["wire_bytes"].as_u64().unwrap_or(0);
-    phases.push(json!({ "phase": "stop-and-copy", "seconds": copy_seconds, "wire_bytes": stop_wire,
+    phases.push(json!({ "phase": "stop-and-copy", "seconds": copy_seconds, "save_seconds": save_seconds,
+                        "wire_bytes": stop_wire,
                         "upper": fin_info, "layer": layer.to_string(),
                         "state": state.map(|s| s.to_string()) }));
     phases.push(json!({ "phase": "resume", "seconds": t.elapsed().as_secs_f64(),
-                        "target_seconds": rep["resume_seconds"] }));
+                        "target_seconds": rep["resume_seconds"], "target_steps": rep["instance"]["steps"] }));
 
     // clean up
     let t = Instant::now();
@@ -802,7 +953,8 @@ pub async fn checkpoint(d: &Arc<Daemon>, name: &str, label: Option<String>) -> R
     }
     let _busy = Busy::take(&inst.dir(&data))?;
     let hv = Arc::new(deploy::hypervisor(&inst.uri)?);
-    let state_file = inst.dir(&data).join("state.save");
+    let transient = Transient::new(&inst.dir(&data), inst.spec.as_ref().map_or(0, |s| s.memory_mib as u64));
+    let state_file = transient.path().to_path_buf();
     let t = Instant::now();
     let before = store.chunk_count()?;
     {
@@ -812,7 +964,16 @@ pub async fn checkpoint(d: &Arc<Daemon>, name: &str, label: Option<String>) -> R
     let made: Result<(LayerId, LayerId)> = {
         let (store, data, inst, f) = (store.clone(), data.clone(), inst.clone(), state_file.clone());
         blocking(move || {
-            let s = state_layer(&store, &f, [("instance-state".to_string(), inst.name.clone())].into())?;
+            // The state's pages refer to the upper layer as saved: commit
+            // it once to index it, then again (from the cache) with the
+            // state named in its metadata.
+            let mut cache = CommitCache::default();
+            let stack = store.stack(&inst.mounted())?;
+            let upper = inst.upper(&data);
+            let plain = xenod_cowfs::commit_live(store.clone(), &stack, &upper, BTreeMap::new(), &mut cache, None)?;
+            let index = PageHashes::default().index(&store, &plain.id, &page_sources(&inst))?;
+            let meta = [("instance-state".to_string(), inst.name.clone())].into();
+            let (s, _) = state_layer(&store, &f, Some(&index), meta)?;
             let record = serde_json::to_string(&record_of(&data, &inst))?;
             let meta: BTreeMap<String, String> = [
                 (META_STATE.to_string(), s.to_string()),
@@ -820,9 +981,8 @@ pub async fn checkpoint(d: &Arc<Daemon>, name: &str, label: Option<String>) -> R
                 ("instance".to_string(), inst.name.clone()),
             ]
             .into();
-            let mut cache = CommitCache::default();
-            let stack = store.stack(&inst.mounted())?;
-            let c = xenod_cowfs::commit_live(store.clone(), &stack, &inst.upper(&data), meta, &mut cache, None)?;
+            let c =
+                xenod_cowfs::commit_live(store.clone(), &stack, &upper, meta, &mut cache, Some(&DirtySet::default()))?;
             let pin = format!("checkpoint:{}:{}", inst.name, now());
             store.pin(&pin, &c.id)?;
             store.pin(&format!("{pin}:state"), &s)?;

@@ -79,6 +79,12 @@ fn guest_moves_there_and_back_with_its_counter() {
     let phases: Vec<&str> = there["phases"].as_array().unwrap().iter().map(|p| p["phase"].as_str().unwrap()).collect();
     assert_eq!(phases, ["prepare", "pre-copy", "stop-and-copy", "resume", "clean-up"]);
     assert!(there["downtime_seconds"].as_f64().unwrap() > 0.0);
+    // Guest pages equal to pages of its kernel, initrd or disk travel as
+    // references (the kernel comes from the stack, so some always do).
+    let pages = &there["phases"][2]["upper"]["state_pages"];
+    let (refd, all) = (pages["pages_referenced"].as_u64().unwrap(), pages["pages"].as_u64().unwrap());
+    eprintln!("state pages: {refd} of {all} sent as references: {pages}");
+    assert!(refd > 0 && refd < all, "{pages}");
     assert!(!h.a.join("instances").join(&h.name).exists(), "the source cleaned up");
     assert!(domains().contains(&format!("{}{}", h.prefix_b, h.name)));
     assert_eq!(ok(&h.b, &["ps"])["instances"][0]["state"], "running");

@@ -7,19 +7,7 @@ use std::path::Path;
 
 use xenod_store::{ImportOptions, LayerId, LayerWriter, Store, import_dir};
 
-/// Deterministic bytes (xorshift64*), so failures reproduce.
-pub fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(n);
-    out
-}
+pub use xenod_store::testing::noise;
 
 /// Whether FUSE mounts can be made here; says loudly why not.
 pub fn fuse_ok(test: &str) -> bool {

@@ -123,6 +123,10 @@ pub struct FetchOptions {
     /// Stop after the layer roots and manifests (a lazy deploy mounts then,
     /// and file data follows in the background).
     pub manifests_only: bool,
+    /// Ask for every chunk in solid frames at this zstd level (at most
+    /// [`super::protocol::MAX_DENSE_LEVEL`]): fewer bytes on the wire for
+    /// the providers' CPU, for moves over slow links (migration).
+    pub dense: Option<u8>,
 }
 
 impl Default for FetchOptions {
@@ -135,6 +139,7 @@ impl Default for FetchOptions {
             flush_every: 64 << 20,
             swarm: None,
             manifests_only: false,
+            dense: None,
         }
     }
 }
@@ -572,7 +577,11 @@ impl Swarm {
         let node = &self.conns[p].node;
         let conn_err = |e: &dyn std::fmt::Display| PeerError::Connection { peer: node.clone(), why: e.to_string() };
         let (mut send, mut recv) = self.conn(p).open_bi().await.map_err(|e| conn_err(&e))?;
-        send.write_all(&Request::Solid(batch.to_vec()).encode()).await.map_err(|e| conn_err(&e))?;
+        let req = match self.opts.dense {
+            Some(level) => Request::Dense { level, ids: batch.to_vec() },
+            None => Request::Solid(batch.to_vec()),
+        };
+        send.write_all(&req.encode()).await.map_err(|e| conn_err(&e))?;
         send.finish().map_err(|e| conn_err(&e))?;
         let mut next = 0;
         while next < batch.len() {

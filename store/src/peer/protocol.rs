@@ -8,6 +8,8 @@
 //!   op 1 chunks: count:u16le id[32]*count        1 <= count <= MAX_BATCH
 //!   op 2 names:  (empty)
 //!   op 3 solid:  as chunks; the answer may also hold solid frames
+//!   op 4 dense:  level:u8 then as chunks; every run of present chunks
+//!                comes in solid frames compressed at `level`
 //!
 //! answer to chunks: frames in request order, one per requested id, or
 //! (op 3 only) one solid frame for the next `count` ids
@@ -26,7 +28,11 @@
 //! requested ids in order, then one zstd frame of their plaintexts. The
 //! provider compresses the members asked for together (one frame for up to
 //! [`crate::store`]'s block size), and a receiver that needed every member
-//! keeps the block as it came. A receiver trusts nothing in a frame: `plain_len` is capped
+//! keeps the block as it came. A dense request (op 4) asks for every chunk
+//! in solid frames at a level of the fetcher's choosing (1 to
+//! [`MAX_DENSE_LEVEL`]), chunks kept singly included: for moves where
+//! bytes on the wire are what is short and the provider has CPU to spare
+//! (migration). A receiver trusts nothing in a frame: `plain_len` is capped
 //! at [`MAX_PLAIN`], `stored_len` may not exceed `plain_len` (the encoder
 //! only keeps zstd output that is smaller), and the chunk must decode to
 //! bytes that hash to the id asked for before it is stored.
@@ -52,6 +58,11 @@ const MAGIC: &[u8; 4] = b"XNQ1";
 const OP_CHUNKS: u8 = 1;
 const OP_NAMES: u8 = 2;
 const OP_SOLID: u8 = 3;
+const OP_DENSE: u8 = 4;
+/// Highest zstd level a dense request may ask for: above it compression
+/// slows by an order of magnitude for a few percent, and a peer should not
+/// be able to make a provider burn that much CPU.
+pub const MAX_DENSE_LEVEL: u8 = 15;
 const PRESENT: u8 = 0;
 const ABSENT: u8 = 1;
 const SOLID: u8 = 2;
@@ -67,6 +78,11 @@ pub enum Request {
     Chunks(Vec<ChunkId>),
     /// Chunks; runs of them may come in solid frames.
     Solid(Vec<ChunkId>),
+    /// Chunks, every run of them in solid frames at zstd `level`.
+    Dense {
+        level: u8,
+        ids: Vec<ChunkId>,
+    },
     Names,
 }
 
@@ -112,9 +128,14 @@ impl Request {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = MAGIC.to_vec();
         match self {
-            Self::Chunks(ids) | Self::Solid(ids) => {
+            Self::Chunks(ids) | Self::Solid(ids) | Self::Dense { ids, .. } => {
                 debug_assert!(!ids.is_empty() && ids.len() <= MAX_BATCH);
-                b.push(if matches!(self, Self::Solid(_)) { OP_SOLID } else { OP_CHUNKS });
+                match self {
+                    Self::Chunks(_) => b.push(OP_CHUNKS),
+                    Self::Solid(_) => b.push(OP_SOLID),
+                    Self::Dense { level, .. } => b.extend_from_slice(&[OP_DENSE, *level]),
+                    Self::Names => unreachable!(),
+                }
                 b.extend_from_slice(&(ids.len() as u16).to_le_bytes());
                 for id in ids {
                     b.extend_from_slice(id.as_bytes());
@@ -133,7 +154,18 @@ impl Request {
             return Err(WireError::Invalid("not a xenod chunk request (bad magic)".into()));
         }
         match head[4] {
-            op @ (OP_CHUNKS | OP_SOLID) => {
+            op @ (OP_CHUNKS | OP_SOLID | OP_DENSE) => {
+                let mut level = 0u8;
+                if op == OP_DENSE {
+                    let mut l = [0u8; 1];
+                    r.read_exact(&mut l).await.map_err(WireError::from_read("request"))?;
+                    level = l[0];
+                    if !(1..=MAX_DENSE_LEVEL).contains(&level) {
+                        return Err(WireError::Invalid(format!(
+                            "dense level {level} is outside 1..={MAX_DENSE_LEVEL}"
+                        )));
+                    }
+                }
                 let mut n = [0u8; 2];
                 r.read_exact(&mut n).await.map_err(WireError::from_read("request"))?;
                 let n = u16::from_le_bytes(n) as usize;
@@ -143,7 +175,11 @@ impl Request {
                 let mut raw = vec![0u8; n * 32];
                 r.read_exact(&mut raw).await.map_err(WireError::from_read("request"))?;
                 let ids = raw.chunks_exact(32).map(|c| ChunkId::from_bytes(c.try_into().unwrap_or([0; 32]))).collect();
-                Ok(if op == OP_SOLID { Self::Solid(ids) } else { Self::Chunks(ids) })
+                Ok(match op {
+                    OP_SOLID => Self::Solid(ids),
+                    OP_DENSE => Self::Dense { level, ids },
+                    _ => Self::Chunks(ids),
+                })
             }
             OP_NAMES => Ok(Self::Names),
             op => Err(WireError::Invalid(format!("unknown request op {op}"))),
@@ -258,6 +294,8 @@ mod tests {
                 let ids: Vec<ChunkId> = (0..n).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
                 let solid = Request::Solid(ids.clone());
                 assert_eq!(Request::read(&mut solid.encode().as_slice()).await.unwrap(), solid);
+                let dense = Request::Dense { level: MAX_DENSE_LEVEL, ids: ids.clone() };
+                assert_eq!(Request::read(&mut dense.encode().as_slice()).await.unwrap(), dense);
                 let req = Request::Chunks(ids);
                 let b = req.encode();
                 assert_eq!(Request::read(&mut b.as_slice()).await.unwrap(), req);
@@ -270,6 +308,8 @@ mod tests {
                 (b"XNQ1\x01\x00\x00".to_vec(), "outside"),
                 (b"XNQ1\x01\x01\x01".to_vec(), "outside"),
                 (b"XNQ1\x09".to_vec(), "unknown request op"),
+                (b"XNQ1\x04\x00\x01\x00".to_vec(), "dense level 0"),
+                (b"XNQ1\x04\x16\x01\x00".to_vec(), "dense level 22"),
                 (b"HTTP/".to_vec(), "bad magic"),
             ] {
                 let e = Request::read(&mut bad.as_slice()).await.unwrap_err().to_string();

@@ -20,6 +20,7 @@ use tracing::debug;
 
 use super::protocol::{Answer, Frame, Request, WireError, write_answer, write_names};
 use super::stats::Stats;
+use crate::codec::{WIRE_LEVEL, zstd_level};
 use crate::error::Error;
 use crate::store::{BLOCK_TARGET, BlockBuf, Store};
 
@@ -66,8 +67,11 @@ impl Provider {
             .await
             .map_err(|_| WireError::Invalid("no request within the timeout".into()))??;
         match req {
-            Request::Chunks(ids) => self.serve_chunks(peer, &mut send, ids, false).await?,
-            Request::Solid(ids) => self.serve_chunks(peer, &mut send, ids, true).await?,
+            Request::Chunks(ids) => self.serve_chunks(peer, &mut send, ids, Pack::Single).await?,
+            Request::Solid(ids) => {
+                self.serve_chunks(peer, &mut send, ids, Pack::Members(WIRE_LEVEL.max(zstd_level()))).await?
+            }
+            Request::Dense { level, ids } => self.serve_chunks(peer, &mut send, ids, Pack::All(level.into())).await?,
             Request::Names => {
                 let mut recs = self.store.names().unwrap_or_default();
                 if self.forge_names {
@@ -93,7 +97,7 @@ impl Provider {
         peer: &str,
         send: &mut SendStream,
         ids: Vec<crate::ChunkId>,
-        solid: bool,
+        pack: Pack,
     ) -> Result<(), WireError> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Answer>(FRAMES_IN_FLIGHT);
         let store = self.store.clone();
@@ -107,15 +111,20 @@ impl Provider {
                     *b ^= 0x55;
                 }
             };
-            // Members of solid blocks asked for one after another, to be
-            // compressed together into one solid frame.
+            // Chunks asked for one after another (members of solid blocks,
+            // or all for a dense request), to be compressed together into
+            // one solid frame.
+            let level = match pack {
+                Pack::Single => 0,
+                Pack::Members(l) | Pack::All(l) => l,
+            };
             let mut run = BlockBuf::default();
             let send_run = |run: &mut BlockBuf| -> bool {
                 if run.len() == 0 {
                     return true;
                 }
                 let count = run.len() as u16;
-                let answer = match run.wire_payload() {
+                let answer = match run.wire_payload(level) {
                     Some(mut block) => {
                         corrupt_one(&mut block);
                         Answer::Solid { count, block }
@@ -126,7 +135,16 @@ impl Provider {
                 tx.blocking_send(answer).is_ok()
             };
             for id in ids {
-                let answer = match if solid { store.member_plain(&id) } else { Ok(None) } {
+                let plain = match pack {
+                    Pack::Single => Ok(None),
+                    Pack::Members(_) => store.member_plain(&id),
+                    Pack::All(_) => match store.get(&id) {
+                        Ok(p) => Ok(Some(p)),
+                        Err(Error::ChunkMissing { .. }) => Ok(None),
+                        Err(e) => Err(e),
+                    },
+                };
+                let answer = match plain {
                     Ok(Some(plain)) => {
                         run.push(id, &plain);
                         if run.plain_len() >= BLOCK_TARGET && !send_run(&mut run) {
@@ -186,6 +204,18 @@ impl Provider {
         });
         result
     }
+}
+
+/// How a chunk request is answered.
+#[derive(Clone, Copy, Debug)]
+enum Pack {
+    /// One frame per chunk, as stored.
+    Single,
+    /// Members of solid blocks in solid frames at this level, other
+    /// chunks as stored.
+    Members(i32),
+    /// Every chunk in solid frames at this level.
+    All(i32),
 }
 
 /// The answer for a chunk that cannot be served.

@@ -166,6 +166,32 @@ fn two_providers_share_the_work_and_a_refetch_asks_nothing() {
 }
 
 #[test]
+fn dense_fetch_sends_single_chunks_in_solid_frames_too() {
+    rt().block_on(async {
+        let (a, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
+        let top = publish(&[&a]);
+        let opts = FetchOptions { dense: Some(9), ..small_batches() };
+        let rep = c.node.fetch(top, &[a.node.addr()], opts).await.unwrap();
+        complete(c.node.store(), top);
+        assert!(rep.chunks_fetched > 6 * 16 + 2 * 8, "data and manifest chunks: {rep:?}");
+        // Both layers' chunks, kept singly on the provider or not, came in
+        // solid frames and are kept as the blocks they came in.
+        for l in c.node.store().stack(&top).unwrap() {
+            for e in c.node.store().read_layer(&l).unwrap() {
+                if let Kind::File { extents, .. } = e.unwrap().kind {
+                    for x in extents {
+                        if let Extent::Data { id, .. } = x {
+                            let enc = c.node.store().locate(&id).unwrap().unwrap().encoding;
+                            assert_eq!(enc, crate::Encoding::Block, "chunk {id} of layer {l}");
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[test]
 fn corrupt_chunk_is_refused_and_fetched_from_another() {
     rt().block_on(async {
         let bad = host(Misbehave { corrupt_chunks: 1, ..Default::default() }).await;
