@@ -63,22 +63,44 @@ impl ChunkCache {
             }
             Err(e) => return Err(e),
         };
+        self.insert(*id, data.clone());
+        Ok(data)
+    }
+
+    /// Decodes chunk `id` into the cache ahead of a read, if the store has
+    /// it: never asks the fetcher (a guess must not cost a download), and
+    /// a failure is left for the read itself to report.
+    pub fn prefetch(&self, store: &Store, id: &ChunkId) {
+        if self.inner.lock().unwrap_or_else(|e| e.into_inner()).map.contains_key(id) {
+            return;
+        }
+        if let Ok(data) = store.get(id) {
+            self.insert(*id, Arc::new(data));
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn contains(&self, id: &ChunkId) -> bool {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).map.contains_key(id)
+    }
+
+    fn insert(&self, id: ChunkId, data: Arc<Vec<u8>>) {
         let mut l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         l.tick += 1;
         let tick = l.tick;
-        if let Some((_, old)) = l.map.insert(*id, (data.clone(), tick)) {
+        let len = data.len();
+        if let Some((_, old)) = l.map.insert(id, (data, tick)) {
             l.order.remove(&old);
         } else {
-            l.bytes += data.len();
+            l.bytes += len;
         }
-        l.order.insert(tick, *id);
+        l.order.insert(tick, id);
         while l.bytes > self.cap {
             let Some((_, victim)) = l.order.pop_first() else { break };
             if let Some((d, _)) = l.map.remove(&victim) {
                 l.bytes -= d.len();
             }
         }
-        Ok(data)
     }
 }
 

@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -30,6 +30,8 @@ pub struct CowFs {
     passthrough: bool,
     /// Open files by inode: how each is open, for passthrough's rules.
     opens: Mutex<HashMap<INodeNo, Opens>>,
+    /// Signalled when a handle in `opens` closes.
+    closes: Condvar,
     /// How each open file handle was opened.
     handles: Mutex<HashMap<FileHandle, (INodeNo, bool)>>,
     /// The kernel opens directories without asking (FUSE_NO_OPENDIR_SUPPORT).
@@ -52,8 +54,9 @@ const MAX_LISTINGS: usize = 1024;
 /// The backing file of a lower-only inode is its materialised copy in the
 /// file cache, which must never be written: an open for writing (which
 /// would copy up and need the upper file as backing) is refused with
-/// ETXTBSY while such handles are open, as is any open of the inode once
-/// something else copied it up meanwhile; both clear when the readers close.
+/// ETXTBSY while such handles are open (after waiting [`RELEASE_WAIT`]
+/// for releases in flight), as is any open of the inode once something
+/// else copied it up meanwhile; both clear when the readers close.
 /// overlayfs has no such case (its readers keep the lower file), but the
 /// kernel allows one backing file per FUSE inode.
 #[derive(Default)]
@@ -64,6 +67,10 @@ struct Opens {
     /// The backing file is this file-cache entry (read-only lower data).
     lower: Option<Key>,
 }
+
+/// How long an open for writing waits for passed-through readers of the
+/// file to be released before it fails with ETXTBSY.
+const RELEASE_WAIT: Duration = Duration::from_millis(200);
 
 /// open(2) flags that make an open write (or truncate) the file.
 const O_ACCMODE: i32 = 0o3;
@@ -83,6 +90,7 @@ impl CowFs {
             want_passthrough: passthrough,
             passthrough: false,
             opens: Mutex::new(HashMap::new()),
+            closes: Condvar::new(),
             handles: Mutex::new(HashMap::new()),
             no_opendir: false,
             listings: Mutex::new(HashMap::new()),
@@ -203,6 +211,7 @@ impl CowFs {
                 opens.remove(&ino);
             }
         }
+        self.closes.notify_all();
     }
 }
 
@@ -269,8 +278,13 @@ fn time(t: TimeOrNow) -> Option<SystemTime> {
 
 impl Filesystem for CowFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Readdirplus on every READDIR, not only the first of a listing
+        // (FUSE_READDIRPLUS_AUTO): with AUTO a directory larger than one
+        // 32 KiB reply (/etc/ssl/certs, /usr/bin) had its later entries
+        // listed without attributes, and a walk then sent a LOOKUP per
+        // entry (1,011 of them for find or tar over Debian minbase). Our
+        // attributes are in memory, so the plus form costs nothing more.
         let want = InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_EXPORT_SUPPORT;
@@ -380,9 +394,17 @@ impl Filesystem for CowFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.0 & O_ACCMODE != 0 || flags.0 & O_TRUNC != 0;
         let mut opens = self.lock_opens();
-        if write && opens.get(&ino).is_some_and(|o| o.lower.is_some()) {
-            // Refused before copy-up: see `Opens`.
-            return reply.error(Errno::ETXTBSY);
+        // Refused before copy-up while readers pass through to the lower
+        // copy (see `Opens`). The kernel sends RELEASE without waiting for
+        // it, so a reader closed just before this open may not have been
+        // handled yet (another worker holds it): wait a little for it.
+        let deadline = Instant::now() + RELEASE_WAIT;
+        while write && opens.get(&ino).is_some_and(|o| o.lower.is_some()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return reply.error(Errno::ETXTBSY);
+            }
+            opens = self.closes.wait_timeout(opens, left).unwrap_or_else(|e| e.into_inner()).0;
         }
         match self.union.open(ino.0, flags.0) {
             Ok(fh) => self.reply_open(&mut opens, ino, fh, write, reply),

@@ -7,6 +7,7 @@
 //! | `filecache` | whole lower files materialised on local disk (shared by every mount of a store, bounded), for passthrough |
 //! | `union` | [`Union`]: lookup, readdir merge, copy-up, whiteouts, rename, xattrs |
 //! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] |
+//! | `readahead` | decodes the lower files after one being read, in walk (and pack) order, for tar-like walks |
 //! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union`; kernel caching and FUSE passthrough |
 //! | `mount` | [`mount`], [`serve`], [`unmount`]: sessions on a mountpoint |
 //! | `track` | [`DirtySet`]: blocks and paths written since the last drain, over a control socket |
@@ -29,6 +30,7 @@ mod fs;
 mod lower;
 mod mount;
 mod partial;
+mod readahead;
 mod track;
 mod union;
 

@@ -399,6 +399,26 @@ impl LowerTree {
         out
     }
 
+    /// The node after `i` in a depth-first walk of the tree in name order
+    /// (the order import packs files in, and tar or cp -r read them in);
+    /// None after the last.
+    pub(crate) fn walk_next(&self, i: u32) -> Option<u32> {
+        if let Some(&c) = self.children(i).first() {
+            return Some(c);
+        }
+        let mut i = i;
+        while i != 0 {
+            let n = &self.nodes[i as usize];
+            let siblings = self.children(n.parent);
+            let at = siblings.binary_search_by(|&c| self.nodes[c as usize].name.cmp(&n.name)).ok()?;
+            if let Some(&next) = siblings.get(at + 1) {
+                return Some(next);
+            }
+            i = n.parent;
+        }
+        None
+    }
+
     pub(crate) fn is_dir(&self, i: u32) -> bool {
         matches!(self.nodes[i as usize].kind, LKind::Dir { .. })
     }

@@ -39,6 +39,7 @@ use crate::error::{Errno, Error, FsResult, Result, io_errno};
 use crate::filecache::{FileCache, Key};
 use crate::lower::{LKind, LowerTree};
 use crate::partial::{DirtyMap, Partial};
+use crate::readahead::ReadAhead;
 use crate::track::{DirtySet, Tracker};
 
 pub(crate) const OPAQUE: &str = "trusted.overlay.opaque";
@@ -123,7 +124,8 @@ pub(crate) enum Handle {
         file: Mutex<Option<Arc<File>>>,
         write: bool,
         append: bool,
-        /// Whether this handle's lower file was offered to the file cache.
+        /// Whether a read of this handle has asked for read-ahead and for
+        /// the file to be materialised (the first one does).
         offered: AtomicBool,
     },
     Dir {
@@ -134,8 +136,8 @@ pub(crate) enum Handle {
 /// The mounted union.
 pub struct Union {
     store: Arc<Store>,
-    pub(crate) lower: LowerTree,
-    cache: ChunkCache,
+    pub(crate) lower: Arc<LowerTree>,
+    cache: Arc<ChunkCache>,
     upper: Option<PathBuf>,
     st: Mutex<State>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
@@ -146,6 +148,8 @@ pub struct Union {
     pub(crate) tracker: Option<Arc<Tracker>>,
     /// Lower files materialised for the kernel to read directly.
     pub(crate) files: Option<FileCache>,
+    /// Decodes the files after one being read, for walks.
+    readahead: Option<ReadAhead>,
 }
 
 fn ts(t: Timestamp) -> SystemTime {
@@ -269,10 +273,15 @@ impl Union {
             },
         );
         let next_ino = lower.len() as u64 + 1;
+        let lower = Arc::new(lower);
+        let cache = Arc::new(ChunkCache::new(cache_bytes));
+        // Not for a commit's view: it reads each file once, in its own order.
+        let readahead = if own { ReadAhead::start(store.clone(), lower.clone(), cache.clone()) } else { None };
         Ok(Self {
             store,
             lower,
-            cache: ChunkCache::new(cache_bytes),
+            cache,
+            readahead,
             upper,
             st: Mutex::new(State { inodes, dentries: HashMap::new(), by_upper: HashMap::new(), next_ino, tmp: 0 }),
             handles: Mutex::new(HashMap::new()),
@@ -1442,6 +1451,9 @@ impl Union {
     /// At unmount: background work (materialising) ends; the file being
     /// written is finished.
     pub(crate) fn finish_background(&self) {
+        if let Some(r) = &self.readahead {
+            r.stop();
+        }
         if let Some(f) = &self.files {
             f.finish();
         }
@@ -1514,13 +1526,18 @@ impl Union {
             p.read(off, &mut buf, &self.lower_reader(l))?
         } else if let Some(l) = lower {
             let n = self.read_lower_at(l, off, &mut buf)?;
-            // Data is wanted: have the file materialised, so that later
-            // opens pass through (see `filecache` for why not at open).
-            if let Some(files) = &self.files
-                && !offered.swap(true, Ordering::Relaxed)
-                && let Some(f) = self.lower.file(l)
-            {
-                files.request(f, || xenod_store::display_path(&self.lower.path(l)));
+            if !offered.swap(true, Ordering::Relaxed) {
+                // A walk reads the next files next: decode them meanwhile.
+                if let Some(r) = &self.readahead {
+                    r.after(l);
+                }
+                // Data is wanted: have the file materialised, so that later
+                // opens pass through (see `filecache` for why not at open).
+                if let Some(files) = &self.files
+                    && let Some(f) = self.lower.file(l)
+                {
+                    files.request(f, || xenod_store::display_path(&self.lower.path(l)));
+                }
             }
             n
         } else {
