@@ -110,6 +110,24 @@ fn complete(store: &Store, top: LayerId) {
     }
 }
 
+/// How the data chunks of `top`'s stack are kept, counted by (in the top
+/// layer, encoding).
+fn encodings(store: &Store, top: LayerId) -> std::collections::HashMap<(bool, crate::Encoding), usize> {
+    let mut out = std::collections::HashMap::new();
+    for l in store.stack(&top).unwrap() {
+        for e in store.read_layer(&l).unwrap() {
+            if let Kind::File { extents, .. } = e.unwrap().kind {
+                for x in extents {
+                    if let Extent::Data { id, .. } = x {
+                        *out.entry((l == top, store.locate(&id).unwrap().unwrap().encoding)).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
@@ -139,19 +157,7 @@ fn two_providers_share_the_work_and_a_refetch_asks_nothing() {
         assert!(rep.wire_bytes < rep.bytes, "chunks travel compressed: {rep:?}");
         // The solid layer's chunks arrived in solid frames and are kept as
         // the blocks they came in; the other layer's chunks stay single.
-        let mut encodings = std::collections::HashMap::new();
-        for l in c.node.store().stack(&top).unwrap() {
-            for e in c.node.store().read_layer(&l).unwrap() {
-                if let Kind::File { extents, .. } = e.unwrap().kind {
-                    for x in extents {
-                        if let Extent::Data { id, .. } = x {
-                            let enc = c.node.store().locate(&id).unwrap().unwrap().encoding;
-                            *encodings.entry((l == top, enc)).or_insert(0) += 1;
-                        }
-                    }
-                }
-            }
-        }
+        let encodings = encodings(c.node.store(), top);
         assert_eq!(encodings.get(&(true, crate::Encoding::Block)), Some(&16), "{encodings:?}");
         assert_eq!(encodings.get(&(false, crate::Encoding::Block)), None, "{encodings:?}");
 
@@ -176,18 +182,8 @@ fn dense_fetch_sends_single_chunks_in_solid_frames_too() {
         assert!(rep.chunks_fetched > 6 * 16 + 2 * 8, "data and manifest chunks: {rep:?}");
         // Both layers' chunks, kept singly on the provider or not, came in
         // solid frames and are kept as the blocks they came in.
-        for l in c.node.store().stack(&top).unwrap() {
-            for e in c.node.store().read_layer(&l).unwrap() {
-                if let Kind::File { extents, .. } = e.unwrap().kind {
-                    for x in extents {
-                        if let Extent::Data { id, .. } = x {
-                            let enc = c.node.store().locate(&id).unwrap().unwrap().encoding;
-                            assert_eq!(enc, crate::Encoding::Block, "chunk {id} of layer {l}");
-                        }
-                    }
-                }
-            }
-        }
+        let encodings = encodings(c.node.store(), top);
+        assert!(encodings.keys().all(|(_, e)| *e == crate::Encoding::Block), "{encodings:?}");
     });
 }
 
