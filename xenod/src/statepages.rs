@@ -82,6 +82,10 @@ pub struct PageIndex {
 /// regular files), with their extents.
 fn source_files(store: &Store, top: &LayerId, paths: &[Vec<u8>]) -> Result<Vec<(Vec<u8>, Vec<Extent>)>> {
     let mut out = Vec::new();
+    if paths.is_empty() {
+        // A cold migration (or an instance without a spec): no tree walk.
+        return Ok(out);
+    }
     for e in Merged::of(store, top)? {
         let e = e?;
         if let Kind::File { extents, .. } = e.kind
