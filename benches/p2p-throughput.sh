@@ -24,7 +24,10 @@
 #    connections (both directions). Against `rsync -aHAX -z
 #    --compress-choice=zstd` of O1 onto a copy of T1 through a pipe "remote
 #    shell" (so the delta algorithm and compression are used as over ssh):
-#    bytes = total sent + received as rsync reports them.
+#    bytes = total sent + received as rsync reports them. Twice on xenod's
+#    side: the overlay made at the store's default level (its blocks are
+#    recompressed for the wire at level 6), and made with `--level 19`
+#    (blocks sent as C keeps them; the publish time is reported too).
 #
 # Markdown to stdout; progress to stderr. Needs root for the Debian trees.
 set -euo pipefail
@@ -116,20 +119,35 @@ if [ -x "$PROBE" ]; then
 fi
 
 # --- 2. overlay bytes on the wire --------------------------------------------
-O_UDP="" R_BYTES=""
+O_UDP="" O19_UDP="" O19_SECS="" R_BYTES=""
+# Overlay on C-side store $1 made with extra args $2; D-side store $3
+# fetches it. Sets O_LAST_UDP and O_LAST_PUB (seconds of overlay create).
+overlay_fetch() {
+  local c=$1 level=$2 d=$3
+  "$XENOD" --data-dir "$c" --json publish "$FIXDIR/T1" --name template://bench/minbase/1 >/dev/null
+  local t0 t1
+  t0=$(now)
+  # shellcheck disable=SC2086 # $level is empty or "--level N"
+  "$XENOD" --data-dir "$c" --json overlay create --base template://bench/minbase/1 "$FIXDIR/O1" \
+    --name template://bench/apache2/1 $level >/dev/null
+  t1=$(now)
+  O_LAST_PUB=$(echo "$t1 - $t0" | bc -l)
+  "$XENOD" --data-dir "$d" --json publish "$FIXDIR/T1" --name template://bench/minbase/1 >/dev/null
+  serve "$c"
+  local ot
+  ot=$("$XENOD" --data-dir "$c" share template://bench/apache2/1 | tail -1)
+  "$XENOD" --data-dir "$d" --json fetch "$ot" >"$d.ofetch.json"
+  O_LAST_UDP=$(json 'd["udp_bytes"]' <"$d.ofetch.json")
+  log "xenod overlay ${level:-(default level)}: made in $(printf %.1f "$O_LAST_PUB") s;" \
+    "$(json 'd["chunks_fetched"]' <"$d.ofetch.json") chunks, $(json 'd["wire_bytes"]' <"$d.ofetch.json")" \
+    "payload bytes, $O_LAST_UDP UDP bytes"
+}
 if [ -d "$FIXDIR/T1" ] && [ -d "$FIXDIR/O1" ]; then
   log "overlay: C holds minbase + apache2, D holds minbase"
-  "$XENOD" --data-dir "$WORK/c" --json publish "$FIXDIR/T1" --name template://bench/minbase/1 >/dev/null
-  "$XENOD" --data-dir "$WORK/c" --json overlay create --base template://bench/minbase/1 "$FIXDIR/O1" \
-    --name template://bench/apache2/1 >/dev/null
-  "$XENOD" --data-dir "$WORK/d" --json publish "$FIXDIR/T1" --name template://bench/minbase/1 >/dev/null
-  serve "$WORK/c"
-  OT=$("$XENOD" --data-dir "$WORK/c" share template://bench/apache2/1 | tail -1)
-  "$XENOD" --data-dir "$WORK/d" --json fetch "$OT" >"$WORK/ofetch.json"
-  O_UDP=$(json 'd["udp_bytes"]' <"$WORK/ofetch.json")
-  O_WIRE=$(json 'd["wire_bytes"]' <"$WORK/ofetch.json")
-  O_N=$(json 'd["chunks_fetched"]' <"$WORK/ofetch.json")
-  log "xenod overlay: $O_N chunks, $O_WIRE payload bytes, $O_UDP UDP bytes"
+  overlay_fetch "$WORK/c" "" "$WORK/d"
+  O_UDP=$O_LAST_UDP
+  overlay_fetch "$WORK/c19" "--level 19" "$WORK/d19"
+  O19_UDP=$O_LAST_UDP O19_SECS=$O_LAST_PUB
 
   cp -a "$FIXDIR/T1" "$WORK/rsync-dest"
   printf '#!/bin/sh\nshift\nexec "$@"\n' >"$WORK/pipe-rsh"
@@ -153,11 +171,13 @@ echo "| ${SIZE_MIB} MiB template, daemon to daemon, MB/s (peer: iroh-blobs raw b
 echo "| same, seconds | $(f1 "$X_SECS") | $(f1 "$B_SECS") | |"
 echo "| same, MB on the wire (xenod: UDP; payload $(mb "$X_WIRE")) | $(mb "$X_UDP") | $(mb "$BYTES") | |"
 echo "| apache2 overlay on minbase, MB on the wire (peer: rsync -z zstd) | $(mb "$O_UDP") | $(mb "$R_BYTES") | $(ratio "$O_UDP" "$R_BYTES") |"
+echo "| same, overlay made with --level 19 (in $(f1 "$O19_SECS") s) | $(mb "$O19_UDP") | $(mb "$R_BYTES") | $(ratio "$O19_UDP" "$R_BYTES") |"
 
 if [ -n "$OUT" ]; then
   cat >"$OUT" <<EOF
 {"size_mib": $SIZE_MIB, "xenod_secs": $X_SECS, "xenod_mbs": $X_MBS, "xenod_payload_bytes": $X_WIRE,
  "xenod_udp_bytes": $X_UDP, "blobs_secs": ${B_SECS:-null}, "blobs_mbs": ${B_MBS:-null},
- "overlay_udp_bytes": ${O_UDP:-null}, "rsync_bytes": ${R_BYTES:-null}}
+ "overlay_udp_bytes": ${O_UDP:-null}, "overlay_level19_udp_bytes": ${O19_UDP:-null},
+ "overlay_level19_create_secs": ${O19_SECS:-null}, "rsync_bytes": ${R_BYTES:-null}}
 EOF
 fi

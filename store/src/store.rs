@@ -13,7 +13,8 @@
 //!   enc 0 raw, 1 zstd:  one chunk; id is its id, payload its stored bytes
 //!   enc 2 block:        several chunks compressed together (a solid block);
 //!                       id = BLAKE3(payload), plain_len = sum of members
-//! block payload := n:u32le ( id[32] len:u32le ){n} zstd_frame(member plaintexts, in table order)
+//! block payload := n:u24le level:u8 ( id[32] len:u32le ){n} zstd_frame(member plaintexts, in table order)
+//!                    level: the zstd level of the frame (0: not recorded)
 //! ```
 //!
 //! Why solid blocks: chunks cut by content from a tree are mostly small
@@ -118,6 +119,8 @@ pub(crate) struct BlockBuf {
     members: Vec<(ChunkId, u32, u32)>,
     by_id: HashMap<ChunkId, usize>,
     plain: Vec<u8>,
+    /// zstd level to write the block at; 0 for the store's level.
+    level: i32,
 }
 
 impl BlockBuf {
@@ -140,21 +143,23 @@ impl BlockBuf {
         self.plain.len()
     }
 
-    /// The block record's payload: member table, then one zstd frame.
+    /// The block record's payload: member table, then one zstd frame at
+    /// the block's level.
     pub(crate) fn payload(&self) -> Option<Vec<u8>> {
-        self.payload_with(&codec::compress)
+        self.wire_payload(if self.level == 0 { codec::zstd_level() } else { self.level })
     }
 
     /// The payload of a solid frame for a peer, compressed at `level`
     /// (normally [`codec::WIRE_LEVEL`]).
     pub(crate) fn wire_payload(&self, level: i32) -> Option<Vec<u8>> {
-        self.payload_with(&|p| codec::compress_at(p, level))
-    }
-
-    fn payload_with(&self, compress: &dyn Fn(&[u8]) -> Option<Vec<u8>>) -> Option<Vec<u8>> {
-        let frame = compress(&self.plain)?;
+        let frame = if level == codec::zstd_level() {
+            codec::compress(&self.plain)
+        } else {
+            codec::compress_at(&self.plain, level)
+        }?;
         let mut out = Vec::with_capacity(4 + 36 * self.members.len() + frame.len());
-        out.extend_from_slice(&(self.members.len() as u32).to_le_bytes());
+        let level = u8::try_from(level.clamp(0, 255)).unwrap_or(0);
+        out.extend_from_slice(&(self.members.len() as u32 | ((level as u32) << MEMBER_COUNT_BITS)).to_le_bytes());
         for (id, _, len) in &self.members {
             out.extend_from_slice(id.as_bytes());
             out.extend_from_slice(&len.to_le_bytes());
@@ -187,9 +192,20 @@ pub(crate) type Members = Vec<(ChunkId, u32)>;
 /// Decompressed blocks by (pack, offset), newest first.
 type BlockCache = std::collections::VecDeque<((u64, u64), Arc<Vec<u8>>)>;
 
+/// Bits of a block payload's first word that count its members; the top
+/// byte records the zstd level its frame was made at (0: not recorded). A
+/// provider forwards a block as it is kept only when that level is at least
+/// the one it would compress at for the wire.
+const MEMBER_COUNT_BITS: u32 = 24;
+
+/// The zstd level a block payload records (0: not recorded).
+pub(crate) fn block_level(payload: &[u8]) -> u8 {
+    payload.get(3).copied().unwrap_or(0)
+}
+
 /// Splits a block payload into its member table and its zstd frame.
 pub(crate) fn parse_block(payload: &[u8]) -> std::result::Result<(Members, &[u8]), String> {
-    let n = payload.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize).ok_or("no member count")?;
+    let n = payload.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], 0]) as usize).ok_or("no member count")?;
     let table = n.checked_mul(36).and_then(|t| t.checked_add(4)).filter(|&t| t <= payload.len());
     let Some(table) = table else { return Err(format!("member table of {n} entries runs past the block")) };
     let mut members = Vec::with_capacity(n);
@@ -463,26 +479,75 @@ impl Store {
     /// put next to it (a solid block). For chunks of files cut by content,
     /// which are read in order; [`Store::flush`] writes the last block.
     pub fn put_solid(&self, plain: &[u8]) -> Result<(ChunkId, bool)> {
+        self.put_solid_at(plain, 0)
+    }
+
+    /// [`Store::put_solid`] into a block compressed at zstd `level` (0: the
+    /// store's level). A block holds chunks of one level: a chunk of
+    /// another closes the open block first.
+    pub fn put_solid_at(&self, plain: &[u8], level: i32) -> Result<(ChunkId, bool)> {
         let id = ChunkId::of(plain);
         self.stats.chunks.fetch_add(1, Ordering::Relaxed);
         if self.locate(&id)?.is_some() {
             return Ok((id, false));
         }
-        let full = {
+        let level = if level == codec::zstd_level() { 0 } else { level };
+        let mut seal = Vec::new();
+        {
             let mut b = self.lock_blocks();
             if b.holds(&id) {
                 return Ok((id, false));
             }
-            b.open.push(id, plain);
-            if b.open.plain.len() < BLOCK_TARGET {
-                return Ok((id, true));
+            if b.open.level != level && !b.open.members.is_empty() {
+                let other = Arc::new(std::mem::take(&mut b.open));
+                b.sealing.push(other.clone());
+                seal.push(other);
             }
-            let full = Arc::new(std::mem::take(&mut b.open));
-            b.sealing.push(full.clone());
-            full
-        };
-        self.write_block(&full)?;
+            b.open.level = level;
+            b.open.push(id, plain);
+            if b.open.plain.len() >= BLOCK_TARGET {
+                let full = Arc::new(std::mem::take(&mut b.open));
+                b.sealing.push(full.clone());
+                seal.push(full);
+            }
+        }
+        for block in &seal {
+            self.write_block(block)?;
+        }
         Ok((id, true))
+    }
+
+    /// The payload of the solid block that `id` opens (is the first member
+    /// of), with its member table, as kept; `None` when `id` is stored
+    /// otherwise or further into its block.
+    pub(crate) fn whole_block(&self, id: &ChunkId) -> Result<Option<(Members, Vec<u8>)>> {
+        let Some(loc) = self.locate(id)? else { return Ok(None) };
+        if loc.encoding != Encoding::Block || loc.inner != 0 {
+            return Ok(None);
+        }
+        let payload = self.read_stored(id, &loc)?;
+        let (members, _) = parse_block(&payload)
+            .map_err(|why| self.placed(Error::ChunkCorrupt { id: *id, why: format!("block: {why}") }, &loc))?;
+        Ok(Some((members, payload)))
+    }
+
+    /// Which stored solid block holds each of `ids`, and where in it:
+    /// `(block, start)`, with `block` a key for this store's block (0 for
+    /// a chunk kept alone or not here) and `start` the member's offset in
+    /// the block's plaintext. A fetcher that asks for each block's members
+    /// together and in this order asks for whole blocks, which a provider
+    /// sends as they are kept.
+    pub(crate) fn block_layout(&self, ids: &[ChunkId]) -> Result<Vec<(u64, u32)>> {
+        ids.iter()
+            .map(|id| {
+                Ok(match self.locate(id)? {
+                    Some(loc) if loc.encoding == Encoding::Block => {
+                        ((loc.pack.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ loc.offset) | 1, loc.inner)
+                    }
+                    _ => (0, 0),
+                })
+            })
+            .collect()
     }
 
     /// Compresses a full block and appends its record; its members stay
@@ -1086,6 +1151,32 @@ mod block_tests {
         let report = s.verify().unwrap();
         assert!(report.is_clean(), "{report:#?}");
         assert_eq!(report.chunks, n as u64, "verify counts block members");
+    }
+
+    #[test]
+    fn blocks_record_their_level_and_a_level_change_closes_the_open_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let low: Vec<ChunkId> = (0..3).map(|i| s.put_solid(&chunk(i)).unwrap().0).collect();
+        let high: Vec<ChunkId> = (3..6).map(|i| s.put_solid_at(&chunk(i), 19).unwrap().0).collect();
+        s.flush().unwrap();
+        let (low_members, low_block) = s.whole_block(&low[0]).unwrap().expect("opens a block");
+        let (high_members, high_block) = s.whole_block(&high[0]).unwrap().expect("opens a block");
+        assert_eq!(low_members.iter().map(|m| m.0).collect::<Vec<_>>(), low, "the level change closed the block");
+        assert_eq!(high_members.iter().map(|m| m.0).collect::<Vec<_>>(), high);
+        assert_eq!(block_level(&low_block), codec::zstd_level() as u8);
+        assert_eq!(block_level(&high_block), 19);
+        assert!(s.whole_block(&high[1]).unwrap().is_none(), "not the block's first member");
+        for (i, id) in low.iter().chain(&high).enumerate() {
+            assert_eq!(s.get(id).unwrap(), chunk(i as u32));
+        }
+        // Each block's members are placed together and in order.
+        let layout = s.block_layout(&[high[1], low[0], high[0], low[2], ChunkId::of(b"absent")]).unwrap();
+        assert_eq!(layout[0].0, layout[2].0);
+        assert_eq!(layout[1].0, layout[3].0);
+        assert_ne!(layout[0].0, layout[1].0);
+        assert!(layout[2].1 < layout[0].1 && layout[1].1 < layout[3].1);
+        assert_eq!(layout[4], (0, 0));
     }
 
     #[test]

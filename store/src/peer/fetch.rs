@@ -50,7 +50,7 @@ use tokio::sync::Notify;
 use iroh::EndpointId;
 
 use super::PeerError;
-use super::protocol::{Answer, Request, WireError, read_answer};
+use super::protocol::{Answer, MAX_BATCH, MAX_LAYOUT, Request, WireError, read_answer, read_layout};
 use super::stats::Stats;
 use crate::error::Error;
 use crate::id::ChunkId;
@@ -193,6 +193,9 @@ pub(crate) struct ProviderConn {
 #[derive(Default)]
 struct State {
     todo: VecDeque<ChunkId>,
+    /// Ids a batch may end after (the last member of a provider's block
+    /// in `todo`); empty when any id may end one.
+    cuts: HashSet<ChunkId>,
     /// Requested and not yet stored: who was asked, and when.
     inflight: HashMap<ChunkId, Vec<(usize, Instant)>>,
     /// Smoothed time a batch takes to be answered, over all providers.
@@ -295,7 +298,10 @@ impl State {
         }
         let mut batch = Vec::new();
         let mut skipped = Vec::new();
-        while batch.len() < want {
+        let open_block = |batch: &Vec<ChunkId>| {
+            !self.cuts.is_empty() && batch.len() < MAX_BATCH && batch.last().is_some_and(|l| !self.cuts.contains(l))
+        };
+        while batch.len() < want || open_block(&batch) {
             let Some(id) = self.todo.pop_front() else { break };
             if self.lacked_by_all(&id) {
                 self.failed = Some(PeerError::Unavailable { id });
@@ -485,6 +491,7 @@ impl Swarm {
             st.total = ids.len();
             st.remaining = ids.len();
             st.todo = ids.into();
+            st.cuts.clear();
             st.inflight.clear();
             st.lacks.clear();
             st.not_yet.clear();
@@ -493,6 +500,9 @@ impl Swarm {
                 let why = why.collect::<Vec<_>>().join("; ");
                 return Err(PeerError::NoProviders { why: if why.is_empty() { "none given".into() } else { why } });
             }
+        }
+        if phase == Phase::Data && self.opts.dense.is_none() && self.opts.swarm.is_none() {
+            self.arrange_by_blocks().await;
         }
         let total = self.lock().total;
         self.progress(0, total);
@@ -570,6 +580,46 @@ impl Swarm {
                 return;
             }
         }
+    }
+
+    /// Orders the queue by the first full provider's solid blocks, each
+    /// block's members together and in its order, and ends batches only at
+    /// block ends, so that the provider can send whole blocks as it keeps
+    /// them. Best effort: without an answer the queue stays as it was.
+    async fn arrange_by_blocks(&self) {
+        let (p, ids) = {
+            let st = self.lock();
+            let Some(p) = (0..self.conns.len()).find(|&p| st.alive[p] && st.member[p].is_none()) else { return };
+            (p, st.todo.iter().copied().collect::<Vec<_>>())
+        };
+        let mut layout = Vec::with_capacity(ids.len());
+        for piece in ids.chunks(MAX_LAYOUT) {
+            match tokio::time::timeout(self.opts.read_timeout, self.layout(p, piece)).await {
+                Ok(Ok(l)) if l.len() == piece.len() => layout.extend(l),
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => {
+                    tracing::debug!("no block layout from {}: {e}", self.conns[p].node);
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("no block layout from {} within the read timeout", self.conns[p].node);
+                    return;
+                }
+            }
+        }
+        let (todo, cuts) = arrange(&ids, &layout);
+        let mut st = self.lock();
+        if st.todo.len() == todo.len() {
+            st.todo = todo.into();
+            st.cuts = cuts;
+        }
+    }
+
+    async fn layout(&self, p: usize, ids: &[ChunkId]) -> Result<Vec<(u64, u32)>, String> {
+        let (mut send, mut recv) = self.conn(p).open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&Request::Layout(ids.to_vec()).encode()).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        read_layout(&mut recv, ids.len()).await.map_err(|e| e.to_string())
     }
 
     /// Asks provider `p` for `batch` and stores what it sends.
@@ -763,6 +813,23 @@ pub(crate) fn order_for_swarm(ids: Vec<ChunkId>, me: usize, n: usize) -> Vec<Chu
 }
 
 /// Elapsed milliseconds since `t`.
+/// `ids` reordered so that the members of each block (same non-zero key in
+/// `layout`) follow each other in block order, a block where its first
+/// wanted member was; and the ids a batch may end after.
+fn arrange(ids: &[ChunkId], layout: &[(u64, u32)]) -> (Vec<ChunkId>, HashSet<ChunkId>) {
+    let mut first: HashMap<u64, usize> = HashMap::new();
+    let mut keyed: Vec<(usize, u32, usize)> = layout
+        .iter()
+        .enumerate()
+        .map(|(i, &(block, start))| if block == 0 { (i, 0, i) } else { (*first.entry(block).or_insert(i), start, i) })
+        .collect();
+    keyed.sort_unstable();
+    let order: Vec<ChunkId> = keyed.iter().map(|k| ids[k.2]).collect();
+    let cuts =
+        (0..keyed.len()).filter(|&w| keyed.get(w + 1).is_none_or(|n| n.0 != keyed[w].0)).map(|w| order[w]).collect();
+    (order, cuts)
+}
+
 pub(crate) fn ms(t: Instant) -> u64 {
     t.elapsed().as_millis() as u64
 }
@@ -773,6 +840,17 @@ mod tests {
 
     fn ids(n: u32) -> Vec<ChunkId> {
         (0..n).map(|i| ChunkId::of(&i.to_le_bytes())).collect()
+    }
+
+    #[test]
+    fn arrange_puts_each_block_together_in_block_order_and_cuts_at_block_ends() {
+        let ids = ids(7);
+        // Blocks 5 (members at 0, 100, 200) and 9 (at 0, 50); two singles.
+        let layout = [(5, 200), (0, 0), (9, 50), (5, 0), (9, 0), (5, 100), (0, 0)];
+        let (order, cuts) = arrange(&ids, &layout);
+        assert_eq!(order, vec![ids[3], ids[5], ids[0], ids[1], ids[4], ids[2], ids[6]]);
+        let cut: Vec<bool> = order.iter().map(|id| cuts.contains(id)).collect();
+        assert_eq!(cut, [false, false, true, true, false, true, true]);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!   op 3 solid:  as chunks; the answer may also hold solid frames
 //!   op 4 dense:  level:u8 then as chunks; every run of present chunks
 //!                comes in solid frames compressed at `level`
+//!   op 5 layout: count:u16le id[32]*count         1 <= count <= MAX_LAYOUT
 //!
 //! answer to chunks: frames in request order, one per requested id, or
 //! (op 3 only) one solid frame for the next `count` ids
@@ -18,6 +19,7 @@
 //!            | 0x02 count:u16le stored_len:u32le block[stored_len]
 //! answer to names:
 //!   names   := len:u32le json(Vec<NameRecord>)[len]
+//! answer to layout: ( block:u64le start:u32le ){count}, in request order
 //! ```
 //!
 //! `stored` is the chunk exactly as the provider keeps it at rest (zstd, or
@@ -32,7 +34,16 @@
 //! in solid frames at a level of the fetcher's choosing (1 to
 //! [`MAX_DENSE_LEVEL`]), chunks kept singly included: for moves where
 //! bytes on the wire are what is short and the provider has CPU to spare
-//! (migration). A receiver trusts nothing in a frame: `plain_len` is capped
+//! (migration).
+//!
+//! A provider forwards a solid block as it keeps it, without decompressing
+//! or compressing anything, when a solid request (op 3) names exactly its
+//! members in its order and the block was compressed at least as hard as
+//! the wire level (a layer published at a high level, or received so).
+//! Layout (op 5) tells a fetcher which of its wanted ids share a block of
+//! the provider's (`block`, a key local to the provider, 0 for a chunk
+//! kept alone) and where (`start`, the member's plaintext offset), so it
+//! can ask for whole blocks in order. A receiver trusts nothing in a frame: `plain_len` is capped
 //! at [`MAX_PLAIN`], `stored_len` may not exceed `plain_len` (the encoder
 //! only keeps zstd output that is smaller), and the chunk must decode to
 //! bytes that hash to the id asked for before it is stored.
@@ -45,8 +56,10 @@ use crate::id::ChunkId;
 /// The ALPN of the chunk protocol; a connection for any other is refused
 /// in the TLS handshake.
 pub const ALPN: &[u8] = b"xenod/chunks/1";
-/// Most chunk ids in one request.
-pub const MAX_BATCH: usize = 256;
+/// Most chunk ids in one request: a whole 1 MiB block of 1 KiB members.
+pub const MAX_BATCH: usize = 1024;
+/// Most chunk ids in one layout request.
+pub const MAX_LAYOUT: usize = 8192;
 /// Largest chunk plaintext accepted in a frame. Data chunks are at most
 /// [`crate::CDC_MAX`]; a layer root grows with the tree (36 bytes per
 /// manifest chunk), so this leaves room for trees of ~10^8 entries.
@@ -59,6 +72,7 @@ const OP_CHUNKS: u8 = 1;
 const OP_NAMES: u8 = 2;
 const OP_SOLID: u8 = 3;
 const OP_DENSE: u8 = 4;
+const OP_LAYOUT: u8 = 5;
 /// Highest zstd level a dense request may ask for: above it compression
 /// slows by an order of magnitude for a few percent, and a peer should not
 /// be able to make a provider burn that much CPU.
@@ -84,6 +98,8 @@ pub enum Request {
         ids: Vec<ChunkId>,
     },
     Names,
+    /// Which stored block holds each id, and where in it.
+    Layout(Vec<ChunkId>),
 }
 
 /// The provider's answer for the next requested id(s).
@@ -134,7 +150,7 @@ impl Request {
                     Self::Chunks(_) => b.push(OP_CHUNKS),
                     Self::Solid(_) => b.push(OP_SOLID),
                     Self::Dense { level, .. } => b.extend_from_slice(&[OP_DENSE, *level]),
-                    Self::Names => unreachable!(),
+                    Self::Names | Self::Layout(_) => unreachable!(),
                 }
                 b.extend_from_slice(&(ids.len() as u16).to_le_bytes());
                 for id in ids {
@@ -142,6 +158,14 @@ impl Request {
                 }
             }
             Self::Names => b.push(OP_NAMES),
+            Self::Layout(ids) => {
+                debug_assert!(!ids.is_empty() && ids.len() <= MAX_LAYOUT);
+                b.push(OP_LAYOUT);
+                b.extend_from_slice(&(ids.len() as u16).to_le_bytes());
+                for id in ids {
+                    b.extend_from_slice(id.as_bytes());
+                }
+            }
         }
         b
     }
@@ -154,7 +178,7 @@ impl Request {
             return Err(WireError::Invalid("not a xenod chunk request (bad magic)".into()));
         }
         match head[4] {
-            op @ (OP_CHUNKS | OP_SOLID | OP_DENSE) => {
+            op @ (OP_CHUNKS | OP_SOLID | OP_DENSE | OP_LAYOUT) => {
                 let mut level = 0u8;
                 if op == OP_DENSE {
                     let mut l = [0u8; 1];
@@ -169,8 +193,9 @@ impl Request {
                 let mut n = [0u8; 2];
                 r.read_exact(&mut n).await.map_err(WireError::from_read("request"))?;
                 let n = u16::from_le_bytes(n) as usize;
-                if n == 0 || n > MAX_BATCH {
-                    return Err(WireError::Invalid(format!("batch of {n} ids is outside 1..={MAX_BATCH}")));
+                let max = if op == OP_LAYOUT { MAX_LAYOUT } else { MAX_BATCH };
+                if n == 0 || n > max {
+                    return Err(WireError::Invalid(format!("batch of {n} ids is outside 1..={max}")));
                 }
                 let mut raw = vec![0u8; n * 32];
                 r.read_exact(&mut raw).await.map_err(WireError::from_read("request"))?;
@@ -178,6 +203,7 @@ impl Request {
                 Ok(match op {
                     OP_SOLID => Self::Solid(ids),
                     OP_DENSE => Self::Dense { level, ids },
+                    OP_LAYOUT => Self::Layout(ids),
                     _ => Self::Chunks(ids),
                 })
             }
@@ -259,6 +285,27 @@ pub async fn read_answer(r: &mut (impl AsyncRead + Unpin)) -> Result<Answer, Wir
     }
 }
 
+/// Writes a layout answer: `(block, start)` per requested id.
+pub async fn write_layout(w: &mut (impl AsyncWrite + Unpin), layout: &[(u64, u32)]) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(layout.len() * 12);
+    for (block, start) in layout {
+        b.extend_from_slice(&block.to_le_bytes());
+        b.extend_from_slice(&start.to_le_bytes());
+    }
+    w.write_all(&b).await
+}
+
+/// Reads the layout answer for a request of `n` ids.
+pub async fn read_layout(r: &mut (impl AsyncRead + Unpin), n: usize) -> Result<Vec<(u64, u32)>, WireError> {
+    let mut b = vec![0u8; n.min(MAX_LAYOUT) * 12];
+    r.read_exact(&mut b).await.map_err(WireError::from_read("layout answer"))?;
+    Ok(b.chunks_exact(12)
+        .map(|c| {
+            (u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8])), u32::from_le_bytes([c[8], c[9], c[10], c[11]]))
+        })
+        .collect())
+}
+
 /// Writes a names answer.
 pub async fn write_names(w: &mut (impl AsyncWrite + Unpin), json: &[u8]) -> std::io::Result<()> {
     w.write_all(&(json.len() as u32).to_le_bytes()).await?;
@@ -304,9 +351,23 @@ mod tests {
                 assert!(matches!(e, WireError::Truncated(_)), "{e}");
             }
             assert_eq!(Request::read(&mut Request::Names.encode().as_slice()).await.unwrap(), Request::Names);
+            // Layout requests may be longer than chunk batches, up to MAX_LAYOUT.
+            let many: Vec<ChunkId> = (0..MAX_LAYOUT + 1).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+            let layout = Request::Layout(many[..MAX_LAYOUT].to_vec());
+            assert_eq!(Request::read(&mut layout.encode().as_slice()).await.unwrap(), layout);
+            let mut too_long = b"XNQ1\x05".to_vec();
+            too_long.extend_from_slice(&((MAX_LAYOUT + 1) as u16).to_le_bytes());
+            too_long.extend(many.iter().flat_map(|id| *id.as_bytes()));
+            let e = Request::read(&mut too_long.as_slice()).await.unwrap_err().to_string();
+            assert!(e.contains("outside 1..=8192"), "{e}");
+            let mut answer = Vec::new();
+            write_layout(&mut answer, &[(7, 1), (0, 0)]).await.unwrap();
+            assert_eq!(read_layout(&mut answer.as_slice(), 2).await.unwrap(), vec![(7, 1), (0, 0)]);
+            let e = read_layout(&mut &answer[..23], 2).await.unwrap_err();
+            assert!(matches!(e, WireError::Truncated("layout answer")), "{e}");
             for (bad, why) in [
                 (b"XNQ1\x01\x00\x00".to_vec(), "outside"),
-                (b"XNQ1\x01\x01\x01".to_vec(), "outside"),
+                (b"XNQ1\x01\x01\x05".to_vec(), "outside"),
                 (b"XNQ1\x09".to_vec(), "unknown request op"),
                 (b"XNQ1\x04\x00\x01\x00".to_vec(), "dense level 0"),
                 (b"XNQ1\x04\x16\x01\x00".to_vec(), "dense level 22"),
@@ -347,7 +408,7 @@ mod tests {
                 (frame(0, 2, 10, 9), "unknown encoding"),
                 (frame(5, 0, 0, 0), "unknown frame status"),
                 ([&[2u8, 0, 0][..], &[1, 0, 0, 0]].concat(), "outside"),
-                ([&[2u8, 1, 1][..], &[1, 0, 0, 0]].concat(), "outside"),
+                ([&[2u8, 1, 5][..], &[1, 0, 0, 0]].concat(), "outside"),
                 ([&[2u8, 1, 0][..], &u32::MAX.to_le_bytes()].concat(), "exceeds"),
             ] {
                 let e = read_answer(&mut bytes.as_slice()).await.unwrap_err().to_string();

@@ -18,7 +18,7 @@ use iroh::protocol::{AcceptError, ProtocolHandler};
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
-use super::protocol::{Answer, Frame, Request, WireError, write_answer, write_names};
+use super::protocol::{Answer, Frame, Request, WireError, write_answer, write_layout, write_names};
 use super::stats::Stats;
 use crate::codec::{WIRE_LEVEL, zstd_level};
 use crate::error::Error;
@@ -72,6 +72,14 @@ impl Provider {
                 self.serve_chunks(peer, &mut send, ids, Pack::Members(WIRE_LEVEL.max(zstd_level()))).await?
             }
             Request::Dense { level, ids } => self.serve_chunks(peer, &mut send, ids, Pack::All(level.into())).await?,
+            Request::Layout(ids) => {
+                let store = self.store.clone();
+                let layout = tokio::task::spawn_blocking(move || store.block_layout(&ids))
+                    .await
+                    .map_err(|e| WireError::Invalid(format!("layout task: {e}")))?
+                    .map_err(|e| WireError::Invalid(format!("layout: {e}")))?;
+                write_layout(&mut send, &layout).await.map_err(WireError::Io)?;
+            }
             Request::Names => {
                 let mut recs = self.store.names().unwrap_or_default();
                 if self.forge_names {
@@ -134,7 +142,29 @@ impl Provider {
                 *run = BlockBuf::default();
                 tx.blocking_send(answer).is_ok()
             };
-            for id in ids {
+            let mut i = 0;
+            while i < ids.len() {
+                let id = ids[i];
+                i += 1;
+                // A stored block asked for whole and in order, compressed
+                // at least as hard as asked: sent as it is kept.
+                if let Pack::Members(level) = pack
+                    && let Ok(Some((members, mut block))) = store.whole_block(&id)
+                    && i32::from(crate::store::block_level(&block)) >= level
+                    && !members.is_empty()
+                    && ids.len() - (i - 1) >= members.len()
+                    && members.iter().zip(&ids[i - 1..]).all(|(m, want)| m.0 == *want)
+                {
+                    if !send_run(&mut run) {
+                        return;
+                    }
+                    corrupt_one(&mut block);
+                    if tx.blocking_send(Answer::Solid { count: members.len() as u16, block }).is_err() {
+                        return;
+                    }
+                    i += members.len() - 1;
+                    continue;
+                }
                 let plain = match pack {
                     Pack::Single => Ok(None),
                     Pack::Members(_) => store.member_plain(&id),

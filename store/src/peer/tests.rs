@@ -188,6 +188,44 @@ fn dense_fetch_sends_single_chunks_in_solid_frames_too() {
 }
 
 #[test]
+fn blocks_made_at_a_high_level_travel_as_they_are_kept() {
+    rt().block_on(async {
+        let (a, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
+        let s = a.node.store();
+        // 40 chunks of 64 KiB in 1 MiB blocks made at level 19, put in
+        // another order than the layer lists them (as parallel import does).
+        let data: Vec<Vec<u8>> = (0..40).map(|i| noise(65536, 7_000_000 + i)).collect();
+        let mut ids = vec![None; data.len()];
+        for i in (0..data.len()).rev() {
+            ids[i] = Some(s.put_solid_at(&data[i], 19).unwrap().0);
+        }
+        s.flush().unwrap();
+        let ids: Vec<ChunkId> = ids.into_iter().map(Option::unwrap).collect();
+        let mut w = LayerWriter::new(s);
+        w.push(&entry("", Kind::Dir { opaque: false })).unwrap();
+        let extents = ids.iter().map(|id| Extent::Data { id: *id, len: 65536 }).collect();
+        let size = 40 * 65536;
+        w.push(&entry("f", Kind::File { size, chunking: Chunking::Cdc, extents })).unwrap();
+        let top = w.finish(None, BTreeMap::new()).unwrap();
+
+        // Batches of 4 ids: the fetch asks for whole blocks anyway.
+        c.node.fetch(top, &[a.node.addr()], small_batches()).await.unwrap();
+        let mut blocks = 0;
+        for id in &ids {
+            if let Some((members, kept)) = s.whole_block(id).unwrap() {
+                blocks += 1;
+                let (got_members, got) = c.node.store().whole_block(id).unwrap().expect("same block here");
+                assert_eq!(got_members, members);
+                assert!(got == kept, "block of {} members arrived as the provider keeps it", members.len());
+            }
+        }
+        assert_eq!(blocks, 3, "1 MiB blocks of 16 chunks");
+        let snap = c.node.stats().snapshot();
+        assert_eq!(snap.totals.bad_chunks, 0);
+    });
+}
+
+#[test]
 fn corrupt_chunk_is_refused_and_fetched_from_another() {
     rt().block_on(async {
         let bad = host(Misbehave { corrupt_chunks: 1, ..Default::default() }).await;
