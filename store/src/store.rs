@@ -961,6 +961,8 @@ pub(crate) struct Record {
     pub loc: Location,
     pub stored: Vec<u8>,
     pub damaged: Option<String>,
+    /// For a block member: the zstd level its block records.
+    pub level: u8,
 }
 
 /// Reads every record of a pack in order; stops with an error at the first
@@ -997,12 +999,13 @@ pub(crate) fn scan_pack(pack: u64, path: &Path, mut each: impl FnMut(Record) -> 
         let at = pos;
         pos += RECORD_HEADER as u64 + stored_len as u64;
         if enc != Encoding::Block {
-            each(Record { id, loc, stored, damaged: None })?;
+            each(Record { id, loc, stored, damaged: None, level: 0 })?;
             continue;
         }
         let (members, _) = parse_block(&stored)
             .map_err(|why| Error::bad_input(format!("{} at offset {at}", path.display()), format!("block: {why}")))?;
         let opened = open_block(&stored);
+        let level = block_level(&stored);
         let mut inner = 0u32;
         for (id, len) in members {
             let loc = Location { plain_len: len, inner, ..loc };
@@ -1011,7 +1014,7 @@ pub(crate) fn scan_pack(pack: u64, path: &Path, mut each: impl FnMut(Record) -> 
                 Err(why) => (Vec::new(), Some(format!("block at offset {at}: {why}"))),
             };
             inner += len;
-            each(Record { id, loc, stored, damaged })?;
+            each(Record { id, loc, stored, damaged, level })?;
         }
     }
     Ok(())
@@ -1036,6 +1039,9 @@ pub(crate) fn write_pack(store: &Store, records: impl Iterator<Item = Record>) -
     };
     for rec in records {
         if rec.loc.encoding == Encoding::Block {
+            // Kept at the highest level among the blocks its members came
+            // from, so a layer published at a high level stays so.
+            block.level = block.level.max(i32::from(rec.level));
             block.push(rec.id, &rec.stored);
             if block.plain.len() >= BLOCK_TARGET {
                 put_block(&mut pack, &mut block, &mut out)?;
@@ -1177,6 +1183,27 @@ mod block_tests {
         assert_ne!(layout[0].0, layout[1].0);
         assert!(layout[2].1 < layout[0].1 && layout[1].1 < layout[3].1);
         assert_eq!(layout[4], (0, 0));
+    }
+
+    #[test]
+    fn a_rewritten_pack_keeps_its_blocks_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let ids: Vec<ChunkId> = (0..3).map(|i| s.put_solid_at(&chunk(i), 19).unwrap().0).collect();
+        s.flush().unwrap();
+        let (pack, path) = s.packs().unwrap().remove(0);
+        let mut records = Vec::new();
+        scan_pack(pack, &path, |r| {
+            records.push(r);
+            Ok(())
+        })
+        .unwrap();
+        let moved = write_pack(&s, records.into_iter().skip(1)).unwrap();
+        reindex(&s, &moved, &[]).unwrap();
+        let (members, block) = s.whole_block(&ids[1]).unwrap().expect("the rewritten block opens with it");
+        assert_eq!(members.len(), 2);
+        assert_eq!(block_level(&block), 19);
+        assert_eq!(s.get(&ids[2]).unwrap(), chunk(2));
     }
 
     #[test]
