@@ -152,10 +152,21 @@ fn killed_during_block_writes_keeps_acknowledged_writes() {
                 }
             }
         });
+        // Kill while writes are flowing: after the first one is
+        // acknowledged (a loaded host may take long to get there), then a
+        // while longer.
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !seen.iter().any(|m: &(usize, u8, bool)| m.2) {
+            match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                Ok(m) => seen.push(m),
+                Err(_) => panic!("round {round}: no write acknowledged within 20 s"),
+            }
+        }
         std::thread::sleep(Duration::from_millis(100 + round * 50));
         kill(child, &mnt);
         writer.join().unwrap();
-        for (page, v, acked) in rx.try_iter() {
+        for (page, v, acked) in seen.into_iter().chain(rx.try_iter()) {
             if acked {
                 if let Some(last) = history[page].last_mut() {
                     last.1 = true;
