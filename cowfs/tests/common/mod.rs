@@ -165,8 +165,10 @@ pub fn flip_chunk(store_dir: &Path, loc: &xenod_store::Location) {
     // In a solid block, the member's bytes sit after the member table at
     // about their place in the block (noise is stored uncompressed).
     let at = if loc.encoding == xenod_store::Encoding::Block {
+        // The first word counts members in its low 24 bits (the top byte
+        // is the block's zstd level).
         let mut n = [0u8; 4];
-        f.read_exact_at(&mut n, loc.offset).unwrap();
+        f.read_exact_at(&mut n[..3], loc.offset).unwrap();
         loc.offset + 4 + 36 * u32::from_le_bytes(n) as u64 + (loc.inner + loc.plain_len / 2) as u64
     } else {
         loc.offset + 4
