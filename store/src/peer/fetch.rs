@@ -592,34 +592,36 @@ impl Swarm {
             let Some(p) = (0..self.conns.len()).find(|&p| st.alive[p] && st.member[p].is_none()) else { return };
             (p, st.todo.iter().copied().collect::<Vec<_>>())
         };
-        let mut layout = Vec::with_capacity(ids.len());
-        for piece in ids.chunks(MAX_LAYOUT) {
-            match tokio::time::timeout(self.opts.read_timeout, self.layout(p, piece)).await {
-                Ok(Ok(l)) if l.len() == piece.len() => layout.extend(l),
-                Ok(Ok(_)) => return,
-                Ok(Err(e)) => {
-                    tracing::debug!("no block layout from {}: {e}", self.conns[p].node);
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("no block layout from {} within the read timeout", self.conns[p].node);
-                    return;
-                }
-            }
+        // The pieces' requests run at once (QUIC's stream limit bounds
+        // them): a large stack waits one round trip, not one per piece.
+        let mut set = tokio::task::JoinSet::new();
+        for (i, piece) in ids.chunks(MAX_LAYOUT).enumerate() {
+            let (conn, piece, limit) = (self.conn(p).clone(), piece.to_vec(), self.opts.read_timeout);
+            set.spawn(async move { (i, tokio::time::timeout(limit, layout(&conn, &piece)).await, piece.len()) });
         }
+        let mut pieces = Vec::new();
+        while let Some(done) = set.join_next().await {
+            let why = match done {
+                Ok((i, Ok(Ok(l)), n)) if l.len() == n => {
+                    pieces.push((i, l));
+                    continue;
+                }
+                Ok((_, Ok(Ok(_)), _)) => "an answer of the wrong length".to_owned(),
+                Ok((_, Ok(Err(e)), _)) => e,
+                Ok((_, Err(_), _)) => "no answer within the read timeout".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            tracing::debug!("no block layout from {}: {why}", self.conns[p].node);
+            return;
+        }
+        pieces.sort_unstable_by_key(|(i, _)| *i);
+        let layout: Vec<(u64, u32)> = pieces.into_iter().flat_map(|(_, l)| l).collect();
         let (todo, cuts) = arrange(&ids, &layout);
         let mut st = self.lock();
         if st.todo.len() == todo.len() {
             st.todo = todo.into();
             st.cuts = cuts;
         }
-    }
-
-    async fn layout(&self, p: usize, ids: &[ChunkId]) -> Result<Vec<(u64, u32)>, String> {
-        let (mut send, mut recv) = self.conn(p).open_bi().await.map_err(|e| e.to_string())?;
-        send.write_all(&Request::Layout(ids.to_vec()).encode()).await.map_err(|e| e.to_string())?;
-        send.finish().map_err(|e| e.to_string())?;
-        read_layout(&mut recv, ids.len()).await.map_err(|e| e.to_string())
     }
 
     /// Asks provider `p` for `batch` and stores what it sends.
@@ -813,6 +815,14 @@ pub(crate) fn order_for_swarm(ids: Vec<ChunkId>, me: usize, n: usize) -> Vec<Chu
 }
 
 /// Elapsed milliseconds since `t`.
+/// Asks a provider where its solid blocks keep `ids` (chunk protocol op 5).
+async fn layout(conn: &Connection, ids: &[ChunkId]) -> Result<Vec<(u64, u32)>, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(&Request::Layout(ids.to_vec()).encode()).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    read_layout(&mut recv, ids.len()).await.map_err(|e| e.to_string())
+}
+
 /// `ids` reordered so that the members of each block (same non-zero key in
 /// `layout`) follow each other in block order, a block where its first
 /// wanted member was; and the ids a batch may end after.

@@ -187,41 +187,68 @@ fn dense_fetch_sends_single_chunks_in_solid_frames_too() {
     });
 }
 
+/// A one-file layer of `n` chunks of `len` bytes in solid blocks made at
+/// `level`, put in the reverse of the order the file lists them (as
+/// parallel import may); returns it and the chunk ids in file order.
+fn layer_of_blocks(s: &Store, n: usize, len: usize, level: i32) -> (LayerId, Vec<ChunkId>) {
+    let data: Vec<Vec<u8>> = (0..n).map(|i| noise(len, 7_000_000 + i as u64)).collect();
+    let mut ids = vec![None; n];
+    for i in (0..n).rev() {
+        ids[i] = Some(s.put_solid_at(&data[i], level).unwrap().0);
+    }
+    s.flush().unwrap();
+    let ids: Vec<ChunkId> = ids.into_iter().map(Option::unwrap).collect();
+    let mut w = LayerWriter::new(s);
+    w.push(&entry("", Kind::Dir { opaque: false })).unwrap();
+    let extents = ids.iter().map(|id| Extent::Data { id: *id, len: len as u32 }).collect();
+    let size = (n * len) as u64;
+    w.push(&entry("f", Kind::File { size, chunking: Chunking::Cdc, extents })).unwrap();
+    (w.finish(None, BTreeMap::new()).unwrap(), ids)
+}
+
+/// Fetches `top` from `a` to `c` in batches of 4 ids; returns how many
+/// of `a`'s blocks arrived byte for byte as `a` keeps them, of how many.
+async fn blocks_kept_as_sent(a: &Host, c: &Host, top: LayerId, ids: &[ChunkId]) -> (usize, usize) {
+    c.node.fetch(top, &[a.node.addr()], small_batches()).await.unwrap();
+    let (mut same, mut blocks) = (0, 0);
+    for id in ids {
+        if let Some((members, kept)) = a.node.store().whole_block(id).unwrap() {
+            blocks += 1;
+            if c.node.store().whole_block(id).unwrap().is_some_and(|(m, got)| m == members && got == kept) {
+                same += 1;
+            }
+        }
+    }
+    assert_eq!(c.node.stats().snapshot().totals.bad_chunks, 0);
+    (same, blocks)
+}
+
 #[test]
 fn blocks_made_at_a_high_level_travel_as_they_are_kept() {
     rt().block_on(async {
         let (a, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
-        let s = a.node.store();
-        // 40 chunks of 64 KiB in 1 MiB blocks made at level 19, put in
-        // another order than the layer lists them (as parallel import does).
-        let data: Vec<Vec<u8>> = (0..40).map(|i| noise(65536, 7_000_000 + i)).collect();
-        let mut ids = vec![None; data.len()];
-        for i in (0..data.len()).rev() {
-            ids[i] = Some(s.put_solid_at(&data[i], 19).unwrap().0);
-        }
-        s.flush().unwrap();
-        let ids: Vec<ChunkId> = ids.into_iter().map(Option::unwrap).collect();
-        let mut w = LayerWriter::new(s);
-        w.push(&entry("", Kind::Dir { opaque: false })).unwrap();
-        let extents = ids.iter().map(|id| Extent::Data { id: *id, len: 65536 }).collect();
-        let size = 40 * 65536;
-        w.push(&entry("f", Kind::File { size, chunking: Chunking::Cdc, extents })).unwrap();
-        let top = w.finish(None, BTreeMap::new()).unwrap();
+        // 1 MiB blocks of 16 chunks at 19; the fetch asks in batches of 4
+        // ids, yet for whole blocks, in their order.
+        let (top, ids) = layer_of_blocks(a.node.store(), 40, 65536, 19);
+        assert_eq!(blocks_kept_as_sent(&a, &c, top, &ids).await, (3, 3));
+    });
+}
 
-        // Batches of 4 ids: the fetch asks for whole blocks anyway.
-        c.node.fetch(top, &[a.node.addr()], small_batches()).await.unwrap();
-        let mut blocks = 0;
-        for id in &ids {
-            if let Some((members, kept)) = s.whole_block(id).unwrap() {
-                blocks += 1;
-                let (got_members, got) = c.node.store().whole_block(id).unwrap().expect("same block here");
-                assert_eq!(got_members, members);
-                assert!(got == kept, "block of {} members arrived as the provider keeps it", members.len());
-            }
-        }
-        assert_eq!(blocks, 3, "1 MiB blocks of 16 chunks");
-        let snap = c.node.stats().snapshot();
-        assert_eq!(snap.totals.bad_chunks, 0);
+#[test]
+fn layout_of_many_chunks_is_asked_in_pieces_and_blocks_still_travel_whole() {
+    rt().block_on(async {
+        let (a, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
+        // More ids than one layout request takes; blocks of 512 members
+        // made just above the wire level.
+        let n = super::protocol::MAX_LAYOUT + 1000;
+        let (top, ids) = layer_of_blocks(a.node.store(), n, 2048, crate::codec::WIRE_LEVEL + 1);
+        let (same, blocks) = blocks_kept_as_sent(&a, &c, top, &ids).await;
+        assert_eq!(blocks, n.div_ceil(512));
+        assert_eq!(same, blocks);
+        // At the store's own level, blocks are recompressed for the wire.
+        let (b, d) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
+        let (top, ids) = layer_of_blocks(b.node.store(), 40, 65536, 0);
+        assert_eq!(blocks_kept_as_sent(&b, &d, top, &ids).await.0, 0);
     });
 }
 
