@@ -814,7 +814,6 @@ pub(crate) fn order_for_swarm(ids: Vec<ChunkId>, me: usize, n: usize) -> Vec<Chu
     mine
 }
 
-/// Elapsed milliseconds since `t`.
 /// Asks a provider where its solid blocks keep `ids` (chunk protocol op 5).
 async fn layout(conn: &Connection, ids: &[ChunkId]) -> Result<Vec<(u64, u32)>, String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -840,6 +839,7 @@ fn arrange(ids: &[ChunkId], layout: &[(u64, u32)]) -> (Vec<ChunkId>, HashSet<Chu
     (order, cuts)
 }
 
+/// Elapsed milliseconds since `t`.
 pub(crate) fn ms(t: Instant) -> u64 {
     t.elapsed().as_millis() as u64
 }
