@@ -331,6 +331,8 @@ pub struct Store {
     view: RwLock<Option<IndexView>>,
     blocks: Mutex<Blocks>,
     block_cache: Mutex<BlockCache>,
+    /// zstd level of solid blocks put at level 0 (0: the store's level).
+    block_level: std::sync::atomic::AtomicI32,
     pub stats: WriteStats,
 }
 
@@ -366,6 +368,7 @@ impl Store {
             view: RwLock::new(None),
             blocks: Mutex::new(Blocks::default()),
             block_cache: Mutex::new(BlockCache::new()),
+            block_level: std::sync::atomic::AtomicI32::new(0),
             stats: WriteStats::default(),
         };
         let txn = store.begin_write()?;
@@ -482,10 +485,18 @@ impl Store {
         self.put_solid_at(plain, 0)
     }
 
-    /// [`Store::put_solid`] into a block compressed at zstd `level` (0: the
-    /// store's level). A block holds chunks of one level: a chunk of
-    /// another closes the open block first.
+    /// Makes this handle write the solid blocks it is given no level for
+    /// at zstd `level` (0: the store's level), as `--level` asks of a
+    /// command that writes a layer.
+    pub fn set_block_level(&self, level: i32) {
+        self.block_level.store(level, Ordering::Relaxed);
+    }
+
+    /// [`Store::put_solid`] into a block compressed at zstd `level` (0: this
+    /// handle's block level, see [`Store::set_block_level`]). A block holds
+    /// chunks of one level: a chunk of another closes the open block first.
     pub fn put_solid_at(&self, plain: &[u8], level: i32) -> Result<(ChunkId, bool)> {
+        let level = if level == 0 { self.block_level.load(Ordering::Relaxed) } else { level };
         let id = ChunkId::of(plain);
         self.stats.chunks.fetch_add(1, Ordering::Relaxed);
         if self.locate(&id)?.is_some() {

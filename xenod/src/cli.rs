@@ -71,12 +71,8 @@ pub enum Cmd {
         /// A deploy spec (JSON) to carry in the layer's metadata.
         #[arg(long)]
         spec: Option<PathBuf>,
-        /// zstd level (1-19) of the stored solid blocks [default: the
-        /// store's, 2]. Spends CPU once, here, for fewer bytes on every later
-        /// fetch: peers send blocks made at or above their wire level (6)
-        /// as they keep them. 19 suits layers published to many hosts.
-        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
-        level: Option<i32>,
+        #[command(flatten)]
+        level: Level,
     },
     /// Overlays: layers that record only what differs from a base.
     #[command(subcommand)]
@@ -235,6 +231,8 @@ pub enum Cmd {
         /// Sign and record a name for the new overlay.
         #[arg(long)]
         name: Option<String>,
+        #[command(flatten)]
+        level: Level,
     },
     /// Print a digest of a directory tree covering contents and all metadata.
     Digest {
@@ -261,13 +259,27 @@ pub enum OverlayCmd {
         /// `xenod deploy` boots a guest from it.
         #[arg(long)]
         spec: Option<PathBuf>,
-        /// zstd level (1-19) of the stored solid blocks [default: the
-        /// store's, 2]. Spends CPU once, here, for fewer bytes on every later
-        /// fetch: peers send blocks made at or above their wire level (6)
-        /// as they keep them. 19 suits layers published to many hosts.
-        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
-        level: Option<i32>,
+        #[command(flatten)]
+        level: Level,
     },
+}
+
+/// `--level`, for commands that write a layer.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Level {
+    /// zstd level (1-19) of the layer's solid blocks [default: the store's,
+    /// 2]. Spends CPU once, here, for fewer bytes on every later fetch:
+    /// peers send blocks made at or above their wire level (6) as they keep
+    /// them. 19 suits layers fetched by many hosts.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
+    level: Option<i32>,
+}
+
+impl Level {
+    /// The level asked for, 0 for the store's.
+    fn get(self) -> i32 {
+        self.level.unwrap_or(0)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -317,10 +329,10 @@ pub fn run(args: Args) -> Result<()> {
     let ctx = Ctx { data_dir, json: args.json };
     match args.cmd {
         Cmd::Publish { src, name, image, spec, level } => {
-            publish(&ctx, &src, name.as_deref(), image, level.unwrap_or(0), spec_meta(spec)?)
+            publish(&ctx, &src, name.as_deref(), image, level.get(), spec_meta(spec)?)
         }
         Cmd::Overlay(OverlayCmd::Create { base, dir, name, spec, level }) => {
-            overlay_create(&ctx, &base, &dir, name.as_deref(), level.unwrap_or(0), spec_meta(spec)?)
+            overlay_create(&ctx, &base, &dir, name.as_deref(), level.get(), spec_meta(spec)?)
         }
         Cmd::Deploy(a) => crate::deploy::deploy(&ctx.data_dir, ctx.json, &a),
         Cmd::Ps => {
@@ -450,16 +462,20 @@ pub fn run(args: Args) -> Result<()> {
             crate::mount::umount_cmd(&mountpoint)?;
             ctx.out(json!({ "mountpoint": mountpoint }), || format!("unmounted {}", mountpoint.display()))
         }
-        Cmd::Commit { target, base, name } => {
+        Cmd::Commit { target, base, name, level } => {
             if let Some(n) = &name {
                 xenod_store::check_name(n)?;
             }
             let st = match base {
-                Some(b) => crate::mount::commit_cmd(Arc::new(ctx.store()?), Path::new(&target), &b, name.as_deref())?,
+                Some(b) => {
+                    let store = ctx.store()?;
+                    store.set_block_level(level.get());
+                    crate::mount::commit_cmd(Arc::new(store), Path::new(&target), &b, name.as_deref())?
+                }
                 None if crate::deploy::instances_dir(&ctx.data_dir).join(&target).is_dir() => {
                     let mut meta = BTreeMap::new();
                     meta.insert("committed_from".to_string(), target.clone());
-                    crate::deploy::commit(&ctx.data_dir, &target, meta)?
+                    crate::deploy::commit(&ctx.data_dir, &target, meta, level.get())?
                 }
                 None => bail!("{target:?} is no instance here; to commit an upper directory pass --base REF"),
             };

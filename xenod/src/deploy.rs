@@ -622,10 +622,13 @@ pub fn resume(data: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The instance's upper layer as an overlay on its stack.
-pub fn commit(data: &Path, name: &str, meta: BTreeMap<String, String>) -> Result<xenod_cowfs::CommitStats> {
+/// The instance's upper layer as an overlay on its stack, its solid blocks
+/// at zstd `level` (0: the store's).
+pub fn commit(data: &Path, name: &str, meta: BTreeMap<String, String>, level: i32) -> Result<xenod_cowfs::CommitStats> {
     let inst = Instance::load(data, name)?;
-    let store = Arc::new(Store::open(data)?);
+    let store = Store::open(data)?;
+    store.set_block_level(level);
+    let store = Arc::new(store);
     let stack = store.stack(&inst.mounted())?;
     // A paused guest writes nothing while its upper is read.
     let hv = hypervisor(&inst.uri)?;

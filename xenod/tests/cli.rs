@@ -301,3 +301,50 @@ fn mount_with_host_lower_dirs_and_a_mount_file_naming_an_unknown_layer() {
     assert!(err.contains("/srv/app/.mount") && err.contains("template://nobody/missing/1"), "{err}");
     assert!(!xenod_cowfs::is_mounted(&mnt));
 }
+
+/// Bytes in a store's pack files.
+fn packs_bytes(data: &Path) -> u64 {
+    fs::read_dir(data.join("packs")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum()
+}
+
+/// Text files like those of a real tree: compressible, more so with effort.
+fn text_tree(root: &Path, files: u64, seed: u64) {
+    fs::create_dir_all(root).unwrap();
+    for f in 0..files {
+        let mut s = String::new();
+        for i in 0..2_000u64 {
+            let x = (seed + f * 2_000 + i).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 44;
+            s += &format!("{f}:{i} GET /shop/item/{x} 200 {} bytes in {}.{} ms\n", x % 9000, x % 97, x % 10);
+        }
+        fs::write(root.join(format!("log{f}")), s).unwrap();
+    }
+}
+
+#[test]
+fn level_writes_denser_blocks_for_publish_overlay_and_commit() {
+    let t = tempfile::tempdir().unwrap();
+    let (base, top) = (t.path().join("base"), t.path().join("top"));
+    text_tree(&base, 8, 0);
+    text_tree(&top, 16, 1 << 20);
+    let mut sizes = Vec::new();
+    for level in [None, Some("19")] {
+        let data = t.path().join(format!("data-{}", level.unwrap_or("default")));
+        let lv: Vec<&str> = level.map(|l| vec!["--level", l]).unwrap_or_default();
+        let p = ok_json(xenod(&data).arg("publish").arg(&base).args(["--name", "template://t/base/1"]).args(&lv));
+        let o = ok_json(xenod(&data).args(["overlay", "create", "--base", "template://t/base/1"]).arg(&top).args(&lv));
+        let before = packs_bytes(&data);
+        let upper = t.path().join(format!("upper-{}", level.unwrap_or("default")));
+        text_tree(&upper.join("srv"), 4, 2 << 20);
+        ok_json(xenod(&data).arg("commit").arg(&upper).args(["--base", "template://t/base/1"]).args(&lv));
+        let committed = packs_bytes(&data) - before;
+        sizes.push((p["bytes_stored"].as_u64().unwrap(), o["bytes_stored"].as_u64().unwrap(), committed));
+        assert!(ok_json(xenod(&data).arg("verify"))["problems"].as_array().is_none_or(|p| p.is_empty()));
+    }
+    // (stored by publish, overlay create, commit) at the default level, then at 19.
+    let (d, h) = (sizes[0], sizes[1]);
+    let less = |a: u64, b: u64| a * 10 < b * 9;
+    assert!(less(h.0, d.0) && less(h.1, d.1) && less(h.2, d.2), "level 19 stores 10% less or better: {sizes:?}");
+    // Out of range is refused by the parser, naming the option.
+    let out = run(xenod(&t.path().join("x")).arg("publish").arg(&base).args(["--level", "20"]));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--level"));
+}
