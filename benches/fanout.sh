@@ -70,6 +70,7 @@ PIDS=()
 NET=xnfo$(printf %x $$)
 NETNS=()
 BRIDGE=""
+FWD_RULE=""
 
 CLIENT=""
 
@@ -95,6 +96,7 @@ cleanup() {
     ip link del "$ns" 2>/dev/null
     ip netns del "$ns" 2>/dev/null
   done
+  [ -n "$FWD_RULE" ] && iptables -D FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null
   [ -n "$BRIDGE" ] && ip link del "$BRIDGE" 2>/dev/null
   if [ "$KEEP" = 1 ]; then
     log "kept $WORK (daemon logs: $WORK/*.log)"
@@ -171,6 +173,13 @@ if [ -n "$LINK_MBIT" ]; then
   BRIDGE=${NET}b
   ip link add "$BRIDGE" type bridge
   ip link set "$BRIDGE" up
+  # With bridge netfilter on, frames between the emulated hosts pass the
+  # root namespace's iptables FORWARD chain: a DROP policy there would cut
+  # the links. Accept this bridge's own traffic for the run (removed in the
+  # trap); nothing else is touched.
+  if [ -e /proc/sys/net/bridge/bridge-nf-call-iptables ] && command -v iptables >/dev/null; then
+    iptables -I FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT && FWD_RULE=1
+  fi
   # The bridge has no address: the root namespace never speaks on it, so
   # its routes and a host's own use of 10.231.0.0/24 are untouched.
   HOSTS=(a s)
