@@ -105,6 +105,12 @@ impl SwarmPlan {
 /// How long a fan-out member that said "not yet" for an id is left alone
 /// before it is asked for that id again.
 pub const NOT_YET_RETRY: Duration = Duration::from_millis(150);
+/// How long after asking the source for the last of its own segment a
+/// fan-out member waits before asking the source for other members' ids
+/// too (see `State::source_may_serve`).
+pub const SOURCE_PATIENCE: Duration = Duration::from_secs(1);
+/// Most queued ids one take looks at (the lock is held meanwhile).
+const SCAN: usize = 8192;
 
 #[derive(Clone)]
 pub struct FetchOptions {
@@ -208,6 +214,9 @@ struct State {
     member: Vec<Option<usize>>,
     /// Members in the plan (segments), 0 without one.
     segments: usize,
+    /// When a full provider's batch first came up short for lack of ids it
+    /// may serve: this fetcher's own segment had all been asked for.
+    own_done: Option<Instant>,
     remaining: usize,
     total: usize,
     alive: Vec<bool>,
@@ -248,7 +257,6 @@ impl State {
     /// just said it lacks, searched from the back of the queue (where the
     /// ids members fetch first wait; see [`order_for_swarm`]).
     fn take_from_member(&mut self, p: usize, seg: usize, want: usize) -> Vec<ChunkId> {
-        const SCAN: usize = 8192;
         let mut picked = Vec::new();
         let mut i = self.todo.len();
         let mut scanned = 0;
@@ -269,6 +277,28 @@ impl State {
         // `picked` is in descending index order, so removals do not shift
         // the indices still to remove.
         picked.into_iter().filter_map(|i| self.todo.remove(i)).collect()
+    }
+
+    /// In a fan-out, whether to ask a full provider (the source) for `id`:
+    /// always for this fetcher's own segment; for another member's segment
+    /// only when that member cannot supply it (gone, lacks it), or once this
+    /// fetcher's own segment has been asked for at least [`SOURCE_PATIENCE`]
+    /// (several batch times on a slow link) ago and the member still has
+    /// not got it. Members fetch their own segments from the source at
+    /// the same pace, so this sends each chunk from the source about once;
+    /// a straggler's share still comes from the source in the end.
+    fn source_may_serve(&self, id: &ChunkId) -> bool {
+        if self.segments == 0 {
+            return true;
+        }
+        let seg = SwarmPlan::segment(id, self.segments);
+        let Some(q) = self.member.iter().position(|m| *m == Some(seg)) else {
+            return true;
+        };
+        if !self.alive[q] || self.lacks(q, id) {
+            return true;
+        }
+        self.own_done.is_some_and(|t| t.elapsed() > SOURCE_PATIENCE.max(self.batch_time * 4))
     }
 
     fn lacks(&self, p: usize, id: &ChunkId) -> bool {
@@ -298,20 +328,23 @@ impl State {
         }
         let mut batch = Vec::new();
         let mut skipped = Vec::new();
-        let open_block = |batch: &Vec<ChunkId>| {
-            !self.cuts.is_empty() && batch.len() < MAX_BATCH && batch.last().is_some_and(|l| !self.cuts.contains(l))
-        };
-        while batch.len() < want || open_block(&batch) {
+        let mut scanned = 0;
+        while (batch.len() < want || open_block(&self.cuts, &batch)) && scanned < SCAN {
             let Some(id) = self.todo.pop_front() else { break };
+            scanned += 1;
             if self.lacked_by_all(&id) {
                 self.failed = Some(PeerError::Unavailable { id });
                 return Take::Stop;
             }
-            if self.lacks(p, &id) {
+            if self.lacks(p, &id) || !self.source_may_serve(&id) {
                 skipped.push(id);
             } else {
                 batch.push(id);
             }
+        }
+        if self.segments > 0 && self.own_done.is_none() && batch.len() < want && !skipped.is_empty() {
+            // No id of this fetcher's own segment is left near the front.
+            self.own_done = Some(Instant::now());
         }
         for id in skipped.into_iter().rev() {
             self.todo.push_front(id);
@@ -495,6 +528,7 @@ impl Swarm {
             st.inflight.clear();
             st.lacks.clear();
             st.not_yet.clear();
+            st.own_done = None;
             if st.alive_count() == 0 {
                 let why = st.reports.iter().filter_map(|r| r.dropped.as_ref().map(|d| format!("{}: {d}", r.node)));
                 let why = why.collect::<Vec<_>>().join("; ");
@@ -822,6 +856,11 @@ async fn layout(conn: &Connection, ids: &[ChunkId]) -> Result<Vec<(u64, u32)>, S
     read_layout(&mut recv, ids.len()).await.map_err(|e| e.to_string())
 }
 
+/// Whether `batch` ends inside a block (see [`arrange`]) and may grow.
+fn open_block(cuts: &HashSet<ChunkId>, batch: &[ChunkId]) -> bool {
+    !cuts.is_empty() && batch.len() < MAX_BATCH && batch.last().is_some_and(|l| !cuts.contains(l))
+}
+
 /// `ids` reordered so that the members of each block (same non-zero key in
 /// `layout`) follow each other in block order, a block where its first
 /// wanted member was; and the ids a batch may end after.
@@ -913,9 +952,21 @@ mod tests {
         let id = b[0];
         st.not_yet.entry(id).or_default().push((2, Instant::now()));
         assert!(st.lacked_by_all(&id));
-        // The source takes from the front, members' ids included.
+        // The source is asked for this fetcher's own segment (0) only...
         let mut st = state(&all);
+        let own: Vec<ChunkId> = all.iter().copied().filter(|id| SwarmPlan::segment(id, 3) == 0).collect();
         let Take::Batch(s) = st.take(0, 8, 1) else { panic!("the source gets a batch") };
-        assert_eq!(s[..], all[..8]);
+        assert_eq!(s[..], own[..8]);
+        let Take::Batch(s) = st.take(0, 1000, 1) else { panic!("the source gets a batch") };
+        assert_eq!(s[..], own[8..], "the rest of the own segment, nothing else");
+        assert!(matches!(st.take(0, 8, 1), Take::Wait), "the members' ids are left to them");
+        // ...until a member is gone (its ids come from the source at once),
+        // or SOURCE_PATIENCE has passed since the own segment was asked for.
+        st.alive[1] = false;
+        let Take::Batch(s) = st.take(0, 8, 1) else { panic!("a gone member's ids come from the source") };
+        assert!(s.iter().all(|id| SwarmPlan::segment(id, 3) == 1), "{s:?}");
+        st.own_done = Some(Instant::now() - SOURCE_PATIENCE - Duration::from_millis(1));
+        let Take::Batch(s) = st.take(0, 1000, 1) else { panic!("after the patience, the source serves all") };
+        assert!(s.iter().any(|id| SwarmPlan::segment(id, 3) == 2), "{s:?}");
     }
 }
