@@ -853,6 +853,34 @@ impl Union {
         }
     }
 
+    /// Creates a regular file where no whiteout is, in place with O_EXCL,
+    /// when that alone gives it its final owner and mode: this process is
+    /// root and so is the caller (or the directory's set-group-id bit sets
+    /// the group), and the process umask takes nothing from the mode. The
+    /// file then appears whole at once, as overlayfs makes it with the
+    /// caller's credentials, with no staging, chown, chmod or rename (about
+    /// a quarter of a create's cost). `None`: use the staging directory.
+    fn create_in_place(&self, pp: &Path, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Option<File>> {
+        let perm = mode & 0o7777;
+        let root = rustix::process::geteuid().is_root() && rustix::process::getegid().as_raw() == 0;
+        if uid != 0 || !root || process_umask().is_none_or(|m| perm & m != 0) {
+            return Ok(None);
+        }
+        let (_, _, sgid) = self.owner_for(pp, uid, gid);
+        if !sgid && gid != 0 {
+            return Ok(None);
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(perm)
+            .custom_flags(libc_o_nofollow())
+            .open(pp.join(OsStr::from_bytes(name)))
+            .map_err(|e| io_errno(&e))?;
+        Ok(Some(file))
+    }
+
     fn owner_for(&self, pp: &Path, uid: u32, gid: u32) -> (u32, u32, bool) {
         match rustix::fs::stat(pp) {
             Ok(s) if s.st_mode & 0o2000 != 0 => (uid, s.st_gid, true),
@@ -902,8 +930,16 @@ impl Union {
     ) -> FsResult<(Attr, Option<File>)> {
         let mut st = self.lock();
         let (pp, whiteout) = self.prepare_create(&mut st, parent, name)?;
-        let tmp = self.stage_path(&mut st)?;
         let ft = FileType::from_raw_mode(mode);
+        let regular = target.is_none() && (ft == FileType::RegularFile || mode & 0o170000 == 0);
+        if regular
+            && !whiteout
+            && let Some(file) = self.create_in_place(&pp, name, mode, uid, gid)?
+        {
+            let ino = self.new_inode(&mut st, parent, name, FType::File, None);
+            return Ok((self.attr_locked(&st, ino)?, Some(file)));
+        }
+        let tmp = self.stage_path(&mut st)?;
         let ftype = if target.is_some() { FType::Symlink } else { FType::of_mode(mode) };
         let mut file = None;
         match target {
@@ -1826,6 +1862,18 @@ fn check_name(name: &[u8]) -> FsResult<()> {
 
 const UTIME_NOW: i64 = (1 << 30) - 1;
 const UTIME_OMIT: i64 = (1 << 30) - 2;
+
+/// This process's umask, from `/proc/self/status` (reading it with
+/// `umask(2)` would change it for every thread meanwhile); `None` if it
+/// cannot be read.
+fn process_umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    })
+}
 
 const fn libc_o_nofollow() -> i32 {
     0o400000

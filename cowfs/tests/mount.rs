@@ -361,3 +361,47 @@ fn listings_follow_changes_made_through_the_mount() {
     }
     m.unmount().unwrap();
 }
+
+#[test]
+fn created_files_get_their_owner_and_mode_in_place_or_staged() {
+    if !fuse_ok("created_files_get_their_owner_and_mode_in_place_or_staged") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(t.path().join("store")).unwrap());
+    let stack = two_layers(&store, t.path());
+    let upper = t.path().join("upper");
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = mount(store.clone(), &stack, &mnt, &opts(Some(&upper))).unwrap();
+    let create = |p: &Path, mode: u32, body: &[u8]| {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(p).unwrap();
+        std::io::Write::write_all(&mut f, body).unwrap();
+    };
+    let owner_mode = |p: &Path| {
+        let md = fs::symlink_metadata(p).unwrap();
+        (md.uid(), md.gid(), md.mode() & 0o7777)
+    };
+    // Root, a mode the umask leaves whole: made in place.
+    create(&mnt.join("plain"), 0o640, b"one");
+    // A set-group-id directory gives its group, as the kernel would.
+    fs::create_dir(mnt.join("shared")).unwrap();
+    rustix::fs::chown(mnt.join("shared"), None, Some(rustix::fs::Gid::from_raw(4242))).unwrap();
+    fs::set_permissions(mnt.join("shared"), fs::Permissions::from_mode(0o2775)).unwrap();
+    create(&mnt.join("shared/f"), 0o600, b"two");
+    // Over a whiteout (a lower file removed): staged and renamed over it.
+    fs::remove_file(mnt.join("dir/added")).unwrap();
+    create(&mnt.join("dir/added"), 0o604, b"three");
+    for (rel, want, body) in [
+        ("plain", (0, 0, 0o640), &b"one"[..]),
+        ("shared/f", (0, 4242, 0o600), b"two"),
+        ("dir/added", (0, 0, 0o604), b"three"),
+    ] {
+        assert_eq!(owner_mode(&mnt.join(rel)), want, "{rel} through the mount");
+        assert_eq!(owner_mode(&upper.join(rel)), want, "{rel} in the upper");
+        assert_eq!(fs::read(mnt.join(rel)).unwrap(), body);
+    }
+    // Nothing left in the staging area.
+    assert_eq!(fs::read_dir(upper.join(".xenod/work")).map(|d| d.count()).unwrap_or(0), 0);
+    m.unmount().unwrap();
+}
