@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
@@ -34,6 +34,16 @@ fn two_layers(store: &Store, t: &Path) -> Vec<xenod_store::LayerId> {
     fix_times(&new);
     let top = publish_overlay(store, base_id, &new);
     store.stack(&top).unwrap()
+}
+
+/// A store in `t` holding [`two_layers`], an upper directory and an empty
+/// mountpoint: (store, stack, upper, mountpoint).
+fn writable_two_layers(t: &Path) -> (Arc<Store>, Vec<xenod_store::LayerId>, PathBuf, PathBuf) {
+    let store = Arc::new(Store::open(t.join("store")).unwrap());
+    let stack = two_layers(&store, t);
+    let (upper, mnt) = (t.join("upper"), t.join("mnt"));
+    fs::create_dir(&mnt).unwrap();
+    (store, stack, upper, mnt)
 }
 
 #[test]
@@ -112,11 +122,7 @@ fn writes_copy_up_and_commit_round_trips() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(t.path().join("store")).unwrap());
-    let stack = two_layers(&store, t.path());
-    let upper = t.path().join("upper");
-    let mnt = t.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
+    let (store, stack, upper, mnt) = writable_two_layers(t.path());
     let m = mount(store.clone(), &stack, &mnt, &opts(Some(&upper))).unwrap();
     // Append to a lower file; the other names of its hardlink set follow.
     let mut f = fs::OpenOptions::new().append(true).open(mnt.join("z-data")).unwrap();
@@ -327,10 +333,7 @@ fn listings_follow_changes_made_through_the_mount() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(t.path().join("store")).unwrap());
-    let stack = two_layers(&store, t.path());
-    let (mnt, upper) = (t.path().join("mnt"), t.path().join("upper"));
-    fs::create_dir(&mnt).unwrap();
+    let (store, stack, upper, mnt) = writable_two_layers(t.path());
     let m = mount(store, &stack, &mnt, &opts(Some(&upper))).unwrap();
     let names = |d: &str| -> Vec<String> {
         let mut v: Vec<String> =
@@ -368,11 +371,7 @@ fn created_files_get_their_owner_and_mode_in_place_or_staged() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(t.path().join("store")).unwrap());
-    let stack = two_layers(&store, t.path());
-    let upper = t.path().join("upper");
-    let mnt = t.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
+    let (store, stack, upper, mnt) = writable_two_layers(t.path());
     let m = mount(store.clone(), &stack, &mnt, &opts(Some(&upper))).unwrap();
     let create = |p: &Path, mode: u32, body: &[u8]| {
         let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(p).unwrap();
