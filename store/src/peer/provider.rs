@@ -149,8 +149,7 @@ impl Provider {
                 // A stored block asked for whole and in order, compressed
                 // at least as hard as asked: sent as it is kept.
                 if let Pack::Members(level) = pack
-                    && let Ok(Some((members, mut block))) = store.whole_block(&id)
-                    && i32::from(crate::store::block_level(&block)) >= level
+                    && let Ok(Some((members, mut block))) = store.whole_block(&id, level)
                     && !members.is_empty()
                     && ids.len() - (i - 1) >= members.len()
                     && members.iter().zip(&ids[i - 1..]).all(|(m, want)| m.0 == *want)

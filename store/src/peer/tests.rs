@@ -212,9 +212,9 @@ async fn blocks_kept_as_sent(a: &Host, c: &Host, top: LayerId, ids: &[ChunkId]) 
     c.node.fetch(top, &[a.node.addr()], small_batches()).await.unwrap();
     let (mut same, mut blocks) = (0, 0);
     for id in ids {
-        if let Some((members, kept)) = a.node.store().whole_block(id).unwrap() {
+        if let Some((members, kept)) = a.node.store().whole_block(id, 0).unwrap() {
             blocks += 1;
-            if c.node.store().whole_block(id).unwrap().is_some_and(|(m, got)| m == members && got == kept) {
+            if c.node.store().whole_block(id, 0).unwrap().is_some_and(|(m, got)| m == members && got == kept) {
                 same += 1;
             }
         }
