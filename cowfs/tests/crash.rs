@@ -59,18 +59,6 @@ fn kill(mut child: Child, mnt: &Path) {
     let _ = rustix::mount::unmount(mnt, rustix::mount::UnmountFlags::DETACH);
 }
 
-fn setup(t: &Path, files: &[(&str, Vec<u8>)]) -> (PathBuf, xenod_store::LayerId) {
-    let src = t.join("src");
-    fs::create_dir_all(&src).unwrap();
-    for (n, d) in files {
-        fs::write(src.join(n), d).unwrap();
-    }
-    let store_dir = t.join("store");
-    let store = Store::open(&store_dir).unwrap();
-    let id = publish_dir(&store, &src, None);
-    (store_dir, id)
-}
-
 #[test]
 fn killed_during_copy_up_leaves_no_torn_file() {
     if !fuse_ok("killed_during_copy_up_leaves_no_torn_file") {
@@ -78,7 +66,7 @@ fn killed_during_copy_up_leaves_no_torn_file() {
     }
     let t = tempfile::tempdir().unwrap();
     let lower = noise(48 << 20, 11);
-    let (store_dir, id) = setup(t.path(), &[("big", lower.clone())]);
+    let (store_dir, id) = store_with_files(t.path(), &[("big", &lower)]);
     let upper = t.path().join("upper");
     let mnt = t.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
@@ -123,7 +111,7 @@ fn killed_during_block_writes_keeps_acknowledged_writes() {
     let t = tempfile::tempdir().unwrap();
     let lower = noise(16 << 20, 12);
     // A fixed-chunked image: copies up block by block.
-    let (store_dir, id) = setup(t.path(), &[("disk.img", lower.clone())]);
+    let (store_dir, id) = store_with_files(t.path(), &[("disk.img", &lower)]);
     let upper = t.path().join("upper");
     let mnt = t.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
@@ -223,7 +211,7 @@ fn killed_during_materialisation_leaves_no_partial_entry() {
     }
     let t = tempfile::tempdir().unwrap();
     let lower = noise(96 << 20, 13);
-    let (store_dir, id) = setup(t.path(), &[("big", lower.clone())]);
+    let (store_dir, id) = store_with_files(t.path(), &[("big", &lower)]);
     let upper = t.path().join("upper");
     let mnt = t.path().join("mnt");
     let cache = xenod_cowfs::cache_dir(&store_dir);

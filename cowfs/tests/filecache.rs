@@ -24,18 +24,6 @@ fn kernel_passthrough() -> bool {
     (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (6, 9)
 }
 
-/// Publishes `files` as one layer in a store under `t`.
-fn layer(t: &Path, files: &[(&str, &[u8])]) -> (PathBuf, LayerId) {
-    let src = t.join("src");
-    fs::create_dir_all(&src).unwrap();
-    for (n, d) in files {
-        fs::write(src.join(n), d).unwrap();
-    }
-    let dir = t.join("store");
-    let store = Store::open(&dir).unwrap();
-    (dir.clone(), publish_dir(&store, &src, None))
-}
-
 /// Where the chunks of lower file `name` live in the packs.
 fn chunk_locations(store: &Store, id: &LayerId, name: &[u8]) -> Vec<Location> {
     let mut out = vec![];
@@ -102,7 +90,7 @@ fn materialised_lower_file_reads_back_through_passthrough() {
     let small = noise(MATERIALISE_MIN as usize - 1, 2);
     // Incompressible: its chunks can be corrupted in place below.
     let plain = noise(2 << 20, 6);
-    let (store_dir, id) = layer(t.path(), &[("big", &big), ("small", &small), ("plain", &plain)]);
+    let (store_dir, id) = store_with_files(t.path(), &[("big", &big), ("small", &small), ("plain", &plain)]);
     let store = Arc::new(Store::open(&store_dir).unwrap());
     let mnt = t.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
@@ -146,7 +134,7 @@ fn corrupt_chunk_never_enters_the_cache() {
     let t = tempfile::tempdir().unwrap();
     let bad = noise(2 << 20, 3);
     let good = noise(2 << 20, 4);
-    let (store_dir, id) = layer(t.path(), &[("bad", &bad), ("good", &good)]);
+    let (store_dir, id) = store_with_files(t.path(), &[("bad", &bad), ("good", &good)]);
     let store = Store::open(&store_dir).unwrap();
     // Only a chunk near the end: the first read succeeds and asks for the
     // file to be materialised.
@@ -184,7 +172,7 @@ fn cache_respects_its_bound() {
     let files: Vec<Vec<u8>> = (0..4).map(|i| noise((5 << 20) / 4, 10 + i)).collect();
     let named: Vec<(String, &[u8])> = files.iter().enumerate().map(|(i, d)| (format!("f{i}"), d.as_slice())).collect();
     let refs: Vec<(&str, &[u8])> = named.iter().map(|(n, d)| (n.as_str(), *d)).collect();
-    let (store_dir, id) = layer(t.path(), &refs);
+    let (store_dir, id) = store_with_files(t.path(), &refs);
     let cap: u64 = 3 << 20;
     let store = Arc::new(Store::open(&store_dir).unwrap());
     let mnt = t.path().join("mnt");
@@ -220,7 +208,7 @@ fn writing_a_materialised_file_copies_up_and_keeps_the_cache() {
     }
     let t = tempfile::tempdir().unwrap();
     let big = noise(3 << 20, 5);
-    let (store_dir, id) = layer(t.path(), &[("big", &big)]);
+    let (store_dir, id) = store_with_files(t.path(), &[("big", &big)]);
     let store = Arc::new(Store::open(&store_dir).unwrap());
     let mnt = t.path().join("mnt");
     let upper = t.path().join("upper");
@@ -264,7 +252,7 @@ fn guest_mount_opens_a_cached_file_read_write_while_a_reader_holds_it() {
     }
     let t = tempfile::tempdir().unwrap();
     let big = noise(3 << 20, 6);
-    let (store_dir, id) = layer(t.path(), &[("disk.img", &big)]);
+    let (store_dir, id) = store_with_files(t.path(), &[("disk.img", &big)]);
     let store = Arc::new(Store::open(&store_dir).unwrap());
     let (mnt, upper) = (t.path().join("mnt"), t.path().join("upper"));
     fs::create_dir(&mnt).unwrap();

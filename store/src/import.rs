@@ -46,11 +46,6 @@ pub struct ImportOptions {
     /// is about to be sent chunk by chunk, where taking members out of
     /// blocks again would cost time (a migrating guest's memory).
     pub single_chunks: bool,
-    /// zstd level of the solid blocks written (0: the store's level). A
-    /// block decompresses as fast whatever its level, and a provider sends
-    /// blocks at or above the wire level as they are kept: publishing at a
-    /// high level spends CPU once for fewer bytes on every later fetch.
-    pub level: i32,
 }
 
 impl std::fmt::Debug for ImportOptions {
@@ -72,17 +67,14 @@ impl ImportOptions {
     }
 }
 
-/// Chunks cut by content go into solid blocks at a level (read in order,
-/// compressed together); fixed image blocks are stored alone (read at
-/// random).
-fn put_chunk(store: &Store, chunk: &[u8], solid: Option<i32>) -> Result<Extent> {
+/// Chunks cut by content go into solid blocks (read in order, compressed
+/// together, at the store handle's block level); fixed image blocks are
+/// stored alone (read at random).
+fn put_chunk(store: &Store, chunk: &[u8], solid: bool) -> Result<Extent> {
     if is_zero(chunk) {
         return Ok(Extent::Hole { len: chunk.len() as u64 });
     }
-    let (id, _) = match solid {
-        Some(level) => store.put_solid_at(chunk, level)?,
-        None => store.put(chunk)?,
-    };
+    let (id, _) = if solid { store.put_solid(chunk)? } else { store.put(chunk)? };
     Ok(Extent::Data { id, len: chunk.len() as u32 })
 }
 
@@ -104,7 +96,7 @@ pub fn chunk_stream(
     at: &dyn Fn() -> String,
 ) -> Result<(Vec<Extent>, u64)> {
     let mut b = Batcher::with_capacity(reader, chunking, size_hint.saturating_add(1) as usize);
-    let solid = (chunking == Chunking::Cdc && !opts.single_chunks).then_some(opts.level);
+    let solid = chunking == Chunking::Cdc && !opts.single_chunks;
     let mut out = Vec::new();
     let mut total = 0u64;
     while let Some(batch) = b.next_batch().map_err(|e| Error::io("reading", at())(e))? {

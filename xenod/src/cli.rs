@@ -620,6 +620,7 @@ fn publish(
     }
     let started = Instant::now();
     let mut store = ctx.store()?;
+    store.set_block_level(level);
     let _lock = store.write_lock()?;
     let path = Path::new(src);
     let total = if src == "-" { None } else { fs::metadata(path).ok().filter(|m| m.is_file()).map(|m| m.len()) };
@@ -627,7 +628,6 @@ fn publish(
     let opts = ImportOptions {
         all_images: image && path.is_dir(),
         progress: Some(progress::callback(&pb)),
-        level,
         ..ImportOptions::default()
     };
     let mut w = LayerWriter::new(&store);
@@ -718,11 +718,12 @@ fn overlay_create(
     }
     let started = Instant::now();
     let mut store = ctx.store()?;
+    store.set_block_level(level);
     let _lock = store.write_lock()?;
     let base = store.resolve(base_ref)?;
     let base_entries = Merged::of(&store, &base)?;
     let pb = progress::bytes("creating overlay", None, ctx.json);
-    let opts = ImportOptions { progress: Some(progress::callback(&pb)), level, ..ImportOptions::default() };
+    let opts = ImportOptions { progress: Some(progress::callback(&pb)), ..ImportOptions::default() };
     let (tx, rx) = std::sync::mpsc::sync_channel::<xenod_store::Result<Entry>>(256);
     let mut entries = 0u64;
     let id = std::thread::scope(|s| -> Result<LayerId> {

@@ -113,6 +113,20 @@ pub fn publish_dir(store: &Store, dir: &Path, base: Option<LayerId>) -> LayerId 
 }
 
 /// An overlay of `new` over `base` (both complete trees).
+/// A store in `t/store` holding one layer of `files` (name, contents),
+/// published from `t/src`.
+pub fn store_with_files(t: &Path, files: &[(&str, &[u8])]) -> (std::path::PathBuf, LayerId) {
+    let src = t.join("src");
+    fs::create_dir_all(&src).unwrap();
+    for (n, d) in files {
+        fs::write(src.join(n), d).unwrap();
+    }
+    let dir = t.join("store");
+    let store = Store::open(&dir).unwrap();
+    let id = publish_dir(&store, &src, None);
+    (dir, id)
+}
+
 pub fn publish_overlay(store: &Store, base: LayerId, new: &Path) -> LayerId {
     let mut entries = Vec::new();
     import_dir(store, new, &ImportOptions::default(), &mut |e| {

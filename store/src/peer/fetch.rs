@@ -640,7 +640,7 @@ impl Swarm {
                     pieces.push((i, l));
                     continue;
                 }
-                Ok((_, Ok(Ok(_)), _)) => "an answer of the wrong length".to_owned(),
+                Ok((i, Ok(Ok(l)), n)) => format!("{} entries for the {n} ids of piece {i}", l.len()),
                 Ok((_, Ok(Err(e)), _)) => e,
                 Ok((_, Err(_), _)) => "no answer within the read timeout".to_owned(),
                 Err(e) => e.to_string(),

@@ -144,15 +144,14 @@ impl Provider {
             };
             let mut i = 0;
             while i < ids.len() {
-                let id = ids[i];
-                i += 1;
+                let (id, rest) = (ids[i], &ids[i..]);
                 // A stored block asked for whole and in order, compressed
                 // at least as hard as asked: sent as it is kept.
                 if let Pack::Members(level) = pack
                     && let Ok(Some((members, mut block))) = store.whole_block(&id, level)
                     && !members.is_empty()
-                    && ids.len() - (i - 1) >= members.len()
-                    && members.iter().zip(&ids[i - 1..]).all(|(m, want)| m.0 == *want)
+                    && rest.len() >= members.len()
+                    && members.iter().zip(rest).all(|(m, want)| m.0 == *want)
                 {
                     if !send_run(&mut run) {
                         return;
@@ -161,9 +160,10 @@ impl Provider {
                     if tx.blocking_send(Answer::Solid { count: members.len() as u16, block }).is_err() {
                         return;
                     }
-                    i += members.len() - 1;
+                    i += members.len();
                     continue;
                 }
+                i += 1;
                 let plain = match pack {
                     Pack::Single => Ok(None),
                     Pack::Members(_) => store.member_plain(&id),
