@@ -594,11 +594,8 @@ impl Store {
         block: &BlockBuf,
         payload: &[u8],
     ) -> Result<()> {
-        if open.is_none() {
-            **open = Some(self.new_pack()?);
-        }
-        let Some(pack) = open.as_mut() else { unreachable!("just opened") };
-        let members = pack.write_block(block, payload)?;
+        let (members, full) =
+            self.write_open(open, |pack| Ok((pack.write_block(block, payload)?, pack.len >= PACK_TARGET)))?;
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut new = 0u64;
         for (id, loc) in members {
@@ -608,7 +605,6 @@ impl Store {
         }
         self.stats.new_chunks.fetch_add(new, Ordering::Relaxed);
         self.stats.stored_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
-        let full = pack.len >= PACK_TARGET;
         drop(pending);
         if full {
             self.seal(open)?;
@@ -684,23 +680,19 @@ impl Store {
     }
 
     fn append(&self, id: ChunkId, enc: Encoding, stored: &[u8], plain_len: u32) -> Result<bool> {
+        // Holding `open` serialises every change to `pending`.
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if pending.contains_key(&id) {
+        if self.pending.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&id) {
             return Ok(false);
         }
-        if open.is_none() {
-            *open = Some(self.new_pack()?);
-        }
-        let Some(pack) = open.as_mut() else { unreachable!("just opened") };
-        let offset = pack.write_record(&id, enc, plain_len, stored)?;
-        let loc =
-            Location { pack: pack.id, offset, stored_len: stored.len() as u32, plain_len, encoding: enc, inner: 0 };
-        pending.insert(id, loc);
+        let (pack, offset, full) = self.write_open(&mut open, |pack| {
+            let offset = pack.write_record(&id, enc, plain_len, stored)?;
+            Ok((pack.id, offset, pack.len >= PACK_TARGET))
+        })?;
+        let loc = Location { pack, offset, stored_len: stored.len() as u32, plain_len, encoding: enc, inner: 0 };
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, loc);
         self.stats.new_chunks.fetch_add(1, Ordering::Relaxed);
         self.stats.stored_bytes.fetch_add(stored.len() as u64, Ordering::Relaxed);
-        let full = pack.len >= PACK_TARGET;
-        drop(pending);
         if full {
             self.seal(&mut open)?;
         }
@@ -715,17 +707,55 @@ impl Store {
         let tmp = self.packs_dir().join(format!("{id:016x}.pack.tmp"));
         let f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp).ctx("creating pack", &tmp)?;
         let mut out = BufWriter::with_capacity(1 << 20, f);
-        out.write_all(PACK_MAGIC).ctx("writing pack", &tmp)?;
+        if let Err(e) = out.write_all(PACK_MAGIC).and_then(|()| out.flush()) {
+            drop(out);
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io("writing pack", &tmp)(e));
+        }
         Ok(OpenPack { id, tmp, out, len: PACK_MAGIC.len() as u64, writeback: None, written_back: 0 })
+    }
+
+    /// Runs `write` on the open pack, opening one first if none is. When it
+    /// fails, the pack is given up (see [`Store::abandon_pack`]).
+    fn write_open<T>(
+        &self,
+        open: &mut MutexGuard<'_, Option<OpenPack>>,
+        write: impl FnOnce(&mut OpenPack) -> Result<T>,
+    ) -> Result<T> {
+        if open.is_none() {
+            **open = Some(self.new_pack()?);
+        }
+        let Some(pack) = open.as_mut() else { unreachable!("just opened") };
+        write(pack).inspect_err(|e| {
+            if let Some(pack) = open.take() {
+                let (id, tmp) = (pack.id, pack.tmp.clone());
+                drop(pack);
+                self.abandon_pack(id, &tmp, e);
+            }
+        })
+    }
+
+    /// Gives up pack `id` (still at `tmp`) after a write or sync of it
+    /// failed, a full disk say: a record in it may be torn, so nothing more
+    /// goes into it. The chunks put into it since the last seal were never
+    /// durable and are forgotten, so this handle never points into a file
+    /// that is not there; what earlier seals made durable is untouched.
+    fn abandon_pack(&self, id: u64, tmp: &Path, e: &Error) {
+        tracing::warn!("giving up unsealed pack {}: {e}", tmp.display());
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, l| l.pack != id);
+        self.forget_pack_file(id);
+        let _ = fs::remove_file(tmp);
     }
 
     /// Makes the open pack durable and indexes its chunks.
     fn seal(&self, open: &mut MutexGuard<'_, Option<OpenPack>>) -> Result<()> {
         let Some(pack) = open.take() else { return Ok(()) };
         let (id, tmp) = (pack.id, pack.tmp.clone());
-        pack.sync()?;
         let path = self.pack_path(id);
-        fs::rename(&tmp, &path).ctx("sealing pack", &path)?;
+        if let Err(e) = pack.sync().and_then(|()| fs::rename(&tmp, &path).ctx("sealing pack", &path)) {
+            self.abandon_pack(id, &tmp, &e);
+            return Err(e);
+        }
         sync_dir(&self.packs_dir())?;
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let txn = self.begin_write()?;

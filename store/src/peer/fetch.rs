@@ -596,6 +596,15 @@ impl Swarm {
                 st.batch_time = (st.batch_time * 7 + t.elapsed()) / 8;
             }
             if let Err(e) = r {
+                // This node's own store failing (a full disk) is no fault of
+                // the provider, and no other provider would fare better: the
+                // fetch ends with that error and no peer is blamed.
+                if matches!(e, PeerError::Store(_)) {
+                    tracing::warn!("fetch stopped by this node's store: {e}");
+                    self.lock().failed.get_or_insert(e);
+                    self.notify.notify_waiters();
+                    return;
+                }
                 let why = e.to_string();
                 tracing::debug!("dropping provider {}: {why}", self.conns[p].node);
                 let node = &self.conns[p].node;

@@ -132,6 +132,10 @@ pub enum WireError {
     Invalid(String),
     #[error("reading from peer")]
     Io(#[source] std::io::Error),
+    /// This node failed to answer (its own store or task): no fault of the
+    /// peer, and not counted against it.
+    #[error("answering: {0}")]
+    Local(String),
 }
 
 impl WireError {

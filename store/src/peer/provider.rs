@@ -76,8 +76,8 @@ impl Provider {
                 let store = self.store.clone();
                 let layout = tokio::task::spawn_blocking(move || store.block_layout(&ids))
                     .await
-                    .map_err(|e| WireError::Invalid(format!("layout task: {e}")))?
-                    .map_err(|e| WireError::Invalid(format!("layout: {e}")))?;
+                    .map_err(|e| WireError::Local(format!("layout task: {e}")))?
+                    .map_err(|e| WireError::Local(format!("layout: {e}")))?;
                 write_layout(&mut send, &layout).await.map_err(WireError::Io)?;
             }
             Request::Names => {
@@ -273,6 +273,7 @@ impl ProtocolHandler for Provider {
                             p.last_error = Some(why);
                         });
                     }
+                    Err(WireError::Local(why)) => tracing::warn!("cannot answer {peer}: {why}"),
                     Err(e) => debug!("stream from {peer} ended: {e}"),
                 }
             });
