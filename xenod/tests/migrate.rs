@@ -3,7 +3,8 @@
 //! disk-root guest: A -> B -> A with its counter intact and the way back
 //! sending only what changed; a target killed during pre-copy and during
 //! stop-and-copy leaves the guest running on the source and nothing
-//! defined on the target; checkpoint and restore. Needs root, /dev/fuse
+//! defined on the target; an untrusted source and a second migration of a
+//! busy instance are refused; checkpoint and restore. Needs root, /dev/fuse
 //! and QEMU; skips loudly when one is truly absent.
 
 mod common;
@@ -148,6 +149,21 @@ fn target_killed_mid_migration_leaves_the_guest_on_the_source() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("failed in prepare") && err.contains("xenod allow"), "{err}");
     assert_eq!(counter(port), expect + 1);
+    // A migration under way holds the instance's marker, naming a live
+    // process (here this test's own): a second one is refused at once.
+    ok(&h.b, &["allow", &da.node]);
+    let marker = h.a.join("instances").join(&h.name).join("migrating");
+    fs::write(&marker, std::process::id().to_string()).unwrap();
+    let out = run(&h.a, &["migrate", &h.name, "--to", &db.addr]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("already migrating"), "{err}");
+    assert!(marker.exists(), "the refused migration left the other's marker alone");
+    // A marker left by a process that is gone does not hold: the move goes on.
+    fs::write(&marker, "999999999").unwrap();
+    let m = ok(&h.a, &["migrate", &h.name, "--to", &db.addr]);
+    assert_eq!(counter(m["port"].as_u64().unwrap()), expect + 2, "{m}");
+    assert!(!h.a.join("instances").join(&h.name).exists(), "the source cleaned up");
+    ok(&h.b, &["destroy", &h.name]);
 }
 
 #[test]
