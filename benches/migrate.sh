@@ -2,13 +2,16 @@
 # Migration of a disk-root guest after a known workload, against rsync of
 # the same changed upper layer.
 #
-#   sudo bash benches/migrate.sh            # WORK=/var/tmp/xenod-bench-migrate ROUNDS=1
+#   sudo bash benches/migrate.sh            # WORK=/var/tmp/xenod-bench-migrate ROUNDS=1 LEVELS=9
 #
-# Two daemons on loopback (separate processes and data dirs, one libvirt
-# shared through domain prefixes). The template: the fixture guest's busybox
+# LEVELS: the pre-copy zstd levels to compare (`migrate --level`); each
+# round runs the workload afresh and migrates once per level.
+#
+# Daemons on loopback (separate processes and data dirs, one libvirt shared
+# through domain prefixes): the source A, and for every move a fresh target
+# holding only the template. The template: the fixture guest's busybox
 # root plus /data/big (100 MiB random) and /data/f1..f150 (8 KiB random
-# each) in a 1 GiB ext4 image, 256 MiB of guest memory. B holds the template
-# before the move, as a host that ran it before would. In the guest,
+# each) in a 1 GiB ext4 image, 256 MiB of guest memory. In the guest,
 # /cgi-bin/work.cgi runs the workload and syncs:
 #
 #   a 200 MiB log written (varied lines, as a web server logs)
@@ -26,6 +29,7 @@ export LC_ALL=C
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${WORK:-/var/tmp/xenod-bench-migrate}
 ROUNDS=${ROUNDS:-1}
+LEVELS=${LEVELS:-9}
 FIX=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/guest
 log() { echo "migrate-bench: $*" >&2; }
 
@@ -37,7 +41,7 @@ bash "$ROOT/fixtures/build-guest.sh" "$FIX" >&2
 
 pids=()
 cleanup() {
-    for d in "$WORK/a" "$WORK/b"; do
+    for d in "$WORK"/a "$WORK"/b*; do
         [ -d "$d" ] && "$X" --data-dir "$d" destroy bench >/dev/null 2>&1 || true
     done
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -80,24 +84,32 @@ cat > "$WORK/spec.json" <<'EOF'
  "memory_mib":256,"ports":["0:80"]}
 EOF
 
-# --- two hosts -----------------------------------------------------------
-for h in a b; do
-    mkdir -p "$WORK/$h"
-    printf 'domain_prefix = "bench%s-"\n' "$h" > "$WORK/$h/config.toml"
-done
-ID=$("$X" --data-dir "$WORK/a" --json publish "$WORK/tree" --name template://bench/disk/1 --spec "$WORK/spec.json" | jq -r .id)
-for h in a b; do
-    "$X" --data-dir "$WORK/$h" --json serve --listen 127.0.0.1:0 > "$WORK/$h.serve" 2> "$WORK/$h.log" &
+# --- hosts: A, and a fresh target B for every move ------------------------
+host() {
+    mkdir -p "$WORK/$1"
+    printf 'domain_prefix = "bench%s-"\n' "$1" > "$WORK/$1/config.toml"
+}
+serve() {
+    "$X" --data-dir "$WORK/$1" --json serve --listen 127.0.0.1:0 > "$WORK/$1.serve" 2> "$WORK/$1.log" &
     pids+=($!)
-done
-for h in a b; do
-    for _ in $(seq 100); do [ -s "$WORK/$h.serve" ] && break; sleep 0.1; done
-done
-NA=$(jq -r .node "$WORK/a.serve"); NB=$(jq -r .node "$WORK/b.serve"); AB=$(jq -r .addr "$WORK/b.serve")
-AA=$(jq -r .addr "$WORK/a.serve")
-"$X" --data-dir "$WORK/a" allow "$NB" >/dev/null
-"$X" --data-dir "$WORK/b" allow "$NA" >/dev/null
-"$X" --data-dir "$WORK/b" fetch "$ID" --from "$AA" >/dev/null
+    for _ in $(seq 100); do [ -s "$WORK/$1.serve" ] && break; sleep 0.1; done
+}
+host a
+ID=$("$X" --data-dir "$WORK/a" --json publish "$WORK/tree" --name template://bench/disk/1 --spec "$WORK/spec.json" | jq -r .id)
+serve a
+NA=$(jq -r .node "$WORK/a.serve"); AA=$(jq -r .addr "$WORK/a.serve")
+# Starts target $1: it holds the template (as a host that ran it before
+# would) and nothing of an earlier move. Sets B and AB.
+target() {
+    B=$WORK/$1
+    host "$1"
+    serve "$1"
+    local nb
+    nb=$(jq -r .node "$B.serve"); AB=$(jq -r .addr "$B.serve")
+    "$X" --data-dir "$WORK/a" allow "$nb" >/dev/null
+    "$X" --data-dir "$B" allow "$NA" >/dev/null
+    "$X" --data-dir "$B" fetch "$ID" --from "$AA" >/dev/null
+}
 
 # --- rsync daemon on loopback --------------------------------------------
 RPORT=18730
@@ -114,8 +126,10 @@ EOF
 rsync --daemon --config="$WORK/rsyncd.conf" --no-detach &
 pids+=($!)
 
-printf '%-6s %12s %12s %12s %12s %10s %10s %12s\n' round prepare pre-copy stop+copy total downtime "total s" "rsync upper"
+printf '%-6s %5s %12s %12s %12s %12s %10s %10s %12s\n' round level prepare pre-copy stop+copy total downtime "total s" \
+    "rsync upper"
 for r in $(seq "$ROUNDS"); do
+for level in $LEVELS; do
     "$X" --data-dir "$WORK/a" --json deploy template://bench/disk/1 --name bench > "$WORK/deploy.json"
     port=$(jq -r '.instances[0].port' "$WORK/deploy.json")
     t0=$(date +%s.%N)
@@ -124,14 +138,17 @@ for r in $(seq "$ROUNDS"); do
     rm -rf "$WORK/rsync-dst"; mkdir -p "$WORK/rsync-dst"
     rs=$(rsync -aS -z --compress-choice=zstd --stats "$WORK/a/instances/bench/upper/" "rsync://127.0.0.1:$RPORT/dst/" \
         | awk '/^Total bytes sent/ { gsub(",", "", $4); print $4 }')
-    "$X" --data-dir "$WORK/a" --json migrate bench --to "$AB" > "$WORK/migrate-$r.json"
-    j=$WORK/migrate-$r.json
+    target "b$r-$level"
+    j=$WORK/migrate-$r-$level.json
+    "$X" --data-dir "$WORK/a" --json migrate bench --to "$AB" --level "$level" > "$j"
     ph() { jq -r --arg p "$1" '.phases[] | select(.phase == $p) | (.wire_bytes // .fetch.wire_bytes // 0)' "$j"; }
-    printf '%-6s %12s %12s %12s %12s %10.2f %10.2f %12s\n' "$r" "$(ph prepare)" "$(ph pre-copy)" "$(ph stop-and-copy)" \
-        "$(jq -r .wire_bytes "$j")" "$(jq -r .downtime_seconds "$j")" "$(jq -r .total_seconds "$j")" "$rs"
+    printf '%-6s %5s %12s %12s %12s %12s %10.2f %10.2f %12s\n' "$r" "$level" "$(ph prepare)" "$(ph pre-copy)" \
+        "$(ph stop-and-copy)" "$(jq -r .wire_bytes "$j")" "$(jq -r .downtime_seconds "$j")" \
+        "$(jq -r .total_seconds "$j")" "$rs"
     jq -c '.phases[] | select(.phase == "stop-and-copy") | .upper' "$j" >&2
     port=$(jq -r .port "$j")
     curl -sf --max-time 10 "http://127.0.0.1:$port/" | grep counter >&2
-    "$X" --data-dir "$WORK/b" destroy bench >/dev/null
+    "$X" --data-dir "$B" destroy bench >/dev/null
+done
 done
 log "bytes are chunk payload on the wire (compressed); the total includes the guest's saved state"

@@ -54,10 +54,10 @@ pub use merge::{Diff, Merged, Source, diff};
 pub use names::{NameRecord, SCHEME, check_name, generate_key, hex};
 pub use peer::{
     ALPN, Counters, EndpointAddr, EndpointId, FRAMES_IN_FLIGHT, FetchOptions, FetchProgress, FetchReport,
-    MAX_ANNOUNCED_LAYERS, MAX_BATCH, MAX_MEMBERS, MAX_MESSAGE, MAX_NAMES, MAX_PLAIN, Misbehave, NOT_YET_RETRY,
-    NamesReport, Node, NodeOptions, PULL_ALPN, PeerCounters, PeerError, Phase, Presence, PresenceFn, ProgressFn,
-    ProviderReport, PullOutcome, PullPolicy, Relay, STREAMS_PER_CONN, Snapshot, Stats, SwarmPlan, Ticket, TicketError,
-    fetch_one, format_peer, parse_peer, stack_complete,
+    MAX_ANNOUNCED_LAYERS, MAX_BATCH, MAX_DENSE_LEVEL, MAX_MEMBERS, MAX_MESSAGE, MAX_NAMES, MAX_PLAIN, Misbehave,
+    NOT_YET_RETRY, NamesReport, Node, NodeOptions, PULL_ALPN, PeerCounters, PeerError, Phase, Presence, PresenceFn,
+    ProgressFn, ProviderReport, PullOutcome, PullPolicy, Relay, STREAMS_PER_CONN, Snapshot, Stats, SwarmPlan, Ticket,
+    TicketError, fetch_one, format_peer, parse_peer, stack_complete,
 };
 pub use store::{Location, Store, WriteLock, WriteStats};
 pub use verify::{Damage, VerifyReport};

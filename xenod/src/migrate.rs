@@ -74,10 +74,11 @@ const SILENT_LIMIT: Duration = Duration::from_secs(20);
 /// ([`crate::statepages`]).
 const STATE_FILE: &[u8] = b"state.save";
 const STATE_PAGES: &[u8] = b"state.pages";
-/// zstd level of what pre-copy sends (dense frames: every chunk compressed
-/// in 1 MiB runs). The guest runs meanwhile, so bytes count more than the
-/// source's CPU: on the benchmark's 200 MiB log, 64 KiB chunks at rest
-/// (level 2) made 48.8 MB, level 9 about 43.
+/// zstd level of what pre-copy sends by default (dense frames: every chunk
+/// compressed in 1 MiB runs); `migrate --level` sets another. The guest
+/// runs meanwhile, so bytes count more than the source's CPU, up to a
+/// point: on the benchmark's 200 MiB log, 64 KiB chunks at rest (level 2)
+/// made 48.8 MB, level 9 about 43 (40 MB/s a core), 16 about 38 (4 MB/s).
 const PRECOPY_LEVEL: u8 = 9;
 /// zstd level in stop-and-copy, where the guest is down: compression must
 /// not take longer than the bytes it saves would.
@@ -141,11 +142,14 @@ enum Wire {
         source: String,
         need_bytes: u64,
     },
-    /// `last`: sent in stop-and-copy, with the guest stopped.
+    /// `last`: sent in stop-and-copy, with the guest stopped. `level`: of
+    /// pre-copy, [`PRECOPY_LEVEL`] when absent.
     Sync {
         layer: LayerId,
         source: String,
         last: bool,
+        #[serde(default)]
+        level: Option<u8>,
     },
     Resume {
         layer: LayerId,
@@ -251,9 +255,13 @@ async fn target_op(d: &Arc<Daemon>, req: Wire, tx: tokio::sync::mpsc::UnboundedS
             }
             fetch(d, mounted, &source, None).await
         }
-        Wire::Sync { layer, source, last } => {
+        Wire::Sync { layer, source, last, level } => {
             test_hook(if last { "stop-and-copy" } else { "pre-copy" });
-            fetch(d, layer, &source, Some(if last { FINAL_LEVEL } else { PRECOPY_LEVEL })).await
+            let level = if last { FINAL_LEVEL } else { level.unwrap_or(PRECOPY_LEVEL) };
+            if !(1..=xenod_store::MAX_DENSE_LEVEL).contains(&level) {
+                bail!("pre-copy level {level} is outside 1..={}", xenod_store::MAX_DENSE_LEVEL);
+            }
+            fetch(d, layer, &source, Some(level)).await
         }
         Wire::Resume { layer, state, record, source } => {
             let mut rep = fetch(d, layer, &source, Some(FINAL_LEVEL)).await?;
@@ -681,7 +689,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 /// `xenod migrate NAME --to PEER [--cold]`.
-pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Result<Value> {
+pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool, level: Option<u8>) -> Result<Value> {
     let t0 = Instant::now();
     let data = d.data_dir().to_path_buf();
     let store = d.store_arc();
@@ -697,6 +705,10 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
         .into());
     }
     let target = parse_peer(to).map_err(|e| Coded { code: Exit::BadInput, msg: format!("--to: {e}") })?;
+    let max = xenod_store::MAX_DENSE_LEVEL;
+    if let Some(l) = level.filter(|l| !(1..=max).contains(l)) {
+        return Err(Coded { code: Exit::BadInput, msg: format!("--level {l} is outside 1..={max}") }.into());
+    }
     let _busy = Busy::take(&inst.dir(&data))?;
     let hv = Arc::new(deploy::hypervisor(&inst.uri)?);
     if !hv.state(inst.domain())?.is_active() {
@@ -744,7 +756,7 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
             let rep = if last.is_some_and(|(l, _)| l == id) {
                 json!({ "wire_bytes": 0, "chunks_fetched": 0 })
             } else {
-                let req = Wire::Sync { layer: id, source: source.clone(), last: false };
+                let req = Wire::Sync { layer: id, source: source.clone(), last: false, level };
                 let (rep, indexed) = tokio::join!(call(&conn, &req, |_| {}), index_pages(id));
                 indexed.context("hashing the pages of the instance's files")?;
                 rep?
@@ -833,7 +845,8 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
         let t_send = Instant::now();
         let mut wire = 0;
         for l in std::iter::once(id).chain(state) {
-            let rep = call(&conn, &Wire::Sync { layer: l, source: source.clone(), last: true }, |_| {}).await?;
+            let rep =
+                call(&conn, &Wire::Sync { layer: l, source: source.clone(), last: true, level: None }, |_| {}).await?;
             wire += rep["wire_bytes"].as_u64().unwrap_or(0);
         }
         Ok((
@@ -929,6 +942,7 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool) -> Resul
         .map(|p| p["wire_bytes"].as_u64().or_else(|| p["fetch"]["wire_bytes"].as_u64()).unwrap_or(0))
         .sum();
     Ok(json!({ "instance": name, "to": to, "cold": cold, "layer": layer.to_string(),
+               "precopy_level": (!cold).then(|| level.unwrap_or(PRECOPY_LEVEL)),
                "port": rep["instance"]["port"], "wire_bytes": total_wire, "downtime_seconds": downtime,
                "total_seconds": t0.elapsed().as_secs_f64(), "phases": phases }))
 }

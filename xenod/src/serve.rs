@@ -142,6 +142,9 @@ pub enum Request {
         to: String,
         #[serde(default)]
         cold: bool,
+        /// zstd level of pre-copy; the default when absent.
+        #[serde(default)]
+        level: Option<u8>,
     },
     /// Save an instance's upper layer and machine state as a layer.
     Checkpoint {
@@ -314,7 +317,9 @@ impl Daemon {
     /// Answers one API request; `progress` receives fetch progress.
     pub async fn handle(self: &Arc<Self>, req: Request, progress: Option<xenod_store::ProgressFn>) -> Result<Value> {
         match req {
-            Request::Migrate { instance, to, cold } => crate::migrate::migrate(self, &instance, &to, cold).await,
+            Request::Migrate { instance, to, cold, level } => {
+                crate::migrate::migrate(self, &instance, &to, cold, level).await
+            }
             Request::Checkpoint { instance, name } => crate::migrate::checkpoint(self, &instance, name).await,
             Request::Restore { checkpoint, on, name } => {
                 crate::migrate::restore(self, &checkpoint, on.as_deref(), name).await

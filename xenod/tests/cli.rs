@@ -347,4 +347,7 @@ fn level_writes_denser_blocks_for_publish_overlay_and_commit() {
     // Out of range is refused by the parser, naming the option.
     let out = run(xenod(&t.path().join("x")).arg("publish").arg(&base).args(["--level", "20"]));
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--level"));
+    // So is migrate's pre-copy level (its own range, checked again by the target).
+    let out = run(xenod(&t.path().join("x")).args(["migrate", "web", "--to", "n@127.0.0.1:1", "--level", "0"]));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--level"));
 }

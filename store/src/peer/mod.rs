@@ -75,7 +75,7 @@ pub use fetch::{
 };
 pub use gossip::{MAX_ANNOUNCED_LAYERS, MAX_MESSAGE, Presence, PresenceFn};
 pub use one::fetch_one;
-pub use protocol::{ALPN, MAX_BATCH, MAX_NAMES, MAX_PLAIN};
+pub use protocol::{ALPN, MAX_BATCH, MAX_DENSE_LEVEL, MAX_NAMES, MAX_PLAIN};
 pub use provider::{FRAMES_IN_FLIGHT, Misbehave, STREAMS_PER_CONN};
 pub use pull::{MAX_MEMBERS, PULL_ALPN, PullOutcome, PullPolicy};
 pub use stats::{Counters, PeerCounters, Snapshot, Stats};

@@ -73,10 +73,12 @@ const OP_NAMES: u8 = 2;
 const OP_SOLID: u8 = 3;
 const OP_DENSE: u8 = 4;
 const OP_LAYOUT: u8 = 5;
-/// Highest zstd level a dense request may ask for: above it compression
-/// slows by an order of magnitude for a few percent, and a peer should not
-/// be able to make a provider burn that much CPU.
-pub const MAX_DENSE_LEVEL: u8 = 15;
+/// Highest zstd level a dense request may ask for. 16 is the first level
+/// with zstd's optimal parser for 1 MiB frames: on text (a 200 MiB web log)
+/// 9% fewer bytes than 15 at half its speed, about 4 MB/s a core. Above it
+/// speed falls further for little, and a peer should not be able to make a
+/// provider burn that much CPU.
+pub const MAX_DENSE_LEVEL: u8 = 16;
 const PRESENT: u8 = 0;
 const ABSENT: u8 = 1;
 const SOLID: u8 = 2;
