@@ -432,7 +432,7 @@ fn state_layer(
 ) -> Result<(LayerId, Option<EncodeStats>)> {
     let delta = file.with_extension("pages");
     let (path, stats) = match index {
-        Some(ix) => (STATE_PAGES, Some(statepages::encode(file, ix, &delta)?)),
+        Some(ix) => (STATE_PAGES, Some(statepages::encode(store, file, ix, &delta)?)),
         None => (STATE_FILE, None),
     };
     let from = if index.is_some() { &delta } else { file };

@@ -12,11 +12,23 @@
 //! wrote a 200 MiB log): 47,929 of 58,891 non-zero pages matched, and the
 //! state on the wire went from 58 MB to about 10.
 //!
+//! A page close to a source page without equalling it (the kernel's text,
+//! which the kernel patches as it boots) goes as a *patch*: its XOR with
+//! that page, mostly zeros, which the chunk compression then all but
+//! removes. The source page is guessed, not searched for: the one at the
+//! same distance in the guest's memory from the last referenced page, in
+//! the same file (the kernel lies in memory as in its file); the patch is
+//! used when the XOR has at least [`PATCH_GAIN`] more zero bytes than the
+//! page. On the benchmark 2,877 of the 10,816 pages left were kernel pages
+//! so patched, and the rest of the state compressed to 5.2 MB, not 10.8.
+//!
 //! ```text
 //! delta := "XNPAGES1" nsrc:u16 (len:u16 path[len] digest[32])*nsrc size:u64 op*
 //! op    := 0x01 len:u32 bytes[len]        literal
 //!        | 0x02 src:u16 page:u32           GUEST_PAGE bytes at page * GUEST_PAGE
 //!                                          of source file src
+//!        | 0x03 src:u16 page:u32 xor[GUEST_PAGE]
+//!                                          that page XOR xor
 //! ```
 //!
 //! Source files are paths in the union of the layer the state is restored
@@ -46,6 +58,13 @@ use xenod_store::{ChunkId, Extent, FileReader, Kind, LayerId, Merged, Store};
 const MAGIC: &[u8; 8] = b"XNPAGES1";
 const OP_LITERAL: u8 = 1;
 const OP_PAGE: u8 = 2;
+const OP_PATCH: u8 = 3;
+/// A page goes as a patch when its XOR with the guessed source page has at
+/// least this many more zero bytes than the page itself.
+const PATCH_GAIN: usize = 1024;
+/// How far (guest pages) from the last referenced page a patch's source
+/// page is guessed; the benchmark's kernel pages were at most 814 away.
+const PATCH_REACH: u64 = 1024;
 /// Bytes of the save image scanned per read.
 const WINDOW: usize = 4 << 20;
 /// Most source files a delta may name.
@@ -75,7 +94,68 @@ pub struct PageHashes {
 pub struct PageIndex {
     /// (path, digest of its extent list).
     pub files: Vec<(Vec<u8>, Hash)>,
+    /// Each file's extents, in the order of `files`.
+    extents: Vec<Vec<Extent>>,
     map: HashMap<Hash, (u16, u32)>,
+}
+
+/// Reads whole pages of one source file through its chunks (which
+/// verify), keeping the last chunk decoded: pages are mostly asked for in
+/// order.
+struct SourcePages<'a> {
+    store: &'a Store,
+    extents: &'a [Extent],
+    /// Where each extent starts in the file.
+    starts: Vec<u64>,
+    len: u64,
+    cur: Option<(usize, Vec<u8>)>,
+}
+
+impl<'a> SourcePages<'a> {
+    fn new(store: &'a Store, extents: &'a [Extent]) -> Self {
+        let mut len = 0;
+        let starts = extents
+            .iter()
+            .map(|x| {
+                let s = len;
+                len += x.len();
+                s
+            })
+            .collect();
+        Self { store, extents, starts, len, cur: None }
+    }
+
+    /// Whole pages in the file.
+    fn pages(&self) -> u64 {
+        self.len / GUEST_PAGE as u64
+    }
+
+    /// Reads page `n` (which must be whole in the file) into `page`.
+    fn read(&mut self, n: u32, page: &mut [u8]) -> Result<()> {
+        let (mut pos, end) = (n as u64 * GUEST_PAGE as u64, (n as u64 + 1) * GUEST_PAGE as u64);
+        let mut x = self.starts.partition_point(|&s| s <= pos).saturating_sub(1);
+        while pos < end {
+            while self.starts[x] + self.extents[x].len() <= pos {
+                x += 1;
+            }
+            let (start, len) = (self.starts[x], self.extents[x].len());
+            let (from, to) = ((pos - start) as usize, ((end.min(start + len)) - start) as usize);
+            let dst = &mut page[(pos - n as u64 * GUEST_PAGE as u64) as usize..][..to - from];
+            match self.extents[x] {
+                Extent::Hole { .. } => dst.fill(0),
+                Extent::Data { id, .. } => {
+                    if self.cur.as_ref().is_none_or(|(i, _)| *i != x) {
+                        let plain = self.store.get(&id).with_context(|| format!("reading chunk {id} of a page"))?;
+                        self.cur = Some((x, plain));
+                    }
+                    let Some((_, plain)) = &self.cur else { unreachable!("just read") };
+                    dst.copy_from_slice(&plain[from..to]);
+                }
+            }
+            pos = start + to as u64;
+        }
+        Ok(())
+    }
 }
 
 /// The files of `top`'s union named in `paths` (those that exist and are
@@ -104,9 +184,10 @@ impl PageHashes {
     /// Indexes every page of the files `paths` in `top`'s union.
     pub fn index(&mut self, store: &Store, top: &LayerId, paths: &[Vec<u8>]) -> Result<PageIndex> {
         let files = source_files(store, top, &paths[..paths.len().min(MAX_SOURCES)])?;
-        let mut index = PageIndex { files: Vec::new(), map: HashMap::new() };
+        let mut index = PageIndex { files: Vec::new(), extents: Vec::new(), map: HashMap::new() };
         for (src, (path, extents)) in files.into_iter().enumerate() {
             index.files.push((path, extents_digest(&extents)));
+            index.extents.push(extents.clone());
             let src = src as u16;
             let aligned = extents.iter().all(|x| x.len() % GUEST_PAGE as u64 == 0);
             let add = |map: &mut HashMap<Hash, (u16, u32)>, page: u64, h: Hash| {
@@ -200,12 +281,38 @@ pub struct EncodeStats {
     pub pages_indexed: u64,
     pub pages: u64,
     pub pages_referenced: u64,
+    /// Pages sent as patches of a source page.
+    pub pages_patched: u64,
     pub delta_bytes: u64,
 }
 
-/// Writes the page delta of the save image `state` against `index` to
-/// `out`.
-pub fn encode(state: &Path, index: &PageIndex, out: &Path) -> Result<EncodeStats> {
+/// The patch of `page` (guest page `g`) against the source page guessed
+/// from the last reference `last` (source, file page minus guest page,
+/// guest page), left in `xor`; `None` when no page is guessed or the patch
+/// would not pay.
+fn patch(
+    page: &[u8],
+    g: u64,
+    last: Option<(usize, i64, u64)>,
+    sources: &mut [SourcePages<'_>],
+    xor: &mut [u8],
+) -> Result<Option<(u16, u32)>> {
+    let Some((src, delta, g0)) = last else { return Ok(None) };
+    let Some(n) = (g as i64).checked_add(delta).filter(|&n| n >= 0 && g.abs_diff(g0) <= PATCH_REACH) else {
+        return Ok(None);
+    };
+    let Some(file) = sources.get_mut(src).filter(|f| (n as u64) < f.pages()) else { return Ok(None) };
+    file.read(n as u32, xor)?;
+    for (x, b) in xor.iter_mut().zip(page) {
+        *x ^= b;
+    }
+    let zeros = |b: &[u8]| b.iter().filter(|&&x| x == 0).count();
+    Ok((zeros(xor) >= zeros(page) + PATCH_GAIN).then_some((src as u16, n as u32)))
+}
+
+/// Writes the page delta of the save image `state` against `index` (whose
+/// files `store` holds) to `out`.
+pub fn encode(store: &Store, state: &Path, index: &PageIndex, out: &Path) -> Result<EncodeStats> {
     let mut f = File::open(state).with_context(|| format!("opening {}", state.display()))?;
     let size = f.metadata()?.len();
     let mut w =
@@ -231,6 +338,9 @@ pub fn encode(state: &Path, index: &PageIndex, out: &Path) -> Result<EncodeStats
         }
         Ok(())
     }
+    let mut sources: Vec<SourcePages<'_>> = index.extents.iter().map(|x| SourcePages::new(store, x)).collect();
+    let mut last = None;
+    let mut xor = vec![0u8; GUEST_PAGE];
     let mut buf: Vec<u8> = Vec::with_capacity(WINDOW + MAX_RAM_RECORD);
     let (mut p, mut lit, mut eof) = (0usize, 0usize, false);
     loop {
@@ -248,13 +358,15 @@ pub fn encode(state: &Path, index: &PageIndex, out: &Path) -> Result<EncodeStats
         if p >= buf.len() {
             break;
         }
-        // Where the window's page records are (a sequential walk), then
-        // their hashes (in parallel), then the delta.
+        // Where the window's page records are (a sequential walk), with
+        // each page's number in its RAM block, then their hashes (in
+        // parallel), then the delta.
         let mut records = Vec::new();
         while p < buf.len() && (eof || buf.len() - p >= MAX_RAM_RECORD) {
             match ram_record(&buf[p..]) {
                 Some(RamRecord::Page { data }) => {
-                    records.push(p + data);
+                    let g = u64::from_be_bytes(buf[p..p + 8].try_into().unwrap_or_default()) >> 12;
+                    records.push((p + data, g));
                     p += data + GUEST_PAGE;
                 }
                 Some(RamRecord::Zero { len }) => p += len,
@@ -262,18 +374,34 @@ pub fn encode(state: &Path, index: &PageIndex, out: &Path) -> Result<EncodeStats
             }
         }
         let found: Vec<Option<(u16, u32)>> =
-            records.par_iter().map(|&at| index.map.get(&page_hash(&buf[at..at + GUEST_PAGE])).copied()).collect();
+            records.par_iter().map(|&(at, _)| index.map.get(&page_hash(&buf[at..at + GUEST_PAGE])).copied()).collect();
         st.pages += records.len() as u64;
-        for (at, hit) in records.into_iter().zip(found) {
-            if let Some((src, n)) = hit {
-                literal(&mut w, &buf[lit..at], &mut st)?;
-                w.write_all(&[OP_PAGE])?;
-                w.write_all(&src.to_le_bytes())?;
-                w.write_all(&n.to_le_bytes())?;
-                st.delta_bytes += 7;
-                st.pages_referenced += 1;
-                lit = at + GUEST_PAGE;
+        for ((at, g), hit) in records.into_iter().zip(found) {
+            let page = &buf[at..at + GUEST_PAGE];
+            let (op, src, n) = match hit {
+                Some((src, n)) => {
+                    last = Some((src as usize, n as i64 - g as i64, g));
+                    st.pages_referenced += 1;
+                    (OP_PAGE, src, n)
+                }
+                None => match patch(page, g, last, &mut sources, &mut xor)? {
+                    Some((src, n)) => {
+                        st.pages_patched += 1;
+                        (OP_PATCH, src, n)
+                    }
+                    None => continue,
+                },
+            };
+            literal(&mut w, &buf[lit..at], &mut st)?;
+            w.write_all(&[op])?;
+            w.write_all(&src.to_le_bytes())?;
+            w.write_all(&n.to_le_bytes())?;
+            st.delta_bytes += 7;
+            if op == OP_PATCH {
+                w.write_all(&xor)?;
+                st.delta_bytes += GUEST_PAGE as u64;
             }
+            lit = at + GUEST_PAGE;
         }
     }
     literal(&mut w, &buf[lit..], &mut st)?;
@@ -321,10 +449,18 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
     }
     let lens: Vec<u64> = sources.iter().map(|x| x.iter().map(Extent::len).sum()).collect();
 
-    let f = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    // Read back too: a patch XORs what was written for it.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(out)
+        .with_context(|| format!("creating {}", out.display()))?;
     let mut w = BufWriter::with_capacity(1 << 20, &f);
     let mut at = 0u64;
-    let mut refs: Vec<(u16, u32, u64)> = Vec::new();
+    // (source, page, image offset, a patch: XOR what is written there).
+    let mut refs: Vec<(u16, u32, u64, bool)> = Vec::new();
     let mut copy = vec![0u8; 1 << 20];
     loop {
         let mut op = [0u8; 1];
@@ -346,7 +482,7 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
                 }
                 at += len;
             }
-            OP_PAGE => {
+            op @ (OP_PAGE | OP_PATCH) => {
                 let src = read_u16(&mut r).map_err(|_| bad("truncated page reference".into()))?;
                 let page = read_u32(&mut r).map_err(|_| bad("truncated page reference".into()))?;
                 let Some(&flen) = lens.get(src as usize) else {
@@ -361,9 +497,14 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
                 if at + GUEST_PAGE as u64 > size {
                     return Err(bad(format!("page at {at} runs past the image's {size} bytes")));
                 }
-                // A placeholder, filled below.
-                w.write_all(&[0u8; GUEST_PAGE])?;
-                refs.push((src, page, at));
+                // A placeholder (a patch's XOR), filled in below.
+                if op == OP_PATCH {
+                    r.read_exact(&mut copy[..GUEST_PAGE]).map_err(|_| bad(format!("patch at {at} cut short")))?;
+                    w.write_all(&copy[..GUEST_PAGE])?;
+                } else {
+                    w.write_all(&[0u8; GUEST_PAGE])?;
+                }
+                refs.push((src, page, at, op == OP_PATCH));
                 at += GUEST_PAGE as u64;
             }
             op => return Err(bad(format!("unknown op {op} at image offset {at}"))),
@@ -380,50 +521,27 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
         let src = refs[i].0;
         let end = refs[i..].iter().position(|r| r.0 != src).map_or(refs.len(), |n| i + n);
         let extents = &sources[src as usize];
-        let starts: Vec<u64> = extents
-            .iter()
-            .scan(0u64, |at, x| {
-                let s = *at;
-                *at += x.len();
-                Some(s)
-            })
-            .collect();
         // In parallel, by runs of pages: a chunk is decoded at most once
         // per run it appears in.
-        refs[i..end].par_chunks(1024).try_for_each(|part| fill(store, extents, &starts, part, &f))?;
+        refs[i..end].par_chunks(1024).try_for_each(|part| fill(store, extents, part, &f))?;
         i = end;
     }
     Ok(size)
 }
 
-/// Copies the pages `refs` (sorted by page) of the file `extents` (which
-/// start at the offsets `starts`) into `out` at their offsets, decoding
-/// each chunk once.
-fn fill(store: &Store, extents: &[Extent], starts: &[u64], refs: &[(u16, u32, u64)], out: &File) -> Result<()> {
-    let Some(&(_, first, _)) = refs.first() else { return Ok(()) };
-    let mut x = starts.partition_point(|&s| s <= first as u64 * GUEST_PAGE as u64).saturating_sub(1);
-    let mut cur: Option<(usize, Vec<u8>)> = None;
-    let mut page = vec![0u8; GUEST_PAGE];
-    for &(_, n, to) in refs {
-        let (mut pos, end) = (n as u64 * GUEST_PAGE as u64, (n as u64 + 1) * GUEST_PAGE as u64);
-        while pos < end {
-            while starts[x] + extents[x].len() <= pos {
-                x += 1;
+/// Copies the pages `refs` (sorted by page) of the file `extents` into
+/// `out` at their offsets (a patch XORs what is there), decoding each
+/// chunk once.
+fn fill(store: &Store, extents: &[Extent], refs: &[(u16, u32, u64, bool)], out: &File) -> Result<()> {
+    let mut file = SourcePages::new(store, extents);
+    let (mut page, mut xor) = (vec![0u8; GUEST_PAGE], vec![0u8; GUEST_PAGE]);
+    for &(_, n, to, patch) in refs {
+        file.read(n, &mut page)?;
+        if patch {
+            out.read_exact_at(&mut xor, to)?;
+            for (p, x) in page.iter_mut().zip(&xor) {
+                *p ^= x;
             }
-            let (start, len) = (starts[x], extents[x].len());
-            let (from, to_in) = ((pos - start) as usize, ((end.min(start + len)) - start) as usize);
-            let dst = &mut page[(pos - n as u64 * GUEST_PAGE as u64) as usize..][..to_in - from];
-            match extents[x] {
-                Extent::Hole { .. } => dst.fill(0),
-                Extent::Data { id, .. } => {
-                    if cur.as_ref().is_none_or(|(i, _)| *i != x) {
-                        cur = Some((x, store.get(&id).with_context(|| format!("reading chunk {id} of a page"))?));
-                    }
-                    let Some((_, plain)) = &cur else { unreachable!("just read") };
-                    dst.copy_from_slice(&plain[from..to_in]);
-                }
-            }
-            pos = start + to_in as u64;
         }
         out.write_all_at(&page, to)?;
     }
@@ -499,7 +617,8 @@ mod tests {
 
     /// A save image shaped like QEMU's: a header, page records (with and
     /// without a block name), zero-page records, bytes that are no record,
-    /// and a tail shorter than a record.
+    /// a kernel page patched in a few bytes, and a tail shorter than a
+    /// record. Returns it with the pages that equal a source page.
     fn save_image(image: &[u8], kernel: &[u8]) -> (Vec<u8>, u64) {
         let mut s = b"LibvirtQemudSave".to_vec();
         s.extend_from_slice(&noise(1000, 7));
@@ -519,6 +638,12 @@ mod tests {
         s.extend_from_slice(&((3u64 << 12) | 0x22).to_be_bytes());
         s.push(0);
         rec(&mut s, 4, false, &pg(kernel, 5)); // straddles the kernel's chunks
+        // Guest page 9 holds kernel page 10 (as page 4 holds 5), changed a
+        // little: a patch. Page 10 is noise: nothing close, a literal.
+        let mut patched = pg(kernel, 10);
+        patched[100..108].copy_from_slice(b"patched!");
+        rec(&mut s, 9, false, &patched);
+        rec(&mut s, 10, false, &noise(4096, 12));
         s.extend_from_slice(&noise(333, 11));
         rec(&mut s, 5, false, &pg(image, 95)); // last page of the image
         rec(&mut s, 6, false, &pg(image, 17)); // the same page again
@@ -540,9 +665,9 @@ mod tests {
         let (state, refs) = save_image(&image, &kernel);
         let (sp, dp, out) = (t.path().join("s.save"), t.path().join("s.pages"), t.path().join("back.save"));
         std::fs::write(&sp, &state).unwrap();
-        let st = encode(&sp, &index, &dp).unwrap();
+        let st = encode(&store, &sp, &index, &dp).unwrap();
         assert_eq!(st.pages_referenced, refs, "{st:?}");
-        assert_eq!(st.pages, 7, "{st:?}");
+        assert_eq!((st.pages, st.pages_patched), (9, 1), "{st:?}");
         assert!(st.delta_bytes < state.len() as u64 - refs * 4000, "{st:?}");
         assert_eq!(decode(&store, &top, File::open(&dp).unwrap(), &out).unwrap(), state.len() as u64);
         assert_eq!(std::fs::read(&out).unwrap(), state);
@@ -562,16 +687,17 @@ mod tests {
         let (state, _) = save_image(&image, &kernel);
         let (sp, dp, out) = (t.path().join("s.save"), t.path().join("s.pages"), t.path().join("back.save"));
         std::fs::write(&sp, &state).unwrap();
-        encode(&sp, &index, &dp).unwrap();
+        encode(&store, &sp, &index, &dp).unwrap();
         let delta = std::fs::read(&dp).unwrap();
         let head = 8 + 2 + 2 + 13 + 32 + 8;
-        let page_ref = |src: u16, page: u32| {
+        let op_ref = |op: u8, src: u16, page: u32| {
             let mut d = delta[..head].to_vec();
-            d.push(OP_PAGE);
+            d.push(op);
             d.extend_from_slice(&src.to_le_bytes());
             d.extend_from_slice(&page.to_le_bytes());
             d
         };
+        let page_ref = |src, page| op_ref(OP_PAGE, src, page);
         for (bad, why) in [
             (b"XNPAGES0".to_vec(), "bad magic"),
             (delta[..20].to_vec(), "truncated header"),
@@ -579,6 +705,8 @@ mod tests {
             (delta[..head].to_vec(), "describes 0 bytes"),
             (page_ref(1, 0), "source 1 of 1"),
             (page_ref(0, 96), "beyond the end of disk/root.img"),
+            ([op_ref(OP_PATCH, 0, 95), vec![0u8; 100]].concat(), "patch at 0 cut short"),
+            ([op_ref(OP_PATCH, 0, 96), vec![0u8; 4096]].concat(), "beyond the end of disk/root.img"),
             ([&delta[..head], &[9u8][..]].concat(), "unknown op 9"),
         ] {
             let e = decode(&store, &top, bad.as_slice(), &out).unwrap_err().to_string();
