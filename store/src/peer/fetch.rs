@@ -683,6 +683,8 @@ impl Swarm {
             let answer = match tokio::time::timeout(self.opts.read_timeout, read_answer(&mut recv)).await {
                 Err(_) => return Err(conn_err(&"no answer within the read timeout")),
                 Ok(Err(WireError::Io(e))) => return Err(conn_err(&e)),
+                // Not the provider's fault: it said what it would not do.
+                Ok(Err(e @ WireError::Refused(_))) => return Err(conn_err(&e)),
                 Ok(Err(e)) => return Err(PeerError::Protocol { peer: node.clone(), why: e.to_string() }),
                 Ok(Ok(a)) => a,
             };

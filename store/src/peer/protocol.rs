@@ -17,6 +17,8 @@
 //!   frame   := 0x00 enc:u8 plain_len:u32le stored_len:u32le stored[stored_len]
 //!            | 0x01                            (this provider lacks the chunk)
 //!            | 0x02 count:u16le stored_len:u32le block[stored_len]
+//!            | 0x03 len:u16le why[len]         (the request is refused, and
+//!                                              the stream ends; len <= MAX_REFUSAL)
 //! answer to names:
 //!   names   := len:u32le json(Vec<NameRecord>)[len]
 //! answer to layout: ( block:u64le start:u32le ){count}, in request order
@@ -82,6 +84,9 @@ pub const MAX_DENSE_LEVEL: u8 = 16;
 const PRESENT: u8 = 0;
 const ABSENT: u8 = 1;
 const SOLID: u8 = 2;
+const REFUSED: u8 = 3;
+/// Longest reason for a refused request, in bytes.
+pub const MAX_REFUSAL: usize = 1024;
 /// Largest solid frame accepted: a full block of incompressible members
 /// with its table and zstd's framing.
 pub const MAX_SOLID: u32 = (crate::store::BLOCK_MAX_PLAIN + (MAX_BATCH * 36) + (1 << 20)) as u32;
@@ -138,6 +143,9 @@ pub enum WireError {
     /// peer, and not counted against it.
     #[error("answering: {0}")]
     Local(String),
+    /// The provider refused the request, saying why.
+    #[error("the provider refused the request: {0}")]
+    Refused(String),
 }
 
 impl WireError {
@@ -243,6 +251,19 @@ pub async fn write_answer(w: &mut (impl AsyncWrite + Unpin), answer: &Answer) ->
     }
 }
 
+/// Tells the fetcher why its request is refused (cut to [`MAX_REFUSAL`]
+/// bytes); the stream should end after it.
+pub async fn write_refusal(w: &mut (impl AsyncWrite + Unpin), why: &str) -> std::io::Result<()> {
+    let mut end = why.len().min(MAX_REFUSAL);
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut b = vec![REFUSED];
+    b.extend_from_slice(&(end as u16).to_le_bytes());
+    b.extend_from_slice(&why.as_bytes()[..end]);
+    w.write_all(&b).await
+}
+
 /// Reads one answer. The length fields are checked before any buffer is
 /// sized from them; what a solid frame holds is checked by the store.
 pub async fn read_answer(r: &mut (impl AsyncRead + Unpin)) -> Result<Answer, WireError> {
@@ -286,6 +307,17 @@ pub async fn read_answer(r: &mut (impl AsyncRead + Unpin)) -> Result<Answer, Wir
             let mut block = vec![0u8; len as usize];
             r.read_exact(&mut block).await.map_err(WireError::from_read("solid frame"))?;
             Ok(Answer::Solid { count, block })
+        }
+        REFUSED => {
+            let mut h = [0u8; 2];
+            r.read_exact(&mut h).await.map_err(WireError::from_read("refusal"))?;
+            let len = u16::from_le_bytes(h) as usize;
+            if len > MAX_REFUSAL {
+                return Err(WireError::Invalid(format!("refusal of {len} bytes exceeds {MAX_REFUSAL}")));
+            }
+            let mut why = vec![0u8; len];
+            r.read_exact(&mut why).await.map_err(WireError::from_read("refusal"))?;
+            Err(WireError::Refused(String::from_utf8_lossy(&why).into_owned()))
         }
         s => Err(WireError::Invalid(format!("unknown frame status {s}"))),
     }
@@ -427,6 +459,19 @@ mod tests {
 
             let huge = (MAX_NAMES + 1).to_le_bytes();
             assert!(read_names(&mut huge.as_slice()).await.unwrap_err().to_string().contains("exceeds"));
+
+            // A refusal carries its reason, cut to MAX_REFUSAL bytes on a
+            // character boundary; a longer claimed length is refused.
+            let mut b = Vec::new();
+            write_refusal(&mut b, "dense level 17 is outside 1..=16").await.unwrap();
+            let e = read_answer(&mut b.as_slice()).await.unwrap_err();
+            assert!(matches!(&e, WireError::Refused(w) if w == "dense level 17 is outside 1..=16"), "{e}");
+            let mut b = Vec::new();
+            write_refusal(&mut b, &"é".repeat(MAX_REFUSAL)).await.unwrap();
+            let Err(WireError::Refused(w)) = read_answer(&mut b.as_slice()).await else { panic!("not a refusal") };
+            assert_eq!(w, "é".repeat(MAX_REFUSAL / 2));
+            let long = [&[3u8][..], &((MAX_REFUSAL + 1) as u16).to_le_bytes()].concat();
+            assert!(read_answer(&mut long.as_slice()).await.unwrap_err().to_string().contains("exceeds"));
         });
     }
 }

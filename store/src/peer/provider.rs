@@ -18,7 +18,7 @@ use iroh::protocol::{AcceptError, ProtocolHandler};
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
-use super::protocol::{Answer, Frame, Request, WireError, write_answer, write_layout, write_names};
+use super::protocol::{Answer, Frame, Request, WireError, write_answer, write_layout, write_names, write_refusal};
 use super::stats::Stats;
 use crate::codec::{WIRE_LEVEL, zstd_level};
 use crate::error::Error;
@@ -65,7 +65,18 @@ impl Provider {
     async fn serve_stream(&self, peer: &str, mut send: SendStream, mut recv: RecvStream) -> Result<(), WireError> {
         let req = tokio::time::timeout(REQUEST_TIMEOUT, Request::read(&mut recv))
             .await
-            .map_err(|_| WireError::Invalid("no request within the timeout".into()))??;
+            .unwrap_or_else(|_| Err(WireError::Invalid("no request within the timeout".into())));
+        let req = match req {
+            Ok(req) => req,
+            Err(e) => {
+                // Say why, so the fetcher's error names it.
+                if let WireError::Invalid(why) = &e {
+                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, write_refusal(&mut send, why)).await;
+                    let _ = send.finish();
+                }
+                return Err(e);
+            }
+        };
         match req {
             Request::Chunks(ids) => self.serve_chunks(peer, &mut send, ids, Pack::Single).await?,
             Request::Solid(ids) => {

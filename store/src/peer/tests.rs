@@ -240,6 +240,23 @@ fn a_full_disk_ends_the_fetch_with_its_error_and_blames_no_provider() {
 }
 
 #[test]
+fn a_refused_request_is_reported_with_the_providers_reason() {
+    rt().block_on(async {
+        let (a, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
+        let top = publish(&[&a]);
+        let level = crate::MAX_DENSE_LEVEL + 1;
+        let opts = FetchOptions { dense: Some(level), ..small_batches() };
+        let e = c.node.fetch(top, &[a.node.addr()], opts).await.unwrap_err().to_string();
+        assert!(e.contains(&format!("refused the request: dense level {level} is outside 1..=")), "{e}");
+        // The provider counts the bad request against the fetcher, which
+        // does not count the refusal as the provider breaking the protocol.
+        let c_id = c.node.addr().id.to_string();
+        assert_eq!(a.node.stats().snapshot().peers[&c_id].protocol_errors, 1);
+        assert_eq!(c.node.stats().snapshot().totals.protocol_errors, 0);
+    });
+}
+
+#[test]
 fn dense_fetch_sends_single_chunks_in_solid_frames_too() {
     rt().block_on(async {
         let (a, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
