@@ -86,6 +86,9 @@ fn guest_moves_there_and_back_with_its_counter() {
     let (refd, all) = (pages["pages_referenced"].as_u64().unwrap(), pages["pages"].as_u64().unwrap());
     eprintln!("state pages: {refd} of {all} sent as references: {pages}");
     assert!(refd > 0 && refd < all, "{pages}");
+    // The kernel patched its text as it booted: those pages go as patches
+    // of vmlinux's.
+    assert!(pages["pages_patched"].as_u64().unwrap() > 0, "{pages}");
     assert!(!h.a.join("instances").join(&h.name).exists(), "the source cleaned up");
     assert!(domains().contains(&format!("{}{}", h.prefix_b, h.name)));
     assert_eq!(ok(&h.b, &["ps"])["instances"][0]["state"], "running");
