@@ -592,33 +592,47 @@ async fn connect(d: &Daemon, to: &EndpointAddr) -> Result<Connection> {
     }
 }
 
-/// Marks an instance as migrating; a second migration is refused.
-struct Busy(PathBuf);
+/// Marks an instance as migrating; a second migration is refused. The mark
+/// is an exclusive `flock` on the instance's `migrating` file (which names
+/// the holder's process): it ends with the migration, or with the process
+/// if it dies, so a crash leaves nothing stale to clear. The file itself
+/// stays (unlinking a locked file would let a third taker lock a new one).
+struct Busy(fs::File);
 
 impl Busy {
     fn take(dir: &Path) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
         let p = dir.join("migrating");
-        match fs::OpenOptions::new().write(true).create_new(true).open(&p) {
-            Ok(mut f) => {
-                use std::io::Write;
-                let _ = write!(f, "{}", std::process::id());
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .with_context(|| format!("opening {}", p.display()))?;
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let mut pid = String::new();
+                let _ = f.read_to_string(&mut pid);
+                bail!("the instance is already migrating (process {}, {})", pid.trim(), p.display());
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let pid = fs::read_to_string(&p).unwrap_or_default();
-                if Path::new(&format!("/proc/{}", pid.trim())).exists() {
-                    bail!("the instance is already migrating (process {}, {})", pid.trim(), p.display());
-                }
-                fs::write(&p, std::process::id().to_string())?;
-            }
-            Err(e) => return Err(e).with_context(|| format!("creating {}", p.display())),
+            Err(e) => return Err(e).with_context(|| format!("locking {}", p.display())),
         }
-        Ok(Self(p))
+        let note = |f: &mut fs::File| -> std::io::Result<()> {
+            f.set_len(0)?;
+            f.rewind()?;
+            write!(f, "{}", std::process::id())
+        };
+        note(&mut f).with_context(|| format!("writing {}", p.display()))?;
+        Ok(Self(f))
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
+        // Unlocked when the file closes; emptied so it names nobody.
+        let _ = self.0.set_len(0);
     }
 }
 

@@ -155,17 +155,21 @@ fn target_killed_mid_migration_leaves_the_guest_on_the_source() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("failed in prepare") && err.contains("xenod allow"), "{err}");
     assert_eq!(counter(port), expect + 1);
-    // A migration under way holds the instance's marker, naming a live
-    // process (here this test's own): a second one is refused at once.
+    // A migration under way holds an exclusive lock on the instance's
+    // marker, which names its process (here this test holds both): a
+    // second one is refused at once, naming it.
     ok(&h.b, &["allow", &da.node]);
     let marker = h.a.join("instances").join(&h.name).join("migrating");
+    let held = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&marker).unwrap();
+    rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).unwrap();
     fs::write(&marker, std::process::id().to_string()).unwrap();
     let out = run(&h.a, &["migrate", &h.name, "--to", &db.addr]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("already migrating"), "{err}");
-    assert!(marker.exists(), "the refused migration left the other's marker alone");
-    // A marker left by a process that is gone does not hold: the move goes on.
-    fs::write(&marker, "999999999").unwrap();
+    let me = format!("process {}", std::process::id());
+    assert!(!out.status.success() && err.contains("already migrating") && err.contains(&me), "{err}");
+    // Once its holder is gone (and the lock with it), the marker left
+    // behind does not hold: the move goes on.
+    drop(held);
     let m = ok(&h.a, &["migrate", &h.name, "--to", &db.addr]);
     assert_eq!(counter(m["port"].as_u64().unwrap()), expect + 2, "{m}");
     assert!(!h.a.join("instances").join(&h.name).exists(), "the source cleaned up");
