@@ -5,7 +5,8 @@
 #   sudo bash benches/migrate.sh            # WORK=/var/tmp/xenod-bench-migrate ROUNDS=1 LEVELS=9
 #
 # LEVELS: the pre-copy zstd levels to compare (`migrate --level`); each
-# round runs the workload afresh and migrates once per level.
+# round runs the workload afresh and migrates once per level. LIVE=1 adds
+# `--live` (the guest's memory saved while it runs).
 #
 # Daemons on loopback (separate processes and data dirs, one libvirt shared
 # through domain prefixes): the source A, and for every move a fresh target
@@ -30,6 +31,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${WORK:-/var/tmp/xenod-bench-migrate}
 ROUNDS=${ROUNDS:-1}
 LEVELS=${LEVELS:-9}
+LIVE=${LIVE:-0}
 FIX=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/guest
 log() { echo "migrate-bench: $*" >&2; }
 
@@ -140,7 +142,8 @@ for level in $LEVELS; do
         | awk '/^Total bytes sent/ { gsub(",", "", $4); print $4 }')
     target "b$r-$level"
     j=$WORK/migrate-$r-$level.json
-    "$X" --data-dir "$WORK/a" --json migrate bench --to "$AB" --level "$level" > "$j"
+    live=(); [ "$LIVE" = 1 ] && live=(--live)
+    "$X" --data-dir "$WORK/a" --json migrate bench --to "$AB" --level "$level" "${live[@]}" > "$j"
     ph() { jq -r --arg p "$1" '.phases[] | select(.phase == $p) | (.wire_bytes // .fetch.wire_bytes // 0)' "$j"; }
     printf '%-6s %5s %12s %12s %12s %12s %10.2f %10.2f %12s\n' "$r" "$level" "$(ph prepare)" "$(ph pre-copy)" \
         "$(ph stop-and-copy)" "$(jq -r .wire_bytes "$j")" "$(jq -r .downtime_seconds "$j")" \

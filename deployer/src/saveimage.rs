@@ -34,6 +34,22 @@ fn bad(file: &Path, why: impl Into<String>) -> Error {
     Error::Unsupported { op: "retarget saved state", reason: format!("{}: {}", file.display(), why.into()) }
 }
 
+/// The start of a save image for domain `xml` as `virDomainSave` writes
+/// it: header (running, uncompressed, no cookie) and the XML block, padded
+/// by 64 KiB as libvirt pads it so that [`retarget`] has room; QEMU's
+/// stream follows.
+pub(crate) fn image_head(xml: &str) -> Vec<u8> {
+    let data_len = (xml.len() + 1 + (64 << 10)).next_multiple_of(4096);
+    let mut b = MAGIC.to_vec();
+    for v in [2u32, data_len as u32, 1, 0, 0] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b.resize(HEADER, 0);
+    b.extend_from_slice(xml.as_bytes());
+    b.resize(HEADER + data_len, 0);
+    b
+}
+
 /// The domain XML of a save image.
 pub fn saved_xml(file: &Path) -> Result<String> {
     let (_, data) = read_block(file)?;
@@ -217,6 +233,22 @@ mod tests {
         assert!(x.contains("/data/b/instances/web/root/disk.img") && !x.contains("'/a/"), "{x}");
         let off = u32::from_le_bytes(after[32..36].try_into().unwrap()) as usize;
         assert_eq!(&after[HEADER + off..HEADER + off + 9], b"<cookie/>");
+    }
+
+    #[test]
+    fn a_live_saves_head_reads_as_a_save_and_has_room_to_retarget() {
+        let t = tempfile::tempdir().unwrap();
+        let xml = "<domain type='qemu'><name>web</name><uuid>u</uuid><source file='/a/x.img'/></domain>";
+        let mut img = image_head(xml);
+        assert_eq!((img.len() - HEADER) % 4096, 0);
+        img.extend_from_slice(b"QEVM-stream");
+        let p = t.path().join("live.save");
+        std::fs::write(&p, &img).unwrap();
+        assert_eq!(saved_xml(&p).unwrap(), xml);
+        let long = format!("/{}/", "d".repeat(2000));
+        retarget(&p, "a-much-longer-name", &random_uuid(), &[("/a/".into(), long.clone())]).unwrap();
+        assert!(saved_xml(&p).unwrap().contains(&format!("{long}x.img")));
+        assert!(std::fs::read(&p).unwrap().ends_with(b"QEVM-stream"));
     }
 
     #[test]

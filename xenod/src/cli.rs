@@ -153,6 +153,13 @@ pub enum Cmd {
         /// Stop-and-copy always uses a fast level: the guest is down then.
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=i64::from(xenod_store::MAX_DENSE_LEVEL)))]
         level: Option<u8>,
+        /// Save the guest's memory while it runs (QEMU's own migration into
+        /// this host's memory, round after round of dirtied pages): the
+        /// guest stops only for the last round, not for the whole save.
+        /// QEMU/KVM disk-root guests; libvirt marks the domain tainted
+        /// (custom monitor command).
+        #[arg(long, conflicts_with = "cold")]
+        live: bool,
     },
     /// Save a disk-root instance's upper layer and machine state as a pinned
     /// layer; the guest runs on. Later checkpoints share unchanged chunks.
@@ -389,8 +396,8 @@ pub fn run(args: Args) -> Result<()> {
             crate::deploy::resume(&ctx.data_dir, &name)?;
             ctx.out(json!({ "name": name }), || format!("{name} resumed"))
         }
-        Cmd::Migrate { name, to, cold, level } => {
-            let req = Request::Migrate { instance: name, to, cold, level };
+        Cmd::Migrate { name, to, cold, level, live } => {
+            let req = Request::Migrate { instance: name, to, cold, level, live };
             let v = crate::peer_cmds::request(&ctx.data_dir, ctx.json, req)?;
             ctx.out(v.clone(), || crate::migrate::describe(&v))
         }

@@ -703,7 +703,14 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 /// `xenod migrate NAME --to PEER [--cold]`.
-pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool, level: Option<u8>) -> Result<Value> {
+pub async fn migrate(
+    d: &Arc<Daemon>,
+    name: &str,
+    to: &str,
+    cold: bool,
+    live: bool,
+    level: Option<u8>,
+) -> Result<Value> {
     let t0 = Instant::now();
     let data = d.data_dir().to_path_buf();
     let store = d.store_arc();
@@ -719,6 +726,9 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool, level: O
         .into());
     }
     let target = parse_peer(to).map_err(|e| Coded { code: Exit::BadInput, msg: format!("--to: {e}") })?;
+    if cold && live {
+        return Err(Coded { code: Exit::BadInput, msg: "--live and --cold exclude each other".into() }.into());
+    }
     let max = xenod_store::MAX_DENSE_LEVEL;
     if let Some(l) = level.filter(|l| !(1..=max).contains(l)) {
         return Err(Coded { code: Exit::BadInput, msg: format!("--level {l} is outside 1..={max}") }.into());
@@ -809,15 +819,19 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool, level: O
     let memory_mib = inst.spec.as_ref().map_or(0, |s| s.memory_mib as u64);
     let transient = Transient::new(&inst.dir(&data), memory_mib);
     let state_file = transient.path().to_path_buf();
+    // A live save returns how long the guest has been stopped.
     let stopped = {
         let (hv, dom, f) = (hv.clone(), inst.domain().to_owned(), state_file.clone());
         blocking(move || {
             if cold {
                 hv.stop(&dom, Duration::from_secs(30))?;
+                Ok(None)
+            } else if live {
+                Ok(Some(hv.save_live(&dom, &f)?))
             } else {
                 hv.save(&dom, &f)?;
+                Ok(None)
             }
-            Ok(())
         })
         .await
     };
@@ -833,11 +847,27 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool, level: O
             Ok(())
         })
     };
-    if let Err(e) = stopped {
-        abort(conn, name.into()).await;
-        return Err(phase_err(Phase::StopAndCopy, e, "the guest was not stopped").into());
-    }
+    let save_down = match stopped {
+        Ok(d) => d,
+        Err(e) => {
+            abort(conn, name.into()).await;
+            return Err(phase_err(Phase::StopAndCopy, e, "the guest was not stopped").into());
+        }
+    };
     let save_seconds = t_down.elapsed().as_secs_f64();
+    let t_stopped = Instant::now();
+    // Saved live, the guest is all in the file and its QEMU paused: it is
+    // powered off (as a save leaves it, and freeing its host ports) while
+    // the last writes and the state go; the target restores only after.
+    let power_off = live.then(|| {
+        let (hv, dom) = (hv.clone(), inst.domain().to_owned());
+        tokio::spawn(blocking(move || {
+            let t = Instant::now();
+            hv.kill(&dom)?;
+            Ok(t.elapsed())
+        }))
+    });
+
     let t = Instant::now();
     let fin: Result<(LayerId, Option<LayerId>, Value)> = async {
         let (id, c, dirty) = sync_upper(&store, &inst, &data, std::mem::take(&mut cache), false).await?;
@@ -872,7 +902,12 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool, level: O
         ))
     }
     .await;
-    let (layer, state, fin_info) = match fin {
+    let off = match power_off {
+        None => Ok(None),
+        Some(task) => task.await.context("powering off the saved guest").and_then(|r| r.map(Some)),
+    };
+    let fin = off.and_then(|off| fin.map(|f| (f, off)));
+    let ((layer, state, fin_info), off) = match fin {
         Ok(x) => x,
         Err(e) => {
             abort(conn, name.into()).await;
@@ -918,9 +953,16 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool, level: O
             return Err(phase_err(Phase::Resume, e, &revived(back)).into());
         }
     };
-    let downtime = t_down.elapsed().as_secs_f64();
+    // The guest was down from the save's start, or (saved live) from
+    // QEMU's last round on.
+    let downtime = match save_down {
+        Some(q) => q.as_secs_f64() + t_stopped.elapsed().as_secs_f64(),
+        None => t_down.elapsed().as_secs_f64(),
+    };
     let stop_wire = fin_info["wire_bytes"].as_u64().unwrap_or(0);
     phases.push(json!({ "phase": "stop-and-copy", "seconds": copy_seconds, "save_seconds": save_seconds,
+                        "save_downtime_seconds": save_down.map(|q| q.as_secs_f64()),
+                        "power_off_seconds": off.map(|o| o.as_secs_f64()),
                         "wire_bytes": stop_wire,
                         "upper": fin_info, "layer": layer.to_string(),
                         "state": state.map(|s| s.to_string()) }));
@@ -955,7 +997,7 @@ pub async fn migrate(d: &Arc<Daemon>, name: &str, to: &str, cold: bool, level: O
         .iter()
         .map(|p| p["wire_bytes"].as_u64().or_else(|| p["fetch"]["wire_bytes"].as_u64()).unwrap_or(0))
         .sum();
-    Ok(json!({ "instance": name, "to": to, "cold": cold, "layer": layer.to_string(),
+    Ok(json!({ "instance": name, "to": to, "cold": cold, "live": live, "layer": layer.to_string(),
                "precopy_level": (!cold).then(|| level.unwrap_or(PRECOPY_LEVEL)),
                "port": rep["instance"]["port"], "wire_bytes": total_wire, "downtime_seconds": downtime,
                "total_seconds": t0.elapsed().as_secs_f64(), "phases": phases }))

@@ -145,6 +145,9 @@ pub enum Request {
         /// zstd level of pre-copy; the default when absent.
         #[serde(default)]
         level: Option<u8>,
+        /// Save the guest's memory while it runs.
+        #[serde(default)]
+        live: bool,
     },
     /// Save an instance's upper layer and machine state as a layer.
     Checkpoint {
@@ -317,8 +320,8 @@ impl Daemon {
     /// Answers one API request; `progress` receives fetch progress.
     pub async fn handle(self: &Arc<Self>, req: Request, progress: Option<xenod_store::ProgressFn>) -> Result<Value> {
         match req {
-            Request::Migrate { instance, to, cold, level } => {
-                crate::migrate::migrate(self, &instance, &to, cold, level).await
+            Request::Migrate { instance, to, cold, level, live } => {
+                crate::migrate::migrate(self, &instance, &to, cold, live, level).await
             }
             Request::Checkpoint { instance, name } => crate::migrate::checkpoint(self, &instance, name).await,
             Request::Restore { checkpoint, on, name } => {

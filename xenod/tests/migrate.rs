@@ -74,7 +74,15 @@ fn guest_moves_there_and_back_with_its_counter() {
     let port = d["instances"][0]["port"].as_u64().unwrap();
     assert_eq!((counter(port), counter(port)), (1, 2));
 
-    let there = ok(&h.a, &["migrate", &h.name, "--to", &db.addr]);
+    // There with its memory saved while it runs, back with a plain save.
+    let there = ok(&h.a, &["migrate", &h.name, "--to", &db.addr, "--live"]);
+    assert_eq!(there["live"], true);
+    let sc = &there["phases"][2];
+    eprintln!(
+        "live save: {} s, guest stopped {} s of it, powered off in {} s",
+        sc["save_seconds"], sc["save_downtime_seconds"], sc["power_off_seconds"]
+    );
+    assert!(sc["save_downtime_seconds"].as_f64().unwrap() < sc["save_seconds"].as_f64().unwrap());
     let port = there["port"].as_u64().unwrap();
     assert_eq!(counter(port), 3, "the counter continues on B: {there}");
     let phases: Vec<&str> = there["phases"].as_array().unwrap().iter().map(|p| p["phase"].as_str().unwrap()).collect();
