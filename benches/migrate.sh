@@ -5,8 +5,9 @@
 #   sudo bash benches/migrate.sh            # WORK=/var/tmp/xenod-bench-migrate ROUNDS=1 LEVELS=9
 #
 # LEVELS: the pre-copy zstd levels to compare (`migrate --level`); each
-# round runs the workload afresh and migrates once per level. LIVE=1 adds
-# `--live` (the guest's memory saved while it runs).
+# round runs the workload afresh and migrates once per level and save.
+# SAVES: "save" (virDomainSave), "live" (`--live`: the guest's memory saved
+# while it runs) or both.
 #
 # Daemons on loopback (separate processes and data dirs, one libvirt shared
 # through domain prefixes): the source A, and for every move a fresh target
@@ -31,7 +32,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${WORK:-/var/tmp/xenod-bench-migrate}
 ROUNDS=${ROUNDS:-1}
 LEVELS=${LEVELS:-9}
-LIVE=${LIVE:-0}
+SAVES=${SAVES:-save}
 FIX=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/guest
 log() { echo "migrate-bench: $*" >&2; }
 
@@ -128,10 +129,11 @@ EOF
 rsync --daemon --config="$WORK/rsyncd.conf" --no-detach &
 pids+=($!)
 
-printf '%-6s %5s %12s %12s %12s %12s %10s %10s %12s\n' round level prepare pre-copy stop+copy total downtime "total s" \
-    "rsync upper"
+printf '%-6s %5s %5s %12s %12s %12s %12s %10s %10s %12s\n' round level save prepare pre-copy stop+copy total \
+    downtime "total s" "rsync upper"
 for r in $(seq "$ROUNDS"); do
 for level in $LEVELS; do
+for save in $SAVES; do
     "$X" --data-dir "$WORK/a" --json deploy template://bench/disk/1 --name bench > "$WORK/deploy.json"
     port=$(jq -r '.instances[0].port' "$WORK/deploy.json")
     t0=$(date +%s.%N)
@@ -140,18 +142,19 @@ for level in $LEVELS; do
     rm -rf "$WORK/rsync-dst"; mkdir -p "$WORK/rsync-dst"
     rs=$(rsync -aS -z --compress-choice=zstd --stats "$WORK/a/instances/bench/upper/" "rsync://127.0.0.1:$RPORT/dst/" \
         | awk '/^Total bytes sent/ { gsub(",", "", $4); print $4 }')
-    target "b$r-$level"
-    j=$WORK/migrate-$r-$level.json
-    live=(); [ "$LIVE" = 1 ] && live=(--live)
+    target "b$r-$level-$save"
+    j=$WORK/migrate-$r-$level-$save.json
+    live=(); [ "$save" = live ] && live=(--live)
     "$X" --data-dir "$WORK/a" --json migrate bench --to "$AB" --level "$level" "${live[@]}" > "$j"
     ph() { jq -r --arg p "$1" '.phases[] | select(.phase == $p) | (.wire_bytes // .fetch.wire_bytes // 0)' "$j"; }
-    printf '%-6s %5s %12s %12s %12s %12s %10.2f %10.2f %12s\n' "$r" "$level" "$(ph prepare)" "$(ph pre-copy)" \
+    printf '%-6s %5s %5s %12s %12s %12s %12s %10.2f %10.2f %12s\n' "$r" "$level" "$save" "$(ph prepare)" "$(ph pre-copy)" \
         "$(ph stop-and-copy)" "$(jq -r .wire_bytes "$j")" "$(jq -r .downtime_seconds "$j")" \
         "$(jq -r .total_seconds "$j")" "$rs"
     jq -c '.phases[] | select(.phase == "stop-and-copy") | .upper' "$j" >&2
     port=$(jq -r .port "$j")
     curl -sf --max-time 10 "http://127.0.0.1:$port/" | grep counter >&2
     "$X" --data-dir "$B" destroy bench >/dev/null
+done
 done
 done
 log "bytes are chunk payload on the wire (compressed); the total includes the guest's saved state"

@@ -15,3 +15,43 @@ pub fn noise(n: usize, seed: u64) -> Vec<u8> {
     out.truncate(n);
     out
 }
+
+/// A tmpfs of `size` (as mount's `size=` option takes it) mounted on
+/// `dir`, lazily unmounted on drop: a small disk for tests of a full one.
+/// Needs root.
+pub struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &std::path::Path, size: &str) -> Self {
+        let fs = Self(dir.to_path_buf());
+        fs.run(&format!("size={size}"));
+        fs
+    }
+
+    /// Gives it another size; its files stay.
+    pub fn resize(&self, size: &str) {
+        self.run(&format!("remount,size={size}"));
+    }
+
+    fn run(&self, opts: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mount -o {opts} of a tmpfs on {} failed", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Whether `e` or an error under it is the OS's "no space left on device".
+pub fn says_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source())
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()))
+}

@@ -240,35 +240,6 @@ fn export_never_writes_outside_dest() {
     assert!(err.to_string().contains("not empty"), "{err}");
 }
 
-/// A small tmpfs on a fresh directory, unmounted on drop.
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        Self(dir).resize(size)
-    }
-
-    fn resize(self, size: &str) -> Self {
-        let remount = std::fs::read_to_string("/proc/self/mounts").unwrap().contains(&*self.0.path().to_string_lossy());
-        let opts = if remount { format!("remount,size={size}") } else { format!("size={size}") };
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
-            .arg(self.0.path())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mounting a tmpfs on {}", self.0.path().display());
-        self
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
-
 #[test]
 fn publish_onto_a_full_disk_fails_clearly_and_keeps_what_was_stored() {
     if !common::is_root() {
@@ -276,8 +247,9 @@ fn publish_onto_a_full_disk_fails_clearly_and_keeps_what_was_stored() {
         return;
     }
     let t = tempfile::tempdir().unwrap();
-    let disk = Tmpfs::mount("3m");
-    let store = Store::open(disk.0.path().join("store")).unwrap();
+    let disk_dir = tempfile::tempdir().unwrap();
+    let disk = xenod_store::testing::Tmpfs::mount(disk_dir.path(), "3m");
+    let store = Store::open(disk_dir.path().join("store")).unwrap();
     let small = t.path().join("small");
     fs::create_dir_all(&small).unwrap();
     fs::write(small.join("a"), common::noise(200_000, 1)).unwrap();
@@ -295,10 +267,7 @@ fn publish_onto_a_full_disk_fails_clearly_and_keeps_what_was_stored() {
         w.finish(None, Default::default())
     };
     let e = publish(&store).expect_err("16 MiB fit into 3 MiB");
-    let enospc = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-        .filter_map(|e| e.downcast_ref::<std::io::Error>())
-        .any(|e| e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()));
-    assert!(enospc, "the error does not say the disk is full: {e:?}");
+    assert!(xenod_store::testing::says_disk_full(&e), "the error does not say the disk is full: {e:?}");
     // What was there before is whole, and nothing is damaged.
     let report = store.verify().unwrap();
     assert!(report.is_clean(), "{report:?}");
@@ -306,7 +275,7 @@ fn publish_onto_a_full_disk_fails_clearly_and_keeps_what_was_stored() {
     common::export(&store, &kept, &out);
     common::assert_same_tree(&small, &out);
     // With room again, the same handle publishes it.
-    let disk = disk.resize("64m");
+    disk.resize("64m");
     let id = publish(&store).unwrap();
     let out2 = t.path().join("out2");
     common::export(&store, &id, &out2);

@@ -80,6 +80,12 @@ const STATE_PAGES: &[u8] = b"state.pages";
 /// point: on the benchmark's 200 MiB log, 64 KiB chunks at rest (level 2)
 /// made 48.8 MB, level 9 about 43 (40 MB/s a core), 16 about 38 (4 MB/s).
 const PRECOPY_LEVEL: u8 = 9;
+
+/// Refuses a pre-copy level a dense request could not carry.
+fn check_level(level: u8) -> Result<(), String> {
+    let max = xenod_store::MAX_DENSE_LEVEL;
+    if (1..=max).contains(&level) { Ok(()) } else { Err(format!("level {level} is outside 1..={max}")) }
+}
 /// zstd level in stop-and-copy, where the guest is down: compression must
 /// not take longer than the bytes it saves would.
 const FINAL_LEVEL: u8 = 3;
@@ -258,9 +264,7 @@ async fn target_op(d: &Arc<Daemon>, req: Wire, tx: tokio::sync::mpsc::UnboundedS
         Wire::Sync { layer, source, last, level } => {
             test_hook(if last { "stop-and-copy" } else { "pre-copy" });
             let level = if last { FINAL_LEVEL } else { level.unwrap_or(PRECOPY_LEVEL) };
-            if !(1..=xenod_store::MAX_DENSE_LEVEL).contains(&level) {
-                bail!("pre-copy level {level} is outside 1..={}", xenod_store::MAX_DENSE_LEVEL);
-            }
+            check_level(level).map_err(|why| anyhow!("pre-copy {why}"))?;
             fetch(d, layer, &source, Some(level)).await
         }
         Wire::Resume { layer, state, record, source } => {
@@ -702,7 +706,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f).await?
 }
 
-/// `xenod migrate NAME --to PEER [--cold]`.
+/// `xenod migrate NAME --to PEER [--cold | --live] [--level N]`.
 pub async fn migrate(
     d: &Arc<Daemon>,
     name: &str,
@@ -729,9 +733,8 @@ pub async fn migrate(
     if cold && live {
         return Err(Coded { code: Exit::BadInput, msg: "--live and --cold exclude each other".into() }.into());
     }
-    let max = xenod_store::MAX_DENSE_LEVEL;
-    if let Some(l) = level.filter(|l| !(1..=max).contains(l)) {
-        return Err(Coded { code: Exit::BadInput, msg: format!("--level {l} is outside 1..={max}") }.into());
+    if let Some(Err(why)) = level.map(check_level) {
+        return Err(Coded { code: Exit::BadInput, msg: format!("--{why}") }.into());
     }
     let _busy = Busy::take(&inst.dir(&data))?;
     let hv = Arc::new(deploy::hypervisor(&inst.uri)?);

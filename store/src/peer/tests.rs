@@ -175,29 +175,6 @@ fn two_providers_share_the_work_and_a_refetch_asks_nothing() {
     });
 }
 
-/// A small tmpfs on a fresh directory, unmounted on drop.
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn new(size: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mounting a tmpfs on {}", dir.path().display());
-        Self(dir)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
-}
-
 #[test]
 fn a_full_disk_ends_the_fetch_with_its_error_and_blames_no_provider() {
     if !rustix::process::geteuid().is_root() {
@@ -208,15 +185,13 @@ fn a_full_disk_ends_the_fetch_with_its_error_and_blames_no_provider() {
         let (a, b) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
         let top = publish(&[&a, &b]);
         // About half of the stack fits.
-        let disk = Tmpfs::new("2m");
-        let dir = tempfile::tempdir_in(disk.0.path()).unwrap();
+        let small = tempfile::tempdir().unwrap();
+        let disk = crate::testing::Tmpfs::mount(small.path(), "2m");
+        let dir = tempfile::tempdir_in(small.path()).unwrap();
         let c = host_in(dir, Misbehave::default()).await;
         let err = c.node.fetch(top, &[a.node.addr(), b.node.addr()], small_batches()).await.unwrap_err();
         assert!(matches!(err, PeerError::Store(_)), "not the store's error: {err}");
-        let enospc = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
-            .filter_map(|e| e.downcast_ref::<std::io::Error>())
-            .any(|e| e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()));
-        assert!(enospc, "the error does not carry ENOSPC: {err:?}");
+        assert!(crate::testing::says_disk_full(&err), "the error does not carry ENOSPC: {err:?}");
         let snap = c.node.stats().snapshot();
         assert_eq!((snap.totals.peers_dropped, snap.totals.protocol_errors), (0, 0), "{snap:#?}");
         assert!(snap.totals.chunks_received > 0, "the disk filled before anything arrived: {snap:#?}");
@@ -227,13 +202,7 @@ fn a_full_disk_ends_the_fetch_with_its_error_and_blames_no_provider() {
             s.get(&id).unwrap();
         }
         // With room again, the same fetch completes from where it stopped.
-        let ok = std::process::Command::new("mount")
-            .args(["-o", "remount,size=64m"])
-            .arg(disk.0.path())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "growing the tmpfs");
+        disk.resize("64m");
         c.node.fetch(top, &[a.node.addr(), b.node.addr()], small_batches()).await.unwrap();
         complete(c.node.store(), top);
     });
