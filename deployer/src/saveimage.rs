@@ -24,6 +24,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::xml::{META_NS, parse_meta};
 
 const MAGIC: &[u8; 16] = b"LibvirtQemudSave";
 const HEADER: usize = 92;
@@ -77,12 +78,14 @@ fn read_block(file: &Path) -> Result<([u8; HEADER], Vec<u8>)> {
     Ok((h, data))
 }
 
-/// Gives the save image `file` the domain name `name`, the UUID `uuid` and
-/// every occurrence of each `(from, to)` path prefix replaced, keeping the
-/// migration cookie and the QEMU stream byte for byte. Not synced: the
+/// Gives the save image `file` the domain name `name`, the UUID `uuid`,
+/// every occurrence of each `(from, to)` path prefix replaced and each
+/// `(from, to)` host port of the guest's forwards moved (in QEMU's
+/// arguments and in xenod's metadata), keeping the migration cookie and the
+/// QEMU stream byte for byte. Not synced: the
 /// image is written for the restore that follows, which reads it through
 /// the page cache.
-pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)]) -> Result<()> {
+pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)], ports: &[(u16, u16)]) -> Result<()> {
     let (mut h, data) = read_block(file)?;
     let cookie_off = u32::from_le_bytes(h[32..36].try_into().unwrap_or_default()) as usize;
     let xml_end = data.iter().position(|&b| b == 0).ok_or_else(|| bad(file, "unterminated domain XML"))?;
@@ -99,6 +102,9 @@ pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)])
     let mut xml = replace_element(file, &xml, "uuid", uuid)?;
     for (from, to) in paths {
         xml = xml.replace(&xml_escape(from), &xml_escape(to));
+    }
+    if !ports.is_empty() {
+        xml = move_ports(file, &xml, ports)?;
     }
     let mut block = Vec::with_capacity(data.len());
     block.extend_from_slice(xml.as_bytes());
@@ -117,6 +123,33 @@ pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)])
     f.write_all(&h).map_err(Error::io("write state file", file))?;
     f.seek(SeekFrom::Start(HEADER as u64)).map_err(Error::io("write state file", file))?;
     f.write_all(&block).map_err(Error::io("write state file", file))
+}
+
+/// Moves host ports of the forwards in `xml`: QEMU's `hostfwd` arguments
+/// (as [`crate::xml`] writes them) and the ports of xenod's metadata, so
+/// that the restored domain reports where it listens.
+fn move_ports(file: &Path, xml: &str, ports: &[(u16, u16)]) -> Result<String> {
+    let mut xml = xml.to_owned();
+    for (from, to) in ports {
+        let (a, b) = (format!("hostfwd=tcp:127.0.0.1:{from}-:"), format!("hostfwd=tcp:127.0.0.1:{to}-:"));
+        if !xml.contains(&a) {
+            return Err(bad(file, format!("no forward from host port {from} in the domain XML")));
+        }
+        xml = xml.replace(&a, &b);
+    }
+    let at = xml.find(META_NS).ok_or_else(|| bad(file, "domain XML has no xenod metadata"))?;
+    let start = xml[..at].rfind('<').ok_or_else(|| bad(file, "malformed xenod metadata"))?;
+    let text = xml[at..].find('>').map(|e| at + e + 1).ok_or_else(|| bad(file, "malformed xenod metadata"))?;
+    let end = xml[text..].find("</").map(|e| text + e).ok_or_else(|| bad(file, "unterminated xenod metadata"))?;
+    let close = xml[end..].find('>').map(|e| end + e + 1).ok_or_else(|| bad(file, "unterminated xenod metadata"))?;
+    let mut meta = parse_meta(&xml[start..close]).ok_or_else(|| bad(file, "xenod metadata does not parse"))?;
+    for f in &mut meta.ports {
+        if let Some((_, to)) = ports.iter().find(|(from, _)| *from == f.host) {
+            f.host = *to;
+        }
+    }
+    let json = serde_json::to_string(&meta).map_err(|e| bad(file, format!("xenod metadata: {e}")))?;
+    Ok(format!("{}{}{}", &xml[..text], xml_escape(&json), &xml[end..]))
 }
 
 /// Replaces the text of the first top-level `<tag>` element.
@@ -224,7 +257,8 @@ mod tests {
                    <source file='/a/instances/web/root/disk.img'/>\n</domain>\n";
         let p = image(t.path(), xml, "<cookie/>", 4096);
         let before = std::fs::read(&p).unwrap();
-        retarget(&p, "b-web", "11111111-2222-4333-8444-555555555555", &[("/a/".into(), "/data/b/".into())]).unwrap();
+        retarget(&p, "b-web", "11111111-2222-4333-8444-555555555555", &[("/a/".into(), "/data/b/".into())], &[])
+            .unwrap();
         let after = std::fs::read(&p).unwrap();
         assert_eq!(after.len(), before.len());
         assert_eq!(&after[after.len() - 11..], b"QEVM-stream", "the QEMU stream does not move");
@@ -246,9 +280,45 @@ mod tests {
         std::fs::write(&p, &img).unwrap();
         assert_eq!(saved_xml(&p).unwrap(), xml);
         let long = format!("/{}/", "d".repeat(2000));
-        retarget(&p, "a-much-longer-name", &random_uuid(), &[("/a/".into(), long.clone())]).unwrap();
+        retarget(&p, "a-much-longer-name", &random_uuid(), &[("/a/".into(), long.clone())], &[]).unwrap();
         assert!(saved_xml(&p).unwrap().contains(&format!("{long}x.img")));
         assert!(std::fs::read(&p).unwrap().ends_with(b"QEVM-stream"));
+    }
+
+    #[test]
+    fn moves_host_ports_in_qemus_arguments_and_the_metadata() {
+        use crate::model::DomainMeta;
+        use crate::spec::{PortForward, RootMode};
+        let t = tempfile::tempdir().unwrap();
+        let meta = DomainMeta {
+            root: RootMode::Disk,
+            share: None,
+            root_path: "/a/x.img".into(),
+            ports: vec![PortForward { host: 8080, guest: 80 }, PortForward { host: 2222, guest: 22 }],
+            console_log: None,
+        };
+        // As libvirt formats it: quotes in text are not escaped.
+        let xml = format!(
+            "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>\n  <name>web</name>\n  \
+             <uuid>u</uuid>\n  <metadata>\n    <xenod:instance xmlns:xenod=\"{META_NS}\">{}</xenod:instance>\n  \
+             </metadata>\n  <qemu:commandline>\n    <qemu:arg value='user,id=xenodnet0,restrict=on,\
+             hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:2222-:22'/>\n  </qemu:commandline>\n</domain>\n",
+            serde_json::to_string(&meta).unwrap()
+        );
+        let p = image(t.path(), &xml, "", 8192);
+        retarget(&p, "b-web", &random_uuid(), &[], &[(8080, 40001)]).unwrap();
+        let x = saved_xml(&p).unwrap();
+        assert!(x.contains("hostfwd=tcp:127.0.0.1:40001-:80,hostfwd=tcp:127.0.0.1:2222-:22"), "{x}");
+        let at = x.find("<xenod:instance").unwrap();
+        let end = x.find("</xenod:instance>").unwrap() + "</xenod:instance>".len();
+        let moved = parse_meta(&x[at..end]).expect("metadata still parses");
+        assert_eq!(moved.ports, vec![PortForward { host: 40001, guest: 80 }, PortForward { host: 2222, guest: 22 }]);
+        assert_eq!(moved.root_path, meta.root_path);
+        // A port the guest does not forward is an error, and nothing is written.
+        let before = std::fs::read(&p).unwrap();
+        let e = retarget(&p, "c-web", &random_uuid(), &[], &[(9999, 1)]).unwrap_err().to_string();
+        assert!(e.contains("host port 9999"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), before);
     }
 
     #[test]
@@ -256,10 +326,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("x");
         std::fs::write(&p, b"LibvirtQemudPart\0\0").unwrap();
-        assert!(retarget(&p, "n", &random_uuid(), &[]).is_err());
+        assert!(retarget(&p, "n", &random_uuid(), &[], &[]).is_err());
         let p = image(t.path(), "<domain><name>a</name><uuid>u</uuid></domain>", "<c/>", 64);
         let long = "x".repeat(100);
-        let e = retarget(&p, &long, "u", &[]).unwrap_err().to_string();
+        let e = retarget(&p, &long, "u", &[], &[]).unwrap_err().to_string();
         assert!(e.contains("holds 64"), "{e}");
     }
 

@@ -386,7 +386,14 @@ fn adopt(
                 step("state_seconds", t);
                 let from = format!("{}/", record.source_dir.display());
                 let to = format!("{}/", dir.display());
-                xenod_deployer::retarget(file, &domain, &xenod_deployer::random_uuid(), &[(from, to)])?;
+                let moved = ports_here(record)?;
+                xenod_deployer::retarget(file, &domain, &xenod_deployer::random_uuid(), &[(from, to)], &moved)?;
+                for f in &mut inst.ports {
+                    if let Some((_, to)) = moved.iter().find(|(from, _)| *from == f.host) {
+                        f.host = *to;
+                    }
+                }
+                inst.save(data)?;
                 restoring();
                 let t = Instant::now();
                 hv.restore(file)?;
@@ -662,6 +669,26 @@ fn upper_bytes(dir: &Path) -> u64 {
     total
 }
 
+/// The host ports the guest gets here, as `(saved, here)` pairs for the
+/// ports that move: a port its deploy spec left to chance (`0:GUEST`) that
+/// is taken on this host goes to a free one (on one machine the source's
+/// paused QEMU still holds it until clean-up); a port the spec fixed must
+/// be free.
+fn ports_here(record: &Record) -> Result<Vec<(u16, u16)>> {
+    let mut moved = Vec::new();
+    for f in &record.ports {
+        let Err(taken) = xenod_deployer::check_ports_free(&[*f]) else { continue };
+        let any = record.spec.as_ref().is_some_and(|s| s.ports.iter().any(|p| p.host == 0 && p.guest == f.guest));
+        if !any {
+            return Err(anyhow::Error::new(taken)
+                .context(format!("the guest's fixed host port {} is taken on this host", f.host)));
+        }
+        let free = xenod_deployer::resolve_ports(&[PortForward { host: 0, guest: f.guest }])?;
+        moved.push((f.host, free[0].host));
+    }
+    Ok(moved)
+}
+
 fn record_of(data: &Path, inst: &Instance) -> Record {
     Record {
         name: inst.name.clone(),
@@ -843,7 +870,13 @@ pub async fn migrate(
         blocking(move || {
             if cold {
                 hv.start(&dom)?;
+            } else if live && hv.resume(&dom).is_ok() {
+                // Saved live, its QEMU was only paused.
+                let _ = fs::remove_file(&f);
             } else {
+                if live {
+                    hv.kill(&dom)?;
+                }
                 hv.restore(&f)?;
                 let _ = fs::remove_file(&f);
             }
@@ -859,17 +892,9 @@ pub async fn migrate(
     };
     let save_seconds = t_down.elapsed().as_secs_f64();
     let t_stopped = Instant::now();
-    // Saved live, the guest is all in the file and its QEMU paused: it is
-    // powered off (as a save leaves it, and freeing its host ports) while
-    // the last writes and the state go; the target restores only after.
-    let power_off = live.then(|| {
-        let (hv, dom) = (hv.clone(), inst.domain().to_owned());
-        tokio::spawn(blocking(move || {
-            let t = Instant::now();
-            hv.kill(&dom)?;
-            Ok(t.elapsed())
-        }))
-    });
+    // Saved live, the guest is all in the file and its QEMU paused, still
+    // holding its memory and host ports: it is powered off in clean-up,
+    // after the target runs the guest (a failure before that unpauses it).
 
     let t = Instant::now();
     let fin: Result<(LayerId, Option<LayerId>, Value)> = async {
@@ -905,12 +930,7 @@ pub async fn migrate(
         ))
     }
     .await;
-    let off = match power_off {
-        None => Ok(None),
-        Some(task) => task.await.context("powering off the saved guest").and_then(|r| r.map(Some)),
-    };
-    let fin = off.and_then(|off| fin.map(|f| (f, off)));
-    let ((layer, state, fin_info), off) = match fin {
+    let (layer, state, fin_info) = match fin {
         Ok(x) => x,
         Err(e) => {
             abort(conn, name.into()).await;
@@ -965,7 +985,6 @@ pub async fn migrate(
     let stop_wire = fin_info["wire_bytes"].as_u64().unwrap_or(0);
     phases.push(json!({ "phase": "stop-and-copy", "seconds": copy_seconds, "save_seconds": save_seconds,
                         "save_downtime_seconds": save_down.map(|q| q.as_secs_f64()),
-                        "power_off_seconds": off.map(|o| o.as_secs_f64()),
                         "wire_bytes": stop_wire,
                         "upper": fin_info, "layer": layer.to_string(),
                         "state": state.map(|s| s.to_string()) }));
@@ -1151,4 +1170,37 @@ pub fn describe(v: &Value) -> String {
         out.push_str(&format!("\n  serving on the target's port {port}"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(spec_port: &str, held: u16) -> Record {
+        let mut spec = DeploySpec::new("stack:boot/vmlinux".parse().unwrap());
+        spec.ports = vec![spec_port.parse().unwrap()];
+        Record {
+            name: "web".into(),
+            top: LayerId::from_bytes([1; 32]),
+            layer: LayerId::from_bytes([2; 32]),
+            root: RootMode::Disk,
+            ports: vec![PortForward { host: held, guest: 80 }],
+            spec: Some(spec),
+            source_dir: "/a/instances/web".into(),
+        }
+    }
+
+    #[test]
+    fn a_taken_port_moves_only_where_the_spec_left_it_to_chance() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let held = l.local_addr().unwrap().port();
+        let moved = ports_here(&record("0:80", held)).unwrap();
+        assert_eq!(moved.len(), 1);
+        assert_eq!(moved[0].0, held);
+        assert_ne!(moved[0].1, held);
+        let e = format!("{:#}", ports_here(&record(&format!("{held}:80"), held)).unwrap_err());
+        assert!(e.contains(&format!("fixed host port {held} is taken")), "{e}");
+        drop(l);
+        assert!(ports_here(&record(&format!("{held}:80"), held)).unwrap().is_empty(), "free ports stay");
+    }
 }

@@ -79,11 +79,14 @@ fn guest_moves_there_and_back_with_its_counter() {
     assert_eq!(there["live"], true);
     let sc = &there["phases"][2];
     eprintln!(
-        "live save: {} s, guest stopped {} s of it, powered off in {} s",
-        sc["save_seconds"], sc["save_downtime_seconds"], sc["power_off_seconds"]
+        "live save: {} s, guest stopped {} s of it; down {} s; clean-up {} s",
+        sc["save_seconds"], sc["save_downtime_seconds"], there["downtime_seconds"], there["phases"][4]["seconds"]
     );
     assert!(sc["save_downtime_seconds"].as_f64().unwrap() < sc["save_seconds"].as_f64().unwrap());
-    let port = there["port"].as_u64().unwrap();
+    // The source's paused QEMU holds its port until clean-up, so on this one
+    // machine the target forwards another (the spec left it to chance).
+    let (port_a, port) = (port, there["port"].as_u64().unwrap());
+    assert_ne!(port, port_a, "{there}");
     assert_eq!(counter(port), 3, "the counter continues on B: {there}");
     let phases: Vec<&str> = there["phases"].as_array().unwrap().iter().map(|p| p["phase"].as_str().unwrap()).collect();
     assert_eq!(phases, ["prepare", "pre-copy", "stop-and-copy", "resume", "clean-up"]);
