@@ -77,9 +77,10 @@ const STATE_PAGES: &[u8] = b"state.pages";
 /// zstd level of what pre-copy sends by default (dense frames: every chunk
 /// compressed in 1 MiB runs); `migrate --level` sets another. The guest
 /// runs meanwhile, so bytes count more than the source's CPU, up to a
-/// point: on the benchmark's 200 MiB log, 64 KiB chunks at rest (level 2)
-/// made 48.8 MB, level 9 about 43 (40 MB/s a core), 16 about 38 (4 MB/s).
-const PRECOPY_LEVEL: u8 = 9;
+/// point: on the migration benchmark, level 9 sent 45.5 MB in 3.8 s of
+/// pre-copy, 16 (zstd's optimal parser with a short search) 39.6 MB in
+/// 16 s, and zstd's own 16 40.2 MB in 35 s.
+const PRECOPY_LEVEL: u8 = 16;
 
 /// Refuses a pre-copy level a dense request could not carry.
 fn check_level(level: u8) -> Result<(), String> {
