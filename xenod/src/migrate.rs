@@ -1050,47 +1050,85 @@ pub async fn checkpoint(d: &Arc<Daemon>, name: &str, label: Option<String>) -> R
     let state_file = transient.path().to_path_buf();
     let t = Instant::now();
     let before = store.chunk_count()?;
-    {
+    // Saved live where the hypervisor can (the guest stops for QEMU's last
+    // round and for the commit of its upper layer, then runs on while its
+    // state is chunked), else saved and restored.
+    let live = {
         let (hv, dom, f) = (hv.clone(), inst.domain().to_owned(), state_file.clone());
-        blocking(move || Ok(hv.save(&dom, &f)?)).await?;
-    }
-    let made: Result<(LayerId, LayerId)> = {
-        let (store, data, inst, f) = (store.clone(), data.clone(), inst.clone(), state_file.clone());
+        blocking(move || Ok(hv.save_live(&dom, &f)?)).await
+    };
+    let live = match live {
+        Ok(down) => Some(down),
+        Err(e) => {
+            tracing::info!("{name}: no live save ({e:#}); saving it stopped");
+            let (hv, dom, f) = (hv.clone(), inst.domain().to_owned(), state_file.clone());
+            blocking(move || Ok(hv.save(&dom, &f)?)).await?;
+            None
+        }
+    };
+    let t_stopped = Instant::now();
+    // The state's pages refer to the upper layer as saved: commit it while
+    // the guest is stopped.
+    let plain = {
+        let (store, data, inst) = (store.clone(), data.clone(), inst.clone());
         blocking(move || {
-            // The state's pages refer to the upper layer as saved: commit
-            // it once to index it, then again (from the cache) with the
-            // state named in its metadata.
-            let mut cache = CommitCache::default();
             let stack = store.stack(&inst.mounted())?;
+            let mut cache = CommitCache::default();
             let upper = inst.upper(&data);
-            let plain = xenod_cowfs::commit_live(store.clone(), &stack, &upper, BTreeMap::new(), &mut cache, None)?;
-            let index = PageHashes::default().index(&store, &plain.id, &page_sources(&inst))?;
-            let meta = [("instance-state".to_string(), inst.name.clone())].into();
-            let (s, _) = state_layer(&store, &f, Some(&index), meta)?;
-            let record = serde_json::to_string(&record_of(&data, &inst))?;
-            let meta: BTreeMap<String, String> = [
-                (META_STATE.to_string(), s.to_string()),
-                (META_RECORD.to_string(), record),
-                ("instance".to_string(), inst.name.clone()),
-            ]
-            .into();
-            let c =
-                xenod_cowfs::commit_live(store.clone(), &stack, &upper, meta, &mut cache, Some(&DirtySet::default()))?;
-            let pin = format!("checkpoint:{}:{}", inst.name, now());
-            store.pin(&pin, &c.id)?;
-            store.pin(&format!("{pin}:state"), &s)?;
-            store.flush()?;
-            Ok((c.id, s))
+            Ok(xenod_cowfs::commit_live(store, &stack, &upper, BTreeMap::new(), &mut cache, None)?.id)
         })
         .await
     };
-    let (hv2, f) = (hv.clone(), state_file.clone());
-    let back = blocking(move || {
-        hv2.restore(&f)?;
-        let _ = fs::remove_file(&f);
+    let mut paused = None;
+    if let Some(down) = live {
+        let (hv2, dom) = (hv.clone(), inst.domain().to_owned());
+        blocking(move || Ok(hv2.resume(&dom)?)).await.context("the guest did not resume after its live save")?;
+        paused = Some(down.as_secs_f64() + t_stopped.elapsed().as_secs_f64());
+    }
+    let made: Result<(LayerId, LayerId)> = match plain {
+        Err(e) => Err(e),
+        Ok(plain) => {
+            let (store, data, inst, f) = (store.clone(), data.clone(), inst.clone(), state_file.clone());
+            blocking(move || {
+                let index = PageHashes::default().index(&store, &plain, &page_sources(&inst))?;
+                let meta = [("instance-state".to_string(), inst.name.clone())].into();
+                let (s, _) = state_layer(&store, &f, Some(&index), meta)?;
+                let record = serde_json::to_string(&record_of(&data, &inst))?;
+                let meta: BTreeMap<String, String> = [
+                    (META_STATE.to_string(), s.to_string()),
+                    (META_RECORD.to_string(), record),
+                    ("instance".to_string(), inst.name.clone()),
+                ]
+                .into();
+                // The layer as committed above (the guest may be writing by
+                // now), with the state named in its metadata.
+                let mut w = LayerWriter::new(&store);
+                for e in store.read_layer(&plain)? {
+                    w.push(&e?)?;
+                }
+                let id = w.finish(store.layer_root(&plain)?.base, meta)?;
+                let pin = format!("checkpoint:{}:{}", inst.name, now());
+                store.pin(&pin, &id)?;
+                store.pin(&format!("{pin}:state"), &s)?;
+                store.flush()?;
+                Ok((id, s))
+            })
+            .await
+        }
+    };
+    let back = if live.is_some() {
+        let _ = fs::remove_file(&state_file);
         Ok(())
-    })
-    .await;
+    } else {
+        let (hv2, f) = (hv.clone(), state_file.clone());
+        blocking(move || {
+            hv2.restore(&f)?;
+            let _ = fs::remove_file(&f);
+            Ok(())
+        })
+        .await
+    };
+    let paused = paused.unwrap_or_else(|| t.elapsed().as_secs_f64());
     let (id, state) = made?;
     back.context("the checkpoint is stored, but the guest did not resume")?;
     if let Some(l) = label {
@@ -1098,7 +1136,7 @@ pub async fn checkpoint(d: &Arc<Daemon>, name: &str, label: Option<String>) -> R
     }
     Ok(json!({ "checkpoint": id.to_string(), "state": state.to_string(), "instance": name,
                "new_chunks": store.chunk_count()?.saturating_sub(before), "state_chunks": data_chunks(&store, &state)?,
-               "paused_seconds": t.elapsed().as_secs_f64() }))
+               "live": live.is_some(), "paused_seconds": paused, "seconds": t.elapsed().as_secs_f64() }))
 }
 
 /// `xenod restore CHECKPOINT [--on PEER] [--name NAME]`.

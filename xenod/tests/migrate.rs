@@ -122,7 +122,12 @@ fn guest_moves_there_and_back_with_its_counter() {
     assert!(!domains().contains(&format!("{}{}", h.prefix_b, h.name)), "nothing left defined on B");
 
     // A checkpoint, restored on B under another name: it carries the state.
+    // Saved live: the guest stopped only for QEMU's last round and the
+    // commit of its upper layer, and ran on in the same QEMU.
     let cp = ok(&h.a, &["checkpoint", &h.name]);
+    assert_eq!(cp["live"], true, "{cp}");
+    eprintln!("checkpoint: guest paused {} s of {} s", cp["paused_seconds"], cp["seconds"]);
+    assert!(cp["paused_seconds"].as_f64().unwrap() < cp["seconds"].as_f64().unwrap(), "{cp}");
     assert_eq!(counter(port), 6, "the guest runs on after a checkpoint");
     // A second one stores only the memory that changed since.
     let cp2 = ok(&h.a, &["checkpoint", &h.name]);
