@@ -19,6 +19,12 @@ fn counter(port: u64) -> u64 {
     page(port).1
 }
 
+/// libvirt's id of a running domain: a restore gives it a new one.
+fn domid(name: &str) -> String {
+    let out = Command::new("virsh").args(["-c", "qemu:///system", "domid", name]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 fn domains() -> String {
     let out = Command::new("virsh").args(["-c", "qemu:///system", "list", "--all", "--name"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -30,6 +36,7 @@ struct Hosts {
     _t: tempfile::TempDir,
     a: PathBuf,
     b: PathBuf,
+    prefix_a: String,
     prefix_b: String,
     name: String,
 }
@@ -51,13 +58,13 @@ fn hosts(tag: &str) -> Option<Hosts> {
     let t = tempfile::tempdir().unwrap();
     let (a, b) = (t.path().join("a"), t.path().join("b"));
     let pid = std::process::id();
-    let prefix_b = format!("b{pid}{tag}-");
-    for (d, p) in [(&a, format!("a{pid}{tag}-")), (&b, prefix_b.clone())] {
+    let (prefix_a, prefix_b) = (format!("a{pid}{tag}-"), format!("b{pid}{tag}-"));
+    for (d, p) in [(&a, prefix_a.clone()), (&b, prefix_b.clone())] {
         fs::create_dir_all(d).unwrap();
         fs::write(d.join("config.toml"), format!("domain_prefix = \"{p}\"\n")).unwrap();
     }
     publish_disk_fixture(&fix, t.path(), &a);
-    Some(Hosts { _t: t, a, b, prefix_b, name: format!("m{pid}{tag}") })
+    Some(Hosts { _t: t, a, b, prefix_a, prefix_b, name: format!("m{pid}{tag}") })
 }
 
 fn allow(h: &Hosts, da: &Daemon, db: &Daemon) {
@@ -150,10 +157,15 @@ fn target_killed_mid_migration_leaves_the_guest_on_the_source() {
     let port = d["instances"][0]["port"].as_u64().unwrap();
     assert_eq!(counter(port), 1);
     let mut expect = 1;
-    for phase in ["pre-copy", "stop-and-copy"] {
+    // (Saved live, the source's QEMU is only paused when the target dies:
+    // it is unpaused.)
+    for (phase, live) in [("pre-copy", false), ("stop-and-copy", false), ("stop-and-copy", true)] {
         let mut db = Daemon::start(&h.b, &[("XENOD_TEST_MIGRATE_DIE", phase)]);
         allow(&h, &da, &db);
-        let out = run(&h.a, &["migrate", &h.name, "--to", &db.addr]);
+        let id = domid(&format!("{}{}", h.prefix_a, h.name));
+        assert!(!id.is_empty(), "the guest runs on A");
+        let flags = if live { &["--live"][..] } else { &[] };
+        let out = run(&h.a, &[&["migrate", &h.name, "--to", &db.addr][..], flags].concat());
         assert!(!out.status.success(), "migration with a dying target succeeded");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(&format!("failed in {phase}")), "the error names the phase: {err}");
@@ -161,6 +173,9 @@ fn target_killed_mid_migration_leaves_the_guest_on_the_source() {
         expect += 1;
         assert_eq!(counter(port), expect, "the guest still answers on the source after a death in {phase}: {err}");
         assert_eq!(ok(&h.a, &["ps"])["instances"][0]["state"], "running");
+        if live {
+            assert_eq!(domid(&format!("{}{}", h.prefix_a, h.name)), id, "unpaused in the same QEMU, not restored");
+        }
         assert!(!h.b.join("instances").join(&h.name).exists(), "nothing half-made on the target");
         assert!(!domains().contains(&format!("{}{}", h.prefix_b, h.name)), "nothing defined on the target");
     }
