@@ -2,12 +2,12 @@
 # Migration of a disk-root guest after a known workload, against rsync of
 # the same changed upper layer.
 #
-#   sudo bash benches/migrate.sh            # WORK=/var/tmp/xenod-bench-migrate ROUNDS=1 LEVELS=9
+#   sudo bash benches/migrate.sh    # WORK=/var/tmp/xenod-bench-migrate ROUNDS=1 LEVELS=16 SAVES=live
 #
 # LEVELS: the pre-copy zstd levels to compare (`migrate --level`); each
 # round runs the workload afresh and migrates once per level and save.
-# SAVES: "save" (virDomainSave), "live" (`--live`: the guest's memory saved
-# while it runs) or both.
+# SAVES: "save" (`--save`: virDomainSave), "live" (`--live`, the default:
+# the guest's memory saved while it runs) or both.
 #
 # Daemons on loopback (separate processes and data dirs, one libvirt shared
 # through domain prefixes): the source A, and for every move a fresh target
@@ -31,8 +31,8 @@ export LC_ALL=C
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${WORK:-/var/tmp/xenod-bench-migrate}
 ROUNDS=${ROUNDS:-1}
-LEVELS=${LEVELS:-9}
-SAVES=${SAVES:-save}
+LEVELS=${LEVELS:-16}
+SAVES=${SAVES:-live}
 FIX=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/guest
 log() { echo "migrate-bench: $*" >&2; }
 
@@ -144,7 +144,7 @@ for save in $SAVES; do
         | awk '/^Total bytes sent/ { gsub(",", "", $4); print $4 }')
     target "b$r-$level-$save"
     j=$WORK/migrate-$r-$level-$save.json
-    live=(); [ "$save" = live ] && live=(--live)
+    live=(--save); [ "$save" = live ] && live=(--live)
     "$X" --data-dir "$WORK/a" --json migrate bench --to "$AB" --level "$level" "${live[@]}" > "$j"
     ph() { jq -r --arg p "$1" '.phases[] | select(.phase == $p) | (.wire_bytes // .fetch.wire_bytes // 0)' "$j"; }
     printf '%-6s %5s %5s %12s %12s %12s %12s %10.2f %10.2f %12s\n' "$r" "$level" "$save" "$(ph prepare)" "$(ph pre-copy)" \

@@ -154,13 +154,17 @@ pub enum Cmd {
         /// guest is down then.
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=i64::from(xenod_store::MAX_DENSE_LEVEL)))]
         level: Option<u8>,
-        /// Save the guest's memory while it runs (QEMU's own migration into
-        /// this host's memory, round after round of dirtied pages): the
-        /// guest stops only for the last round, not for the whole save.
-        /// QEMU/KVM disk-root guests; libvirt marks the domain tainted
-        /// (custom monitor command).
+        /// Save the guest's memory while it runs, or fail. This is the
+        /// default where the hypervisor can (QEMU/KVM disk-root guests):
+        /// QEMU's own migration into this host's memory, round after round
+        /// of dirtied pages, so the guest stops only for the last round.
+        /// libvirt marks the domain tainted (custom monitor command).
         #[arg(long, conflicts_with = "cold")]
         live: bool,
+        /// Save the guest stopped for the whole save (libvirt's
+        /// virDomainSave), not live: the guest is down longer.
+        #[arg(long, conflicts_with_all = ["cold", "live"])]
+        save: bool,
     },
     /// Save a disk-root instance's upper layer and machine state as a pinned
     /// layer; the guest runs on. Later checkpoints share unchanged chunks.
@@ -397,8 +401,8 @@ pub fn run(args: Args) -> Result<()> {
             crate::deploy::resume(&ctx.data_dir, &name)?;
             ctx.out(json!({ "name": name }), || format!("{name} resumed"))
         }
-        Cmd::Migrate { name, to, cold, level, live } => {
-            let req = Request::Migrate { instance: name, to, cold, level, live };
+        Cmd::Migrate { name, to, cold, level, live, save } => {
+            let req = Request::Migrate { instance: name, to, cold, level, live, save };
             let v = crate::peer_cmds::request(&ctx.data_dir, ctx.json, req)?;
             ctx.out(v.clone(), || crate::migrate::describe(&v))
         }

@@ -730,17 +730,53 @@ async fn sync_upper(
     .await?
 }
 
+/// How a running guest's memory is saved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveMode {
+    /// Live where the hypervisor can ([`xenod_deployer::Libvirt::save_live`]),
+    /// else stopped.
+    Auto,
+    /// Live, or fail.
+    Live,
+    /// Stopped for the whole save (`virDomainSave`).
+    Stopped,
+}
+
+/// Saves guest `dom` to `file` as `mode` says. `Some(stopped for)` when
+/// saved live (its QEMU then stays paused: unpause or power it off), `None`
+/// when saved stopped (the domain is shut off).
+async fn save_guest(
+    hv: &Arc<xenod_deployer::Libvirt>,
+    dom: &str,
+    file: &Path,
+    mode: SaveMode,
+) -> Result<Option<Duration>> {
+    let (hv, dom, f) = (hv.clone(), dom.to_owned(), file.to_path_buf());
+    blocking(move || {
+        if mode != SaveMode::Stopped {
+            match hv.save_live(&dom, &f) {
+                Ok(down) => return Ok(Some(down)),
+                Err(e) if mode == SaveMode::Auto => tracing::info!("{dom}: no live save ({e}); saving it stopped"),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        hv.save(&dom, &f)?;
+        Ok(None)
+    })
+    .await
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await?
 }
 
-/// `xenod migrate NAME --to PEER [--cold | --live] [--level N]`.
+/// `xenod migrate NAME --to PEER [--cold | --live | --save] [--level N]`.
 pub async fn migrate(
     d: &Arc<Daemon>,
     name: &str,
     to: &str,
     cold: bool,
-    live: bool,
+    save: SaveMode,
     level: Option<u8>,
 ) -> Result<Value> {
     let t0 = Instant::now();
@@ -758,8 +794,8 @@ pub async fn migrate(
         .into());
     }
     let target = parse_peer(to).map_err(|e| Coded { code: Exit::BadInput, msg: format!("--to: {e}") })?;
-    if cold && live {
-        return Err(Coded { code: Exit::BadInput, msg: "--live and --cold exclude each other".into() }.into());
+    if cold && save != SaveMode::Auto {
+        return Err(Coded { code: Exit::BadInput, msg: "--cold saves no memory: no --live or --save".into() }.into());
     }
     if let Some(Err(why)) = level.map(check_level) {
         return Err(Coded { code: Exit::BadInput, msg: format!("--{why}") }.into());
@@ -851,21 +887,13 @@ pub async fn migrate(
     let transient = Transient::new(&inst.dir(&data), memory_mib);
     let state_file = transient.path().to_path_buf();
     // A live save returns how long the guest has been stopped.
-    let stopped = {
-        let (hv, dom, f) = (hv.clone(), inst.domain().to_owned(), state_file.clone());
-        blocking(move || {
-            if cold {
-                hv.stop(&dom, Duration::from_secs(30))?;
-                Ok(None)
-            } else if live {
-                Ok(Some(hv.save_live(&dom, &f)?))
-            } else {
-                hv.save(&dom, &f)?;
-                Ok(None)
-            }
-        })
-        .await
+    let stopped = if cold {
+        let (hv, dom) = (hv.clone(), inst.domain().to_owned());
+        blocking(move || Ok(hv.stop(&dom, Duration::from_secs(30))?)).await.map(|_| None)
+    } else {
+        save_guest(&hv, inst.domain(), &state_file, save).await
     };
+    let live = matches!(stopped, Ok(Some(_)));
     // Brings the source guest back after a failure before the commit point.
     let revive = |hv: Arc<xenod_deployer::Libvirt>, dom: String, f: PathBuf| {
         blocking(move || {
@@ -1053,19 +1081,7 @@ pub async fn checkpoint(d: &Arc<Daemon>, name: &str, label: Option<String>) -> R
     // Saved live where the hypervisor can (the guest stops for QEMU's last
     // round and for the commit of its upper layer, then runs on while its
     // state is chunked), else saved and restored.
-    let live = {
-        let (hv, dom, f) = (hv.clone(), inst.domain().to_owned(), state_file.clone());
-        blocking(move || Ok(hv.save_live(&dom, &f)?)).await
-    };
-    let live = match live {
-        Ok(down) => Some(down),
-        Err(e) => {
-            tracing::info!("{name}: no live save ({e:#}); saving it stopped");
-            let (hv, dom, f) = (hv.clone(), inst.domain().to_owned(), state_file.clone());
-            blocking(move || Ok(hv.save(&dom, &f)?)).await?;
-            None
-        }
-    };
+    let live = save_guest(&hv, inst.domain(), &state_file, SaveMode::Auto).await?;
     let t_stopped = Instant::now();
     // The state's pages refer to the upper layer as saved: commit it while
     // the guest is stopped.

@@ -145,9 +145,12 @@ pub enum Request {
         /// zstd level of pre-copy; the default when absent.
         #[serde(default)]
         level: Option<u8>,
-        /// Save the guest's memory while it runs.
+        /// Save the guest's memory while it runs, or fail.
         #[serde(default)]
         live: bool,
+        /// Save the guest stopped (not live).
+        #[serde(default)]
+        save: bool,
     },
     /// Save an instance's upper layer and machine state as a layer.
     Checkpoint {
@@ -320,8 +323,14 @@ impl Daemon {
     /// Answers one API request; `progress` receives fetch progress.
     pub async fn handle(self: &Arc<Self>, req: Request, progress: Option<xenod_store::ProgressFn>) -> Result<Value> {
         match req {
-            Request::Migrate { instance, to, cold, level, live } => {
-                crate::migrate::migrate(self, &instance, &to, cold, live, level).await
+            Request::Migrate { instance, to, cold, level, live, save } => {
+                let mode = match (live, save) {
+                    (true, true) => bail!("--live and --save exclude each other"),
+                    (true, false) => crate::migrate::SaveMode::Live,
+                    (false, true) => crate::migrate::SaveMode::Stopped,
+                    (false, false) => crate::migrate::SaveMode::Auto,
+                };
+                crate::migrate::migrate(self, &instance, &to, cold, mode, level).await
             }
             Request::Checkpoint { instance, name } => crate::migrate::checkpoint(self, &instance, name).await,
             Request::Restore { checkpoint, on, name } => {

@@ -81,8 +81,9 @@ fn guest_moves_there_and_back_with_its_counter() {
     let port = d["instances"][0]["port"].as_u64().unwrap();
     assert_eq!((counter(port), counter(port)), (1, 2));
 
-    // There with its memory saved while it runs, back with a plain save.
-    let there = ok(&h.a, &["migrate", &h.name, "--to", &db.addr, "--live"]);
+    // There as by default, its memory saved while it runs; back with a
+    // plain save.
+    let there = ok(&h.a, &["migrate", &h.name, "--to", &db.addr]);
     assert_eq!(there["live"], true);
     let sc = &there["phases"][2];
     eprintln!(
@@ -115,8 +116,9 @@ fn guest_moves_there_and_back_with_its_counter() {
     assert_eq!(counter(port), 4);
     // (At another pre-copy level: the target compresses what it asks for
     // at the level the source names.)
-    let back = ok(&h.b, &["migrate", &h.name, "--to", &da.addr, "--level", "9"]);
+    let back = ok(&h.b, &["migrate", &h.name, "--to", &da.addr, "--level", "9", "--save"]);
     assert_eq!((there["precopy_level"].as_u64(), back["precopy_level"].as_u64()), (Some(16), Some(9)));
+    assert_eq!(back["live"], false, "{back}");
     let port = back["port"].as_u64().unwrap();
     assert_eq!(counter(port), 5, "the counter continues on A again");
     let (w1, w2) = (there["wire_bytes"].as_u64().unwrap(), back["wire_bytes"].as_u64().unwrap());
@@ -164,8 +166,8 @@ fn target_killed_mid_migration_leaves_the_guest_on_the_source() {
         allow(&h, &da, &db);
         let id = domid(&format!("{}{}", h.prefix_a, h.name));
         assert!(!id.is_empty(), "the guest runs on A");
-        let flags = if live { &["--live"][..] } else { &[] };
-        let out = run(&h.a, &[&["migrate", &h.name, "--to", &db.addr][..], flags].concat());
+        let flags = if live { ["--live"] } else { ["--save"] };
+        let out = run(&h.a, &[&["migrate", &h.name, "--to", &db.addr][..], &flags].concat());
         assert!(!out.status.success(), "migration with a dying target succeeded");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(&format!("failed in {phase}")), "the error names the phase: {err}");
