@@ -48,10 +48,7 @@ pub use libvirt::{Libvirt, URI_ENV, default_uri};
 pub use model::{DomainMeta, DomainModel, Network, ROOT_TAG, Root, check_ports_free, resolve_ports};
 pub use probe::{ACCEL_ENV, Accel, AccelProbe, probe_accel};
 pub use ready::{GUEST_READY_LINE, console_tail, http_get, wait_console, wait_http};
-pub use saveimage::{
-    GUEST_PAGE, HEADER as SAVE_HEADER, MAX_RAM_RECORD, RamRecord, head_len, head_xml, ram_record, random_uuid,
-    retarget, retarget_head, saved_xml,
-};
+pub use saveimage::{GUEST_PAGE, MAX_RAM_RECORD, RamRecord, ram_record, random_uuid, retarget, saved_xml};
 pub use spec::{
     BootFile, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, DeploySpec, FsShare, MAX_NAME_LEN, PortForward, RootMode,
     SpecOverrides, validate_name,

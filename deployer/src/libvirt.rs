@@ -205,42 +205,6 @@ impl Libvirt {
         Ok(down + seen.elapsed())
     }
 
-    /// Restores the save image at `path` whose domain XML is `xml`. `path`
-    /// may be a FIFO the image is still being written into
-    /// ([`Hypervisor::restore`] reads a file's XML first, which would take
-    /// it out of a FIFO): libvirt reads the header and the XML, starts
-    /// QEMU, and only then reads the rest, so the writer can still be
-    /// producing it meanwhile.
-    pub fn restore_image(&self, path: &Path, xml: &str) -> Result<String> {
-        let file = path.to_string_lossy();
-        let name = xml
-            .split_once("<name>")
-            .and_then(|(_, rest)| rest.split_once("</name>"))
-            .map(|(n, _)| n.trim().to_string())
-            .ok_or_else(|| Error::Unsupported { op: "restore", reason: format!("{file}: saved XML has no <name>") })?;
-        if !xml.contains(META_NS) {
-            return Err(Error::NotManaged { name });
-        }
-        match self.managed(&name) {
-            Ok((_, s)) if s.state.is_active() => return Err(Error::NameInUse { name }),
-            Ok((_, s)) if matches!(self.target, Target::Kvm | Target::Qemu) => check_ports_free(&s.meta.ports)?,
-            Ok(_) | Err(Error::NoSuchDomain { .. }) => {}
-            Err(e) => return Err(e),
-        }
-        self.conn.restore_domain(&file).map_err(|e| {
-            let ports = self.managed(&name).map(|(_, s)| s.meta.ports).unwrap_or_default();
-            start_error(&name, e, &ports)
-        })?;
-        // A state file brought from another host restores as a transient
-        // domain; define it, so stop and start work as for a deployed one.
-        let dom = self.lookup(&name)?;
-        if !dom.is_persistent().map_err(lv("inspect", &name))? {
-            let xml = dom.xml_desc(0).map_err(lv("read XML of", &name))?;
-            self.conn.define_domain_xml(&xml).map_err(lv("define restored", &name))?;
-        }
-        Ok(name)
-    }
-
     /// A domain of ours, with its metadata.
     fn managed(&self, name: &str) -> Result<(Domain, DomainStatus)> {
         let dom = self.lookup(name)?;
@@ -426,7 +390,32 @@ impl Hypervisor for Libvirt {
             });
         }
         let xml = self.conn.save_image_xml_desc(&file, 0).map_err(lv("read saved state", &file))?;
-        self.restore_image(state_file, &xml)
+        let name = xml
+            .split_once("<name>")
+            .and_then(|(_, rest)| rest.split_once("</name>"))
+            .map(|(n, _)| n.trim().to_string())
+            .ok_or_else(|| Error::Unsupported { op: "restore", reason: format!("{file}: saved XML has no <name>") })?;
+        if !xml.contains(META_NS) {
+            return Err(Error::NotManaged { name });
+        }
+        match self.managed(&name) {
+            Ok((_, s)) if s.state.is_active() => return Err(Error::NameInUse { name }),
+            Ok((_, s)) if matches!(self.target, Target::Kvm | Target::Qemu) => check_ports_free(&s.meta.ports)?,
+            Ok(_) | Err(Error::NoSuchDomain { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        self.conn.restore_domain(&file).map_err(|e| {
+            let ports = self.managed(&name).map(|(_, s)| s.meta.ports).unwrap_or_default();
+            start_error(&name, e, &ports)
+        })?;
+        // A state file brought from another host restores as a transient
+        // domain; define it, so stop and start work as for a deployed one.
+        let dom = self.lookup(&name)?;
+        if !dom.is_persistent().map_err(lv("inspect", &name))? {
+            let xml = dom.xml_desc(0).map_err(lv("read XML of", &name))?;
+            self.conn.define_domain_xml(&xml).map_err(lv("define restored", &name))?;
+        }
+        Ok(name)
     }
 
     fn list(&self) -> Result<Vec<DomainStatus>> {

@@ -20,15 +20,14 @@
 //! new domain.
 
 use std::fs::OpenOptions;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::xml::{META_NS, parse_meta};
 
 const MAGIC: &[u8; 16] = b"LibvirtQemudSave";
-/// Bytes of a save image's header, before its XML block.
-pub const HEADER: usize = 92;
+const HEADER: usize = 92;
 /// More than any domain XML plus cookie; libvirt itself pads by 64 KiB.
 const MAX_DATA: u32 = 16 << 20;
 
@@ -63,7 +62,17 @@ fn read_block(file: &Path) -> Result<([u8; HEADER], Vec<u8>)> {
     let mut f = std::fs::File::open(file).map_err(Error::io("open state file", file))?;
     let mut h = [0u8; HEADER];
     f.read_exact(&mut h).map_err(|_| bad(file, "shorter than a save image header"))?;
-    let data_len = check_header(file, &h)?;
+    if &h[..16] != MAGIC {
+        return Err(bad(file, "not a complete libvirt save image (bad magic)"));
+    }
+    let u = |i: usize| u32::from_le_bytes(h[16 + 4 * i..20 + 4 * i].try_into().unwrap_or_default());
+    if u(0) != 2 {
+        return Err(bad(file, format!("save image version {} (only 2 is known)", u(0))));
+    }
+    let data_len = u(1);
+    if data_len > MAX_DATA {
+        return Err(bad(file, format!("XML block of {data_len} bytes")));
+    }
     let mut data = vec![0u8; data_len as usize];
     f.read_exact(&mut data).map_err(|_| bad(file, "truncated in its XML block"))?;
     Ok((h, data))
@@ -77,55 +86,7 @@ fn read_block(file: &Path) -> Result<([u8; HEADER], Vec<u8>)> {
 /// image is written for the restore that follows, which reads it through
 /// the page cache.
 pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)], ports: &[(u16, u16)]) -> Result<()> {
-    let (h, data) = read_block(file)?;
-    let head = retarget_head(file, &[&h[..], &data].concat(), name, uuid, paths, ports)?;
-    let mut f = OpenOptions::new().write(true).open(file).map_err(Error::io("open state file", file))?;
-    f.write_all(&head).map_err(Error::io("write state file", file))
-}
-
-/// How long the head (header and XML block) of the save image starting
-/// with `start` (at least [`HEADER`] bytes; `file` names it in errors) is.
-pub fn head_len(file: &Path, start: &[u8]) -> Result<usize> {
-    let h = start.get(..HEADER).ok_or_else(|| bad(file, "shorter than a save image header"))?;
-    Ok(HEADER + check_header(file, h)? as usize)
-}
-
-/// Validates a save image's header; returns its XML block's length.
-fn check_header(file: &Path, h: &[u8]) -> Result<u32> {
-    if &h[..16] != MAGIC {
-        return Err(bad(file, "not a complete libvirt save image (bad magic)"));
-    }
-    let u = |i: usize| u32::from_le_bytes(h[16 + 4 * i..20 + 4 * i].try_into().unwrap_or_default());
-    if u(0) != 2 {
-        return Err(bad(file, format!("save image version {} (only 2 is known)", u(0))));
-    }
-    let data_len = u(1);
-    if data_len > MAX_DATA {
-        return Err(bad(file, format!("XML block of {data_len} bytes")));
-    }
-    Ok(data_len)
-}
-
-/// The domain XML of a save image's head ([`head_len`] bytes).
-pub fn head_xml(file: &Path, head: &[u8]) -> Result<String> {
-    let data = head.get(HEADER..head_len(file, head)?).ok_or_else(|| bad(file, "truncated in its XML block"))?;
-    let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
-    String::from_utf8(data[..end].to_vec()).map_err(|_| bad(file, "domain XML is not UTF-8"))
-}
-
-/// [`retarget`] for a save image's head held in memory ([`head_len`]
-/// bytes, from `file`): returns the new head, as long.
-pub fn retarget_head(
-    file: &Path,
-    head: &[u8],
-    name: &str,
-    uuid: &str,
-    paths: &[(String, String)],
-    ports: &[(u16, u16)],
-) -> Result<Vec<u8>> {
-    let len = head_len(file, head)?;
-    let data = head.get(HEADER..len).ok_or_else(|| bad(file, "truncated in its XML block"))?;
-    let mut h: [u8; HEADER] = head[..HEADER].try_into().unwrap_or([0; HEADER]);
+    let (mut h, data) = read_block(file)?;
     let cookie_off = u32::from_le_bytes(h[32..36].try_into().unwrap_or_default()) as usize;
     let xml_end = data.iter().position(|&b| b == 0).ok_or_else(|| bad(file, "unterminated domain XML"))?;
     let xml = std::str::from_utf8(&data[..xml_end]).map_err(|_| bad(file, "domain XML is not UTF-8"))?;
@@ -158,7 +119,10 @@ pub fn retarget_head(
     }
     block.resize(data.len(), 0);
     h[32..36].copy_from_slice(&(new_cookie as u32).to_le_bytes());
-    Ok([&h[..], &block].concat())
+    let mut f = OpenOptions::new().write(true).open(file).map_err(Error::io("open state file", file))?;
+    f.write_all(&h).map_err(Error::io("write state file", file))?;
+    f.seek(SeekFrom::Start(HEADER as u64)).map_err(Error::io("write state file", file))?;
+    f.write_all(&block).map_err(Error::io("write state file", file))
 }
 
 /// Moves host ports of the forwards in `xml`: QEMU's `hostfwd` arguments

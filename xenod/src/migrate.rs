@@ -320,9 +320,9 @@ fn test_hook(phase: &str) {
     }
 }
 
-/// Test hook: `XENOD_TEST_MIGRATE_FAIL=decode` makes a target fail to
-/// write a guest's saved image after libvirt has its head (so the restore
-/// under way sees the stream end). Never set in production.
+/// Test hook: `XENOD_TEST_MIGRATE_FAIL=restore` makes a target fail its
+/// restore of a guest after telling the source it is restoring. Never set
+/// in production.
 fn test_fail(step: &str) -> Result<()> {
     if std::env::var("XENOD_TEST_MIGRATE_FAIL").is_ok_and(|p| p == step) {
         bail!("XENOD_TEST_MIGRATE_FAIL={step}");
@@ -377,8 +377,8 @@ fn adopt(
         let _ = deploy::teardown(data, name, store, false);
     };
     let mut steps = serde_json::Map::new();
-    let mut step = |k: &str, seconds: f64| {
-        steps.insert(k.into(), json!(seconds));
+    let mut step = |k: &str, t: Instant| {
+        steps.insert(k.into(), json!(t.elapsed().as_secs_f64()));
     };
     let r = (|| -> Result<Value> {
         let t = Instant::now();
@@ -386,23 +386,19 @@ fn adopt(
         store.pin(&deploy::pin_label(name), &layer)?;
         inst.mount_pid = Some(deploy::spawn_mount(data, &inst)?);
         inst.save(data)?;
-        step("mount_seconds", t.elapsed().as_secs_f64());
+        step("mount_seconds", t);
         let hv = deploy::hypervisor(&inst.uri)?;
         match state {
             Some(s) => {
-                let image = Transient::new(&dir, record.spec.as_ref().map_or(0, |s| s.memory_mib as u64));
-                let file = image.path();
+                let file = Transient::new(&dir, record.spec.as_ref().map_or(0, |s| s.memory_mib as u64));
+                let file = file.path();
                 let t = Instant::now();
-                // The image's head (libvirt's header and the domain XML)
-                // first, under this host's name, paths and ports.
-                let head = state_prefix(store, &s, xenod_deployer::SAVE_HEADER)?;
-                let head = state_prefix(store, &s, xenod_deployer::head_len(file, &head)?)?;
+                export_state(store, &s, &layer, file)?;
+                step("state_seconds", t);
                 let from = format!("{}/", record.source_dir.display());
                 let to = format!("{}/", dir.display());
                 let moved = ports_here(record)?;
-                let uuid = xenod_deployer::random_uuid();
-                let head = xenod_deployer::retarget_head(file, &head, &domain, &uuid, &[(from, to)], &moved)?;
-                let xml = xenod_deployer::head_xml(file, &head)?;
+                xenod_deployer::retarget(file, &domain, &xenod_deployer::random_uuid(), &[(from, to)], &moved)?;
                 for f in &mut inst.ports {
                     if let Some((_, to)) = moved.iter().find(|(from, _)| *from == f.host) {
                         f.host = *to;
@@ -410,13 +406,10 @@ fn adopt(
                 }
                 inst.save(data)?;
                 restoring();
-                let decoded = restore_streaming(&hv, file, &head, &xml, || {
-                    export_state(store, &s, &layer, file)?;
-                    test_fail("decode")
-                })?;
-                // Decoding the rest ran during libvirt's start of QEMU.
-                step("state_seconds", decoded.as_secs_f64());
-                step("restore_seconds", t.elapsed().as_secs_f64());
+                test_fail("restore")?;
+                let t = Instant::now();
+                hv.restore(file)?;
+                step("restore_seconds", t);
             }
             None => {
                 let mut spec = record.spec.clone().ok_or_else(|| anyhow!("no deploy spec to boot {name} from"))?;
@@ -583,118 +576,6 @@ fn export_state(store: &Store, layer: &LayerId, top: &LayerId, to: &Path) -> Res
         }
     }
     bail!("layer {layer} holds no saved state")
-}
-
-/// The first `len` bytes of the save image state layer `layer` holds.
-fn state_prefix(store: &Store, layer: &LayerId, len: usize) -> Result<Vec<u8>> {
-    for e in store.read_layer(layer)? {
-        let e = e?;
-        if let Kind::File { extents, .. } = e.kind {
-            if e.path == STATE_FILE {
-                let mut head = vec![0u8; len];
-                std::io::Read::read_exact(&mut FileReader::new(store, extents), &mut head)
-                    .with_context(|| format!("reading the head of the saved state in layer {layer}"))?;
-                return Ok(head);
-            }
-            if e.path == STATE_PAGES {
-                return statepages::image_prefix(FileReader::new(store, extents), len)
-                    .with_context(|| format!("reading the head of the saved state in layer {layer}"));
-            }
-        }
-    }
-    bail!("layer {layer} holds no saved state")
-}
-
-/// Restores a save image while `write` writes it to `file` (returning when
-/// it is whole), through a FIFO beside it. libvirt gets `head` (the image's
-/// header and domain XML, retargeted; `xml` is that XML) at once and starts
-/// QEMU meanwhile, which is most of a restore here; the rest of `file`
-/// follows once written. Returns how long `write` took.
-fn restore_streaming(
-    hv: &xenod_deployer::Libvirt,
-    file: &Path,
-    head: &[u8],
-    xml: &str,
-    write: impl FnOnce() -> Result<()>,
-) -> Result<Duration> {
-    let fifo = file.with_extension("fifo");
-    let _ = fs::remove_file(&fifo);
-    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600))
-        .with_context(|| format!("creating {}", fifo.display()))?;
-    struct Gone<'a>(&'a Path);
-    impl Drop for Gone<'_> {
-        fn drop(&mut self) {
-            let _ = fs::remove_file(self.0);
-        }
-    }
-    let _gone = Gone(&fifo);
-    let restore_ended = std::sync::atomic::AtomicBool::new(false);
-    let (written, written_rx) = std::sync::mpsc::channel::<bool>();
-    std::thread::scope(|sc| {
-        let restore = sc.spawn(|| {
-            let r = hv.restore_image(&fifo, xml);
-            restore_ended.store(true, std::sync::atomic::Ordering::Release);
-            r
-        });
-        let feeder = sc.spawn(|| feed(&fifo, head, file, written_rx, &restore_ended));
-        let t = Instant::now();
-        let wrote = write();
-        let took = t.elapsed();
-        let _ = written.send(wrote.is_ok());
-        let fed = feeder.join().unwrap_or_else(|_| Err(anyhow!("the restore's feeder panicked")));
-        let restored = restore.join().unwrap_or_else(|_| {
-            Err(xenod_deployer::Error::Unsupported { op: "restore", reason: "the restore thread panicked".into() })
-        });
-        // The first failure is the cause: a bad image, then libvirt, then
-        // the FIFO between them.
-        wrote?;
-        restored?;
-        fed?;
-        Ok(took)
-    })
-}
-
-/// Writes `head` into the FIFO libvirt restores from, then (once `written`
-/// says the image is whole) the rest of `file`. If it is not, the stream
-/// goes on with bytes that are no QEMU stream, so that QEMU fails its load
-/// (a FIFO closed with nothing more to read only hangs up, and QEMU 7.2
-/// waits for input on it forever).
-fn feed(
-    fifo: &Path,
-    head: &[u8],
-    file: &Path,
-    written: std::sync::mpsc::Receiver<bool>,
-    restore_ended: &std::sync::atomic::AtomicBool,
-) -> Result<()> {
-    use std::io::{Seek, SeekFrom, Write};
-    use std::os::unix::fs::OpenOptionsExt;
-    // Opened without blocking while there is no reader: libvirt may fail
-    // before it opens the FIFO.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut out = loop {
-        let f = fs::OpenOptions::new().write(true).custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32).open(fifo);
-        match f {
-            Ok(f) => break f,
-            Err(e)
-                if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error())
-                    && !restore_ended.load(std::sync::atomic::Ordering::Acquire)
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => return Err(e).with_context(|| format!("opening {} for the restore", fifo.display())),
-        }
-    };
-    rustix::fs::fcntl_setfl(&out, rustix::fs::OFlags::empty())?;
-    out.write_all(head).context("handing the image's head to the restore")?;
-    if !written.recv().unwrap_or(false) {
-        let _ = out.write_all(b"XENOD: the image could not be written\n");
-        return Ok(());
-    }
-    let mut f = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    f.seek(SeekFrom::Start(head.len() as u64))?;
-    std::io::copy(&mut f, &mut out).context("handing the image to the restore")?;
-    Ok(())
 }
 
 // ---- source side ---------------------------------------------------------

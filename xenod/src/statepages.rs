@@ -416,8 +416,26 @@ pub fn encode(store: &Store, state: &Path, index: &PageIndex, out: &Path) -> Res
 /// filled in file order, so each source chunk is read once.
 pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Result<u64> {
     let mut r = std::io::BufReader::with_capacity(1 << 20, delta);
-    let (paths, digests, size) = read_header(&mut r)?;
-    let nsrc = paths.len();
+    let bad = |why: String| anyhow::anyhow!("saved state (page delta): {why}");
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic).map_err(|_| bad("shorter than its header".into()))?;
+    ensure!(&magic == MAGIC, bad("not a page delta (bad magic)".into()));
+    let nsrc = read_u16(&mut r).map_err(|_| bad("truncated header".into()))? as usize;
+    if nsrc > MAX_SOURCES {
+        return Err(bad(format!("{nsrc} source files (at most {MAX_SOURCES})")));
+    }
+    let mut paths = Vec::with_capacity(nsrc);
+    let mut digests = Vec::with_capacity(nsrc);
+    for _ in 0..nsrc {
+        let len = read_u16(&mut r).map_err(|_| bad("truncated header".into()))? as usize;
+        let mut p = vec![0u8; len];
+        let mut digest = [0u8; 32];
+        r.read_exact(&mut p).map_err(|_| bad("truncated header".into()))?;
+        r.read_exact(&mut digest).map_err(|_| bad("truncated header".into()))?;
+        paths.push(p);
+        digests.push(digest);
+    }
+    let size = read_u64(&mut r).map_err(|_| bad("truncated header".into()))?;
     let files = if nsrc == 0 { Vec::new() } else { source_files(store, top, &paths)? };
     let mut sources: Vec<Vec<Extent>> = Vec::with_capacity(nsrc);
     for (p, digest) in paths.iter().zip(&digests) {
@@ -510,59 +528,6 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
         i = end;
     }
     Ok(size)
-}
-
-fn bad(why: String) -> anyhow::Error {
-    anyhow::anyhow!("saved state (page delta): {why}")
-}
-
-/// A delta's header: its source files' paths and digests, and the
-/// image's size.
-fn read_header(r: &mut impl Read) -> Result<(Vec<Vec<u8>>, Vec<Hash>, u64)> {
-    let mut magic = [0u8; 8];
-    r.read_exact(&mut magic).map_err(|_| bad("shorter than its header".into()))?;
-    ensure!(&magic == MAGIC, bad("not a page delta (bad magic)".into()));
-    let nsrc = read_u16(r).map_err(|_| bad("truncated header".into()))? as usize;
-    if nsrc > MAX_SOURCES {
-        return Err(bad(format!("{nsrc} source files (at most {MAX_SOURCES})")));
-    }
-    let mut paths = Vec::with_capacity(nsrc);
-    let mut digests = Vec::with_capacity(nsrc);
-    for _ in 0..nsrc {
-        let len = read_u16(r).map_err(|_| bad("truncated header".into()))? as usize;
-        let mut p = vec![0u8; len];
-        let mut digest = [0u8; 32];
-        r.read_exact(&mut p).map_err(|_| bad("truncated header".into()))?;
-        r.read_exact(&mut digest).map_err(|_| bad("truncated header".into()))?;
-        paths.push(p);
-        digests.push(digest);
-    }
-    let size = read_u64(r).map_err(|_| bad("truncated header".into()))?;
-    Ok((paths, digests, size))
-}
-
-/// The first `len` bytes of the image a page delta describes, which must
-/// be literal (a save image's header and domain XML are): for a restore
-/// that needs them before the rest is decoded.
-pub fn image_prefix(delta: impl Read, len: usize) -> Result<Vec<u8>> {
-    let mut r = std::io::BufReader::with_capacity(64 << 10, delta);
-    let (_, _, size) = read_header(&mut r)?;
-    ensure!(len as u64 <= size, bad(format!("a prefix of {len} bytes of a {size}-byte image")));
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        let mut op = [0u8; 1];
-        r.read_exact(&mut op).map_err(|_| bad(format!("ends at {} bytes", out.len())))?;
-        ensure!(op[0] == OP_LITERAL, bad(format!("byte {} of the image is not literal", out.len())));
-        let n = read_u32(&mut r).map_err(|_| bad("truncated literal".into()))? as usize;
-        let take = n.min(len - out.len());
-        let at = out.len();
-        out.resize(at + take, 0);
-        r.read_exact(&mut out[at..]).map_err(|_| bad(format!("literal at {at} cut short")))?;
-        if take < n {
-            break;
-        }
-    }
-    Ok(out)
 }
 
 /// Copies the pages `refs` (sorted by page) of the file `extents` into
@@ -707,15 +672,6 @@ mod tests {
         assert!(st.delta_bytes < state.len() as u64 - refs * 4000, "{st:?}");
         assert_eq!(decode(&store, &top, File::open(&dp).unwrap(), &out).unwrap(), state.len() as u64);
         assert_eq!(std::fs::read(&out).unwrap(), state);
-        // The head, before anything is decoded: literal up to the first
-        // page record (16 + 1000 bytes, then the record's 8-byte header
-        // and name); a prefix reaching into a referenced page is refused.
-        let prefix = |n| image_prefix(File::open(&dp).unwrap(), n);
-        assert_eq!(prefix(1000).unwrap(), state[..1000]);
-        assert_eq!(prefix(1031).unwrap(), state[..1031]);
-        let e = prefix(1032).unwrap_err().to_string();
-        assert!(e.contains("byte 1031 of the image is not literal"), "{e}");
-        assert!(prefix(state.len() + 1).unwrap_err().to_string().contains("of a"), "longer than the image");
 
         // Against another version of the files: refused, by name.
         let (other, _, _) = layer(&store, 50);
