@@ -144,8 +144,8 @@ for save in $SAVES; do
         | awk '/^Total bytes sent/ { gsub(",", "", $4); print $4 }')
     target "b$r-$level-$save"
     j=$WORK/migrate-$r-$level-$save.json
-    live=(--save); [ "$save" = live ] && live=(--live)
-    "$X" --data-dir "$WORK/a" --json migrate bench --to "$AB" --level "$level" "${live[@]}" > "$j"
+    how=--save; [ "$save" = live ] && how=--live
+    "$X" --data-dir "$WORK/a" --json migrate bench --to "$AB" --level "$level" "$how" > "$j"
     ph() { jq -r --arg p "$1" '.phases[] | select(.phase == $p) | (.wire_bytes // .fetch.wire_bytes // 0)' "$j"; }
     printf '%-6s %5s %5s %12s %12s %12s %12s %10.2f %10.2f %12s\n' "$r" "$level" "$save" "$(ph prepare)" "$(ph pre-copy)" \
         "$(ph stop-and-copy)" "$(jq -r .wire_bytes "$j")" "$(jq -r .downtime_seconds "$j")" \

@@ -105,8 +105,8 @@ impl Libvirt {
     /// guest only for the last round; libvirt's save header and the domain
     /// XML go in front, so [`Hypervisor::restore`] takes the file as it
     /// takes a save. The domain is left paused, its QEMU still holding its
-    /// host ports: [`Hypervisor::kill`] then leaves it as
-    /// [`Hypervisor::save`] does (shut off, defined). Returns how long the
+    /// host ports: [`Hypervisor::resume`] runs it on, [`Hypervisor::kill`]
+    /// leaves it as [`Hypervisor::save`] does (shut off, defined). Returns how long the
     /// guest has been stopped: QEMU's count of its last round, the poll
     /// interval in which its end was seen, and the copy's tail. QEMU/KVM
     /// only; it goes through the QEMU monitor, which libvirt records as a

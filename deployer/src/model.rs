@@ -167,6 +167,16 @@ pub fn resolve_ports(ports: &[PortForward]) -> Result<Vec<PortForward>> {
     Ok(out)
 }
 
+/// Gives each forward whose host port is the first of a `(from, to)` pair
+/// the second instead.
+pub fn move_host_ports(forwards: &mut [PortForward], moved: &[(u16, u16)]) {
+    for f in forwards {
+        if let Some((_, to)) = moved.iter().find(|(from, _)| *from == f.host) {
+            f.host = *to;
+        }
+    }
+}
+
 /// Fails with [`Error::PortTaken`] if a forward's host port is in use.
 pub fn check_ports_free(forwards: &[PortForward]) -> Result<()> {
     for f in forwards {

@@ -143,11 +143,7 @@ fn move_ports(file: &Path, xml: &str, ports: &[(u16, u16)]) -> Result<String> {
     let end = xml[text..].find("</").map(|e| text + e).ok_or_else(|| bad(file, "unterminated xenod metadata"))?;
     let close = xml[end..].find('>').map(|e| end + e + 1).ok_or_else(|| bad(file, "unterminated xenod metadata"))?;
     let mut meta = parse_meta(&xml[start..close]).ok_or_else(|| bad(file, "xenod metadata does not parse"))?;
-    for f in &mut meta.ports {
-        if let Some((_, to)) = ports.iter().find(|(from, _)| *from == f.host) {
-            f.host = *to;
-        }
-    }
+    crate::model::move_host_ports(&mut meta.ports, ports);
     let json = serde_json::to_string(&meta).map_err(|e| bad(file, format!("xenod metadata: {e}")))?;
     Ok(format!("{}{}{}", &xml[..text], xml_escape(&json), &xml[end..]))
 }

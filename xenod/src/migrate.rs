@@ -399,11 +399,7 @@ fn adopt(
                 let to = format!("{}/", dir.display());
                 let moved = ports_here(record)?;
                 xenod_deployer::retarget(file, &domain, &xenod_deployer::random_uuid(), &[(from, to)], &moved)?;
-                for f in &mut inst.ports {
-                    if let Some((_, to)) = moved.iter().find(|(from, _)| *from == f.host) {
-                        f.host = *to;
-                    }
-                }
+                xenod_deployer::move_host_ports(&mut inst.ports, &moved);
                 inst.save(data)?;
                 restoring();
                 test_fail("restore")?;

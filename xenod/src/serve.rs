@@ -325,7 +325,11 @@ impl Daemon {
         match req {
             Request::Migrate { instance, to, cold, level, live, save } => {
                 let mode = match (live, save) {
-                    (true, true) => bail!("--live and --save exclude each other"),
+                    (true, true) => {
+                        return Err(
+                            Coded { code: Exit::BadInput, msg: "--live and --save exclude each other".into() }.into()
+                        );
+                    }
                     (true, false) => crate::migrate::SaveMode::Live,
                     (false, true) => crate::migrate::SaveMode::Stopped,
                     (false, false) => crate::migrate::SaveMode::Auto,
