@@ -44,11 +44,13 @@ mod xml;
 
 pub use error::{Error, Result};
 pub use hypervisor::{DomainState, DomainStatus, Hypervisor, StopOutcome, wait_state};
-pub use libvirt::{Libvirt, URI_ENV, default_uri};
+pub use libvirt::{Incoming, Libvirt, URI_ENV, default_uri};
 pub use model::{DomainMeta, DomainModel, Network, ROOT_TAG, Root, check_ports_free, move_host_ports, resolve_ports};
 pub use probe::{ACCEL_ENV, Accel, AccelProbe, probe_accel};
 pub use ready::{GUEST_READY_LINE, console_tail, http_get, wait_console, wait_http};
-pub use saveimage::{GUEST_PAGE, MAX_RAM_RECORD, RamRecord, ram_record, random_uuid, retarget, saved_xml};
+pub use saveimage::{
+    GUEST_PAGE, MAX_RAM_RECORD, RamRecord, ram_record, random_uuid, retarget, retarget_xml, saved_xml, stream_offset,
+};
 pub use spec::{
     BootFile, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, DeploySpec, FsShare, MAX_NAME_LEN, PortForward, RootMode,
     SpecOverrides, validate_name,

@@ -98,14 +98,7 @@ pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)],
         }
         o => return Err(bad(file, format!("cookie offset {o} outside the XML block"))),
     };
-    let xml = replace_element(file, xml, "name", &xml_escape(name))?;
-    let mut xml = replace_element(file, &xml, "uuid", uuid)?;
-    for (from, to) in paths {
-        xml = xml.replace(&xml_escape(from), &xml_escape(to));
-    }
-    if !ports.is_empty() {
-        xml = move_ports(file, &xml, ports)?;
-    }
+    let xml = retarget_xml(xml, name, uuid, paths, ports).map_err(|why| bad(file, why))?;
     let mut block = Vec::with_capacity(data.len());
     block.extend_from_slice(xml.as_bytes());
     block.push(0);
@@ -128,31 +121,59 @@ pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)],
 /// Moves host ports of the forwards in `xml`: QEMU's `hostfwd` arguments
 /// (as [`crate::xml`] writes them) and the ports of xenod's metadata, so
 /// that the restored domain reports where it listens.
-fn move_ports(file: &Path, xml: &str, ports: &[(u16, u16)]) -> Result<String> {
+/// Gives domain `xml` the name `name`, the UUID `uuid`, every occurrence
+/// of each `(from, to)` path prefix replaced and each `(from, to)` host
+/// port of the guest's forwards moved (in QEMU's arguments and in xenod's
+/// metadata). Errors say what the XML lacks.
+pub fn retarget_xml(
+    xml: &str,
+    name: &str,
+    uuid: &str,
+    paths: &[(String, String)],
+    ports: &[(u16, u16)],
+) -> std::result::Result<String, String> {
+    let xml = replace_element(xml, "name", &xml_escape(name))?;
+    let mut xml = replace_element(&xml, "uuid", uuid)?;
+    for (from, to) in paths {
+        xml = xml.replace(&xml_escape(from), &xml_escape(to));
+    }
+    if !ports.is_empty() {
+        xml = move_ports(&xml, ports)?;
+    }
+    Ok(xml)
+}
+
+/// Where QEMU's migration stream starts in the save image `file`.
+pub fn stream_offset(file: &Path) -> Result<u64> {
+    let (_, data) = read_block(file)?;
+    Ok((HEADER + data.len()) as u64)
+}
+
+fn move_ports(xml: &str, ports: &[(u16, u16)]) -> std::result::Result<String, String> {
     let mut xml = xml.to_owned();
     for (from, to) in ports {
         let (a, b) = (format!("hostfwd=tcp:127.0.0.1:{from}-:"), format!("hostfwd=tcp:127.0.0.1:{to}-:"));
         if !xml.contains(&a) {
-            return Err(bad(file, format!("no forward from host port {from} in the domain XML")));
+            return Err(format!("no forward from host port {from} in the domain XML"));
         }
         xml = xml.replace(&a, &b);
     }
-    let at = xml.find(META_NS).ok_or_else(|| bad(file, "domain XML has no xenod metadata"))?;
-    let start = xml[..at].rfind('<').ok_or_else(|| bad(file, "malformed xenod metadata"))?;
-    let text = xml[at..].find('>').map(|e| at + e + 1).ok_or_else(|| bad(file, "malformed xenod metadata"))?;
-    let end = xml[text..].find("</").map(|e| text + e).ok_or_else(|| bad(file, "unterminated xenod metadata"))?;
-    let close = xml[end..].find('>').map(|e| end + e + 1).ok_or_else(|| bad(file, "unterminated xenod metadata"))?;
-    let mut meta = parse_meta(&xml[start..close]).ok_or_else(|| bad(file, "xenod metadata does not parse"))?;
+    let at = xml.find(META_NS).ok_or_else(|| "domain XML has no xenod metadata".to_string())?;
+    let start = xml[..at].rfind('<').ok_or_else(|| "malformed xenod metadata".to_string())?;
+    let text = xml[at..].find('>').map(|e| at + e + 1).ok_or_else(|| "malformed xenod metadata".to_string())?;
+    let end = xml[text..].find("</").map(|e| text + e).ok_or_else(|| "unterminated xenod metadata".to_string())?;
+    let close = xml[end..].find('>').map(|e| end + e + 1).ok_or_else(|| "unterminated xenod metadata".to_string())?;
+    let mut meta = parse_meta(&xml[start..close]).ok_or_else(|| "xenod metadata does not parse".to_string())?;
     crate::model::move_host_ports(&mut meta.ports, ports);
-    let json = serde_json::to_string(&meta).map_err(|e| bad(file, format!("xenod metadata: {e}")))?;
+    let json = serde_json::to_string(&meta).map_err(|e| format!("xenod metadata: {e}"))?;
     Ok(format!("{}{}{}", &xml[..text], xml_escape(&json), &xml[end..]))
 }
 
 /// Replaces the text of the first top-level `<tag>` element.
-fn replace_element(file: &Path, xml: &str, tag: &str, text: &str) -> Result<String> {
+fn replace_element(xml: &str, tag: &str, text: &str) -> std::result::Result<String, String> {
     let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
-    let start = xml.find(&open).ok_or_else(|| bad(file, format!("domain XML has no <{tag}>")))? + open.len();
-    let end = xml[start..].find(&close).ok_or_else(|| bad(file, format!("unterminated <{tag}>")))? + start;
+    let start = xml.find(&open).ok_or_else(|| format!("domain XML has no <{tag}>"))? + open.len();
+    let end = xml[start..].find(&close).ok_or_else(|| format!("unterminated <{tag}>"))? + start;
     Ok(format!("{}{text}{}", &xml[..start], &xml[end..]))
 }
 

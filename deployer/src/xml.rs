@@ -393,7 +393,7 @@ impl Xml {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::spec::{PortForward, RootMode};
 

@@ -25,6 +25,7 @@ mod progress;
 mod remote;
 mod replicate;
 mod serve;
+mod stage;
 mod statepages;
 
 use std::process::ExitCode;

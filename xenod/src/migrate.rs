@@ -16,11 +16,16 @@
 //! prepare        target: check trust, name and space; fetch the stack
 //! pre-copy       source: drain cowfs's dirty set, commit only what was
 //!                written, target fetches the new chunks; repeat while a
-//!                round sends less than the one before (at most 6 rounds)
+//!                round sends less than the one before (at most 6 rounds);
+//!                then the target stages the guest: mounts the last
+//!                round's layer and starts its QEMU there, paused, waiting
+//!                for its state (crate::stage)
 //! stop-and-copy  source: save the guest (or stop it, --cold), commit the
 //!                last writes, chunk the state; target fetches them
-//! resume         target: mount, rewrite the saved state's identity and
-//!                paths, restore (or boot, --cold)        <- commit point
+//! resume         target: write the last writes into the staged mount and
+//!                load the state into the waiting QEMU; unstaged: mount,
+//!                rewrite the saved state's identity and paths, restore
+//!                (or boot, --cold)                       <- commit point
 //! clean up       source: undefine, unmount, remove the instance
 //! ```
 //!
@@ -59,6 +64,7 @@ use xenod_store::{
 use crate::config::Config;
 use crate::deploy::{self, Instance};
 use crate::serve::{Daemon, note};
+use crate::stage;
 use crate::statepages::{self, EncodeStats, PageHashes, PageIndex};
 use crate::{Coded, Exit};
 
@@ -158,6 +164,14 @@ enum Wire {
         #[serde(default)]
         level: Option<u8>,
     },
+    /// After pre-copy: mount `layer` and start the guest's QEMU on it,
+    /// waiting for its state ([`crate::stage`]). `xml`: the domain as the
+    /// source runs it.
+    Stage {
+        layer: LayerId,
+        record: Box<Record>,
+        xml: String,
+    },
     Resume {
         layer: LayerId,
         state: Option<LayerId>,
@@ -185,15 +199,18 @@ impl ProtocolHandler for Handler {
             return Ok(());
         };
         let allowed = Config::load(d.data_dir()).map(|c| c.migrate_from.contains(&peer)).unwrap_or(false);
+        // A stage lives as long as its source's connection.
+        let slot = stage::SharedSlot::default();
         while let Ok((send, recv)) = conn.accept_bi().await {
-            let d = d.clone();
-            let peer = peer.clone();
+            let (d, peer, slot) = (d.clone(), peer.clone(), slot.clone());
             tokio::spawn(async move {
-                if let Err(e) = serve_request(&d, &peer, allowed, send, recv).await {
+                if let Err(e) = serve_request(&d, &peer, allowed, &slot, send, recv).await {
                     tracing::warn!("migration request from {peer}: {e:#}");
                 }
             });
         }
+        let (data, store) = (d.data_dir().to_path_buf(), d.store_arc());
+        let _ = tokio::task::spawn_blocking(move || stage::close(&slot, &data, &store)).await;
         Ok(())
     }
 }
@@ -202,6 +219,7 @@ async fn serve_request(
     d: &Arc<Daemon>,
     peer: &str,
     allowed: bool,
+    slot: &stage::SharedSlot,
     mut send: SendStream,
     mut recv: RecvStream,
 ) -> Result<()> {
@@ -209,8 +227,7 @@ async fn serve_request(
     let req: Wire = serde_json::from_slice(&req).context("a malformed request")?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
     let work = {
-        let d = d.clone();
-        let peer = peer.to_owned();
+        let (d, peer, slot) = (d.clone(), peer.to_owned(), slot.clone());
         tokio::spawn(async move {
             if !allowed {
                 bail!(
@@ -218,7 +235,7 @@ async fn serve_request(
                      (the node id is in `xenod status` of the sending host)"
                 );
             }
-            target_op(&d, req, tx).await
+            target_op(&d, req, &slot, tx).await
         })
     };
     let mut work = std::pin::pin!(work);
@@ -244,7 +261,12 @@ async fn serve_request(
     Ok(())
 }
 
-async fn target_op(d: &Arc<Daemon>, req: Wire, tx: tokio::sync::mpsc::UnboundedSender<Value>) -> Result<Value> {
+async fn target_op(
+    d: &Arc<Daemon>,
+    req: Wire,
+    slot: &stage::SharedSlot,
+    tx: tokio::sync::mpsc::UnboundedSender<Value>,
+) -> Result<Value> {
     match req {
         Wire::Prepare { instance, mounted, source, need_bytes } => {
             xenod_deployer::validate_name(&instance)?;
@@ -278,17 +300,39 @@ async fn target_op(d: &Arc<Daemon>, req: Wire, tx: tokio::sync::mpsc::UnboundedS
             }
             let (data, store) = (d.data_dir().to_path_buf(), d.store_arc());
             let t = Instant::now();
+            let staged = stage::take(slot, &record.name);
             let adopted = tokio::task::spawn_blocking(move || {
-                adopt(&data, &store, layer, state, &record, &|| {
+                let restoring = || {
                     let _ = tx.send(json!({ "restoring": true }));
-                })
+                };
+                if let (Some(st), Some(s)) = (staged, state) {
+                    match stage::finish(&data, &store, st, layer, s, &restoring)? {
+                        Ok(v) => return Ok(v),
+                        // More changed than file contents: the usual way.
+                        Err(st) => stage::undo(&data, &store, st),
+                    }
+                }
+                adopt(&data, &store, layer, state, &record, &restoring)
             })
             .await??;
             Ok(json!({ "fetch": rep, "instance": adopted, "resume_seconds": t.elapsed().as_secs_f64() }))
         }
+        Wire::Stage { layer, record, xml } => {
+            let (data, store, slot) = (d.data_dir().to_path_buf(), d.store_arc(), slot.clone());
+            tokio::task::spawn_blocking(move || {
+                let (staged, info) = stage::stage(&data, &store, layer, &record, &xml)?;
+                stage::keep(&slot, &data, &store, staged);
+                Ok(info)
+            })
+            .await?
+        }
         Wire::Abort { instance } => {
             // Only what a failed resume could have left: adopt cleans up
             // after itself, so normally there is nothing.
+            if let Some(st) = stage::take(slot, &instance) {
+                let (data, store) = (d.data_dir().to_path_buf(), d.store_arc());
+                tokio::task::spawn_blocking(move || stage::undo(&data, &store, st)).await?;
+            }
             let dir = deploy::instance_dir(d.data_dir(), &instance);
             Ok(json!({ "aborted": instance, "left": dir.exists() }))
         }
@@ -323,7 +367,7 @@ fn test_hook(phase: &str) {
 /// Test hook: `XENOD_TEST_MIGRATE_FAIL=restore` makes a target fail its
 /// restore of a guest after telling the source it is restoring. Never set
 /// in production.
-fn test_fail(step: &str) -> Result<()> {
+pub(crate) fn test_fail(step: &str) -> Result<()> {
     if std::env::var("XENOD_TEST_MIGRATE_FAIL").is_ok_and(|p| p == step) {
         bail!("XENOD_TEST_MIGRATE_FAIL={step}");
     }
@@ -333,6 +377,25 @@ fn test_fail(step: &str) -> Result<()> {
 fn free_bytes(dir: &Path) -> Result<u64> {
     let s = rustix::fs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
     Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// `record`'s instance as it runs here on `layer`, not yet mounted.
+pub(crate) fn instance_of(data: &Path, record: &Record, layer: LayerId) -> Instance {
+    let domain = deploy::domain_name(data, &record.name);
+    Instance {
+        name: record.name.clone(),
+        top: record.top,
+        layer: record.layer,
+        uri: default_uri(),
+        root: record.root,
+        ports: record.ports.clone(),
+        mount_pid: None,
+        created: now(),
+        mounted: Some(layer),
+        domain: (domain != record.name).then_some(domain),
+        spec: record.spec.clone(),
+        lazy: false,
+    }
 }
 
 /// Runs `record`'s instance here on the committed upper `layer` (all of
@@ -355,20 +418,7 @@ fn adopt(
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let domain = deploy::domain_name(data, name);
-    let mut inst = Instance {
-        name: name.to_owned(),
-        top: record.top,
-        layer: record.layer,
-        uri: default_uri(),
-        root: record.root,
-        ports: record.ports.clone(),
-        mount_pid: None,
-        created: now(),
-        mounted: Some(layer),
-        domain: (domain != name).then(|| domain.clone()),
-        spec: record.spec.clone(),
-        lazy: false,
-    };
+    let mut inst = instance_of(data, record, layer);
     let uri = inst.uri.clone();
     let undo = |started: bool| {
         if started && let Ok(hv) = deploy::hypervisor(&uri) {
@@ -486,13 +536,13 @@ fn state_layer(
 /// 242 MB image took seconds to go through the disk), else in the
 /// instance directory. Removed when dropped, unless [`Transient::keep`]
 /// moved it.
-struct Transient {
+pub(crate) struct Transient {
     path: PathBuf,
     kept: bool,
 }
 
 impl Transient {
-    fn new(inst_dir: &Path, memory_mib: u64) -> Self {
+    pub(crate) fn new(inst_dir: &Path, memory_mib: u64) -> Self {
         let shm = Path::new("/dev/shm");
         let need = memory_mib.max(256) << 21;
         let path = if free_bytes(shm).is_ok_and(|f| f >= need) {
@@ -504,7 +554,7 @@ impl Transient {
         Self { path, kept: false }
     }
 
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -554,7 +604,7 @@ fn data_chunks(store: &Store, layer: &LayerId) -> Result<u64> {
 
 /// Writes the save image of state layer `layer` to `to`; `top` is the
 /// layer the instance is restored on, whose files a page delta refers to.
-fn export_state(store: &Store, layer: &LayerId, top: &LayerId, to: &Path) -> Result<()> {
+pub(crate) fn export_state(store: &Store, layer: &LayerId, top: &LayerId, to: &Path) -> Result<()> {
     for e in store.read_layer(layer)? {
         let e = e?;
         if let Kind::File { extents, .. } = e.kind {
@@ -695,7 +745,7 @@ fn upper_bytes(dir: &Path) -> u64 {
 /// is taken on this host goes to a free one (on one machine the source's
 /// paused QEMU still holds it until clean-up); a port the spec fixed must
 /// be free.
-fn ports_here(record: &Record) -> Result<Vec<(u16, u16)>> {
+pub(crate) fn ports_here(record: &Record) -> Result<Vec<(u16, u16)>> {
     let mut moved = Vec::new();
     for f in &record.ports {
         let Err(taken) = xenod_deployer::check_ports_free(&[*f]) else { continue };
@@ -897,8 +947,36 @@ pub async fn migrate(
         }
     }
     let pre_wire: u64 = rounds.iter().map(|r| r["fetch"]["wire_bytes"].as_u64().unwrap_or(0)).sum();
+    // The target mounts the last round's layer and starts the guest's QEMU
+    // on it, waiting for its state, so that after the stop it only loads
+    // it (crate::stage). A target that cannot restores the usual way.
+    let staged = match (cold, last) {
+        (false, Some((id, _))) => {
+            let t = Instant::now();
+            let (hv2, dom) = (hv.clone(), inst.domain().to_owned());
+            let unstaged = |e: anyhow::Error| {
+                note(format!("{name}: the target restores the guest after the stop: it could not stage it ({e:#})"));
+                json!({ "seconds": t.elapsed().as_secs_f64(), "error": format!("{e:#}") })
+            };
+            match blocking(move || Ok(hv2.migratable_xml(&dom)?)).await {
+                Err(e) => unstaged(e.context("reading the domain's XML")),
+                Ok(xml) => {
+                    let req = Wire::Stage { layer: id, record: Box::new(record_of(&data, &inst)), xml };
+                    match call(&conn, &req, |_| {}).await {
+                        Ok(v) => json!({ "seconds": t.elapsed().as_secs_f64(), "target": v }),
+                        Err(e) if e.downcast_ref::<TargetFailed>().is_some() => unstaged(e),
+                        Err(e) => {
+                            abort(conn, name.into()).await;
+                            return Err(phase_err(Phase::PreCopy, e, here).into());
+                        }
+                    }
+                }
+            }
+        }
+        _ => Value::Null,
+    };
     phases.push(json!({ "phase": "pre-copy", "seconds": t.elapsed().as_secs_f64(), "wire_bytes": pre_wire,
-                        "rounds": rounds }));
+                        "rounds": rounds, "stage": staged }));
 
     // stop-and-copy
     note(format!("{name}: stop-and-copy: {} the guest", if cold { "stopping" } else { "saving" }));

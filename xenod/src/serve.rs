@@ -596,6 +596,8 @@ pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool) -> Resul
             bail!("a daemon already serves {}", data_dir.display());
         }
         let d = Daemon::start(data_dir, listen, false).await?;
+        let (data, store) = (d.data_dir().to_path_buf(), d.store_arc());
+        tokio::task::spawn_blocking(move || crate::stage::sweep(&data, &store)).await?;
         crate::announce::spawn(&d);
         let addr = format_peer(&d.node.addr());
         let sock = socket_path(data_dir);

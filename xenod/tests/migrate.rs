@@ -25,6 +25,18 @@ fn domid(name: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Whether libvirt keeps `name` defined when it stops.
+fn persistent(name: &str) -> bool {
+    let out = Command::new("virsh").args(["-c", "qemu:///system", "dominfo", name]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("Persistent:") && l.ends_with("yes"))
+}
+
+/// The target staged the guest (its QEMU started before the stop, the
+/// state loaded into it after).
+fn staged(m: &serde_json::Value) -> bool {
+    m["phases"][1]["stage"]["target"]["domain"].is_string() && m["phases"][3]["target_steps"]["write_seconds"].is_f64()
+}
+
 fn domains() -> String {
     let out = Command::new("virsh").args(["-c", "qemu:///system", "list", "--all", "--name"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -109,7 +121,9 @@ fn guest_moves_there_and_back_with_its_counter() {
     // of vmlinux's.
     assert!(pages["pages_patched"].as_u64().unwrap() > 0, "{pages}");
     assert!(!h.a.join("instances").join(&h.name).exists(), "the source cleaned up");
-    assert!(domains().contains(&format!("{}{}", h.prefix_b, h.name)));
+    assert!(staged(&there), "the target staged the guest before the stop: {there}");
+    assert!(persistent(&format!("{}{}", h.prefix_b, h.name)), "defined on B, as a deployed guest is");
+    assert!(!h.b.join("instances").join(&h.name).join("staged").exists());
     assert_eq!(ok(&h.b, &["ps"])["instances"][0]["state"], "running");
 
     // The guest writes on B; the way back sends only what changed there.
@@ -119,6 +133,7 @@ fn guest_moves_there_and_back_with_its_counter() {
     let back = ok(&h.b, &["migrate", &h.name, "--to", &da.addr, "--level", "9", "--save"]);
     assert_eq!((there["precopy_level"].as_u64(), back["precopy_level"].as_u64()), (Some(16), Some(9)));
     assert_eq!(back["live"], false, "{back}");
+    assert!(staged(&back), "a stopped save loads into a staged QEMU too: {back}");
     let port = back["port"].as_u64().unwrap();
     assert_eq!(counter(port), 5, "the counter continues on A again");
     let (w1, w2) = (there["wire_bytes"].as_u64().unwrap(), back["wire_bytes"].as_u64().unwrap());
@@ -178,6 +193,12 @@ fn target_killed_mid_migration_leaves_the_guest_on_the_source() {
         if live {
             assert_eq!(domid(&format!("{}{}", h.prefix_a, h.name)), id, "unpaused in the same QEMU, not restored");
         }
+        // Dead in stop-and-copy, the target had staged the guest: its QEMU
+        // ended with the daemon's socket, and the target's next start
+        // removes the mount and directory.
+        let staged = h.b.join("instances").join(&h.name).join("staged");
+        assert_eq!(staged.exists(), phase == "stop-and-copy", "staged on the target only after pre-copy");
+        let _db = Daemon::start(&h.b, &[]);
         assert!(!h.b.join("instances").join(&h.name).exists(), "nothing half-made on the target");
         assert!(!domains().contains(&format!("{}{}", h.prefix_b, h.name)), "nothing defined on the target");
     }
