@@ -45,6 +45,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -99,6 +100,10 @@ const FINAL_LEVEL: u8 = 3;
 /// Layer metadata of a checkpoint: its state layer and instance record.
 const META_STATE: &str = "checkpoint-state";
 const META_RECORD: &str = "instance-record";
+/// Layer metadata of a state layer whose page delta refers to the files of
+/// another commit of the instance than the one it is restored on (the last
+/// pre-copy round's, when the delta was encoded while the guest ran).
+const META_PAGES_ON: &str = "pages-on";
 
 /// Where a migration failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -499,35 +504,36 @@ fn state_layer(
     index: Option<&PageIndex>,
     meta: BTreeMap<String, String>,
 ) -> Result<(LayerId, Option<EncodeStats>)> {
+    let Some(ix) = index else { return Ok((store_state(store, file, STATE_FILE, meta)?, None)) };
     let delta = file.with_extension("pages");
-    let (path, stats) = match index {
-        Some(ix) => (STATE_PAGES, Some(statepages::encode(store, file, ix, &delta)?)),
-        None => (STATE_FILE, None),
-    };
-    let from = if index.is_some() { &delta } else { file };
-    let r = (|| -> Result<LayerId> {
-        let f = fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
-        let size = f.metadata()?.len();
-        let at = || from.display().to_string();
-        let opts = ImportOptions { single_chunks: true, ..ImportOptions::default() };
-        let (extents, total) = chunk_stream(store, f, Chunking::Cdc, size, &opts, &at)?;
-        let mut w = LayerWriter::new(store);
-        w.push(&Entry::dir(Vec::new()))?;
-        w.push(&Entry {
-            path: path.to_vec(),
-            kind: Kind::File { size: total, chunking: Chunking::Cdc, extents },
-            mode: 0o600,
-            uid: 0,
-            gid: 0,
-            mtime: Timestamp::default(),
-            xattrs: vec![],
-        })?;
-        Ok(w.finish(None, meta)?)
+    let r = (|| {
+        let f = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        let stats = statepages::encode(store, f, ix, &delta)?;
+        Ok((store_state(store, &delta, STATE_PAGES, meta)?, Some(stats)))
     })();
-    if index.is_some() {
-        let _ = fs::remove_file(&delta);
-    }
-    Ok((r?, stats))
+    let _ = fs::remove_file(&delta);
+    r
+}
+
+/// Stores the file `from` as a one-file layer holding it at `path`.
+fn store_state(store: &Store, from: &Path, path: &[u8], meta: BTreeMap<String, String>) -> Result<LayerId> {
+    let f = fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
+    let size = f.metadata()?.len();
+    let at = || from.display().to_string();
+    let opts = ImportOptions { single_chunks: true, ..ImportOptions::default() };
+    let (extents, total) = chunk_stream(store, f, Chunking::Cdc, size, &opts, &at)?;
+    let mut w = LayerWriter::new(store);
+    w.push(&Entry::dir(Vec::new()))?;
+    w.push(&Entry {
+        path: path.to_vec(),
+        kind: Kind::File { size: total, chunking: Chunking::Cdc, extents },
+        mode: 0o600,
+        uid: 0,
+        gid: 0,
+        mtime: Timestamp::default(),
+        xattrs: vec![],
+    })?;
+    Ok(w.finish(None, meta)?)
 }
 
 /// A save image that lives for one restore: in `/dev/shm` when that has
@@ -574,6 +580,7 @@ impl Drop for Transient {
         if !self.kept {
             let _ = fs::remove_file(&self.path);
         }
+        let _ = fs::remove_file(self.path.with_extension("pages"));
     }
 }
 
@@ -605,6 +612,18 @@ fn data_chunks(store: &Store, layer: &LayerId) -> Result<u64> {
 /// Writes the save image of state layer `layer` to `to`; `top` is the
 /// layer the instance is restored on, whose files a page delta refers to.
 pub(crate) fn export_state(store: &Store, layer: &LayerId, top: &LayerId, to: &Path) -> Result<()> {
+    let on = match store.layer_root(layer)?.meta.get(META_PAGES_ON) {
+        None => *top,
+        Some(on) => {
+            let on: LayerId = on.parse().map_err(|e| anyhow!("state layer {layer}: {META_PAGES_ON} {on:?}: {e}"))?;
+            // Another commit of the same instance: over the same stack.
+            if store.layer_root(&on)?.base != store.layer_root(top)?.base {
+                bail!("state layer {layer} refers to pages of {on}, which is not a commit of the instance of {top}");
+            }
+            on
+        }
+    };
+    let top = &on;
     for e in store.read_layer(layer)? {
         let e = e?;
         if let Kind::File { extents, .. } = e.kind {
@@ -820,11 +839,16 @@ async fn save_guest(
     dom: &str,
     file: &Path,
     mode: SaveMode,
+    live_done: Option<Arc<AtomicBool>>,
 ) -> Result<Option<Duration>> {
     let (hv, dom, f) = (hv.clone(), dom.to_owned(), file.to_path_buf());
     blocking(move || {
         if mode != SaveMode::Stopped {
-            match hv.save_live(&dom, &f) {
+            let r = hv.save_live(&dom, &f);
+            if let Some(d) = live_done {
+                d.store(true, Ordering::Release);
+            }
+            match r {
                 Ok(down) => return Ok(Some(down)),
                 Err(e) if mode == SaveMode::Auto => tracing::info!("{dom}: no live save ({e}); saving it stopped"),
                 Err(e) => return Err(e.into()),
@@ -904,6 +928,8 @@ pub async fn migrate(
     // target fetches each round, so stop-and-copy hashes only the last
     // writes.
     let hashes = Arc::new(std::sync::Mutex::new(PageHashes::default()));
+    // The last round's page index, and its layer.
+    let mut pages_index: Option<(LayerId, PageIndex)> = None;
     let sources = Arc::new(if cold { Vec::new() } else { page_sources(&inst) });
     let index_pages = |id: LayerId| {
         let (store, hashes, sources) = (store.clone(), hashes.clone(), sources.clone());
@@ -919,7 +945,7 @@ pub async fn migrate(
             } else {
                 let req = Wire::Sync { layer: id, source: source.clone(), last: false, level };
                 let (rep, indexed) = tokio::join!(call(&conn, &req, |_| {}), index_pages(id));
-                indexed.context("hashing the pages of the instance's files")?;
+                pages_index = Some((id, indexed.context("hashing the pages of the instance's files")?));
                 rep?
             };
             let wire = rep["wire_bytes"].as_u64().unwrap_or(0);
@@ -984,13 +1010,32 @@ pub async fn migrate(
     let memory_mib = inst.spec.as_ref().map_or(0, |s| s.memory_mib as u64);
     let transient = Transient::new(&inst.dir(&data), memory_mib);
     let state_file = transient.path().to_path_buf();
+    // Saved live, the state's page delta is encoded as QEMU writes it,
+    // while the guest still runs, against the last pre-copy round's files
+    // (which the target holds); after the stop only QEMU's last round is
+    // left to encode.
+    let mut follow = match (pages_index.take(), save) {
+        (Some((on, ix)), SaveMode::Auto | SaveMode::Live) if !cold => {
+            let done = Arc::new(AtomicBool::new(false));
+            let (s, from, to, d) =
+                (store.clone(), state_file.clone(), state_file.with_extension("pages"), done.clone());
+            let task = tokio::task::spawn_blocking(move || {
+                statepages::encode(&s, statepages::Follow::new(&from, d), &ix, &to)
+            });
+            Some((on, done, task))
+        }
+        _ => None,
+    };
     // A live save returns how long the guest has been stopped.
     let stopped = if cold {
         let (hv, dom) = (hv.clone(), inst.domain().to_owned());
         blocking(move || Ok(hv.stop(&dom, Duration::from_secs(30))?)).await.map(|_| None)
     } else {
-        save_guest(&hv, inst.domain(), &state_file, save).await
+        save_guest(&hv, inst.domain(), &state_file, save, follow.as_ref().map(|f| f.1.clone())).await
     };
+    if let Some((_, done, _)) = &follow {
+        done.store(true, Ordering::Release);
+    }
     let live = matches!(stopped, Ok(Some(_)));
     // Brings the source guest back after a failure before the commit point.
     let revive = |hv: Arc<xenod_deployer::Libvirt>, dom: String, f: PathBuf| {
@@ -1013,6 +1058,9 @@ pub async fn migrate(
     let save_down = match stopped {
         Ok(d) => d,
         Err(e) => {
+            if let Some((_, _, task)) = follow.take() {
+                let _ = task.await;
+            }
             abort(conn, name.into()).await;
             return Err(phase_err(Phase::StopAndCopy, e, "the guest was not stopped").into());
         }
@@ -1029,14 +1077,32 @@ pub async fn migrate(
         cache = c;
         let read = cache.last_read;
         let t_state = Instant::now();
+        let mut encoded_live = false;
         let (state, pages) = if cold {
             (None, None)
         } else {
-            let index = index_pages(id).await.context("hashing the pages of the instance's files")?;
-            let (s, f) = (store.clone(), state_file.clone());
-            let meta = [("instance-state".to_string(), name.to_string())].into();
-            let (l, st) = blocking(move || state_layer(&s, &f, Some(&index), meta)).await?;
-            (Some(l), st)
+            let mut meta: BTreeMap<String, String> = [("instance-state".to_string(), name.to_string())].into();
+            let followed = match follow.take() {
+                Some((on, _, task)) if live => Some((on, task.await??)),
+                Some((_, _, task)) => {
+                    // Not saved live after all: what it followed is not the state.
+                    let _ = task.await;
+                    None
+                }
+                None => None,
+            };
+            encoded_live = followed.is_some();
+            if let Some((on, stats)) = followed {
+                meta.insert(META_PAGES_ON.into(), on.to_string());
+                let (s, f) = (store.clone(), state_file.with_extension("pages"));
+                let l = blocking(move || store_state(&s, &f, STATE_PAGES, meta)).await?;
+                (Some(l), Some(stats))
+            } else {
+                let index = index_pages(id).await.context("hashing the pages of the instance's files")?;
+                let (s, f) = (store.clone(), state_file.clone());
+                let (l, st) = blocking(move || state_layer(&s, &f, Some(&index), meta)).await?;
+                (Some(l), st)
+            }
         };
         let s2 = store.clone();
         blocking(move || Ok(s2.flush()?)).await?;
@@ -1052,11 +1118,15 @@ pub async fn migrate(
             id,
             state,
             json!({ "blocks_written": dirty.block_count(), "bytes_read": read, "wire_bytes": wire,
-                    "state_pages": pages, "state_seconds": state_seconds,
+                    "state_pages": pages, "state_seconds": state_seconds, "state_encoded_live": encoded_live,
                     "send_seconds": t_send.elapsed().as_secs_f64() }),
         ))
     }
     .await;
+    // (The encoder writes into the state's directory: done before it goes.)
+    if let Some((_, _, task)) = follow.take() {
+        let _ = task.await;
+    }
     let (layer, state, fin_info) = match fin {
         Ok(x) => x,
         Err(e) => {
@@ -1181,7 +1251,7 @@ pub async fn checkpoint(d: &Arc<Daemon>, name: &str, label: Option<String>) -> R
     // Saved live where the hypervisor can (the guest stops for QEMU's last
     // round and for the commit of its upper layer, then runs on while its
     // state is chunked), else saved and restored.
-    let live = save_guest(&hv, inst.domain(), &state_file, SaveMode::Auto).await?;
+    let live = save_guest(&hv, inst.domain(), &state_file, SaveMode::Auto, None).await?;
     let t_stopped = Instant::now();
     // The state's pages refer to the upper layer as saved: commit it while
     // the guest is stopped.

@@ -50,6 +50,8 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, ensure};
 use rayon::prelude::*;
@@ -311,14 +313,53 @@ fn patch(
     Ok((zeros(xor) >= zeros(page) + PATCH_GAIN).then_some((src as u16, n as u32)))
 }
 
-/// Writes the page delta of the save image `state` against `index` (whose
-/// files `store` holds) to `out`.
-pub fn encode(store: &Store, state: &Path, index: &PageIndex, out: &Path) -> Result<EncodeStats> {
-    let mut f = File::open(state).with_context(|| format!("opening {}", state.display()))?;
-    let size = f.metadata()?.len();
-    let mut w =
-        BufWriter::with_capacity(1 << 20, File::create(out).with_context(|| format!("creating {}", out.display()))?);
-    let mut st = EncodeStats { state_bytes: size, pages_indexed: index.map.len() as u64, ..EncodeStats::default() };
+/// Reads a file another thread is still writing: at its end, waits for
+/// more until `done` is set (with release ordering, after the last
+/// write), then ends where the file does. A file not there yet is waited
+/// for too (and is empty if `done` comes first).
+pub struct Follow {
+    path: std::path::PathBuf,
+    file: Option<File>,
+    done: Arc<AtomicBool>,
+}
+
+impl Follow {
+    pub fn new(path: &Path, done: Arc<AtomicBool>) -> Self {
+        Self { path: path.to_path_buf(), file: None, done }
+    }
+}
+
+impl Read for Follow {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        const WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+        loop {
+            let done = self.done.load(Ordering::Acquire);
+            let Some(f) = &mut self.file else {
+                match File::open(&self.path) {
+                    Ok(f) => self.file = Some(f),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && !done => std::thread::sleep(WAIT),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                    Err(e) => return Err(e),
+                }
+                continue;
+            };
+            // Read after seeing `done`: whatever was written before it.
+            match f.read(buf)? {
+                0 if done => return Ok(0),
+                0 => std::thread::sleep(WAIT),
+                n => return Ok(n),
+            }
+        }
+    }
+}
+
+/// Writes the page delta of the save image `state` (read to its end)
+/// against `index` (whose files `store` holds) to `out`.
+pub fn encode(store: &Store, state: impl Read, index: &PageIndex, out: &Path) -> Result<EncodeStats> {
+    let mut f = state;
+    let out_file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 20, &out_file);
+    let mut st = EncodeStats { pages_indexed: index.map.len() as u64, ..EncodeStats::default() };
     let mut head = MAGIC.to_vec();
     head.extend_from_slice(&(index.files.len() as u16).to_le_bytes());
     for (p, digest) in &index.files {
@@ -326,7 +367,9 @@ pub fn encode(store: &Store, state: &Path, index: &PageIndex, out: &Path) -> Res
         head.extend_from_slice(p);
         head.extend_from_slice(digest);
     }
-    head.extend_from_slice(&size.to_le_bytes());
+    // The image's size, written once it is known.
+    let size_at = head.len() as u64;
+    head.extend_from_slice(&0u64.to_le_bytes());
     w.write_all(&head)?;
     st.delta_bytes += head.len() as u64;
 
@@ -350,10 +393,8 @@ pub fn encode(store: &Store, state: &Path, index: &PageIndex, out: &Path) -> Res
             buf.drain(..p);
             (p, lit) = (0, 0);
             let want = WINDOW + MAX_RAM_RECORD - buf.len();
-            let n = (&mut f)
-                .take(want as u64)
-                .read_to_end(&mut buf)
-                .with_context(|| format!("reading {}", state.display()))?;
+            let n = (&mut f).take(want as u64).read_to_end(&mut buf).context("reading the saved state")?;
+            st.state_bytes += n as u64;
             eof = n < want;
         }
         if p >= buf.len() {
@@ -407,6 +448,8 @@ pub fn encode(store: &Store, state: &Path, index: &PageIndex, out: &Path) -> Res
     }
     literal(&mut w, &buf[lit..], &mut st)?;
     w.flush()?;
+    drop(w);
+    out_file.write_all_at(&st.state_bytes.to_le_bytes(), size_at)?;
     Ok(st)
 }
 
@@ -458,7 +501,9 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
         .truncate(true)
         .open(out)
         .with_context(|| format!("creating {}", out.display()))?;
-    let mut w = BufWriter::with_capacity(1 << 20, &f);
+    // Bytes not yet written, from `pend_at` on; a referenced page is left
+    // a hole until filled.
+    let (mut pend, mut pend_at) = (Vec::with_capacity(1 << 20), 0u64);
     let mut at = 0u64;
     // (source, page, image offset, a patch: XOR what is written there).
     let mut refs: Vec<(u16, u32, u64, bool)> = Vec::new();
@@ -478,7 +523,12 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
                 while left > 0 {
                     let n = left.min(copy.len() as u64) as usize;
                     r.read_exact(&mut copy[..n]).map_err(|_| bad(format!("literal at {at} cut short")))?;
-                    w.write_all(&copy[..n])?;
+                    pend.extend_from_slice(&copy[..n]);
+                    if pend.len() >= 1 << 20 {
+                        f.write_all_at(&pend, pend_at)?;
+                        pend_at += pend.len() as u64;
+                        pend.clear();
+                    }
                     left -= n as u64;
                 }
                 at += len;
@@ -498,12 +548,14 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
                 if at + GUEST_PAGE as u64 > size {
                     return Err(bad(format!("page at {at} runs past the image's {size} bytes")));
                 }
-                // A placeholder (a patch's XOR), filled in below.
+                // Filled in below: a patch's XOR is written for it to XOR.
                 if op == OP_PATCH {
                     r.read_exact(&mut copy[..GUEST_PAGE]).map_err(|_| bad(format!("patch at {at} cut short")))?;
-                    w.write_all(&copy[..GUEST_PAGE])?;
+                    pend.extend_from_slice(&copy[..GUEST_PAGE]);
                 } else {
-                    w.write_all(&[0u8; GUEST_PAGE])?;
+                    f.write_all_at(&pend, pend_at)?;
+                    pend.clear();
+                    pend_at = at + GUEST_PAGE as u64;
                 }
                 refs.push((src, page, at, op == OP_PATCH));
                 at += GUEST_PAGE as u64;
@@ -514,8 +566,8 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
     if at != size {
         return Err(bad(format!("describes {at} bytes of a {size}-byte image")));
     }
-    w.flush()?;
-    drop(w);
+    f.write_all_at(&pend, pend_at)?;
+    f.set_len(size)?;
     refs.sort_unstable();
     let mut i = 0;
     while i < refs.len() {
@@ -666,12 +718,35 @@ mod tests {
         let (state, refs) = save_image(&image, &kernel);
         let (sp, dp, out) = (t.path().join("s.save"), t.path().join("s.pages"), t.path().join("back.save"));
         std::fs::write(&sp, &state).unwrap();
-        let st = encode(&store, &sp, &index, &dp).unwrap();
+        let st = encode(&store, File::open(&sp).unwrap(), &index, &dp).unwrap();
         assert_eq!(st.pages_referenced, refs, "{st:?}");
         assert_eq!((st.pages, st.pages_patched), (9, 1), "{st:?}");
         assert!(st.delta_bytes < state.len() as u64 - refs * 4000, "{st:?}");
         assert_eq!(decode(&store, &top, File::open(&dp).unwrap(), &out).unwrap(), state.len() as u64);
         assert_eq!(std::fs::read(&out).unwrap(), state);
+
+        // Encoded while the image is still being written (a live save),
+        // the delta is the same.
+        let (growing, followed) = (t.path().join("g.save"), t.path().join("g.pages"));
+        let done = Arc::new(AtomicBool::new(false));
+        let reader = Follow::new(&growing, done.clone());
+        let (writer, bytes) = (done.clone(), state.clone());
+        let w = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let mut f = File::create(&growing).unwrap();
+            for part in bytes.chunks(1000) {
+                f.write_all(part).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            writer.store(true, Ordering::Release);
+        });
+        let st2 = encode(&store, reader, &index, &followed).unwrap();
+        w.join().unwrap();
+        assert_eq!(st2.state_bytes, state.len() as u64);
+        assert!(std::fs::read(&followed).unwrap() == std::fs::read(&dp).unwrap(), "the same delta");
+        // A file that never came: empty once done.
+        let mut none = Follow::new(&t.path().join("never"), Arc::new(AtomicBool::new(true)));
+        assert_eq!(none.read(&mut [0u8; 8]).unwrap(), 0);
 
         // Against another version of the files: refused, by name.
         let (other, _, _) = layer(&store, 50);
@@ -688,7 +763,7 @@ mod tests {
         let (state, _) = save_image(&image, &kernel);
         let (sp, dp, out) = (t.path().join("s.save"), t.path().join("s.pages"), t.path().join("back.save"));
         std::fs::write(&sp, &state).unwrap();
-        encode(&store, &sp, &index, &dp).unwrap();
+        encode(&store, File::open(&sp).unwrap(), &index, &dp).unwrap();
         let delta = std::fs::read(&dp).unwrap();
         let head = 8 + 2 + 2 + 13 + 32 + 8;
         let op_ref = |op: u8, src: u16, page: u32| {

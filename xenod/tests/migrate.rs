@@ -113,6 +113,9 @@ fn guest_moves_there_and_back_with_its_counter() {
     assert!(there["downtime_seconds"].as_f64().unwrap() > 0.0);
     // Guest pages equal to pages of its kernel, initrd or disk travel as
     // references (the kernel comes from the stack, so some always do).
+    // Saved live, the state was encoded as QEMU wrote it (against the last
+    // pre-copy round's files), while the guest ran.
+    assert_eq!(there["phases"][2]["upper"]["state_encoded_live"], true, "{there}");
     let pages = &there["phases"][2]["upper"]["state_pages"];
     let (refd, all) = (pages["pages_referenced"].as_u64().unwrap(), pages["pages"].as_u64().unwrap());
     eprintln!("state pages: {refd} of {all} sent as references: {pages}");
