@@ -1108,12 +1108,20 @@ pub async fn migrate(
         blocking(move || Ok(s2.flush()?)).await?;
         let state_seconds = t_state.elapsed().as_secs_f64();
         let t_send = Instant::now();
-        let mut wire = 0;
-        for l in std::iter::once(id).chain(state) {
-            let rep =
-                call(&conn, &Wire::Sync { layer: l, source: source.clone(), last: true, level: None }, |_| {}).await?;
-            wire += rep["wire_bytes"].as_u64().unwrap_or(0);
-        }
+        // Both fetched at once.
+        let conn = &conn;
+        let sync = |layer| {
+            let req = Wire::Sync { layer, source: source.clone(), last: true, level: None };
+            async move { call(conn, &req, |_| {}).await }
+        };
+        let (upper, state_rep) = tokio::join!(sync(id), async {
+            match state {
+                Some(s) => sync(s).await.map(Some),
+                None => Ok(None),
+            }
+        });
+        let wire =
+            [Some(upper?), state_rep?].iter().flatten().map(|r| r["wire_bytes"].as_u64().unwrap_or(0)).sum::<u64>();
         Ok((
             id,
             state,

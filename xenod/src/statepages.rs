@@ -492,6 +492,7 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
         sources.push(x.clone());
     }
     let lens: Vec<u64> = sources.iter().map(|x| x.iter().map(Extent::len).sum()).collect();
+    let t = std::time::Instant::now();
 
     // Read back too: a patch XORs what was written for it.
     let f = std::fs::OpenOptions::new()
@@ -501,9 +502,10 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
         .truncate(true)
         .open(out)
         .with_context(|| format!("creating {}", out.display()))?;
-    // Bytes not yet written, from `pend_at` on; a referenced page is left
-    // a hole until filled.
-    let (mut pend, mut pend_at) = (Vec::with_capacity(1 << 20), 0u64);
+    // Every byte written in order (a referenced page as zeros, filled in
+    // below): one write per MiB. Leaving those pages holes instead took a
+    // write for each record header between them, and longer.
+    let mut w = BufWriter::with_capacity(1 << 20, &f);
     let mut at = 0u64;
     // (source, page, image offset, a patch: XOR what is written there).
     let mut refs: Vec<(u16, u32, u64, bool)> = Vec::new();
@@ -523,12 +525,7 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
                 while left > 0 {
                     let n = left.min(copy.len() as u64) as usize;
                     r.read_exact(&mut copy[..n]).map_err(|_| bad(format!("literal at {at} cut short")))?;
-                    pend.extend_from_slice(&copy[..n]);
-                    if pend.len() >= 1 << 20 {
-                        f.write_all_at(&pend, pend_at)?;
-                        pend_at += pend.len() as u64;
-                        pend.clear();
-                    }
+                    w.write_all(&copy[..n])?;
                     left -= n as u64;
                 }
                 at += len;
@@ -548,14 +545,12 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
                 if at + GUEST_PAGE as u64 > size {
                     return Err(bad(format!("page at {at} runs past the image's {size} bytes")));
                 }
-                // Filled in below: a patch's XOR is written for it to XOR.
+                // A placeholder (a patch's XOR), filled in below.
                 if op == OP_PATCH {
                     r.read_exact(&mut copy[..GUEST_PAGE]).map_err(|_| bad(format!("patch at {at} cut short")))?;
-                    pend.extend_from_slice(&copy[..GUEST_PAGE]);
+                    w.write_all(&copy[..GUEST_PAGE])?;
                 } else {
-                    f.write_all_at(&pend, pend_at)?;
-                    pend.clear();
-                    pend_at = at + GUEST_PAGE as u64;
+                    w.write_all(&[0u8; GUEST_PAGE])?;
                 }
                 refs.push((src, page, at, op == OP_PATCH));
                 at += GUEST_PAGE as u64;
@@ -566,8 +561,9 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
     if at != size {
         return Err(bad(format!("describes {at} bytes of a {size}-byte image")));
     }
-    f.write_all_at(&pend, pend_at)?;
-    f.set_len(size)?;
+    w.flush()?;
+    drop(w);
+    let literals = t.elapsed();
     refs.sort_unstable();
     let mut i = 0;
     while i < refs.len() {
@@ -579,6 +575,12 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
         refs[i..end].par_chunks(1024).try_for_each(|part| fill(store, extents, part, &f))?;
         i = end;
     }
+    tracing::info!(
+        "saved state decoded: {size} bytes, {} pages from files; literals {:.3} s, pages {:.3} s",
+        refs.len(),
+        literals.as_secs_f64(),
+        (t.elapsed() - literals).as_secs_f64()
+    );
     Ok(size)
 }
 
