@@ -806,7 +806,9 @@ impl Store {
                         p.out.flush().ctx("flushing pack", &p.tmp)?;
                         return Ok(Arc::new(File::open(&p.tmp).ctx("opening pack", &p.tmp)?));
                     }
-                    _ => return Err(Error::io("opening pack", &path)(e)),
+                    // Sealed since the open above: a pack is renamed into
+                    // place under this lock, so it is there now.
+                    _ => File::open(&path).ctx("opening pack", &path)?,
                 }
             }
             Err(e) => return Err(Error::io("opening pack", &path)(e)),
@@ -1156,6 +1158,30 @@ mod tests {
         assert_eq!(s.chunk_count().unwrap(), 1);
         let missing = ChunkId::of(b"nope");
         assert!(matches!(s.get(&missing), Err(Error::ChunkMissing { .. })));
+    }
+
+    /// A reader that meets a pack still being written while another
+    /// thread seals it (renames it into place) finds it sealed.
+    #[test]
+    fn reads_find_packs_sealed_under_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let chunk = |i: u32| i.to_le_bytes().repeat(1000);
+        std::thread::scope(|ts| {
+            ts.spawn(|| {
+                for i in 0..300 {
+                    s.put(&chunk(i)).unwrap();
+                    s.flush().unwrap();
+                }
+            });
+            for i in 0..300 {
+                let id = ChunkId::of(&chunk(i));
+                while !s.contains(&id).unwrap() {
+                    std::thread::yield_now();
+                }
+                assert_eq!(s.get(&id).unwrap(), chunk(i), "chunk {i}");
+            }
+        });
     }
 
     #[test]
