@@ -66,7 +66,7 @@ use crate::config::Config;
 use crate::deploy::{self, Instance};
 use crate::serve::{Daemon, note};
 use crate::stage;
-use crate::statepages::{self, EncodeStats, PageHashes, PageIndex};
+use crate::statepages::{self, EncodeStats, PageHashes, PageIndex, Warm};
 use crate::{Coded, Exit};
 
 /// The migration protocol on the daemon's endpoint.
@@ -448,7 +448,7 @@ fn adopt(
                 let file = Transient::new(&dir, record.spec.as_ref().map_or(0, |s| s.memory_mib as u64));
                 let file = file.path();
                 let t = Instant::now();
-                export_state(store, &s, &layer, file)?;
+                export_state(store, &s, &layer, file, &Warm::new())?;
                 step("state_seconds", t);
                 let from = format!("{}/", record.source_dir.display());
                 let to = format!("{}/", dir.display());
@@ -586,7 +586,7 @@ impl Drop for Transient {
 
 /// The files of an instance whose pages its memory is likely to repeat:
 /// its disk image, and the kernel and initrd when they come from the stack.
-fn page_sources(inst: &Instance) -> Vec<Vec<u8>> {
+pub(crate) fn page_sources(inst: &Instance) -> Vec<Vec<u8>> {
     let Some(spec) = &inst.spec else { return Vec::new() };
     let rel = |p: &str| p.trim_start_matches('/').as_bytes().to_vec();
     let mut out: Vec<Vec<u8>> = spec.disk_image.iter().map(|p| rel(p)).collect();
@@ -611,7 +611,7 @@ fn data_chunks(store: &Store, layer: &LayerId) -> Result<u64> {
 
 /// Writes the save image of state layer `layer` to `to`; `top` is the
 /// layer the instance is restored on, whose files a page delta refers to.
-pub(crate) fn export_state(store: &Store, layer: &LayerId, top: &LayerId, to: &Path) -> Result<()> {
+pub(crate) fn export_state(store: &Store, layer: &LayerId, top: &LayerId, to: &Path, warm: &Warm) -> Result<()> {
     let on = match store.layer_root(layer)?.meta.get(META_PAGES_ON) {
         None => *top,
         Some(on) => {
@@ -634,7 +634,7 @@ pub(crate) fn export_state(store: &Store, layer: &LayerId, top: &LayerId, to: &P
                 return Ok(());
             }
             if e.path == STATE_PAGES {
-                statepages::decode(store, top, FileReader::new(store, extents), to)
+                statepages::decode(store, top, FileReader::new(store, extents), to, warm)
                     .with_context(|| format!("writing {} from state layer {layer}", to.display()))?;
                 return Ok(());
             }

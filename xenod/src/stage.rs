@@ -33,7 +33,8 @@ use xenod_deployer::{Hypervisor, Incoming};
 use xenod_store::{Extent, Kind, LayerId, Store, cmp_paths};
 
 use crate::deploy::{self, Instance};
-use crate::migrate::{Record, Transient, export_state, ports_here, test_fail};
+use crate::migrate::{Record, Transient, export_state, page_sources, ports_here, test_fail};
+use crate::statepages::{self, Warm};
 
 /// In a staged instance's directory until the guest runs there.
 pub const MARKER: &str = "staged";
@@ -45,6 +46,8 @@ pub struct Staged {
     layer: LayerId,
     inst: Instance,
     qemu: Incoming,
+    /// The pages the state most likely refers to, read ahead.
+    warm: Warm,
 }
 
 /// The stage of one source connection; `closed` once it has gone, so a
@@ -152,8 +155,18 @@ pub fn stage(data: &Path, store: &Arc<Store>, layer: LayerId, record: &Record, x
     })();
     match r {
         Ok((inst, qemu)) => {
-            let info = json!({ "domain": qemu.name(), "seconds": t.elapsed().as_secs_f64() });
-            Ok((Staged { name: name.to_owned(), layer, inst, qemu }, info))
+            let started = t.elapsed().as_secs_f64();
+            // What the guest wrote since it was deployed, up to its memory's
+            // size: its page cache likely holds it.
+            let below = store.layer_root(&layer).ok().and_then(|r| r.base);
+            let cap = inst.spec.as_ref().map_or(0, |s| s.memory_mib as u64) << 20;
+            let warm = statepages::warm(store, &layer, below.as_ref(), &page_sources(&inst), cap).unwrap_or_else(|e| {
+                tracing::warn!("reading ahead the pages of {name}: {e:#}");
+                Warm::new()
+            });
+            let info = json!({ "domain": qemu.name(), "seconds": t.elapsed().as_secs_f64(),
+                               "start_seconds": started, "read_ahead_bytes": warm.values().map(|v| v.len()).sum::<usize>() });
+            Ok((Staged { name: name.to_owned(), layer, inst, qemu, warm }, info))
         }
         Err(e) => {
             let _ = deploy::teardown(data, name, store, false);
@@ -188,11 +201,11 @@ pub fn finish(
         }
     };
     steps.insert("write_seconds".into(), json!(t.elapsed().as_secs_f64()));
-    let Staged { name, layer: staged_layer, inst, qemu } = staged;
+    let Staged { name, layer: staged_layer, inst, qemu, warm } = staged;
     let r = (|| -> Result<Value> {
         let t = Instant::now();
         let file = Transient::new(&inst.dir(data), inst.spec.as_ref().map_or(0, |s| s.memory_mib as u64));
-        export_state(store, &state, &layer, file.path())?;
+        export_state(store, &state, &layer, file.path(), &warm)?;
         steps.insert("state_seconds".into(), json!(t.elapsed().as_secs_f64()));
         restoring();
         test_fail("restore")?;

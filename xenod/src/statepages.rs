@@ -111,7 +111,47 @@ struct SourcePages<'a> {
     /// Where each extent starts in the file.
     starts: Vec<u64>,
     len: u64,
-    cur: Option<(usize, Vec<u8>)>,
+    cur: Option<(usize, Arc<Vec<u8>>)>,
+    warm: Option<&'a Warm>,
+}
+
+/// Chunks read ahead ([`warm`]), by id.
+pub type Warm = HashMap<ChunkId, Arc<Vec<u8>>>;
+
+/// Reads ahead, in parallel, the chunks a guest's saved memory most
+/// likely repeats: those of `paths` in `top`'s union (its disk image,
+/// kernel, initrd) that differ from the same files in `below`'s (what the
+/// guest wrote since it was deployed, which its page cache holds), in
+/// file order, up to `cap` bytes. A target holding the guest staged does
+/// this before the stop, so that decoding the state after it finds them
+/// decoded.
+pub fn warm(store: &Store, top: &LayerId, below: Option<&LayerId>, paths: &[Vec<u8>], cap: u64) -> Result<Warm> {
+    let old: std::collections::HashSet<ChunkId> = match below {
+        Some(b) => source_files(store, b, paths)?
+            .into_iter()
+            .flat_map(|(_, x)| x)
+            .filter_map(|x| if let Extent::Data { id, .. } = x { Some(id) } else { None })
+            .collect(),
+        None => Default::default(),
+    };
+    let mut ids = Vec::new();
+    let mut bytes = 0u64;
+    'files: for (_, extents) in source_files(store, top, paths)? {
+        for x in extents {
+            if let Extent::Data { id, len } = x
+                && !old.contains(&id)
+            {
+                if bytes + len as u64 > cap {
+                    break 'files;
+                }
+                bytes += len as u64;
+                ids.push(id);
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids.par_iter().map(|id| Ok((*id, Arc::new(store.get(id)?)))).collect()
 }
 
 impl<'a> SourcePages<'a> {
@@ -125,7 +165,12 @@ impl<'a> SourcePages<'a> {
                 s
             })
             .collect();
-        Self { store, extents, starts, len, cur: None }
+        Self { store, extents, starts, len, cur: None, warm: None }
+    }
+
+    fn warmed(mut self, warm: &'a Warm) -> Self {
+        self.warm = Some(warm);
+        self
     }
 
     /// Whole pages in the file.
@@ -148,7 +193,12 @@ impl<'a> SourcePages<'a> {
                 Extent::Hole { .. } => dst.fill(0),
                 Extent::Data { id, .. } => {
                     if self.cur.as_ref().is_none_or(|(i, _)| *i != x) {
-                        let plain = self.store.get(&id).with_context(|| format!("reading chunk {id} of a page"))?;
+                        let plain = match self.warm.and_then(|w| w.get(&id)) {
+                            Some(p) => p.clone(),
+                            None => {
+                                Arc::new(self.store.get(&id).with_context(|| format!("reading chunk {id} of a page"))?)
+                            }
+                        };
                         self.cur = Some((x, plain));
                     }
                     let Some((_, plain)) = &self.cur else { unreachable!("just read") };
@@ -457,7 +507,7 @@ pub fn encode(store: &Store, state: impl Read, index: &PageIndex, out: &Path) ->
 /// pages it references from the union of `top` in the store. Literals are written as they come;
 /// references are gathered (7 bytes per page of the image at most) and
 /// filled in file order, so each source chunk is read once.
-pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Result<u64> {
+pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path, warm: &Warm) -> Result<u64> {
     let mut r = std::io::BufReader::with_capacity(1 << 20, delta);
     let bad = |why: String| anyhow::anyhow!("saved state (page delta): {why}");
     let mut magic = [0u8; 8];
@@ -572,7 +622,7 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
         let extents = &sources[src as usize];
         // In parallel, by runs of pages: a chunk is decoded at most once
         // per run it appears in.
-        refs[i..end].par_chunks(1024).try_for_each(|part| fill(store, extents, part, &f))?;
+        refs[i..end].par_chunks(1024).try_for_each(|part| fill(store, extents, warm, part, &f))?;
         i = end;
     }
     tracing::info!(
@@ -587,8 +637,8 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path) -> Res
 /// Copies the pages `refs` (sorted by page) of the file `extents` into
 /// `out` at their offsets (a patch XORs what is there), decoding each
 /// chunk once.
-fn fill(store: &Store, extents: &[Extent], refs: &[(u16, u32, u64, bool)], out: &File) -> Result<()> {
-    let mut file = SourcePages::new(store, extents);
+fn fill(store: &Store, extents: &[Extent], warm: &Warm, refs: &[(u16, u32, u64, bool)], out: &File) -> Result<()> {
+    let mut file = SourcePages::new(store, extents).warmed(warm);
     let (mut page, mut xor) = (vec![0u8; GUEST_PAGE], vec![0u8; GUEST_PAGE]);
     for &(_, n, to, patch) in refs {
         file.read(n, &mut page)?;
@@ -724,7 +774,7 @@ mod tests {
         assert_eq!(st.pages_referenced, refs, "{st:?}");
         assert_eq!((st.pages, st.pages_patched), (9, 1), "{st:?}");
         assert!(st.delta_bytes < state.len() as u64 - refs * 4000, "{st:?}");
-        assert_eq!(decode(&store, &top, File::open(&dp).unwrap(), &out).unwrap(), state.len() as u64);
+        assert_eq!(decode(&store, &top, File::open(&dp).unwrap(), &out, &Warm::new()).unwrap(), state.len() as u64);
         assert_eq!(std::fs::read(&out).unwrap(), state);
 
         // Encoded while the image is still being written (a live save),
@@ -752,8 +802,40 @@ mod tests {
 
         // Against another version of the files: refused, by name.
         let (other, _, _) = layer(&store, 50);
-        let e = decode(&store, &other, File::open(&dp).unwrap(), &out).unwrap_err().to_string();
+        let e = decode(&store, &other, File::open(&dp).unwrap(), &out, &Warm::new()).unwrap_err().to_string();
         assert!(e.contains("another version of boot/vmlinux"), "{e}");
+    }
+
+    #[test]
+    fn reads_ahead_what_changed_since_below_up_to_a_cap() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(t.path().join("store")).unwrap();
+        // Image blocks of noise seeds 1 2 - 4 5 6, then 2 3 - 5 6 7.
+        let (below, _, _) = layer(&store, 1);
+        let (top, image, kernel) = layer(&store, 2);
+        let disk = vec![b"disk/root.img".to_vec()];
+        let id = |seed| ChunkId::of(&noise(65536, seed));
+        let w = warm(&store, &top, Some(&below), &disk, 1 << 30).unwrap();
+        let mut got: Vec<ChunkId> = w.keys().copied().collect();
+        got.sort_unstable();
+        let mut want = vec![id(3), id(7)];
+        want.sort_unstable();
+        assert_eq!(got, want, "only the blocks that changed");
+        assert!(*w[&id(3)] == image[65536..131072], "decoded");
+        // Up to the cap, in file order.
+        let w = warm(&store, &top, Some(&below), &disk, 65536).unwrap();
+        assert_eq!(w.keys().collect::<Vec<_>>(), [&id(3)]);
+        // Without a layer below: every chunk of the files.
+        assert_eq!(warm(&store, &top, None, &disk, 1 << 30).unwrap().len(), 5);
+        // Decoding with chunks read ahead gives the same image.
+        let index = PageHashes::default().index(&store, &top, &[disk[0].clone(), b"boot/vmlinux".to_vec()]).unwrap();
+        let (state, _) = save_image(&image, &kernel);
+        let (sp, dp, out) = (t.path().join("s.save"), t.path().join("s.pages"), t.path().join("back.save"));
+        std::fs::write(&sp, &state).unwrap();
+        encode(&store, File::open(&sp).unwrap(), &index, &dp).unwrap();
+        let all = warm(&store, &top, None, &[disk[0].clone(), b"boot/vmlinux".to_vec()], 1 << 30).unwrap();
+        decode(&store, &top, File::open(&dp).unwrap(), &out, &all).unwrap();
+        assert!(std::fs::read(&out).unwrap() == state);
     }
 
     #[test]
@@ -787,7 +869,7 @@ mod tests {
             ([op_ref(OP_PATCH, 0, 96), vec![0u8; 4096]].concat(), "beyond the end of disk/root.img"),
             ([&delta[..head], &[9u8][..]].concat(), "unknown op 9"),
         ] {
-            let e = decode(&store, &top, bad.as_slice(), &out).unwrap_err().to_string();
+            let e = decode(&store, &top, bad.as_slice(), &out, &Warm::new()).unwrap_err().to_string();
             assert!(e.contains(why), "{why}: {e}");
         }
     }

@@ -125,6 +125,9 @@ fn guest_moves_there_and_back_with_its_counter() {
     assert!(pages["pages_patched"].as_u64().unwrap() > 0, "{pages}");
     assert!(!h.a.join("instances").join(&h.name).exists(), "the source cleaned up");
     assert!(staged(&there), "the target staged the guest before the stop: {there}");
+    // It read ahead the blocks the guest wrote (the counter's), which its
+    // page cache holds.
+    assert!(there["phases"][1]["stage"]["target"]["read_ahead_bytes"].as_u64() > Some(0), "{there}");
     assert!(persistent(&format!("{}{}", h.prefix_b, h.name)), "defined on B, as a deployed guest is");
     assert!(!h.b.join("instances").join(&h.name).join("staged").exists());
     assert_eq!(ok(&h.b, &["ps"])["instances"][0]["state"], "running");
