@@ -403,6 +403,27 @@ pub(crate) fn instance_of(data: &Path, record: &Record, layer: LayerId) -> Insta
     }
 }
 
+/// Creates the directory of an instance `name` arriving here, which
+/// must be a new name.
+pub(crate) fn new_instance_dir(data: &Path, name: &str) -> Result<PathBuf> {
+    xenod_deployer::validate_name(name)?;
+    let dir = deploy::instance_dir(data, name);
+    if dir.exists() {
+        bail!("an instance named {name:?} already exists on this host");
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Records `inst`, pins `layer` for it and mounts it with a fresh upper
+/// layer.
+pub(crate) fn mount_instance(data: &Path, store: &Store, inst: &mut Instance, layer: LayerId) -> Result<()> {
+    inst.save(data)?;
+    store.pin(&deploy::pin_label(&inst.name), &layer)?;
+    inst.mount_pid = Some(deploy::spawn_mount(data, inst)?);
+    inst.save(data)
+}
+
 /// Runs `record`'s instance here on the committed upper `layer` (all of
 /// whose chunks are local): mounts it with a fresh upper layer, then
 /// restores the saved state of `state`, or boots it when there is none.
@@ -416,12 +437,7 @@ fn adopt(
     restoring: &dyn Fn(),
 ) -> Result<Value> {
     let name = record.name.as_str();
-    xenod_deployer::validate_name(name)?;
-    let dir = deploy::instance_dir(data, name);
-    if dir.exists() {
-        bail!("an instance named {name:?} already exists on this host");
-    }
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = new_instance_dir(data, name)?;
     let domain = deploy::domain_name(data, name);
     let mut inst = instance_of(data, record, layer);
     let uri = inst.uri.clone();
@@ -437,10 +453,7 @@ fn adopt(
     };
     let r = (|| -> Result<Value> {
         let t = Instant::now();
-        inst.save(data)?;
-        store.pin(&deploy::pin_label(name), &layer)?;
-        inst.mount_pid = Some(deploy::spawn_mount(data, &inst)?);
-        inst.save(data)?;
+        mount_instance(data, store, &mut inst, layer)?;
         step("mount_seconds", t);
         let hv = deploy::hypervisor(&inst.uri)?;
         match state {

@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use serde_json::{Value, json};
 use xenod_deployer::{Hypervisor, Incoming};
 use xenod_store::{Extent, Kind, LayerId, Store, cmp_paths};
@@ -130,19 +130,12 @@ pub fn sweep(data: &Path, store: &Store) {
 /// the source runs it. Leaves nothing behind on failure.
 pub fn stage(data: &Path, store: &Arc<Store>, layer: LayerId, record: &Record, xml: &str) -> Result<(Staged, Value)> {
     let name = record.name.as_str();
-    xenod_deployer::validate_name(name)?;
-    let dir = deploy::instance_dir(data, name);
-    if dir.exists() {
-        bail!("an instance named {name:?} already exists on this host");
-    }
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = crate::migrate::new_instance_dir(data, name)?;
     let t = Instant::now();
     let r = (|| -> Result<(Instance, Incoming)> {
         fs::write(dir.join(MARKER), b"")?;
         let mut inst = crate::migrate::instance_of(data, record, layer);
-        inst.save(data)?;
-        store.pin(&deploy::pin_label(name), &layer)?;
-        inst.mount_pid = Some(deploy::spawn_mount(data, &inst)?);
+        crate::migrate::mount_instance(data, store, &mut inst, layer)?;
         let moved = ports_here(record)?;
         xenod_deployer::move_host_ports(&mut inst.ports, &moved);
         inst.save(data)?;
