@@ -215,10 +215,7 @@ impl Libvirt {
     /// until finished) goes with it, even if this process dies. QEMU/KVM
     /// only; like [`Libvirt::save_live`], it goes through the QEMU monitor.
     pub fn stage_incoming(&self, xml: &str) -> Result<Incoming> {
-        let name = xml
-            .split_once("<name>")
-            .and_then(|(_, rest)| rest.split_once("</name>"))
-            .map(|(n, _)| n.trim().to_string())
+        let name = xml_name(xml)
             .ok_or_else(|| Error::Unsupported { op: "stage", reason: "the domain XML has no <name>".into() })?;
         if !matches!(self.target, Target::Kvm | Target::Qemu) {
             return Err(Error::Unsupported { op: "stage", reason: format!("{name:?}: only QEMU/KVM guests") });
@@ -232,8 +229,10 @@ impl Libvirt {
         }
         let dom = self.conn.create_domain_xml(&staged, sys::VIR_DOMAIN_START_PAUSED).map_err(lv("stage", &name))?;
         let staged = (|| {
-            let (ours, qemus) =
-                std::os::unix::net::UnixStream::pair().map_err(Error::io("create a socket pair", Path::new("-")))?;
+            let (ours, qemus) = std::os::unix::net::UnixStream::pair().map_err(|e| Error::Unsupported {
+                op: "stage",
+                reason: format!("{name:?}: creating the socket pair for its state: {e}"),
+            })?;
             // Room for the whole stream where allowed (root), so the copy
             // into it seldom waits for QEMU.
             for s in [&ours, &qemus] {
@@ -305,7 +304,6 @@ impl Libvirt {
     }
 }
 
-/// Reads a domain's state and xenod metadata; `None` if it has none.
 /// A domain started paused, waiting for its saved state on a socket:
 /// [`Libvirt::stage_incoming`].
 pub struct Incoming {
@@ -337,6 +335,11 @@ impl Drop for Incoming {
             let _ = self.dom.destroy();
         }
     }
+}
+
+/// The text of a domain XML's (first) `<name>`.
+fn xml_name(xml: &str) -> Option<String> {
+    xml.split_once("<name>").and_then(|(_, rest)| rest.split_once("</name>")).map(|(n, _)| n.trim().to_string())
 }
 
 /// `xml` started as [`Libvirt::stage_incoming`] starts it: QEMU waits for
@@ -409,6 +412,7 @@ unsafe extern "C" {
     fn free(p: *mut std::ffi::c_void);
 }
 
+/// Reads a domain's state and xenod metadata; `None` if it has none.
 fn status_of(dom: &Domain, name: &str) -> Result<Option<DomainStatus>> {
     let meta = match dom.metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(META_NS), 0) {
         Ok(xml) => parse_meta(&xml),
@@ -585,10 +589,7 @@ impl Hypervisor for Libvirt {
             });
         }
         let xml = self.conn.save_image_xml_desc(&file, 0).map_err(lv("read saved state", &file))?;
-        let name = xml
-            .split_once("<name>")
-            .and_then(|(_, rest)| rest.split_once("</name>"))
-            .map(|(n, _)| n.trim().to_string())
+        let name = xml_name(&xml)
             .ok_or_else(|| Error::Unsupported { op: "restore", reason: format!("{file}: saved XML has no <name>") })?;
         if !xml.contains(META_NS) {
             return Err(Error::NotManaged { name });

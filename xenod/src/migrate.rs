@@ -623,7 +623,9 @@ fn data_chunks(store: &Store, layer: &LayerId) -> Result<u64> {
 }
 
 /// Writes the save image of state layer `layer` to `to`; `top` is the
-/// layer the instance is restored on, whose files a page delta refers to.
+/// layer the instance is restored on, whose files a page delta refers to
+/// unless the state layer names another commit of the instance
+/// ([`META_PAGES_ON`]); `warm`: chunks read ahead ([`statepages::warm`]).
 pub(crate) fn export_state(store: &Store, layer: &LayerId, top: &LayerId, to: &Path, warm: &Warm) -> Result<()> {
     let on = match store.layer_root(layer)?.meta.get(META_PAGES_ON) {
         None => *top,

@@ -116,12 +116,19 @@ pub fn sweep(data: &Path, store: &Store) {
         }
         let name = e.file_name().to_string_lossy().into_owned();
         tracing::warn!("removing the stage of {name} left by an earlier run");
-        if let Ok(hv) = deploy::hypervisor(&deploy::Instance::load(data, &name).map(|i| i.uri).unwrap_or_default()) {
-            let _ = hv.destroy(&deploy::domain_name(data, &name));
-        }
-        if let Err(e) = deploy::teardown(data, &name, store, false) {
-            tracing::warn!("removing the stage of {name}: {e:#}");
-        }
+        let uri = Instance::load(data, &name).map_or_else(|_| xenod_deployer::default_uri(), |i| i.uri);
+        remove(data, store, &name, &uri);
+    }
+}
+
+/// Powers off and undefines instance `name`'s domain and removes the
+/// instance (its mount and directory).
+fn remove(data: &Path, store: &Store, name: &str, uri: &str) {
+    if let Ok(hv) = deploy::hypervisor(uri) {
+        let _ = hv.destroy(&deploy::domain_name(data, name));
+    }
+    if let Err(e) = deploy::teardown(data, name, store, false) {
+        tracing::warn!("removing instance {name}: {e:#}");
     }
 }
 
@@ -212,10 +219,7 @@ pub fn finish(
                    "steps": Value::Object(steps.clone()) }))
     })();
     if r.is_err() {
-        if let Ok(hv) = deploy::hypervisor(&inst.uri) {
-            let _ = hv.destroy(inst.domain());
-        }
-        let _ = deploy::teardown(data, &name, store, false);
+        remove(data, store, &name, &inst.uri);
     }
     r.map(Ok)
 }

@@ -504,7 +504,8 @@ pub fn encode(store: &Store, state: impl Read, index: &PageIndex, out: &Path) ->
 }
 
 /// Writes the save image a page delta describes to `out`, reading the
-/// pages it references from the union of `top` in the store. Literals are written as they come;
+/// pages it references from the union of `top` in the store (or from
+/// `warm`, chunks read ahead). Literals are written as they come;
 /// references are gathered (7 bytes per page of the image at most) and
 /// filled in file order, so each source chunk is read once.
 pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path, warm: &Warm) -> Result<u64> {
