@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::hypervisor::{DomainState, DomainStatus, Hypervisor};
 use crate::model::{DomainModel, check_ports_free};
 use crate::probe::{Accel, AccelProbe, probe_accel};
+use crate::saveimage::StreamOnly;
 use crate::spec::RootMode;
 use crate::xml::{META_NS, Target, XenBoot, domain_xml, parse_meta};
 
@@ -254,12 +255,12 @@ impl Libvirt {
         }
     }
 
-    /// Loads the saved state of the save image `image` into the domain
-    /// `staged` waits with, runs it and defines it (without the staging
-    /// arguments). Returns how long the load took. On failure the domain
-    /// is gone (QEMU exits when a load fails).
-    pub fn finish_incoming(&self, staged: Incoming, image: &Path) -> Result<std::time::Duration> {
-        use std::io::{Seek, SeekFrom};
+    /// Runs the domain `staged` waits with once its saved state has been
+    /// written through [`Incoming::state`] (closing that), and defines it
+    /// (without the staging arguments). Returns how long the load took
+    /// from here. On failure the domain is gone (QEMU exits when a load
+    /// fails).
+    pub fn finish_incoming(&self, staged: Incoming) -> Result<std::time::Duration> {
         use std::time::{Duration, Instant};
         let t = Instant::now();
         let mut staged = staged;
@@ -269,14 +270,7 @@ impl Libvirt {
             let _ = dom.destroy();
             Error::Unsupported { op: "load saved state", reason: format!("{name:?}: {why}") }
         };
-        let offset = crate::saveimage::stream_offset(image)?;
-        let mut file = std::fs::File::open(image).map_err(Error::io("open state file", image))?;
-        file.seek(SeekFrom::Start(offset)).map_err(Error::io("read state file", image))?;
-        let sent = std::io::copy(&mut file, sock);
         let _ = sock.shutdown(std::net::Shutdown::Write);
-        if let Err(e) = sent {
-            return Err(fail(format!("QEMU stopped taking its state ({e}); its log is in /var/log/libvirt/qemu")));
-        }
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let status = qmp(dom, name, "load saved state", r#"{"execute":"query-status"}"#, &[]).map_err(|e| {
@@ -324,6 +318,14 @@ impl std::fmt::Debug for Incoming {
 impl Incoming {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Where the waiting QEMU reads its state: a whole save image written
+    /// here reaches it as its migration stream (the image's header and XML
+    /// block dropped). A write fails when QEMU stops reading (a load that
+    /// failed; its log is in /var/log/libvirt/qemu).
+    pub fn state(&mut self) -> StreamOnly<&mut std::os::unix::net::UnixStream> {
+        StreamOnly::new(&mut self.sock)
     }
 }
 

@@ -62,20 +62,69 @@ fn read_block(file: &Path) -> Result<([u8; HEADER], Vec<u8>)> {
     let mut f = std::fs::File::open(file).map_err(Error::io("open state file", file))?;
     let mut h = [0u8; HEADER];
     f.read_exact(&mut h).map_err(|_| bad(file, "shorter than a save image header"))?;
-    if &h[..16] != MAGIC {
-        return Err(bad(file, "not a complete libvirt save image (bad magic)"));
-    }
-    let u = |i: usize| u32::from_le_bytes(h[16 + 4 * i..20 + 4 * i].try_into().unwrap_or_default());
-    if u(0) != 2 {
-        return Err(bad(file, format!("save image version {} (only 2 is known)", u(0))));
-    }
-    let data_len = u(1);
-    if data_len > MAX_DATA {
-        return Err(bad(file, format!("XML block of {data_len} bytes")));
-    }
+    let data_len = check_header(&h).map_err(|why| bad(file, why))?;
     let mut data = vec![0u8; data_len as usize];
     f.read_exact(&mut data).map_err(|_| bad(file, "truncated in its XML block"))?;
     Ok((h, data))
+}
+
+/// Passes on only what follows a save image's header and XML block
+/// (QEMU's stream) of the bytes written through it: a save image written
+/// whole comes out as what a QEMU waiting for an incoming migration
+/// takes. A header that is not a save image's is an `InvalidData` error.
+pub struct StreamOnly<W> {
+    inner: W,
+    head: Vec<u8>,
+    /// Bytes of the XML block still to drop, once the header is read.
+    skip: Option<u64>,
+}
+
+impl<W: Write> StreamOnly<W> {
+    pub fn new(inner: W) -> Self {
+        Self { inner, head: Vec::with_capacity(HEADER), skip: None }
+    }
+}
+
+impl<W: Write> Write for StreamOnly<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.skip {
+            None => {
+                let n = (HEADER - self.head.len()).min(buf.len());
+                self.head.extend_from_slice(&buf[..n]);
+                if self.head.len() == HEADER {
+                    let h: [u8; HEADER] = self.head[..].try_into().unwrap_or([0; HEADER]);
+                    let data_len = check_header(&h).map_err(std::io::Error::other)?;
+                    self.skip = Some(data_len as u64);
+                }
+                Ok(n)
+            }
+            Some(0) => self.inner.write(buf),
+            Some(left) => {
+                let n = left.min(buf.len() as u64);
+                self.skip = Some(left - n);
+                Ok(n as usize)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The length of the XML block a save image's header announces.
+fn check_header(h: &[u8; HEADER]) -> std::result::Result<u32, String> {
+    if &h[..16] != MAGIC {
+        return Err("not a complete libvirt save image (bad magic)".into());
+    }
+    let u = |i: usize| u32::from_le_bytes(h[16 + 4 * i..20 + 4 * i].try_into().unwrap_or_default());
+    if u(0) != 2 {
+        return Err(format!("save image version {} (only 2 is known)", u(0)));
+    }
+    match u(1) {
+        n if n > MAX_DATA => Err(format!("XML block of {n} bytes")),
+        n => Ok(n),
+    }
 }
 
 /// Gives the save image `file` the domain name `name`, the UUID `uuid`,
@@ -141,12 +190,6 @@ pub fn retarget_xml(
         xml = move_ports(&xml, ports)?;
     }
     Ok(xml)
-}
-
-/// Where QEMU's migration stream starts in the save image `file`.
-pub fn stream_offset(file: &Path) -> Result<u64> {
-    let (_, data) = read_block(file)?;
-    Ok((HEADER + data.len()) as u64)
 }
 
 fn move_ports(xml: &str, ports: &[(u16, u16)]) -> std::result::Result<String, String> {
@@ -336,6 +379,24 @@ mod tests {
         let e = retarget(&p, "c-web", &random_uuid(), &[], &[(9999, 1)]).unwrap_err().to_string();
         assert!(e.contains("host port 9999"), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), before);
+    }
+
+    #[test]
+    fn stream_only_passes_on_what_follows_the_xml_block() {
+        let t = tempfile::tempdir().unwrap();
+        let p = image(t.path(), "<domain><name>a</name></domain>", "<c/>", 8192);
+        let img = std::fs::read(&p).unwrap();
+        // Written in pieces that straddle the header and the block's end.
+        for piece in [1, 7, 92, 100, 4096, img.len()] {
+            let mut out = StreamOnly::new(Vec::new());
+            for part in img.chunks(piece) {
+                out.write_all(part).unwrap();
+            }
+            assert_eq!(out.inner, b"QEVM-stream", "pieces of {piece}");
+        }
+        let mut out = StreamOnly::new(Vec::new());
+        let e = out.write_all(&[b"LibvirtQemudPart".as_slice(), &[0u8; 100]].concat()).unwrap_err().to_string();
+        assert!(e.contains("bad magic") && out.inner.is_empty(), "{e}");
     }
 
     #[test]

@@ -627,6 +627,43 @@ fn data_chunks(store: &Store, layer: &LayerId) -> Result<u64> {
 /// unless the state layer names another commit of the instance
 /// ([`META_PAGES_ON`]); `warm`: chunks read ahead ([`statepages::warm`]).
 pub(crate) fn export_state(store: &Store, layer: &LayerId, top: &LayerId, to: &Path, warm: &Warm) -> Result<()> {
+    let (on, extents, paged) = saved_state(store, layer, top)?;
+    let reader = FileReader::new(store, extents);
+    let done = if paged {
+        statepages::decode(store, &on, reader, to, warm).map(|_| ())
+    } else {
+        fs::File::create(to)
+            .and_then(|mut out| std::io::copy(&mut { reader }, &mut out))
+            .map(|_| ())
+            .map_err(anyhow::Error::from)
+    };
+    done.with_context(|| format!("writing {} from state layer {layer}", to.display()))
+}
+
+/// [`export_state`] written in one pass into `out` (a waiting QEMU's
+/// socket), without a file.
+pub(crate) fn stream_state(
+    store: &Store,
+    layer: &LayerId,
+    top: &LayerId,
+    out: impl std::io::Write,
+    warm: &Warm,
+) -> Result<()> {
+    let (on, extents, paged) = saved_state(store, layer, top)?;
+    let mut reader = FileReader::new(store, extents);
+    if paged {
+        statepages::decode_stream(store, &on, reader, out, warm)?;
+    } else {
+        let mut out = out;
+        std::io::copy(&mut reader, &mut out).context("writing the saved state")?;
+    }
+    Ok(())
+}
+
+/// The saved state of state layer `layer` for a restore on `top`: the
+/// layer its page delta refers to, the extents of its file and whether
+/// that is a page delta (or a save image as it is).
+fn saved_state(store: &Store, layer: &LayerId, top: &LayerId) -> Result<(LayerId, Vec<xenod_store::Extent>, bool)> {
     let on = match store.layer_root(layer)?.meta.get(META_PAGES_ON) {
         None => *top,
         Some(on) => {
@@ -638,21 +675,12 @@ pub(crate) fn export_state(store: &Store, layer: &LayerId, top: &LayerId, to: &P
             on
         }
     };
-    let top = &on;
     for e in store.read_layer(layer)? {
         let e = e?;
-        if let Kind::File { extents, .. } = e.kind {
-            if e.path == STATE_FILE {
-                let mut out = fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
-                std::io::copy(&mut FileReader::new(store, extents), &mut out)
-                    .with_context(|| format!("writing {}", to.display()))?;
-                return Ok(());
-            }
-            if e.path == STATE_PAGES {
-                statepages::decode(store, top, FileReader::new(store, extents), to, warm)
-                    .with_context(|| format!("writing {} from state layer {layer}", to.display()))?;
-                return Ok(());
-            }
+        if let Kind::File { extents, .. } = e.kind
+            && (e.path == STATE_FILE || e.path == STATE_PAGES)
+        {
+            return Ok((on, extents, e.path == STATE_PAGES));
         }
     }
     bail!("layer {layer} holds no saved state")

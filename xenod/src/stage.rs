@@ -33,7 +33,7 @@ use xenod_deployer::{Hypervisor, Incoming};
 use xenod_store::{Extent, Kind, LayerId, Store, cmp_paths};
 
 use crate::deploy::{self, Instance};
-use crate::migrate::{Record, Transient, export_state, page_sources, ports_here, test_fail};
+use crate::migrate::{Record, page_sources, ports_here, stream_state, test_fail};
 use crate::statepages::{self, Warm};
 
 /// In a staged instance's directory until the guest runs there.
@@ -204,13 +204,19 @@ pub fn finish(
     let Staged { name, layer: staged_layer, inst, qemu, warm } = staged;
     let r = (|| -> Result<Value> {
         let t = Instant::now();
-        let file = Transient::new(&inst.dir(data), inst.spec.as_ref().map_or(0, |s| s.memory_mib as u64));
-        export_state(store, &state, &layer, file.path(), &warm)?;
+        let mut qemu = qemu;
+        stream_state(store, &state, &layer, qemu.state(), &warm).map_err(|e| {
+            e.context(format!(
+                "streaming the saved state into {} (QEMU's log is in /var/log/libvirt/qemu)",
+                qemu.name()
+            ))
+        })?;
+        drop(warm);
         steps.insert("state_seconds".into(), json!(t.elapsed().as_secs_f64()));
         restoring();
         test_fail("restore")?;
         let hv = deploy::hypervisor(&inst.uri)?;
-        let load = hv.finish_incoming(qemu, file.path())?;
+        let load = hv.finish_incoming(qemu)?;
         steps.insert("restore_seconds".into(), json!(load.as_secs_f64()));
         inst.save(data)?;
         fs::remove_file(inst.dir(data).join(MARKER))?;

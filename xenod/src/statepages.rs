@@ -103,16 +103,20 @@ pub struct PageIndex {
 }
 
 /// Reads whole pages of one source file through its chunks (which
-/// verify), keeping the last chunk decoded: pages are mostly asked for in
-/// order.
+/// verify), keeping the last chunks decoded (one by default: pages are
+/// mostly asked for in order).
 struct SourcePages<'a> {
     store: &'a Store,
     extents: &'a [Extent],
     /// Where each extent starts in the file.
     starts: Vec<u64>,
     len: u64,
-    cur: Option<(usize, Arc<Vec<u8>>)>,
+    /// The chunks last decoded (by extent), the latest first.
+    recent: std::collections::VecDeque<(usize, Arc<Vec<u8>>)>,
+    keep: usize,
     warm: Option<&'a Warm>,
+    /// Chunks read from the store (not found read ahead or kept).
+    reads: u64,
 }
 
 /// Chunks read ahead ([`warm`]), by id.
@@ -165,12 +169,35 @@ impl<'a> SourcePages<'a> {
                 s
             })
             .collect();
-        Self { store, extents, starts, len, cur: None, warm: None }
+        Self { store, extents, starts, len, recent: Default::default(), keep: 1, warm: None, reads: 0 }
     }
 
     fn warmed(mut self, warm: &'a Warm) -> Self {
         self.warm = Some(warm);
         self
+    }
+
+    /// Keeps the last `n` chunks decoded instead of one.
+    fn keeping(mut self, n: usize) -> Self {
+        self.keep = n.max(1);
+        self
+    }
+
+    /// The plain bytes of extent `x`, chunk `id`.
+    fn chunk(&mut self, x: usize, id: ChunkId) -> Result<Arc<Vec<u8>>> {
+        if let Some((_, plain)) = self.recent.iter().find(|(i, _)| *i == x) {
+            return Ok(plain.clone());
+        }
+        if let Some(plain) = self.warm.and_then(|w| w.get(&id)) {
+            return Ok(plain.clone());
+        }
+        let plain = Arc::new(self.store.get(&id).with_context(|| format!("reading chunk {id} of a page"))?);
+        self.reads += 1;
+        if self.recent.len() >= self.keep {
+            self.recent.pop_back();
+        }
+        self.recent.push_front((x, plain.clone()));
+        Ok(plain)
     }
 
     /// Whole pages in the file.
@@ -192,16 +219,7 @@ impl<'a> SourcePages<'a> {
             match self.extents[x] {
                 Extent::Hole { .. } => dst.fill(0),
                 Extent::Data { id, .. } => {
-                    if self.cur.as_ref().is_none_or(|(i, _)| *i != x) {
-                        let plain = match self.warm.and_then(|w| w.get(&id)) {
-                            Some(p) => p.clone(),
-                            None => {
-                                Arc::new(self.store.get(&id).with_context(|| format!("reading chunk {id} of a page"))?)
-                            }
-                        };
-                        self.cur = Some((x, plain));
-                    }
-                    let Some((_, plain)) = &self.cur else { unreachable!("just read") };
+                    let plain = self.chunk(x, id)?;
                     dst.copy_from_slice(&plain[from..to]);
                 }
             }
@@ -503,25 +521,34 @@ pub fn encode(store: &Store, state: impl Read, index: &PageIndex, out: &Path) ->
     Ok(st)
 }
 
-/// Writes the save image a page delta describes to `out`, reading the
-/// pages it references from the union of `top` in the store (or from
-/// `warm`, chunks read ahead). Literals are written as they come;
-/// references are gathered (7 bytes per page of the image at most) and
-/// filled in file order, so each source chunk is read once.
-pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path, warm: &Warm) -> Result<u64> {
-    let mut r = std::io::BufReader::with_capacity(1 << 20, delta);
-    let bad = |why: String| anyhow::anyhow!("saved state (page delta): {why}");
+/// A page delta's header, checked against the files of the layer it is
+/// decoded on.
+struct Head {
+    paths: Vec<Vec<u8>>,
+    /// Each source file's extents and length.
+    sources: Vec<(Vec<Extent>, u64)>,
+    /// The image's size.
+    size: u64,
+}
+
+fn bad(why: String) -> anyhow::Error {
+    anyhow::anyhow!("saved state (page delta): {why}")
+}
+
+/// Reads a page delta's header from `r` and finds its source files in the
+/// union of `top`, each the version it was saved against.
+fn read_head(store: &Store, top: &LayerId, r: &mut impl Read) -> Result<Head> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic).map_err(|_| bad("shorter than its header".into()))?;
     ensure!(&magic == MAGIC, bad("not a page delta (bad magic)".into()));
-    let nsrc = read_u16(&mut r).map_err(|_| bad("truncated header".into()))? as usize;
+    let nsrc = read_u16(r).map_err(|_| bad("truncated header".into()))? as usize;
     if nsrc > MAX_SOURCES {
         return Err(bad(format!("{nsrc} source files (at most {MAX_SOURCES})")));
     }
     let mut paths = Vec::with_capacity(nsrc);
     let mut digests = Vec::with_capacity(nsrc);
     for _ in 0..nsrc {
-        let len = read_u16(&mut r).map_err(|_| bad("truncated header".into()))? as usize;
+        let len = read_u16(r).map_err(|_| bad("truncated header".into()))? as usize;
         let mut p = vec![0u8; len];
         let mut digest = [0u8; 32];
         r.read_exact(&mut p).map_err(|_| bad("truncated header".into()))?;
@@ -529,9 +556,9 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path, warm: 
         paths.push(p);
         digests.push(digest);
     }
-    let size = read_u64(&mut r).map_err(|_| bad("truncated header".into()))?;
+    let size = read_u64(r).map_err(|_| bad("truncated header".into()))?;
     let files = if nsrc == 0 { Vec::new() } else { source_files(store, top, &paths)? };
-    let mut sources: Vec<Vec<Extent>> = Vec::with_capacity(nsrc);
+    let mut sources = Vec::with_capacity(nsrc);
     for (p, digest) in paths.iter().zip(&digests) {
         let name = String::from_utf8_lossy(p);
         let Some((_, x)) = files.iter().find(|(q, _)| q == p) else {
@@ -540,11 +567,88 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path, warm: 
         if extents_digest(x) != *digest {
             return Err(bad(format!("it was saved against another version of {name} than layer {top} holds")));
         }
-        sources.push(x.clone());
+        sources.push((x.clone(), x.iter().map(Extent::len).sum()));
     }
-    let lens: Vec<u64> = sources.iter().map(|x| x.iter().map(Extent::len).sum()).collect();
-    let t = std::time::Instant::now();
+    Ok(Head { paths, sources, size })
+}
 
+/// What a page delta says, in image order.
+enum Piece<'a> {
+    /// Bytes of the image (a run of a literal: at most 1 MiB at a time).
+    Literal(&'a [u8]),
+    /// Page `page` of source `src`, XORed with `xor` for a patch.
+    Page { src: u16, page: u32, xor: Option<&'a [u8]> },
+}
+
+/// Reads the ops of a page delta after its header, giving each piece of
+/// the image with its offset to `put`, and checks that they describe
+/// exactly `head.size` bytes, every reference inside its file.
+fn walk(r: &mut impl Read, head: &Head, mut put: impl FnMut(u64, Piece<'_>) -> Result<()>) -> Result<()> {
+    let size = head.size;
+    let mut at = 0u64;
+    let mut copy = vec![0u8; 1 << 20];
+    loop {
+        let mut op = [0u8; 1];
+        if r.read(&mut op)? == 0 {
+            break;
+        }
+        match op[0] {
+            OP_LITERAL => {
+                let len = read_u32(r).map_err(|_| bad("truncated literal".into()))? as u64;
+                if at + len > size {
+                    return Err(bad(format!("literal at {at} runs past the image's {size} bytes")));
+                }
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(copy.len() as u64) as usize;
+                    r.read_exact(&mut copy[..n]).map_err(|_| bad(format!("literal at {at} cut short")))?;
+                    put(at + len - left, Piece::Literal(&copy[..n]))?;
+                    left -= n as u64;
+                }
+                at += len;
+            }
+            op @ (OP_PAGE | OP_PATCH) => {
+                let src = read_u16(r).map_err(|_| bad("truncated page reference".into()))?;
+                let page = read_u32(r).map_err(|_| bad("truncated page reference".into()))?;
+                let Some(&(_, flen)) = head.sources.get(src as usize) else {
+                    return Err(bad(format!("page reference to source {src} of {}", head.sources.len())));
+                };
+                if (page as u64 + 1) * GUEST_PAGE as u64 > flen {
+                    return Err(bad(format!(
+                        "page {page} is beyond the end of {}",
+                        String::from_utf8_lossy(&head.paths[src as usize])
+                    )));
+                }
+                if at + GUEST_PAGE as u64 > size {
+                    return Err(bad(format!("page at {at} runs past the image's {size} bytes")));
+                }
+                let xor = if op == OP_PATCH {
+                    r.read_exact(&mut copy[..GUEST_PAGE]).map_err(|_| bad(format!("patch at {at} cut short")))?;
+                    Some(&copy[..GUEST_PAGE])
+                } else {
+                    None
+                };
+                put(at, Piece::Page { src, page, xor })?;
+                at += GUEST_PAGE as u64;
+            }
+            op => return Err(bad(format!("unknown op {op} at image offset {at}"))),
+        }
+    }
+    if at != size {
+        return Err(bad(format!("describes {at} bytes of a {size}-byte image")));
+    }
+    Ok(())
+}
+
+/// Writes the save image a page delta describes to the file `out`,
+/// reading the pages it references from the union of `top` in the store
+/// (or from `warm`, chunks read ahead). Literals are written as they come;
+/// references are gathered (7 bytes per page of the image at most) and
+/// filled in file order, in parallel, so each source chunk is read once.
+pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path, warm: &Warm) -> Result<u64> {
+    let mut r = std::io::BufReader::with_capacity(1 << 20, delta);
+    let head = read_head(store, top, &mut r)?;
+    let t = std::time::Instant::now();
     // Read back too: a patch XORs what was written for it.
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -557,61 +661,18 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path, warm: 
     // below): one write per MiB. Leaving those pages holes instead took a
     // write for each record header between them, and longer.
     let mut w = BufWriter::with_capacity(1 << 20, &f);
-    let mut at = 0u64;
     // (source, page, image offset, a patch: XOR what is written there).
     let mut refs: Vec<(u16, u32, u64, bool)> = Vec::new();
-    let mut copy = vec![0u8; 1 << 20];
-    loop {
-        let mut op = [0u8; 1];
-        if r.read(&mut op)? == 0 {
-            break;
-        }
-        match op[0] {
-            OP_LITERAL => {
-                let len = read_u32(&mut r).map_err(|_| bad("truncated literal".into()))? as u64;
-                if at + len > size {
-                    return Err(bad(format!("literal at {at} runs past the image's {size} bytes")));
-                }
-                let mut left = len;
-                while left > 0 {
-                    let n = left.min(copy.len() as u64) as usize;
-                    r.read_exact(&mut copy[..n]).map_err(|_| bad(format!("literal at {at} cut short")))?;
-                    w.write_all(&copy[..n])?;
-                    left -= n as u64;
-                }
-                at += len;
+    walk(&mut r, &head, |at, piece| {
+        match piece {
+            Piece::Literal(b) => w.write_all(b)?,
+            Piece::Page { src, page, xor } => {
+                w.write_all(xor.unwrap_or(&[0u8; GUEST_PAGE]))?;
+                refs.push((src, page, at, xor.is_some()));
             }
-            op @ (OP_PAGE | OP_PATCH) => {
-                let src = read_u16(&mut r).map_err(|_| bad("truncated page reference".into()))?;
-                let page = read_u32(&mut r).map_err(|_| bad("truncated page reference".into()))?;
-                let Some(&flen) = lens.get(src as usize) else {
-                    return Err(bad(format!("page reference to source {src} of {nsrc}")));
-                };
-                if (page as u64 + 1) * GUEST_PAGE as u64 > flen {
-                    return Err(bad(format!(
-                        "page {page} is beyond the end of {}",
-                        String::from_utf8_lossy(&paths[src as usize])
-                    )));
-                }
-                if at + GUEST_PAGE as u64 > size {
-                    return Err(bad(format!("page at {at} runs past the image's {size} bytes")));
-                }
-                // A placeholder (a patch's XOR), filled in below.
-                if op == OP_PATCH {
-                    r.read_exact(&mut copy[..GUEST_PAGE]).map_err(|_| bad(format!("patch at {at} cut short")))?;
-                    w.write_all(&copy[..GUEST_PAGE])?;
-                } else {
-                    w.write_all(&[0u8; GUEST_PAGE])?;
-                }
-                refs.push((src, page, at, op == OP_PATCH));
-                at += GUEST_PAGE as u64;
-            }
-            op => return Err(bad(format!("unknown op {op} at image offset {at}"))),
         }
-    }
-    if at != size {
-        return Err(bad(format!("describes {at} bytes of a {size}-byte image")));
-    }
+        Ok(())
+    })?;
     w.flush()?;
     drop(w);
     let literals = t.elapsed();
@@ -620,19 +681,63 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path, warm: 
     while i < refs.len() {
         let src = refs[i].0;
         let end = refs[i..].iter().position(|r| r.0 != src).map_or(refs.len(), |n| i + n);
-        let extents = &sources[src as usize];
+        let extents = &head.sources[src as usize].0;
         // In parallel, by runs of pages: a chunk is decoded at most once
         // per run it appears in.
         refs[i..end].par_chunks(1024).try_for_each(|part| fill(store, extents, warm, part, &f))?;
         i = end;
     }
     tracing::info!(
-        "saved state decoded: {size} bytes, {} pages from files; literals {:.3} s, pages {:.3} s",
+        "saved state decoded: {} bytes, {} pages from files; literals {:.3} s, pages {:.3} s",
+        head.size,
         refs.len(),
         literals.as_secs_f64(),
         (t.elapsed() - literals).as_secs_f64()
     );
-    Ok(size)
+    Ok(head.size)
+}
+
+/// Chunks of source files a streaming decode keeps decoded besides those
+/// read ahead (64 KiB each for disk images): 32 MiB per file at most.
+const STREAM_KEEP: usize = 512;
+
+/// Writes the save image a page delta describes to `out` in one pass, in
+/// image order (into a waiting QEMU's socket), reading each referenced
+/// page from `warm` (chunks read ahead), the last [`STREAM_KEEP`] chunks
+/// decoded, or the store. Memory stays bounded by those: no image is
+/// held. Returns the image's size.
+pub fn decode_stream(store: &Store, top: &LayerId, delta: impl Read, out: impl Write, warm: &Warm) -> Result<u64> {
+    let mut r = std::io::BufReader::with_capacity(1 << 20, delta);
+    let head = read_head(store, top, &mut r)?;
+    let t = std::time::Instant::now();
+    let mut w = BufWriter::with_capacity(1 << 20, out);
+    let mut files: Vec<SourcePages<'_>> =
+        head.sources.iter().map(|(x, _)| SourcePages::new(store, x).warmed(warm).keeping(STREAM_KEEP)).collect();
+    let mut page_buf = vec![0u8; GUEST_PAGE];
+    let mut pages = 0u64;
+    walk(&mut r, &head, |_, piece| {
+        match piece {
+            Piece::Literal(b) => w.write_all(b).context("writing the saved state")?,
+            Piece::Page { src, page, xor } => {
+                files[src as usize].read(page, &mut page_buf)?;
+                if let Some(xor) = xor {
+                    page_buf.iter_mut().zip(xor).for_each(|(p, x)| *p ^= x);
+                }
+                w.write_all(&page_buf).context("writing the saved state")?;
+                pages += 1;
+            }
+        }
+        Ok(())
+    })?;
+    w.flush().context("writing the saved state")?;
+    tracing::info!(
+        "saved state decoded as a stream: {} bytes, {pages} pages from files ({} chunks read, {} read ahead) in {:.3} s",
+        head.size,
+        files.iter().map(|f| f.reads).sum::<u64>(),
+        warm.len(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(head.size)
 }
 
 /// Copies the pages `refs` (sorted by page) of the file `extents` into
@@ -777,6 +882,10 @@ mod tests {
         assert!(st.delta_bytes < state.len() as u64 - refs * 4000, "{st:?}");
         assert_eq!(decode(&store, &top, File::open(&dp).unwrap(), &out, &Warm::new()).unwrap(), state.len() as u64);
         assert_eq!(std::fs::read(&out).unwrap(), state);
+        // In one pass into a stream, the same image.
+        let mut streamed = Vec::new();
+        let n = decode_stream(&store, &top, File::open(&dp).unwrap(), &mut streamed, &Warm::new()).unwrap();
+        assert!(n == state.len() as u64 && streamed == state);
 
         // Encoded while the image is still being written (a live save),
         // the delta is the same.
@@ -837,6 +946,9 @@ mod tests {
         let all = warm(&store, &top, None, &[disk[0].clone(), b"boot/vmlinux".to_vec()], 1 << 30).unwrap();
         decode(&store, &top, File::open(&dp).unwrap(), &out, &all).unwrap();
         assert!(std::fs::read(&out).unwrap() == state);
+        let mut streamed = Vec::new();
+        decode_stream(&store, &top, File::open(&dp).unwrap(), &mut streamed, &all).unwrap();
+        assert!(streamed == state);
     }
 
     #[test]
@@ -872,6 +984,8 @@ mod tests {
         ] {
             let e = decode(&store, &top, bad.as_slice(), &out, &Warm::new()).unwrap_err().to_string();
             assert!(e.contains(why), "{why}: {e}");
+            let e = decode_stream(&store, &top, bad.as_slice(), std::io::sink(), &Warm::new()).unwrap_err().to_string();
+            assert!(e.contains(why), "streamed, {why}: {e}");
         }
     }
 }
