@@ -49,7 +49,8 @@ pub use model::{DomainMeta, DomainModel, Network, ROOT_TAG, Root, check_ports_fr
 pub use probe::{ACCEL_ENV, Accel, AccelProbe, probe_accel};
 pub use ready::{GUEST_READY_LINE, console_tail, http_get, wait_console, wait_http};
 pub use saveimage::{
-    GUEST_PAGE, MAX_RAM_RECORD, RamRecord, StreamOnly, ram_record, random_uuid, retarget, retarget_xml, saved_xml,
+    GUEST_PAGE, MAX_RAM_RECORD, RamRecord, SAVE_HEADER, StreamOnly, head_len, head_xml, ram_record, random_uuid,
+    retarget, retarget_xml, saved_xml,
 };
 pub use spec::{
     BootFile, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, DeploySpec, FsShare, MAX_NAME_LEN, PortForward, RootMode,

@@ -204,6 +204,11 @@ impl Libvirt {
         dom.xml_desc(sys::VIR_DOMAIN_XML_SECURE | sys::VIR_DOMAIN_XML_MIGRATABLE).map_err(lv("read the XML of", name))
     }
 
+    /// Whether [`Libvirt::stage_incoming`] works here (QEMU/KVM guests).
+    pub fn can_stage(&self) -> bool {
+        matches!(self.target, Target::Kvm | Target::Qemu)
+    }
+
     /// Starts the domain `xml` (a save image's XML, retargeted) paused and
     /// waiting for its saved state, so that [`Libvirt::finish_incoming`]
     /// later only loads the state: libvirt's start of QEMU (0.4-0.8 s here)
@@ -218,8 +223,11 @@ impl Libvirt {
     pub fn stage_incoming(&self, xml: &str) -> Result<Incoming> {
         let name = xml_name(xml)
             .ok_or_else(|| Error::Unsupported { op: "stage", reason: "the domain XML has no <name>".into() })?;
-        if !matches!(self.target, Target::Kvm | Target::Qemu) {
+        if !self.can_stage() {
             return Err(Error::Unsupported { op: "stage", reason: format!("{name:?}: only QEMU/KVM guests") });
+        }
+        if !xml.contains(META_NS) {
+            return Err(Error::NotManaged { name });
         }
         let staged =
             incoming_xml(xml).map_err(|why| Error::Unsupported { op: "stage", reason: format!("{name:?}: {why}") })?;

@@ -54,8 +54,30 @@ pub(crate) fn image_head(xml: &str) -> Vec<u8> {
 /// The domain XML of a save image.
 pub fn saved_xml(file: &Path) -> Result<String> {
     let (_, data) = read_block(file)?;
+    block_xml(&data).map_err(|why| bad(file, why))
+}
+
+/// Bytes at the start of a save image that tell [`head_len`] how long its
+/// head is.
+pub const SAVE_HEADER: usize = HEADER;
+
+/// The length of a save image's head (its header and XML block) from its
+/// first [`SAVE_HEADER`] bytes.
+pub fn head_len(first: &[u8]) -> std::result::Result<usize, String> {
+    let h: &[u8; HEADER] =
+        first.get(..HEADER).and_then(|h| h.try_into().ok()).ok_or("shorter than a save image header")?;
+    Ok(HEADER + check_header(h)? as usize)
+}
+
+/// The domain XML of a save image's head ([`head_len`] bytes or more).
+pub fn head_xml(head: &[u8]) -> std::result::Result<String, String> {
+    let len = head_len(head)?;
+    block_xml(head.get(HEADER..len).ok_or("truncated in its XML block")?)
+}
+
+fn block_xml(data: &[u8]) -> std::result::Result<String, String> {
     let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
-    String::from_utf8(data[..end].to_vec()).map_err(|_| bad(file, "domain XML is not UTF-8"))
+    String::from_utf8(data[..end].to_vec()).map_err(|_| "domain XML is not UTF-8".to_string())
 }
 
 fn read_block(file: &Path) -> Result<([u8; HEADER], Vec<u8>)> {
@@ -339,6 +361,11 @@ mod tests {
         let p = t.path().join("live.save");
         std::fs::write(&p, &img).unwrap();
         assert_eq!(saved_xml(&p).unwrap(), xml);
+        // From the head alone, as a stream gives it.
+        let n = head_len(&img[..SAVE_HEADER]).unwrap();
+        assert_eq!(head_xml(&img[..n]).unwrap(), xml);
+        assert!(head_xml(&img[..n - 1]).unwrap_err().contains("truncated"));
+        assert!(head_len(&img[..10]).is_err());
         let long = format!("/{}/", "d".repeat(2000));
         retarget(&p, "a-much-longer-name", &random_uuid(), &[("/a/".into(), long.clone())], &[]).unwrap();
         assert!(saved_xml(&p).unwrap().contains(&format!("{long}x.img")));

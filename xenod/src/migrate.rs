@@ -456,23 +456,46 @@ fn adopt(
         mount_instance(data, store, &mut inst, layer)?;
         step("mount_seconds", t);
         let hv = deploy::hypervisor(&inst.uri)?;
+        let mut staged = false;
         match state {
             Some(s) => {
-                let file = Transient::new(&dir, record.spec.as_ref().map_or(0, |s| s.memory_mib as u64));
-                let file = file.path();
                 let t = Instant::now();
-                export_state(store, &s, &layer, file, &Warm::new())?;
-                step("state_seconds", t);
-                let from = format!("{}/", record.source_dir.display());
-                let to = format!("{}/", dir.display());
+                let paths = [(format!("{}/", record.source_dir.display()), format!("{}/", dir.display()))];
                 let moved = ports_here(record)?;
-                xenod_deployer::retarget(file, &domain, &xenod_deployer::random_uuid(), &[(from, to)], &moved)?;
+                let uuid = xenod_deployer::random_uuid();
+                // A QEMU guest's state goes straight into a QEMU started
+                // for it, with no image file (as large as the guest's
+                // memory) on the way; other guests restore from a file.
+                let loaded = if hv.can_stage() {
+                    let xml =
+                        xenod_deployer::retarget_xml(&state_xml(store, &s, &layer)?, &domain, &uuid, &paths, &moved)
+                            .map_err(|why| anyhow!("the save image in state layer {s}: {why}"))?;
+                    let mut qemu = hv.stage_incoming(&xml)?;
+                    stream_state(store, &s, &layer, qemu.state(), &Warm::new()).map_err(|e| {
+                        e.context(format!(
+                            "streaming the saved state into {domain} (QEMU's log is in /var/log/libvirt/qemu)"
+                        ))
+                    })?;
+                    Loaded::Staged(qemu)
+                } else {
+                    let file = Transient::new(&dir, record.spec.as_ref().map_or(0, |s| s.memory_mib as u64));
+                    export_state(store, &s, &layer, file.path(), &Warm::new())?;
+                    xenod_deployer::retarget(file.path(), &domain, &uuid, &paths, &moved)?;
+                    Loaded::File(file)
+                };
+                step("state_seconds", t);
                 xenod_deployer::move_host_ports(&mut inst.ports, &moved);
                 inst.save(data)?;
                 restoring();
                 test_fail("restore")?;
                 let t = Instant::now();
-                hv.restore(file)?;
+                match loaded {
+                    Loaded::Staged(qemu) => {
+                        hv.finish_incoming(qemu)?;
+                        staged = true;
+                    }
+                    Loaded::File(file) => drop(hv.restore(file.path())?),
+                }
                 step("restore_seconds", t);
             }
             None => {
@@ -493,7 +516,7 @@ fn adopt(
             }
         }
         Ok(json!({ "name": name, "domain": domain, "layer": layer.to_string(),
-                   "port": inst.ports.first().map(|p| p.host) }))
+                   "port": inst.ports.first().map(|p| p.host), "staged": staged }))
     })();
     let r = r.map(|mut v| {
         v["steps"] = Value::Object(steps);
@@ -503,6 +526,13 @@ fn adopt(
         undo(true);
     }
     r
+}
+
+/// A saved state on its way into a guest: in a QEMU waiting for the rest,
+/// or in a file for libvirt's restore.
+enum Loaded {
+    Staged(xenod_deployer::Incoming),
+    File(Transient),
 }
 
 // ---- state as a layer ----------------------------------------------------
@@ -658,6 +688,25 @@ pub(crate) fn stream_state(
         std::io::copy(&mut reader, &mut out).context("writing the saved state")?;
     }
     Ok(())
+}
+
+/// The domain XML in the save image of state layer `layer` (restored on
+/// `top`), from the image's head alone.
+pub(crate) fn state_xml(store: &Store, layer: &LayerId, top: &LayerId) -> Result<String> {
+    use std::io::Read;
+    let (on, extents, paged) = saved_state(store, layer, top)?;
+    let head = |n: usize| -> Result<Vec<u8>> {
+        let mut r = FileReader::new(store, extents.clone());
+        if paged {
+            return statepages::decode_head(store, &on, r, n as u64);
+        }
+        let mut b = Vec::with_capacity(n);
+        (&mut r).take(n as u64).read_to_end(&mut b)?;
+        Ok(b)
+    };
+    let bad = |why: String| anyhow!("the save image in state layer {layer}: {why}");
+    let n = xenod_deployer::head_len(&head(xenod_deployer::SAVE_HEADER)?).map_err(bad)?;
+    xenod_deployer::head_xml(&head(n)?).map_err(bad)
 }
 
 /// The saved state of state layer `layer` for a restore on `top`: the

@@ -581,9 +581,10 @@ enum Piece<'a> {
 }
 
 /// Reads the ops of a page delta after its header, giving each piece of
-/// the image with its offset to `put`, and checks that they describe
-/// exactly `head.size` bytes, every reference inside its file.
-fn walk(r: &mut impl Read, head: &Head, mut put: impl FnMut(u64, Piece<'_>) -> Result<()>) -> Result<()> {
+/// the image with its offset to `put` until that returns `false`, and
+/// checks that they describe exactly `head.size` bytes, every reference
+/// inside its file.
+fn walk(r: &mut impl Read, head: &Head, mut put: impl FnMut(u64, Piece<'_>) -> Result<bool>) -> Result<()> {
     let size = head.size;
     let mut at = 0u64;
     let mut copy = vec![0u8; 1 << 20];
@@ -602,7 +603,9 @@ fn walk(r: &mut impl Read, head: &Head, mut put: impl FnMut(u64, Piece<'_>) -> R
                 while left > 0 {
                     let n = left.min(copy.len() as u64) as usize;
                     r.read_exact(&mut copy[..n]).map_err(|_| bad(format!("literal at {at} cut short")))?;
-                    put(at + len - left, Piece::Literal(&copy[..n]))?;
+                    if !put(at + len - left, Piece::Literal(&copy[..n]))? {
+                        return Ok(());
+                    }
                     left -= n as u64;
                 }
                 at += len;
@@ -628,7 +631,9 @@ fn walk(r: &mut impl Read, head: &Head, mut put: impl FnMut(u64, Piece<'_>) -> R
                 } else {
                     None
                 };
-                put(at, Piece::Page { src, page, xor })?;
+                if !put(at, Piece::Page { src, page, xor })? {
+                    return Ok(());
+                }
                 at += GUEST_PAGE as u64;
             }
             op => return Err(bad(format!("unknown op {op} at image offset {at}"))),
@@ -671,7 +676,7 @@ pub fn decode(store: &Store, top: &LayerId, delta: impl Read, out: &Path, warm: 
                 refs.push((src, page, at, xor.is_some()));
             }
         }
-        Ok(())
+        Ok(true)
     })?;
     w.flush()?;
     drop(w);
@@ -707,6 +712,27 @@ const STREAM_KEEP: usize = 512;
 /// decoded, or the store. Memory stays bounded by those: no image is
 /// held. Returns the image's size.
 pub fn decode_stream(store: &Store, top: &LayerId, delta: impl Read, out: impl Write, warm: &Warm) -> Result<u64> {
+    decode_upto(store, top, delta, out, warm, u64::MAX)
+}
+
+/// The first `n` bytes of the image a page delta describes (all of it
+/// when shorter), decoded without the rest.
+pub fn decode_head(store: &Store, top: &LayerId, delta: impl Read, n: u64) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    decode_upto(store, top, delta, &mut out, &Warm::new(), n)?;
+    out.truncate(n as usize);
+    Ok(out)
+}
+
+/// [`decode_stream`], stopping once `limit` bytes (or more) are written.
+fn decode_upto(
+    store: &Store,
+    top: &LayerId,
+    delta: impl Read,
+    out: impl Write,
+    warm: &Warm,
+    limit: u64,
+) -> Result<u64> {
     let mut r = std::io::BufReader::with_capacity(1 << 20, delta);
     let head = read_head(store, top, &mut r)?;
     let t = std::time::Instant::now();
@@ -715,9 +741,13 @@ pub fn decode_stream(store: &Store, top: &LayerId, delta: impl Read, out: impl W
         head.sources.iter().map(|(x, _)| SourcePages::new(store, x).warmed(warm).keeping(STREAM_KEEP)).collect();
     let mut page_buf = vec![0u8; GUEST_PAGE];
     let mut pages = 0u64;
+    let mut written = 0u64;
     walk(&mut r, &head, |_, piece| {
-        match piece {
-            Piece::Literal(b) => w.write_all(b).context("writing the saved state")?,
+        let len = match piece {
+            Piece::Literal(b) => {
+                w.write_all(b).context("writing the saved state")?;
+                b.len() as u64
+            }
             Piece::Page { src, page, xor } => {
                 files[src as usize].read(page, &mut page_buf)?;
                 if let Some(xor) = xor {
@@ -725,11 +755,16 @@ pub fn decode_stream(store: &Store, top: &LayerId, delta: impl Read, out: impl W
                 }
                 w.write_all(&page_buf).context("writing the saved state")?;
                 pages += 1;
+                GUEST_PAGE as u64
             }
-        }
-        Ok(())
+        };
+        written += len;
+        Ok(written < limit)
     })?;
     w.flush().context("writing the saved state")?;
+    if limit < u64::MAX {
+        return Ok(head.size);
+    }
     tracing::info!(
         "saved state decoded as a stream: {} bytes, {pages} pages from files ({} chunks read, {} read ahead) in {:.3} s",
         head.size,
@@ -886,6 +921,11 @@ mod tests {
         let mut streamed = Vec::new();
         let n = decode_stream(&store, &top, File::open(&dp).unwrap(), &mut streamed, &Warm::new()).unwrap();
         assert!(n == state.len() as u64 && streamed == state);
+        // Its head alone (a save image's XML), or all of a shorter one.
+        for k in [10, 1500, state.len() + 10] {
+            let head = decode_head(&store, &top, File::open(&dp).unwrap(), k as u64).unwrap();
+            assert!(head == state[..k.min(state.len())], "the first {k} bytes");
+        }
 
         // Encoded while the image is still being written (a live save),
         // the delta is the same.

@@ -169,6 +169,8 @@ fn guest_moves_there_and_back_with_its_counter() {
     let copy = format!("{}c", h.name);
     let r = ok(&h.a, &["restore", cp["checkpoint"].as_str().unwrap(), "--on", &db.addr, "--as", &copy]);
     assert_eq!(counter(r["restored"]["port"].as_u64().unwrap()), 6, "the copy goes on from the first checkpoint: {r}");
+    assert_eq!(r["restored"]["staged"], true, "its state went into a waiting QEMU, not through a file: {r}");
+    assert!(persistent(&format!("{}{copy}", h.prefix_b)), "defined on B, as a deployed guest is");
     ok(&h.b, &["destroy", &copy]);
 }
 
