@@ -8,7 +8,10 @@
 //! *page delta*: literal runs, and for each 4 KiB page equal to a page of
 //! one of the instance's source files (its disk image, kernel, initrd) a
 //! reference to that page; [`decode`] writes the image back from the
-//! delta and the files. Measured on the migration benchmark (a guest that
+//! delta and the files into a file (for libvirt's restore), and
+//! [`decode_stream`] in one pass, in image order, into a QEMU waiting for
+//! its state (no file; on the migration benchmark 0.15 s for 242 MB, with
+//! QEMU loading at the same time). Measured on the migration benchmark (a guest that
 //! wrote a 200 MiB log): 47,929 of 58,891 non-zero pages matched, and the
 //! state on the wire went from 58 MB to about 10.
 //!
@@ -899,6 +902,24 @@ mod tests {
         (s, refs)
     }
 
+    /// [`save_image`] of `top`'s files, encoded against `paths` into
+    /// `dir`: the image and the delta's path.
+    fn encoded(
+        dir: &Path,
+        store: &Store,
+        top: &LayerId,
+        image: &[u8],
+        kernel: &[u8],
+        paths: &[Vec<u8>],
+    ) -> (Vec<u8>, std::path::PathBuf) {
+        let index = PageHashes::default().index(store, top, paths).unwrap();
+        let (state, _) = save_image(image, kernel);
+        let (sp, dp) = (dir.join("s.save"), dir.join("s.pages"));
+        std::fs::write(&sp, &state).unwrap();
+        encode(store, File::open(&sp).unwrap(), &index, &dp).unwrap();
+        (state, dp)
+    }
+
     #[test]
     fn delta_round_trips_and_refers_to_matching_pages() {
         let t = tempfile::tempdir().unwrap();
@@ -978,11 +999,9 @@ mod tests {
         // Without a layer below: every chunk of the files.
         assert_eq!(warm(&store, &top, None, &disk, 1 << 30).unwrap().len(), 5);
         // Decoding with chunks read ahead gives the same image.
-        let index = PageHashes::default().index(&store, &top, &[disk[0].clone(), b"boot/vmlinux".to_vec()]).unwrap();
-        let (state, _) = save_image(&image, &kernel);
-        let (sp, dp, out) = (t.path().join("s.save"), t.path().join("s.pages"), t.path().join("back.save"));
-        std::fs::write(&sp, &state).unwrap();
-        encode(&store, File::open(&sp).unwrap(), &index, &dp).unwrap();
+        let (state, dp) =
+            encoded(t.path(), &store, &top, &image, &kernel, &[disk[0].clone(), b"boot/vmlinux".to_vec()]);
+        let out = t.path().join("back.save");
         let all = warm(&store, &top, None, &[disk[0].clone(), b"boot/vmlinux".to_vec()], 1 << 30).unwrap();
         decode(&store, &top, File::open(&dp).unwrap(), &out, &all).unwrap();
         assert!(std::fs::read(&out).unwrap() == state);
@@ -996,11 +1015,8 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let store = Store::open(t.path().join("store")).unwrap();
         let (top, image, kernel) = layer(&store, 1);
-        let index = PageHashes::default().index(&store, &top, &[b"disk/root.img".to_vec()]).unwrap();
-        let (state, _) = save_image(&image, &kernel);
-        let (sp, dp, out) = (t.path().join("s.save"), t.path().join("s.pages"), t.path().join("back.save"));
-        std::fs::write(&sp, &state).unwrap();
-        encode(&store, File::open(&sp).unwrap(), &index, &dp).unwrap();
+        let (_, dp) = encoded(t.path(), &store, &top, &image, &kernel, &[b"disk/root.img".to_vec()]);
+        let out = t.path().join("back.save");
         let delta = std::fs::read(&dp).unwrap();
         let head = 8 + 2 + 2 + 13 + 32 + 8;
         let op_ref = |op: u8, src: u16, page: u32| {
