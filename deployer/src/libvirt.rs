@@ -249,6 +249,12 @@ impl Libvirt {
                     let _ = rustix::net::sockopt::set_socket_send_buffer_size(s, 64 << 20);
                 }
             }
+            // A QEMU that stops reading without exiting fails the write
+            // rather than holding this thread (and the stage) forever.
+            ours.set_write_timeout(Some(std::time::Duration::from_secs(120))).map_err(|e| Error::Unsupported {
+                op: "stage",
+                reason: format!("{name:?}: a timeout on the socket for its state: {e}"),
+            })?;
             qmp(&dom, &name, "stage", r#"{"execute":"getfd","arguments":{"fdname":"xenod-state"}}"#, &[qemus.as_fd()])?;
             drop(qemus);
             qmp(&dom, &name, "stage", r#"{"execute":"migrate-incoming","arguments":{"uri":"fd:xenod-state"}}"#, &[])?;
@@ -331,7 +337,8 @@ impl Incoming {
     /// Where the waiting QEMU reads its state: a whole save image written
     /// here reaches it as its migration stream (the image's header and XML
     /// block dropped). A write fails when QEMU stops reading (a load that
-    /// failed; its log is in /var/log/libvirt/qemu).
+    /// failed; its log is in /var/log/libvirt/qemu), or has taken nothing
+    /// for 2 minutes.
     pub fn state(&mut self) -> StreamOnly<&mut std::os::unix::net::UnixStream> {
         StreamOnly::new(&mut self.sock)
     }
