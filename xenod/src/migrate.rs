@@ -471,11 +471,7 @@ fn adopt(
                         xenod_deployer::retarget_xml(&state_xml(store, &s, &layer)?, &domain, &uuid, &paths, &moved)
                             .map_err(|why| anyhow!("the save image in state layer {s}: {why}"))?;
                     let mut qemu = hv.stage_incoming(&xml)?;
-                    stream_state(store, &s, &layer, qemu.state(), &Warm::new()).map_err(|e| {
-                        e.context(format!(
-                            "streaming the saved state into {domain} (QEMU's log is in /var/log/libvirt/qemu)"
-                        ))
-                    })?;
+                    stream_state(store, &s, &layer, &mut qemu, &Warm::new())?;
                     Loaded::Staged(qemu)
                 } else {
                     let file = Transient::new(&dir, record.spec.as_ref().map_or(0, |s| s.memory_mib as u64));
@@ -670,24 +666,26 @@ pub(crate) fn export_state(store: &Store, layer: &LayerId, top: &LayerId, to: &P
     done.with_context(|| format!("writing {} from state layer {layer}", to.display()))
 }
 
-/// [`export_state`] written in one pass into `out` (a waiting QEMU's
-/// socket), without a file.
+/// [`export_state`] written in one pass into the QEMU `qemu` that waits
+/// for it, without a file.
 pub(crate) fn stream_state(
     store: &Store,
     layer: &LayerId,
     top: &LayerId,
-    out: impl std::io::Write,
+    qemu: &mut xenod_deployer::Incoming,
     warm: &Warm,
 ) -> Result<()> {
     let (on, extents, paged) = saved_state(store, layer, top)?;
     let mut reader = FileReader::new(store, extents);
-    if paged {
-        statepages::decode_stream(store, &on, reader, out, warm)?;
+    let mut out = qemu.state();
+    let r = if paged {
+        statepages::decode_stream(store, &on, reader, &mut out, warm).map(|_| ())
     } else {
-        let mut out = out;
-        std::io::copy(&mut reader, &mut out).context("writing the saved state")?;
-    }
-    Ok(())
+        std::io::copy(&mut reader, &mut out).map(|_| ()).context("writing the saved state")
+    };
+    r.with_context(|| {
+        format!("streaming the saved state into {} (QEMU's log is in /var/log/libvirt/qemu)", qemu.name())
+    })
 }
 
 /// The domain XML in the save image of state layer `layer` (restored on

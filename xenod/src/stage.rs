@@ -205,12 +205,7 @@ pub fn finish(
     let r = (|| -> Result<Value> {
         let t = Instant::now();
         let mut qemu = qemu;
-        stream_state(store, &state, &layer, qemu.state(), &warm).map_err(|e| {
-            e.context(format!(
-                "streaming the saved state into {} (QEMU's log is in /var/log/libvirt/qemu)",
-                qemu.name()
-            ))
-        })?;
+        stream_state(store, &state, &layer, &mut qemu, &warm)?;
         drop(warm);
         steps.insert("state_seconds".into(), json!(t.elapsed().as_secs_f64()));
         restoring();
