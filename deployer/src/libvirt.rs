@@ -113,9 +113,12 @@ impl Libvirt {
     /// interval in which its end was seen, and the copy's tail. QEMU/KVM
     /// only; it goes through the QEMU monitor, which libvirt records as a
     /// taint of the domain.
-    pub fn save_live(&self, name: &str, state_file: &Path) -> Result<std::time::Duration> {
-        use std::io::Write;
-        use std::time::{Duration, Instant};
+    ///
+    /// `paused`: pause the guest first, so that it does not run during the
+    /// save (a stopped save, written in one round at this path's speed:
+    /// `virDomainSave` keeps a guest down seconds longer here); the time
+    /// stopped is then the whole save's. A save that fails unpauses it.
+    pub fn save_live(&self, name: &str, state_file: &Path, paused: bool) -> Result<std::time::Duration> {
         let (dom, status) = self.managed(name)?;
         if !matches!(self.target, Target::Kvm | Target::Qemu) || status.meta.root == RootMode::Fs {
             return Err(Error::Unsupported {
@@ -123,78 +126,16 @@ impl Libvirt {
                 reason: format!("{name:?}: only disk-root guests of QEMU/KVM are saved live"),
             });
         }
-        let xml = dom
-            .xml_desc(sys::VIR_DOMAIN_XML_SECURE | sys::VIR_DOMAIN_XML_MIGRATABLE)
-            .map_err(lv("read the XML of", name))?;
-        let mut file = std::io::BufWriter::with_capacity(
-            1 << 20,
-            std::fs::File::create(state_file).map_err(Error::io("create state file", state_file))?,
-        );
-        file.write_all(&crate::saveimage::image_head(&xml)).map_err(Error::io("write state file", state_file))?;
-        // A short path: socket addresses hold 108 bytes.
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let sock = std::path::PathBuf::from(format!("/run/xenod-live-{}-{n}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&sock);
-        let listener = std::os::unix::net::UnixListener::bind(&sock).map_err(Error::io("listen on", &sock))?;
-        struct Gone<'a>(&'a Path);
-        impl Drop for Gone<'_> {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(self.0);
-            }
+        if !paused {
+            return save_through_qemu(&dom, name, state_file);
         }
-        let _gone = Gone(&sock);
-        let copier = std::thread::spawn(move || -> std::io::Result<u64> {
-            let (mut stream, _) = listener.accept()?;
-            let n = std::io::copy(&mut stream, &mut file)?;
-            file.flush()?;
-            Ok(n)
-        });
-        let qmp = |cmd: String| qmp(&dom, name, "live save", &cmd, &[]);
-        let migrated = (|| {
-            qmp(r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":1099511627776,"downtime-limit":100}}"#
-                .into())?;
-            qmp(format!(r#"{{"execute":"migrate","arguments":{{"uri":"unix:{}"}}}}"#, sock.display()))?;
-            const POLL: Duration = Duration::from_millis(10);
-            let deadline = Instant::now() + Duration::from_secs(600);
-            loop {
-                std::thread::sleep(POLL);
-                let r = qmp(r#"{"execute":"query-migrate"}"#.into())?;
-                match r["status"].as_str().unwrap_or("") {
-                    "completed" => {
-                        return Ok((Duration::from_millis(r["downtime"].as_u64().unwrap_or(0)) + POLL, Instant::now()));
-                    }
-                    s @ ("failed" | "cancelled") => {
-                        return Err(Error::Unsupported {
-                            op: "live save",
-                            reason: format!("{name:?}: QEMU's migration {s}: {}", r["error-desc"]),
-                        });
-                    }
-                    _ if Instant::now() > deadline => {
-                        let _ = qmp(r#"{"execute":"migrate_cancel"}"#.into());
-                        return Err(Error::Unsupported {
-                            op: "live save",
-                            reason: format!("{name:?}: the memory did not converge within 10 minutes"),
-                        });
-                    }
-                    _ => {}
-                }
-            }
-        })();
-        if migrated.is_err() {
-            // QEMU may never have connected: let the copier's accept return.
-            let _ = std::os::unix::net::UnixStream::connect(&sock);
+        let t = std::time::Instant::now();
+        dom.suspend().map_err(lv("pause", name))?;
+        let r = save_through_qemu(&dom, name, state_file);
+        if r.is_err() {
+            let _ = dom.resume();
         }
-        let copied = copier.join();
-        let (down, seen) = migrated?;
-        match copied {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(Error::io("write state file", state_file)(e)),
-            Err(_) => {
-                return Err(Error::io("write state file", state_file)(std::io::Error::other("copier panicked")));
-            }
-        }
-        Ok(down + seen.elapsed())
+        r.map(|_| t.elapsed())
     }
 
     /// The XML of `name` as a save image would hold it (for
@@ -310,6 +251,87 @@ impl Libvirt {
         let status = status_of(&dom, name)?.ok_or_else(|| Error::NotManaged { name: name.into() })?;
         Ok((dom, status))
     }
+}
+
+/// [`Libvirt::save_live`]'s save: QEMU's migration into a socket this
+/// process copies to `state_file`, behind libvirt's header and the XML.
+fn save_through_qemu(dom: &Domain, name: &str, state_file: &Path) -> Result<std::time::Duration> {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let xml = dom
+        .xml_desc(sys::VIR_DOMAIN_XML_SECURE | sys::VIR_DOMAIN_XML_MIGRATABLE)
+        .map_err(lv("read the XML of", name))?;
+    let mut file = std::io::BufWriter::with_capacity(
+        1 << 20,
+        std::fs::File::create(state_file).map_err(Error::io("create state file", state_file))?,
+    );
+    file.write_all(&crate::saveimage::image_head(&xml)).map_err(Error::io("write state file", state_file))?;
+    // A short path: socket addresses hold 108 bytes.
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let sock = std::path::PathBuf::from(format!("/run/xenod-live-{}-{n}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let listener = std::os::unix::net::UnixListener::bind(&sock).map_err(Error::io("listen on", &sock))?;
+    struct Gone<'a>(&'a Path);
+    impl Drop for Gone<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _gone = Gone(&sock);
+    let copier = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut stream, _) = listener.accept()?;
+        let n = std::io::copy(&mut stream, &mut file)?;
+        file.flush()?;
+        Ok(n)
+    });
+    let qmp = |cmd: String| qmp(dom, name, "live save", &cmd, &[]);
+    let migrated = (|| {
+        qmp(
+            r#"{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":1099511627776,"downtime-limit":100}}"#
+                .into(),
+        )?;
+        qmp(format!(r#"{{"execute":"migrate","arguments":{{"uri":"unix:{}"}}}}"#, sock.display()))?;
+        const POLL: Duration = Duration::from_millis(10);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            std::thread::sleep(POLL);
+            let r = qmp(r#"{"execute":"query-migrate"}"#.into())?;
+            match r["status"].as_str().unwrap_or("") {
+                "completed" => {
+                    return Ok((Duration::from_millis(r["downtime"].as_u64().unwrap_or(0)) + POLL, Instant::now()));
+                }
+                s @ ("failed" | "cancelled") => {
+                    return Err(Error::Unsupported {
+                        op: "live save",
+                        reason: format!("{name:?}: QEMU's migration {s}: {}", r["error-desc"]),
+                    });
+                }
+                _ if Instant::now() > deadline => {
+                    let _ = qmp(r#"{"execute":"migrate_cancel"}"#.into());
+                    return Err(Error::Unsupported {
+                        op: "live save",
+                        reason: format!("{name:?}: the memory did not converge within 10 minutes"),
+                    });
+                }
+                _ => {}
+            }
+        }
+    })();
+    if migrated.is_err() {
+        // QEMU may never have connected: let the copier's accept return.
+        let _ = std::os::unix::net::UnixStream::connect(&sock);
+    }
+    let copied = copier.join();
+    let (down, seen) = migrated?;
+    match copied {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(Error::io("write state file", state_file)(e)),
+        Err(_) => {
+            return Err(Error::io("write state file", state_file)(std::io::Error::other("copier panicked")));
+        }
+    }
+    Ok(down + seen.elapsed())
 }
 
 /// A domain started paused, waiting for its saved state on a socket:

@@ -162,8 +162,10 @@ pub enum Cmd {
         /// libvirt marks the domain tainted (custom monitor command).
         #[arg(long, conflicts_with = "cold")]
         live: bool,
-        /// Save the guest stopped for the whole save (libvirt's
-        /// virDomainSave), not live: the guest is down longer.
+        /// Save the guest stopped for the whole save, not live: it is
+        /// paused, then saved in one round by the live path's means where
+        /// the hypervisor can (else by libvirt's virDomainSave). The guest
+        /// is down longer, but never runs during the save.
         #[arg(long, conflicts_with_all = ["cold", "live"])]
         save: bool,
     },

@@ -917,13 +917,15 @@ pub enum SaveMode {
     Auto,
     /// Live, or fail.
     Live,
-    /// Stopped for the whole save (`virDomainSave`).
+    /// Stopped for the whole save: paused, then saved by the live path's
+    /// means where it can be, else by `virDomainSave`.
     Stopped,
 }
 
 /// Saves guest `dom` to `file` as `mode` says. `Some(stopped for)` when
-/// saved live (its QEMU then stays paused: unpause or power it off), `None`
-/// when saved stopped (the domain is shut off).
+/// saved through QEMU's own migration (its QEMU then stays paused: unpause
+/// or power it off), `None` when saved by libvirt (the domain is shut
+/// off).
 async fn save_guest(
     hv: &Arc<xenod_deployer::Libvirt>,
     dom: &str,
@@ -933,16 +935,16 @@ async fn save_guest(
 ) -> Result<Option<Duration>> {
     let (hv, dom, f) = (hv.clone(), dom.to_owned(), file.to_path_buf());
     blocking(move || {
-        if mode != SaveMode::Stopped {
-            let r = hv.save_live(&dom, &f);
-            if let Some(d) = live_done {
-                d.store(true, Ordering::Release);
+        let r = hv.save_live(&dom, &f, mode == SaveMode::Stopped);
+        if let Some(d) = live_done {
+            d.store(true, Ordering::Release);
+        }
+        match r {
+            Ok(down) => return Ok(Some(down)),
+            Err(e) if mode != SaveMode::Live => {
+                tracing::info!("{dom}: not saved through QEMU ({e}); saving it by libvirt")
             }
-            match r {
-                Ok(down) => return Ok(Some(down)),
-                Err(e) if mode == SaveMode::Auto => tracing::info!("{dom}: no live save ({e}); saving it stopped"),
-                Err(e) => return Err(e.into()),
-            }
+            Err(e) => return Err(e.into()),
         }
         hv.save(&dom, &f)?;
         Ok(None)
@@ -1104,8 +1106,8 @@ pub async fn migrate(
     // while the guest still runs, against the last pre-copy round's files
     // (which the target holds); after the stop only QEMU's last round is
     // left to encode.
-    let mut follow = match (pages_index.take(), save) {
-        (Some((on, ix)), SaveMode::Auto | SaveMode::Live) if !cold => {
+    let mut follow = match pages_index.take() {
+        Some((on, ix)) if !cold => {
             let done = Arc::new(AtomicBool::new(false));
             let (s, from, to, d) =
                 (store.clone(), state_file.clone(), state_file.with_extension("pages"), done.clone());
@@ -1126,6 +1128,8 @@ pub async fn migrate(
     if let Some((_, done, _)) = &follow {
         done.store(true, Ordering::Release);
     }
+    // Saved through QEMU's migration (live, or paused first for --save):
+    // its QEMU is paused now, holding the guest.
     let live = matches!(stopped, Ok(Some(_)));
     // Brings the source guest back after a failure before the commit point.
     let revive = |hv: Arc<xenod_deployer::Libvirt>, dom: String, f: PathBuf| {
@@ -1316,7 +1320,8 @@ pub async fn migrate(
         .iter()
         .map(|p| p["wire_bytes"].as_u64().or_else(|| p["fetch"]["wire_bytes"].as_u64()).unwrap_or(0))
         .sum();
-    Ok(json!({ "instance": name, "to": to, "cold": cold, "live": live, "layer": layer.to_string(),
+    Ok(json!({ "instance": name, "to": to, "cold": cold, "live": live && save != SaveMode::Stopped,
+               "layer": layer.to_string(),
                "precopy_level": (!cold).then(|| level.unwrap_or(PRECOPY_LEVEL)),
                "port": rep["instance"]["port"], "wire_bytes": total_wire, "downtime_seconds": downtime,
                "total_seconds": t0.elapsed().as_secs_f64(), "phases": phases }))
