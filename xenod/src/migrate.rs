@@ -490,7 +490,9 @@ fn adopt(
                         hv.finish_incoming(qemu)?;
                         staged = true;
                     }
-                    Loaded::File(file) => drop(hv.restore(file.path())?),
+                    Loaded::File(file) => {
+                        hv.restore(file.path())?;
+                    }
                 }
                 step("restore_seconds", t);
             }
@@ -1102,10 +1104,11 @@ pub async fn migrate(
     let memory_mib = inst.spec.as_ref().map_or(0, |s| s.memory_mib as u64);
     let transient = Transient::new(&inst.dir(&data), memory_mib);
     let state_file = transient.path().to_path_buf();
-    // Saved live, the state's page delta is encoded as QEMU writes it,
-    // while the guest still runs, against the last pre-copy round's files
-    // (which the target holds); after the stop only QEMU's last round is
-    // left to encode.
+    // Saved through QEMU's migration (live, or paused for --save), the
+    // state's page delta is encoded as QEMU writes it, against the last
+    // pre-copy round's files (which the target holds); saved live, the
+    // guest still runs meanwhile and after the stop only QEMU's last round
+    // is left to encode.
     let mut follow = match pages_index.take() {
         Some((on, ix)) if !cold => {
             let done = Arc::new(AtomicBool::new(false));

@@ -114,8 +114,11 @@ struct SourcePages<'a> {
     /// Where each extent starts in the file.
     starts: Vec<u64>,
     len: u64,
-    /// The chunks last decoded (by extent), the latest first.
-    recent: std::collections::VecDeque<(usize, Arc<Vec<u8>>)>,
+    /// The chunks last decoded, by extent, and their order (the oldest
+    /// first): a streaming decode asks for one per page, so this is a
+    /// lookup, not a scan.
+    recent: HashMap<usize, Arc<Vec<u8>>>,
+    order: std::collections::VecDeque<usize>,
     keep: usize,
     warm: Option<&'a Warm>,
     /// Chunks read from the store (not found read ahead or kept).
@@ -172,7 +175,17 @@ impl<'a> SourcePages<'a> {
                 s
             })
             .collect();
-        Self { store, extents, starts, len, recent: Default::default(), keep: 1, warm: None, reads: 0 }
+        Self {
+            store,
+            extents,
+            starts,
+            len,
+            recent: HashMap::new(),
+            order: Default::default(),
+            keep: 1,
+            warm: None,
+            reads: 0,
+        }
     }
 
     fn warmed(mut self, warm: &'a Warm) -> Self {
@@ -188,7 +201,7 @@ impl<'a> SourcePages<'a> {
 
     /// The plain bytes of extent `x`, chunk `id`.
     fn chunk(&mut self, x: usize, id: ChunkId) -> Result<Arc<Vec<u8>>> {
-        if let Some((_, plain)) = self.recent.iter().find(|(i, _)| *i == x) {
+        if let Some(plain) = self.recent.get(&x) {
             return Ok(plain.clone());
         }
         if let Some(plain) = self.warm.and_then(|w| w.get(&id)) {
@@ -196,10 +209,13 @@ impl<'a> SourcePages<'a> {
         }
         let plain = Arc::new(self.store.get(&id).with_context(|| format!("reading chunk {id} of a page"))?);
         self.reads += 1;
-        if self.recent.len() >= self.keep {
-            self.recent.pop_back();
+        if self.order.len() >= self.keep
+            && let Some(old) = self.order.pop_front()
+        {
+            self.recent.remove(&old);
         }
-        self.recent.push_front((x, plain.clone()));
+        self.order.push_back(x);
+        self.recent.insert(x, plain.clone());
         Ok(plain)
     }
 

@@ -140,9 +140,9 @@ fn guest_moves_there_and_back_with_its_counter() {
     assert_eq!((there["precopy_level"].as_u64(), back["precopy_level"].as_u64()), (Some(16), Some(9)));
     assert_eq!(back["live"], false, "{back}");
     assert!(staged(&back), "a stopped save loads into a staged QEMU too: {back}");
-    let copy = &back["phases"][2];
-    assert!(copy["save_downtime_seconds"].is_f64(), "saved paused through QEMU's migration: {back}");
-    assert_eq!(copy["upper"]["state_encoded_live"], true, "and encoded as QEMU wrote it: {back}");
+    let stop = &back["phases"][2];
+    assert!(stop["save_downtime_seconds"].is_f64(), "saved paused through QEMU's migration: {back}");
+    assert_eq!(stop["upper"]["state_encoded_live"], true, "and encoded as QEMU wrote it: {back}");
     let port = back["port"].as_u64().unwrap();
     assert_eq!(counter(port), 5, "the counter continues on A again");
     let (w1, w2) = (there["wire_bytes"].as_u64().unwrap(), back["wire_bytes"].as_u64().unwrap());
