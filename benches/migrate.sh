@@ -2,12 +2,13 @@
 # Migration of a disk-root guest after a known workload, against rsync of
 # the same changed upper layer.
 #
-#   sudo bash benches/migrate.sh    # WORK=/var/tmp/xenod-bench-migrate ROUNDS=1 LEVELS=16 SAVES=live
+#   sudo bash benches/migrate.sh    # WORK=/var/tmp/xenod-bench-migrate ROUNDS=1 LEVELS=ppmd SAVES=live
 #
-# LEVELS: the pre-copy zstd levels to compare (`migrate --level`); each
-# round runs the workload afresh and migrates once per level and save.
-# SAVES: "save" (`--save`: virDomainSave), "live" (`--live`, the default:
-# the guest's memory saved while it runs) or both.
+# LEVELS: the pre-copy codecs to compare (`migrate --level`: ppmd, the
+# default, or zstd levels 1-16); each round runs the workload afresh and
+# migrates once per level and save.
+# SAVES: "save" (`--save`: the guest paused, then saved), "live" (`--live`,
+# the default: the guest's memory saved while it runs) or both.
 #
 # Daemons on loopback (separate processes and data dirs, one libvirt shared
 # through domain prefixes): the source A, and for every move a fresh target
@@ -31,7 +32,7 @@ export LC_ALL=C
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=${WORK:-/var/tmp/xenod-bench-migrate}
 ROUNDS=${ROUNDS:-1}
-LEVELS=${LEVELS:-16}
+LEVELS=${LEVELS:-ppmd}
 SAVES=${SAVES:-live}
 FIX=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/guest
 log() { echo "migrate-bench: $*" >&2; }

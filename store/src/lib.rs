@@ -36,7 +36,7 @@ pub mod testing;
 mod verify;
 
 pub use chunker::{BATCH, BLOCK, Batch, Batcher, CDC_AVG, CDC_MAX, CDC_MIN, Cdc, Chunking, is_zero};
-pub use codec::{Encoding, ZSTD_LEVEL, decode, encode};
+pub use codec::{Dense, Encoding, ZSTD_LEVEL, decode, dense_frame, encode};
 pub use digest::{tree_digest, tree_listing};
 pub use error::{Error, Result};
 pub use export::{ExportStats, FileReader, export_dir, export_tar};

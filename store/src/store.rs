@@ -14,7 +14,9 @@
 //!   enc 2 block:        several chunks compressed together (a solid block);
 //!                       id = BLAKE3(payload), plain_len = sum of members
 //! block payload := n:u24le level:u8 ( id[32] len:u32le ){n} zstd_frame(member plaintexts, in table order)
-//!                    level: the zstd level of the frame (0: not recorded)
+//!                    level: the zstd level of the frame (0: not recorded);
+//!                    on the wire only, 128 (PPMD_TAG): a PPMd stream
+//!                    instead of the zstd frame (`codec.rs`)
 //! ```
 //!
 //! Why solid blocks: chunks cut by content from a tree are mostly small
@@ -49,7 +51,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::codec::{self, Encoding};
+use crate::codec::{self, Dense, Encoding, PPMD_TAG};
 use crate::error::{Error, IoContext, Result};
 use crate::id::ChunkId;
 
@@ -146,26 +148,27 @@ impl BlockBuf {
     /// The block record's payload: member table, then one zstd frame at
     /// the block's level.
     pub(crate) fn payload(&self) -> Option<Vec<u8>> {
-        self.wire_payload(if self.level == 0 { codec::zstd_level() } else { self.level })
+        let level = if self.level == 0 { codec::zstd_level() } else { self.level };
+        self.payload_as(Dense::Zstd(u8::try_from(level).unwrap_or(0)))
     }
 
-    /// The payload of a solid frame for a peer, compressed at `level`
-    /// (normally [`codec::WIRE_LEVEL`]).
-    pub(crate) fn wire_payload(&self, level: i32) -> Option<Vec<u8>> {
-        let frame = if level == codec::zstd_level() {
-            codec::compress(&self.plain)
-        } else {
-            codec::compress_at(&self.plain, level)
-        }?;
+    /// The payload of this block made by `codec`: at rest, or a solid
+    /// frame for a peer ([`codec::dense_frame`]).
+    pub(crate) fn payload_as(&self, codec: Dense) -> Option<Vec<u8>> {
+        let (tag, frame) = codec::dense_frame(&self.plain, codec)?;
+        Some(self.with_table(tag, &frame))
+    }
+
+    /// The member table, marked with `level`, followed by `frame`.
+    fn with_table(&self, level: u8, frame: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(4 + 36 * self.members.len() + frame.len());
-        let level = u8::try_from(level.clamp(0, 255)).unwrap_or(0);
         out.extend_from_slice(&(self.members.len() as u32 | ((level as u32) << MEMBER_COUNT_BITS)).to_le_bytes());
         for (id, _, len) in &self.members {
             out.extend_from_slice(id.as_bytes());
             out.extend_from_slice(&len.to_le_bytes());
         }
-        out.extend_from_slice(&frame);
-        Some(out)
+        out.extend_from_slice(frame);
+        out
     }
 }
 
@@ -226,7 +229,11 @@ pub(crate) fn parse_block(payload: &[u8]) -> std::result::Result<(Members, &[u8]
 pub(crate) fn open_block(payload: &[u8]) -> std::result::Result<(Members, Vec<u8>), String> {
     let (members, frame) = parse_block(payload)?;
     let total: usize = members.iter().map(|m| m.1 as usize).sum();
-    let plain = codec::decompress(frame, total)?;
+    let plain = if block_level(payload) == PPMD_TAG {
+        codec::ppmd_decompress(frame, total)?
+    } else {
+        codec::decompress(frame, total)?
+    };
     if plain.len() != total {
         return Err(format!("block decompresses to {} bytes, its table says {total}", plain.len()));
     }
@@ -614,7 +621,8 @@ impl Store {
 
     /// Stores the chunks of a solid frame from a peer, which must be
     /// exactly `expect`, in order, each hashing to its id. When none of
-    /// them is here yet the block is kept as it came; otherwise the new
+    /// them is here yet the block is kept as it came; otherwise, and
+    /// always for a PPMd frame (slow to decode, so never kept), the new
     /// ones go into this store's own blocks. Returns the members' lengths.
     pub fn put_solid_frame(&self, block: &[u8], expect: &[ChunkId]) -> Result<Vec<u32>> {
         let first = expect.first().copied().unwrap_or(ChunkId::from_bytes([0; 32]));
@@ -637,7 +645,7 @@ impl Store {
             buf.members.push((*id, start, *len));
             start += len;
         }
-        let mut fresh = true;
+        let mut fresh = block_level(block) != PPMD_TAG;
         for (id, _) in &members {
             if self.contains(id)? {
                 fresh = false;
@@ -1305,5 +1313,68 @@ mod block_tests {
         let mut payload = b.payload().unwrap();
         payload[36..40].copy_from_slice(&4u32.to_le_bytes());
         assert!(open_block(&payload).is_err());
+    }
+
+    /// A block of `n` 64 KiB chunks made by `make`, as a provider collects it.
+    fn run_of(n: u64, make: fn(usize, u64) -> Vec<u8>) -> (BlockBuf, Vec<ChunkId>) {
+        let mut b = BlockBuf::default();
+        for i in 0..n {
+            let plain = make(65536, 900 + i);
+            b.push(ChunkId::of(&plain), &plain);
+        }
+        let ids = b.members.iter().map(|m| m.0).collect();
+        (b, ids)
+    }
+
+    #[test]
+    fn ppmd_frames_carry_text_and_are_stored_as_zstd_blocks() {
+        use crate::codec::MAX_DENSE_LEVEL;
+        let (text, ids) = run_of(16, crate::testing::log_text);
+        let ppmd = text.payload_as(Dense::Ppmd).unwrap();
+        assert_eq!(block_level(&ppmd), PPMD_TAG);
+        let zstd = text.payload_as(Dense::Zstd(MAX_DENSE_LEVEL)).unwrap();
+        assert_eq!(block_level(&zstd), MAX_DENSE_LEVEL);
+        assert!(ppmd.len() < zstd.len() * 9 / 10, "text: PPMd {} bytes, zstd 16 {}", ppmd.len(), zstd.len());
+        // Bytes zstd's fastest level cannot shrink go as zstd, not PPMd.
+        let (noise, _) = run_of(4, crate::testing::noise);
+        assert_eq!(block_level(&noise.payload_as(Dense::Ppmd).unwrap()), 1);
+
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.put_solid_frame(&ppmd, &ids).unwrap(), vec![65536; 16]);
+        s.flush().unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(s.get(id).unwrap(), crate::testing::log_text(65536, 900 + i as u64));
+            assert_eq!(s.locate(id).unwrap().unwrap().encoding, Encoding::Block);
+        }
+        // Kept in this store's own zstd blocks, never as the PPMd frame.
+        let (_, kept) = s.whole_block(&ids[0], 0).unwrap().expect("the first chunk opens a block");
+        assert_ne!(block_level(&kept), PPMD_TAG);
+        assert!(s.verify().unwrap().is_clean());
+    }
+
+    #[test]
+    fn damaged_ppmd_frames_are_refused_and_store_nothing() {
+        let (text, ids) = run_of(4, crate::testing::log_text);
+        let good = text.payload_as(Dense::Ppmd).unwrap();
+        let table = 4 + 36 * ids.len();
+        let mut flipped = good.clone();
+        flipped[table + (good.len() - table) / 2] ^= 0x10;
+        let mut cut = good.clone();
+        cut.truncate(table + (good.len() - table) / 2);
+        let mut garbage = good[..table].to_vec();
+        garbage.extend_from_slice(&crate::testing::noise(5000, 3));
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for (what, bad) in [("a flipped bit", flipped), ("a cut stream", cut), ("noise", garbage)] {
+            let e = s.put_solid_frame(&bad, &ids).unwrap_err();
+            assert!(matches!(&e, Error::ChunkCorrupt { .. }), "{what}: {e}");
+            assert!(e.to_string().contains("solid frame"), "{what}: {e}");
+            for id in &ids {
+                assert!(!s.contains(id).unwrap(), "{what}: a chunk of a refused frame was stored");
+            }
+        }
+        s.put_solid_frame(&good, &ids).unwrap();
+        assert!(ids.iter().all(|id| s.contains(id).unwrap()));
     }
 }

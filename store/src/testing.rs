@@ -16,6 +16,32 @@ pub fn noise(n: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// `n` bytes of a seeded web-server log: fixed words around random
+/// numbers, the kind of text a context model compresses better than zstd.
+pub fn log_text(n: usize, seed: u64) -> Vec<u8> {
+    let r = noise(n / 4 + 64, seed);
+    let mut out = Vec::with_capacity(n + 128);
+    for (i, w) in r.chunks_exact(8).enumerate() {
+        if out.len() >= n {
+            break;
+        }
+        let v = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+        let line = format!(
+            "2026-11-22T07:{:02}:{:02}.{:03} web[{}]: GET /shop/item/{}?ref={:x} 200 {} bytes\n",
+            i / 3000 % 60,
+            i / 50 % 60,
+            i % 1000,
+            4000 + v % 64,
+            (v >> 6) % 100_000,
+            (v >> 23) % 0x100_0000,
+            (v >> 47) % 90_000
+        );
+        out.extend_from_slice(line.as_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
 /// A tmpfs of `size` (as mount's `size=` option takes it) mounted on
 /// `dir`, lazily unmounted on drop: a small disk for tests of a full one.
 /// Needs root.

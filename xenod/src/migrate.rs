@@ -58,7 +58,7 @@ use xenod_deployer::{DeploySpec, DomainModel, Hypervisor, PortForward, RootMode,
 use xenod_store::iroh::endpoint::{Connection, RecvStream, SendStream};
 use xenod_store::iroh::protocol::{AcceptError, ProtocolHandler};
 use xenod_store::{
-    Chunking, EndpointAddr, Entry, FetchOptions, FileReader, ImportOptions, Kind, LayerId, LayerWriter, Store,
+    Chunking, Dense, EndpointAddr, Entry, FetchOptions, FileReader, ImportOptions, Kind, LayerId, LayerWriter, Store,
     Timestamp, chunk_stream, format_peer, parse_peer,
 };
 
@@ -81,22 +81,28 @@ const SILENT_LIMIT: Duration = Duration::from_secs(20);
 /// ([`crate::statepages`]).
 const STATE_FILE: &[u8] = b"state.save";
 const STATE_PAGES: &[u8] = b"state.pages";
-/// zstd level of what pre-copy sends by default (dense frames: every chunk
-/// compressed in 1 MiB runs); `migrate --level` sets another. The guest
-/// runs meanwhile, so bytes count more than the source's CPU, up to a
-/// point: on the migration benchmark, level 9 sent 45.5 MB in 3.8 s of
-/// pre-copy, 16 (zstd's optimal parser with a short search) 39.6 MB in
-/// 16 s, and zstd's own 16 40.2 MB in 35 s.
-const PRECOPY_LEVEL: u8 = 16;
+/// How pre-copy compresses by default (dense frames: every chunk
+/// compressed in 1 MiB runs); `migrate --level` sets a zstd level instead.
+/// The guest runs meanwhile, so bytes count more than the source's CPU, up
+/// to a point: on the migration benchmark, zstd 9 sent 45.5 MB in 3.8 s
+/// of pre-copy, 16 (zstd's optimal parser with a short search) 39.6 MB in
+/// 16 s, and zstd's own 16 40.2 MB in 35 s. PPMd, where it is smaller
+/// (text, code), sends 22% less than 16 on the benchmark's log in a
+/// quarter of the CPU; the target pays for that by decoding at 8-30 MB/s
+/// (see `xenod_store`'s codec).
+const PRECOPY_CODEC: Dense = Dense::Ppmd;
 
-/// Refuses a pre-copy level a dense request could not carry.
-fn check_level(level: u8) -> Result<(), String> {
+/// Refuses a pre-copy codec a dense request could not carry.
+fn check_level(codec: Dense) -> Result<(), String> {
     let max = xenod_store::MAX_DENSE_LEVEL;
-    if (1..=max).contains(&level) { Ok(()) } else { Err(format!("level {level} is outside 1..={max}")) }
+    match codec {
+        Dense::Zstd(level) if !(1..=max).contains(&level) => Err(format!("level {level} is outside 1..={max}")),
+        _ => Ok(()),
+    }
 }
 /// zstd level in stop-and-copy, where the guest is down: compression must
 /// not take longer than the bytes it saves would.
-const FINAL_LEVEL: u8 = 3;
+const FINAL_CODEC: Dense = Dense::Zstd(3);
 /// Layer metadata of a checkpoint: its state layer and instance record.
 const META_STATE: &str = "checkpoint-state";
 const META_RECORD: &str = "instance-record";
@@ -161,13 +167,13 @@ enum Wire {
         need_bytes: u64,
     },
     /// `last`: sent in stop-and-copy, with the guest stopped. `level`: of
-    /// pre-copy, [`PRECOPY_LEVEL`] when absent.
+    /// pre-copy, [`PRECOPY_CODEC`] when absent.
     Sync {
         layer: LayerId,
         source: String,
         last: bool,
         #[serde(default)]
-        level: Option<u8>,
+        level: Option<Dense>,
     },
     /// After pre-copy: mount `layer` and start the guest's QEMU on it,
     /// waiting for its state ([`crate::stage`]). `xml`: the domain as the
@@ -291,14 +297,14 @@ async fn target_op(
         }
         Wire::Sync { layer, source, last, level } => {
             test_hook(if last { "stop-and-copy" } else { "pre-copy" });
-            let level = if last { FINAL_LEVEL } else { level.unwrap_or(PRECOPY_LEVEL) };
-            check_level(level).map_err(|why| anyhow!("pre-copy {why}"))?;
-            fetch(d, layer, &source, Some(level)).await
+            let codec = if last { FINAL_CODEC } else { level.unwrap_or(PRECOPY_CODEC) };
+            check_level(codec).map_err(|why| anyhow!("pre-copy {why}"))?;
+            fetch(d, layer, &source, Some(codec)).await
         }
         Wire::Resume { layer, state, record, source } => {
-            let mut rep = fetch(d, layer, &source, Some(FINAL_LEVEL)).await?;
+            let mut rep = fetch(d, layer, &source, Some(FINAL_CODEC)).await?;
             if let Some(s) = state {
-                let r = fetch(d, s, &source, Some(FINAL_LEVEL)).await?;
+                let r = fetch(d, s, &source, Some(FINAL_CODEC)).await?;
                 for k in ["chunks_fetched", "bytes", "wire_bytes"] {
                     rep[k] = json!(rep[k].as_u64().unwrap_or(0) + r[k].as_u64().unwrap_or(0));
                 }
@@ -345,8 +351,8 @@ async fn target_op(
 }
 
 /// Fetches `layer`'s stack from the migration's source (and the default
-/// peers); `dense`: ask for every chunk in solid frames at that level.
-async fn fetch(d: &Daemon, layer: LayerId, source: &str, dense: Option<u8>) -> Result<Value> {
+/// peers); `dense`: ask for every chunk in solid frames made by that codec.
+async fn fetch(d: &Daemon, layer: LayerId, source: &str, dense: Option<Dense>) -> Result<Value> {
     let mut providers = vec![parse_peer(source).map_err(|e| anyhow!("source address {source}: {e}"))?];
     for p in d.default_peers() {
         if !providers.iter().any(|q| q.id == p.id) {
@@ -965,7 +971,7 @@ pub async fn migrate(
     to: &str,
     cold: bool,
     save: SaveMode,
-    level: Option<u8>,
+    level: Option<Dense>,
 ) -> Result<Value> {
     let t0 = Instant::now();
     let data = d.data_dir().to_path_buf();
@@ -1325,7 +1331,10 @@ pub async fn migrate(
         .sum();
     Ok(json!({ "instance": name, "to": to, "cold": cold, "live": live && save != SaveMode::Stopped,
                "layer": layer.to_string(),
-               "precopy_level": (!cold).then(|| level.unwrap_or(PRECOPY_LEVEL)),
+               "precopy_level": (!cold).then(|| match level.unwrap_or(PRECOPY_CODEC) {
+                   Dense::Zstd(level) => json!(level),
+                   Dense::Ppmd => json!("ppmd"),
+               }),
                "port": rep["instance"]["port"], "wire_bytes": total_wire, "downtime_seconds": downtime,
                "total_seconds": t0.elapsed().as_secs_f64(), "phases": phases }))
 }

@@ -142,9 +142,9 @@ pub enum Request {
         to: String,
         #[serde(default)]
         cold: bool,
-        /// zstd level of pre-copy; the default when absent.
+        /// How pre-copy compresses; the default when absent.
         #[serde(default)]
-        level: Option<u8>,
+        level: Option<xenod_store::Dense>,
         /// Save the guest's memory while it runs, or fail.
         #[serde(default)]
         live: bool,

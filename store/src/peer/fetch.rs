@@ -50,7 +50,7 @@ use tokio::sync::Notify;
 use iroh::EndpointId;
 
 use super::PeerError;
-use super::protocol::{Answer, MAX_BATCH, MAX_LAYOUT, Request, WireError, read_answer, read_layout};
+use super::protocol::{Answer, Dense, MAX_BATCH, MAX_LAYOUT, Request, WireError, read_answer, read_layout};
 use super::stats::Stats;
 use crate::error::Error;
 use crate::id::ChunkId;
@@ -129,10 +129,11 @@ pub struct FetchOptions {
     /// Stop after the layer roots and manifests (a lazy deploy mounts then,
     /// and file data follows in the background).
     pub manifests_only: bool,
-    /// Ask for every chunk in solid frames at this zstd level (at most
-    /// [`super::protocol::MAX_DENSE_LEVEL`]): fewer bytes on the wire for
-    /// the providers' CPU, for moves over slow links (migration).
-    pub dense: Option<u8>,
+    /// Ask for every chunk in solid frames made by this codec (zstd at
+    /// most at [`super::protocol::MAX_DENSE_LEVEL`], or PPMd): fewer bytes
+    /// on the wire for the providers' CPU, for moves over slow links
+    /// (migration).
+    pub dense: Option<Dense>,
 }
 
 impl Default for FetchOptions {
@@ -673,7 +674,7 @@ impl Swarm {
         let conn_err = |e: &dyn std::fmt::Display| PeerError::Connection { peer: node.clone(), why: e.to_string() };
         let (mut send, mut recv) = self.conn(p).open_bi().await.map_err(|e| conn_err(&e))?;
         let req = match self.opts.dense {
-            Some(level) => Request::Dense { level, ids: batch.to_vec() },
+            Some(codec) => Request::Dense { codec, ids: batch.to_vec() },
             None => Request::Solid(batch.to_vec()),
         };
         send.write_all(&req.encode()).await.map_err(|e| conn_err(&e))?;

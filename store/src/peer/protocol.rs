@@ -8,8 +8,9 @@
 //!   op 1 chunks: count:u16le id[32]*count        1 <= count <= MAX_BATCH
 //!   op 2 names:  (empty)
 //!   op 3 solid:  as chunks; the answer may also hold solid frames
-//!   op 4 dense:  level:u8 then as chunks; every run of present chunks
-//!                comes in solid frames compressed at `level`
+//!   op 4 dense:  codec:u8 then as chunks; every run of present chunks
+//!                comes in solid frames: codec 1..=16 asks for zstd at
+//!                that level, 128 for PPMd (see [`Dense`])
 //!   op 5 layout: count:u16le id[32]*count         1 <= count <= MAX_LAYOUT
 //!
 //! answer to chunks: frames in request order, one per requested id, or
@@ -36,7 +37,10 @@
 //! in solid frames at a level of the fetcher's choosing (1 to
 //! [`MAX_DENSE_LEVEL`]), chunks kept singly included: for moves where
 //! bytes on the wire are what is short and the provider has CPU to spare
-//! (migration).
+//! (migration). Or it asks for PPMd: then a frame's zstd frame is replaced
+//! by a PPMd stream, marked in the block's level byte, wherever that is
+//! smaller (text and code); a receiver decodes it and stores the chunks in
+//! its own blocks, so PPMd never reaches a store at rest.
 //!
 //! A provider forwards a solid block as it keeps it, without decompressing
 //! or compressing anything, when a solid request (op 3) names exactly its
@@ -53,6 +57,7 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::codec::Encoding;
+pub use crate::codec::{Dense, MAX_DENSE_LEVEL};
 use crate::id::ChunkId;
 
 /// The ALPN of the chunk protocol; a connection for any other is refused
@@ -75,12 +80,6 @@ const OP_NAMES: u8 = 2;
 const OP_SOLID: u8 = 3;
 const OP_DENSE: u8 = 4;
 const OP_LAYOUT: u8 = 5;
-/// Highest zstd level a dense request may ask for. 16 is the first level
-/// with zstd's optimal parser for 1 MiB frames, here with a short search
-/// (`SHORT_SEARCH_LEVEL` in `codec.rs`): on text (a 200 MiB web log) 13%
-/// fewer bytes than level 9. Above it speed falls further for little, and
-/// a peer should not be able to make a provider burn that much CPU.
-pub const MAX_DENSE_LEVEL: u8 = 16;
 const PRESENT: u8 = 0;
 const ABSENT: u8 = 1;
 const SOLID: u8 = 2;
@@ -99,9 +98,9 @@ pub enum Request {
     Chunks(Vec<ChunkId>),
     /// Chunks; runs of them may come in solid frames.
     Solid(Vec<ChunkId>),
-    /// Chunks, every run of them in solid frames at zstd `level`.
+    /// Chunks, every run of them in solid frames made by `codec`.
     Dense {
-        level: u8,
+        codec: Dense,
         ids: Vec<ChunkId>,
     },
     Names,
@@ -163,7 +162,7 @@ impl Request {
                 match self {
                     Self::Chunks(_) => b.push(OP_CHUNKS),
                     Self::Solid(_) => b.push(OP_SOLID),
-                    Self::Dense { level, .. } => b.extend_from_slice(&[OP_DENSE, *level]),
+                    Self::Dense { codec, .. } => b.extend_from_slice(&[OP_DENSE, codec.byte()]),
                     Self::Names | Self::Layout(_) => unreachable!(),
                 }
                 b.extend_from_slice(&(ids.len() as u16).to_le_bytes());
@@ -193,17 +192,13 @@ impl Request {
         }
         match head[4] {
             op @ (OP_CHUNKS | OP_SOLID | OP_DENSE | OP_LAYOUT) => {
-                let mut level = 0u8;
-                if op == OP_DENSE {
+                let codec = if op == OP_DENSE {
                     let mut l = [0u8; 1];
                     r.read_exact(&mut l).await.map_err(WireError::from_read("request"))?;
-                    level = l[0];
-                    if !(1..=MAX_DENSE_LEVEL).contains(&level) {
-                        return Err(WireError::Invalid(format!(
-                            "dense level {level} is outside 1..={MAX_DENSE_LEVEL}"
-                        )));
-                    }
-                }
+                    Some(Dense::from_byte(l[0]).map_err(WireError::Invalid)?)
+                } else {
+                    None
+                };
                 let mut n = [0u8; 2];
                 r.read_exact(&mut n).await.map_err(WireError::from_read("request"))?;
                 let n = u16::from_le_bytes(n) as usize;
@@ -214,10 +209,10 @@ impl Request {
                 let mut raw = vec![0u8; n * 32];
                 r.read_exact(&mut raw).await.map_err(WireError::from_read("request"))?;
                 let ids = raw.chunks_exact(32).map(|c| ChunkId::from_bytes(c.try_into().unwrap_or([0; 32]))).collect();
-                Ok(match op {
-                    OP_SOLID => Self::Solid(ids),
-                    OP_DENSE => Self::Dense { level, ids },
-                    OP_LAYOUT => Self::Layout(ids),
+                Ok(match (op, codec) {
+                    (_, Some(codec)) => Self::Dense { codec, ids },
+                    (OP_SOLID, _) => Self::Solid(ids),
+                    (OP_LAYOUT, _) => Self::Layout(ids),
                     _ => Self::Chunks(ids),
                 })
             }
@@ -379,8 +374,10 @@ mod tests {
                 let ids: Vec<ChunkId> = (0..n).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
                 let solid = Request::Solid(ids.clone());
                 assert_eq!(Request::read(&mut solid.encode().as_slice()).await.unwrap(), solid);
-                let dense = Request::Dense { level: MAX_DENSE_LEVEL, ids: ids.clone() };
-                assert_eq!(Request::read(&mut dense.encode().as_slice()).await.unwrap(), dense);
+                for codec in [Dense::Zstd(1), Dense::Zstd(MAX_DENSE_LEVEL), Dense::Ppmd] {
+                    let dense = Request::Dense { codec, ids: ids.clone() };
+                    assert_eq!(Request::read(&mut dense.encode().as_slice()).await.unwrap(), dense);
+                }
                 let req = Request::Chunks(ids);
                 let b = req.encode();
                 assert_eq!(Request::read(&mut b.as_slice()).await.unwrap(), req);
@@ -409,12 +406,30 @@ mod tests {
                 (b"XNQ1\x09".to_vec(), "unknown request op"),
                 (b"XNQ1\x04\x00\x01\x00".to_vec(), "dense level 0"),
                 (b"XNQ1\x04\x16\x01\x00".to_vec(), "dense level 22"),
+                (b"XNQ1\x04\x81\x01\x00".to_vec(), "dense level 129"),
                 (b"HTTP/".to_vec(), "bad magic"),
             ] {
                 let e = Request::read(&mut bad.as_slice()).await.unwrap_err().to_string();
                 assert!(e.contains(why), "{e}");
             }
         });
+    }
+
+    #[test]
+    fn dense_codecs_parse_and_print() {
+        for (text, codec) in
+            [("ppmd", Dense::Ppmd), ("PPMd", Dense::Ppmd), ("1", Dense::Zstd(1)), ("16", Dense::Zstd(16))]
+        {
+            assert_eq!(text.parse::<Dense>().unwrap(), codec);
+            assert_eq!(codec.to_string().parse::<Dense>().unwrap(), codec);
+            assert_eq!(Dense::from_byte(codec.byte()).unwrap(), codec);
+        }
+        for bad in ["0", "17", "zstd", "", "-3"] {
+            let e = bad.parse::<Dense>().unwrap_err();
+            assert!(e.contains("neither ppmd nor a zstd level from 1 to 16"), "{e}");
+        }
+        assert_eq!(serde_json::to_string(&Dense::Ppmd).unwrap(), "\"ppmd\"");
+        assert_eq!(serde_json::from_str::<Dense>("{\"zstd\":9}").unwrap(), Dense::Zstd(9));
     }
 
     #[test]

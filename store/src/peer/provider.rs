@@ -20,7 +20,7 @@ use tracing::debug;
 
 use super::protocol::{Answer, Frame, Request, WireError, write_answer, write_layout, write_names, write_refusal};
 use super::stats::Stats;
-use crate::codec::{WIRE_LEVEL, zstd_level};
+use crate::codec::{Dense, WIRE_LEVEL, zstd_level};
 use crate::error::Error;
 use crate::store::{BLOCK_TARGET, BlockBuf, Store};
 
@@ -80,9 +80,9 @@ impl Provider {
         match req {
             Request::Chunks(ids) => self.serve_chunks(peer, &mut send, ids, Pack::Single).await?,
             Request::Solid(ids) => {
-                self.serve_chunks(peer, &mut send, ids, Pack::Members(WIRE_LEVEL.max(zstd_level()))).await?
+                self.serve_chunks(peer, &mut send, ids, Pack::Members(WIRE_LEVEL.max(zstd_level()) as u8)).await?
             }
-            Request::Dense { level, ids } => self.serve_chunks(peer, &mut send, ids, Pack::All(level.into())).await?,
+            Request::Dense { codec, ids } => self.serve_chunks(peer, &mut send, ids, Pack::All(codec)).await?,
             Request::Layout(ids) => {
                 let store = self.store.clone();
                 let layout = tokio::task::spawn_blocking(move || store.block_layout(&ids))
@@ -133,9 +133,11 @@ impl Provider {
             // Chunks asked for one after another (members of solid blocks,
             // or all for a dense request), to be compressed together into
             // one solid frame.
-            let level = match pack {
-                Pack::Single => 0,
-                Pack::Members(l) | Pack::All(l) => l,
+            let codec = match pack {
+                // Never used: single frames are never packed into a run.
+                Pack::Single => Dense::Zstd(0),
+                Pack::Members(l) => Dense::Zstd(l),
+                Pack::All(codec) => codec,
             };
             let mut run = BlockBuf::default();
             let send_run = |run: &mut BlockBuf| -> bool {
@@ -143,7 +145,7 @@ impl Provider {
                     return true;
                 }
                 let count = run.len() as u16;
-                let answer = match run.wire_payload(level) {
+                let answer = match run.payload_as(codec) {
                     Some(mut block) => {
                         corrupt_one(&mut block);
                         Answer::Solid { count, block }
@@ -159,7 +161,7 @@ impl Provider {
                 // A stored block asked for whole and in order, compressed
                 // at least as hard as asked: sent as it is kept.
                 if let Pack::Members(level) = pack
-                    && let Ok(Some((members, mut block))) = store.whole_block(&id, level)
+                    && let Ok(Some((members, mut block))) = store.whole_block(&id, level.into())
                     && !members.is_empty()
                     && rest.len() >= members.len()
                     && members.iter().zip(rest).all(|(m, want)| m.0 == *want)
@@ -251,11 +253,11 @@ impl Provider {
 enum Pack {
     /// One frame per chunk, as stored.
     Single,
-    /// Members of solid blocks in solid frames at this level, other
+    /// Members of solid blocks in solid frames at this zstd level, other
     /// chunks as stored.
-    Members(i32),
-    /// Every chunk in solid frames at this level.
-    All(i32),
+    Members(u8),
+    /// Every chunk in solid frames made by this codec.
+    All(Dense),
 }
 
 /// The answer for a chunk that cannot be served.

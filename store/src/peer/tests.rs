@@ -214,7 +214,7 @@ fn a_refused_request_is_reported_with_the_providers_reason() {
         let (a, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
         let top = publish(&[&a]);
         let level = crate::MAX_DENSE_LEVEL + 1;
-        let opts = FetchOptions { dense: Some(level), ..small_batches() };
+        let opts = FetchOptions { dense: Some(crate::Dense::Zstd(level)), ..small_batches() };
         let e = c.node.fetch(top, &[a.node.addr()], opts).await.unwrap_err().to_string();
         assert!(e.contains(&format!("refused the request: dense level {level} is outside 1..=")), "{e}");
         // The provider counts the bad request against the fetcher, which
@@ -230,7 +230,7 @@ fn dense_fetch_sends_single_chunks_in_solid_frames_too() {
     rt().block_on(async {
         let (a, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
         let top = publish(&[&a]);
-        let opts = FetchOptions { dense: Some(9), ..small_batches() };
+        let opts = FetchOptions { dense: Some(crate::Dense::Zstd(9)), ..small_batches() };
         let rep = c.node.fetch(top, &[a.node.addr()], opts).await.unwrap();
         complete(c.node.store(), top);
         assert!(rep.chunks_fetched > 6 * 16 + 2 * 8, "data and manifest chunks: {rep:?}");
@@ -238,6 +238,47 @@ fn dense_fetch_sends_single_chunks_in_solid_frames_too() {
         // solid frames and are kept as the blocks they came in.
         let encodings = encodings(c.node.store(), top);
         assert!(encodings.keys().all(|(_, e)| *e == crate::Encoding::Block), "{encodings:?}");
+    });
+}
+
+#[test]
+fn ppmd_dense_fetch_sends_text_in_fewer_bytes_and_keeps_zstd_blocks() {
+    rt().block_on(async {
+        let a = host(Misbehave::default()).await;
+        let (c, d) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
+        // Log files kept chunk by chunk, so the dense path packs them.
+        let s = a.node.store();
+        let mut w = LayerWriter::new(s);
+        w.push(&entry("", Kind::Dir { opaque: false })).unwrap();
+        let mut ids = Vec::new();
+        for f in 0..3u64 {
+            let mut extents = Vec::new();
+            for i in 0..12 {
+                let (id, _) = s.put(&crate::testing::log_text(65536, f * 100 + i)).unwrap();
+                extents.push(Extent::Data { id, len: 65536 });
+                ids.push(id);
+            }
+            let kind = Kind::File { size: 12 * 65536, chunking: Chunking::Fixed, extents };
+            w.push(&entry(&format!("access-{f}.log"), kind)).unwrap();
+        }
+        let top = w.finish(None, BTreeMap::new()).unwrap();
+        let dense = |codec| FetchOptions { dense: Some(codec), ..small_batches() };
+        let ppmd = c.node.fetch(top, &[a.node.addr()], dense(crate::Dense::Ppmd)).await.unwrap();
+        let zstd =
+            d.node.fetch(top, &[a.node.addr()], dense(crate::Dense::Zstd(crate::MAX_DENSE_LEVEL))).await.unwrap();
+        assert_eq!(ppmd.chunks_fetched, zstd.chunks_fetched);
+        assert!(ppmd.wire_bytes < zstd.wire_bytes * 9 / 10, "PPMd {ppmd:?} against zstd 16 {zstd:?}");
+        let kept = c.node.store();
+        assert!(kept.verify().unwrap().is_clean());
+        let mut blocks = 0;
+        for id in &ids {
+            assert_eq!(kept.get(id).unwrap(), s.get(id).unwrap());
+            if let Some((_, block)) = kept.whole_block(id, 0).unwrap() {
+                blocks += 1;
+                assert_ne!(crate::store::block_level(&block), crate::codec::PPMD_TAG, "a PPMd frame kept at rest");
+            }
+        }
+        assert!(blocks > 0, "the chunks are kept in solid blocks");
     });
 }
 
