@@ -77,8 +77,9 @@ $MARK_END
 EOF
 }
 if [ "${XENOD_LIBVIRT_QEMU_ROOT:-1}" = 1 ]; then
-    begin=$(grep -nxF "$MARK_BEGIN" "$QEMU_CONF" | head -1 | cut -d: -f1)
-    end=$(grep -nxF "$MARK_END" "$QEMU_CONF" | head -1 | cut -d: -f1)
+    # grep finds nothing on a fresh qemu.conf: that is not an error here.
+    begin=$(grep -nxF "$MARK_BEGIN" "$QEMU_CONF" | head -1 | cut -d: -f1 || true)
+    end=$(grep -nxF "$MARK_END" "$QEMU_CONF" | head -1 | cut -d: -f1 || true)
     have=
     if [ -n "$begin" ] && [ -n "$end" ] && [ "$begin" -lt "$end" ]; then
         have=$(sed -n "${begin},${end}p" "$QEMU_CONF")

@@ -19,7 +19,7 @@ echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --locked --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast --lib --bins --tests -- --test-threads=2 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 echo "target dir: $(du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null | cut -f1), disk free: $(df -h --output=avail . | tail -1)"
