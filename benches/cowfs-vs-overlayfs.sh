@@ -8,8 +8,9 @@
 #   --rounds N     rounds to run (default: $ROUNDS or 5)
 #   --tools LIST   comma-separated subset of: kernel,cowfs,fuse-overlayfs,
 #                  cowfs-nopt (cowfs with --no-passthrough, to see what FUSE
-#                  passthrough gives) (default: kernel,cowfs,fuse-overlayfs;
-#                  ratios need kernel)
+#                  passthrough gives), cowfs-dev (cowfs with --no-uring: the
+#                  classic /dev/fuse transport instead of FUSE over io_uring)
+#                  (default: kernel,cowfs,fuse-overlayfs; ratios need kernel)
 #   --only LIST    comma-separated subset of the steps below (default: all)
 #
 # Environment: XENOD (binary, default target/release/xenod: build it with
@@ -86,8 +87,8 @@ declare -A WANT=() STEP=() FAILED=()
 IFS=, read -r -a _sel <<<"$TOOLS"
 for t in "${_sel[@]}"; do
   case $t in
-    kernel|cowfs|cowfs-nopt|fuse-overlayfs) WANT[$t]=1 ;;
-    *) echo "cowfs-vs-overlayfs: unknown tool: $t (kernel,cowfs,cowfs-nopt,fuse-overlayfs)" >&2; exit 2 ;;
+    kernel|cowfs|cowfs-nopt|cowfs-dev|fuse-overlayfs) WANT[$t]=1 ;;
+    *) echo "cowfs-vs-overlayfs: unknown tool: $t (kernel,cowfs,cowfs-nopt,cowfs-dev,fuse-overlayfs)" >&2; exit 2 ;;
   esac
 done
 IFS=, read -r -a _sel <<<"$ONLY"
@@ -105,6 +106,9 @@ need() { command -v "$1" >/dev/null || die "missing tool: $1 (see scripts/instal
 need timeout; need tar; need find; need awk; need dd; need jq; need mountpoint
 [ -z "${WANT[fuse-overlayfs]:-}" ] || need fuse-overlayfs
 grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || true
+# cowfs takes requests over FUSE's io_uring transport where the kernel has it.
+bash "$ROOT/scripts/enable-fuse-uring.sh"
+URING=$(cat /sys/module/fuse/parameters/enable_uring 2>/dev/null || echo absent)
 if [ -n "${WANT[kernel]:-}" ] && ! grep -qw overlay /proc/filesystems; then
   die "the kernel has no overlay filesystem"
 fi
@@ -168,6 +172,7 @@ do_mount() {  # TOOL
     fuse-overlayfs) fuse-overlayfs -o "lowerdir=$LOWER,upperdir=$W/upper,workdir=$W/work" "$MNT" ;;
     cowfs) "$XENOD" --data-dir "$D" mount "$OVER" "$MNT" --upper "$W/upper" >/dev/null ;;
     cowfs-nopt) "$XENOD" --data-dir "$D" mount "$OVER" "$MNT" --upper "$W/upper" --no-passthrough >/dev/null ;;
+    cowfs-dev) "$XENOD" --data-dir "$D" mount "$OVER" "$MNT" --upper "$W/upper" --no-uring >/dev/null ;;
   esac
   mountpoint -q "$MNT" || die "$1 did not mount on $MNT"
 }
@@ -233,7 +238,7 @@ run_step() {  # STEP TOOL ROUND
   check "$s" "$t"
 }
 
-ORDER=(kernel cowfs fuse-overlayfs cowfs-nopt)
+ORDER=(kernel cowfs fuse-overlayfs cowfs-nopt cowfs-dev)
 STEPS=(tar stat seqread append create)
 for ((r = 1; r <= ROUNDS; r++)); do
   for s in "${STEPS[@]}"; do
@@ -284,15 +289,21 @@ label() {
   echo "## cowfs vs overlayfs (median of $ROUNDS rounds, seconds)"
   echo
   echo "Layers: template = Debian bookworm minbase + a 1 GiB and a 100 MiB random file; overlay = + apache2;"
-  echo "$ENTRIES entries in the exported layers. Host: $(nproc) CPUs, $(uname -r), $(fuse-overlayfs --version 2>/dev/null | grep -m1 fuse-overlayfs || echo 'fuse-overlayfs ?')."
+  echo "$ENTRIES entries in the exported layers. Host: $(nproc) CPUs, $(uname -r), $(fuse-overlayfs --version 2>/dev/null | grep -m1 fuse-overlayfs || echo 'fuse-overlayfs ?'); FUSE over io_uring (fuse.enable_uring): $URING."
   for t in "${!FAILED[@]}"; do echo; echo "**$t FAILED; its numbers are partial or missing (see stderr).**"; done
   echo
-  NOPT=""
-  [ -z "${WANT[cowfs-nopt]:-}" ] || NOPT=1
-  echo "| step | kernel | cowfs | fuse-overlayfs |${NOPT:+ cowfs, no passthrough |} cowfs / kernel | fuse-overlayfs / kernel |${NOPT:+ no passthrough / kernel |} goal (cowfs / kernel) | met |"
-  echo "|---|---:|---:|---:|${NOPT:+---:|}---:|---:|${NOPT:+---:|}---:|---|"
+  # Optional cowfs variants, each with its own columns.
+  EXTRA=()
+  for t in cowfs-nopt cowfs-dev; do [ -z "${WANT[$t]:-}" ] || EXTRA+=("$t"); done
+  xname() { case $1 in cowfs-nopt) echo "cowfs, no passthrough" ;; cowfs-dev) echo "cowfs, /dev/fuse" ;; esac; }
+  h="| step | kernel | cowfs | fuse-overlayfs |"; sep="|---|---:|---:|---:|"
+  for t in "${EXTRA[@]}"; do h+=" $(xname "$t") |"; sep+="---:|"; done
+  h+=" cowfs / kernel | fuse-overlayfs / kernel |"; sep+="---:|---:|"
+  for t in "${EXTRA[@]}"; do h+=" $(xname "$t") / kernel |"; sep+="---:|"; done
+  echo "$h goal (cowfs / kernel) | met |"
+  echo "$sep---:|---|"
   for m in tar_cold tar_warm stat_cold stat_warm seqread_cold seqread_warm append create; do
-    k=$(med kernel "$m"); c=$(med cowfs "$m"); f=$(med fuse-overlayfs "$m"); n=$(med cowfs-nopt "$m")
+    k=$(med kernel "$m"); c=$(med cowfs "$m"); f=$(med fuse-overlayfs "$m")
     [ -n "$k$c$f" ] || continue
     g=$(goal "$m")
     met=$(awk -v k="$k" -v c="$c" -v f="$f" -v g="$g" 'BEGIN {
@@ -300,11 +311,11 @@ label() {
       ok = (c / k <= g); s = ok ? "yes" : "NO";
       if (f != "") s = s (c < f ? ", beats fuse-overlayfs" : ", NOT better than fuse-overlayfs");
       print s }')
-    if [ -n "$NOPT" ]; then
-      echo "| $(label "$m") | $(sec "$k") | $(sec "$c") | $(sec "$f") | $(sec "$n") | $(ratio "$c" "$k") | $(ratio "$f" "$k") | $(ratio "$n" "$k") | <= ${g}x | $met |"
-    else
-      echo "| $(label "$m") | $(sec "$k") | $(sec "$c") | $(sec "$f") | $(ratio "$c" "$k") | $(ratio "$f" "$k") | <= ${g}x | $met |"
-    fi
+    row="| $(label "$m") | $(sec "$k") | $(sec "$c") | $(sec "$f") |"
+    for t in "${EXTRA[@]}"; do row+=" $(sec "$(med "$t" "$m")") |"; done
+    row+=" $(ratio "$c" "$k") | $(ratio "$f" "$k") |"
+    for t in "${EXTRA[@]}"; do row+=" $(ratio "$(med "$t" "$m")" "$k") |"; done
+    echo "$row <= ${g}x | $met |"
   done
 }
 

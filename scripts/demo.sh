@@ -13,6 +13,7 @@ XENOD=$PWD/target/release/xenod
 FIX=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/guest
 bash fixtures/build-guest.sh "$FIX"
 bash scripts/start-libvirtd.sh
+bash scripts/enable-fuse-uring.sh
 
 DATA=${XENOD_DEMO_DATA:-/tmp/xenod-demo}
 rm -rf "$DATA" && mkdir -p "$DATA"

@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
+# cowfs serves over FUSE's io_uring transport where the kernel has it.
+bash scripts/enable-fuse-uring.sh
 export CARGO_TERM_COLOR=never
 export RUSTFLAGS="${RUSTFLAGS:-} -D warnings"
 # One clean build: incremental caches would only add to the disk it takes.

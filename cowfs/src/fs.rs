@@ -28,6 +28,9 @@ pub struct CowFs {
     want_passthrough: bool,
     /// Whether the kernel granted it at init.
     passthrough: bool,
+    /// Whether to serve over FUSE's io_uring transport when the kernel
+    /// offers it (`fuse.enable_uring`).
+    want_uring: bool,
     /// Open files by inode: how each is open, for passthrough's rules.
     opens: Mutex<HashMap<INodeNo, Opens>>,
     /// Signalled when a handle in `opens` closes.
@@ -89,12 +92,23 @@ impl CowFs {
             union,
             want_passthrough: passthrough,
             passthrough: false,
+            want_uring: true,
             opens: Mutex::new(HashMap::new()),
             closes: Condvar::new(),
             handles: Mutex::new(HashMap::new()),
             no_opendir: false,
             listings: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// `on`: serve over FUSE's io_uring transport (Linux 6.14+) when the
+    /// kernel offers it, the `fuse.enable_uring` module parameter being Y
+    /// when the mount is made. Each CPU then has its own request queue and a
+    /// server thread pinned to it, so a request and its reply stay on the
+    /// caller's CPU instead of waking a thread on another one.
+    pub fn uring(mut self, on: bool) -> Self {
+        self.want_uring = on;
+        self
     }
 
     fn lock_opens(&self) -> std::sync::MutexGuard<'_, HashMap<INodeNo, Opens>> {
@@ -294,6 +308,12 @@ impl Filesystem for CowFs {
         // through the mount still invalidate a directory's cached listing.
         self.no_opendir = config.capabilities().contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         let _ = config.set_max_readahead(1 << 20);
+        // The kernel sends at most max_pages (256, 1 MiB) per write anyway;
+        // over io_uring each queue entry's buffer is this large.
+        let _ = config.set_max_write(1 << 20);
+        if self.want_uring && config.capabilities().contains(InitFlags::FUSE_OVER_IO_URING) {
+            let _ = config.add_capabilities(InitFlags::FUSE_OVER_IO_URING);
+        }
         // Passthrough needs a stacking depth of at least 1; 1 (not 2) keeps
         // the mount usable as a lower layer of the kernel's overlayfs.
         if self.want_passthrough

@@ -45,3 +45,9 @@ pub use mount::{DEFAULT_FILE_CACHE, MountOptions, Mounted, is_mounted, mount, se
 pub use partial::DirtyMap;
 pub use track::{DirtySet, control_socket_for, drain_dirty};
 pub use union::{Attr, BLOCK_COPY_MIN, FType, Union, WORK_DIR};
+
+/// Requests this process's mounts served over FUSE's io_uring transport
+/// (0 where the kernel does not offer it, or with `uring: false`).
+pub fn uring_requests_served() -> u64 {
+    fuser::uring_requests_served()
+}

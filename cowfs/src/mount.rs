@@ -40,6 +40,10 @@ pub struct MountOptions {
     /// supports it: for whole upper files (not while `control` tracks
     /// writes) and for reads of lower files materialised in the file cache.
     pub passthrough: bool,
+    /// Serve over FUSE's io_uring transport where the kernel offers it
+    /// (Linux 6.14+ with `fuse.enable_uring=Y`): one request queue per CPU,
+    /// served by a thread pinned to that CPU ([`crate::CowFs::uring`]).
+    pub uring: bool,
     /// Bound of the store's cache of materialised lower files
     /// (`DATA_DIR/cache/files`, shared by every mount of the store), in
     /// bytes; 0: no file cache (lower files are always read through here).
@@ -60,6 +64,7 @@ impl std::fmt::Debug for MountOptions {
             .field("control", &self.control)
             .field("lower_dirs", &self.lower_dirs)
             .field("passthrough", &self.passthrough)
+            .field("uring", &self.uring)
             .field("file_cache_bytes", &self.file_cache_bytes)
             .field("fetch_missing", &self.fetch_missing.is_some())
             .finish_non_exhaustive()
@@ -79,6 +84,7 @@ impl Default for MountOptions {
             fetch_missing: None,
             lower_dirs: Vec::new(),
             passthrough: true,
+            uring: true,
             file_cache_bytes: DEFAULT_FILE_CACHE,
         }
     }
@@ -120,7 +126,7 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     // Passthrough writes bypass this process, and so the dirty tracker:
     // with `control`, upper files are served here (`Union::backing_file`);
     // lower files pass through either way, they are only ever read.
-    Ok((CowFs::with_passthrough(union, opts.passthrough), config))
+    Ok((CowFs::with_passthrough(union, opts.passthrough).uring(opts.uring), config))
 }
 
 /// A mounted union, served by background threads; unmounted on drop.

@@ -226,6 +226,12 @@ pub enum Cmd {
         /// materialised in the file cache).
         #[arg(long)]
         no_passthrough: bool,
+        /// Take requests from the kernel through /dev/fuse even where it
+        /// offers FUSE over io_uring (Linux 6.14+, the fuse module's
+        /// enable_uring=Y: scripts/enable-fuse-uring.sh). Over io_uring each
+        /// CPU has its own queue and a server thread pinned to it.
+        #[arg(long)]
+        no_uring: bool,
         /// Bound of the store's cache of whole lower files materialised on
         /// disk for passthrough (DATA_DIR/cache/files, shared by every
         /// mount); 0 turns it off. Default: 4 GiB.
@@ -459,6 +465,7 @@ pub fn run(args: Args) -> Result<()> {
             foreground,
             lower_dirs,
             no_passthrough,
+            no_uring,
             file_cache_bytes,
             control,
             lazy,
@@ -468,6 +475,7 @@ pub fn run(args: Args) -> Result<()> {
                 read_only: ro,
                 lower_dirs,
                 passthrough: !no_passthrough,
+                no_uring,
                 file_cache_bytes,
                 control,
                 lazy,

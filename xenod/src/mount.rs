@@ -30,6 +30,9 @@ pub struct MountHow {
     /// Use FUSE passthrough (upper files, materialised lower files) where
     /// the kernel offers it.
     pub passthrough: bool,
+    /// Take requests through /dev/fuse even where the kernel offers FUSE
+    /// over io_uring.
+    pub no_uring: bool,
     /// Bound of the store's cache of materialised lower files, in bytes
     /// (0: none); none: the default.
     pub file_cache_bytes: Option<u64>,
@@ -74,6 +77,7 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
             }),
             lower_dirs: how.lower_dirs.clone(),
             passthrough: how.passthrough,
+            uring: !how.no_uring,
             file_cache_bytes: how.file_cache_bytes.unwrap_or(xenod_cowfs::DEFAULT_FILE_CACHE),
             ..Default::default()
         };
@@ -108,6 +112,9 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
     }
     if !how.passthrough {
         cmd.arg("--no-passthrough");
+    }
+    if how.no_uring {
+        cmd.arg("--no-uring");
     }
     if let Some(b) = how.file_cache_bytes {
         cmd.arg("--file-cache-bytes").arg(b.to_string());
