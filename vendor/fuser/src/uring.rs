@@ -61,9 +61,12 @@ const IORING_OP_URING_CMD: u8 = 46;
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
 
-/// Entries each queue thread registers. A thread serves one request at a
-/// time; its second entry lets the kernel hand over the next meanwhile.
-const DEPTH: usize = 2;
+/// Entries each queue thread registers: one. The kernel hands a request to
+/// any free entry of the queue, and an entry whose thread waits in a
+/// handler would hold the request the handler waits for (the RELEASE an
+/// open for writing waits for), so a thread offers an entry only while it
+/// is free to serve it.
+const DEPTH: usize = 1;
 /// Threads per queue, all pinned to the queue's CPU: while one waits in a
 /// handler (for a RELEASE in flight, a chunk being fetched), the other
 /// takes that CPU's next requests, as a second `/dev/fuse` reader would.
