@@ -8,7 +8,7 @@
 //! | `union` | [`Union`]: lookup, readdir merge, copy-up, whiteouts, rename, xattrs |
 //! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] |
 //! | `readahead` | decodes the lower files after one being read, in walk (and pack) order, for tar-like walks |
-//! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union`; kernel caching and FUSE passthrough |
+//! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union`; kernel caching, FUSE passthrough, and FUSE over io_uring (the transport itself is in `vendor/fuser`) |
 //! | `mount` | [`mount`], [`serve`], [`unmount`]: sessions on a mountpoint |
 //! | `track` | [`DirtySet`]: blocks and paths written since the last drain, over a control socket |
 //! | `flatten` | [`flatten`]: partial files made whole, so the kernel's overlayfs can mount an upper |

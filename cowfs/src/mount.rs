@@ -24,7 +24,9 @@ pub struct MountOptions {
     pub upper: Option<PathBuf>,
     /// Refuse writes even with an upper directory.
     pub read_only: bool,
-    /// FUSE worker threads.
+    /// FUSE worker threads reading `/dev/fuse`. Over io_uring ([`Self::uring`])
+    /// two more threads per CPU serve that CPU's queue, and these only take
+    /// FORGET and INTERRUPT.
     pub threads: usize,
     /// Bound of the decoded-chunk cache, in bytes.
     pub cache_bytes: usize,
