@@ -1421,7 +1421,7 @@ impl Union {
 
     /// Creates and opens a regular file. Also gives the new upper file,
     /// opened for reading and writing, when the kernel may do its I/O
-    /// directly (as [`Union::backing_file`] would).
+    /// directly (as `Union::backing_file` would).
     pub fn create(
         &self,
         parent: u64,

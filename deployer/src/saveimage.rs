@@ -190,7 +190,7 @@ pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)],
 }
 
 /// Moves host ports of the forwards in `xml`: QEMU's `hostfwd` arguments
-/// (as [`crate::xml`] writes them) and the ports of xenod's metadata, so
+/// (as `crate::xml` writes them) and the ports of xenod's metadata, so
 /// that the restored domain reports where it listens.
 /// Gives domain `xml` the name `name`, the UUID `uuid`, every occurrence
 /// of each `(from, to)` path prefix replaced and each `(from, to)` host
