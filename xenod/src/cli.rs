@@ -147,7 +147,7 @@ pub enum Cmd {
         #[arg(long)]
         cold: bool,
         /// How pre-copy compresses what it sends while the guest runs:
-        /// `ppmd` [default] or a zstd level (1-16). PPMd is a context model:
+        /// `ppmd` (the default) or a zstd level (1-16). PPMd is a context model:
         /// on text it sends 22% less than zstd 16 in a quarter of the CPU
         /// (the migration benchmark's pre-copy: 31.4 MB against 39.6), on
         /// kernel code 10% less in about as much; runs of bytes zstd cannot

@@ -3,7 +3,7 @@
 //!
 //! Without `--foreground`, `mount` starts `xenod --data-dir DIR mount ...
 //! --foreground` as a detached process (its own session, stdio on
-//! /dev/null, log in DATA_DIR/mounts/<mountpoint hash>.log) and returns
+//! /dev/null, log in `DATA_DIR/mounts/<mountpoint hash>.log`) and returns
 //! once the mount is in place, or fails with the child's log if it died.
 
 use std::collections::BTreeMap;
