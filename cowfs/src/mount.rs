@@ -143,6 +143,12 @@ impl Mounted {
         &self.mountpoint
     }
 
+    /// Handles open on the mount, as far as this process has been told: a
+    /// RELEASE the kernel sent at close may still be on its way.
+    pub fn open_handles(&self) -> usize {
+        self.union.open_handles()
+    }
+
     /// Unmounts and waits for the session to end.
     pub fn unmount(mut self) -> Result<()> {
         let r = match self.session.take() {

@@ -1393,6 +1393,12 @@ impl Union {
         self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
     }
 
+    /// File and directory handles the kernel holds open (its RELEASEs
+    /// served).
+    pub fn open_handles(&self) -> usize {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Opens `ino`; `flags` are open(2) flags. Opening for writing copies up.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
         let acc = flags & 0o3;

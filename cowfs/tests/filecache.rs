@@ -216,6 +216,14 @@ fn writing_a_materialised_file_copies_up_and_keeps_the_cache() {
     let m = mount(store, &[id], &mnt, &opts(Some(&upper))).unwrap();
     assert_eq!(fs::read(mnt.join("big")).unwrap(), big);
     let entry = wait_for_entry(&store_dir, &big);
+    // The read's RELEASE is sent after close returns; over io_uring it may
+    // be served after the next OPEN, which would then find a cached handle
+    // still open and not pass through.
+    let t0 = std::time::Instant::now();
+    while m.open_handles() > 0 {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "the read's handle was never released");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 
     let reader = fs::File::open(mnt.join("big")).unwrap();
     if kernel_passthrough() {
