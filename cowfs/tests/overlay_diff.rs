@@ -208,39 +208,6 @@ fn apply(root: &Path, op: &Op) -> Outcome {
     r.map_err(errno)
 }
 
-/// A listing line without times, overlayfs's bookkeeping xattrs, and
-/// either side's work directory.
-fn normalize(lines: Vec<String>) -> Vec<String> {
-    lines
-        .into_iter()
-        .filter(|l| !l.starts_with("/.xenod") && !l.starts_with("/work"))
-        .map(|l| {
-            let mut out = Vec::new();
-            for part in l.split(' ') {
-                if part.starts_with("mtime=") {
-                    continue;
-                }
-                if let Some(x) = part.strip_prefix("xattrs=[") {
-                    let x = x.trim_end_matches(']');
-                    let kept: Vec<&str> = x
-                        .split(',')
-                        .filter(|a| {
-                            !a.is_empty()
-                                && !a.starts_with("trusted.overlay.origin=")
-                                && !a.starts_with("trusted.overlay.impure=")
-                                && !a.starts_with("trusted.overlay.uuid=")
-                        })
-                        .collect();
-                    out.push(format!("xattrs=[{}]", kept.join(",")));
-                    continue;
-                }
-                out.push(part.to_string());
-            }
-            out.join(" ")
-        })
-        .collect()
-}
-
 fn sh(cmd: &mut std::process::Command) {
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));

@@ -13,8 +13,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
-use xenod_cowfs::{MountOptions, WORK_DIR, mount, uring_requests_served};
-use xenod_store::Store;
+use xenod_cowfs::{MountOptions, mount, uring_requests_served};
+use xenod_store::{Store, tree_listing};
 
 const PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
 
@@ -33,47 +33,16 @@ fn uring_ok() -> bool {
     true
 }
 
-/// Everything under `root` as `path size digest` lines, read through the
-/// kernel.
-fn walk(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let mut entries: Vec<_> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()).collect();
-        entries.sort();
-        for p in entries {
-            let m = fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(root).unwrap().display().to_string();
-            if m.is_dir() {
-                out.push(format!("{rel}/"));
-                stack.push(p);
-            } else if m.is_file() {
-                let data = fs::read(&p).unwrap();
-                let mut h = std::hash::DefaultHasher::new();
-                std::hash::Hash::hash(&data, &mut h);
-                out.push(format!("{rel} {} {:x}", data.len(), std::hash::Hasher::finish(&h)));
-            } else {
-                out.push(format!("{rel} {:o}", m.mode_bits()));
-            }
-        }
-    }
-    out
-}
-
-trait ModeBits {
-    fn mode_bits(&self) -> u32;
-}
-
-impl ModeBits for fs::Metadata {
-    fn mode_bits(&self) -> u32 {
-        std::os::unix::fs::PermissionsExt::mode(&self.permissions())
-    }
+/// `root`'s listing (contents and metadata, read through the kernel)
+/// without times or xenod's work directory.
+fn listing(root: &Path) -> Vec<String> {
+    normalize(tree_listing(root).unwrap())
 }
 
 /// Reads, writes into a lower file (block copy-up), creates, renames and
 /// deletes through the mount; the tree afterwards.
 fn workload(mnt: &Path) -> Vec<String> {
-    let before = walk(mnt);
+    let before = listing(mnt);
     assert!(before.len() > 10, "the tree is there: {before:?}");
     let big = mnt.join("disk.img");
     let mut f = fs::OpenOptions::new().read(true).write(true).open(&big).unwrap();
@@ -92,7 +61,7 @@ fn workload(mnt: &Path) -> Vec<String> {
     fs::rename(mnt.join("new/three-mib"), mnt.join("new/moved")).unwrap();
     fs::remove_file(mnt.join("dir/size-0")).unwrap();
     assert!(!mnt.join("dir/size-0").exists());
-    walk(mnt)
+    listing(mnt)
 }
 
 #[test]
@@ -114,8 +83,7 @@ fn mounts_serve_over_io_uring_and_give_the_same_bytes() {
         let m = mount(store.clone(), &[id], &mnt, &opts).unwrap();
         let tree = workload(&mnt);
         m.unmount().unwrap();
-        let upper: Vec<String> = walk(&upper).into_iter().filter(|l| !l.starts_with(WORK_DIR)).collect();
-        (tree, uring_requests_served() - before, upper)
+        (tree, uring_requests_served() - before, listing(&upper))
     };
     let (classic, classic_served, classic_upper) = run("classic", false);
     assert_eq!(classic_served, 0, "uring: false serves everything through /dev/fuse");

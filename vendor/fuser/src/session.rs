@@ -139,9 +139,9 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
-    /// Set when the INIT reply asked for FUSE over io_uring: each queue
-    /// entry's payload size.
-    uring_payload: Option<usize>,
+    /// Set when the INIT reply asked for FUSE over io_uring: the number of
+    /// queues and each queue entry's payload size.
+    uring: Option<(usize, usize)>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -189,7 +189,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
-            uring_payload: None,
+            uring: None,
         };
 
         session.handshake()?;
@@ -218,7 +218,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
-            uring_payload: None,
+            uring: None,
         };
 
         session.handshake()?;
@@ -257,7 +257,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
-            uring_payload,
+            uring,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -297,9 +297,7 @@ impl<FS: Filesystem> Session<FS> {
 
         let mut threads = Vec::with_capacity(n_threads);
         let mut queues = Vec::new();
-        if let Some(payload_size) = uring_payload {
-            // The handshake checked that the CPUs can be read.
-            let n = crate::uring::possible_cpus().unwrap_or(0);
+        if let Some((n, payload_size)) = uring {
             for (qid, k) in (0..n).flat_map(|q| (0..crate::uring::THREADS_PER_QUEUE).map(move |k| (q, k))) {
                 let stop = crate::uring::QueueStop::new();
                 let event_loop = SessionEventLoop {
@@ -518,9 +516,9 @@ impl<FS: Filesystem> Session<FS> {
             // ask only when the queues can be set up.
             if (config.requested & init.capabilities()).contains(InitFlags::FUSE_OVER_IO_URING) {
                 match crate::uring::queues() {
-                    Ok(_) => {
+                    Ok(n) => {
                         let pages = usize::from(config.max_pages()) * page_size::get();
-                        self.uring_payload = Some(8192.max(config.max_write as usize).max(pages));
+                        self.uring = Some((n, 8192.max(config.max_write as usize).max(pages)));
                     }
                     Err(e) => {
                         warn!("FUSE over io_uring not used: {e}");

@@ -5,7 +5,7 @@
 //! VM most round trips then cross CPUs, and the two wake-ups dominate a
 //! metadata-heavy walk. Over io_uring the kernel keeps one queue per possible
 //! CPU and puts a request on the queue of the CPU its caller runs on; the
-//! queue's thread here is pinned to that CPU, so the request and its reply
+//! queue's threads here are pinned to that CPU, so the request and its reply
 //! are handed over on one CPU.
 //!
 //! Each queue thread owns an io_uring (128-byte SQEs) and registers `DEPTH`
@@ -178,6 +178,15 @@ fn write_error(header: &mut [u8], unique: u64, errno: i32) {
     header[ENT_PAYLOAD_SZ..ENT_PAYLOAD_SZ + 4].copy_from_slice(&0u32.to_le_bytes());
 }
 
+/// Adds one to eventfd `fd`, waking the queue thread that reads it.
+fn wake(fd: RawFd) -> io::Result<()> {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer; a closed or wrong `fd` only
+    // gives an error.
+    let r = unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
+    if r == 8 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 /// Entries whose reply is written and waits to be committed, and the
 /// eventfd that wakes the queue's thread when a reply comes from another
 /// thread.
@@ -190,13 +199,10 @@ struct Done {
 impl Done {
     fn push(&self, entry: usize) {
         self.entries.lock().push(entry);
-        if std::thread::current().id() != self.owner {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writes 8 bytes from a live buffer to our eventfd.
-            let r = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
-            if r != 8 {
-                error!("io_uring queue: waking the queue thread failed: {}", io::Error::last_os_error());
-            }
+        if std::thread::current().id() != self.owner
+            && let Err(e) = wake(self.wake.as_raw_fd())
+        {
+            error!("io_uring queue: waking the queue thread for a reply failed: {e}");
         }
     }
 }
@@ -247,8 +253,8 @@ fn uring_cmd(fd: RawFd, cmd_op: u32, qid: u16, commit_id: u64, iov: Option<u64>,
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(b) }
 }
 
-/// Whether this process can set up the queues: the CPUs the kernel keeps
-/// queues for, when io_uring with 128-byte SQEs can be created here
+/// Whether this process can set up the queues: the number of queues the
+/// kernel keeps (one per possible CPU), when io_uring with 128-byte SQEs can be created here
 /// (`kernel.io_uring_disabled` may forbid it). Once the INIT reply asks for
 /// the transport the kernel holds every request until all queues are
 /// registered, so this is checked before asking.
@@ -262,7 +268,7 @@ pub(crate) fn queues() -> io::Result<usize> {
 }
 
 /// The CPUs the kernel keeps queues for (`/sys/devices/system/cpu/possible`).
-pub(crate) fn possible_cpus() -> io::Result<usize> {
+fn possible_cpus() -> io::Result<usize> {
     let s = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
     let mut n = 0;
     for part in s.trim().split(',') {
@@ -287,11 +293,12 @@ impl QueueStop {
 
     pub(crate) fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(fd) = *self.wake.lock() {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: 8 bytes to the queue's eventfd, which stays open while
-            // `wake` holds it (the queue clears it before closing).
-            unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
+        // The queue's eventfd stays open while `wake` holds it (the queue
+        // clears it before closing).
+        if let Some(fd) = *self.wake.lock()
+            && let Err(e) = wake(fd)
+        {
+            error!("io_uring queue: waking the queue thread to stop failed: {e}");
         }
     }
 }
@@ -360,9 +367,8 @@ fn run<FS: Filesystem>(
     let mut slots: Vec<Slot> = (0..DEPTH).map(|_| Slot::Waiting { registering: true }).collect();
     let mut wake_buf = [0u8; 8];
     let mut pending: Vec<squeue::Entry128> = Vec::with_capacity(DEPTH + 1);
-    for (i, iov) in iovs.iter().enumerate() {
-        pending.push(uring_cmd(dev, CMD_REGISTER, qid, 0, Some(iov.as_ptr() as u64), i as u64));
-    }
+    let register = |i: usize| uring_cmd(dev, CMD_REGISTER, qid, 0, Some(iovs[i].as_ptr() as u64), i as u64);
+    pending.extend((0..DEPTH).map(register));
     let wake_read = |buf: &mut [u8; 8]| {
         squeue::Entry128::from(
             opcode::Read::new(types::Fd(done.wake.as_raw_fd()), buf.as_mut_ptr(), 8).build().user_data(WAKE),
@@ -373,6 +379,9 @@ fn run<FS: Filesystem>(
     // for the header's parser.
     let mut classic: Vec<u64> = vec![0; (IN_HEADER_SIZE + OP_IN_SIZE + cfg.payload_size) / 8 + 1];
     let mut served_here = 0u64;
+    // Reused on every wake-up: no allocation per request.
+    let mut completions: Vec<(u64, i32)> = Vec::with_capacity(DEPTH + 1);
+    let mut replied: Vec<usize> = Vec::with_capacity(DEPTH);
     loop {
         {
             let mut sq = ring.submission();
@@ -380,7 +389,7 @@ fn run<FS: Filesystem>(
                 // SAFETY: every buffer an SQE names (iovecs, entry buffers,
                 // `wake_buf`) outlives the ring, which is dropped first.
                 if unsafe { sq.push(&e) }.is_err() {
-                    return Err(io::Error::other("io_uring submission queue full"));
+                    return Err(io::Error::other(format!("io_uring queue {qid}: submission queue full")));
                 }
             }
         }
@@ -393,8 +402,8 @@ fn run<FS: Filesystem>(
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => return Err(e),
         }
-        let completions: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
-        for (user_data, res) in completions {
+        completions.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+        for (user_data, res) in completions.drain(..) {
             if user_data == WAKE {
                 pending.push(wake_read(&mut wake_buf));
                 continue;
@@ -413,7 +422,7 @@ fn run<FS: Filesystem>(
                     // REGISTER before the INIT reply was taken: again.
                     let registering = matches!(slot, Slot::Waiting { registering: true });
                     if registering {
-                        pending.push(uring_cmd(dev, CMD_REGISTER, qid, 0, Some(iovs[i].as_ptr() as u64), i as u64));
+                        pending.push(register(i));
                     } else {
                         *slot = Slot::Closed;
                     }
@@ -430,7 +439,8 @@ fn run<FS: Filesystem>(
                 }
             }
         }
-        for i in std::mem::take(&mut *done.entries.lock()) {
+        std::mem::swap(&mut replied, &mut *done.entries.lock());
+        for i in replied.drain(..) {
             if let Slot::Serving(commit_id) = slots[i] {
                 pending.push(uring_cmd(dev, CMD_COMMIT_AND_FETCH, qid, commit_id, None, i as u64));
                 slots[i] = Slot::Waiting { registering: false };
@@ -452,40 +462,43 @@ fn serve<FS: Filesystem>(
     slot: &mut Slot,
     classic: &mut [u64],
 ) {
-    // SAFETY: the completion hands the entry to this thread; no reply for
-    // it exists yet.
-    let (header, payload) = unsafe { (buffers.header(), buffers.payload()) };
-    let commit_id = u64::from_le_bytes(header[ENT_COMMIT_ID..ENT_COMMIT_ID + 8].try_into().unwrap_or_default());
-    let payload_sz =
-        u32::from_le_bytes(header[ENT_PAYLOAD_SZ..ENT_PAYLOAD_SZ + 4].try_into().unwrap_or_default()) as usize;
-    let len = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default()) as usize;
-    let opcode = u32::from_le_bytes(header[4..8].try_into().unwrap_or_default());
-    let unique = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+    // SAFETY (each block below): the completion hands the entry to this
+    // thread, and these borrows end before a reply for it can exist.
+    let (commit_id, payload_sz, len, opcode, unique) = {
+        let header = unsafe { buffers.header() };
+        // A little-endian field of `n` bytes at `at`.
+        let le = |at: usize, n: usize| {
+            let mut b = [0u8; 8];
+            b[..n].copy_from_slice(&header[at..at + n]);
+            u64::from_le_bytes(b)
+        };
+        (le(ENT_COMMIT_ID, 8), le(ENT_PAYLOAD_SZ, 4) as usize, le(0, 4) as usize, le(4, 4) as u32, le(8, 8))
+    };
     *slot = Slot::Serving(commit_id);
-    let op_in = len.checked_sub(IN_HEADER_SIZE + payload_sz);
-    let Some(op_in) = op_in.filter(|&n| n <= OP_IN_SIZE && payload_sz <= payload.len()) else {
-        error!("io_uring: malformed request (opcode {opcode}, length {len}, payload {payload_sz})");
-        write_error(header, unique, libc::EIO);
+    let give_back = |errno: i32| {
+        write_error(unsafe { buffers.header() }, unique, errno);
         done.push(i);
-        return;
+    };
+    let op_in = len.checked_sub(IN_HEADER_SIZE + payload_sz);
+    let Some(op_in) = op_in.filter(|&n| n <= OP_IN_SIZE && payload_sz <= buffers.payload_size) else {
+        error!("io_uring: malformed request (opcode {opcode}, length {len}, payload {payload_sz})");
+        return give_back(libc::EIO);
     };
     // SAFETY: a u64 slice viewed as bytes, within its length.
     let bytes = unsafe { std::slice::from_raw_parts_mut(classic.as_mut_ptr().cast::<u8>(), classic.len() * 8) };
-    bytes[..IN_HEADER_SIZE].copy_from_slice(&header[..IN_HEADER_SIZE]);
-    bytes[IN_HEADER_SIZE..IN_HEADER_SIZE + op_in].copy_from_slice(&header[OP_IN..OP_IN + op_in]);
-    bytes[IN_HEADER_SIZE + op_in..len].copy_from_slice(&payload[..payload_sz]);
+    {
+        let (header, payload) = unsafe { (buffers.header(), buffers.payload()) };
+        bytes[..IN_HEADER_SIZE].copy_from_slice(&header[..IN_HEADER_SIZE]);
+        bytes[IN_HEADER_SIZE..IN_HEADER_SIZE + op_in].copy_from_slice(&header[OP_IN..OP_IN + op_in]);
+        bytes[IN_HEADER_SIZE + op_in..len].copy_from_slice(&payload[..payload_sz]);
+    }
     let reply = RingReply { buffers: buffers.clone(), entry: i, unique, done: done.clone() };
     match RequestWithSender::new_ring(se.ch.sender(), &bytes[..len], reply) {
         Some(req) => req.dispatch(se),
-        None => {
-            write_error(header, unique, libc::EIO);
-            done.push(i);
-            return;
-        }
+        None => return give_back(libc::EIO),
     }
     if opcode == FUSE_FORGET || opcode == FUSE_BATCH_FORGET {
         // No reply is sent for these; the entry still has to be given back.
-        write_error(header, unique, 0);
-        done.push(i);
+        give_back(0);
     }
 }
