@@ -9,7 +9,11 @@
 #   --tools LIST   comma-separated subset of: kernel,cowfs,fuse-overlayfs,
 #                  cowfs-nopt (cowfs with --no-passthrough, to see what FUSE
 #                  passthrough gives), cowfs-dev (cowfs with --no-uring: the
-#                  classic /dev/fuse transport instead of FUSE over io_uring)
+#                  classic /dev/fuse transport instead of FUSE over io_uring),
+#                  cowfs-ro (cowfs read-only, no upper: the kernel opens
+#                  files itself, see `xenod mount --help`), kernel-ro (the
+#                  kernel's overlayfs read-only, no upper); the read-only
+#                  tools skip append and create
 #                  (default: kernel,cowfs,fuse-overlayfs; ratios need kernel)
 #   --only LIST    comma-separated subset of the steps below (default: all)
 #
@@ -87,8 +91,8 @@ declare -A WANT=() STEP=() FAILED=()
 IFS=, read -r -a _sel <<<"$TOOLS"
 for t in "${_sel[@]}"; do
   case $t in
-    kernel|cowfs|cowfs-nopt|cowfs-dev|fuse-overlayfs) WANT[$t]=1 ;;
-    *) echo "cowfs-vs-overlayfs: unknown tool: $t (kernel,cowfs,cowfs-nopt,cowfs-dev,fuse-overlayfs)" >&2; exit 2 ;;
+    kernel|cowfs|cowfs-nopt|cowfs-dev|cowfs-ro|kernel-ro|fuse-overlayfs) WANT[$t]=1 ;;
+    *) echo "cowfs-vs-overlayfs: unknown tool: $t (kernel,cowfs,cowfs-nopt,cowfs-dev,cowfs-ro,kernel-ro,fuse-overlayfs)" >&2; exit 2 ;;
   esac
 done
 IFS=, read -r -a _sel <<<"$ONLY"
@@ -173,6 +177,8 @@ do_mount() {  # TOOL
     cowfs) "$XENOD" --data-dir "$D" mount "$OVER" "$MNT" --upper "$W/upper" >/dev/null ;;
     cowfs-nopt) "$XENOD" --data-dir "$D" mount "$OVER" "$MNT" --upper "$W/upper" --no-passthrough >/dev/null ;;
     cowfs-dev) "$XENOD" --data-dir "$D" mount "$OVER" "$MNT" --upper "$W/upper" --no-uring >/dev/null ;;
+    cowfs-ro) "$XENOD" --data-dir "$D" mount "$OVER" "$MNT" >/dev/null ;;
+    kernel-ro) mount -t overlay overlay -o "ro,lowerdir=$LOWER" "$MNT" ;;
   esac
   mountpoint -q "$MNT" || die "$1 did not mount on $MNT"
 }
@@ -224,6 +230,7 @@ check() {  # STEP TOOL
 
 run_step() {  # STEP TOOL ROUND
   local s=$1 t=$2 r=$3
+  case $s:$t in append:*-ro|create:*-ro) return 0 ;; esac  # read-only mounts
   do_umount
   drop_caches
   do_mount "$t"
@@ -238,7 +245,7 @@ run_step() {  # STEP TOOL ROUND
   check "$s" "$t"
 }
 
-ORDER=(kernel cowfs fuse-overlayfs cowfs-nopt cowfs-dev)
+ORDER=(kernel cowfs fuse-overlayfs cowfs-nopt cowfs-dev cowfs-ro kernel-ro)
 STEPS=(tar stat seqread append create)
 for ((r = 1; r <= ROUNDS; r++)); do
   for s in "${STEPS[@]}"; do
@@ -294,8 +301,15 @@ label() {
   echo
   # Optional cowfs variants, each with its own columns.
   EXTRA=()
-  for t in cowfs-nopt cowfs-dev; do [ -z "${WANT[$t]:-}" ] || EXTRA+=("$t"); done
-  xname() { case $1 in cowfs-nopt) echo "cowfs, no passthrough" ;; cowfs-dev) echo "cowfs, /dev/fuse" ;; esac; }
+  for t in cowfs-nopt cowfs-dev cowfs-ro kernel-ro; do [ -z "${WANT[$t]:-}" ] || EXTRA+=("$t"); done
+  xname() {
+    case $1 in
+      cowfs-nopt) echo "cowfs, no passthrough" ;;
+      cowfs-dev) echo "cowfs, /dev/fuse" ;;
+      cowfs-ro) echo "cowfs read-only" ;;
+      kernel-ro) echo "kernel read-only" ;;
+    esac
+  }
   h="| step | kernel | cowfs | fuse-overlayfs |"; sep="|---|---:|---:|---:|"
   for t in "${EXTRA[@]}"; do h+=" $(xname "$t") |"; sep+="---:|"; done
   h+=" cowfs / kernel | fuse-overlayfs / kernel |"; sep+="---:|---:|"

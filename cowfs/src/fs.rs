@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -33,12 +34,22 @@ pub struct CowFs {
     want_uring: bool,
     /// Open files by inode: how each is open, for passthrough's rules.
     opens: Mutex<HashMap<INodeNo, Opens>>,
-    /// Signalled when a handle in `opens` closes.
+    /// Signalled when an inode leaves `opens` while an open waits for that.
     closes: Condvar,
+    /// Opens waiting on `closes`; changed and read with `opens` held.
+    /// std's `notify_all` is a futex syscall even with nobody waiting, which
+    /// every RELEASE would pay.
+    waiting: AtomicUsize,
     /// How each open file handle was opened.
     handles: Mutex<HashMap<FileHandle, (INodeNo, bool)>>,
     /// The kernel opens directories without asking (FUSE_NO_OPENDIR_SUPPORT).
     no_opendir: bool,
+    /// Asked for: on a read-only union, have the kernel open files without
+    /// asking either ([`Self::no_open`]).
+    want_no_open: bool,
+    /// The kernel opens files without asking (FUSE_NO_OPEN_SUPPORT): the
+    /// first OPEN is answered ENOSYS.
+    no_open: bool,
     /// Listings being read without an OPENDIR handle, by directory.
     listings: Mutex<HashMap<INodeNo, Arc<Listing>>>,
 }
@@ -95,8 +106,11 @@ impl CowFs {
             want_uring: true,
             opens: Mutex::new(HashMap::new()),
             closes: Condvar::new(),
+            waiting: AtomicUsize::new(0),
             handles: Mutex::new(HashMap::new()),
             no_opendir: false,
+            want_no_open: false,
+            no_open: false,
             listings: Mutex::new(HashMap::new()),
         }
     }
@@ -108,6 +122,21 @@ impl CowFs {
     /// caller's CPU instead of waking a thread on another one.
     pub fn uring(mut self, on: bool) -> Self {
         self.want_uring = on;
+        self
+    }
+
+    /// `on`: on a read-only union, have the kernel open files itself, as it
+    /// does directories: the first OPEN is answered ENOSYS, after which the
+    /// kernel sends neither OPEN nor RELEASE and keeps the pages it read
+    /// (every file of a read-only union is immutable). A walk that opens
+    /// every file then costs no round trip per file, which on a host where
+    /// a switch between processes is dear (a paravirtualised VM) is most
+    /// of its time. The price: no passthrough, so a file's first read is
+    /// served by this process rather than from a materialised copy.
+    /// Ignored on a writable union, which must see opens for writing to
+    /// copy up there.
+    pub fn no_open(mut self, on: bool) -> Self {
+        self.want_no_open = on;
         self
     }
 
@@ -223,9 +252,11 @@ impl CowFs {
                     files.unhold(k);
                 }
                 opens.remove(&ino);
+                if self.waiting.load(Ordering::Relaxed) > 0 {
+                    self.closes.notify_all();
+                }
             }
         }
-        self.closes.notify_all();
     }
 }
 
@@ -307,6 +338,9 @@ impl Filesystem for CowFs {
         // directories yourself", caching every listing; changes made
         // through the mount still invalidate a directory's cached listing.
         self.no_opendir = config.capabilities().contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
+        self.no_open = self.want_no_open
+            && !self.union.writable()
+            && config.capabilities().contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
         let _ = config.set_max_readahead(1 << 20);
         // The kernel sends at most max_pages (256, 1 MiB) per write anyway;
         // over io_uring each queue entry's buffer is this large.
@@ -317,6 +351,7 @@ impl Filesystem for CowFs {
         // Passthrough needs a stacking depth of at least 1; 1 (not 2) keeps
         // the mount usable as a lower layer of the kernel's overlayfs.
         if self.want_passthrough
+            && !self.no_open
             && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()
@@ -412,6 +447,10 @@ impl Filesystem for CowFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open {
+            // From now on the kernel opens files itself (`Self::no_open`).
+            return reply.error(Errno::ENOSYS);
+        }
         let write = flags.0 & O_ACCMODE != 0 || flags.0 & O_TRUNC != 0;
         let mut opens = self.lock_opens();
         // Refused before copy-up while readers pass through to the lower
@@ -424,7 +463,9 @@ impl Filesystem for CowFs {
             if left.is_zero() {
                 return reply.error(Errno::ETXTBSY);
             }
+            self.waiting.fetch_add(1, Ordering::Relaxed);
             opens = self.closes.wait_timeout(opens, left).unwrap_or_else(|e| e.into_inner()).0;
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
         }
         match self.union.open(ino.0, flags.0) {
             Ok(fh) => self.reply_open(&mut opens, ino, fh, write, reply),
@@ -435,7 +476,7 @@ impl Filesystem for CowFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -443,7 +484,7 @@ impl Filesystem for CowFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.union.read(fh.0, offset, size) {
+        match self.union.read(fh.0, ino.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(e)),
         }
@@ -488,8 +529,8 @@ impl Filesystem for CowFs {
         reply.ok()
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        empty(reply, self.union.fsync(fh.0, datasync))
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        empty(reply, self.union.fsync(fh.0, ino.0, datasync))
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -668,8 +709,8 @@ impl Filesystem for CowFs {
         }
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        match self.union.lseek(fh.0, offset.max(0) as u64, whence) {
+    fn lseek(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        match self.union.lseek(fh.0, ino.0, offset.max(0) as u64, whence) {
             Ok(o) => reply.offset(o as i64),
             Err(e) => reply.error(errno(e)),
         }

@@ -46,6 +46,10 @@ pub struct MountOptions {
     /// (Linux 6.14+ with `fuse.enable_uring=Y`): one request queue per CPU,
     /// served by a thread pinned to that CPU ([`crate::CowFs::uring`]).
     pub uring: bool,
+    /// On a read-only mount, have the kernel open files itself, without a
+    /// round trip here per open ([`crate::CowFs::no_open`]); no passthrough
+    /// then. Ignored on a writable mount.
+    pub no_open: bool,
     /// Bound of the store's cache of materialised lower files
     /// (`DATA_DIR/cache/files`, shared by every mount of the store), in
     /// bytes; 0: no file cache (lower files are always read through here).
@@ -67,6 +71,7 @@ impl std::fmt::Debug for MountOptions {
             .field("lower_dirs", &self.lower_dirs)
             .field("passthrough", &self.passthrough)
             .field("uring", &self.uring)
+            .field("no_open", &self.no_open)
             .field("file_cache_bytes", &self.file_cache_bytes)
             .field("fetch_missing", &self.fetch_missing.is_some())
             .finish_non_exhaustive()
@@ -87,6 +92,7 @@ impl Default for MountOptions {
             lower_dirs: Vec::new(),
             passthrough: true,
             uring: true,
+            no_open: false,
             file_cache_bytes: DEFAULT_FILE_CACHE,
         }
     }
@@ -128,7 +134,7 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     // Passthrough writes bypass this process, and so the dirty tracker:
     // with `control`, upper files are served here (`Union::backing_file`);
     // lower files pass through either way, they are only ever read.
-    Ok((CowFs::with_passthrough(union, opts.passthrough).uring(opts.uring), config))
+    Ok((CowFs::with_passthrough(union, opts.passthrough).uring(opts.uring).no_open(opts.no_open), config))
 }
 
 /// A mounted union, served by background threads; unmounted on drop.

@@ -1389,6 +1389,28 @@ impl Union {
         self.handles.lock().unwrap_or_else(|e| e.into_inner()).get(&fh).cloned().ok_or(Errno::BADF)
     }
 
+    /// The file handle `fh`, or for `fh` 0 a read-only handle of `ino` made
+    /// for this one request: a read-only mount lets the kernel open files
+    /// itself, and its requests then name no handle (`CowFs::no_open`). `off`
+    /// is the request's offset: a read from 0 is taken for a new reader of
+    /// the file, which asks for read-ahead as a handle's first read does.
+    fn file_handle(&self, fh: u64, ino: u64, off: u64) -> FsResult<Arc<Handle>> {
+        if fh != 0 {
+            return self.handle(fh);
+        }
+        if self.writable() {
+            // Writable unions see every open (copy-up happens there).
+            return Err(Errno::BADF);
+        }
+        Ok(Arc::new(Handle::File {
+            ino,
+            file: Mutex::new(None),
+            write: false,
+            append: false,
+            offered: AtomicBool::new(off != 0),
+        }))
+    }
+
     pub(crate) fn release(&self, fh: u64) {
         self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
     }
@@ -1554,8 +1576,10 @@ impl Union {
         }
     }
 
-    pub fn read(&self, fh: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
-        let h = self.handle(fh)?;
+    /// Reads `size` bytes at `off` of handle `fh` of `ino` (`fh` 0: see
+    /// [`Self::file_handle`]).
+    pub fn read(&self, fh: u64, ino: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
+        let h = self.file_handle(fh, ino, off)?;
         let Handle::File { ino, offered, .. } = &*h else { return Err(Errno::ISDIR) };
         let (partial, lower) = {
             let st = self.lock();
@@ -1621,8 +1645,8 @@ impl Union {
         Ok(data.len())
     }
 
-    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
-        let h = self.handle(fh)?;
+    pub fn fsync(&self, fh: u64, ino: u64, datasync: bool) -> FsResult<()> {
+        let h = self.file_handle(fh, ino, 1)?;
         let Handle::File { ino, .. } = &*h else { return Ok(()) };
         let partial = Self::inode(&self.lock(), *ino)?.partial.clone();
         if let Some(p) = partial {
@@ -1634,10 +1658,10 @@ impl Union {
         Ok(())
     }
 
-    pub fn lseek(&self, fh: u64, off: u64, whence: i32) -> FsResult<u64> {
+    pub fn lseek(&self, fh: u64, ino: u64, off: u64, whence: i32) -> FsResult<u64> {
         const SEEK_DATA: i32 = 3;
         const SEEK_HOLE: i32 = 4;
-        let h = self.handle(fh)?;
+        let h = self.file_handle(fh, ino, 1)?;
         let Handle::File { ino, .. } = &*h else { return Err(Errno::INVAL) };
         let (partial, lower) = {
             let st = self.lock();

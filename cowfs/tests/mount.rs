@@ -56,21 +56,40 @@ fn reads_back_everything_through_the_kernel() {
     let stack = two_layers(&store, t.path());
     let out = t.path().join("export");
     export(&store, &stack, &out);
+    let want = tree_listing(&out).unwrap();
     let mnt = t.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let m = mount(store.clone(), &stack, &mnt, &opts(None)).unwrap();
-    let want = tree_listing(&out).unwrap();
-    let got = tree_listing(&mnt).unwrap();
-    assert_same_listing(&want, &got, "export and mount");
-    // Read-only without an upper.
-    let e = fs::write(mnt.join("dir/added"), b"x").unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(rustix::io::Errno::ROFS.raw_os_error()), "{e}");
-    // Inode numbers are stable and hardlinks share one.
-    let a = fs::metadata(mnt.join("a-link")).unwrap();
-    let b = fs::metadata(mnt.join("dir/sub/b-link")).unwrap();
-    assert_eq!((a.ino(), a.nlink()), (b.ino(), 3));
-    assert_eq!(fs::metadata(mnt.join("a-link")).unwrap().ino(), a.ino());
-    m.unmount().unwrap();
+    // Both ways a read-only mount can serve: asked for every open, and with
+    // the kernel opening files itself.
+    for no_open in [false, true] {
+        let m = mount(store.clone(), &stack, &mnt, &MountOptions { no_open, ..opts(None) }).unwrap();
+        let got = tree_listing(&mnt).unwrap();
+        assert_same_listing(&want, &got, &format!("export and mount (no_open {no_open})"));
+        // A file held open: a handle here only when the kernel asked.
+        let f = fs::File::open(mnt.join("z-data")).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(f.read_at(&mut buf, 1000).unwrap(), 4096);
+        assert_eq!(buf, fs::read(out.join("z-data")).unwrap()[1000..5096]);
+        // SEEK_HOLE finds the end of a file that is all data, also on a
+        // file the kernel opened without a handle here.
+        let len = f.metadata().unwrap().len();
+        assert_eq!(rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(0)).unwrap(), len);
+        if no_open {
+            assert_eq!(m.open_handles(), 0, "the kernel asked to open a file on a no-open mount");
+        } else {
+            assert!(m.open_handles() >= 1, "no handle for a file held open");
+        }
+        drop(f);
+        // Read-only without an upper.
+        let e = fs::write(mnt.join("dir/added"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(rustix::io::Errno::ROFS.raw_os_error()), "{e}");
+        // Inode numbers are stable and hardlinks share one.
+        let a = fs::metadata(mnt.join("a-link")).unwrap();
+        let b = fs::metadata(mnt.join("dir/sub/b-link")).unwrap();
+        assert_eq!((a.ino(), a.nlink()), (b.ino(), 3));
+        assert_eq!(fs::metadata(mnt.join("a-link")).unwrap().ino(), a.ino());
+        m.unmount().unwrap();
+    }
 }
 
 #[test]
@@ -402,5 +421,22 @@ fn created_files_get_their_owner_and_mode_in_place_or_staged() {
     }
     // Nothing left in the staging area.
     assert_eq!(fs::read_dir(upper.join(".xenod/work")).map(|d| d.count()).unwrap_or(0), 0);
+    m.unmount().unwrap();
+}
+
+#[test]
+fn a_writable_mount_sees_every_open_even_when_asked_not_to() {
+    if !fuse_ok("a_writable_mount_sees_every_open_even_when_asked_not_to") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let (store, stack, upper, mnt) = writable_two_layers(t.path());
+    let m = mount(store, &stack, &mnt, &MountOptions { no_open: true, ..opts(Some(&upper)) }).unwrap();
+    // Opening a lower file for writing copies it up then, as in overlayfs,
+    // before anything is written.
+    let f = fs::OpenOptions::new().write(true).open(mnt.join("dir/size-1")).unwrap();
+    assert!(upper.join("dir/size-1").exists(), "no copy-up at open for writing");
+    assert!(m.open_handles() >= 1, "the open was not seen");
+    drop(f);
     m.unmount().unwrap();
 }

@@ -232,6 +232,14 @@ pub enum Cmd {
         /// CPU has its own queue and a server thread pinned to it.
         #[arg(long)]
         no_uring: bool,
+        /// Read-only mounts: have the kernel ask this process before each
+        /// open, as writable mounts always do, so that lower files
+        /// materialised in the file cache are read through passthrough. By
+        /// default a read-only mount lets the kernel open files itself: a
+        /// walk over the tree costs no round trip per file, and pages once
+        /// read stay cached (nothing in a read-only stack changes).
+        #[arg(long)]
+        open_requests: bool,
         /// Bound of the store's cache of whole lower files materialised on
         /// disk for passthrough (DATA_DIR/cache/files, shared by every
         /// mount); 0 turns it off. Default: 4 GiB.
@@ -466,6 +474,7 @@ pub fn run(args: Args) -> Result<()> {
             lower_dirs,
             no_passthrough,
             no_uring,
+            open_requests,
             file_cache_bytes,
             control,
             lazy,
@@ -476,6 +485,7 @@ pub fn run(args: Args) -> Result<()> {
                 lower_dirs,
                 passthrough: !no_passthrough,
                 no_uring,
+                open_requests,
                 file_cache_bytes,
                 control,
                 lazy,

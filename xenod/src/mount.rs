@@ -33,6 +33,9 @@ pub struct MountHow {
     /// Take requests through /dev/fuse even where the kernel offers FUSE
     /// over io_uring.
     pub no_uring: bool,
+    /// Read-only mounts: have the kernel ask before each open, as writable
+    /// mounts always do, so that materialised lower files pass through.
+    pub open_requests: bool,
     /// Bound of the store's cache of materialised lower files, in bytes
     /// (0: none); none: the default.
     pub file_cache_bytes: Option<u64>,
@@ -78,6 +81,7 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
             lower_dirs: how.lower_dirs.clone(),
             passthrough: how.passthrough,
             uring: !how.no_uring,
+            no_open: !how.open_requests,
             file_cache_bytes: how.file_cache_bytes.unwrap_or(xenod_cowfs::DEFAULT_FILE_CACHE),
             ..Default::default()
         };
@@ -115,6 +119,9 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
     }
     if how.no_uring {
         cmd.arg("--no-uring");
+    }
+    if how.open_requests {
+        cmd.arg("--open-requests");
     }
     if let Some(b) = how.file_cache_bytes {
         cmd.arg("--file-cache-bytes").arg(b.to_string());
