@@ -357,7 +357,8 @@ impl Filesystem for CowFs {
             && config.set_max_stack_depth(1).is_ok()
         {
             self.passthrough = true;
-        } else if let Some(files) = &self.union.files {
+        } else if let Some(files) = self.union.files.as_ref().filter(|_| !self.no_open) {
+            // Without opens the cache still serves reads (`Union::read`).
             files.deactivate();
         }
         Ok(())

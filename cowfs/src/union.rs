@@ -150,7 +150,15 @@ pub struct Union {
     pub(crate) files: Option<FileCache>,
     /// Decodes the files after one being read, for walks.
     readahead: Option<ReadAhead>,
+    /// File-cache entries read from for requests without a handle (see
+    /// [`Self::file_handle`]), by inode, the most recently used last: the
+    /// kernel says nothing when such a reader is done, so a few are kept
+    /// open rather than one opened per request.
+    entries: Mutex<Vec<(u64, Arc<File>)>>,
 }
+
+/// Bound of [`Union::entries`].
+const OPEN_ENTRIES: usize = 8;
 
 fn ts(t: Timestamp) -> SystemTime {
     if t.secs >= 0 {
@@ -289,6 +297,7 @@ impl Union {
             block_copy_min: BLOCK_COPY_MIN,
             tracker: None,
             files: None,
+            entries: Mutex::new(Vec::new()),
         })
     }
 
@@ -1590,6 +1599,11 @@ impl Union {
         let n = if let Some(p) = partial {
             let l = self.lower.find(&p.lower_path).ok_or(Errno::IO)?;
             p.read(off, &mut buf, &self.lower_reader(l))?
+        } else if let Some(f) = lower.and_then(|_| if fh == 0 { self.entry(*ino) } else { None }) {
+            // Without passthrough (no handle: the kernel opened the file
+            // itself), a lower file the file cache holds is read from there
+            // rather than decoded again.
+            read_full_at(&f, &mut buf, off)?
         } else if let Some(l) = lower {
             let n = self.read_lower_at(l, off, &mut buf)?;
             if !offered.swap(true, Ordering::Relaxed) {
@@ -1608,19 +1622,32 @@ impl Union {
             n
         } else {
             let f = self.upper_file(&h)?.ok_or(Errno::IO)?;
-            let mut done = 0;
-            while done < buf.len() {
-                match f.read_at(&mut buf[done..], off + done as u64) {
-                    Ok(0) => break,
-                    Ok(n) => done += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(io_errno(&e)),
-                }
-            }
-            done
+            read_full_at(&f, &mut buf, off)?
         };
         buf.truncate(n);
         Ok(buf)
+    }
+
+    /// The file-cache entry of lower file `ino`, if the cache holds it
+    /// (see [`Self::entries`]).
+    fn entry(&self, ino: u64) -> Option<Arc<File>> {
+        {
+            let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = e.iter().position(|(i, _)| *i == ino) {
+                let hit = e.remove(i);
+                let f = hit.1.clone();
+                e.push(hit);
+                return Some(f);
+            }
+        }
+        let (_, f) = self.materialised(ino)?;
+        let f = Arc::new(f);
+        let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if e.len() >= OPEN_ENTRIES {
+            e.remove(0);
+        }
+        e.push((ino, f.clone()));
+        Some(f)
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<usize> {
@@ -1913,4 +1940,18 @@ const fn libc_rename_noreplace() -> u32 {
 }
 const fn libc_rename_exchange() -> u32 {
     2
+}
+
+/// Reads `buf.len()` bytes at `off` of `f`, fewer at its end.
+fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> FsResult<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_errno(&e)),
+        }
+    }
+    Ok(done)
 }

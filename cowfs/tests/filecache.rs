@@ -123,6 +123,14 @@ fn materialised_lower_file_reads_back_through_passthrough() {
         assert_eq!(fs::read(mnt.join("plain")).unwrap(), plain, "read through the materialised copy");
         assert_eq!(fs::read(mnt.join("big")).unwrap(), big);
         m.unmount().unwrap();
+        // So does a mount whose kernel opens files itself (no passthrough):
+        // its reads come from the copy, not from the corrupt chunks.
+        let store = Arc::new(Store::open(&store_dir).unwrap());
+        let m = mount(store, &[id], &mnt, &MountOptions { no_open: true, ..opts(None) }).unwrap();
+        assert_eq!(fs::read(mnt.join("plain")).unwrap(), plain, "no-open read from the materialised copy");
+        assert_eq!(fs::read(mnt.join("big")).unwrap(), big);
+        assert_eq!(m.open_handles(), 0, "the kernel asked to open files on a no-open mount");
+        m.unmount().unwrap();
     }
 }
 
