@@ -4,11 +4,11 @@
 //! |---|---|
 //! | `lower` | [`LowerTree`]: the union of a layer stack (with the layers `.mount` files add, and read-only host directories), in memory for the mount's life |
 //! | `cache` | a bounded LRU of decoded chunks; lower reads by extent binary search |
-//! | `filecache` | whole lower files materialised on local disk (shared by every mount of a store, bounded), for passthrough |
+//! | `filecache` | whole lower files materialised on local disk (shared by every mount of a store, bounded), for passthrough (and for reads on mounts without opens) |
 //! | `union` | [`Union`]: lookup, readdir merge, copy-up, whiteouts, rename, xattrs |
 //! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] |
 //! | `readahead` | decodes the lower files after one being read, in walk (and pack) order, for tar-like walks |
-//! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union`; kernel caching, FUSE passthrough, and FUSE over io_uring (the transport itself is in `vendor/fuser`) |
+//! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union`; kernel caching, FUSE passthrough, read-only mounts without OPEN requests ([`CowFs::no_open`]), and FUSE over io_uring (the transport itself is in `vendor/fuser`) |
 //! | `mount` | [`mount`], [`serve`], [`unmount`]: sessions on a mountpoint |
 //! | `track` | [`DirtySet`]: blocks and paths written since the last drain, over a control socket |
 //! | `flatten` | [`flatten`]: partial files made whole, so the kernel's overlayfs can mount an upper |
