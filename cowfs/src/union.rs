@@ -1400,10 +1400,11 @@ impl Union {
 
     /// The file handle `fh`, or for `fh` 0 a read-only handle of `ino` made
     /// for this one request: a read-only mount lets the kernel open files
-    /// itself, and its requests then name no handle (`CowFs::no_open`). `off`
-    /// is the request's offset: a read from 0 is taken for a new reader of
-    /// the file, which asks for read-ahead as a handle's first read does.
-    fn file_handle(&self, fh: u64, ino: u64, off: u64) -> FsResult<Arc<Handle>> {
+    /// itself, and its requests then name no handle (`CowFs::no_open`).
+    /// `new_reader`: the request is a read from offset 0, taken for a new
+    /// reader of the file, which asks for read-ahead and materialisation as
+    /// a handle's first read does.
+    fn file_handle(&self, fh: u64, ino: u64, new_reader: bool) -> FsResult<Arc<Handle>> {
         if fh != 0 {
             return self.handle(fh);
         }
@@ -1416,7 +1417,7 @@ impl Union {
             file: Mutex::new(None),
             write: false,
             append: false,
-            offered: AtomicBool::new(off != 0),
+            offered: AtomicBool::new(!new_reader),
         }))
     }
 
@@ -1588,7 +1589,7 @@ impl Union {
     /// Reads `size` bytes at `off` of handle `fh` of `ino` (`fh` 0: see
     /// [`Self::file_handle`]).
     pub fn read(&self, fh: u64, ino: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
-        let h = self.file_handle(fh, ino, off)?;
+        let h = self.file_handle(fh, ino, off == 0)?;
         let Handle::File { ino, offered, .. } = &*h else { return Err(Errno::ISDIR) };
         let (partial, lower) = {
             let st = self.lock();
@@ -1599,11 +1600,8 @@ impl Union {
         let n = if let Some(p) = partial {
             let l = self.lower.find(&p.lower_path).ok_or(Errno::IO)?;
             p.read(off, &mut buf, &self.lower_reader(l))?
-        } else if let Some(f) = lower.and_then(|_| if fh == 0 { self.entry(*ino) } else { None }) {
-            // Without passthrough (no handle: the kernel opened the file
-            // itself), a lower file the file cache holds is read from there
-            // rather than decoded again.
-            read_full_at(&f, &mut buf, off)?
+        } else if let Some(n) = lower.and_then(|_| if fh == 0 { self.read_entry(*ino, off, &mut buf) } else { None }) {
+            n
         } else if let Some(l) = lower {
             let n = self.read_lower_at(l, off, &mut buf)?;
             if !offered.swap(true, Ordering::Relaxed) {
@@ -1626,6 +1624,22 @@ impl Union {
         };
         buf.truncate(n);
         Ok(buf)
+    }
+
+    /// Without passthrough (no handle: the kernel opened the file itself),
+    /// a lower file the file cache holds is read from there rather than
+    /// decoded again. None: no entry, or it could not be read (logged), and
+    /// the caller decodes.
+    fn read_entry(&self, ino: u64, off: u64, buf: &mut [u8]) -> Option<usize> {
+        let f = self.entry(ino)?;
+        match read_full_at(&f, buf, off) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(ino, "reading the file cache's copy failed ({e}); decoding the chunks instead");
+                self.entries.lock().unwrap_or_else(|e| e.into_inner()).retain(|(i, _)| *i != ino);
+                None
+            }
+        }
     }
 
     /// The file-cache entry of lower file `ino`, if the cache holds it
@@ -1673,7 +1687,7 @@ impl Union {
     }
 
     pub fn fsync(&self, fh: u64, ino: u64, datasync: bool) -> FsResult<()> {
-        let h = self.file_handle(fh, ino, 1)?;
+        let h = self.file_handle(fh, ino, false)?;
         let Handle::File { ino, .. } = &*h else { return Ok(()) };
         let partial = Self::inode(&self.lock(), *ino)?.partial.clone();
         if let Some(p) = partial {
@@ -1688,7 +1702,7 @@ impl Union {
     pub fn lseek(&self, fh: u64, ino: u64, off: u64, whence: i32) -> FsResult<u64> {
         const SEEK_DATA: i32 = 3;
         const SEEK_HOLE: i32 = 4;
-        let h = self.file_handle(fh, ino, 1)?;
+        let h = self.file_handle(fh, ino, false)?;
         let Handle::File { ino, .. } = &*h else { return Err(Errno::INVAL) };
         let (partial, lower) = {
             let st = self.lock();
