@@ -113,7 +113,7 @@ grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || true
 # cowfs takes requests over FUSE's io_uring transport where the kernel has it.
 bash "$ROOT/scripts/enable-fuse-uring.sh"
 URING=$(cat /sys/module/fuse/parameters/enable_uring 2>/dev/null || echo absent)
-if [ -n "${WANT[kernel]:-}" ] && ! grep -qw overlay /proc/filesystems; then
+if [ -n "${WANT[kernel]:-}${WANT[kernel-ro]:-}" ] && ! grep -qw overlay /proc/filesystems; then
   die "the kernel has no overlay filesystem"
 fi
 

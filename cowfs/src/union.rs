@@ -1600,7 +1600,7 @@ impl Union {
         let n = if let Some(p) = partial {
             let l = self.lower.find(&p.lower_path).ok_or(Errno::IO)?;
             p.read(off, &mut buf, &self.lower_reader(l))?
-        } else if let Some(n) = lower.and_then(|_| if fh == 0 { self.read_entry(*ino, off, &mut buf) } else { None }) {
+        } else if let Some(n) = lower.filter(|_| fh == 0).and_then(|l| self.read_entry(*ino, l, off, &mut buf)) {
             n
         } else if let Some(l) = lower {
             let n = self.read_lower_at(l, off, &mut buf)?;
@@ -1630,12 +1630,13 @@ impl Union {
     /// a lower file the file cache holds is read from there rather than
     /// decoded again. None: no entry, or it could not be read (logged), and
     /// the caller decodes.
-    fn read_entry(&self, ino: u64, off: u64, buf: &mut [u8]) -> Option<usize> {
+    fn read_entry(&self, ino: u64, l: u32, off: u64, buf: &mut [u8]) -> Option<usize> {
         let f = self.entry(ino)?;
         match read_full_at(&f, buf, off) {
             Ok(n) => Some(n),
             Err(e) => {
-                tracing::warn!(ino, "reading the file cache's copy failed ({e}); decoding the chunks instead");
+                let path = xenod_store::display_path(&self.lower.path(l));
+                tracing::warn!(path = %path, "reading the file cache's copy at offset {off} failed ({e}); decoding the chunks instead");
                 self.entries.lock().unwrap_or_else(|e| e.into_inner()).retain(|(i, _)| *i != ino);
                 None
             }
