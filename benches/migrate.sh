@@ -2,7 +2,7 @@
 # Migration of a disk-root guest after a known workload, against rsync of
 # the same changed upper layer.
 #
-#   sudo bash benches/migrate.sh    # WORK=/var/tmp/xenod-bench-migrate ROUNDS=1 LEVELS=ppmd SAVES=live
+#   bash benches/migrate.sh    # WORK=/var/tmp/xenod-bench-migrate ROUNDS=1 LEVELS=ppmd SAVES=live
 #
 # LEVELS: the pre-copy codecs to compare (`migrate --level`: ppmd, the
 # default, or zstd levels 1-16); each round runs the workload afresh and

@@ -6,6 +6,12 @@
 # service answering.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Mounts, libvirt and packages need root: ask for it when not root (a root
+# shell on a fresh machine has no sudo, and needs none).
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null || { echo "demo.sh: run as root (no sudo here)" >&2; exit 1; }
+  exec sudo -E bash "$0" "$@"
+fi
 
 bash scripts/install-deps.sh
 cargo build --release --locked -p xenod
@@ -16,6 +22,16 @@ bash scripts/start-libvirtd.sh
 bash scripts/enable-fuse-uring.sh
 
 DATA=${XENOD_DEMO_DATA:-/tmp/xenod-demo}
+# A run with KEEP=1 left its guest running, with the guest's FUSE mount inside
+# DATA: destroy it (which unmounts) before the data directory is cleared, and
+# lazily unmount whatever a killed run left behind, so rm never walks into a
+# live mount.
+if [ -d "$DATA" ]; then
+  "$XENOD" --data-dir "$DATA" destroy demo-web >/dev/null 2>&1 || true
+  awk -v d="$DATA/" 'index($2, d) == 1 { print $2 }' /proc/self/mounts | sort -r | while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done
+fi
 rm -rf "$DATA" && mkdir -p "$DATA"
 x() { echo "+ xenod $*" >&2; "$XENOD" --data-dir "$DATA" "$@"; }
 
@@ -42,7 +58,6 @@ x verify
 du -sh "$DATA/packs"
 
 echo "== deploy the overlay: mount its stack with a private upper, boot, wait for the service"
-"$XENOD" --data-dir "$DATA" destroy demo-web >/dev/null 2>&1 || true
 trap '"$XENOD" --data-dir "$DATA" destroy demo-web >/dev/null 2>&1 || true' EXIT
 x deploy template://demo/web/1 --name demo-web
 PORT=$("$XENOD" --data-dir "$DATA" ps --json | jq -r '.instances[] | select(.name=="demo-web") | .ports[0]' | cut -d: -f1)

@@ -3,6 +3,12 @@
 # formatting, clippy (warnings are errors) and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# FUSE mounts, libvirt guests and packages need root: ask for it when not
+# root (a root shell on a fresh machine has no sudo, and needs none).
+if [ "$(id -u)" != 0 ]; then
+  command -v sudo >/dev/null || { echo "test.sh: run as root (no sudo here)" >&2; exit 1; }
+  exec sudo -E bash "$0" "$@"
+fi
 
 bash scripts/install-deps.sh
 # cowfs serves over FUSE's io_uring transport where the kernel has it.

@@ -249,7 +249,9 @@ impl FileCache {
     }
 }
 
-const O_NOFOLLOW: i32 = 0o400000;
+/// The platform's value (it differs between architectures: on aarch64
+/// `0o400000` is `O_LARGEFILE`).
+const O_NOFOLLOW: i32 = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
 
 fn is_entry_name(n: &str) -> bool {
     n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit())

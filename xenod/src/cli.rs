@@ -36,7 +36,15 @@ NAME@ID (that exact layer), a 64-digit layer id, or a unique id prefix of 8+ dig
 `deploy` and `mount` also take a ticket (xenod1..., from `xenod share`): the
 stack is fetched from the ticket's providers first.";
 
-/// Content-addressed VM templates and overlays: publish, layer, export, verify.
+/// Content-addressed VM templates and overlays, moved peer to peer and booted as guests.
+///
+/// Maintainers publish immutable templates; a service is an overlay on one.
+/// The store keeps them as verified chunks (publish, overlay, export, verify,
+/// gc); `mount` shows any stack through a copy-on-write union (FUSE);
+/// `deploy` boots a guest from a stack through libvirt and `ps`, `stop`,
+/// `suspend`, `checkpoint`, `migrate` manage it; `serve` runs this host's
+/// daemon, which shares layers with peers (`share`, `fetch`, `replicate`)
+/// and moves running guests between hosts, sending only what differs.
 #[derive(Debug, Parser)]
 #[command(name = "xenod", version, after_help = EXIT_CODES)]
 pub struct Args {

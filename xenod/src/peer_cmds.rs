@@ -21,7 +21,7 @@ use crate::{Coded, Exit};
 pub enum PeerCmd {
     /// Run the daemon of DATA_DIR: store, peer endpoint, local API on DATA_DIR/xenod.sock.
     ///
-    /// Prints one line once it accepts requests; stops on SIGTERM, SIGINT or `xenod stop`.
+    /// Prints one line once it accepts requests; stops on SIGTERM, SIGINT or `xenod shutdown`.
     Serve {
         /// UDP address of the peer endpoint [default: config `listen`, else 0.0.0.0:0;
         /// port 0 reuses the last port if free].
