@@ -42,6 +42,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// The exit code this error means for a command: a store error keeps
+    /// its own (a corrupt chunk met while mounting or committing is damage).
+    pub fn exit_code(&self) -> xenod_store::Exit {
+        use xenod_store::Exit;
+        match self {
+            Error::Store(e) | Error::MountRef { source: e, .. } => e.exit_code(),
+            Error::BadLayer(_) | Error::BadMount { .. } | Error::BadLower { .. } | Error::BadUpper { .. } => {
+                Exit::BadInput
+            }
+            Error::Io { .. } | Error::Control { .. } => Exit::Failure,
+        }
+    }
+
     pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| Self::Io { what, path, source }

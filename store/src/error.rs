@@ -43,6 +43,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// The exit code this error means for a command.
+    pub fn exit_code(&self) -> crate::Exit {
+        use crate::Exit;
+        match self {
+            Error::UnknownRef(_) => Exit::NotFound,
+            Error::ChunkCorrupt { .. } | Error::ChunkMissing { .. } => Exit::Damaged,
+            Error::Name { .. } => Exit::NameRefused,
+            Error::BadInput { .. } | Error::Manifest { .. } | Error::Export { .. } => Exit::BadInput,
+            Error::Io { .. } | Error::Db { .. } => Exit::Failure,
+        }
+    }
+
     pub(crate) fn io(what: &'static str, path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> Self {
         let path = path.as_ref().to_path_buf();
         move |source| Self::Io { what, path, source }

@@ -14,12 +14,14 @@
 //! | `names` | signed `template://` names, pins, reference resolution |
 //! | `peer` | [`Node`]: the iroh chunk protocol, multi-provider fetch, tickets |
 //! | `gc`, `verify` | mark-and-sweep from roots; rehash and reference checks |
+//! | `exit` | [`Exit`]: the documented exit codes, one table; each crate's error knows its code |
 //! | `digest` | a metadata-complete digest of a directory tree |
 
 mod chunker;
 mod codec;
 mod digest;
 mod error;
+mod exit;
 mod export;
 mod gc;
 mod id;
@@ -39,6 +41,7 @@ pub use chunker::{BATCH, BLOCK, Batch, Batcher, CDC_AVG, CDC_MAX, CDC_MIN, Cdc, 
 pub use codec::{Dense, Encoding, ZSTD_LEVEL, decode, dense_frame, encode};
 pub use digest::{tree_digest, tree_listing};
 pub use error::{Error, Result};
+pub use exit::Exit;
 pub use export::{ExportStats, FileReader, export_dir, export_tar};
 pub use gc::GcStats;
 pub use id::{ChunkId, LayerId, ParseIdError};

@@ -7,34 +7,35 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use xenod_store::{
-    Entry, ImportOptions, LayerId, LayerWriter, Merged, NameRecord, Store, diff, export_dir, export_tar, hex,
-    import_dir, import_image, import_tar,
+    Entry, ImportOptions, LayerId, LayerWriter, Merged, Store, diff, export_dir, export_tar, hex, import_dir,
+    import_image, import_tar,
 };
 
-use crate::config::{self, Config};
-use crate::progress;
-use crate::serve::Request;
-use crate::{Coded, Exit};
+use xenod_deployer::{PortForward, RootMode};
+use xenod_host::config::{self, Config, record_name_in};
+use xenod_host::instance::{self, mount};
+use xenod_host::{Context, Error, Exit, Request, Result, bail, client};
 
-const EXIT_CODES: &str = "\
-Exit codes:
-  0  success
-  1  any other failure (I/O, database, ...)
-  2  usage error
-  3  a reference (name, id, prefix) matches no layer
-  4  the store is damaged (verify found bad or missing chunks)
-  5  a name record was refused (bad signature, untrusted key, older sequence)
-  6  bad input: a tree, tar stream or manifest that cannot be stored or exported as given
-  7  no provider could supply a layer (every peer given is unreachable, dropped, or lacks it)
+use crate::progress::{self, Watcher};
 
+const REFERENCES: &str = "\
 References (REF): template://PUBLISHER/NAME[/VERSION] (a signed name),
 NAME@ID (that exact layer), a 64-digit layer id, or a unique id prefix of 8+ digits.
 `deploy` and `mount` also take a ticket (xenod1..., from `xenod share`): the
 stack is fetched from the ticket's providers first.";
+
+/// What `--help` shows after the options: the exit codes (from the one
+/// table, [`Exit`]) and the forms of a reference.
+pub fn after_help() -> String {
+    let mut s = String::from("Exit codes:\n");
+    for e in Exit::ALL {
+        s += &format!("  {}  {}\n", e.code(), e.meaning());
+    }
+    s + "\n" + REFERENCES
+}
 
 /// Content-addressed VM templates and overlays, moved peer to peer and booted as guests.
 ///
@@ -46,7 +47,7 @@ stack is fetched from the ticket's providers first.";
 /// daemon, which shares layers with peers (`share`, `fetch`, `replicate`)
 /// and moves running guests between hosts, sending only what differs.
 #[derive(Debug, Parser)]
-#[command(name = "xenod", version, after_help = EXIT_CODES)]
+#[command(name = "xenod", version)]
 pub struct Args {
     /// Data directory holding the store, keys and config
     /// [default: /var/lib/xenod as root, else ~/.local/share/xenod]
@@ -117,7 +118,7 @@ pub enum Cmd {
     Key(KeyCmd),
     /// Deploy a guest from a layer: resolve, mount its stack with a private
     /// upper, define and start it through libvirt, wait until it answers.
-    Deploy(crate::deploy::DeployArgs),
+    Deploy(DeployArgs),
     /// List instances and their state.
     Ps,
     /// Shut an instance's guest down (gracefully, then forced); its upper is kept.
@@ -342,18 +343,120 @@ pub enum KeyCmd {
     Trust { key: String },
 }
 
-struct Ctx {
-    data_dir: PathBuf,
-    json: bool,
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// What to deploy: a template name, NAME@ID, a layer id or prefix, or a
+    /// ticket (its stack is fetched from the ticket's providers first).
+    pub url: String,
+    /// Instance name [default: the spec's, else derived from the layer].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Start N instances sharing the cached layers (NAME-1 .. NAME-N).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u32,
+    /// libvirt connection [default: $XENOD_LIBVIRT_URI or qemu:///system].
+    #[arg(long)]
+    pub uri: Option<String>,
+    /// Root mode override: fs (shared tree) or disk (image inside the tree).
+    #[arg(long)]
+    pub root: Option<RootMode>,
+    /// Memory override, MiB.
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// Port forwards override, HOST:GUEST on 127.0.0.1 (HOST 0 = any free port).
+    #[arg(long = "port")]
+    pub ports: Vec<PortForward>,
+    /// Extra kernel command line override.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Seconds to wait for the guest's service to answer.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// Return once the guest is started, without waiting for its service.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Boot before the stack is all here: mount once its manifests are,
+    /// fetch file data in the background and what the guest reads first at
+    /// once. Needs this host's daemon (`xenod serve`).
+    #[arg(long)]
+    pub lazy: bool,
+}
+
+/// `xenod deploy`: the stack made local (fetched by ticket, or with `--lazy`
+/// its manifests through the daemon), then deployed; each instance's line
+/// (or the JSON report) on stdout.
+fn deploy(ctx: &Ctx, a: &DeployArgs) -> Result<()> {
+    let watch = ctx.watcher("fetching");
+    let local = if a.lazy {
+        if !client::daemon_runs(&ctx.data_dir) {
+            bail!(
+                "a lazy deploy fetches through this host's daemon; start `xenod --data-dir {} serve`",
+                ctx.data_dir.display()
+            );
+        }
+        let v = client::request_daemon(
+            &ctx.data_dir,
+            Request::Fetch { target: a.url.clone(), from: Vec::new(), lazy: true },
+            &watch,
+        )?;
+        v["layer"].as_str().context("the daemon's fetch named no layer")?.to_owned()
+    } else {
+        client::localize(&ctx.data_dir, &a.url, &watch)?
+    };
+    let opts = instance::DeployOptions {
+        name: a.name.clone(),
+        replicas: a.replicas,
+        uri: a.uri.clone(),
+        root: a.root,
+        memory: a.memory,
+        ports: a.ports.clone(),
+        cmdline: a.cmdline.clone(),
+        timeout: std::time::Duration::from_secs(a.timeout),
+        no_wait: a.no_wait,
+        lazy: a.lazy,
+        verbose: !ctx.json,
+    };
+    let out = instance::deploy(&ctx.data_dir, &local, &opts)?;
+    ctx.out(out.clone(), || {
+        let lines: Vec<String> = out["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| {
+                format!(
+                    "{} running ({}), http://127.0.0.1:{}/",
+                    v["name"].as_str().unwrap_or("?"),
+                    v["root"].as_str().unwrap_or("?"),
+                    v["port"].as_u64().unwrap_or(0)
+                )
+            })
+            .collect();
+        lines.join("\n")
+    })?;
+    let errors: Vec<&str> = out["errors"].as_array().into_iter().flatten().filter_map(|e| e.as_str()).collect();
+    if !errors.is_empty() {
+        bail!("{}", errors.join("; "));
+    }
+    Ok(())
+}
+
+pub(crate) struct Ctx {
+    pub(crate) data_dir: PathBuf,
+    pub(crate) json: bool,
 }
 
 impl Ctx {
+    /// Draws a request's notes and progress on stderr.
+    pub(crate) fn watcher(&self, what: &str) -> Watcher {
+        Watcher::new(what, self.json)
+    }
+
     fn store(&self) -> Result<Store> {
         Store::open(&self.data_dir).with_context(|| format!("opening the store in {}", self.data_dir.display()))
     }
 
     /// Prints `value` as JSON, or `text` for people.
-    fn out(&self, value: serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
+    pub(crate) fn out(&self, value: serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
         let mut o = io::stdout().lock();
         if self.json {
             writeln!(o, "{value}")?;
@@ -380,9 +483,9 @@ pub fn run(args: Args) -> Result<()> {
         Cmd::Overlay(OverlayCmd::Create { base, dir, name, spec, level }) => {
             overlay_create(&ctx, &base, &dir, name.as_deref(), level.get(), spec_meta(spec)?)
         }
-        Cmd::Deploy(a) => crate::deploy::deploy(&ctx.data_dir, ctx.json, &a),
+        Cmd::Deploy(a) => deploy(&ctx, &a),
         Cmd::Ps => {
-            let list = crate::deploy::list(&ctx.data_dir)?;
+            let list = instance::list(&ctx.data_dir)?;
             let j: Vec<_> = list
                 .iter()
                 .map(|(i, st)| json!({ "name": i.name, "state": st, "id": i.layer.to_string(), "top": i.top.to_string(),
@@ -405,39 +508,39 @@ pub fn run(args: Args) -> Result<()> {
             })
         }
         Cmd::Stop { name } => {
-            let how = crate::deploy::stop(&ctx.data_dir, &name)?;
+            let how = instance::stop(&ctx.data_dir, &name)?;
             ctx.out(json!({ "name": name, "outcome": how }), || format!("{name} stopped ({how})"))
         }
         Cmd::Start { name } => {
-            crate::deploy::start(&ctx.data_dir, &name)?;
+            instance::start(&ctx.data_dir, &name)?;
             ctx.out(json!({ "name": name }), || format!("{name} started"))
         }
         Cmd::Destroy { name, keep } => {
-            crate::deploy::destroy(&ctx.data_dir, &name, keep)?;
+            instance::destroy(&ctx.data_dir, &name, keep)?;
             ctx.out(json!({ "name": name, "kept_upper": keep }), || format!("{name} destroyed"))
         }
         Cmd::Logs { name } => {
-            let log = crate::deploy::logs(&ctx.data_dir, &name)?;
+            let log = instance::logs(&ctx.data_dir, &name)?;
             ctx.out(json!({ "name": name, "console": log }), || log.trim_end().to_string())
         }
         Cmd::Suspend { name } => {
-            let state = crate::deploy::suspend(&ctx.data_dir, &name)?;
+            let state = instance::suspend(&ctx.data_dir, &name)?;
             ctx.out(json!({ "name": name, "state_file": state }), || format!("{name} suspended to {}", state.display()))
         }
         Cmd::Resume { name } => {
-            crate::deploy::resume(&ctx.data_dir, &name)?;
+            instance::resume(&ctx.data_dir, &name)?;
             ctx.out(json!({ "name": name }), || format!("{name} resumed"))
         }
         Cmd::Migrate { name, to, cold, level, live, save } => {
             let req = Request::Migrate { instance: name, to, cold, level, live, save };
-            let v = crate::peer_cmds::request(&ctx.data_dir, ctx.json, req)?;
-            ctx.out(v.clone(), || crate::migrate::describe(&v))
+            let v = client::request(&ctx.data_dir, req, &ctx.watcher("migrating"))?;
+            ctx.out(v.clone(), || xenod_host::migrate::describe(&v))
         }
         Cmd::Checkpoint { name, label } => {
-            let v = crate::peer_cmds::request(
+            let v = client::request(
                 &ctx.data_dir,
-                ctx.json,
                 Request::Checkpoint { instance: name, name: label },
+                &ctx.watcher("checkpoint"),
             )?;
             ctx.out(v.clone(), || {
                 format!(
@@ -450,7 +553,8 @@ pub fn run(args: Args) -> Result<()> {
             })
         }
         Cmd::Restore { checkpoint, on, name } => {
-            let v = crate::peer_cmds::request(&ctx.data_dir, ctx.json, Request::Restore { checkpoint, on, name })?;
+            let v =
+                client::request(&ctx.data_dir, Request::Restore { checkpoint, on, name }, &ctx.watcher("fetching"))?;
             ctx.out(v.clone(), || {
                 format!(
                     "{} runs {} (port {})",
@@ -462,7 +566,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         Cmd::Allow { node, revoke } => {
             node.parse::<xenod_store::EndpointId>()
-                .map_err(|e| Coded { code: Exit::BadInput, msg: format!("{node:?} is not a node id: {e}") })?;
+                .map_err(|e| Error::coded(Exit::BadInput, format!("{node:?} is not a node id: {e}")))?;
             let mut c = Config::load(&ctx.data_dir)?;
             c.migrate_from.retain(|n| n != &node);
             if !revoke {
@@ -487,7 +591,7 @@ pub fn run(args: Args) -> Result<()> {
             control,
             lazy,
         } => {
-            let how = crate::mount::MountHow {
+            let how = mount::MountHow {
                 upper,
                 read_only: ro,
                 lower_dirs,
@@ -498,7 +602,9 @@ pub fn run(args: Args) -> Result<()> {
                 control,
                 lazy,
             };
-            crate::mount::mount_cmd(&ctx.data_dir, &r#ref, &mountpoint, &how, foreground)?;
+            // A ticket: fetch the stack first; the mount then names the layer id.
+            let local = client::localize(&ctx.data_dir, &r#ref, &ctx.watcher("fetching"))?;
+            mount::mount_cmd(&ctx.data_dir, &local, &mountpoint, &how, foreground)?;
             ctx.out(json!({ "mountpoint": mountpoint }), String::new)
         }
         Cmd::Flatten { upper, base } => {
@@ -510,7 +616,7 @@ pub fn run(args: Args) -> Result<()> {
             })
         }
         Cmd::Umount { mountpoint } => {
-            crate::mount::umount_cmd(&mountpoint)?;
+            mount::umount_cmd(&mountpoint)?;
             ctx.out(json!({ "mountpoint": mountpoint }), || format!("unmounted {}", mountpoint.display()))
         }
         Cmd::Commit { target, base, name, level } => {
@@ -521,12 +627,12 @@ pub fn run(args: Args) -> Result<()> {
                 Some(b) => {
                     let store = ctx.store()?;
                     store.set_block_level(level.get());
-                    crate::mount::commit_cmd(Arc::new(store), Path::new(&target), &b, name.as_deref())?
+                    mount::commit_cmd(Arc::new(store), Path::new(&target), &b, name.as_deref())?
                 }
-                None if crate::deploy::instances_dir(&ctx.data_dir).join(&target).is_dir() => {
+                None if instance::instances_dir(&ctx.data_dir).join(&target).is_dir() => {
                     let mut meta = BTreeMap::new();
                     meta.insert("committed_from".to_string(), target.clone());
-                    crate::deploy::commit(&ctx.data_dir, &target, meta, level.get())?
+                    instance::commit(&ctx.data_dir, &target, meta, level.get())?
                 }
                 None => bail!("{target:?} is no instance here; to commit an upper directory pass --base REF"),
             };
@@ -577,12 +683,12 @@ pub fn run(args: Args) -> Result<()> {
         }
         Cmd::Unpin { label } => {
             if !ctx.store()?.unpin(&label)? {
-                return Err(Coded { code: Exit::NotFound, msg: format!("no pin labelled {label:?}") }.into());
+                return Err(Error::coded(Exit::NotFound, format!("no pin labelled {label:?}")));
             }
             ctx.out(json!({ "label": label }), || format!("unpinned {label}"))
         }
         Cmd::Key(k) => key(&ctx, k),
-        Cmd::Peer(c) => crate::peer_cmds::run(&ctx.data_dir, ctx.json, c),
+        Cmd::Peer(c) => crate::peer_cmds::run(&ctx, c),
         Cmd::Digest { dir, list } => {
             if list {
                 let lines = xenod_store::tree_listing(&dir)?;
@@ -611,28 +717,6 @@ fn record_name(ctx: &Ctx, store: &Store, name: &str, id: LayerId) -> Result<u64>
     record_name_in(&ctx.data_dir, store, name, id)
 }
 
-/// [`record_name`] for the host of `data_dir`.
-pub(crate) fn record_name_in(data_dir: &Path, store: &Store, name: &str, id: LayerId) -> Result<u64> {
-    xenod_store::check_name(name)?;
-    let key = match config::load_key(data_dir)? {
-        Some(k) => k,
-        None => {
-            let k = config::generate_key(data_dir, false)?;
-            eprintln!(
-                "xenod: created publisher key {} (public {})",
-                config::key_path(data_dir).display(),
-                hex(k.verifying_key().as_bytes())
-            );
-            k
-        }
-    };
-    let seq = store.name(name)?.map_or(1, |r| r.seq + 1);
-    let rec = NameRecord::sign(&key, name, id, seq)?;
-    let trusted = Config::load(data_dir)?.trusted(data_dir)?;
-    store.set_name(&rec, &trusted)?;
-    Ok(seq)
-}
-
 fn is_tar(path: &Path) -> Result<bool> {
     let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut head = [0u8; 265];
@@ -653,7 +737,7 @@ fn spec_meta(spec: Option<PathBuf>) -> Result<BTreeMap<String, String>> {
         let text = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
         let parsed =
             xenod_deployer::DeploySpec::from_json(&text).with_context(|| format!("deploy spec {}", p.display()))?;
-        meta.insert(crate::deploy::SPEC_KEY.to_string(), parsed.to_json());
+        meta.insert(instance::SPEC_KEY.to_string(), parsed.to_json());
     }
     Ok(meta)
 }
@@ -933,7 +1017,7 @@ fn verify(ctx: &Ctx) -> Result<()> {
         },
     )?;
     if !r.is_clean() {
-        return Err(Coded { code: Exit::Damaged, msg: "the store is damaged (see above)".into() }.into());
+        return Err(Error::coded(Exit::Damaged, "the store is damaged (see above)"));
     }
     Ok(())
 }

@@ -5,17 +5,14 @@
 //! for the duration of the command; `status` reads the saved state; `share`
 //! needs a daemon, since a ticket is only useful while someone serves it.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 
-use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use serde_json::{Value, json};
+use serde_json::Value;
+use xenod_host::{Request, Result, client};
 
-use crate::serve::{self, Daemon, Request, State};
-use crate::{Coded, Exit};
+use crate::cli::Ctx;
 
 #[derive(Debug, Subcommand)]
 pub enum PeerCmd {
@@ -65,9 +62,11 @@ pub enum PeerCmd {
     Shutdown,
 }
 
-pub fn run(data_dir: &Path, json: bool, cmd: PeerCmd) -> Result<()> {
+pub fn run(ctx: &Ctx, cmd: PeerCmd) -> Result<()> {
     let req = match cmd {
-        PeerCmd::Serve { listen } => return serve::run(data_dir, listen, json),
+        PeerCmd::Serve { listen } => {
+            return xenod_host::daemon::server::run(&ctx.data_dir, listen, ctx.json, |ready| println!("{ready}"));
+        }
         PeerCmd::Share { r#ref } => Request::Share { r#ref },
         PeerCmd::Fetch { target, from } => Request::Fetch { target, from, lazy: false },
         PeerCmd::Names { from } => Request::Names { from },
@@ -75,142 +74,22 @@ pub fn run(data_dir: &Path, json: bool, cmd: PeerCmd) -> Result<()> {
         PeerCmd::Status => Request::Status,
         PeerCmd::Shutdown => Request::Shutdown,
     };
-    let result = match UnixStream::connect(serve::socket_path(data_dir)) {
-        Ok(s) => call(s, &req, json)?,
-        Err(_) => match req {
-            Request::Share { .. } | Request::Replicate { .. } | Request::Shutdown => bail!(
-                "no daemon serves {}; start `xenod --data-dir {} serve` first",
-                data_dir.display(),
-                data_dir.display()
-            ),
-            Request::Status => offline_status(data_dir)?,
-            req => embedded(data_dir, req, json)?,
-        },
-    };
-    print_result(&result, json)
-}
-
-/// Pulls `target` (a ticket or a reference) into the store of `data_dir`,
-/// through its daemon if one runs, else an embedded engine; returns the
-/// fetch report. Progress goes to stderr.
-pub fn fetch(data_dir: &Path, target: &str, json: bool) -> Result<Value> {
-    let req = Request::Fetch { target: target.to_owned(), from: Vec::new(), lazy: false };
-    let (_, v) = match UnixStream::connect(serve::socket_path(data_dir)) {
-        Ok(s) => call(s, &req, json)?,
-        Err(_) => embedded(data_dir, req, json)?,
-    };
-    Ok(v)
-}
-
-/// Sends `req` to a daemon; shows its progress; returns its result.
-fn call(s: UnixStream, req: &Request, json: bool) -> Result<(&'static str, Value)> {
-    let kind = kind(req);
-    let mut w = s.try_clone().context("local socket")?;
-    writeln!(w, "{}", serde_json::to_string(req)?).context("sending to the daemon")?;
-    let pb = crate::progress::bytes("fetching", None, json);
-    for line in BufReader::new(s).lines() {
-        let v: Value = serde_json::from_str(&line.context("reading from the daemon")?)?;
-        if let Some(n) = v.get("note").and_then(Value::as_str) {
-            if !json {
-                pb.suspend(|| eprintln!("xenod: {n}"));
-            }
-            continue;
-        }
-        if let Some(p) = v.get("progress") {
-            pb.set_position(p["bytes"].as_u64().unwrap_or(0));
-            pb.set_message(format!(
-                "fetching {} {}/{} chunks",
-                p["phase"].as_str().unwrap_or(""),
-                p["chunks_done"],
-                p["chunks_total"]
-            ));
-            continue;
-        }
-        pb.finish_and_clear();
-        if v["ok"] == true {
-            return Ok((kind, v["result"].clone()));
-        }
-        let code = match v["code"].as_u64() {
-            Some(3) => Exit::NotFound,
-            Some(4) => Exit::Damaged,
-            Some(5) => Exit::NameRefused,
-            Some(6) => Exit::BadInput,
-            Some(7) => Exit::NoProvider,
-            _ => Exit::Failure,
-        };
-        return Err(Coded { code, msg: v["error"].as_str().unwrap_or("daemon error").to_owned() }.into());
-    }
-    bail!("the daemon closed the connection without an answer")
-}
-
-fn kind(req: &Request) -> &'static str {
-    match req {
-        Request::Status => "status",
-        Request::Share { .. } => "share",
-        Request::Fetch { .. } => "fetch",
-        Request::Chunk { .. } => "chunk",
-        Request::Names { .. } => "names",
-        Request::Replicate { .. } => "replicate",
-        Request::Shutdown => "stop",
-        Request::Migrate { .. } => "migrate",
-        Request::Checkpoint { .. } => "checkpoint",
-        Request::Restore { .. } => "restore",
-    }
-}
-
-/// Sends `req` to the daemon of `data_dir`, or runs it in an embedded
-/// engine when none runs; returns its result.
-pub fn request(data_dir: &Path, json: bool, req: Request) -> Result<Value> {
-    let r = match UnixStream::connect(serve::socket_path(data_dir)) {
-        Ok(s) => call(s, &req, json)?,
-        Err(_) => embedded(data_dir, req, json)?,
-    };
-    Ok(r.1)
-}
-
-/// Runs the daemon's engine in this process for one request.
-fn embedded(data_dir: &Path, req: Request, json: bool) -> Result<(&'static str, Value)> {
-    let kind = kind(&req);
-    let rt = serve::runtime()?;
-    rt.block_on(async {
-        let d = Daemon::start(data_dir, None, true).await?;
-        let pb = crate::progress::bytes("fetching", None, json);
-        let pb2 = pb.clone();
-        let progress = serve::throttled(move |p| {
-            pb2.set_position(p.bytes);
-            pb2.set_message(format!("fetching {:?} {}/{} chunks", p.phase, p.chunks_done, p.chunks_total));
-        });
-        let r = d.handle(req, Some(progress)).await;
-        pb.finish_and_clear();
-        d.stop().await;
-        r.map(|v| (kind, v))
-    })
-}
-
-fn offline_status(data_dir: &Path) -> Result<(&'static str, Value)> {
-    let st = State::load(data_dir)?;
-    Ok((
-        "status",
-        json!({
-            "node": st.node, "addr": st.addr.map(|a| format!("{}@{a}", st.node)),
-            "data_dir": data_dir.display().to_string(), "daemon": false,
-            "counters": st.counters.totals, "peers": st.counters.peers,
-            "known_peers": st.peers, "shared": st.shared,
-        }),
-    ))
+    let op = req.op();
+    let v = client::request(&ctx.data_dir, req, &ctx.watcher("fetching"))?;
+    print_result(op, &v, ctx.json)
 }
 
 fn mib(v: &Value) -> String {
     format!("{:.1} MiB", v.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64)
 }
 
-fn print_result((kind, v): &(&'static str, Value), json: bool) -> Result<()> {
+fn print_result(op: &str, v: &Value, json: bool) -> Result<()> {
     let mut o = std::io::stdout().lock();
     if json {
         writeln!(o, "{v}")?;
         return Ok(());
     }
-    match *kind {
+    match op {
         "share" => {
             writeln!(o, "layer {}", v["layer"].as_str().unwrap_or(""))?;
             writeln!(o, "served by {}", v["addr"].as_str().unwrap_or(""))?;
@@ -278,9 +157,39 @@ fn print_result((kind, v): &(&'static str, Value), json: bool) -> Result<()> {
                 writeln!(o, "known {id}@{}", addrs.join(","))?;
             }
         }
-        "replicate" => crate::replicate::print(&mut o, v)?,
-        "stop" => writeln!(o, "daemon stopping")?,
+        "replicate" => print_replicate(&mut o, v)?,
+        "shutdown" => writeln!(o, "daemon stopping")?,
         _ => writeln!(o, "{v}")?,
+    }
+    Ok(())
+}
+
+/// The text form of a replicate result.
+fn print_replicate(o: &mut impl Write, v: &Value) -> Result<()> {
+    writeln!(
+        o,
+        "replicated {} to {} peers in {:.2} s",
+        v["layer"].as_str().unwrap_or(""),
+        v["targets"].as_array().map_or(0, |t| t.len()),
+        v["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+    )?;
+    for t in v["targets"].as_array().into_iter().flatten() {
+        let r = &t["report"];
+        let from: Vec<String> = r["providers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["chunks"].as_u64().unwrap_or(0) > 0)
+            .map(|p| format!("{} from {}", p["chunks"], p["node"].as_str().unwrap_or("")))
+            .collect();
+        writeln!(
+            o,
+            "  {}  {} chunks in {:.2} s ({})",
+            t["node"].as_str().unwrap_or(""),
+            r["chunks_fetched"],
+            r["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
+            from.join(", ")
+        )?;
     }
     Ok(())
 }

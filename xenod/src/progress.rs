@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::Value;
 
 pub fn bytes(msg: &str, total: Option<u64>, quiet: bool) -> ProgressBar {
     let pb = match total {
@@ -30,4 +31,38 @@ pub fn bytes(msg: &str, total: Option<u64>, quiet: bool) -> ProgressBar {
 pub fn callback(pb: &ProgressBar) -> xenod_store::Progress {
     let pb = pb.clone();
     Arc::new(move |n| pb.inc(n))
+}
+
+/// Draws a request's notes (always, on stderr: JSON goes to stdout) and its
+/// fetch progress (a bar, on a terminal and without `--json`).
+pub struct Watcher {
+    pb: ProgressBar,
+    what: String,
+}
+
+impl Watcher {
+    pub fn new(what: &str, quiet: bool) -> Self {
+        Self { pb: bytes(what, None, quiet), what: what.to_owned() }
+    }
+}
+
+impl xenod_host::client::Watch for Watcher {
+    fn note(&self, msg: &str) {
+        self.pb.suspend(|| eprintln!("xenod: {msg}"));
+    }
+
+    fn progress(&self, p: &Value) {
+        self.pb.set_position(p["bytes"].as_u64().unwrap_or(0));
+        self.pb.set_message(format!(
+            "{} {} {}/{} chunks",
+            self.what,
+            p["phase"].as_str().unwrap_or(""),
+            p["chunks_done"],
+            p["chunks_total"]
+        ));
+    }
+
+    fn done(&self) {
+        self.pb.finish_and_clear();
+    }
 }

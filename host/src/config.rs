@@ -19,9 +19,11 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use xenod_store::{SigningKey, VerifyingKey, hex};
+use xenod_store::{LayerId, NameRecord, SigningKey, Store, VerifyingKey, hex};
+
+use crate::bail;
+use crate::error::{Context, Result};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,7 +78,7 @@ pub fn default_data_dir() -> PathBuf {
 
 pub fn parse_key(s: &str) -> Result<VerifyingKey> {
     let b = decode_hex32(s).with_context(|| format!("key {s:?} is not 64 hex digits"))?;
-    VerifyingKey::from_bytes(&b).map_err(|_| anyhow::anyhow!("key {s} is not a valid ed25519 public key"))
+    VerifyingKey::from_bytes(&b).map_err(|_| crate::err!("key {s} is not a valid ed25519 public key"))
 }
 
 fn decode_hex32(s: &str) -> Option<[u8; 32]> {
@@ -140,8 +142,7 @@ impl Config {
             .pull_from
             .iter()
             .map(|p| {
-                p.parse::<xenod_store::EndpointId>()
-                    .map_err(|e| anyhow::anyhow!("pull_from: {p:?} is not a node id: {e}"))
+                p.parse::<xenod_store::EndpointId>().map_err(|e| crate::err!("pull_from: {p:?} is not a node id: {e}"))
             })
             .collect::<Result<Vec<_>>>()
             .with_context(|| format!("in {}", Self::path(data_dir).display()))?;
@@ -205,4 +206,28 @@ pub fn generate_key(data_dir: &Path, force: bool) -> Result<SigningKey> {
     let key = xenod_store::generate_key()?;
     write_secret(&p, &key.to_bytes())?;
     Ok(key)
+}
+
+/// Signs `name` -> `id` with the publisher key of `data_dir` (created
+/// when there is none) as the name's next sequence number, and records
+/// it; returns that number.
+pub fn record_name_in(data_dir: &Path, store: &Store, name: &str, id: LayerId) -> Result<u64> {
+    xenod_store::check_name(name)?;
+    let key = match load_key(data_dir)? {
+        Some(k) => k,
+        None => {
+            let k = generate_key(data_dir, false)?;
+            crate::note(format!(
+                "created publisher key {} (public {})",
+                key_path(data_dir).display(),
+                hex(k.verifying_key().as_bytes())
+            ));
+            k
+        }
+    };
+    let seq = store.name(name)?.map_or(1, |r| r.seq + 1);
+    let rec = NameRecord::sign(&key, name, id, seq)?;
+    let trusted = Config::load(data_dir)?.trusted(data_dir)?;
+    store.set_name(&rec, &trusted)?;
+    Ok(seq)
 }

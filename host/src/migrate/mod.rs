@@ -19,7 +19,7 @@
 //!                round sends less than the one before (at most 6 rounds);
 //!                then the target stages the guest: mounts the last
 //!                round's layer and starts its QEMU there, paused, waiting
-//!                for its state (crate::stage)
+//!                for its state (`stage`)
 //! stop-and-copy  source: save the guest (or stop it, --cold), commit the
 //!                last writes, chunk the state; target fetches them
 //! resume         target: write the last writes into the staged mount and
@@ -42,14 +42,12 @@
 //! listed in the target's `migrate_from` (see `xenod allow`) are served.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -62,12 +60,19 @@ use xenod_store::{
     Timestamp, chunk_stream, format_peer, parse_peer,
 };
 
+use statepages::{EncodeStats, PageHashes, PageIndex, Warm};
+use xenod_store::Exit;
+
 use crate::config::Config;
-use crate::deploy::{self, Instance};
-use crate::serve::{Daemon, note};
-use crate::stage;
-use crate::statepages::{self, EncodeStats, PageHashes, PageIndex, Warm};
-use crate::{Coded, Exit};
+use crate::daemon::Daemon;
+pub use crate::error::Phase;
+use crate::error::{Context, Error, Result};
+use crate::instance::{self as deploy, Instance};
+use crate::note;
+use crate::{bail, err};
+
+pub mod stage;
+pub mod statepages;
 
 /// The migration protocol on the daemon's endpoint.
 pub const ALPN: &[u8] = b"xenod/migrate/1";
@@ -78,7 +83,7 @@ const ALIVE_EVERY: Duration = Duration::from_secs(2);
 const SILENT_LIMIT: Duration = Duration::from_secs(20);
 /// The state file's name inside a state layer: the save image itself, or
 /// (written now) its page delta against the instance's files
-/// ([`crate::statepages`]).
+/// ([`statepages`]).
 const STATE_FILE: &[u8] = b"state.save";
 const STATE_PAGES: &[u8] = b"state.pages";
 /// How pre-copy compresses by default (dense frames: every chunk
@@ -110,38 +115,6 @@ const META_RECORD: &str = "instance-record";
 /// another commit of the instance than the one it is restored on (the last
 /// pre-copy round's, when the delta was encoded while the guest ran).
 const META_PAGES_ON: &str = "pages-on";
-
-/// Where a migration failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Phase {
-    Prepare,
-    PreCopy,
-    StopAndCopy,
-    Resume,
-    CleanUp,
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Phase::Prepare => "prepare",
-            Phase::PreCopy => "pre-copy",
-            Phase::StopAndCopy => "stop-and-copy",
-            Phase::Resume => "resume",
-            Phase::CleanUp => "clean up",
-        })
-    }
-}
-
-/// A migration error, naming its phase and where the guest runs now.
-#[derive(Debug, thiserror::Error)]
-#[error("migration failed in {phase}: {msg:#}; {guest}")]
-pub struct PhaseError {
-    pub phase: Phase,
-    pub msg: anyhow::Error,
-    pub guest: String,
-}
 
 /// What a target needs to run an instance.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -176,7 +149,7 @@ enum Wire {
         level: Option<Dense>,
     },
     /// After pre-copy: mount `layer` and start the guest's QEMU on it,
-    /// waiting for its state ([`crate::stage`]). `xml`: the domain as the
+    /// waiting for its state ([`stage`]). `xml`: the domain as the
     /// source runs it.
     Stage {
         layer: LayerId,
@@ -253,7 +226,7 @@ async fn serve_request(
     let mut alive = tokio::time::interval(ALIVE_EVERY);
     let result = loop {
         tokio::select! {
-            r = &mut work => break r.map_err(|e| anyhow!("task: {e}")).and_then(|r| r),
+            r = &mut work => break r.map_err(Error::from).and_then(|r| r),
             Some(v) = rx.recv() => send.write_all(format!("{v}\n").as_bytes()).await?,
             _ = alive.tick() => send.write_all(b"{\"alive\":true}\n").await?,
         }
@@ -298,7 +271,7 @@ async fn target_op(
         Wire::Sync { layer, source, last, level } => {
             test_hook(if last { "stop-and-copy" } else { "pre-copy" });
             let codec = if last { FINAL_CODEC } else { level.unwrap_or(PRECOPY_CODEC) };
-            check_level(codec).map_err(|why| anyhow!("pre-copy {why}"))?;
+            check_level(codec).map_err(|why| err!("pre-copy {why}"))?;
             fetch(d, layer, &source, Some(codec)).await
         }
         Wire::Resume { layer, state, record, source } => {
@@ -353,33 +326,32 @@ async fn target_op(
 /// Fetches `layer`'s stack from the migration's source (and the default
 /// peers); `dense`: ask for every chunk in solid frames made by that codec.
 async fn fetch(d: &Daemon, layer: LayerId, source: &str, dense: Option<Dense>) -> Result<Value> {
-    let mut providers = vec![parse_peer(source).map_err(|e| anyhow!("source address {source}: {e}"))?];
+    let mut providers = vec![parse_peer(source).map_err(|e| err!("source address {source}: {e}"))?];
     for p in d.default_peers() {
         if !providers.iter().any(|q| q.id == p.id) {
             providers.push(p);
         }
     }
     let opts = FetchOptions { dense, ..FetchOptions::default() };
-    let rep = d.node().fetch(layer, &providers, opts).await.map_err(crate::serve::peer_err)?;
+    let rep = d.node().fetch(layer, &providers, opts).await?;
     Ok(json!({ "layer": layer.to_string(), "chunks_fetched": rep.chunks_fetched, "bytes": rep.bytes,
                "wire_bytes": rep.wire_bytes, "elapsed_ms": rep.elapsed_ms }))
 }
 
 /// Test hook: `XENOD_TEST_MIGRATE_DIE=PHASE` makes a target daemon kill
-/// itself (SIGKILL) when a request of that phase arrives. Never set in
-/// production.
+/// itself (SIGKILL) when a request of that phase arrives ([`crate::hooks`]).
 fn test_hook(phase: &str) {
-    if std::env::var("XENOD_TEST_MIGRATE_DIE").is_ok_and(|p| p == phase) {
+    if crate::hooks::var("XENOD_TEST_MIGRATE_DIE").is_some_and(|p| p == phase) {
         tracing::error!("XENOD_TEST_MIGRATE_DIE={phase}: killing this daemon");
         let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
     }
 }
 
 /// Test hook: `XENOD_TEST_MIGRATE_FAIL=restore` makes a target fail its
-/// restore of a guest after telling the source it is restoring. Never set
-/// in production.
+/// restore of a guest after telling the source it is restoring
+/// ([`crate::hooks`]).
 pub(crate) fn test_fail(step: &str) -> Result<()> {
-    if std::env::var("XENOD_TEST_MIGRATE_FAIL").is_ok_and(|p| p == step) {
+    if crate::hooks::var("XENOD_TEST_MIGRATE_FAIL").is_some_and(|p| p == step) {
         bail!("XENOD_TEST_MIGRATE_FAIL={step}");
     }
     Ok(())
@@ -391,9 +363,9 @@ fn free_bytes(dir: &Path) -> Result<u64> {
 }
 
 /// `record`'s instance as it runs here on `layer`, not yet mounted.
-pub(crate) fn instance_of(data: &Path, record: &Record, layer: LayerId) -> Instance {
-    let domain = deploy::domain_name(data, &record.name);
-    Instance {
+pub(crate) fn instance_of(data: &Path, record: &Record, layer: LayerId) -> Result<Instance> {
+    let domain = deploy::domain_name(data, &record.name)?;
+    Ok(Instance {
         name: record.name.clone(),
         top: record.top,
         layer: record.layer,
@@ -406,7 +378,7 @@ pub(crate) fn instance_of(data: &Path, record: &Record, layer: LayerId) -> Insta
         domain: (domain != record.name).then_some(domain),
         spec: record.spec.clone(),
         lazy: false,
-    }
+    })
 }
 
 /// Creates the directory of an instance `name` arriving here, which
@@ -444,8 +416,8 @@ fn adopt(
 ) -> Result<Value> {
     let name = record.name.as_str();
     let dir = new_instance_dir(data, name)?;
-    let domain = deploy::domain_name(data, name);
-    let mut inst = instance_of(data, record, layer);
+    let domain = deploy::domain_name(data, name)?;
+    let mut inst = instance_of(data, record, layer)?;
     let uri = inst.uri.clone();
     let undo = |started: bool| {
         if started && let Ok(hv) = deploy::hypervisor(&uri) {
@@ -475,7 +447,7 @@ fn adopt(
                 let loaded = if hv.can_stage() {
                     let xml =
                         xenod_deployer::retarget_xml(&state_xml(store, &s, &layer)?, &domain, &uuid, &paths, &moved)
-                            .map_err(|why| anyhow!("the save image in state layer {s}: {why}"))?;
+                            .map_err(|why| err!("the save image in state layer {s}: {why}"))?;
                     let mut qemu = hv.stage_incoming(&xml)?;
                     stream_state(store, &s, &layer, &mut qemu, &Warm::new())?;
                     Loaded::Staged(qemu)
@@ -503,7 +475,7 @@ fn adopt(
                 step("restore_seconds", t);
             }
             None => {
-                let mut spec = record.spec.clone().ok_or_else(|| anyhow!("no deploy spec to boot {name} from"))?;
+                let mut spec = record.spec.clone().ok_or_else(|| err!("no deploy spec to boot {name} from"))?;
                 spec.instance = Some(name.to_owned());
                 let mut model = DomainModel::from_spec(&spec, &inst.mountpoint(data), dir.join("console.log"))?;
                 model.name = domain.clone();
@@ -669,7 +641,7 @@ pub(crate) fn export_state(store: &Store, layer: &LayerId, top: &LayerId, to: &P
         fs::File::create(to)
             .and_then(|mut out| std::io::copy(&mut { reader }, &mut out))
             .map(|_| ())
-            .map_err(anyhow::Error::from)
+            .map_err(Error::from)
     };
     done.with_context(|| format!("writing {} from state layer {layer}", to.display()))
 }
@@ -710,7 +682,7 @@ pub(crate) fn state_xml(store: &Store, layer: &LayerId, top: &LayerId) -> Result
         (&mut r).take(n as u64).read_to_end(&mut b)?;
         Ok(b)
     };
-    let bad = |why: String| anyhow!("the save image in state layer {layer}: {why}");
+    let bad = |why: String| err!("the save image in state layer {layer}: {why}");
     let n = xenod_deployer::head_len(&head(xenod_deployer::SAVE_HEADER)?).map_err(bad)?;
     xenod_deployer::head_xml(&head(n)?).map_err(bad)
 }
@@ -722,7 +694,7 @@ fn saved_state(store: &Store, layer: &LayerId, top: &LayerId) -> Result<(LayerId
     let on = match store.layer_root(layer)?.meta.get(META_PAGES_ON) {
         None => *top,
         Some(on) => {
-            let on: LayerId = on.parse().map_err(|e| anyhow!("state layer {layer}: {META_PAGES_ON} {on:?}: {e}"))?;
+            let on: LayerId = on.parse().map_err(|e| err!("state layer {layer}: {META_PAGES_ON} {on:?}: {e}"))?;
             // Another commit of the same instance: over the same stack.
             if store.layer_root(&on)?.base != store.layer_root(top)?.base {
                 bail!("state layer {layer} refers to pages of {on}, which is not a commit of the instance of {top}");
@@ -743,19 +715,6 @@ fn saved_state(store: &Store, layer: &LayerId, top: &LayerId) -> Result<(LayerId
 
 // ---- source side ---------------------------------------------------------
 
-/// The target answered that a request failed (rather than going silent or
-/// away): it undid what the request had begun.
-#[derive(Debug)]
-struct TargetFailed(String);
-
-impl fmt::Display for TargetFailed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "the target refused: {}", self.0)
-    }
-}
-
-impl std::error::Error for TargetFailed {}
-
 /// A request to the target over an open connection; `on_line` sees the
 /// target's intermediate lines.
 async fn call(conn: &Connection, req: &Wire, mut on_line: impl FnMut(&Value)) -> Result<Value> {
@@ -775,7 +734,7 @@ async fn call(conn: &Connection, req: &Wire, mut on_line: impl FnMut(&Value)) ->
             if v["ok"] == true {
                 return Ok(v["result"].clone());
             }
-            return Err(TargetFailed(v["error"].as_str().unwrap_or("no reason given").to_owned()).into());
+            return Err(Error::TargetRefused(v["error"].as_str().unwrap_or("no reason given").to_owned()));
         }
         if v.get("alive").is_none() {
             on_line(&v);
@@ -868,8 +827,7 @@ pub(crate) fn ports_here(record: &Record) -> Result<Vec<(u16, u16)>> {
         let Err(taken) = xenod_deployer::check_ports_free(&[*f]) else { continue };
         let any = record.spec.as_ref().is_some_and(|s| s.ports.iter().any(|p| p.host == 0 && p.guest == f.guest));
         if !any {
-            return Err(anyhow::Error::new(taken)
-                .context(format!("the guest's fixed host port {} is taken on this host", f.host)));
+            return Err(taken).context(format!("the guest's fixed host port {} is taken on this host", f.host));
         }
         let free = xenod_deployer::resolve_ports(&[PortForward { host: 0, guest: f.guest }])?;
         moved.push((f.host, free[0].host));
@@ -976,23 +934,22 @@ pub async fn migrate(
     let t0 = Instant::now();
     let data = d.data_dir().to_path_buf();
     let store = d.store_arc();
-    let inst = Instance::load(&data, name).map_err(|e| Coded { code: Exit::NotFound, msg: format!("{e:#}") })?;
+    let inst = Instance::load(&data, name).map_err(|e| Error::coded(Exit::NotFound, e.chain().to_string()))?;
     if inst.root == RootMode::Fs && !cold {
-        return Err(Coded {
-            code: Exit::BadInput,
-            msg: format!(
+        return Err(Error::coded(
+            Exit::BadInput,
+            format!(
                 "{name} has a shared-filesystem root, and the hypervisor cannot save such a guest's running \
                  state; `xenod migrate {name} --to ... --cold` stops it, sends its upper layer and boots it there"
             ),
-        }
-        .into());
+        ));
     }
-    let target = parse_peer(to).map_err(|e| Coded { code: Exit::BadInput, msg: format!("--to: {e}") })?;
+    let target = parse_peer(to).map_err(|e| Error::coded(Exit::BadInput, format!("--to: {e}")))?;
     if cold && save != SaveMode::Auto {
-        return Err(Coded { code: Exit::BadInput, msg: "--cold saves no memory: no --live or --save".into() }.into());
+        return Err(Error::coded(Exit::BadInput, "--cold saves no memory: no --live or --save"));
     }
     if let Some(Err(why)) = level.map(check_level) {
-        return Err(Coded { code: Exit::BadInput, msg: format!("--{why}") }.into());
+        return Err(Error::coded(Exit::BadInput, format!("--{why}")));
     }
     let _busy = Busy::take(&inst.dir(&data))?;
     let hv = Arc::new(deploy::hypervisor(&inst.uri)?);
@@ -1000,7 +957,11 @@ pub async fn migrate(
         bail!("{name} is not running (its domain {} is {})", inst.domain(), hv.state(inst.domain())?);
     }
     let source = format_peer(&d.node().addr());
-    let phase_err = |phase: Phase, msg: anyhow::Error, guest: &str| PhaseError { phase, msg, guest: guest.into() };
+    let phase_err = |phase: Phase, source: Error, guest: &str| Error::Migration {
+        phase,
+        guest: guest.into(),
+        source: Box::new(source),
+    };
     let here = "the guest keeps running here";
     let mut phases = Vec::new();
 
@@ -1061,7 +1022,7 @@ pub async fn migrate(
             Ok(x) => x,
             Err(e) => {
                 abort(conn, name.into()).await;
-                return Err(phase_err(Phase::PreCopy, e, here).into());
+                return Err(phase_err(Phase::PreCopy, e, here));
             }
         };
         note(format!("{name}: pre-copy round {round}: {:.1} MiB sent", wire as f64 / (1 << 20) as f64));
@@ -1075,12 +1036,12 @@ pub async fn migrate(
     let pre_wire: u64 = rounds.iter().map(|r| r["fetch"]["wire_bytes"].as_u64().unwrap_or(0)).sum();
     // The target mounts the last round's layer and starts the guest's QEMU
     // on it, waiting for its state, so that after the stop it only loads
-    // it (crate::stage). A target that cannot restores the usual way.
+    // it (`stage`). A target that cannot restores the usual way.
     let staged = match (cold, last) {
         (false, Some((id, _))) => {
             let t = Instant::now();
             let (hv2, dom) = (hv.clone(), inst.domain().to_owned());
-            let unstaged = |e: anyhow::Error| {
+            let unstaged = |e: Error| {
                 note(format!("{name}: the target restores the guest after the stop: it could not stage it ({e:#})"));
                 json!({ "seconds": t.elapsed().as_secs_f64(), "error": format!("{e:#}") })
             };
@@ -1090,10 +1051,10 @@ pub async fn migrate(
                     let req = Wire::Stage { layer: id, record: Box::new(record_of(&data, &inst)), xml };
                     match call(&conn, &req, |_| {}).await {
                         Ok(v) => json!({ "seconds": t.elapsed().as_secs_f64(), "target": v }),
-                        Err(e) if e.downcast_ref::<TargetFailed>().is_some() => unstaged(e),
+                        Err(e) if matches!(e, Error::TargetRefused(_)) => unstaged(e),
                         Err(e) => {
                             abort(conn, name.into()).await;
-                            return Err(phase_err(Phase::PreCopy, e, here).into());
+                            return Err(phase_err(Phase::PreCopy, e, here));
                         }
                     }
                 }
@@ -1165,7 +1126,7 @@ pub async fn migrate(
                 let _ = task.await;
             }
             abort(conn, name.into()).await;
-            return Err(phase_err(Phase::StopAndCopy, e, "the guest was not stopped").into());
+            return Err(phase_err(Phase::StopAndCopy, e, "the guest was not stopped"));
         }
     };
     let save_seconds = t_down.elapsed().as_secs_f64();
@@ -1243,7 +1204,7 @@ pub async fn migrate(
         Err(e) => {
             abort(conn, name.into()).await;
             let back = revive(hv.clone(), inst.domain().into(), state_file.clone()).await;
-            return Err(phase_err(Phase::StopAndCopy, e, &revived(back)).into());
+            return Err(phase_err(Phase::StopAndCopy, e, &revived(back)));
         }
     };
     let copy_seconds = t.elapsed().as_secs_f64();
@@ -1258,7 +1219,7 @@ pub async fn migrate(
         Ok(r) => r,
         // Silent or gone while restoring, the target may run the guest; a
         // target that answers that the restore failed has undone it.
-        Err(e) if restoring && e.downcast_ref::<TargetFailed>().is_none() => {
+        Err(e) if restoring && !matches!(e, Error::TargetRefused(_)) => {
             // Kept where `xenod resume` looks, on disk.
             let kept = inst.dir(&data).join("state.save");
             let state_file = match transient.keep(&kept) {
@@ -1277,13 +1238,12 @@ pub async fn migrate(
                      brings it back here if it does not run there",
                     state_file.display()
                 ),
-            )
-            .into());
+            ));
         }
         Err(e) => {
             abort(conn, name.into()).await;
             let back = revive(hv.clone(), inst.domain().into(), state_file.clone()).await;
-            return Err(phase_err(Phase::Resume, e, &revived(back)).into());
+            return Err(phase_err(Phase::Resume, e, &revived(back)));
         }
     };
     // The guest was down from the save's start, or (saved live) from
@@ -1321,8 +1281,7 @@ pub async fn migrate(
             e,
             "the guest runs on the target; remove what is left here with \
                                                  `xenod destroy`",
-        )
-        .into());
+        ));
     }
     phases.push(json!({ "phase": "clean-up", "seconds": t.elapsed().as_secs_f64() }));
     let total_wire: u64 = phases
@@ -1351,7 +1310,7 @@ fn revived(r: Result<()>) -> String {
 pub async fn checkpoint(d: &Arc<Daemon>, name: &str, label: Option<String>) -> Result<Value> {
     let data = d.data_dir().to_path_buf();
     let store = d.store_arc();
-    let inst = Instance::load(&data, name).map_err(|e| Coded { code: Exit::NotFound, msg: format!("{e:#}") })?;
+    let inst = Instance::load(&data, name).map_err(|e| Error::coded(Exit::NotFound, e.chain().to_string()))?;
     if inst.root == RootMode::Fs {
         bail!(
             "{name} has a shared-filesystem root, and the hypervisor cannot save such a guest; `xenod commit {name}` keeps its files"
@@ -1433,7 +1392,7 @@ pub async fn checkpoint(d: &Arc<Daemon>, name: &str, label: Option<String>) -> R
     let (id, state) = made?;
     back.context("the checkpoint is stored, but the guest did not resume")?;
     if let Some(l) = label {
-        crate::cli::record_name_in(&data, &store, &l, id)?;
+        crate::config::record_name_in(&data, &store, &l, id)?;
     }
     Ok(json!({ "checkpoint": id.to_string(), "state": state.to_string(), "instance": name,
                "new_chunks": store.chunk_count()?.saturating_sub(before), "state_chunks": data_chunks(&store, &state)?,
@@ -1445,13 +1404,12 @@ pub async fn restore(d: &Arc<Daemon>, checkpoint: &str, on: Option<&str>, name: 
     let store = d.store_arc();
     let id = store.resolve(checkpoint)?;
     let root = store.layer_root(&id)?;
-    let state = root.meta.get(META_STATE).ok_or_else(|| Coded {
-        code: Exit::BadInput,
-        msg: format!("{checkpoint} is not a checkpoint (no saved state in its metadata)"),
+    let state = root.meta.get(META_STATE).ok_or_else(|| {
+        Error::coded(Exit::BadInput, format!("{checkpoint} is not a checkpoint (no saved state in its metadata)"))
     })?;
-    let state: LayerId = state.parse().map_err(|e| anyhow!("checkpoint {id}: state id: {e}"))?;
+    let state: LayerId = state.parse().map_err(|e| err!("checkpoint {id}: state id: {e}"))?;
     let mut record: Record = serde_json::from_str(
-        root.meta.get(META_RECORD).ok_or_else(|| anyhow!("checkpoint {id} has no instance record"))?,
+        root.meta.get(META_RECORD).ok_or_else(|| err!("checkpoint {id} has no instance record"))?,
     )?;
     if let Some(n) = name {
         record.name = n;
@@ -1463,7 +1421,7 @@ pub async fn restore(d: &Arc<Daemon>, checkpoint: &str, on: Option<&str>, name: 
             Ok(json!({ "restored": v, "on": "here" }))
         }
         Some(peer) => {
-            let target = parse_peer(peer).map_err(|e| Coded { code: Exit::BadInput, msg: format!("--on: {e}") })?;
+            let target = parse_peer(peer).map_err(|e| Error::coded(Exit::BadInput, format!("--on: {e}")))?;
             let source = format_peer(&d.node().addr());
             let conn = connect(d, &target).await?;
             let prep = Wire::Prepare {

@@ -1,5 +1,5 @@
-//! `xenod deploy` and the instance lifecycle: ps, stop, start, destroy,
-//! logs, suspend, resume, commit.
+//! Instances: the instance model and its lifecycle (deploy, ps, stop,
+//! start, destroy, logs, suspend, resume, commit).
 //!
 //! An instance lives in `DATA_DIR/instances/NAME/`:
 //!
@@ -23,14 +23,11 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow, bail};
-use clap::Args;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use xenod_deployer::{
@@ -39,47 +36,39 @@ use xenod_deployer::{
 };
 use xenod_store::{Chunking, Entry, Extent, Kind, LayerId, LayerWriter, Merged, Store, Timestamp, cmp_paths};
 
+use crate::config::Config;
+use crate::error::{Context, Error, Result};
+use crate::{bail, err};
+
+pub mod mount;
+
 /// Metadata key of a layer's deploy spec (JSON).
 pub const SPEC_KEY: &str = "deploy";
 const INSTANCE_FILE: &[u8] = b"etc/xenod/instance";
 
-#[derive(Debug, Args)]
-pub struct DeployArgs {
-    /// What to deploy: a template name, NAME@ID, a layer id or prefix, or a
-    /// ticket (its stack is fetched from the ticket's providers first).
-    pub url: String,
+/// How to deploy a stack (the deploy spec's overrides and the wait).
+#[derive(Debug, Clone)]
+pub struct DeployOptions {
     /// Instance name [default: the spec's, else derived from the layer].
-    #[arg(long)]
     pub name: Option<String>,
     /// Start N instances sharing the cached layers (NAME-1 .. NAME-N).
-    #[arg(long, default_value_t = 1)]
     pub replicas: u32,
-    /// libvirt connection [default: $XENOD_LIBVIRT_URI or qemu:///system].
-    #[arg(long)]
+    /// libvirt connection [default: `default_uri()`].
     pub uri: Option<String>,
-    /// Root mode override: fs (shared tree) or disk (image inside the tree).
-    #[arg(long)]
     pub root: Option<RootMode>,
-    /// Memory override, MiB.
-    #[arg(long)]
+    /// MiB.
     pub memory: Option<u32>,
-    /// Port forwards override, HOST:GUEST on 127.0.0.1 (HOST 0 = any free port).
-    #[arg(long = "port")]
     pub ports: Vec<PortForward>,
-    /// Extra kernel command line override.
-    #[arg(long)]
     pub cmdline: Option<String>,
-    /// Seconds to wait for the guest's service to answer.
-    #[arg(long, default_value_t = 120)]
-    pub timeout: u64,
+    /// How long to wait for the guest's service to answer.
+    pub timeout: Duration,
     /// Return once the guest is started, without waiting for its service.
-    #[arg(long)]
     pub no_wait: bool,
-    /// Boot before the stack is all here: mount once its manifests are,
-    /// fetch file data in the background and what the guest reads first at
-    /// once. Needs this host's daemon (`xenod serve`).
-    #[arg(long)]
+    /// The stack is not all here yet: the mount fetches missing chunks
+    /// through the daemon.
     pub lazy: bool,
+    /// Print each step's time on stderr as it happens.
+    pub verbose: bool,
 }
 
 /// What `instance.json` records.
@@ -115,9 +104,12 @@ pub struct Instance {
 /// The libvirt domain name for instance `name` on the host of `data`:
 /// prefixed by the config's `domain_prefix` where several daemons share
 /// one libvirt.
-pub fn domain_name(data: &Path, name: &str) -> String {
-    let prefix = crate::config::Config::load(data).map(|c| c.domain_prefix).unwrap_or_default();
-    format!("{prefix}{name}")
+/// A `config.toml` that cannot be read is an error, not an empty prefix:
+/// daemons that share one libvirt would otherwise address each other's
+/// domains.
+pub fn domain_name(data: &Path, name: &str) -> Result<String> {
+    let prefix = Config::load(data).context("the domain prefix")?.domain_prefix;
+    Ok(format!("{prefix}{name}"))
 }
 
 pub fn instances_dir(data: &Path) -> PathBuf {
@@ -214,38 +206,24 @@ impl Timeline {
 }
 
 pub fn hypervisor(uri: &str) -> Result<Libvirt> {
-    Libvirt::connect(uri).map_err(|e| anyhow!(e))
+    Ok(Libvirt::connect(uri)?)
 }
 
-pub fn deploy(data: &Path, json_out: bool, a: &DeployArgs) -> Result<()> {
-    let mut tl = Timeline::new(json_out);
-    let url = if a.lazy {
-        if std::os::unix::net::UnixStream::connect(crate::serve::socket_path(data)).is_err() {
-            bail!(
-                "a lazy deploy fetches through this host's daemon; start `xenod --data-dir {} serve`",
-                data.display()
-            );
-        }
-        let v = crate::peer_cmds::request(
-            data,
-            json_out,
-            crate::serve::Request::Fetch { target: a.url.clone(), from: Vec::new(), lazy: true },
-        )?;
-        v["layer"].as_str().ok_or_else(|| anyhow!("the daemon's fetch named no layer"))?.to_owned()
-    } else {
-        crate::remote::localize(data, &a.url, json_out)?
-    };
+/// Deploys the stack of `reference` (local: every layer here, or with
+/// `lazy` its manifests) as one instance or `replicas`; returns
+/// `{"instances": [..], "timeline": [..], "errors": [..]}`, an error for
+/// each replica that failed (nothing of it is left behind).
+pub fn deploy(data: &Path, reference: &str, a: &DeployOptions) -> Result<serde_json::Value> {
+    let mut tl = Timeline::new(!a.verbose);
+    let url = reference;
     let store = Arc::new(Store::open(data).with_context(|| format!("opening the store in {}", data.display()))?);
-    let top = store.resolve(&url)?;
+    let top = store.resolve(url)?;
     tl.step("resolve");
     // Every layer of the stack must be local (fetching from peers is `xenod fetch`).
-    store.stack(&top).with_context(|| format!("layers of {} are not all here; fetch them first", a.url))?;
+    store.stack(&top).with_context(|| format!("layers of {url} are not all here; fetch them first"))?;
     tl.step("fetch (layers local)");
     let mut spec = stack_spec(&store, &top)?.ok_or_else(|| {
-        anyhow!(
-            "{} carries no deploy spec: create the overlay with --spec FILE (see `xenod overlay create --help`)",
-            a.url
-        )
+        err!("{url} carries no deploy spec: create the overlay with --spec FILE (see `xenod overlay create --help`)")
     })?;
     spec.apply(&SpecOverrides {
         root: a.root,
@@ -271,7 +249,7 @@ pub fn deploy(data: &Path, json_out: bool, a: &DeployArgs) -> Result<()> {
         }
     }
     let uri = a.uri.clone().unwrap_or_else(default_uri);
-    let single = names.len() == 1 && !json_out;
+    let single = names.len() == 1 && a.verbose;
     let results: Vec<Result<serde_json::Value>> = std::thread::scope(|s| {
         let handles: Vec<_> = names
             .iter()
@@ -280,7 +258,7 @@ pub fn deploy(data: &Path, json_out: bool, a: &DeployArgs) -> Result<()> {
                 s.spawn(move || deploy_one(data, store, top, spec, n, &uri, a, single))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("deploy thread panicked")))).collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(err!("deploy thread panicked")))).collect()
     });
     tl.step(if names.len() == 1 { "deployed" } else { "all replicas deployed" });
     let mut ok = Vec::new();
@@ -288,36 +266,10 @@ pub fn deploy(data: &Path, json_out: bool, a: &DeployArgs) -> Result<()> {
     for (n, r) in names.iter().zip(results) {
         match r {
             Ok(v) => ok.push(v),
-            Err(e) => errors.push(format!("{n}: {e:#}")),
+            Err(e) => errors.push(format!("{n}: {}", e.chain())),
         }
     }
-    let out = json!({ "instances": ok, "timeline": tl.json(), "errors": errors });
-    if json_out {
-        println_json(&out)?;
-    } else {
-        for v in &ok {
-            println_text(&format!(
-                "{} running ({}), http://127.0.0.1:{}/",
-                v["name"].as_str().unwrap_or("?"),
-                v["root"].as_str().unwrap_or("?"),
-                v["port"].as_u64().unwrap_or(0)
-            ))?;
-        }
-    }
-    if !errors.is_empty() {
-        bail!("{}", errors.join("; "));
-    }
-    Ok(())
-}
-
-fn println_json(v: &serde_json::Value) -> Result<()> {
-    writeln!(std::io::stdout().lock(), "{v}")?;
-    Ok(())
-}
-
-fn println_text(s: &str) -> Result<()> {
-    writeln!(std::io::stdout().lock(), "{s}")?;
-    Ok(())
+    Ok(json!({ "instances": ok, "timeline": tl.json(), "errors": errors }))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -328,13 +280,13 @@ fn deploy_one(
     mut spec: DeploySpec,
     name: &str,
     uri: &str,
-    a: &DeployArgs,
+    a: &DeployOptions,
     verbose: bool,
 ) -> Result<serde_json::Value> {
     let mut tl = Timeline::new(!verbose);
     let dir = instance_dir(data, name);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let domain = domain_name(data, name);
+    let domain = domain_name(data, name)?;
     let mut guard = Cleanup {
         data: data.to_path_buf(),
         name: name.to_string(),
@@ -376,7 +328,7 @@ fn deploy_one(
     tl.step("define + start");
     let port = inst.ports.first().map(|p| p.host);
     if !a.no_wait {
-        let timeout = Duration::from_secs(a.timeout);
+        let timeout = a.timeout;
         wait_console(&hv, &domain, GUEST_READY_LINE, timeout)?;
         tl.step("guest booted");
         if let Some(p) = port {
@@ -459,45 +411,17 @@ fn instance_layer(store: &Store, top: &LayerId, name: &str) -> Result<LayerId> {
 /// command) and waits until it is mounted.
 pub fn spawn_mount(data: &Path, inst: &Instance) -> Result<u32> {
     let (mnt, upper) = (inst.mountpoint(data), inst.upper(data));
-    fs::create_dir_all(&mnt)?;
-    fs::create_dir_all(&upper)?;
+    fs::create_dir_all(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
+    fs::create_dir_all(&upper).with_context(|| format!("creating {}", upper.display()))?;
+    let how = mount::MountHow {
+        upper: Some(upper),
+        control: Some(inst.control(data)),
+        lazy: inst.lazy,
+        passthrough: true,
+        ..Default::default()
+    };
     let log = instance_dir(data, &inst.name).join("mount.log");
-    let logf = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let child = Command::new(std::env::current_exe()?)
-        .arg("--data-dir")
-        .arg(data)
-        .args(["mount", &inst.mounted().to_string()])
-        .arg(&mnt)
-        .arg("--upper")
-        .arg(&upper)
-        .arg("--control")
-        .arg(inst.control(data))
-        .args(inst.lazy.then_some("--lazy"))
-        .arg("--foreground")
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone()?)
-        .stderr(logf)
-        .process_group(0)
-        .spawn()
-        .context("starting the instance's filesystem")?;
-    let pid = child.id();
-    // A long-lived caller (the daemon) reaps it when it exits; a short one
-    // leaves it to init.
-    std::thread::spawn(move || {
-        let mut child = child;
-        let _ = child.wait();
-    });
-    let t0 = Instant::now();
-    while !xenod_cowfs::is_mounted(&mnt) {
-        if t0.elapsed() > Duration::from_secs(30) {
-            bail!("the instance filesystem did not mount within 30 s; see {}", log.display());
-        }
-        if !alive(pid) {
-            bail!("the instance filesystem exited: {}", fs::read_to_string(&log).unwrap_or_default().trim());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(pid)
+    mount::spawn(data, &inst.mounted().to_string(), &mnt, &how, &log)
 }
 
 /// Whether process `pid` runs (a zombie does not).
@@ -548,9 +472,9 @@ pub fn list(data: &Path) -> Result<Vec<(Instance, String)>> {
         let name = e?.file_name().to_string_lossy().into_owned();
         if let Ok(inst) = Instance::load(data, &name) {
             let state = hypervisor(&inst.uri)
-                .and_then(|hv| hv.state(inst.domain()).map_err(|e| anyhow!(e)))
+                .and_then(|hv| hv.state(inst.domain()).map_err(Error::from))
                 .map(|s| s.to_string())
-                .unwrap_or_else(|e| format!("unknown ({e})"));
+                .unwrap_or_else(|e| format!("unknown ({})", e.chain()));
             let state =
                 if instance_dir(data, &name).join("state.save").exists() { "suspended".to_string() } else { state };
             out.push((inst, state));

@@ -13,18 +13,16 @@
 //! everything); the filesystem keeps it in its decoded-chunk cache.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Result, anyhow};
 use serde_json::{Value, json};
 use xenod_store::iroh::endpoint::Connection;
 use xenod_store::{ALPN, ChunkId, EndpointAddr, EndpointId, FetchOptions, LayerId, fetch_one, hex};
 
-use crate::serve::{Daemon, Request, socket_path};
+use super::context::Daemon;
+use crate::err;
+use crate::error::Result;
 
 /// The daemon's lazy fetches: their providers and how far they are.
 #[derive(Default)]
@@ -72,7 +70,7 @@ pub fn background(d: &Arc<Daemon>, layer: LayerId, peers: Vec<EndpointAddr>) {
 
 /// `Request::Chunk`: chunk `id` now, from the store or a provider.
 pub async fn chunk(d: &Arc<Daemon>, id: &str) -> Result<Value> {
-    let id: ChunkId = id.parse().map_err(|e| anyhow!("chunk id {id:?}: {e}"))?;
+    let id: ChunkId = id.parse().map_err(|e| err!("chunk id {id:?}: {e}"))?;
     let store = d.store_arc();
     if let Ok(Ok(b)) = tokio::task::spawn_blocking(move || store.get(&id)).await {
         return Ok(json!({ "data": hex(&b) }));
@@ -120,35 +118,5 @@ pub async fn chunk(d: &Arc<Daemon>, id: &str) -> Result<Value> {
             }
         }
     }
-    Err(anyhow!("no provider gave chunk {id}: {}", if why.is_empty() { "none known".into() } else { why.join("; ") }))
-}
-
-/// For a mount process: chunk `id` from the daemon of `data_dir`,
-/// verified against its id.
-pub fn fetch_via_daemon(data_dir: &Path, id: &ChunkId) -> std::result::Result<Vec<u8>, String> {
-    let sock = socket_path(data_dir);
-    let mut s = UnixStream::connect(&sock).map_err(|e| format!("no daemon at {}: {e}", sock.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
-    let req = serde_json::to_string(&Request::Chunk { id: id.to_string() }).map_err(|e| e.to_string())?;
-    writeln!(s, "{req}").map_err(|e| e.to_string())?;
-    for line in BufReader::new(s).lines() {
-        let v: Value = serde_json::from_str(&line.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
-        if v.get("ok").is_none() {
-            continue;
-        }
-        if v["ok"] != true {
-            return Err(v["error"].as_str().unwrap_or("daemon error").to_owned());
-        }
-        let h = v["result"]["data"].as_str().ok_or("no data in the answer")?;
-        let b = (0..h.len())
-            .step_by(2)
-            .map(|i| h.get(i..i + 2).and_then(|x| u8::from_str_radix(x, 16).ok()))
-            .collect::<Option<Vec<u8>>>()
-            .ok_or("bad hex in the answer")?;
-        if ChunkId::of(&b) != *id {
-            return Err(format!("the daemon sent bytes that are not chunk {id}"));
-        }
-        return Ok(b);
-    }
-    Err("the daemon closed the connection without an answer".into())
+    Err(err!("no provider gave chunk {id}: {}", if why.is_empty() { "none known".into() } else { why.join("; ") }))
 }

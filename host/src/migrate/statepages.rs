@@ -56,10 +56,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, Result, ensure};
 use rayon::prelude::*;
 use xenod_deployer::{GUEST_PAGE, MAX_RAM_RECORD, RamRecord, ram_record};
 use xenod_store::{ChunkId, Extent, FileReader, Kind, LayerId, Merged, Store};
+
+use crate::error::{Context, Error, Result};
 
 const MAGIC: &[u8; 8] = b"XNPAGES1";
 const OP_LITERAL: u8 = 1;
@@ -550,8 +551,8 @@ struct Head {
     size: u64,
 }
 
-fn bad(why: String) -> anyhow::Error {
-    anyhow::anyhow!("saved state (page delta): {why}")
+fn bad(why: String) -> Error {
+    Error::msg(format!("saved state (page delta): {why}"))
 }
 
 /// Reads a page delta's header from `r` and finds its source files in the
@@ -559,7 +560,9 @@ fn bad(why: String) -> anyhow::Error {
 fn read_head(store: &Store, top: &LayerId, r: &mut impl Read) -> Result<Head> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic).map_err(|_| bad("shorter than its header".into()))?;
-    ensure!(&magic == MAGIC, bad("not a page delta (bad magic)".into()));
+    if &magic != MAGIC {
+        return Err(bad("not a page delta (bad magic)".into()));
+    }
     let nsrc = read_u16(r).map_err(|_| bad("truncated header".into()))? as usize;
     if nsrc > MAX_SOURCES {
         return Err(bad(format!("{nsrc} source files (at most {MAX_SOURCES})")));

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use xenod_store::PresenceFn;
 
-use crate::serve::Daemon;
+use super::context::Daemon;
 
 /// How often a daemon announces itself [default; `XENOD_ANNOUNCE_MS`
 /// overrides it, for tests].

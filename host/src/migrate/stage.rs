@@ -27,14 +27,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow};
 use serde_json::{Value, json};
 use xenod_deployer::{Hypervisor, Incoming};
 use xenod_store::{Extent, Kind, LayerId, Store, cmp_paths};
 
-use crate::deploy::{self, Instance};
-use crate::migrate::{Record, page_sources, ports_here, stream_state, test_fail};
-use crate::statepages::{self, Warm};
+use super::statepages::{self, Warm};
+use super::{Record, page_sources, ports_here, stream_state, test_fail};
+use crate::err;
+use crate::error::{Context, Result};
+use crate::instance::{self as deploy, Instance};
 
 /// In a staged instance's directory until the guest runs there.
 pub const MARKER: &str = "staged";
@@ -124,8 +125,11 @@ pub fn sweep(data: &Path, store: &Store) {
 /// Powers off and undefines instance `name`'s domain and removes the
 /// instance (its mount and directory).
 fn remove(data: &Path, store: &Store, name: &str, uri: &str) {
-    if let Ok(hv) = deploy::hypervisor(uri) {
-        let _ = hv.destroy(&deploy::domain_name(data, name));
+    match (deploy::hypervisor(uri), deploy::domain_name(data, name)) {
+        (Ok(hv), Ok(domain)) => {
+            let _ = hv.destroy(&domain);
+        }
+        (Err(e), _) | (_, Err(e)) => tracing::warn!("removing instance {name}'s domain: {e:#}"),
     }
     if let Err(e) = deploy::teardown(data, name, store, false) {
         tracing::warn!("removing instance {name}: {e:#}");
@@ -137,18 +141,18 @@ fn remove(data: &Path, store: &Store, name: &str, uri: &str) {
 /// the source runs it. Leaves nothing behind on failure.
 pub fn stage(data: &Path, store: &Arc<Store>, layer: LayerId, record: &Record, xml: &str) -> Result<(Staged, Value)> {
     let name = record.name.as_str();
-    let dir = crate::migrate::new_instance_dir(data, name)?;
+    let dir = super::new_instance_dir(data, name)?;
     let t = Instant::now();
     let r = (|| -> Result<(Instance, Incoming)> {
         fs::write(dir.join(MARKER), b"")?;
-        let mut inst = crate::migrate::instance_of(data, record, layer);
-        crate::migrate::mount_instance(data, store, &mut inst, layer)?;
+        let mut inst = super::instance_of(data, record, layer)?;
+        super::mount_instance(data, store, &mut inst, layer)?;
         let moved = ports_here(record)?;
         xenod_deployer::move_host_ports(&mut inst.ports, &moved);
         inst.save(data)?;
         let paths = [(format!("{}/", record.source_dir.display()), format!("{}/", dir.display()))];
         let xml = xenod_deployer::retarget_xml(xml, inst.domain(), &xenod_deployer::random_uuid(), &paths, &moved)
-            .map_err(|why| anyhow!("the source's domain XML: {why}"))?;
+            .map_err(|why| err!("the source's domain XML: {why}"))?;
         let hv = deploy::hypervisor(&inst.uri)?;
         let qemu = hv.stage_incoming(&xml)?;
         Ok((inst, qemu))

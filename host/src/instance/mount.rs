@@ -1,19 +1,24 @@
 //! `xenod mount`, `xenod umount`, `xenod commit`: the cowfs union on a
 //! directory, and an upper directory turned into an overlay layer.
 //!
-//! Without `--foreground`, `mount` starts `xenod --data-dir DIR mount ...
-//! --foreground` as a detached process (its own session, stdio on
-//! /dev/null, log in `DATA_DIR/mounts/<mountpoint hash>.log`) and returns
-//! once the mount is in place, or fails with the child's log if it died.
+//! [`spawn`] is the one mount spawner: it starts `xenod --data-dir DIR
+//! mount ... --foreground` (the running executable, which must be xenod)
+//! as a detached process (its own session, stdin on /dev/null, output in
+//! a log) and returns once the mount is in place, or fails with the
+//! child's log if it died. `xenod mount` without `--foreground` logs to
+//! `DATA_DIR/mounts/<mountpoint hash>.log`, an instance to its
+//! `mount.log`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
 use xenod_cowfs::{CommitStats, MountOptions};
 use xenod_store::Store;
+
+use crate::bail;
+use crate::error::{Context, Result};
 
 /// How long a background mount may take to appear.
 const MOUNT_WAIT: Duration = Duration::from_secs(60);
@@ -45,7 +50,8 @@ pub struct MountHow {
     pub lazy: bool,
 }
 
-/// Mounts the stack of `reference` on `mountpoint`: read-only without an
+/// Mounts the stack of `reference` (a local reference: see
+/// `client::localize` for tickets) on `mountpoint`: read-only without an
 /// upper or with `read_only`, writable into the upper otherwise. Serves in
 /// this process with `foreground`, else in a detached child.
 pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &MountHow, foreground: bool) -> Result<()> {
@@ -56,9 +62,6 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
     if xenod_cowfs::is_mounted(mountpoint) {
         bail!("{} is already a mount point", mountpoint.display());
     }
-    // A ticket: fetch the stack first; the mount then names the layer id.
-    let local = crate::remote::localize(data_dir, reference, false)?;
-    let reference = local.as_str();
     let store =
         Arc::new(Store::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
     for d in &how.lower_dirs {
@@ -75,7 +78,7 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
             control: control.map(Path::to_path_buf),
             fetch_missing: lazy.then(|| {
                 let data = data_dir.to_path_buf();
-                let f: xenod_cowfs::Fetcher = Arc::new(move |id| crate::lazy::fetch_via_daemon(&data, id));
+                let f: xenod_cowfs::Fetcher = Arc::new(move |id| crate::api::fetch_chunk(&data, id));
                 f
             }),
             lower_dirs: how.lower_dirs.clone(),
@@ -95,10 +98,19 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let abs = mountpoint.canonicalize().with_context(|| format!("resolving {}", mountpoint.display()))?;
     let log = logs.join(format!("{}.log", &path_hash(abs.as_os_str().as_encoded_bytes())[..16]));
-    let log_file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    spawn(data_dir, reference, &abs, how, &log).map(drop)
+}
+
+/// Serves the stack of `reference` on `mountpoint` from a detached `xenod
+/// mount --foreground` process whose output goes to `log`; returns its pid
+/// once the mount is in place. A long-lived caller (the daemon) reaps the
+/// process when it exits; a short one leaves it to init.
+pub fn spawn(data_dir: &Path, reference: &str, mountpoint: &Path, how: &MountHow, log: &Path) -> Result<u32> {
+    let (upper, read_only, control, lazy) = (how.upper.as_deref(), how.read_only, how.control.as_deref(), how.lazy);
+    let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let exe = std::env::current_exe().context("finding the xenod executable")?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--data-dir").arg(data_dir).arg("mount").arg(reference).arg(&abs).arg("--foreground");
+    cmd.arg("--data-dir").arg(data_dir).arg("mount").arg(reference).arg(mountpoint).arg("--foreground");
     if lazy {
         cmd.arg("--lazy");
     }
@@ -126,7 +138,7 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
     if let Some(b) = how.file_cache_bytes {
         cmd.arg("--file-cache-bytes").arg(b.to_string());
     }
-    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log_file);
+    cmd.stdin(std::process::Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file);
     // Detach: its own process group and session, so the terminal's signals
     // and the caller's exit leave it alone.
     use std::os::unix::process::CommandExt;
@@ -137,16 +149,20 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
     let mut child = cmd.spawn().context("starting the mount process")?;
     let started = Instant::now();
     loop {
-        if xenod_cowfs::is_mounted(&abs) {
-            return Ok(());
+        if xenod_cowfs::is_mounted(mountpoint) {
+            let pid = child.id();
+            std::thread::spawn(move || {
+                let _ = child.wait();
+            });
+            return Ok(pid);
         }
         if let Some(status) = child.try_wait()? {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            bail!("the mount process exited ({status}):\n{}", text.trim_end());
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("the mount process for {} exited ({status}):\n{}", mountpoint.display(), text.trim_end());
         }
         if started.elapsed() > MOUNT_WAIT {
             let _ = child.kill();
-            bail!("{} did not appear within {MOUNT_WAIT:?}; see {}", abs.display(), log.display());
+            bail!("{} did not appear within {MOUNT_WAIT:?}; see {}", mountpoint.display(), log.display());
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -1,0 +1,220 @@
+//! The local API, typed and versioned.
+//!
+//! ```text
+//! DATA_DIR/xenod.sock   one request line per connection:
+//!                         {"v":1,"op":"fetch","target":"..",..}
+//!                       answered by lines, any number of
+//!                         {"note":".."}            what a long operation does
+//!                         {"progress":{..}}        a fetch's progress
+//!                       then one of
+//!                         {"ok":true,"result":..}
+//!                         {"ok":false,"error":"..","code":N}   N: the exit code
+//! ```
+//!
+//! A request of another API version, of an unknown `op`, or missing a field
+//! its `op` needs is refused with an error that names the version or the
+//! field; fields marked optional below are the only defaults.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use xenod_store::ChunkId;
+
+/// The version of the local API this build speaks. Raised when a request
+/// or reply changes shape.
+pub const API_VERSION: u32 = 1;
+
+/// The daemon's socket in `data_dir`.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("xenod.sock")
+}
+
+/// A request on the local API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// A ticket for REF, served by this daemon.
+    Share {
+        r#ref: String,
+    },
+    /// Pull a stack (by ticket or reference) into the store.
+    Fetch {
+        target: String,
+        #[serde(default)]
+        from: Vec<String>,
+        /// Layer roots and manifests now, file data in the background
+        /// (chunks a reader needs first are fetched at once, see `Chunk`).
+        #[serde(default)]
+        lazy: bool,
+    },
+    /// One chunk's plaintext (hex), from the providers of lazy fetches.
+    Chunk {
+        id: String,
+    },
+    /// Ask peers for their signed name records.
+    Names {
+        #[serde(default)]
+        from: Vec<String>,
+    },
+    /// Have peers fetch a stack from this host and from each other.
+    Replicate {
+        r#ref: String,
+        to: Vec<String>,
+    },
+    Shutdown,
+    /// Move an instance to another host.
+    Migrate {
+        instance: String,
+        to: String,
+        #[serde(default)]
+        cold: bool,
+        /// How pre-copy compresses; the default when absent.
+        #[serde(default)]
+        level: Option<xenod_store::Dense>,
+        /// Save the guest's memory while it runs, or fail.
+        #[serde(default)]
+        live: bool,
+        /// Save the guest stopped (not live).
+        #[serde(default)]
+        save: bool,
+    },
+    /// Save an instance's upper layer and machine state as a layer.
+    Checkpoint {
+        instance: String,
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// Run a checkpoint again, here or on another host.
+    Restore {
+        checkpoint: String,
+        #[serde(default)]
+        on: Option<String>,
+        #[serde(default)]
+        name: Option<String>,
+    },
+}
+
+impl Request {
+    /// The request's name on the wire (its `op`).
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Share { .. } => "share",
+            Request::Fetch { .. } => "fetch",
+            Request::Chunk { .. } => "chunk",
+            Request::Names { .. } => "names",
+            Request::Replicate { .. } => "replicate",
+            Request::Shutdown => "shutdown",
+            Request::Migrate { .. } => "migrate",
+            Request::Checkpoint { .. } => "checkpoint",
+            Request::Restore { .. } => "restore",
+        }
+    }
+
+    /// The request as one line of the socket protocol, with its version.
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(&Envelope { v: API_VERSION, request: self.clone() }).expect("a request serializes")
+    }
+
+    /// Parses one request line: its version first, then the request.
+    pub fn from_line(line: &str) -> Result<Self, ApiError> {
+        let v: Value = serde_json::from_str(line).map_err(|e| ApiError::NotJson(e.to_string()))?;
+        match v.get("v").map(Value::as_u64) {
+            None => return Err(ApiError::NoVersion),
+            Some(Some(n)) if n == u64::from(API_VERSION) => {}
+            Some(got) => {
+                return Err(ApiError::Version { got: got.map_or_else(|| v["v"].to_string(), |n| n.to_string()) });
+            }
+        }
+        let env: Envelope = serde_json::from_value(v).map_err(|e| ApiError::Bad(e.to_string()))?;
+        Ok(env.request)
+    }
+}
+
+/// A request with the API version it was written for.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    pub v: u32,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// A request line the daemon cannot take.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the request is not JSON: {0}")]
+    NotJson(String),
+    #[error("the request names no API version (field `v`); this daemon speaks version {API_VERSION}")]
+    NoVersion,
+    #[error("the request is of API version {got}; this daemon speaks version {API_VERSION}: use this host's xenod")]
+    Version { got: String },
+    /// serde's message names the field or `op`: "missing field `target`",
+    /// "unknown variant `frob`".
+    #[error("bad request: {0}")]
+    Bad(String),
+}
+
+/// One line of a reply: a note, progress, or the outcome.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Line {
+    Note { note: String },
+    Progress { progress: Value },
+    Done(Outcome),
+}
+
+/// The last line of a reply.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Outcome {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The exit code the error means.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u8>,
+}
+
+impl Outcome {
+    pub fn done(result: Value) -> Self {
+        Self { ok: true, result: Some(result), error: None, code: None }
+    }
+
+    pub fn failed(error: String, code: xenod_store::Exit) -> Self {
+        Self { ok: false, result: None, error: Some(error), code: Some(code.code()) }
+    }
+}
+
+/// For a mount process: chunk `id` from the daemon of `data_dir`,
+/// verified against its id.
+pub fn fetch_chunk(data_dir: &Path, id: &ChunkId) -> std::result::Result<Vec<u8>, String> {
+    let sock = socket_path(data_dir);
+    let mut s = UnixStream::connect(&sock).map_err(|e| format!("no daemon at {}: {e}", sock.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| e.to_string())?;
+    writeln!(s, "{}", Request::Chunk { id: id.to_string() }.to_line()).map_err(|e| e.to_string())?;
+    for line in BufReader::new(s).lines() {
+        let l: Line = serde_json::from_str(&line.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let Line::Done(o) = l else { continue };
+        if !o.ok {
+            return Err(o.error.unwrap_or_else(|| "daemon error".into()));
+        }
+        let result = o.result.unwrap_or_default();
+        let h = result["data"].as_str().ok_or("no data in the answer")?;
+        let b = (0..h.len())
+            .step_by(2)
+            .map(|i| h.get(i..i + 2).and_then(|x| u8::from_str_radix(x, 16).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .ok_or("bad hex in the answer")?;
+        if ChunkId::of(&b) != *id {
+            return Err(format!("the daemon sent bytes that are not chunk {id}"));
+        }
+        return Ok(b);
+    }
+    Err("the daemon closed the connection without an answer".into())
+}

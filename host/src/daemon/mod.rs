@@ -1,0 +1,10 @@
+//! The daemon: its context ([`Daemon`]), the features that run inside it,
+//! and (above [`crate::migrate`] in the crate's order) its server.
+
+pub mod announce;
+pub mod context;
+pub mod lazy;
+pub mod replicate;
+pub mod server;
+
+pub use context::{Daemon, KnownPeer, State, state_path, throttled};

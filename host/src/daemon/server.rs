@@ -1,0 +1,191 @@
+//! The daemon's socket server and request dispatch, and `xenod serve`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use xenod_store::{Exit, FetchProgress, Ticket, format_peer};
+
+use super::context::{Daemon, throttled};
+use crate::api::{Line, Outcome, Request, socket_path};
+use crate::error::{Context, Error, Result};
+use crate::{bail, migrate};
+
+/// Starts the engine of `data_dir` with every protocol the daemon serves
+/// (see [`Daemon::start`]).
+pub async fn start(data_dir: &Path, listen: Option<SocketAddr>, embedded: bool) -> Result<Arc<Daemon>> {
+    let handler = migrate::Handler::default();
+    let d =
+        Daemon::start(data_dir, listen, embedded, || vec![(migrate::ALPN.to_vec(), Box::new(handler.clone()) as _)])
+            .await?;
+    let _ = handler.daemon.set(Arc::downgrade(&d));
+    Ok(d)
+}
+
+/// Answers one API request; `progress` receives fetch progress.
+pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_store::ProgressFn>) -> Result<Value> {
+    match req {
+        Request::Migrate { instance, to, cold, level, live, save } => {
+            let mode = match (live, save) {
+                (true, true) => {
+                    return Err(Error::coded(Exit::BadInput, "--live and --save exclude each other"));
+                }
+                (true, false) => migrate::SaveMode::Live,
+                (false, true) => migrate::SaveMode::Stopped,
+                (false, false) => migrate::SaveMode::Auto,
+            };
+            migrate::migrate(d, &instance, &to, cold, mode, level).await
+        }
+        Request::Checkpoint { instance, name } => migrate::checkpoint(d, &instance, name).await,
+        Request::Restore { checkpoint, on, name } => migrate::restore(d, &checkpoint, on.as_deref(), name).await,
+        Request::Status => Ok(d.status()),
+        Request::Share { r#ref } => {
+            let id = d.store().resolve(&r#ref)?;
+            // Refuse to hand out a ticket for a stack we cannot serve whole.
+            let stack = d.store().stack(&id)?;
+            for l in &stack {
+                for c in d.store().layer_root(l)?.manifest {
+                    if !d.store().contains(&c.id)? {
+                        bail!("layer {l} is incomplete here (manifest chunk {} missing)", c.id);
+                    }
+                }
+            }
+            let name = r#ref.starts_with(xenod_store::SCHEME).then(|| r#ref.clone());
+            let ticket = Ticket { layer: id, name, providers: vec![d.node().addr()] };
+            d.state().lock().unwrap_or_else(|e| e.into_inner()).shared.insert(id.to_string());
+            d.save_state();
+            Ok(json!({ "layer": id.to_string(), "node": d.node().id().to_string(),
+                       "addr": format_peer(&d.node().addr()), "ticket": ticket.to_string() }))
+        }
+        Request::Names { from } => {
+            let mut peers = Daemon::parse_peers(&from)?;
+            if peers.is_empty() {
+                peers = d.default_peers();
+            }
+            let mut out = Vec::new();
+            for p in &peers {
+                let r = d.node().fetch_names(p, d.trusted()).await;
+                out.push(match r {
+                    Ok(rep) => json!({ "peer": p.id.to_string(), "accepted": rep.accepted,
+                                        "unchanged": rep.unchanged, "refused": rep.refused }),
+                    Err(e) => json!({ "peer": p.id.to_string(), "error": e.to_string() }),
+                });
+            }
+            d.save_state();
+            Ok(json!({ "peers": out }))
+        }
+        Request::Fetch { target, from, lazy } => d.fetch(&target, &from, lazy, progress).await,
+        Request::Chunk { id } => super::lazy::chunk(d, &id).await,
+        Request::Replicate { r#ref, to } => super::replicate::replicate(d, &r#ref, &to).await,
+        Request::Shutdown => {
+            // notify_one keeps a permit when the accept loop is not
+            // waiting at this instant; notify_waiters would lose it.
+            d.shutdown().notify_one();
+            Ok(json!({ "stopping": true }))
+        }
+    }
+}
+
+/// Serves the local API until asked to stop or signalled.
+pub async fn serve_socket(d: Arc<Daemon>, on_ready: impl FnOnce()) -> Result<()> {
+    let sock = socket_path(d.data_dir());
+    if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+        bail!("a daemon already serves {} (socket {})", d.data_dir().display(), sock.display());
+    }
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    on_ready();
+    loop {
+        tokio::select! {
+            a = listener.accept() => {
+                let (s, _) = a.context("accepting on the local socket")?;
+                let me = d.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = client(&me, s).await {
+                        tracing::debug!("local client: {}", e.chain());
+                    }
+                });
+            }
+            _ = d.shutdown().notified() => break,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = tick.tick() => d.save_state(),
+        }
+    }
+    let _ = std::fs::remove_file(&sock);
+    d.save_state();
+    Ok(())
+}
+
+async fn client(d: &Arc<Daemon>, s: UnixStream) -> Result<()> {
+    let (r, mut w) = s.into_split();
+    let mut line = String::new();
+    BufReader::new(r.take(1 << 20)).read_line(&mut line).await?;
+    let req = match Request::from_line(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let v = Line::Done(Outcome::failed(e.to_string(), Exit::BadInput));
+            w.write_all(format!("{}\n", serde_json::to_string(&v)?).as_bytes()).await?;
+            return Ok(());
+        }
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Line>();
+    let (notes, mut notes_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let progress = throttled(move |p: &FetchProgress| {
+        let _ = tx.send(Line::Progress { progress: json!(p) });
+    });
+    let me = d.clone();
+    let work = tokio::spawn(crate::notes::with_notes(notes, async move { dispatch(&me, req, Some(progress)).await }));
+    loop {
+        let l = tokio::select! {
+            Some(l) = rx.recv() => l,
+            Some(n) = notes_rx.recv() => Line::Note { note: n },
+            else => break,
+        };
+        // A client that went away does not stop the work.
+        let _ = w.write_all(format!("{}\n", serde_json::to_string(&l)?).as_bytes()).await;
+    }
+    let v = match work.await? {
+        Ok(result) => Line::Done(Outcome::done(result)),
+        Err(e) => Line::Done(Outcome::failed(e.chain().to_string(), e.exit_code())),
+    };
+    w.write_all(format!("{}\n", serde_json::to_string(&v)?).as_bytes()).await?;
+    Ok(())
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// `xenod serve`: runs until SIGTERM, SIGINT or a shutdown request;
+/// `on_ready` gets the one line that says it accepts requests.
+pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool, on_ready: impl FnOnce(&str)) -> Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async {
+        if std::os::unix::net::UnixStream::connect(socket_path(data_dir)).is_ok() {
+            bail!("a daemon already serves {}", data_dir.display());
+        }
+        let d = start(data_dir, listen, false).await?;
+        let (data, store) = (d.data_dir().to_path_buf(), d.store_arc());
+        tokio::task::spawn_blocking(move || migrate::stage::sweep(&data, &store)).await?;
+        super::announce::spawn(&d);
+        let addr = format_peer(&d.node().addr());
+        let sock = socket_path(data_dir);
+        // One line on stdout once the socket accepts, for scripts to wait on.
+        let ready = if json_out {
+            json!({ "node": d.node().id().to_string(), "addr": addr, "socket": sock.display().to_string() }).to_string()
+        } else {
+            format!("serving {} as {addr} (socket {})", data_dir.display(), sock.display())
+        };
+        let r = serve_socket(d.clone(), || on_ready(&ready)).await;
+        d.stop().await;
+        r
+    })
+}
