@@ -97,6 +97,12 @@ pub enum Error {
         source: virt::error::Error,
     },
 
+    /// A call of [`crate::fake::FakeHypervisor`] failed: a failure a test
+    /// injected, or a call libvirt would refuse in the domain's state.
+    #[cfg(feature = "fake")]
+    #[error("fake hypervisor: {op} {name:?} failed: {reason}")]
+    Fake { op: &'static str, name: String, reason: String },
+
     /// A file operation failed.
     #[error("{op} {}", path.display())]
     Io {

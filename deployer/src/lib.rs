@@ -1,4 +1,4 @@
-//! Deploy specs, the hypervisor trait and its libvirt backend.
+//! Deploy specs, the hypervisor traits and their libvirt backend.
 //!
 //! | module | what it holds |
 //! |---|---|
@@ -7,7 +7,9 @@
 //! | `xml` | [`domain_xml`]: libvirt XML for each [`Target`] (xen, kvm, qemu, test) from one model |
 //! | `probe` | [`probe_accel`]: KVM where it can run stock kernels, TCG otherwise |
 //! | `hypervisor` | the [`Hypervisor`] trait: define/start/stop/save/restore/list by name |
-//! | `libvirt` | [`Libvirt`]: the trait over libvirt, chosen by URI |
+//! | `live` | the [`LiveMigration`] trait: live save, migratable XML, a guest started ahead of its state ([`StagedGuest`]) |
+//! | `libvirt` | [`Libvirt`]: both traits over libvirt, chosen by URI |
+//! | `fake` | `fake::FakeHypervisor` (feature `fake`): both traits in memory, with failure injection, for tests of code above the deployer |
 //! | `saveimage` | [`retarget`]: a save image restored under another domain name, UUID and paths; [`ram_record`]: where guest pages sit in it |
 //! | `ready` | [`wait_console`], [`wait_http`]: bounded waits until a guest is of use |
 //! | `error` | [`Error`]: one enum; messages say what to do |
@@ -26,15 +28,24 @@
 //! wait_console(&hv, &model.name, GUEST_READY_LINE, timeout)?;
 //! wait_http(&hv, &model.name, model.network.forwards()[0].host, "/", timeout)?;
 //! hv.save(&name, &state)? / hv.restore(&state)?            // xenod suspend / resume (disk root)
+//! let xml = retarget_xml(&hv.migratable_xml(&name)?, ..)?; // LiveMigration: the guest for elsewhere
+//! let mut q = there.stage_incoming(&xml)?;                 // its QEMU started there, waiting
+//! hv.save_live(&name, &state, false)?;                     // saved while it runs, left paused
+//! io::copy(&mut image, &mut q.state())?;                   // (a StagedGuest) the save image, streamed
+//! there.finish_incoming(q)?;                               // loaded and running there
 //! hv.stop(&name, grace)?; hv.destroy(&name)?;              // graceful then forced; undefine
 //! ```
 //!
 //! Every call blocks (libvirt's API is synchronous): call it from
-//! `tokio::task::spawn_blocking`. [`Libvirt`] is `Send + Sync`.
+//! `tokio::task::spawn_blocking`. [`Libvirt`] is `Send + Sync` (and so is
+//! `fake::FakeHypervisor`).
 
 mod error;
+#[cfg(feature = "fake")]
+pub mod fake;
 mod hypervisor;
 mod libvirt;
+mod live;
 mod model;
 mod probe;
 mod ready;
@@ -45,6 +56,7 @@ mod xml;
 pub use error::{Error, Result};
 pub use hypervisor::{DomainState, DomainStatus, Hypervisor, StopOutcome, wait_state};
 pub use libvirt::{Incoming, Libvirt, URI_ENV, default_uri};
+pub use live::{LiveMigration, StagedGuest};
 pub use model::{DomainMeta, DomainModel, Network, ROOT_TAG, Root, check_ports_free, move_host_ports, resolve_ports};
 pub use probe::{ACCEL_ENV, Accel, AccelProbe, probe_accel};
 pub use ready::{GUEST_READY_LINE, console_tail, http_get, wait_console, wait_http};

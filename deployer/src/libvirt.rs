@@ -1,4 +1,4 @@
-//! [`Libvirt`]: the [`Hypervisor`] over libvirt (crate `virt`), for
+//! [`Libvirt`]: the [`Hypervisor`] and [`LiveMigration`] over libvirt (crate `virt`), for
 //! `xen:///system`, `qemu:///system` (KVM or TCG, probed) and
 //! `test:///default` (in-process, no daemon; shared by every connection in
 //! the process, so tests use unique names).
@@ -15,6 +15,7 @@ use virt::sys;
 
 use crate::error::{Error, Result};
 use crate::hypervisor::{DomainState, DomainStatus, Hypervisor};
+use crate::live::{LiveMigration, StagedGuest};
 use crate::model::{DomainModel, check_ports_free};
 use crate::probe::{Accel, AccelProbe, probe_accel};
 use crate::saveimage::StreamOnly;
@@ -101,150 +102,6 @@ impl Libvirt {
         })
     }
 
-    /// Saves a running guest's state to `state_file` while it runs: QEMU's
-    /// own migration sends its memory into a socket this process copies to
-    /// the file, again and again for what the guest dirties, and stops the
-    /// guest only for the last round; libvirt's save header and the domain
-    /// XML go in front, so [`Hypervisor::restore`] takes the file as it
-    /// takes a save. The domain is left paused, its QEMU still holding its
-    /// host ports: [`Hypervisor::resume`] runs it on, [`Hypervisor::kill`]
-    /// leaves it as [`Hypervisor::save`] does (shut off, defined). Returns how long the
-    /// guest has been stopped: QEMU's count of its last round, the poll
-    /// interval in which its end was seen, and the copy's tail. QEMU/KVM
-    /// only; it goes through the QEMU monitor, which libvirt records as a
-    /// taint of the domain.
-    ///
-    /// `paused`: pause the guest first, so that it does not run during the
-    /// save (a stopped save, written in one round at this path's speed:
-    /// `virDomainSave` keeps a guest down seconds longer here); the time
-    /// stopped is then the whole save's. A save that fails unpauses it.
-    pub fn save_live(&self, name: &str, state_file: &Path, paused: bool) -> Result<std::time::Duration> {
-        let (dom, status) = self.managed(name)?;
-        if !matches!(self.target, Target::Kvm | Target::Qemu) || status.meta.root == RootMode::Fs {
-            return Err(Error::Unsupported {
-                op: "live save",
-                reason: format!("{name:?}: only disk-root guests of QEMU/KVM are saved live"),
-            });
-        }
-        if !paused {
-            return save_through_qemu(&dom, name, state_file);
-        }
-        let t = std::time::Instant::now();
-        dom.suspend().map_err(lv("pause", name))?;
-        let r = save_through_qemu(&dom, name, state_file);
-        if r.is_err() {
-            let _ = dom.resume();
-        }
-        r.map(|_| t.elapsed())
-    }
-
-    /// The XML of `name` as a save image would hold it (for
-    /// [`Libvirt::stage_incoming`] on another host).
-    pub fn migratable_xml(&self, name: &str) -> Result<String> {
-        let (dom, _) = self.managed(name)?;
-        dom.xml_desc(sys::VIR_DOMAIN_XML_SECURE | sys::VIR_DOMAIN_XML_MIGRATABLE).map_err(lv("read the XML of", name))
-    }
-
-    /// Whether [`Libvirt::stage_incoming`] works here (QEMU/KVM guests).
-    pub fn can_stage(&self) -> bool {
-        matches!(self.target, Target::Kvm | Target::Qemu)
-    }
-
-    /// Starts the domain `xml` (a save image's XML, retargeted) paused and
-    /// waiting for its saved state, so that [`Libvirt::finish_incoming`]
-    /// later only loads the state: libvirt's start of QEMU (0.4-0.8 s here)
-    /// and the first touch of the guest's memory happen before the guest
-    /// is stopped on the other host, not after. QEMU starts with
-    /// `-incoming defer` and its memory allocated up front, then waits on
-    /// one end of a socket pair (`migrate-incoming fd:`) whose other end is
-    /// in the returned [`Incoming`]: dropped without being finished, QEMU
-    /// reads the end of the stream and exits, and the domain (transient
-    /// until finished) goes with it, even if this process dies. QEMU/KVM
-    /// only; like [`Libvirt::save_live`], it goes through the QEMU monitor.
-    pub fn stage_incoming(&self, xml: &str) -> Result<Incoming> {
-        let name = xml_name(xml)
-            .ok_or_else(|| Error::Unsupported { op: "stage", reason: "the domain XML has no <name>".into() })?;
-        if !self.can_stage() {
-            return Err(Error::Unsupported { op: "stage", reason: format!("{name:?}: only QEMU/KVM guests") });
-        }
-        if !xml.contains(META_NS) {
-            return Err(Error::NotManaged { name });
-        }
-        let staged =
-            incoming_xml(xml).map_err(|why| Error::Unsupported { op: "stage", reason: format!("{name:?}: {why}") })?;
-        match self.lookup(&name) {
-            Ok(_) => return Err(Error::NameInUse { name }),
-            Err(Error::NoSuchDomain { .. }) => {}
-            Err(e) => return Err(e),
-        }
-        let dom = self.conn.create_domain_xml(&staged, sys::VIR_DOMAIN_START_PAUSED).map_err(lv("stage", &name))?;
-        let staged = (|| {
-            let (ours, qemus) = std::os::unix::net::UnixStream::pair().map_err(|e| Error::Unsupported {
-                op: "stage",
-                reason: format!("{name:?}: creating the socket pair for its state: {e}"),
-            })?;
-            // Room for the whole stream where allowed (root), so the copy
-            // into it seldom waits for QEMU.
-            for s in [&ours, &qemus] {
-                if rustix::net::sockopt::set_socket_send_buffer_size_force(s, 64 << 20).is_err() {
-                    let _ = rustix::net::sockopt::set_socket_send_buffer_size(s, 64 << 20);
-                }
-            }
-            // A QEMU that stops reading without exiting fails the write
-            // rather than holding this thread (and the stage) forever.
-            ours.set_write_timeout(Some(std::time::Duration::from_secs(120))).map_err(|e| Error::Unsupported {
-                op: "stage",
-                reason: format!("{name:?}: a timeout on the socket for its state: {e}"),
-            })?;
-            qmp(&dom, &name, "stage", r#"{"execute":"getfd","arguments":{"fdname":"xenod-state"}}"#, &[qemus.as_fd()])?;
-            drop(qemus);
-            qmp(&dom, &name, "stage", r#"{"execute":"migrate-incoming","arguments":{"uri":"fd:xenod-state"}}"#, &[])?;
-            Ok(ours)
-        })();
-        match staged {
-            Ok(sock) => Ok(Incoming { name, dom, sock, define: xml.to_owned(), running: false }),
-            Err(e) => {
-                let _ = dom.destroy();
-                Err(e)
-            }
-        }
-    }
-
-    /// Runs the domain `staged` waits with once its saved state has been
-    /// written through [`Incoming::state`] (closing that), and defines it
-    /// (without the staging arguments). Returns how long the load took
-    /// from here. On failure the domain is gone (QEMU exits when a load
-    /// fails).
-    pub fn finish_incoming(&self, staged: Incoming) -> Result<std::time::Duration> {
-        use std::time::{Duration, Instant};
-        let t = Instant::now();
-        let mut staged = staged;
-        let Incoming { name, dom, sock, .. } = &mut staged;
-        let (name, dom) = (&*name, &*dom);
-        let fail = |why: String| {
-            let _ = dom.destroy();
-            Error::Unsupported { op: "load saved state", reason: format!("{name:?}: {why}") }
-        };
-        let _ = sock.shutdown(std::net::Shutdown::Write);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let status = qmp(dom, name, "load saved state", r#"{"execute":"query-status"}"#, &[]).map_err(|e| {
-                fail(format!("QEMU failed to load the state ({e}); its log is in /var/log/libvirt/qemu"))
-            })?;
-            match status["status"].as_str() {
-                Some("inmigrate") if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
-                Some("inmigrate") => return Err(fail("QEMU took more than 2 minutes to load the state".into())),
-                Some("paused") => break,
-                s => return Err(fail(format!("QEMU is {} after loading the state", s.unwrap_or("in no known state")))),
-            }
-        }
-        dom.resume().map_err(|e| fail(format!("resume: {e}")))?;
-        let loaded = t.elapsed();
-        staged.running = true;
-        self.conn.define_domain_xml(&staged.define).map_err(lv("define restored", &staged.name))?;
-        Ok(loaded)
-    }
-
     /// A domain of ours, with its metadata.
     fn managed(&self, name: &str) -> Result<(Domain, DomainStatus)> {
         let dom = self.lookup(name)?;
@@ -253,7 +110,7 @@ impl Libvirt {
     }
 }
 
-/// [`Libvirt::save_live`]'s save: QEMU's migration into a socket this
+/// [`LiveMigration::save_live`]'s save: QEMU's migration into a socket this
 /// process copies to `state_file`, behind libvirt's header and the XML.
 fn save_through_qemu(dom: &Domain, name: &str, state_file: &Path) -> Result<std::time::Duration> {
     use std::io::Write;
@@ -335,7 +192,8 @@ fn save_through_qemu(dom: &Domain, name: &str, state_file: &Path) -> Result<std:
 }
 
 /// A domain started paused, waiting for its saved state on a socket:
-/// [`Libvirt::stage_incoming`].
+/// [`Libvirt`]'s [`LiveMigration::Incoming`], from
+/// [`LiveMigration::stage_incoming`].
 pub struct Incoming {
     name: String,
     dom: Domain,
@@ -351,8 +209,8 @@ impl std::fmt::Debug for Incoming {
     }
 }
 
-impl Incoming {
-    pub fn name(&self) -> &str {
+impl StagedGuest for Incoming {
+    fn name(&self) -> &str {
         &self.name
     }
 
@@ -361,7 +219,7 @@ impl Incoming {
     /// block dropped). A write fails when QEMU stops reading (a load that
     /// failed; its log is in /var/log/libvirt/qemu), or has taken nothing
     /// for 2 minutes.
-    pub fn state(&mut self) -> StreamOnly<&mut std::os::unix::net::UnixStream> {
+    fn state(&mut self) -> impl std::io::Write + '_ {
         StreamOnly::new(&mut self.sock)
     }
 }
@@ -377,11 +235,11 @@ impl Drop for Incoming {
 }
 
 /// The text of a domain XML's (first) `<name>`.
-fn xml_name(xml: &str) -> Option<String> {
+pub(crate) fn xml_name(xml: &str) -> Option<String> {
     xml.split_once("<name>").and_then(|(_, rest)| rest.split_once("</name>")).map(|(n, _)| n.trim().to_string())
 }
 
-/// `xml` started as [`Libvirt::stage_incoming`] starts it: QEMU waits for
+/// `xml` started as [`LiveMigration::stage_incoming`] starts it: QEMU waits for
 /// its state (`-incoming defer`) with the guest's memory allocated.
 fn incoming_xml(xml: &str) -> std::result::Result<String, String> {
     const CLOSE: &str = "</qemu:commandline>";
@@ -672,6 +530,154 @@ impl Hypervisor for Libvirt {
 
     fn status(&self, name: &str) -> Result<DomainStatus> {
         Ok(self.managed(name)?.1)
+    }
+}
+
+impl LiveMigration for Libvirt {
+    type Incoming = Incoming;
+
+    /// Saves a running guest's state to `state_file` while it runs: QEMU's
+    /// own migration sends its memory into a socket this process copies to
+    /// the file, again and again for what the guest dirties, and stops the
+    /// guest only for the last round; libvirt's save header and the domain
+    /// XML go in front, so [`Hypervisor::restore`] takes the file as it
+    /// takes a save. The domain is left paused, its QEMU still holding its
+    /// host ports: [`Hypervisor::resume`] runs it on, [`Hypervisor::kill`]
+    /// leaves it as [`Hypervisor::save`] does (shut off, defined). Returns how long the
+    /// guest has been stopped: QEMU's count of its last round, the poll
+    /// interval in which its end was seen, and the copy's tail. QEMU/KVM
+    /// only; it goes through the QEMU monitor, which libvirt records as a
+    /// taint of the domain.
+    ///
+    /// `paused`: pause the guest first, so that it does not run during the
+    /// save (a stopped save, written in one round at this path's speed:
+    /// `virDomainSave` keeps a guest down seconds longer here); the time
+    /// stopped is then the whole save's. A save that fails unpauses it.
+    fn save_live(&self, name: &str, state_file: &Path, paused: bool) -> Result<std::time::Duration> {
+        let (dom, status) = self.managed(name)?;
+        if !matches!(self.target, Target::Kvm | Target::Qemu) || status.meta.root == RootMode::Fs {
+            return Err(Error::Unsupported {
+                op: "live save",
+                reason: format!("{name:?}: only disk-root guests of QEMU/KVM are saved live"),
+            });
+        }
+        if !paused {
+            return save_through_qemu(&dom, name, state_file);
+        }
+        let t = std::time::Instant::now();
+        dom.suspend().map_err(lv("pause", name))?;
+        let r = save_through_qemu(&dom, name, state_file);
+        if r.is_err() {
+            let _ = dom.resume();
+        }
+        r.map(|_| t.elapsed())
+    }
+
+    /// The XML of `name` as a save image would hold it (for
+    /// [`LiveMigration::stage_incoming`] on another host).
+    fn migratable_xml(&self, name: &str) -> Result<String> {
+        let (dom, _) = self.managed(name)?;
+        dom.xml_desc(sys::VIR_DOMAIN_XML_SECURE | sys::VIR_DOMAIN_XML_MIGRATABLE).map_err(lv("read the XML of", name))
+    }
+
+    /// Whether [`LiveMigration::stage_incoming`] works here (QEMU/KVM guests).
+    fn can_stage(&self) -> bool {
+        matches!(self.target, Target::Kvm | Target::Qemu)
+    }
+
+    /// Starts the domain `xml` (a save image's XML, retargeted) paused and
+    /// waiting for its saved state, so that [`LiveMigration::finish_incoming`]
+    /// later only loads the state: libvirt's start of QEMU (0.4-0.8 s here)
+    /// and the first touch of the guest's memory happen before the guest
+    /// is stopped on the other host, not after. QEMU starts with
+    /// `-incoming defer` and its memory allocated up front, then waits on
+    /// one end of a socket pair (`migrate-incoming fd:`) whose other end is
+    /// in the returned [`Incoming`]: dropped without being finished, QEMU
+    /// reads the end of the stream and exits, and the domain (transient
+    /// until finished) goes with it, even if this process dies. QEMU/KVM
+    /// only; like [`LiveMigration::save_live`], it goes through the QEMU monitor.
+    fn stage_incoming(&self, xml: &str) -> Result<Incoming> {
+        let name = xml_name(xml)
+            .ok_or_else(|| Error::Unsupported { op: "stage", reason: "the domain XML has no <name>".into() })?;
+        if !self.can_stage() {
+            return Err(Error::Unsupported { op: "stage", reason: format!("{name:?}: only QEMU/KVM guests") });
+        }
+        if !xml.contains(META_NS) {
+            return Err(Error::NotManaged { name });
+        }
+        let staged =
+            incoming_xml(xml).map_err(|why| Error::Unsupported { op: "stage", reason: format!("{name:?}: {why}") })?;
+        match self.lookup(&name) {
+            Ok(_) => return Err(Error::NameInUse { name }),
+            Err(Error::NoSuchDomain { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let dom = self.conn.create_domain_xml(&staged, sys::VIR_DOMAIN_START_PAUSED).map_err(lv("stage", &name))?;
+        let staged = (|| {
+            let (ours, qemus) = std::os::unix::net::UnixStream::pair().map_err(|e| Error::Unsupported {
+                op: "stage",
+                reason: format!("{name:?}: creating the socket pair for its state: {e}"),
+            })?;
+            // Room for the whole stream where allowed (root), so the copy
+            // into it seldom waits for QEMU.
+            for s in [&ours, &qemus] {
+                if rustix::net::sockopt::set_socket_send_buffer_size_force(s, 64 << 20).is_err() {
+                    let _ = rustix::net::sockopt::set_socket_send_buffer_size(s, 64 << 20);
+                }
+            }
+            // A QEMU that stops reading without exiting fails the write
+            // rather than holding this thread (and the stage) forever.
+            ours.set_write_timeout(Some(std::time::Duration::from_secs(120))).map_err(|e| Error::Unsupported {
+                op: "stage",
+                reason: format!("{name:?}: a timeout on the socket for its state: {e}"),
+            })?;
+            qmp(&dom, &name, "stage", r#"{"execute":"getfd","arguments":{"fdname":"xenod-state"}}"#, &[qemus.as_fd()])?;
+            drop(qemus);
+            qmp(&dom, &name, "stage", r#"{"execute":"migrate-incoming","arguments":{"uri":"fd:xenod-state"}}"#, &[])?;
+            Ok(ours)
+        })();
+        match staged {
+            Ok(sock) => Ok(Incoming { name, dom, sock, define: xml.to_owned(), running: false }),
+            Err(e) => {
+                let _ = dom.destroy();
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the domain `staged` waits with once its saved state has been
+    /// written through [`StagedGuest::state`] (closing that), and defines it
+    /// (without the staging arguments). Returns how long the load took
+    /// from here. On failure the domain is gone (QEMU exits when a load
+    /// fails).
+    fn finish_incoming(&self, staged: Incoming) -> Result<std::time::Duration> {
+        use std::time::{Duration, Instant};
+        let t = Instant::now();
+        let mut staged = staged;
+        let Incoming { name, dom, sock, .. } = &mut staged;
+        let (name, dom) = (&*name, &*dom);
+        let fail = |why: String| {
+            let _ = dom.destroy();
+            Error::Unsupported { op: "load saved state", reason: format!("{name:?}: {why}") }
+        };
+        let _ = sock.shutdown(std::net::Shutdown::Write);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = qmp(dom, name, "load saved state", r#"{"execute":"query-status"}"#, &[]).map_err(|e| {
+                fail(format!("QEMU failed to load the state ({e}); its log is in /var/log/libvirt/qemu"))
+            })?;
+            match status["status"].as_str() {
+                Some("inmigrate") if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+                Some("inmigrate") => return Err(fail("QEMU took more than 2 minutes to load the state".into())),
+                Some("paused") => break,
+                s => return Err(fail(format!("QEMU is {} after loading the state", s.unwrap_or("in no known state")))),
+            }
+        }
+        dom.resume().map_err(|e| fail(format!("resume: {e}")))?;
+        let loaded = t.elapsed();
+        staged.running = true;
+        self.conn.define_domain_xml(&staged.define).map_err(lv("define restored", &staged.name))?;
+        Ok(loaded)
     }
 }
 

@@ -15,8 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use xenod_deployer::{
-    BootFile, DeploySpec, DomainModel, DomainState, Error, FsShare, GUEST_READY_LINE, Hypervisor, Libvirt, RootMode,
-    StopOutcome, Target, console_tail, http_get, wait_console, wait_http,
+    BootFile, DeploySpec, DomainModel, DomainState, Error, FsShare, GUEST_READY_LINE, Hypervisor, Libvirt,
+    LiveMigration, RootMode, StagedGuest, StopOutcome, Target, console_tail, http_get, wait_console, wait_http,
 };
 
 /// Per boot: TCG on 2 cores, possibly beside a busy build.
@@ -262,6 +262,67 @@ fn disk_root_boots_and_counter_survives_save_restore() {
         let out = Command::new("debugfs").args(["-R", "cat /var/lib/web/counter"]).arg(&image).output().unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
     }
+}
+
+/// The live-migration hooks through [`LiveMigration`], as xenod's move of a
+/// guest uses them: a live save of a running disk guest, its XML retargeted
+/// to another name and directory, a guest staged there and the save image
+/// streamed into it through [`StagedGuest::state`]; its counter goes on.
+#[test]
+fn disk_root_moves_through_a_live_save_and_a_staged_guest() {
+    let Some(fixture) = fixture() else { return };
+    let hv = qemu();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::create_dir_all(a.path().join("root/disk")).unwrap();
+    let image = a.path().join("root/disk/root.img");
+    run(Command::new("cp").arg("--sparse=always").arg(fixture.join("disk/root.img")).arg(&image));
+    let name = format!("xenod-it-live-{}", std::process::id());
+    let mut s = spec(&fixture, &name);
+    s.root = RootMode::Disk;
+    s.disk_image = Some("disk/root.img".into());
+    let model = DomainModel::from_spec(&s, &a.path().join("root"), a.path().join("console.log")).unwrap();
+    let port = model.network.forwards()[0].host;
+    hv.deploy(&model).unwrap();
+    let guest = Guest { hv: &hv, name: name.clone(), console: hv.console_log(&name).unwrap() };
+    guest.wait_http(port, Instant::now());
+    guest.expect_page(port, 1);
+
+    fn save<H: LiveMigration>(hv: &H, name: &str, file: &Path) -> (String, Duration) {
+        let xml = hv.migratable_xml(name).unwrap();
+        let down = hv.save_live(name, file, false).unwrap();
+        assert_eq!(hv.state(name).unwrap(), DomainState::Paused);
+        hv.kill(name).unwrap();
+        (xml, down)
+    }
+    let state = a.path().join("live.save");
+    let (xml, down) = save(&hv, &name, &state);
+    assert!(down > Duration::ZERO);
+    assert_eq!(hv.state(&name).unwrap(), DomainState::ShutOff);
+    // The disk as the guest left it, where the moved guest finds it.
+    std::fs::create_dir_all(b.path().join("root/disk")).unwrap();
+    run(Command::new("cp").arg("--sparse=always").arg(&image).arg(b.path().join("root/disk/root.img")));
+
+    fn load<H: LiveMigration>(hv: &H, xml: &str, file: &Path) -> Duration {
+        assert!(hv.can_stage());
+        let mut q = hv.stage_incoming(xml).unwrap();
+        assert_eq!(hv.state(q.name()).unwrap(), DomainState::Paused);
+        std::io::copy(&mut std::fs::File::open(file).unwrap(), &mut q.state()).unwrap();
+        hv.finish_incoming(q).unwrap()
+    }
+    let moved = format!("{name}-b");
+    let paths = [(format!("{}/", a.path().display()), format!("{}/", b.path().display()))];
+    let xml = xenod_deployer::retarget_xml(&xml, &moved, &xenod_deployer::random_uuid(), &paths, &[]).unwrap();
+    let moved_guest = Guest { hv: &hv, name: moved.clone(), console: b.path().join("console.log") };
+    let loaded = load(&hv, &xml, &state);
+    assert_eq!(hv.state(&moved).unwrap(), DomainState::Running);
+    assert_eq!(hv.status(&moved).unwrap().meta.root_path, b.path().join("root/disk/root.img"));
+    // The same instance (its name is in its kernel arguments), counting on.
+    let (code, body) = http_get(port, "/", Duration::from_secs(30)).unwrap_or_else(|e| moved_guest.die(e));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.lines().any(|l| l == format!("instance={name}")) && body.lines().any(|l| l == "counter=2"), "{body}");
+    eprintln!("live save: guest stopped {down:?}; staged load {loaded:?}");
+    drop(guest);
+    assert_eq!(hv.stop(&moved, STOP_GRACE).unwrap(), StopOutcome::Graceful);
 }
 
 #[test]

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use xenod_deployer::{
-    DomainModel, DomainState, Error, FsShare, Hypervisor, Libvirt, Network, PortForward, Root, RootMode, StopOutcome,
-    Target,
+    DomainModel, DomainState, Error, FsShare, Hypervisor, Libvirt, LiveMigration, Network, PortForward, Root, RootMode,
+    StopOutcome, Target,
 };
 
 fn hv() -> Libvirt {
@@ -105,6 +105,27 @@ fn bad_requests_are_typed_errors() {
     assert!(matches!(hv.kill("test"), Err(Error::NotManaged { .. })));
     assert!(!hv.list().unwrap().iter().any(|d| d.name == "test"));
     assert!(matches!(hv.restore(&t.path().join("missing.save")), Err(Error::Io { .. })));
+}
+
+/// The live-migration hooks through the trait: the test driver has no QEMU,
+/// so what needs one is refused (Unsupported), never attempted.
+#[test]
+fn live_migration_hooks_on_the_test_driver() {
+    fn hooks<H: LiveMigration>(hv: &H, name: &str, state_file: &Path) {
+        let xml = hv.migratable_xml(name).unwrap();
+        assert!(xml.contains(&format!("<name>{name}</name>")) && xml.contains("urn:xenod:domain:1"), "{xml}");
+        assert!(!hv.can_stage());
+        assert!(matches!(hv.stage_incoming(&xml), Err(Error::Unsupported { op: "stage", .. })));
+        assert!(matches!(hv.save_live(name, state_file, false), Err(Error::Unsupported { op: "live save", .. })));
+        assert!(!state_file.exists());
+        assert_eq!(hv.state(name).unwrap(), DomainState::Running);
+        assert!(matches!(hv.migratable_xml("td-live-nope"), Err(Error::NoSuchDomain { .. })));
+    }
+    let t = tempfile::tempdir().unwrap();
+    let hv = hv();
+    hv.deploy(&model("td-live", Root::Disk { image: t.path().join("root.img") }, t.path())).unwrap();
+    hooks(&hv, "td-live", &t.path().join("live.save"));
+    hv.destroy("td-live").unwrap();
 }
 
 #[test]
