@@ -55,11 +55,11 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use xenod_cowfs::{CommitCache, DirtySet};
 use xenod_deployer::{DeploySpec, DomainModel, Hypervisor, PortForward, RootMode, default_uri};
-use xenod_store::iroh::endpoint::{Connection, RecvStream, SendStream};
-use xenod_store::iroh::protocol::{AcceptError, ProtocolHandler};
+use xenod_peer::iroh::endpoint::{Connection, RecvStream, SendStream};
+use xenod_peer::iroh::protocol::{AcceptError, ProtocolHandler};
+use xenod_peer::{EndpointAddr, FetchOptions, format_peer, parse_peer};
 use xenod_store::{
-    Chunking, Dense, EndpointAddr, Entry, FetchOptions, FileReader, ImportOptions, Kind, LayerId, LayerWriter, Store,
-    Timestamp, chunk_stream, format_peer, parse_peer,
+    Chunking, Dense, Entry, FileReader, ImportOptions, Kind, LayerId, LayerWriter, Store, Timestamp, chunk_stream,
 };
 
 use crate::config::Config;

@@ -7,7 +7,8 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use xenod_store::{Store, Ticket, format_peer, stack_complete};
+use xenod_peer::{Ticket, format_peer, stack_complete};
+use xenod_store::Store;
 
 use crate::{Coded, Exit};
 

@@ -7,7 +7,7 @@ use std::io::Write;
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use xenod_store::{parse_peer, stack_complete};
+use xenod_peer::{parse_peer, stack_complete};
 
 use crate::serve::Daemon;
 use crate::{Coded, Exit};

@@ -26,10 +26,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use xenod_store::{
-    EndpointAddr, FetchOptions, FetchProgress, Misbehave, Node, NodeOptions, Relay, Snapshot, Stats, Store, Ticket,
-    VerifyingKey, format_peer, parse_peer,
+use xenod_peer::{
+    EndpointAddr, FetchOptions, FetchProgress, Misbehave, Node, NodeOptions, Relay, Snapshot, Stats, Ticket,
+    format_peer, parse_peer,
 };
+use xenod_store::{Store, VerifyingKey};
 
 use crate::config::{self, Config, RelayConfig};
 use crate::{Coded, Exit};
@@ -212,7 +213,7 @@ impl Daemon {
         }
         let stats = Arc::new(Stats::from_snapshot(state.counters.clone()));
         let migrate = crate::migrate::Handler::default();
-        let extra = || -> Vec<(Vec<u8>, Box<dyn xenod_store::iroh::protocol::DynProtocolHandler>)> {
+        let extra = || -> Vec<(Vec<u8>, Box<dyn xenod_peer::iroh::protocol::DynProtocolHandler>)> {
             vec![(crate::migrate::ALPN.to_vec(), Box::new(migrate.clone()))]
         };
         let opts = |bind| NodeOptions {
@@ -321,7 +322,7 @@ impl Daemon {
     }
 
     /// Answers one API request; `progress` receives fetch progress.
-    pub async fn handle(self: &Arc<Self>, req: Request, progress: Option<xenod_store::ProgressFn>) -> Result<Value> {
+    pub async fn handle(self: &Arc<Self>, req: Request, progress: Option<xenod_peer::ProgressFn>) -> Result<Value> {
         match req {
             Request::Migrate { instance, to, cold, level, live, save } => {
                 let mode = match (live, save) {
@@ -393,7 +394,7 @@ impl Daemon {
         target: &str,
         from: &[String],
         lazy: bool,
-        progress: Option<xenod_store::ProgressFn>,
+        progress: Option<xenod_peer::ProgressFn>,
     ) -> Result<Value> {
         let mut peers = Self::parse_peers(from)?;
         let layer = if target.starts_with("xenod1") {
@@ -562,10 +563,10 @@ impl Daemon {
 
 /// Unwraps store errors so their exit codes survive; a fetch no provider
 /// could serve gets its own code.
-pub fn peer_err(e: xenod_store::PeerError) -> anyhow::Error {
+pub fn peer_err(e: xenod_peer::PeerError) -> anyhow::Error {
     match e {
-        xenod_store::PeerError::Store(s) => s.into(),
-        e @ (xenod_store::PeerError::NoProviders { .. } | xenod_store::PeerError::Unavailable { .. }) => {
+        xenod_peer::PeerError::Store(s) => s.into(),
+        e @ (xenod_peer::PeerError::NoProviders { .. } | xenod_peer::PeerError::Unavailable { .. }) => {
             Coded { code: Exit::NoProvider, msg: e.to_string() }.into()
         }
         e => e.into(),
@@ -573,7 +574,7 @@ pub fn peer_err(e: xenod_store::PeerError) -> anyhow::Error {
 }
 
 /// Calls `f` at most every 200 ms, and always for the last chunk of a phase.
-pub fn throttled(f: impl Fn(&FetchProgress) + Send + Sync + 'static) -> xenod_store::ProgressFn {
+pub fn throttled(f: impl Fn(&FetchProgress) + Send + Sync + 'static) -> xenod_peer::ProgressFn {
     let last = Mutex::new(Instant::now() - Duration::from_secs(1));
     Arc::new(move |p: &FetchProgress| {
         let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
