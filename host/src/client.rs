@@ -11,7 +11,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use serde_json::{Value, json};
-use xenod_store::{Exit, Store, Ticket, format_peer, stack_complete};
+use xenod_peer::{Ticket, format_peer, stack_complete};
+use xenod_store::{Exit, Store};
 
 use crate::api::{Line, Request, socket_path};
 use crate::bail;

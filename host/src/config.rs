@@ -131,22 +131,22 @@ impl Config {
 
 impl Config {
     /// The pull policy `pull_from` describes.
-    pub fn pull_policy(&self, data_dir: &Path) -> Result<xenod_store::PullPolicy> {
+    pub fn pull_policy(&self, data_dir: &Path) -> Result<xenod_peer::PullPolicy> {
         if self.pull_from.iter().any(|p| p == "*") {
-            return Ok(xenod_store::PullPolicy::Anyone);
+            return Ok(xenod_peer::PullPolicy::Anyone);
         }
         if self.pull_from.is_empty() {
-            return Ok(xenod_store::PullPolicy::Nobody);
+            return Ok(xenod_peer::PullPolicy::Nobody);
         }
         let ids = self
             .pull_from
             .iter()
             .map(|p| {
-                p.parse::<xenod_store::EndpointId>().map_err(|e| crate::err!("pull_from: {p:?} is not a node id: {e}"))
+                p.parse::<xenod_peer::EndpointId>().map_err(|e| crate::err!("pull_from: {p:?} is not a node id: {e}"))
             })
             .collect::<Result<Vec<_>>>()
             .with_context(|| format!("in {}", Self::path(data_dir).display()))?;
-        Ok(xenod_store::PullPolicy::From(ids))
+        Ok(xenod_peer::PullPolicy::From(ids))
     }
 }
 

@@ -16,8 +16,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug)]
 pub enum Error {
     Store(xenod_store::Error),
-    Peer(xenod_store::PeerError),
-    Ticket(xenod_store::TicketError),
+    Peer(xenod_peer::PeerError),
+    Ticket(xenod_peer::TicketError),
     Cowfs(xenod_cowfs::Error),
     Deployer(xenod_deployer::Error),
     Io(std::io::Error),
@@ -64,8 +64,8 @@ macro_rules! from {
 
 from!(
     Store(xenod_store::Error),
-    Peer(xenod_store::PeerError),
-    Ticket(xenod_store::TicketError),
+    Peer(xenod_peer::PeerError),
+    Ticket(xenod_peer::TicketError),
     Cowfs(xenod_cowfs::Error),
     Deployer(xenod_deployer::Error),
     Io(std::io::Error),
@@ -142,9 +142,9 @@ macro_rules! transport {
 }
 
 transport!(
-    xenod_store::iroh::endpoint::ConnectionError,
-    xenod_store::iroh::endpoint::ReadToEndError,
-    xenod_store::iroh::endpoint::WriteError,
+    xenod_peer::iroh::endpoint::ConnectionError,
+    xenod_peer::iroh::endpoint::ReadToEndError,
+    xenod_peer::iroh::endpoint::WriteError,
 );
 
 impl Error {
@@ -225,8 +225,8 @@ impl fmt::Display for Phase {
 
 /// A store error keeps its code through the peer layer; a fetch no provider
 /// could serve has its own.
-fn peer_exit_code(e: &xenod_store::PeerError) -> Exit {
-    use xenod_store::PeerError as P;
+fn peer_exit_code(e: &xenod_peer::PeerError) -> Exit {
+    use xenod_peer::PeerError as P;
     match e {
         P::Store(s) => s.exit_code(),
         P::NoProviders { .. } | P::Unavailable { .. } => Exit::NoProvider,

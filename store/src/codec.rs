@@ -215,7 +215,8 @@ pub enum Dense {
 pub(crate) const PPMD_TAG: u8 = 0x80;
 
 impl Dense {
-    pub(crate) fn byte(self) -> u8 {
+    /// The byte naming this codec on the wire and in a block's level byte.
+    pub fn byte(self) -> u8 {
         match self {
             Self::Zstd(level) => level,
             Self::Ppmd => PPMD_TAG,
@@ -223,7 +224,7 @@ impl Dense {
     }
 
     /// The codec a request's byte names, or why it names none.
-    pub(crate) fn from_byte(b: u8) -> Result<Self, String> {
+    pub fn from_byte(b: u8) -> Result<Self, String> {
         match b {
             PPMD_TAG => Ok(Self::Ppmd),
             1..=MAX_DENSE_LEVEL => Ok(Self::Zstd(b)),

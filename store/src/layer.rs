@@ -157,6 +157,36 @@ impl Store {
         Ok(out)
     }
 
+    /// Remembers layers fetched from a peer like published ones, so `ls`
+    /// and id prefixes find them; `partial` when only their manifests came
+    /// (a lazy fetch). A later whole fetch marks a partial layer complete.
+    pub fn record_layers(&self, stack: &[LayerId], partial: bool) -> Result<()> {
+        let have: std::collections::HashMap<LayerId, LayerInfo> = self.layers()?.into_iter().collect();
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(LAYERS).map_err(|e| self.db_err(e))?;
+            for id in stack {
+                let info = match have.get(id) {
+                    Some(info) if info.partial && !partial => LayerInfo { partial: false, ..info.clone() },
+                    Some(_) => continue,
+                    None => {
+                        let root = self.layer_root(id)?;
+                        LayerInfo {
+                            base: root.base,
+                            entries: root.entries,
+                            file_bytes: root.file_bytes,
+                            created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                            partial,
+                        }
+                    }
+                };
+                let bytes = serde_json::to_vec(&info).unwrap_or_default();
+                t.insert(id.as_bytes(), bytes.as_slice()).map_err(|e| self.db_err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.db_err(e))
+    }
+
     pub(crate) fn forget_layers(&self, ids: &[LayerId]) -> Result<()> {
         let txn = self.begin_write()?;
         {

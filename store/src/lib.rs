@@ -12,7 +12,6 @@
 //! | `import` | directories, tar streams and disk images into entries |
 //! | `export` | entries out to a directory or a tar stream |
 //! | `names` | signed `template://` names, pins, reference resolution |
-//! | `peer` | [`Node`]: the iroh chunk protocol, multi-provider fetch, tickets |
 //! | `gc`, `verify` | mark-and-sweep from roots; rehash and reference checks |
 //! | `exit` | [`Exit`]: the documented exit codes, one table; each crate's error knows its code |
 //! | `digest` | a metadata-complete digest of a directory tree |
@@ -30,7 +29,6 @@ mod layer;
 mod manifest;
 mod merge;
 mod names;
-mod peer;
 mod spill;
 mod store;
 #[doc(hidden)]
@@ -38,7 +36,7 @@ pub mod testing;
 mod verify;
 
 pub use chunker::{BATCH, BLOCK, Batch, Batcher, CDC_AVG, CDC_MAX, CDC_MIN, Cdc, Chunking, is_zero};
-pub use codec::{Dense, Encoding, ZSTD_LEVEL, decode, dense_frame, encode};
+pub use codec::{Dense, Encoding, MAX_DENSE_LEVEL, WIRE_LEVEL, ZSTD_LEVEL, decode, dense_frame, encode, zstd_level};
 pub use digest::{tree_digest, tree_listing};
 pub use error::{Error, Result};
 pub use exit::Exit;
@@ -55,16 +53,7 @@ pub use manifest::{
 };
 pub use merge::{Diff, Merged, Source, diff};
 pub use names::{NameRecord, SCHEME, check_name, generate_key, hex};
-pub use peer::{
-    ALPN, Counters, EndpointAddr, EndpointId, FRAMES_IN_FLIGHT, FetchOptions, FetchProgress, FetchReport,
-    MAX_ANNOUNCED_LAYERS, MAX_BATCH, MAX_DENSE_LEVEL, MAX_MEMBERS, MAX_MESSAGE, MAX_NAMES, MAX_PLAIN, Misbehave,
-    NOT_YET_RETRY, NamesReport, Node, NodeOptions, PULL_ALPN, PeerCounters, PeerError, Phase, Presence, PresenceFn,
-    ProgressFn, ProviderReport, PullOutcome, PullPolicy, Relay, STREAMS_PER_CONN, Snapshot, Stats, SwarmPlan, Ticket,
-    TicketError, fetch_one, format_peer, parse_peer, stack_complete,
-};
-pub use store::{Location, Store, WriteLock, WriteStats};
+pub use store::{BLOCK_MAX_PLAIN, BLOCK_TARGET, BlockBuf, Location, Members, Store, WriteLock, WriteStats};
 pub use verify::{Damage, VerifyReport};
 
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
-/// The peer layer's transport, for protocols of their own on a [`Node`]'s endpoint.
-pub use iroh;

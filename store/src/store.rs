@@ -65,9 +65,9 @@ const RECORD_HEADER: usize = 32 + 1 + 4 + 4;
 /// A pack is sealed once it holds this many bytes.
 const PACK_TARGET: u64 = 256 * 1024 * 1024;
 /// A solid block is compressed and written once it holds this much plaintext.
-pub(crate) const BLOCK_TARGET: usize = 1 << 20;
+pub const BLOCK_TARGET: usize = 1 << 20;
 /// The most plaintext a block may claim; a larger table is damage or hostile.
-pub(crate) const BLOCK_MAX_PLAIN: usize = 16 << 20;
+pub const BLOCK_MAX_PLAIN: usize = 16 << 20;
 /// Decompressed blocks kept for readers (each at most [`BLOCK_MAX_PLAIN`],
 /// usually [`BLOCK_TARGET`] plus one chunk).
 const BLOCK_CACHE: usize = 8;
@@ -114,9 +114,10 @@ impl Location {
     }
 }
 
-/// Plaintext of chunks collected for one solid block.
+/// Plaintext of chunks collected for one solid block; also how a provider
+/// packs the chunks it serves into one solid frame.
 #[derive(Default)]
-pub(crate) struct BlockBuf {
+pub struct BlockBuf {
     /// (id, start in `plain`, length), in order.
     members: Vec<(ChunkId, u32, u32)>,
     by_id: HashMap<ChunkId, usize>,
@@ -126,7 +127,8 @@ pub(crate) struct BlockBuf {
 }
 
 impl BlockBuf {
-    pub(crate) fn push(&mut self, id: ChunkId, plain: &[u8]) {
+    /// Appends chunk `id` with plaintext `plain` as the next member.
+    pub fn push(&mut self, id: ChunkId, plain: &[u8]) {
         self.by_id.insert(id, self.members.len());
         self.members.push((id, self.plain.len() as u32, plain.len() as u32));
         self.plain.extend_from_slice(plain);
@@ -137,11 +139,18 @@ impl BlockBuf {
         self.plain.get(start as usize..(start + len) as usize)
     }
 
-    pub(crate) fn len(&self) -> usize {
+    /// Members so far.
+    pub fn len(&self) -> usize {
         self.members.len()
     }
 
-    pub(crate) fn plain_len(&self) -> usize {
+    /// Whether no member was pushed yet.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Plaintext bytes of the members so far.
+    pub fn plain_len(&self) -> usize {
         self.plain.len()
     }
 
@@ -154,7 +163,7 @@ impl BlockBuf {
 
     /// The payload of this block made by `codec`: at rest, or a solid
     /// frame for a peer ([`codec::dense_frame`]).
-    pub(crate) fn payload_as(&self, codec: Dense) -> Option<Vec<u8>> {
+    pub fn payload_as(&self, codec: Dense) -> Option<Vec<u8>> {
         let (tag, frame) = codec::dense_frame(&self.plain, codec)?;
         Some(self.with_table(tag, &frame))
     }
@@ -191,7 +200,7 @@ impl Blocks {
 }
 
 /// A block's member table: (id, plaintext length) in order.
-pub(crate) type Members = Vec<(ChunkId, u32)>;
+pub type Members = Vec<(ChunkId, u32)>;
 /// Decompressed blocks by (pack, offset), newest first.
 type BlockCache = std::collections::VecDeque<((u64, u64), Arc<Vec<u8>>)>;
 
@@ -456,7 +465,7 @@ impl Store {
     }
 
     /// Drops the index snapshot; the next lookup sees every commit so far.
-    pub(crate) fn refresh_view(&self) {
+    pub fn refresh_view(&self) {
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
@@ -543,7 +552,7 @@ impl Store {
     /// `min_level` or above (0: any); `None` when `id` is stored otherwise
     /// or further into its block, or the block is below that level (which
     /// costs a read of its first word only).
-    pub(crate) fn whole_block(&self, id: &ChunkId, min_level: i32) -> Result<Option<(Members, Vec<u8>)>> {
+    pub fn whole_block(&self, id: &ChunkId, min_level: i32) -> Result<Option<(Members, Vec<u8>)>> {
         let Some(loc) = self.locate(id)? else { return Ok(None) };
         if loc.encoding != Encoding::Block || loc.inner != 0 {
             return Ok(None);
@@ -567,7 +576,7 @@ impl Store {
     /// the block's plaintext. A fetcher that asks for each block's members
     /// together and in this order asks for whole blocks, which a provider
     /// sends as they are kept.
-    pub(crate) fn block_layout(&self, ids: &[ChunkId]) -> Result<Vec<(u64, u32)>> {
+    pub fn block_layout(&self, ids: &[ChunkId]) -> Result<Vec<(u64, u32)>> {
         ids.iter()
             .map(|id| {
                 Ok(match self.locate(id)? {
@@ -666,7 +675,7 @@ impl Store {
 
     /// The plaintext of `id` if this store keeps it in a solid block (or
     /// is still collecting one); `None` when it is stored alone.
-    pub(crate) fn member_plain(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
+    pub fn member_plain(&self, id: &ChunkId) -> Result<Option<Vec<u8>>> {
         if let Some(plain) = self.lock_blocks().get(id) {
             return Ok(Some(plain));
         }

@@ -81,3 +81,14 @@ pub fn says_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
         .filter_map(|e| e.downcast_ref::<std::io::Error>())
         .any(|e| e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()))
 }
+
+/// Whether the solid block payload `block` (as [`crate::Store::whole_block`]
+/// returns it) holds a PPMd stream, which a store must never keep at rest.
+pub fn block_is_ppmd(block: &[u8]) -> bool {
+    crate::store::block_level(block) == crate::codec::PPMD_TAG
+}
+
+/// Every chunk id `store`'s index holds.
+pub fn indexed_chunks(store: &crate::Store) -> crate::Result<Vec<crate::ChunkId>> {
+    Ok(store.index_entries()?.into_iter().map(|(id, _)| id).collect())
+}

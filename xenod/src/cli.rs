@@ -565,7 +565,7 @@ pub fn run(args: Args) -> Result<()> {
             })
         }
         Cmd::Allow { node, revoke } => {
-            node.parse::<xenod_store::EndpointId>()
+            node.parse::<xenod_peer::EndpointId>()
                 .map_err(|e| Error::coded(Exit::BadInput, format!("{node:?} is not a node id: {e}")))?;
             let mut c = Config::load(&ctx.data_dir)?;
             c.migrate_from.retain(|n| n != &node);

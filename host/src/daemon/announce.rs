@@ -4,12 +4,12 @@
 //! [`ANNOUNCE_EVERY`], and remembers each presence it hears as a known peer
 //! holding those layers, so a fetch without `--from` knows its providers.
 //! Name records arriving over gossip are stored by the node itself when
-//! their key is trusted here (see the store's `gossip` module).
+//! their key is trusted here (see xenod-peer's `gossip` module).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use xenod_store::PresenceFn;
+use xenod_peer::PresenceFn;
 
 use super::context::Daemon;
 

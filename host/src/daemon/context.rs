@@ -20,17 +20,18 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use xenod_store::{
-    EndpointAddr, Exit, FetchOptions, FetchProgress, Misbehave, Node, NodeOptions, Relay, Snapshot, Stats, Store,
-    Ticket, VerifyingKey, format_peer, parse_peer,
+use xenod_peer::{
+    EndpointAddr, FetchOptions, FetchProgress, Misbehave, Node, NodeOptions, Relay, Snapshot, Stats, Ticket,
+    format_peer, parse_peer,
 };
+use xenod_store::{Exit, Store, VerifyingKey};
 
 use crate::config::{self, Config, RelayConfig};
 use crate::error::{Context, Error, Result};
 
 /// Protocols of the engine's own served on the daemon's endpoint beside
 /// the chunk protocol, by ALPN.
-pub type Protocols = Vec<(Vec<u8>, Box<dyn xenod_store::iroh::protocol::DynProtocolHandler>)>;
+pub type Protocols = Vec<(Vec<u8>, Box<dyn xenod_peer::iroh::protocol::DynProtocolHandler>)>;
 
 pub fn state_path(data_dir: &Path) -> PathBuf {
     data_dir.join("xenod-state.json")
@@ -247,7 +248,7 @@ impl Daemon {
         target: &str,
         from: &[String],
         lazy: bool,
-        progress: Option<xenod_store::ProgressFn>,
+        progress: Option<xenod_peer::ProgressFn>,
     ) -> Result<Value> {
         let mut peers = Self::parse_peers(from)?;
         let layer = if target.starts_with("xenod1") {
@@ -350,7 +351,7 @@ impl Daemon {
 }
 
 /// Calls `f` at most every 200 ms, and always for the last chunk of a phase.
-pub fn throttled(f: impl Fn(&FetchProgress) + Send + Sync + 'static) -> xenod_store::ProgressFn {
+pub fn throttled(f: impl Fn(&FetchProgress) + Send + Sync + 'static) -> xenod_peer::ProgressFn {
     let last = Mutex::new(Instant::now() - Duration::from_secs(1));
     Arc::new(move |p: &FetchProgress| {
         let mut l = last.lock().unwrap_or_else(|e| e.into_inner());

@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use xenod_store::iroh::endpoint::Connection;
-use xenod_store::{ALPN, ChunkId, EndpointAddr, EndpointId, FetchOptions, LayerId, fetch_one, hex};
+use xenod_peer::iroh::endpoint::Connection;
+use xenod_peer::{ALPN, EndpointAddr, EndpointId, FetchOptions, fetch_one};
+use xenod_store::{ChunkId, LayerId, hex};
 
 use super::context::Daemon;
 use crate::err;

@@ -4,7 +4,8 @@
 //! `SwarmPlan`), and each answers with its fetch report.
 
 use serde_json::{Value, json};
-use xenod_store::{Exit, parse_peer, stack_complete};
+use xenod_peer::{parse_peer, stack_complete};
+use xenod_store::Exit;
 
 use super::context::Daemon;
 use crate::bail;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use xenod_store::{Exit, FetchProgress, Ticket, format_peer};
+use xenod_peer::{FetchProgress, Ticket, format_peer};
+use xenod_store::Exit;
 
 use super::context::{Daemon, throttled};
 use crate::api::{Line, Outcome, Request, socket_path};
@@ -27,7 +28,7 @@ pub async fn start(data_dir: &Path, listen: Option<SocketAddr>, embedded: bool) 
 }
 
 /// Answers one API request; `progress` receives fetch progress.
-pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_store::ProgressFn>) -> Result<Value> {
+pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer::ProgressFn>) -> Result<Value> {
     match req {
         Request::Migrate { instance, to, cold, level, live, save } => {
             let mode = match (live, save) {

@@ -53,11 +53,11 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use xenod_cowfs::{CommitCache, DirtySet};
 use xenod_deployer::{DeploySpec, DomainModel, Hypervisor, PortForward, RootMode, default_uri};
-use xenod_store::iroh::endpoint::{Connection, RecvStream, SendStream};
-use xenod_store::iroh::protocol::{AcceptError, ProtocolHandler};
+use xenod_peer::iroh::endpoint::{Connection, RecvStream, SendStream};
+use xenod_peer::iroh::protocol::{AcceptError, ProtocolHandler};
+use xenod_peer::{EndpointAddr, FetchOptions, format_peer, parse_peer};
 use xenod_store::{
-    Chunking, Dense, EndpointAddr, Entry, FetchOptions, FileReader, ImportOptions, Kind, LayerId, LayerWriter, Store,
-    Timestamp, chunk_stream, format_peer, parse_peer,
+    Chunking, Dense, Entry, FileReader, ImportOptions, Kind, LayerId, LayerWriter, Store, Timestamp, chunk_stream,
 };
 
 use statepages::{EncodeStats, PageHashes, PageIndex, Warm};
@@ -99,7 +99,7 @@ const PRECOPY_CODEC: Dense = Dense::Ppmd;
 
 /// Refuses a pre-copy codec a dense request could not carry.
 fn check_level(codec: Dense) -> Result<(), String> {
-    let max = xenod_store::MAX_DENSE_LEVEL;
+    let max = xenod_peer::MAX_DENSE_LEVEL;
     match codec {
         Dense::Zstd(level) if !(1..=max).contains(&level) => Err(format!("level {level} is outside 1..={max}")),
         _ => Ok(()),

@@ -15,7 +15,7 @@ use std::str::FromStr;
 use iroh::{EndpointAddr, EndpointId};
 use serde::{Deserialize, Serialize};
 
-use crate::id::LayerId;
+use xenod_store::LayerId;
 
 const PREFIX: &str = "xenod1";
 /// Guards against a hostile ticket asking for thousands of dials.

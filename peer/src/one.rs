@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use iroh::endpoint::Connection;
 
+use xenod_store::{ChunkId, decode};
+
 use super::PeerError;
 use super::protocol::{Answer, Request, WireError, read_answer};
-use crate::codec::decode;
-use crate::id::ChunkId;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(20);
 

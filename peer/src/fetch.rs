@@ -49,13 +49,11 @@ use tokio::sync::Notify;
 
 use iroh::EndpointId;
 
+use xenod_store::{ChunkId, Error, Extent, Kind, Store};
+
 use super::PeerError;
 use super::protocol::{Answer, Dense, MAX_BATCH, MAX_LAYOUT, Request, WireError, read_answer, read_layout};
 use super::stats::Stats;
-use crate::error::Error;
-use crate::id::ChunkId;
-use crate::manifest::{Extent, Kind};
-use crate::store::Store;
 
 /// Called as chunks arrive.
 pub type ProgressFn = Arc<dyn Fn(&FetchProgress) + Send + Sync>;

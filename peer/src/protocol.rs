@@ -28,12 +28,12 @@
 //! `stored` is the chunk exactly as the provider keeps it at rest (zstd, or
 //! raw when compression did not shrink it), so nothing is recompressed on
 //! either side. Chunks the provider keeps in solid blocks (see
-//! `store.rs`) travel in solid frames: `block` has the layout of a block
-//! record's payload, a member table naming exactly the next `count`
-//! requested ids in order, then one zstd frame of their plaintexts. The
-//! provider compresses the members asked for together (one frame for up to
-//! [`crate::store`]'s block size), and a receiver that needed every member
-//! keeps the block as it came. A dense request (op 4) asks for every chunk
+//! `store/src/store.rs`) travel in solid frames: `block` has the layout of
+//! a block record's payload, a member table naming exactly the next
+//! `count` requested ids in order, then one zstd frame of their
+//! plaintexts. The provider compresses the members asked for together (one
+//! frame for up to the store's [`BLOCK_TARGET`](xenod_store::BLOCK_TARGET)),
+//! and a receiver that needed every member keeps the block as it came. A dense request (op 4) asks for every chunk
 //! in solid frames at a level of the fetcher's choosing (1 to
 //! [`MAX_DENSE_LEVEL`]), chunks kept singly included: for moves where
 //! bytes on the wire are what is short and the provider has CPU to spare
@@ -56,9 +56,8 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::codec::Encoding;
-pub use crate::codec::{Dense, MAX_DENSE_LEVEL};
-use crate::id::ChunkId;
+use xenod_store::{ChunkId, Encoding};
+pub use xenod_store::{Dense, MAX_DENSE_LEVEL};
 
 /// The ALPN of the chunk protocol; a connection for any other is refused
 /// in the TLS handshake.
@@ -68,8 +67,8 @@ pub const MAX_BATCH: usize = 1024;
 /// Most chunk ids in one layout request.
 pub const MAX_LAYOUT: usize = 8192;
 /// Largest chunk plaintext accepted in a frame. Data chunks are at most
-/// [`crate::CDC_MAX`]; a layer root grows with the tree (36 bytes per
-/// manifest chunk), so this leaves room for trees of ~10^8 entries.
+/// [`CDC_MAX`](xenod_store::CDC_MAX); a layer root grows with the tree (36
+/// bytes per manifest chunk), so this leaves room for trees of ~10^8 entries.
 pub const MAX_PLAIN: u32 = 16 << 20;
 /// Largest names answer accepted.
 pub const MAX_NAMES: u32 = 8 << 20;
@@ -88,7 +87,7 @@ const REFUSED: u8 = 3;
 pub const MAX_REFUSAL: usize = 1024;
 /// Largest solid frame accepted: a full block of incompressible members
 /// with its table and zstd's framing.
-pub const MAX_SOLID: u32 = (crate::store::BLOCK_MAX_PLAIN + (MAX_BATCH * 36) + (1 << 20)) as u32;
+pub const MAX_SOLID: u32 = (xenod_store::BLOCK_MAX_PLAIN + (MAX_BATCH * 36) + (1 << 20)) as u32;
 const FRAME_HEADER: usize = 1 + 1 + 4 + 4;
 
 /// A request from a fetcher to a provider.

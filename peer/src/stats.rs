@@ -69,7 +69,7 @@ pub struct Snapshot {
     pub peers: BTreeMap<String, PeerCounters>,
 }
 
-pub(crate) fn now() -> u64 {
+fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 

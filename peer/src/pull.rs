@@ -25,10 +25,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use xenod_store::LayerId;
+
 use super::fetch::{FetchOptions, SwarmPlan};
 use super::ticket::{format_peer, parse_peer};
 use super::{Engine, PeerError};
-use crate::id::LayerId;
 
 /// The ALPN of pull requests.
 pub const PULL_ALPN: &[u8] = b"xenod/pull/1";

@@ -32,10 +32,9 @@ use iroh_gossip::api::{Event, GossipSender};
 use iroh_gossip::{Gossip, TopicId};
 use serde::{Deserialize, Serialize};
 
+use xenod_store::{LayerId, NameRecord, Store};
+
 use super::stats::Stats;
-use crate::id::LayerId;
-use crate::names::NameRecord;
-use crate::store::Store;
 
 /// Largest gossip message sent or accepted.
 pub const MAX_MESSAGE: usize = 64 << 10;

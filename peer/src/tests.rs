@@ -5,10 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use xenod_store::{Chunking, Entry, Extent, Kind, LayerWriter, Timestamp};
+
 use super::*;
-use crate::chunker::Chunking;
-use crate::layer::LayerWriter;
-use crate::manifest::{Entry, Extent, Kind, Timestamp};
 
 fn noise(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -116,7 +115,7 @@ fn complete(store: &Store, top: LayerId) {
 
 /// How the data chunks of `top`'s stack are kept, counted by (in the top
 /// layer, encoding).
-fn encodings(store: &Store, top: LayerId) -> std::collections::HashMap<(bool, crate::Encoding), usize> {
+fn encodings(store: &Store, top: LayerId) -> std::collections::HashMap<(bool, xenod_store::Encoding), usize> {
     let mut out = std::collections::HashMap::new();
     for l in store.stack(&top).unwrap() {
         for e in store.read_layer(&l).unwrap() {
@@ -162,8 +161,8 @@ fn two_providers_share_the_work_and_a_refetch_asks_nothing() {
         // The solid layer's chunks arrived in solid frames and are kept as
         // the blocks they came in; the other layer's chunks stay single.
         let encodings = encodings(c.node.store(), top);
-        assert_eq!(encodings.get(&(true, crate::Encoding::Block)), Some(&16), "{encodings:?}");
-        assert_eq!(encodings.get(&(false, crate::Encoding::Block)), None, "{encodings:?}");
+        assert_eq!(encodings.get(&(true, xenod_store::Encoding::Block)), Some(&16), "{encodings:?}");
+        assert_eq!(encodings.get(&(false, xenod_store::Encoding::Block)), None, "{encodings:?}");
 
         // Resumable: nothing is asked for again, even with no provider up.
         a.node.shutdown().await;
@@ -186,19 +185,19 @@ fn a_full_disk_ends_the_fetch_with_its_error_and_blames_no_provider() {
         let top = publish(&[&a, &b]);
         // About half of the stack fits.
         let small = tempfile::tempdir().unwrap();
-        let disk = crate::testing::Tmpfs::mount(small.path(), "2m");
+        let disk = xenod_store::testing::Tmpfs::mount(small.path(), "2m");
         let dir = tempfile::tempdir_in(small.path()).unwrap();
         let c = host_in(dir, Misbehave::default()).await;
         let err = c.node.fetch(top, &[a.node.addr(), b.node.addr()], small_batches()).await.unwrap_err();
         assert!(matches!(err, PeerError::Store(_)), "not the store's error: {err}");
-        assert!(crate::testing::says_disk_full(&err), "the error does not carry ENOSPC: {err:?}");
+        assert!(xenod_store::testing::says_disk_full(&err), "the error does not carry ENOSPC: {err:?}");
         let snap = c.node.stats().snapshot();
         assert_eq!((snap.totals.peers_dropped, snap.totals.protocol_errors), (0, 0), "{snap:#?}");
         assert!(snap.totals.chunks_received > 0, "the disk filled before anything arrived: {snap:#?}");
         // Every chunk the index holds reads back and verifies: nothing
         // points into the pack that could not be written.
         let s = c.node.store();
-        for (id, _) in s.index_entries().unwrap() {
+        for id in xenod_store::testing::indexed_chunks(s).unwrap() {
             s.get(&id).unwrap();
         }
         // With room again, the same fetch completes from where it stopped.
@@ -213,8 +212,8 @@ fn a_refused_request_is_reported_with_the_providers_reason() {
     rt().block_on(async {
         let (a, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
         let top = publish(&[&a]);
-        let level = crate::MAX_DENSE_LEVEL + 1;
-        let opts = FetchOptions { dense: Some(crate::Dense::Zstd(level)), ..small_batches() };
+        let level = MAX_DENSE_LEVEL + 1;
+        let opts = FetchOptions { dense: Some(xenod_store::Dense::Zstd(level)), ..small_batches() };
         let e = c.node.fetch(top, &[a.node.addr()], opts).await.unwrap_err().to_string();
         assert!(e.contains(&format!("refused the request: dense level {level} is outside 1..=")), "{e}");
         // The provider counts the bad request against the fetcher, which
@@ -230,14 +229,14 @@ fn dense_fetch_sends_single_chunks_in_solid_frames_too() {
     rt().block_on(async {
         let (a, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
         let top = publish(&[&a]);
-        let opts = FetchOptions { dense: Some(crate::Dense::Zstd(9)), ..small_batches() };
+        let opts = FetchOptions { dense: Some(xenod_store::Dense::Zstd(9)), ..small_batches() };
         let rep = c.node.fetch(top, &[a.node.addr()], opts).await.unwrap();
         complete(c.node.store(), top);
         assert!(rep.chunks_fetched > 6 * 16 + 2 * 8, "data and manifest chunks: {rep:?}");
         // Both layers' chunks, kept singly on the provider or not, came in
         // solid frames and are kept as the blocks they came in.
         let encodings = encodings(c.node.store(), top);
-        assert!(encodings.keys().all(|(_, e)| *e == crate::Encoding::Block), "{encodings:?}");
+        assert!(encodings.keys().all(|(_, e)| *e == xenod_store::Encoding::Block), "{encodings:?}");
     });
 }
 
@@ -254,7 +253,7 @@ fn ppmd_dense_fetch_sends_text_in_fewer_bytes_and_keeps_zstd_blocks() {
         for f in 0..3u64 {
             let mut extents = Vec::new();
             for i in 0..12 {
-                let (id, _) = s.put(&crate::testing::log_text(65536, f * 100 + i)).unwrap();
+                let (id, _) = s.put(&xenod_store::testing::log_text(65536, f * 100 + i)).unwrap();
                 extents.push(Extent::Data { id, len: 65536 });
                 ids.push(id);
             }
@@ -263,9 +262,8 @@ fn ppmd_dense_fetch_sends_text_in_fewer_bytes_and_keeps_zstd_blocks() {
         }
         let top = w.finish(None, BTreeMap::new()).unwrap();
         let dense = |codec| FetchOptions { dense: Some(codec), ..small_batches() };
-        let ppmd = c.node.fetch(top, &[a.node.addr()], dense(crate::Dense::Ppmd)).await.unwrap();
-        let zstd =
-            d.node.fetch(top, &[a.node.addr()], dense(crate::Dense::Zstd(crate::MAX_DENSE_LEVEL))).await.unwrap();
+        let ppmd = c.node.fetch(top, &[a.node.addr()], dense(xenod_store::Dense::Ppmd)).await.unwrap();
+        let zstd = d.node.fetch(top, &[a.node.addr()], dense(xenod_store::Dense::Zstd(MAX_DENSE_LEVEL))).await.unwrap();
         assert_eq!(ppmd.chunks_fetched, zstd.chunks_fetched);
         assert!(ppmd.wire_bytes < zstd.wire_bytes * 9 / 10, "PPMd {ppmd:?} against zstd 16 {zstd:?}");
         let kept = c.node.store();
@@ -275,7 +273,7 @@ fn ppmd_dense_fetch_sends_text_in_fewer_bytes_and_keeps_zstd_blocks() {
             assert_eq!(kept.get(id).unwrap(), s.get(id).unwrap());
             if let Some((_, block)) = kept.whole_block(id, 0).unwrap() {
                 blocks += 1;
-                assert_ne!(crate::store::block_level(&block), crate::codec::PPMD_TAG, "a PPMd frame kept at rest");
+                assert!(!xenod_store::testing::block_is_ppmd(&block), "a PPMd frame kept at rest");
             }
         }
         assert!(blocks > 0, "the chunks are kept in solid blocks");
@@ -336,7 +334,7 @@ fn layout_of_many_chunks_is_asked_in_pieces_and_blocks_still_travel_whole() {
         // More ids than one layout request takes; blocks of 512 members
         // made just above the wire level.
         let n = super::protocol::MAX_LAYOUT + 1000;
-        let (top, ids) = layer_of_blocks(a.node.store(), n, 2048, crate::codec::WIRE_LEVEL + 1);
+        let (top, ids) = layer_of_blocks(a.node.store(), n, 2048, xenod_store::WIRE_LEVEL + 1);
         let (same, blocks) = blocks_kept_as_sent(&a, &c, top, &ids).await;
         assert_eq!(blocks, n.div_ceil(512));
         assert_eq!(same, blocks);
@@ -449,14 +447,14 @@ fn names_are_verified_before_they_are_kept() {
             host(Misbehave { forge_names: true, ..Default::default() }).await,
             host(Misbehave::default()).await,
         );
-        let key = crate::generate_key().unwrap();
+        let key = xenod_store::generate_key().unwrap();
         let trusted = [key.verifying_key()];
         let id = ChunkId::of(b"layer");
         for h in [&a, &forger] {
             h.node.store().set_name(&NameRecord::sign(&key, "template://t/os/1", id, 1).unwrap(), &trusted).unwrap();
         }
         // Untrusted: c trusts another key.
-        let other = [crate::generate_key().unwrap().verifying_key()];
+        let other = [xenod_store::generate_key().unwrap().verifying_key()];
         let rep = c.node.fetch_names(&a.node.addr(), &other).await.unwrap();
         assert!(rep.accepted.is_empty() && rep.refused[0].1.contains("not trusted"), "{rep:?}");
         // Forged: bad signature.

@@ -18,11 +18,10 @@ use iroh::protocol::{AcceptError, ProtocolHandler};
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
+use xenod_store::{BLOCK_TARGET, BlockBuf, ChunkId, Dense, Error, Store, WIRE_LEVEL, zstd_level};
+
 use super::protocol::{Answer, Frame, Request, WireError, write_answer, write_layout, write_names, write_refusal};
 use super::stats::Stats;
-use crate::codec::{Dense, WIRE_LEVEL, zstd_level};
-use crate::error::Error;
-use crate::store::{BLOCK_TARGET, BlockBuf, Store};
 
 /// Frames buffered per stream between the pack reader and the network.
 pub const FRAMES_IN_FLIGHT: usize = 8;
@@ -97,7 +96,7 @@ impl Provider {
                     for r in &mut recs {
                         let mut b = *r.id.as_bytes();
                         b[0] ^= 0xff;
-                        r.id = crate::ChunkId::from_bytes(b);
+                        r.id = ChunkId::from_bytes(b);
                     }
                 }
                 let json = serde_json::to_vec(&recs).unwrap_or_default();
@@ -115,7 +114,7 @@ impl Provider {
         &self,
         peer: &str,
         send: &mut SendStream,
-        ids: Vec<crate::ChunkId>,
+        ids: Vec<ChunkId>,
         pack: Pack,
     ) -> Result<(), WireError> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Answer>(FRAMES_IN_FLIGHT);
@@ -141,7 +140,7 @@ impl Provider {
             };
             let mut run = BlockBuf::default();
             let send_run = |run: &mut BlockBuf| -> bool {
-                if run.len() == 0 {
+                if run.is_empty() {
                     return true;
                 }
                 let count = run.len() as u16;
@@ -261,7 +260,7 @@ enum Pack {
 }
 
 /// The answer for a chunk that cannot be served.
-fn absent(id: &crate::ChunkId, e: Error) -> Answer {
+fn absent(id: &ChunkId, e: Error) -> Answer {
     if !matches!(e, Error::ChunkMissing { .. }) {
         tracing::warn!("cannot serve chunk {}: {e}", id.fmt_short());
     }

@@ -1,14 +1,22 @@
-//! Peer transfer: a verified, compressed chunk protocol over iroh.
+//! xenod's peer transfer: a verified, compressed chunk protocol over iroh,
+//! between the [`Store`]s of `xenod-store`.
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | `protocol` | the wire format: requests, chunk frames, limits |
-//! | `provider` | the serving side, with back-pressure |
-//! | `fetch` | multi-provider fetch of a layer stack with work stealing |
-//! | `ticket` | `xenod1...` tickets: a layer id and its providers |
+//! | (root) | [`Node`]: one endpoint serving a store and fetching into it; [`PeerError`], [`stack_complete`] |
+//! | `protocol` | the wire format on [`ALPN`]: requests, chunk frames, limits ([`MAX_BATCH`], [`MAX_PLAIN`]) |
+//! | `provider` | the serving side, with back-pressure ([`FRAMES_IN_FLIGHT`]); [`Misbehave`] test hooks |
+//! | `fetch` | multi-provider fetch of a layer stack with work stealing: [`FetchOptions`], [`FetchReport`] |
+//! | `one` | [`fetch_one`]: a single chunk, now, for a lazily deployed reader |
+//! | `ticket` | `xenod1...` [`Ticket`]s: a layer id and its providers; [`parse_peer`], [`format_peer`] |
 //! | `pull` | fan-out: asking other nodes to fetch a stack, on [`PULL_ALPN`] |
-//! | `gossip` | signed name records and presence (who holds which layer) over iroh-gossip |
-//! | `stats` | counters of served, fetched and refused chunks, per peer |
+//! | `gossip` | signed name records and [`Presence`] (who holds which layer) over iroh-gossip |
+//! | `stats` | [`Stats`]: counters of served, fetched and refused chunks, per peer |
+//!
+//! The store below is synchronous; everything here runs on tokio, and the
+//! store's blocking calls go through `spawn_blocking`. [`iroh`] is
+//! re-exported for protocols of their own on a [`Node`]'s endpoint
+//! ([`Node::spawn_with`]).
 //!
 //! A [`Node`] is one iroh endpoint (node key = an ed25519 key, like a
 //! publisher key) that serves this store on [`ALPN`] and fetches from
@@ -60,13 +68,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ed25519_dalek::VerifyingKey;
 use iroh::address_lookup::memory::MemoryLookup;
 use iroh::endpoint::{PortmapperConfig, presets};
 use iroh::protocol::Router;
 use iroh::{Endpoint, RelayMode, SecretKey, TransportAddr};
 use serde::Serialize;
+use xenod_store::{ChunkId, Error, LayerId, MAX_STACK, NameRecord, Store, VerifyingKey};
 
+/// The transport, for protocols of their own on a [`Node`]'s endpoint.
+pub use iroh;
 /// Node ids and dialable addresses, as iroh defines them.
 pub use iroh::{EndpointAddr, EndpointId};
 
@@ -81,11 +91,6 @@ pub use pull::{MAX_MEMBERS, PULL_ALPN, PullOutcome, PullPolicy};
 pub use stats::{Counters, PeerCounters, Snapshot, Stats};
 pub use ticket::{Ticket, TicketError, format_peer, parse_peer};
 
-use crate::error::Error;
-use crate::id::{ChunkId, LayerId};
-use crate::layer::{LayerInfo, MAX_STACK};
-use crate::names::NameRecord;
-use crate::store::{LAYERS, Store};
 use fetch::{ProviderConn, Swarm, missing_data_chunks, missing_manifest_chunks, ms, order_for_swarm};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -438,7 +443,8 @@ impl Engine {
             stack.push(cur);
             match root.base {
                 Some(b) if stack.len() >= MAX_STACK => {
-                    return Err(Error::manifest(b, format!("stack deeper than {MAX_STACK} layers")).into());
+                    let why = format!("stack deeper than {MAX_STACK} layers");
+                    return Err(Error::Manifest { layer: b.to_string(), why }.into());
                 }
                 Some(b) => cur = b,
                 None => break,
@@ -462,7 +468,7 @@ impl Engine {
         }
         let udp_bytes = swarm.close();
 
-        record_layers(&self.store, &stack, manifests_only)?;
+        self.store.record_layers(&stack, manifests_only)?;
         Ok(FetchReport {
             layer: layer.to_string(),
             stack: stack.iter().map(|s| s.to_string()).collect(),
@@ -543,34 +549,4 @@ pub fn stack_complete(store: &Store, top: &LayerId) -> Result<bool, Error> {
         return Ok(false);
     }
     Ok(missing_data_chunks(store, &stack)?.0.is_empty())
-}
-
-/// Remembers fetched layers like published ones, so `ls` and id prefixes
-/// find them; `partial` when only their manifests came (a lazy fetch). A
-/// later whole fetch marks a partial layer complete.
-fn record_layers(store: &Store, stack: &[LayerId], partial: bool) -> Result<(), Error> {
-    let have: std::collections::HashMap<LayerId, LayerInfo> = store.layers()?.into_iter().collect();
-    let txn = store.begin_write()?;
-    {
-        let mut t = txn.open_table(LAYERS).map_err(|e| store.db_err(e))?;
-        for id in stack {
-            let info = match have.get(id) {
-                Some(info) if info.partial && !partial => LayerInfo { partial: false, ..info.clone() },
-                Some(_) => continue,
-                None => {
-                    let root = store.layer_root(id)?;
-                    LayerInfo {
-                        base: root.base,
-                        entries: root.entries,
-                        file_bytes: root.file_bytes,
-                        created: stats::now(),
-                        partial,
-                    }
-                }
-            };
-            let bytes = serde_json::to_vec(&info).unwrap_or_default();
-            t.insert(id.as_bytes(), bytes.as_slice()).map_err(|e| store.db_err(e))?;
-        }
-    }
-    txn.commit().map_err(|e| store.db_err(e))
 }
