@@ -218,3 +218,155 @@ pub fn fetch_chunk(data_dir: &Path, id: &ChunkId) -> std::result::Result<Vec<u8>
     }
     Err("the daemon closed the connection without an answer".into())
 }
+
+/// Layer ids in reports as their 64 hex digits (serde's own form of an id
+/// is an array of bytes): `#[serde(with = "crate::api::hex_id")]`.
+pub mod hex_id {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use xenod_store::LayerId;
+
+    pub fn serialize<S: Serializer>(id: &LayerId, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(id)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<LayerId, D::Error> {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
+
+    /// The same for an optional id.
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(id: &Option<LayerId>, s: S) -> Result<S::Ok, S::Error> {
+            match id {
+                Some(id) => s.collect_str(id),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LayerId>, D::Error> {
+            Option::<String>::deserialize(d)?.map(|s| s.parse().map_err(D::Error::custom)).transpose()
+        }
+    }
+}
+
+/// The result of each request, by its `op`. Every field is named in the
+/// reply; a client reading one of another version fails on the field it
+/// misses instead of taking a default.
+pub mod reply {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use serde::{Deserialize, Serialize};
+    use xenod_peer::{Counters, FetchReport, PeerCounters, PullOutcome};
+
+    use crate::daemon::KnownPeer;
+    pub use crate::migrate::MigrationReport as Migrate;
+    pub use crate::migrate::policy::FetchReply;
+
+    /// `status`: this host's node, counters and peers; `gossip` and
+    /// `lazy_fetches` only from a running daemon.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Status {
+        pub node: String,
+        pub addr: Option<String>,
+        pub data_dir: String,
+        pub daemon: bool,
+        pub counters: Counters,
+        pub peers: BTreeMap<String, PeerCounters>,
+        pub known_peers: BTreeMap<String, KnownPeer>,
+        pub shared: BTreeSet<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub gossip: Option<Gossip>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub lazy_fetches: Option<BTreeMap<String, String>>,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Gossip {
+        pub joined: bool,
+        pub presences: usize,
+    }
+
+    /// `share`: a ticket for the layer, served by this daemon.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Share {
+        pub layer: String,
+        pub node: String,
+        pub addr: String,
+        pub ticket: String,
+    }
+
+    /// `fetch`: the fetch's report; `lazy`: file data follows in the
+    /// background.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    pub struct Fetch {
+        #[serde(flatten)]
+        pub report: FetchReport,
+        pub lazy: bool,
+    }
+
+    /// `chunk`: the chunk's plaintext, hex.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Chunk {
+        pub data: String,
+    }
+
+    /// `names`: what each peer's name records came to.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Names {
+        pub peers: Vec<PeerNames>,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct PeerNames {
+        pub peer: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub accepted: Option<Vec<String>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub unchanged: Option<usize>,
+        /// `(name, why)`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub refused: Option<Vec<(String, String)>>,
+        /// Asking this peer failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub error: Option<String>,
+    }
+
+    /// `replicate`: each target's outcome.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    pub struct Replicate {
+        pub layer: String,
+        pub elapsed_ms: u64,
+        pub targets: Vec<PullOutcome>,
+    }
+
+    /// `shutdown`.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Shutdown {
+        pub stopping: bool,
+    }
+
+    /// `checkpoint`: the checkpoint layer and its state layer.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Checkpoint {
+        pub checkpoint: String,
+        pub state: String,
+        pub instance: String,
+        pub new_chunks: u64,
+        pub state_chunks: u64,
+        pub live: bool,
+        pub paused_seconds: f64,
+        pub seconds: f64,
+    }
+
+    /// `restore`: the instance as it runs, and where.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    pub struct Restore {
+        pub restored: crate::migrate::policy::Adopted,
+        /// "here", or the peer.
+        pub on: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub fetch: Option<FetchReply>,
+    }
+}

@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iroh::endpoint::Connection;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use iroh::EndpointId;
@@ -156,7 +156,7 @@ impl std::fmt::Debug for FetchOptions {
 }
 
 /// What one provider contributed to a fetch.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ProviderReport {
     pub node: String,
     pub chunks: u64,
@@ -165,12 +165,12 @@ pub struct ProviderReport {
     pub duplicates: u64,
     pub bad_chunks: u64,
     /// Why it was dropped, if it was.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropped: Option<String>,
 }
 
 /// The outcome of a fetch.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct FetchReport {
     pub layer: String,
     /// The stack, template first.

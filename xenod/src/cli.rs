@@ -470,6 +470,9 @@ impl Ctx {
     }
 }
 
+/// Runs one subcommand. One piece on purpose: one short arm per
+/// subcommand, so the table of what each command calls and prints reads in
+/// one place; the longer ones are functions of their own.
 pub fn run(args: Args) -> Result<()> {
     // Absolute, so paths handed to libvirt and to the filesystem process
     // (which run elsewhere) mean the same directory.
@@ -534,7 +537,7 @@ pub fn run(args: Args) -> Result<()> {
         Cmd::Migrate { name, to, cold, level, live, save } => {
             let req = Request::Migrate { instance: name, to, cold, level, live, save };
             let v = client::request(&ctx.data_dir, req, &ctx.watcher("migrating"))?;
-            ctx.out(v.clone(), || xenod_host::migrate::describe(&v))
+            ctx.out(v.clone(), || describe_migration(&v))
         }
         Cmd::Checkpoint { name, label } => {
             let v = client::request(
@@ -699,6 +702,36 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
     }
+}
+
+/// A migration report for people.
+fn describe_migration(v: &serde_json::Value) -> String {
+    let mib = |b: &serde_json::Value| format!("{:.1} MiB", b.as_u64().unwrap_or(0) as f64 / (1 << 20) as f64);
+    let mut out = format!(
+        "{} moved to {}{}: {} sent, guest down {:.2} s, {:.2} s in all",
+        v["instance"].as_str().unwrap_or(""),
+        v["to"].as_str().unwrap_or(""),
+        if v["cold"] == true { " (cold)" } else { "" },
+        mib(&v["wire_bytes"]),
+        v["downtime_seconds"].as_f64().unwrap_or(0.0),
+        v["total_seconds"].as_f64().unwrap_or(0.0)
+    );
+    for p in v["phases"].as_array().into_iter().flatten() {
+        let wire = p["wire_bytes"].as_u64().or_else(|| p["fetch"]["wire_bytes"].as_u64());
+        out.push_str(&format!(
+            "\n  {:<14} {:>7.2} s{}",
+            p["phase"].as_str().unwrap_or(""),
+            p["seconds"].as_f64().unwrap_or(0.0),
+            wire.map(|w| format!("  {}", mib(&json!(w)))).unwrap_or_default()
+        ));
+        if let Some(r) = p["rounds"].as_array() {
+            out.push_str(&format!(" in {} rounds", r.len()));
+        }
+    }
+    if let Some(port) = v["port"].as_u64() {
+        out.push_str(&format!("\n  serving on the target's port {port}"));
+    }
+    out
 }
 
 fn human(n: u64) -> String {

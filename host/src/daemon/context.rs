@@ -38,7 +38,7 @@ pub fn state_path(data_dir: &Path) -> PathBuf {
 }
 
 /// A peer this host has exchanged layers with.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KnownPeer {
     pub addrs: Vec<SocketAddr>,
     /// Unix seconds.

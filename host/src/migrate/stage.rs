@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::{Value, json};
-use xenod_deployer::{Hypervisor, Incoming};
+use xenod_deployer::{Hypervisor, Incoming, LiveMigration, StagedGuest};
 use xenod_store::{Extent, Kind, LayerId, Store, cmp_paths};
 
 use super::statepages::{self, Warm};
