@@ -38,13 +38,11 @@ use crate::cache::{ChunkCache, read_lower};
 use crate::error::{Errno, Error, FsResult, Result, io_errno};
 use crate::filecache::{FileCache, Key};
 use crate::lower::{LKind, LowerTree};
+use crate::overlay::{OPAQUE, PARTIAL, REDIRECT, getxattr_path, is_whiteout, list_xattrs, private_xattr};
 use crate::partial::{DirtyMap, Partial};
 use crate::readahead::ReadAhead;
 use crate::track::{DirtySet, Tracker};
 
-pub(crate) const OPAQUE: &str = "trusted.overlay.opaque";
-pub(crate) const REDIRECT: &str = "trusted.overlay.redirect";
-pub(crate) const PARTIAL: &str = "trusted.xenod.partial";
 /// xenod's work area in the upper root, hidden in the union.
 pub const WORK_DIR: &str = ".xenod";
 /// Lower files at least this large copy up block by block.
@@ -172,15 +170,6 @@ fn st_time(secs: i64, nanos: u64) -> SystemTime {
     ts(Timestamp { secs, nanos: nanos as u32 })
 }
 
-fn is_whiteout(st: &Stat) -> bool {
-    FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice && st.st_rdev == 0
-}
-
-/// Upper xattrs the union neither shows nor lets be set.
-pub(crate) fn private_xattr(name: &[u8]) -> bool {
-    name.starts_with(b"trusted.overlay.") || name.starts_with(b"trusted.xenod.")
-}
-
 pub(crate) fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     let mut p = parent.to_vec();
     if !p.is_empty() {
@@ -188,42 +177,6 @@ pub(crate) fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     }
     p.extend_from_slice(name);
     p
-}
-
-pub(crate) fn getxattr_path(p: &Path, name: &str) -> FsResult<Option<Vec<u8>>> {
-    let mut buf = vec![0u8; 256];
-    loop {
-        match rustix::fs::lgetxattr(p, name, &mut buf) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(Some(buf));
-            }
-            Err(Errno::RANGE) => buf.resize(buf.len() * 16, 0),
-            Err(Errno::NODATA) | Err(Errno::NOTSUP) => return Ok(None),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-pub(crate) fn list_xattrs(p: &Path) -> FsResult<Vec<Xattr>> {
-    let mut names = vec![0u8; 1024];
-    let n = loop {
-        match rustix::fs::llistxattr(p, &mut names) {
-            Ok(n) => break n,
-            Err(Errno::RANGE) => names.resize(names.len() * 16, 0),
-            Err(Errno::NOTSUP) => return Ok(vec![]),
-            Err(e) => return Err(e),
-        }
-    };
-    let mut out = Vec::new();
-    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let Ok(s) = std::str::from_utf8(name) else { continue };
-        if let Some(value) = getxattr_path(p, s)? {
-            out.push(Xattr { name: name.to_vec(), value });
-        }
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
 }
 
 impl Union {
