@@ -14,7 +14,7 @@
 //! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] | error, lower |
 //! | `readahead` | decodes the lower files after one being read, in walk (and pack) order, for tar-like walks | lower, cache |
 //! | `track` | [`DirtySet`]: blocks and paths written since the last drain, over a control socket | error |
-//! | `union` | [`Union`]: lookup, readdir merge, copy-up, whiteouts, rename, xattrs | all of the above |
+//! | `union` | [`Union`]: lookup, readdir merge, copy-up, whiteouts, rename, xattrs (a directory module, its files mapped in its doc) | all of the above |
 //! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union`; kernel caching, FUSE passthrough, read-only mounts without OPEN requests ([`CowFs::no_open`]), and FUSE over io_uring (the transport itself is in `vendor/fuser`) | filecache, union |
 //! | `mount` | [`mount`], [`serve`], [`unmount`]: sessions on a mountpoint | error, lower, filecache, track, union, fs |
 //! | `flatten` | [`flatten`]: partial files made whole, so the kernel's overlayfs can mount an upper | error, overlay, lower, union |
