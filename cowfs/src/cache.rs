@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use xenod_store::{ChunkId, Extent, Store};
+use xenod_store::{ChunkId, Store};
 
-use crate::lower::FileData;
+use crate::lower::{FileData, ReadError};
 
 /// Decoded chunks, least recently used evicted first, bounded in bytes.
 pub(crate) struct ChunkCache {
@@ -104,13 +104,9 @@ impl ChunkCache {
     }
 }
 
-/// A failed lower read: the chunk that could not be had (none for a file
-/// of a host directory) and why.
-pub(crate) type ReadError = (Option<ChunkId>, xenod_store::Error);
-
-/// Reads `buf.len()` bytes of `f` at `off` (clipped to the file's size);
-/// returns how many were read. A chunk that cannot be had fails the read
-/// with its id.
+/// Reads `buf.len()` bytes of `f` at `off` (clipped to the file's size)
+/// through `cache`; returns how many were read. A chunk that cannot be had
+/// fails the read with its id.
 pub(crate) fn read_lower(
     store: &Store,
     cache: &ChunkCache,
@@ -118,53 +114,5 @@ pub(crate) fn read_lower(
     off: u64,
     buf: &mut [u8],
 ) -> Result<usize, ReadError> {
-    if off >= f.size {
-        return Ok(0);
-    }
-    let end = (off + buf.len() as u64).min(f.size);
-    if let Some(h) = &f.host {
-        let io = |source| (None, xenod_store::Error::Io { what: "reading", path: h.to_path_buf(), source });
-        let file = std::fs::File::open(h).map_err(io)?;
-        let want = &mut buf[..(end - off) as usize];
-        // A host file that shrank since the mount reads as zeros past its end.
-        let mut done = 0;
-        while done < want.len() {
-            match std::os::unix::fs::FileExt::read_at(&file, &mut want[done..], off + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io(e)),
-            }
-        }
-        want[done..].fill(0);
-        return Ok(want.len());
-    }
-    let mut pos = off;
-    let mut i = f.extent_at(off);
-    while pos < end {
-        let start = f.starts[i];
-        let e = f.extents[i];
-        let in_ext = (pos - start) as usize;
-        let n = ((start + e.len()).min(end) - pos) as usize;
-        let out = &mut buf[(pos - off) as usize..(pos - off) as usize + n];
-        match e {
-            Extent::Hole { .. } => out.fill(0),
-            Extent::Data { id, len } => {
-                let data = cache.get(store, &id).map_err(|err| (Some(id), err))?;
-                if data.len() != len as usize {
-                    return Err((
-                        Some(id),
-                        xenod_store::Error::ChunkCorrupt {
-                            id,
-                            why: format!("{} bytes, manifest says {len}", data.len()),
-                        },
-                    ));
-                }
-                out.copy_from_slice(&data[in_ext..in_ext + n]);
-            }
-        }
-        pos += n as u64;
-        i += 1;
-    }
-    Ok((end - off) as usize)
+    f.read(off, buf, |id| cache.get(store, id))
 }

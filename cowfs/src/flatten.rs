@@ -18,7 +18,8 @@ use xenod_store::{BLOCK, LayerId, Store, is_zero};
 
 use crate::error::{Error, Result};
 use crate::lower::LowerTree;
-use crate::union::{PARTIAL, Union, WORK_DIR, getxattr_path};
+use crate::overlay::{PARTIAL, getxattr_path};
+use crate::union::{Union, WORK_DIR};
 
 /// What [`flatten`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

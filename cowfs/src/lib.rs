@@ -1,18 +1,24 @@
 //! cowfs: the FUSE union copy-on-write filesystem over store layers.
 //!
-//! | module | what it holds |
-//! |---|---|
-//! | `lower` | [`LowerTree`]: the union of a layer stack (with the layers `.mount` files add, and read-only host directories), in memory for the mount's life |
-//! | `cache` | a bounded LRU of decoded chunks; lower reads by extent binary search |
-//! | `filecache` | whole lower files materialised on local disk (shared by every mount of a store, bounded), for passthrough (and for reads on mounts without opens) |
-//! | `union` | [`Union`]: lookup, readdir merge, copy-up, whiteouts, rename, xattrs |
-//! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] |
-//! | `readahead` | decodes the lower files after one being read, in walk (and pack) order, for tar-like walks |
-//! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union`; kernel caching, FUSE passthrough, read-only mounts without OPEN requests ([`CowFs::no_open`]), and FUSE over io_uring (the transport itself is in `vendor/fuser`) |
-//! | `mount` | [`mount`], [`serve`], [`unmount`]: sessions on a mountpoint |
-//! | `track` | [`DirtySet`]: blocks and paths written since the last drain, over a control socket |
-//! | `flatten` | [`flatten`]: partial files made whole, so the kernel's overlayfs can mount an upper |
-//! | `commit` | [`commit`]: an upper directory over a stack becomes a new layer |
+//! Modules, lowest first. The rule: no module imports one above it (each
+//! uses only those listed before it), so each can be read, and tested,
+//! knowing only what is above it in this list.
+//!
+//! | module | what it holds | uses |
+//! |---|---|---|
+//! | `error` | [`Error`], and the errno results of filesystem operations | |
+//! | `overlay` | overlayfs's on-disk conventions: the xattrs marking opaque, moved and partial objects, whiteouts, reading a path's xattrs | error |
+//! | `lower` | [`LowerTree`]: the union of a layer stack (with the layers `.mount` files add, and read-only host directories), in memory for the mount's life; reading a lower file's extents | error, overlay |
+//! | `cache` | a bounded LRU of decoded chunks; lower reads through it | lower |
+//! | `filecache` | whole lower files materialised on local disk (shared by every mount of a store, bounded), for passthrough (and for reads on mounts without opens) | error, lower |
+//! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] | error, lower |
+//! | `readahead` | decodes the lower files after one being read, in walk (and pack) order, for tar-like walks | lower, cache |
+//! | `track` | [`DirtySet`]: blocks and paths written since the last drain, over a control socket | error |
+//! | `union` | [`Union`]: lookup, readdir merge, copy-up, whiteouts, rename, xattrs (a directory module, its files mapped in its doc) | all of the above |
+//! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union`; kernel caching, FUSE passthrough, read-only mounts without OPEN requests ([`CowFs::no_open`]), and FUSE over io_uring (the transport itself is in `vendor/fuser`) | filecache, union |
+//! | `mount` | [`mount`], [`serve`], [`unmount`]: sessions on a mountpoint | error, lower, filecache, track, union, fs |
+//! | `flatten` | [`flatten`]: partial files made whole, so the kernel's overlayfs can mount an upper | error, overlay, lower, union |
+//! | `commit` | [`commit`]: an upper directory over a stack becomes a new layer | error, lower, partial, track, union |
 //!
 //! Semantics follow Linux overlayfs (with `redirect_dir=on`), and the upper
 //! directory uses its on-disk conventions, so the same upper can be mounted
@@ -29,6 +35,7 @@ mod flatten;
 mod fs;
 mod lower;
 mod mount;
+mod overlay;
 mod partial;
 mod readahead;
 mod track;

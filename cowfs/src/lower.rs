@@ -42,9 +42,12 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use xenod_store::{Chunking, Entry, Extent, Kind, LayerId, Merged, Source, Store, Timestamp, Xattr, file_name};
+use xenod_store::{
+    ChunkId, Chunking, Entry, Extent, Kind, LayerId, Merged, Source, Store, Timestamp, Xattr, file_name,
+};
 
 use crate::error::{Error, Result};
+use crate::overlay::{OPAQUE, getxattr_path, list_xattrs, private_xattr};
 
 /// The file whose lines name layers to overlay on its directory.
 pub const MOUNT_FILE: &str = ".mount";
@@ -68,6 +71,10 @@ pub(crate) enum LKind {
     Fifo,
     Socket,
 }
+
+/// A failed lower read: the chunk that could not be had (none for a file
+/// of a host directory) and why.
+pub(crate) type ReadError = (Option<ChunkId>, xenod_store::Error);
 
 /// A lower file's contents: extents with their start offsets, for binary
 /// search by offset.
@@ -99,6 +106,66 @@ impl FileData {
             Ok(i) => i,
             Err(i) => i.saturating_sub(1),
         }
+    }
+
+    /// Reads `buf.len()` bytes at `off` (clipped to the file's size), the
+    /// chunks from `chunk`; returns how many were read. A chunk that cannot
+    /// be had fails the read with its id.
+    pub fn read(
+        &self,
+        off: u64,
+        buf: &mut [u8],
+        mut chunk: impl FnMut(&ChunkId) -> xenod_store::Result<Arc<Vec<u8>>>,
+    ) -> Result<usize, ReadError> {
+        if off >= self.size {
+            return Ok(0);
+        }
+        let end = (off + buf.len() as u64).min(self.size);
+        if let Some(h) = &self.host {
+            let io = |source| (None, xenod_store::Error::Io { what: "reading", path: h.to_path_buf(), source });
+            let file = std::fs::File::open(h).map_err(io)?;
+            let want = &mut buf[..(end - off) as usize];
+            // A host file that shrank since the mount reads as zeros past its end.
+            let mut done = 0;
+            while done < want.len() {
+                match file.read_at(&mut want[done..], off + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            want[done..].fill(0);
+            return Ok(want.len());
+        }
+        let mut pos = off;
+        let mut i = self.extent_at(off);
+        while pos < end {
+            let start = self.starts[i];
+            let e = self.extents[i];
+            let in_ext = (pos - start) as usize;
+            let n = ((start + e.len()).min(end) - pos) as usize;
+            let out = &mut buf[(pos - off) as usize..(pos - off) as usize + n];
+            match e {
+                Extent::Hole { .. } => out.fill(0),
+                Extent::Data { id, len } => {
+                    let data = chunk(&id).map_err(|err| (Some(id), err))?;
+                    if data.len() != len as usize {
+                        return Err((
+                            Some(id),
+                            xenod_store::Error::ChunkCorrupt {
+                                id,
+                                why: format!("{} bytes, manifest says {len}", data.len()),
+                            },
+                        ));
+                    }
+                    out.copy_from_slice(&data[in_ext..in_ext + n]);
+                }
+            }
+            pos += n as u64;
+            i += 1;
+        }
+        Ok((end - off) as usize)
     }
 
     /// Whether every data extent is one aligned block, so a block of the
@@ -218,8 +285,7 @@ impl LowerTree {
                 file.read_exact_at(&mut text, 0).map_err(Error::io("reading", &**h))?;
             }
             None => {
-                let cache = crate::cache::ChunkCache::new(MOUNT_FILE_MAX as usize);
-                crate::cache::read_lower(store, &cache, f, 0, &mut text).map_err(|(_, e)| e)?;
+                f.read(0, &mut text, |id| store.get(id).map(Arc::new)).map_err(|(_, e)| e)?;
             }
         }
         let text = String::from_utf8(text).map_err(|_| bad("not UTF-8 text".into()))?;
@@ -475,14 +541,13 @@ impl HostDir {
         let path = if rel.is_empty() { self.root.clone() } else { self.root.join(std::ffi::OsStr::from_bytes(&rel)) };
         let md = std::fs::symlink_metadata(&path).map_err(Self::io("reading", &path))?;
         let ft = md.file_type();
-        let xattrs: Vec<Xattr> = crate::union::list_xattrs(&path)
+        let xattrs: Vec<Xattr> = list_xattrs(&path)
             .map_err(|e| Self::io("reading xattrs of", &path)(e.into()))?
             .into_iter()
-            .filter(|x| !crate::union::private_xattr(&x.name))
+            .filter(|x| !private_xattr(&x.name))
             .collect();
         let mut kind = if ft.is_dir() {
-            let opaque =
-                crate::union::getxattr_path(&path, crate::union::OPAQUE).ok().flatten().is_some_and(|v| v == b"y");
+            let opaque = getxattr_path(&path, OPAQUE).ok().flatten().is_some_and(|v| v == b"y");
             self.open.push((rel.clone(), Self::names(&path)?));
             Kind::Dir { opaque }
         } else {

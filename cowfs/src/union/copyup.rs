@@ -1,0 +1,196 @@
+//! Copy-up: a lower object made present in the upper directory (parents
+//! first) before anything changes it.
+//!
+//! The copy is built in the work area and renamed into place, so the upper
+//! never shows a half-copied object. Lower files of at least
+//! [`Union::block_copy_min`] bytes (not of host directories), and non-empty
+//! fixed-chunked ones, become partial files instead (see `partial`). The
+//! other names of a lower hardlink set that the union still shows are linked
+//! to the copy, so they stay one file.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+use rustix::fs::{AtFlags, FileType, Mode, RenameFlags, XattrFlags};
+use xenod_store::{Extent, Timestamp, Xattr};
+
+use crate::error::{Errno, FsResult, io_errno};
+use crate::lower::LKind;
+use crate::overlay::{PARTIAL, private_xattr};
+use crate::partial::DirtyMap;
+
+use super::{State, Union};
+
+impl Union {
+    /// Makes `ino` present in the upper directory (and its parents).
+    pub(super) fn copy_up(&self, st: &mut State, ino: u64) -> FsResult<()> {
+        let node = Self::inode(st, ino)?;
+        if node.upper {
+            return Ok(());
+        }
+        self.upper_root()?;
+        let (parent, _) = node.names.first().cloned().ok_or(Errno::NOENT)?;
+        let l = node.lower.ok_or(Errno::IO)?;
+        self.copy_up(st, parent)?;
+        let dst = self.node_upath(st, ino)?;
+        let tmp = self.stage_path(st)?;
+        let partial = if self.is_large(l) {
+            Some(self.stage_partial(l, &tmp)?)
+        } else {
+            if let Err(e) = self.materialize(l, &tmp) {
+                let _ = std::fs::remove_file(&tmp).or_else(|_| std::fs::remove_dir(&tmp));
+                return Err(e);
+            }
+            None
+        };
+        rustix::fs::renameat_with(rustix::fs::CWD, &tmp, rustix::fs::CWD, &dst, RenameFlags::NOREPLACE)?;
+        let partial = match partial {
+            Some(upper_ino) => {
+                let lp = self.lower.path(self.lower.data_node(l));
+                Some(self.open_partial(&dst, upper_ino, l, lp)?)
+            }
+            None => None,
+        };
+        let node = Self::inode_mut(st, ino)?;
+        node.upper = true;
+        node.partial = partial;
+        // Keep the lower hardlink set together: link its other names.
+        if self.lower.link_set(l).len() > 1 {
+            let s = rustix::fs::statat(rustix::fs::CWD, &dst, AtFlags::SYMLINK_NOFOLLOW)?;
+            st.by_upper.insert(s.st_ino, ino);
+            let names = Self::inode(st, ino)?.names.clone();
+            for other in self.lower.link_set(l) {
+                let p = self.lower.path(other);
+                if self.resolve_path(st, &p).ok().flatten() != Some(ino) {
+                    continue;
+                }
+                let Some(pp) = xenod_store::parent(&p) else { continue };
+                let Ok(Some(pino)) = self.resolve_path(st, pp) else { continue };
+                if names.first().is_some_and(|(np, nn)| *np == pino && nn.as_slice() == xenod_store::file_name(&p)) {
+                    continue;
+                }
+                if self.copy_up(st, pino).is_err() {
+                    continue;
+                }
+                if let Ok(to) = self.upath(&p)
+                    && rustix::fs::link(&dst, &to).is_err()
+                {
+                    tracing::warn!(path = %to.display(), "could not keep hardlink with copied-up file");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn is_large(&self, l: u32) -> bool {
+        // Host files copy up whole: block copy-up reads the lower file's extents.
+        self.lower.file(l).is_some_and(|f| {
+            f.host.is_none() && f.size >= self.block_copy_min
+                || (f.chunking == xenod_store::Chunking::Fixed && f.size > 0)
+        })
+    }
+
+    /// Writes lower node `l`'s object, with its metadata, at `dst`.
+    fn materialize(&self, l: u32, dst: &Path) -> FsResult<()> {
+        let d = self.lower.data_node(l);
+        let n = self.lower.node(d);
+        let mut symlink = false;
+        match &n.kind {
+            LKind::Dir { .. } => rustix::fs::mkdir(dst, Mode::from_raw_mode(0o700))?,
+            LKind::File(f) => {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(dst)
+                    .map_err(|e| io_errno(&e))?;
+                if let Some(h) = &f.host {
+                    let mut src = std::fs::File::open(h).map_err(|e| {
+                        tracing::error!(path = %h.display(), "copy-up: {e}");
+                        io_errno(&e)
+                    })?;
+                    std::io::copy(&mut src, &mut &file).map_err(|e| io_errno(&e))?;
+                }
+                for (e, &start) in f.extents.iter().zip(f.starts.iter()) {
+                    if let Extent::Data { id, .. } = e {
+                        let data = self.store.get(id).map_err(|err| {
+                            tracing::error!(chunk = %id, path = %xenod_store::display_path(&self.lower.path(d)), "copy-up: {err}");
+                            Errno::IO
+                        })?;
+                        file.write_all_at(&data, start).map_err(|e| io_errno(&e))?;
+                    }
+                }
+                file.set_len(f.size).map_err(|e| io_errno(&e))?;
+            }
+            LKind::Symlink(t) => {
+                rustix::fs::symlink(OsStr::from_bytes(t), dst)?;
+                symlink = true;
+            }
+            LKind::CharDev(r) => {
+                rustix::fs::mknodat(rustix::fs::CWD, dst, FileType::CharacterDevice, Mode::from_raw_mode(0o600), *r)?
+            }
+            LKind::BlockDev(r) => {
+                rustix::fs::mknodat(rustix::fs::CWD, dst, FileType::BlockDevice, Mode::from_raw_mode(0o600), *r)?
+            }
+            LKind::Fifo => rustix::fs::mknodat(rustix::fs::CWD, dst, FileType::Fifo, Mode::from_raw_mode(0o600), 0)?,
+            LKind::Socket => {
+                rustix::fs::mknodat(rustix::fs::CWD, dst, FileType::Socket, Mode::from_raw_mode(0o600), 0)?
+            }
+            LKind::Hardlink(_) => return Err(Errno::IO),
+        }
+        self.set_meta(dst, n.mode, n.uid, n.gid, &n.xattrs, n.mtime, symlink)
+    }
+
+    /// Creates a partial file for lower `l` at `tmp`; returns its upper inode number.
+    fn stage_partial(&self, l: u32, tmp: &Path) -> FsResult<u64> {
+        let d = self.lower.data_node(l);
+        let n = self.lower.node(d);
+        let f = self.lower.file(d).ok_or(Errno::IO)?;
+        let file =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(tmp).map_err(|e| io_errno(&e))?;
+        file.set_len(f.size).map_err(|e| io_errno(&e))?;
+        let s = rustix::fs::fstat(&file)?;
+        DirtyMap::new(f.size).store(&self.map_path(s.st_ino)?, false).map_err(|e| io_errno(&e))?;
+        rustix::fs::lsetxattr(tmp, PARTIAL, &self.lower.path(d), XattrFlags::empty())?;
+        self.set_meta(tmp, n.mode, n.uid, n.gid, &n.xattrs, n.mtime, false)?;
+        Ok(s.st_ino)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn set_meta(
+        &self,
+        p: &Path,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        xattrs: &[Xattr],
+        mtime: Timestamp,
+        symlink: bool,
+    ) -> FsResult<()> {
+        rustix::fs::chownat(
+            rustix::fs::CWD,
+            p,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )?;
+        if !symlink {
+            rustix::fs::chmodat(rustix::fs::CWD, p, Mode::from_raw_mode(mode), AtFlags::empty())?;
+        }
+        for x in xattrs {
+            if private_xattr(&x.name) {
+                continue;
+            }
+            rustix::fs::lsetxattr(p, OsStr::from_bytes(&x.name), &x.value, XattrFlags::empty())?;
+        }
+        let t = rustix::fs::Timespec { tv_sec: mtime.secs, tv_nsec: mtime.nanos as _ };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            p,
+            &rustix::fs::Timestamps { last_access: t, last_modification: t },
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+    }
+}
