@@ -358,6 +358,8 @@ pub(crate) fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     p
 }
 
+/// The platform's `O_NOFOLLOW` (its value differs between architectures:
+/// on aarch64 `0o400000` is `O_LARGEFILE`).
 const fn libc_o_nofollow() -> i32 {
-    0o400000
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
 }

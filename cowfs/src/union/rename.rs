@@ -229,9 +229,9 @@ impl Union {
 }
 
 const fn libc_rename_noreplace() -> u32 {
-    1
+    rustix::fs::RenameFlags::NOREPLACE.bits()
 }
 
 const fn libc_rename_exchange() -> u32 {
-    2
+    rustix::fs::RenameFlags::EXCHANGE.bits()
 }
