@@ -13,7 +13,9 @@
 //!
 //! A request of another API version, of an unknown `op`, or missing a field
 //! its `op` needs is refused with an error that names the version or the
-//! field; fields marked optional below are the only defaults.
+//! field; fields marked optional below are the only defaults. Each `op`'s
+//! result is a typed reply: `daemon::reply` for the daemon's own requests,
+//! `migrate::report` for migrate, checkpoint and restore.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -251,122 +253,78 @@ pub mod hex_id {
     }
 }
 
-/// The result of each request, by its `op`. Every field is named in the
-/// reply; a client reading one of another version fails on the field it
-/// misses instead of taking a default.
-pub mod reply {
-    use std::collections::{BTreeMap, BTreeSet};
+#[cfg(test)]
+mod tests {
+    use xenod_store::{ChunkId, Dense};
 
-    use serde::{Deserialize, Serialize};
-    use xenod_peer::{Counters, FetchReport, PeerCounters, PullOutcome};
+    use super::*;
 
-    use crate::daemon::KnownPeer;
-    pub use crate::migrate::MigrationReport as Migrate;
-    pub use crate::migrate::policy::FetchReply;
-
-    /// `status`: this host's node, counters and peers; `gossip` and
-    /// `lazy_fetches` only from a running daemon.
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct Status {
-        pub node: String,
-        pub addr: Option<String>,
-        pub data_dir: String,
-        pub daemon: bool,
-        pub counters: Counters,
-        pub peers: BTreeMap<String, PeerCounters>,
-        pub known_peers: BTreeMap<String, KnownPeer>,
-        pub shared: BTreeSet<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pub gossip: Option<Gossip>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pub lazy_fetches: Option<BTreeMap<String, String>>,
+    /// One request of each kind, with every optional field set.
+    fn every_request() -> Vec<Request> {
+        vec![
+            Request::Status,
+            Request::Share { r#ref: "template://me/web/1".into() },
+            Request::Fetch { target: "xenod1abc".into(), from: vec!["n@127.0.0.1:1".into()], lazy: true },
+            Request::Chunk { id: ChunkId::of(b"x").to_string() },
+            Request::Names { from: vec!["n@127.0.0.1:1".into()] },
+            Request::Replicate { r#ref: "web".into(), to: vec!["n@127.0.0.1:1".into()] },
+            Request::Shutdown,
+            Request::Migrate {
+                instance: "web".into(),
+                to: "n@127.0.0.1:1".into(),
+                cold: false,
+                level: Some(Dense::Zstd(9)),
+                live: true,
+                save: false,
+            },
+            Request::Checkpoint { instance: "web".into(), name: Some("template://me/cp/1".into()) },
+            Request::Restore { checkpoint: "cp".into(), on: Some("n@127.0.0.1:1".into()), name: Some("web2".into()) },
+        ]
     }
 
-    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct Gossip {
-        pub joined: bool,
-        pub presences: usize,
+    #[test]
+    fn every_request_round_trips_through_its_line() {
+        let all = every_request();
+        let ops: std::collections::BTreeSet<&str> = all.iter().map(Request::op).collect();
+        assert_eq!(ops.len(), all.len(), "one sample per op");
+        for r in all {
+            let line = r.to_line();
+            assert!(line.starts_with(&format!("{{\"v\":{API_VERSION},")), "{line}");
+            let back = Request::from_line(&line).unwrap();
+            assert_eq!(back.to_line(), line);
+            assert_eq!(back.op(), r.op());
+        }
     }
 
-    /// `share`: a ticket for the layer, served by this daemon.
-    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct Share {
-        pub layer: String,
-        pub node: String,
-        pub addr: String,
-        pub ticket: String,
+    #[test]
+    fn requests_of_another_version_or_missing_fields_are_refused_by_name() {
+        let e = Request::from_line(r#"{"op":"status"}"#).unwrap_err();
+        assert!(matches!(e, ApiError::NoVersion) && e.to_string().contains("`v`"), "{e}");
+        let e = Request::from_line(r#"{"v":2,"op":"status"}"#).unwrap_err();
+        assert!(e.to_string().contains("API version 2") && e.to_string().contains("speaks version 1"), "{e}");
+        let e = Request::from_line(r#"{"v":"one","op":"status"}"#).unwrap_err();
+        assert!(e.to_string().contains("\"one\""), "{e}");
+        let e = Request::from_line(r#"{"v":1,"op":"fetch","from":[]}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field `target`"), "{e}");
+        let e = Request::from_line(r#"{"v":1,"op":"share"}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field `ref`"), "{e}");
+        let e = Request::from_line(r#"{"v":1,"op":"frobnicate"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown variant `frobnicate`"), "{e}");
+        let e = Request::from_line("not json").unwrap_err();
+        assert!(matches!(e, ApiError::NotJson(_)), "{e}");
     }
 
-    /// `fetch`: the fetch's report; `lazy`: file data follows in the
-    /// background.
-    #[derive(Clone, Debug, Serialize, Deserialize)]
-    pub struct Fetch {
-        #[serde(flatten)]
-        pub report: FetchReport,
-        pub lazy: bool,
-    }
-
-    /// `chunk`: the chunk's plaintext, hex.
-    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct Chunk {
-        pub data: String,
-    }
-
-    /// `names`: what each peer's name records came to.
-    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct Names {
-        pub peers: Vec<PeerNames>,
-    }
-
-    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct PeerNames {
-        pub peer: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pub accepted: Option<Vec<String>>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pub unchanged: Option<usize>,
-        /// `(name, why)`.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pub refused: Option<Vec<(String, String)>>,
-        /// Asking this peer failed.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pub error: Option<String>,
-    }
-
-    /// `replicate`: each target's outcome.
-    #[derive(Clone, Debug, Serialize, Deserialize)]
-    pub struct Replicate {
-        pub layer: String,
-        pub elapsed_ms: u64,
-        pub targets: Vec<PullOutcome>,
-    }
-
-    /// `shutdown`.
-    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct Shutdown {
-        pub stopping: bool,
-    }
-
-    /// `checkpoint`: the checkpoint layer and its state layer.
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct Checkpoint {
-        pub checkpoint: String,
-        pub state: String,
-        pub instance: String,
-        pub new_chunks: u64,
-        pub state_chunks: u64,
-        pub live: bool,
-        pub paused_seconds: f64,
-        pub seconds: f64,
-    }
-
-    /// `restore`: the instance as it runs, and where.
-    #[derive(Clone, Debug, Serialize, Deserialize)]
-    pub struct Restore {
-        pub restored: crate::migrate::policy::Adopted,
-        /// "here", or the peer.
-        pub on: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pub fetch: Option<FetchReply>,
+    #[test]
+    fn reply_lines_round_trip() {
+        for l in [
+            Line::Note { note: "hello".into() },
+            Line::Progress { progress: serde_json::json!({ "phase": "data", "bytes": 5 }) },
+            Line::Done(Outcome::done(serde_json::json!({ "stopping": true }))),
+            Line::Done(Outcome::failed("no layer matches \"x\"".into(), xenod_store::Exit::NotFound)),
+        ] {
+            let s = serde_json::to_string(&l).unwrap();
+            let back: Line = serde_json::from_str(&s).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), s);
+        }
     }
 }

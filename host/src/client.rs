@@ -16,7 +16,7 @@ use xenod_store::{Exit, Store};
 
 use crate::api::{Line, Request, socket_path};
 use crate::bail;
-use crate::daemon::{State, server, throttled};
+use crate::daemon::{State, reply, server, throttled};
 use crate::error::{Context, Error, Result};
 
 /// What a client shows while a request runs: the daemon's notes and fetch
@@ -132,12 +132,19 @@ fn embedded(data_dir: &Path, req: Request, watch: &dyn Watch) -> Result<Value> {
 /// `xenod status` with no daemon: what its state file remembers.
 fn offline_status(data_dir: &Path) -> Result<Value> {
     let st = State::load(data_dir)?;
-    Ok(json!({
-        "node": st.node, "addr": st.addr.map(|a| format!("{}@{a}", st.node)),
-        "data_dir": data_dir.display().to_string(), "daemon": false,
-        "counters": st.counters.totals, "peers": st.counters.peers,
-        "known_peers": st.peers, "shared": st.shared,
-    }))
+    let addr = st.addr.map(|a| format!("{}@{a}", st.node));
+    Ok(serde_json::to_value(reply::Status {
+        node: st.node,
+        addr,
+        data_dir: data_dir.display().to_string(),
+        daemon: false,
+        counters: st.counters.totals,
+        peers: st.counters.peers,
+        known_peers: st.peers,
+        shared: st.shared,
+        gossip: None,
+        lazy_fetches: None,
+    })?)
 }
 
 /// Whether `reference` is a ticket rather than a local reference.

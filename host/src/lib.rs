@@ -12,13 +12,18 @@
 //! | `hooks` | fault injection for tests (`XENOD_TEST_*`), behind the `test-hooks` feature |
 //! | `notes` | [`note`]: what a long operation is doing, to its client |
 //! | `config` | `DATA_DIR/config.toml`, the publisher key, the node secret, signing names |
-//! | `api` | the typed, versioned local API: [`Request`], its replies, [`Envelope`] |
-//! | `instance` | [`Instance`]: the instance model, its lifecycle (deploy, stop, start, destroy, suspend, resume, commit); `instance::mount`: the one mount spawner and `xenod mount` |
+//! | `api` | the local API's wire: [`Request`] in a versioned [`Envelope`], reply lines, the socket |
+//! | `instance` | [`Instance`]: the instance model and its lifecycle (deploy, stop, start, destroy, suspend, resume, commit); `instance::mount`: the one mount spawner and `xenod mount` |
+//! | `daemon::reply` | the daemon's typed replies, one per request |
 //! | `daemon::context` | [`Daemon`]: the store, the peer endpoint, the daemon's state |
 //! | `daemon::{lazy, replicate, announce}` | features that run inside the daemon |
-//! | `migrate` | migration in phases, staging, the state's page delta, checkpoint and restore |
+//! | `migrate::{statepages, record, state, report, policy, wire, local, stage, target}` | migration: the state's page delta; the instance's record and its arrival; the state as a layer; typed reports; the phases and their one failure policy; the typed wire and the remote target; the source's files and state; staging; the target's side |
+//! | `migrate` | `xenod migrate`, checkpoint and restore |
 //! | `daemon::server` | request dispatch, the socket server, `xenod serve` |
 //! | `client` | the socket client with the embedded-daemon fallback; tickets made local |
+//!
+//! Inside `migrate`, its submodules keep the order of that row; the
+//! module's own file (`migrate/mod.rs`) sits above them all.
 
 mod error;
 mod hooks;

@@ -351,3 +351,24 @@ fn level_writes_denser_blocks_for_publish_overlay_and_commit() {
     let out = run(xenod(&t.path().join("x")).args(["migrate", "web", "--to", "n@127.0.0.1:1", "--level", "0"]));
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--level"));
 }
+
+/// One table of exit codes: `--help` prints every code of
+/// `xenod_store::Exit` with its meaning, and the README's table is the same.
+#[test]
+fn exit_codes_are_one_table() {
+    let t = tempfile::tempdir().unwrap();
+    let help = run(xenod(t.path()).arg("--help"));
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    for e in xenod_store::Exit::ALL {
+        let line = format!("  {}  {}", e.code(), e.meaning());
+        assert!(help.contains(&line), "--help lacks {line:?}:\n{help}");
+        let row = format!("| {} | {} |", e.code(), e.meaning());
+        assert!(readme.contains(&row), "README's exit code table lacks {row:?}");
+    }
+    // And the codes are what a failure exits with: a reference to nothing is 3.
+    let data = t.path().join("data");
+    let out = run(xenod(&data).args(["resolve", "0123456789abcdef"]));
+    assert_eq!(out.status.code(), Some(xenod_store::Exit::NotFound.code().into()));
+}

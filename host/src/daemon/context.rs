@@ -19,13 +19,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+
 use xenod_peer::{
     EndpointAddr, FetchOptions, FetchProgress, Misbehave, Node, NodeOptions, Relay, Snapshot, Stats, Ticket,
     format_peer, parse_peer,
 };
 use xenod_store::{Exit, Store, VerifyingKey};
 
+use super::reply::{self, KnownPeer};
 use crate::config::{self, Config, RelayConfig};
 use crate::error::{Context, Error, Result};
 
@@ -35,17 +36,6 @@ pub type Protocols = Vec<(Vec<u8>, Box<dyn xenod_peer::iroh::protocol::DynProtoc
 
 pub fn state_path(data_dir: &Path) -> PathBuf {
     data_dir.join("xenod-state.json")
-}
-
-/// A peer this host has exchanged layers with.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KnownPeer {
-    pub addrs: Vec<SocketAddr>,
-    /// Unix seconds.
-    pub last_seen: u64,
-    /// Layers it provided or that we fetched from it.
-    #[serde(default)]
-    pub layers: BTreeSet<String>,
 }
 
 /// What survives a restart.
@@ -249,7 +239,7 @@ impl Daemon {
         from: &[String],
         lazy: bool,
         progress: Option<xenod_peer::ProgressFn>,
-    ) -> Result<Value> {
+    ) -> Result<reply::Fetch> {
         let mut peers = Self::parse_peers(from)?;
         let layer = if target.starts_with("xenod1") {
             let t: Ticket = target.parse()?;
@@ -312,26 +302,24 @@ impl Daemon {
         if lazy {
             super::lazy::background(self, layer, peers);
         }
-        let mut v = serde_json::to_value(&rep)?;
-        v["lazy"] = json!(lazy);
-        Ok(v)
+        Ok(reply::Fetch { report: rep, lazy })
     }
 
-    pub(crate) fn status(&self) -> Value {
+    pub(crate) fn status(&self) -> reply::Status {
         let snap = self.node.stats().snapshot();
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        json!({
-            "node": self.node.id().to_string(),
-            "addr": format_peer(&self.node.addr()),
-            "data_dir": self.data_dir.display().to_string(),
-            "daemon": true,
-            "counters": snap.totals,
-            "peers": snap.peers,
-            "known_peers": st.peers,
-            "shared": st.shared,
-            "gossip": { "joined": self.node.gossip_joined(), "presences": self.node.presences().len() },
-            "lazy_fetches": self.lazy.pending(),
-        })
+        reply::Status {
+            node: self.node.id().to_string(),
+            addr: Some(format_peer(&self.node.addr())),
+            data_dir: self.data_dir.display().to_string(),
+            daemon: true,
+            counters: snap.totals,
+            peers: snap.peers,
+            known_peers: st.peers.clone(),
+            shared: st.shared.clone(),
+            gossip: Some(reply::Gossip { joined: self.node.gossip_joined(), presences: self.node.presences().len() }),
+            lazy_fetches: Some(self.lazy.pending()),
+        }
     }
 
     /// Saves state and closes the endpoint; peers that do not answer the

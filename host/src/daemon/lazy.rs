@@ -16,12 +16,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use xenod_peer::iroh::endpoint::Connection;
 use xenod_peer::{ALPN, EndpointAddr, EndpointId, FetchOptions, fetch_one};
 use xenod_store::{ChunkId, LayerId, hex};
 
 use super::context::Daemon;
+use super::reply;
 use crate::err;
 use crate::error::Result;
 
@@ -36,9 +36,9 @@ pub struct Lazy {
 
 impl Lazy {
     /// Background fetches not yet complete, for `xenod status`.
-    pub fn pending(&self) -> Value {
+    pub fn pending(&self) -> BTreeMap<String, String> {
         let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        json!(p.iter().map(|(l, s)| (l.to_string(), s.clone())).collect::<BTreeMap<_, _>>())
+        p.iter().map(|(l, s)| (l.to_string(), s.clone())).collect()
     }
 }
 
@@ -70,11 +70,11 @@ pub fn background(d: &Arc<Daemon>, layer: LayerId, peers: Vec<EndpointAddr>) {
 }
 
 /// `Request::Chunk`: chunk `id` now, from the store or a provider.
-pub async fn chunk(d: &Arc<Daemon>, id: &str) -> Result<Value> {
+pub async fn chunk(d: &Arc<Daemon>, id: &str) -> Result<reply::Chunk> {
     let id: ChunkId = id.parse().map_err(|e| err!("chunk id {id:?}: {e}"))?;
     let store = d.store_arc();
     if let Ok(Ok(b)) = tokio::task::spawn_blocking(move || store.get(&id)).await {
-        return Ok(json!({ "data": hex(&b) }));
+        return Ok(reply::Chunk { data: hex(&b) });
     }
     let mut providers = d.lazy.providers.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for p in d.default_peers() {
@@ -111,7 +111,7 @@ pub async fn chunk(d: &Arc<Daemon>, id: &str) -> Result<Value> {
             }
         };
         match fetch_one(&conn, id).await {
-            Ok(Some(b)) => return Ok(json!({ "data": hex(&b) })),
+            Ok(Some(b)) => return Ok(reply::Chunk { data: hex(&b) }),
             Ok(None) => why.push(format!("{}: does not have it", p.id.fmt_short())),
             Err(e) => {
                 d.lazy.conns.lock().await.remove(&p.id);

@@ -5,6 +5,8 @@ pub mod announce;
 pub mod context;
 pub mod lazy;
 pub mod replicate;
+pub mod reply;
 pub mod server;
 
-pub use context::{Daemon, KnownPeer, State, state_path, throttled};
+pub use context::{Daemon, State, state_path, throttled};
+pub use reply::KnownPeer;

@@ -3,15 +3,15 @@
 //! from this host and from each other at once (see the store's
 //! `SwarmPlan`), and each answers with its fetch report.
 
-use serde_json::{Value, json};
 use xenod_peer::{parse_peer, stack_complete};
 use xenod_store::Exit;
 
 use super::context::Daemon;
+use super::reply;
 use crate::bail;
 use crate::error::{Error, Result};
 
-pub async fn replicate(d: &Daemon, reference: &str, to: &[String]) -> Result<Value> {
+pub async fn replicate(d: &Daemon, reference: &str, to: &[String]) -> Result<reply::Replicate> {
     let targets = to
         .iter()
         .map(|p| parse_peer(p).map_err(|e| Error::coded(Exit::BadInput, format!("--to: {e}"))))
@@ -33,7 +33,7 @@ pub async fn replicate(d: &Daemon, reference: &str, to: &[String]) -> Result<Val
     let elapsed_ms = t0.elapsed().as_millis() as u64;
     let failed: Vec<String> =
         outcomes.iter().filter_map(|o| o.error.as_ref().map(|e| format!("{}: {e}", o.node))).collect();
-    let v = json!({ "layer": layer.to_string(), "elapsed_ms": elapsed_ms, "targets": outcomes });
+    let v = reply::Replicate { layer: layer.to_string(), elapsed_ms, targets: outcomes };
     if !failed.is_empty() {
         bail!("replicating {layer}: {} of {} targets failed: {}", failed.len(), targets.len(), failed.join("; "));
     }

@@ -12,6 +12,7 @@ use xenod_peer::{FetchProgress, Ticket, format_peer};
 use xenod_store::Exit;
 
 use super::context::{Daemon, throttled};
+use super::reply;
 use crate::api::{Line, Outcome, Request, socket_path};
 use crate::error::{Context, Error, Result};
 use crate::{bail, migrate};
@@ -43,7 +44,7 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
         }
         Request::Checkpoint { instance, name } => migrate::checkpoint(d, &instance, name).await,
         Request::Restore { checkpoint, on, name } => migrate::restore(d, &checkpoint, on.as_deref(), name).await,
-        Request::Status => Ok(d.status()),
+        Request::Status => Ok(serde_json::to_value(d.status())?),
         Request::Share { r#ref } => {
             let id = d.store().resolve(&r#ref)?;
             // Refuse to hand out a ticket for a stack we cannot serve whole.
@@ -59,8 +60,12 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
             let ticket = Ticket { layer: id, name, providers: vec![d.node().addr()] };
             d.state().lock().unwrap_or_else(|e| e.into_inner()).shared.insert(id.to_string());
             d.save_state();
-            Ok(json!({ "layer": id.to_string(), "node": d.node().id().to_string(),
-                       "addr": format_peer(&d.node().addr()), "ticket": ticket.to_string() }))
+            Ok(serde_json::to_value(reply::Share {
+                layer: id.to_string(),
+                node: d.node().id().to_string(),
+                addr: format_peer(&d.node().addr()),
+                ticket: ticket.to_string(),
+            })?)
         }
         Request::Names { from } => {
             let mut peers = Daemon::parse_peers(&from)?;
@@ -70,23 +75,39 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
             let mut out = Vec::new();
             for p in &peers {
                 let r = d.node().fetch_names(p, d.trusted()).await;
+                let peer = p.id.to_string();
                 out.push(match r {
-                    Ok(rep) => json!({ "peer": p.id.to_string(), "accepted": rep.accepted,
-                                        "unchanged": rep.unchanged, "refused": rep.refused }),
-                    Err(e) => json!({ "peer": p.id.to_string(), "error": e.to_string() }),
+                    Ok(rep) => reply::PeerNames {
+                        peer,
+                        accepted: Some(rep.accepted),
+                        unchanged: Some(rep.unchanged),
+                        refused: Some(rep.refused),
+                        error: None,
+                    },
+                    Err(e) => reply::PeerNames {
+                        peer,
+                        accepted: None,
+                        unchanged: None,
+                        refused: None,
+                        error: Some(e.to_string()),
+                    },
                 });
             }
             d.save_state();
-            Ok(json!({ "peers": out }))
+            Ok(serde_json::to_value(reply::Names { peers: out })?)
         }
-        Request::Fetch { target, from, lazy } => d.fetch(&target, &from, lazy, progress).await,
-        Request::Chunk { id } => super::lazy::chunk(d, &id).await,
-        Request::Replicate { r#ref, to } => super::replicate::replicate(d, &r#ref, &to).await,
+        Request::Fetch { target, from, lazy } => {
+            Ok(serde_json::to_value(d.fetch(&target, &from, lazy, progress).await?)?)
+        }
+        Request::Chunk { id } => Ok(serde_json::to_value(super::lazy::chunk(d, &id).await?)?),
+        Request::Replicate { r#ref, to } => {
+            Ok(serde_json::to_value(super::replicate::replicate(d, &r#ref, &to).await?)?)
+        }
         Request::Shutdown => {
             // notify_one keeps a permit when the accept loop is not
             // waiting at this instant; notify_waiters would lose it.
             d.shutdown().notify_one();
-            Ok(json!({ "stopping": true }))
+            Ok(serde_json::to_value(reply::Shutdown { stopping: true })?)
         }
     }
 }

@@ -10,8 +10,8 @@ use xenod_cowfs::CommitCache;
 use xenod_store::{LayerId, Store};
 
 use super::policy::{Changes, Commit, StateLayer, blocking};
+use super::state::{META_PAGES_ON, STATE_PAGES, Transient, page_sources, state_layer, store_state};
 use super::statepages::{self, EncodeStats, PageHashes, PageIndex};
-use super::{META_PAGES_ON, STATE_PAGES, Transient, page_sources, state_layer, store_state};
 use crate::error::Result;
 use crate::instance::{self, Instance};
 

@@ -30,19 +30,18 @@
 //!                        named for `xenod destroy`
 //! ```
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use xenod_deployer::LiveMigration;
 use xenod_store::{Dense, LayerId};
 
+use super::record::{Record, SaveMode};
+pub use super::report::{Adopted, FetchReply, FinalCopy, MigrationReport, PhaseReport, ResumeReply, Round};
 use super::statepages::EncodeStats;
-use super::{Record, SaveMode};
 use crate::error::{Error, Phase, Result};
 use crate::note;
 
@@ -61,52 +60,18 @@ pub const CONVERGED: u64 = 2 << 20;
 /// (see `xenod_store`'s codec).
 pub const PRECOPY_CODEC: Dense = Dense::Ppmd;
 
-/// The target's report of one fetch.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct FetchReply {
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::api::hex_id::option")]
-    pub layer: Option<LayerId>,
-    pub chunks_fetched: u64,
-    #[serde(default)]
-    pub bytes: u64,
-    pub wire_bytes: u64,
-    #[serde(default)]
-    pub elapsed_ms: u64,
-}
-
-impl FetchReply {
-    /// Both fetches' counts together.
-    pub fn add(&mut self, o: &FetchReply) {
-        self.chunks_fetched += o.chunks_fetched;
-        self.bytes += o.bytes;
-        self.wire_bytes += o.wire_bytes;
+/// Refuses a pre-copy codec a dense request could not carry.
+pub(crate) fn check_level(codec: Dense) -> Result<(), String> {
+    let max = xenod_peer::MAX_DENSE_LEVEL;
+    match codec {
+        Dense::Zstd(level) if !(1..=max).contains(&level) => Err(format!("level {level} is outside 1..={max}")),
+        _ => Ok(()),
     }
 }
 
-/// The target's report of the resume: its fetch, and the instance it runs.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ResumeReply {
-    pub fetch: FetchReply,
-    pub instance: Adopted,
-    pub resume_seconds: f64,
-}
-
-/// The instance as it runs on the target.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Adopted {
-    pub name: String,
-    pub domain: String,
-    #[serde(with = "crate::api::hex_id")]
-    pub layer: LayerId,
-    pub port: Option<u16>,
-    pub staged: bool,
-    /// Written into the staged mount (staged resumes only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bytes_written: Option<u64>,
-    /// Seconds per step of the resume.
-    #[serde(default)]
-    pub steps: BTreeMap<String, f64>,
-}
+/// zstd level in stop-and-copy, where the guest is down: compression must
+/// not take longer than the bytes it saves would.
+pub const FINAL_CODEC: Dense = Dense::Zstd(3);
 
 /// One commit of the guest's upper layer.
 #[derive(Clone, Copy, Debug)]
@@ -183,84 +148,6 @@ pub struct Plan {
     pub save: SaveMode,
     /// Pre-copy's codec; [`PRECOPY_CODEC`] when none.
     pub level: Option<Dense>,
-}
-
-/// A phase's report.
-#[derive(Clone, Debug, Serialize)]
-#[serde(tag = "phase", rename_all = "kebab-case")]
-pub enum PhaseReport {
-    Prepare {
-        seconds: f64,
-        fetch: FetchReply,
-    },
-    PreCopy {
-        seconds: f64,
-        wire_bytes: u64,
-        rounds: Vec<Round>,
-        /// The target staged the guest (or why not); none when cold.
-        stage: Option<Value>,
-    },
-    StopAndCopy {
-        seconds: f64,
-        save_seconds: f64,
-        save_downtime_seconds: Option<f64>,
-        wire_bytes: u64,
-        upper: FinalCopy,
-        #[serde(with = "crate::api::hex_id")]
-        layer: LayerId,
-        #[serde(with = "crate::api::hex_id::option")]
-        state: Option<LayerId>,
-    },
-    Resume {
-        seconds: f64,
-        target_seconds: f64,
-        target_steps: BTreeMap<String, f64>,
-    },
-    CleanUp {
-        seconds: f64,
-    },
-}
-
-/// One pre-copy round.
-#[derive(Clone, Debug, Serialize)]
-pub struct Round {
-    pub round: usize,
-    #[serde(with = "crate::api::hex_id")]
-    pub layer: LayerId,
-    pub blocks_written: u64,
-    pub bytes_read: u64,
-    pub fetch: FetchReply,
-}
-
-/// What stop-and-copy sent.
-#[derive(Clone, Debug, Serialize)]
-pub struct FinalCopy {
-    pub blocks_written: u64,
-    pub bytes_read: u64,
-    pub wire_bytes: u64,
-    pub state_pages: Option<EncodeStats>,
-    pub state_seconds: f64,
-    pub state_encoded_live: bool,
-    pub send_seconds: f64,
-}
-
-/// A whole migration's report.
-#[derive(Clone, Debug, Serialize)]
-pub struct MigrationReport {
-    pub instance: String,
-    pub to: String,
-    pub cold: bool,
-    /// The memory was saved while the guest ran.
-    pub live: bool,
-    #[serde(with = "crate::api::hex_id")]
-    pub layer: LayerId,
-    /// Pre-copy's codec: a zstd level, or "ppmd".
-    pub precopy_level: Option<Value>,
-    pub port: Option<u16>,
-    pub wire_bytes: u64,
-    pub downtime_seconds: f64,
-    pub total_seconds: f64,
-    pub phases: Vec<PhaseReport>,
 }
 
 /// Where the guest stands, as far as this host knows.
@@ -702,6 +589,7 @@ pub(crate) async fn save_guest<H: LiveMigration + 'static>(
 /// on exactly one host, the right one, and the error names the phase.
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::sync::Mutex;
 
     use xenod_deployer::fake::FakeHypervisor;

@@ -31,8 +31,9 @@ use serde_json::{Value, json};
 use xenod_deployer::{Hypervisor, Incoming, LiveMigration, StagedGuest};
 use xenod_store::{Extent, Kind, LayerId, Store, cmp_paths};
 
+use super::record::{Record, instance_of, mount_instance, new_instance_dir, ports_here};
+use super::state::{page_sources, stream_state};
 use super::statepages::{self, Warm};
-use super::{Record, page_sources, ports_here, stream_state, test_fail};
 use crate::err;
 use crate::error::{Context, Result};
 use crate::instance::{self as deploy, Instance};
@@ -141,12 +142,12 @@ fn remove(data: &Path, store: &Store, name: &str, uri: &str) {
 /// the source runs it. Leaves nothing behind on failure.
 pub fn stage(data: &Path, store: &Arc<Store>, layer: LayerId, record: &Record, xml: &str) -> Result<(Staged, Value)> {
     let name = record.name.as_str();
-    let dir = super::new_instance_dir(data, name)?;
+    let dir = new_instance_dir(data, name)?;
     let t = Instant::now();
     let r = (|| -> Result<(Instance, Incoming)> {
         fs::write(dir.join(MARKER), b"")?;
-        let mut inst = super::instance_of(data, record, layer)?;
-        super::mount_instance(data, store, &mut inst, layer)?;
+        let mut inst = instance_of(data, record, layer)?;
+        mount_instance(data, store, &mut inst, layer)?;
         let moved = ports_here(record)?;
         xenod_deployer::move_host_ports(&mut inst.ports, &moved);
         inst.save(data)?;
@@ -213,7 +214,7 @@ pub fn finish(
         drop(warm);
         steps.insert("state_seconds".into(), json!(t.elapsed().as_secs_f64()));
         restoring();
-        test_fail("restore")?;
+        crate::hooks::fail("restore")?;
         let hv = deploy::hypervisor(&inst.uri)?;
         let load = hv.finish_incoming(qemu)?;
         steps.insert("restore_seconds".into(), json!(load.as_secs_f64()));

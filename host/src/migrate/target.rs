@@ -2,29 +2,28 @@
 //! endpoint, each request's work, and a guest adopted from its committed
 //! upper layer and saved state.
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use xenod_deployer::{DomainModel, Hypervisor, LiveMigration, default_uri};
+use xenod_deployer::{DomainModel, Hypervisor, LiveMigration};
 use xenod_peer::iroh::endpoint::{Connection, RecvStream, SendStream};
 use xenod_peer::iroh::protocol::{AcceptError, ProtocolHandler};
 use xenod_peer::{FetchOptions, parse_peer};
 use xenod_store::{Dense, LayerId, Store};
 
+use super::policy::{FINAL_CODEC, check_level};
 use super::policy::{FetchReply, PRECOPY_CODEC, ResumeReply};
+use super::record::{Record, free_bytes, instance_of, mount_instance, new_instance_dir, ports_here};
+use super::stage;
+use super::state::{Transient, export_state, state_xml, stream_state};
 use super::statepages::Warm;
 use super::wire::{ALIVE_EVERY, Reply, Wire};
-use super::{
-    FINAL_CODEC, Record, Transient, check_level, export_state, free_bytes, now, ports_here, stage, state_xml,
-    stream_state,
-};
 use crate::config::Config;
 use crate::daemon::Daemon;
 use crate::error::{Context, Error, Result};
-use crate::instance::{self as deploy, Instance};
+use crate::instance as deploy;
 use crate::{bail, err};
 
 /// Serves [`ALPN`] for the daemon once it is up.
@@ -208,56 +207,6 @@ fn test_hook(phase: &str) {
     }
 }
 
-/// Test hook: `XENOD_TEST_MIGRATE_FAIL=restore` makes a target fail its
-/// restore of a guest after telling the source it is restoring
-/// ([`crate::hooks`]).
-pub(crate) fn test_fail(step: &str) -> Result<()> {
-    if crate::hooks::var("XENOD_TEST_MIGRATE_FAIL").is_some_and(|p| p == step) {
-        bail!("XENOD_TEST_MIGRATE_FAIL={step}");
-    }
-    Ok(())
-}
-
-/// `record`'s instance as it runs here on `layer`, not yet mounted.
-pub(crate) fn instance_of(data: &Path, record: &Record, layer: LayerId) -> Result<Instance> {
-    let domain = deploy::domain_name(data, &record.name)?;
-    Ok(Instance {
-        name: record.name.clone(),
-        top: record.top,
-        layer: record.layer,
-        uri: default_uri(),
-        root: record.root,
-        ports: record.ports.clone(),
-        mount_pid: None,
-        created: now(),
-        mounted: Some(layer),
-        domain: (domain != record.name).then_some(domain),
-        spec: record.spec.clone(),
-        lazy: false,
-    })
-}
-
-/// Creates the directory of an instance `name` arriving here, which
-/// must be a new name.
-pub(crate) fn new_instance_dir(data: &Path, name: &str) -> Result<PathBuf> {
-    xenod_deployer::validate_name(name)?;
-    let dir = deploy::instance_dir(data, name);
-    if dir.exists() {
-        bail!("an instance named {name:?} already exists on this host");
-    }
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
-
-/// Records `inst`, pins `layer` for it and mounts it with a fresh upper
-/// layer.
-pub(crate) fn mount_instance(data: &Path, store: &Store, inst: &mut Instance, layer: LayerId) -> Result<()> {
-    inst.save(data)?;
-    store.pin(&deploy::pin_label(&inst.name), &layer)?;
-    inst.mount_pid = Some(deploy::spawn_mount(data, inst)?);
-    inst.save(data)
-}
-
 /// Runs `record`'s instance here on the committed upper `layer` (all of
 /// whose chunks are local): mounts it with a fresh upper layer, then
 /// restores the saved state of `state`, or boots it when there is none.
@@ -317,7 +266,7 @@ pub(super) fn adopt(
                 xenod_deployer::move_host_ports(&mut inst.ports, &moved);
                 inst.save(data)?;
                 restoring();
-                test_fail("restore")?;
+                crate::hooks::fail("restore")?;
                 let t = Instant::now();
                 match loaded {
                     Loaded::Staged(qemu) => {

@@ -22,8 +22,8 @@ use xenod_peer::EndpointAddr;
 use xenod_peer::iroh::endpoint::Connection;
 use xenod_store::{Dense, LayerId};
 
-use super::Record;
 use super::policy::{FetchReply, ResumeReply, Target};
+use super::record::Record;
 use crate::bail;
 use crate::daemon::Daemon;
 use crate::error::{Context, Error, Result};

@@ -1,0 +1,104 @@
+//! The daemon's replies to the local API's requests, one type per `op`
+//! (migrate, checkpoint and restore reply with `migrate::report`'s types).
+//! Every field is named on the wire: a client reading a reply of another
+//! version fails on the field it misses instead of taking a default.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use xenod_peer::{Counters, FetchReport, PeerCounters, PullOutcome};
+
+/// A peer this host has exchanged layers with.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownPeer {
+    pub addrs: Vec<SocketAddr>,
+    /// Unix seconds.
+    pub last_seen: u64,
+    /// Layers it provided or that we fetched from it.
+    #[serde(default)]
+    pub layers: BTreeSet<String>,
+}
+
+/// `status`: this host's node, counters and peers; `gossip` and
+/// `lazy_fetches` only from a running daemon.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub addr: Option<String>,
+    pub data_dir: String,
+    pub daemon: bool,
+    pub counters: Counters,
+    pub peers: BTreeMap<String, PeerCounters>,
+    pub known_peers: BTreeMap<String, KnownPeer>,
+    pub shared: BTreeSet<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip: Option<Gossip>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy_fetches: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gossip {
+    pub joined: bool,
+    pub presences: usize,
+}
+
+/// `share`: a ticket for the layer, served by this daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    pub layer: String,
+    pub node: String,
+    pub addr: String,
+    pub ticket: String,
+}
+
+/// `fetch`: the fetch's report; `lazy`: file data follows in the
+/// background.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Fetch {
+    #[serde(flatten)]
+    pub report: FetchReport,
+    pub lazy: bool,
+}
+
+/// `chunk`: the chunk's plaintext, hex.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    pub data: String,
+}
+
+/// `names`: what each peer's name records came to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Names {
+    pub peers: Vec<PeerNames>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerNames {
+    pub peer: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unchanged: Option<usize>,
+    /// `(name, why)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Vec<(String, String)>>,
+    /// Asking this peer failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `replicate`: each target's outcome.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Replicate {
+    pub layer: String,
+    pub elapsed_ms: u64,
+    pub targets: Vec<PullOutcome>,
+}
+
+/// `shutdown`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shutdown {
+    pub stopping: bool,
+}
