@@ -416,7 +416,7 @@ fn deploy(ctx: &Ctx, a: &DeployArgs) -> Result<()> {
         lazy: a.lazy,
         verbose: !ctx.json,
     };
-    let out = instance::deploy(&ctx.data_dir, &local, &opts)?;
+    let out = ctx.instances()?.deploy(&local, &opts)?;
     ctx.out(out.clone(), || {
         let lines: Vec<String> = out["instances"]
             .as_array()
@@ -446,6 +446,11 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// This host's instances.
+    fn instances(&self) -> Result<instance::Instances> {
+        instance::Instances::open(&self.data_dir)
+    }
+
     /// Draws a request's notes and progress on stderr.
     pub(crate) fn watcher(&self, what: &str) -> Watcher {
         Watcher::new(what, self.json)
@@ -488,7 +493,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         Cmd::Deploy(a) => deploy(&ctx, &a),
         Cmd::Ps => {
-            let list = instance::list(&ctx.data_dir)?;
+            let list = ctx.instances()?.list()?;
             let j: Vec<_> = list
                 .iter()
                 .map(|(i, st)| json!({ "name": i.name, "state": st, "id": i.layer.to_string(), "top": i.top.to_string(),
@@ -511,27 +516,27 @@ pub fn run(args: Args) -> Result<()> {
             })
         }
         Cmd::Stop { name } => {
-            let how = instance::stop(&ctx.data_dir, &name)?;
+            let how = ctx.instances()?.stop(&name)?;
             ctx.out(json!({ "name": name, "outcome": how }), || format!("{name} stopped ({how})"))
         }
         Cmd::Start { name } => {
-            instance::start(&ctx.data_dir, &name)?;
+            ctx.instances()?.start(&name)?;
             ctx.out(json!({ "name": name }), || format!("{name} started"))
         }
         Cmd::Destroy { name, keep } => {
-            instance::destroy(&ctx.data_dir, &name, keep)?;
+            ctx.instances()?.destroy(&name, keep)?;
             ctx.out(json!({ "name": name, "kept_upper": keep }), || format!("{name} destroyed"))
         }
         Cmd::Logs { name } => {
-            let log = instance::logs(&ctx.data_dir, &name)?;
+            let log = ctx.instances()?.logs(&name)?;
             ctx.out(json!({ "name": name, "console": log }), || log.trim_end().to_string())
         }
         Cmd::Suspend { name } => {
-            let state = instance::suspend(&ctx.data_dir, &name)?;
+            let state = ctx.instances()?.suspend(&name)?;
             ctx.out(json!({ "name": name, "state_file": state }), || format!("{name} suspended to {}", state.display()))
         }
         Cmd::Resume { name } => {
-            instance::resume(&ctx.data_dir, &name)?;
+            ctx.instances()?.resume(&name)?;
             ctx.out(json!({ "name": name }), || format!("{name} resumed"))
         }
         Cmd::Migrate { name, to, cold, level, live, save } => {
@@ -632,10 +637,10 @@ pub fn run(args: Args) -> Result<()> {
                     store.set_block_level(level.get());
                     mount::commit_cmd(Arc::new(store), Path::new(&target), &b, name.as_deref())?
                 }
-                None if instance::instances_dir(&ctx.data_dir).join(&target).is_dir() => {
+                None if ctx.instances()?.dir(&target).is_dir() => {
                     let mut meta = BTreeMap::new();
                     meta.insert("committed_from".to_string(), target.clone());
-                    instance::commit(&ctx.data_dir, &target, meta, level.get())?
+                    ctx.instances()?.commit(&target, meta, level.get())?
                 }
                 None => bail!("{target:?} is no instance here; to commit an upper directory pass --base REF"),
             };

@@ -94,6 +94,7 @@ pub struct Daemon {
     node: Node,
     state: Mutex<State>,
     shutdown: tokio::sync::Notify,
+    instances: crate::instance::Instances,
     pub(crate) lazy: super::lazy::Lazy,
 }
 
@@ -151,6 +152,7 @@ impl Daemon {
         }
         let d = Arc::new(Self {
             data_dir: data_dir.to_path_buf(),
+            instances: crate::instance::Instances::with_config(data_dir, &config),
             config,
             trusted,
             node,
@@ -188,6 +190,11 @@ impl Daemon {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// This host's instances.
+    pub fn instances(&self) -> &crate::instance::Instances {
+        &self.instances
     }
 
     pub(crate) fn state(&self) -> &Mutex<State> {

@@ -195,8 +195,8 @@ pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool, on_ready
             bail!("a daemon already serves {}", data_dir.display());
         }
         let d = start(data_dir, listen, false).await?;
-        let (data, store) = (d.data_dir().to_path_buf(), d.store_arc());
-        tokio::task::spawn_blocking(move || migrate::stage::sweep(&data, &store)).await?;
+        let (instances, store) = (d.instances().clone(), d.store_arc());
+        tokio::task::spawn_blocking(move || migrate::stage::sweep(&instances, &store)).await?;
         super::announce::spawn(&d);
         let addr = format_peer(&d.node().addr());
         let sock = socket_path(data_dir);

@@ -101,23 +101,62 @@ pub struct Instance {
     pub lazy: bool,
 }
 
-/// The libvirt domain name for instance `name` on the host of `data`:
-/// prefixed by the config's `domain_prefix` where several daemons share
-/// one libvirt.
-/// A `config.toml` that cannot be read is an error, not an empty prefix:
-/// daemons that share one libvirt would otherwise address each other's
-/// domains.
-pub fn domain_name(data: &Path, name: &str) -> Result<String> {
-    let prefix = Config::load(data).context("the domain prefix")?.domain_prefix;
-    Ok(format!("{prefix}{name}"))
+/// The instances of one host's data directory: where their files are,
+/// what their domains are called, and their lifecycle. Everything that
+/// acts on instances goes through this handle; it reads `config.toml` once.
+#[derive(Clone, Debug)]
+pub struct Instances {
+    data: PathBuf,
+    /// Prefixed to every domain name, where several daemons share one
+    /// libvirt (the config's `domain_prefix`).
+    domain_prefix: String,
 }
 
-pub fn instances_dir(data: &Path) -> PathBuf {
-    data.join("instances")
+impl Instances {
+    /// The instances of `data`. A `config.toml` that cannot be read is an
+    /// error, not an empty domain prefix: daemons that share one libvirt
+    /// would otherwise address each other's domains.
+    pub fn open(data: &Path) -> Result<Self> {
+        Ok(Self::with_config(data, &Config::load(data).context("the domain prefix")?))
+    }
+
+    /// The instances of `data`, whose `config.toml` is `config`.
+    pub fn with_config(data: &Path, config: &Config) -> Self {
+        Self { data: data.to_path_buf(), domain_prefix: config.domain_prefix.clone() }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// `DATA_DIR/instances`.
+    pub fn root(&self) -> PathBuf {
+        self.data.join("instances")
+    }
+
+    /// The directory of instance `name`.
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.root().join(name)
+    }
+
+    /// The libvirt domain name of instance `name` on this host.
+    pub fn domain_name(&self, name: &str) -> String {
+        format!("{}{name}", self.domain_prefix)
+    }
+
+    /// The record of instance `name`.
+    pub fn load(&self, name: &str) -> Result<Instance> {
+        Instance::load(&self.data, name)
+    }
+
+    /// The hypervisor at `uri` (an instance's, as recorded).
+    pub fn hypervisor(&self, uri: &str) -> Result<Libvirt> {
+        hypervisor(uri)
+    }
 }
 
-pub fn instance_dir(data: &Path, name: &str) -> PathBuf {
-    instances_dir(data).join(name)
+fn instance_dir(data: &Path, name: &str) -> PathBuf {
+    data.join("instances").join(name)
 }
 
 pub fn pin_label(name: &str) -> String {
@@ -209,143 +248,9 @@ pub fn hypervisor(uri: &str) -> Result<Libvirt> {
     Ok(Libvirt::connect(uri)?)
 }
 
-/// Deploys the stack of `reference` (local: every layer here, or with
-/// `lazy` its manifests) as one instance or `replicas`; returns
-/// `{"instances": [..], "timeline": [..], "errors": [..]}`, an error for
-/// each replica that failed (nothing of it is left behind).
-pub fn deploy(data: &Path, reference: &str, a: &DeployOptions) -> Result<serde_json::Value> {
-    let mut tl = Timeline::new(!a.verbose);
-    let url = reference;
-    let store = Arc::new(Store::open(data).with_context(|| format!("opening the store in {}", data.display()))?);
-    let top = store.resolve(url)?;
-    tl.step("resolve");
-    // Every layer of the stack must be local (fetching from peers is `xenod fetch`).
-    store.stack(&top).with_context(|| format!("layers of {url} are not all here; fetch them first"))?;
-    tl.step("fetch (layers local)");
-    let mut spec = stack_spec(&store, &top)?.ok_or_else(|| {
-        err!("{url} carries no deploy spec: create the overlay with --spec FILE (see `xenod overlay create --help`)")
-    })?;
-    spec.apply(&SpecOverrides {
-        root: a.root,
-        memory_mib: a.memory,
-        ports: (!a.ports.is_empty()).then(|| a.ports.clone()),
-        cmdline: a.cmdline.clone(),
-        ..Default::default()
-    });
-    let base_name =
-        a.name.clone().or_else(|| spec.instance.clone()).unwrap_or_else(|| format!("xenod-{}", &top.to_string()[..8]));
-    let names: Vec<String> =
-        if a.replicas <= 1 { vec![base_name] } else { (1..=a.replicas).map(|i| format!("{base_name}-{i}")).collect() };
-    if a.replicas > 1 {
-        // Replicas cannot share fixed host ports.
-        for p in &mut spec.ports {
-            p.host = 0;
-        }
-    }
-    for n in &names {
-        xenod_deployer::validate_name(n)?;
-        if instance_dir(data, n).exists() {
-            bail!("instance {n:?} exists; `xenod destroy {n}` it first or pick another --name");
-        }
-    }
-    let uri = a.uri.clone().unwrap_or_else(default_uri);
-    let single = names.len() == 1 && a.verbose;
-    let results: Vec<Result<serde_json::Value>> = std::thread::scope(|s| {
-        let handles: Vec<_> = names
-            .iter()
-            .map(|n| {
-                let (store, spec, uri) = (store.clone(), spec.clone(), uri.clone());
-                s.spawn(move || deploy_one(data, store, top, spec, n, &uri, a, single))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(err!("deploy thread panicked")))).collect()
-    });
-    tl.step(if names.len() == 1 { "deployed" } else { "all replicas deployed" });
-    let mut ok = Vec::new();
-    let mut errors = Vec::new();
-    for (n, r) in names.iter().zip(results) {
-        match r {
-            Ok(v) => ok.push(v),
-            Err(e) => errors.push(format!("{n}: {}", e.chain())),
-        }
-    }
-    Ok(json!({ "instances": ok, "timeline": tl.json(), "errors": errors }))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn deploy_one(
-    data: &Path,
-    store: Arc<Store>,
-    top: LayerId,
-    mut spec: DeploySpec,
-    name: &str,
-    uri: &str,
-    a: &DeployOptions,
-    verbose: bool,
-) -> Result<serde_json::Value> {
-    let mut tl = Timeline::new(!verbose);
-    let dir = instance_dir(data, name);
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let domain = domain_name(data, name)?;
-    let mut guard = Cleanup {
-        data: data.to_path_buf(),
-        name: name.to_string(),
-        domain: domain.clone(),
-        store: store.clone(),
-        uri: None,
-        armed: true,
-    };
-    spec.instance = Some(name.to_string());
-    let layer = instance_layer(&store, &top, name)?;
-    store.pin(&pin_label(name), &layer)?;
-    tl.step("instance layer");
-    let mut inst = Instance {
-        name: name.to_string(),
-        top,
-        layer,
-        uri: uri.to_string(),
-        root: spec.root,
-        ports: vec![],
-        mount_pid: None,
-        created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        mounted: None,
-        domain: (domain != name).then(|| domain.clone()),
-        spec: Some(spec.clone()),
-        lazy: a.lazy,
-    };
-    inst.save(data)?;
-    let pid = spawn_mount(data, &inst)?;
-    inst.mount_pid = Some(pid);
-    inst.save(data)?;
-    tl.step("mount");
-    let hv = hypervisor(uri)?;
-    let mut model = DomainModel::from_spec(&spec, &inst.mountpoint(data), dir.join("console.log"))?;
-    model.name = domain.clone();
-    inst.ports = model.network.forwards().to_vec();
-    inst.save(data)?;
-    guard.uri = Some(uri.to_string());
-    hv.deploy(&model)?;
-    tl.step("define + start");
-    let port = inst.ports.first().map(|p| p.host);
-    if !a.no_wait {
-        let timeout = a.timeout;
-        wait_console(&hv, &domain, GUEST_READY_LINE, timeout)?;
-        tl.step("guest booted");
-        if let Some(p) = port {
-            wait_http(&hv, &domain, p, "/xenod-ready-probe", timeout)?;
-            tl.step("service answers");
-        }
-    }
-    guard.armed = false;
-    Ok(
-        json!({ "name": name, "id": layer.to_string(), "top": top.to_string(), "root": format!("{:?}", spec.root).to_lowercase(),
-               "port": port, "ports": inst.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "timeline": tl.json() }),
-    )
-}
-
 /// Undoes a half-done deploy: no domain, mount or upper is left behind.
 pub struct Cleanup {
-    data: PathBuf,
+    instances: Instances,
     name: String,
     domain: String,
     store: Arc<Store>,
@@ -363,7 +268,7 @@ impl Drop for Cleanup {
         {
             let _ = hv.destroy(&self.domain);
         }
-        let _ = teardown(&self.data, &self.name, &self.store, false);
+        let _ = self.instances.teardown(&self.name, &self.store, false);
     }
 }
 
@@ -407,23 +312,6 @@ fn instance_layer(store: &Store, top: &LayerId, name: &str) -> Result<LayerId> {
     Ok(w.finish(Some(*top), [("instance".to_string(), name.to_string())].into())?)
 }
 
-/// Starts the instance's filesystem in its own process (it outlives this
-/// command) and waits until it is mounted.
-pub fn spawn_mount(data: &Path, inst: &Instance) -> Result<u32> {
-    let (mnt, upper) = (inst.mountpoint(data), inst.upper(data));
-    fs::create_dir_all(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
-    fs::create_dir_all(&upper).with_context(|| format!("creating {}", upper.display()))?;
-    let how = mount::MountHow {
-        upper: Some(upper),
-        control: Some(inst.control(data)),
-        lazy: inst.lazy,
-        passthrough: true,
-        ..Default::default()
-    };
-    let log = instance_dir(data, &inst.name).join("mount.log");
-    mount::spawn(data, &inst.mounted().to_string(), &mnt, &how, &log)
-}
-
 /// Whether process `pid` runs (a zombie does not).
 fn alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -433,135 +321,308 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-/// Unmounts and removes an instance's files (keeping the upper if `keep`).
-pub fn teardown(data: &Path, name: &str, store: &Store, keep: bool) -> Result<()> {
-    let dir = instance_dir(data, name);
-    let mnt = dir.join("root");
-    if xenod_cowfs::is_mounted(&mnt) {
-        xenod_cowfs::unmount(&mnt, true).with_context(|| format!("unmounting {}", mnt.display()))?;
-        // Guests started since hold copies of this mount in their own mount
-        // namespaces (libvirt gives QEMU one); removing the mountpoint
-        // detaches those copies too, so the filesystem process can end.
-        let _ = fs::remove_dir(&mnt);
-    }
-    if let Ok(inst) = Instance::load(data, name)
-        && let Some(pid) = inst.mount_pid
-    {
-        // The filesystem process exits once unmounted; wait for it briefly.
-        let t0 = Instant::now();
-        while alive(pid) && t0.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(20));
+impl Instances {
+    /// Deploys the stack of `reference` (local: every layer here, or with
+    /// `lazy` its manifests) as one instance or `replicas`; returns
+    /// `{"instances": [..], "timeline": [..], "errors": [..]}`, an error for
+    /// each replica that failed (nothing of it is left behind).
+    pub fn deploy(&self, reference: &str, a: &DeployOptions) -> Result<serde_json::Value> {
+        let data = self.data.as_path();
+        let mut tl = Timeline::new(!a.verbose);
+        let url = reference;
+        let store = Arc::new(Store::open(data).with_context(|| format!("opening the store in {}", data.display()))?);
+        let top = store.resolve(url)?;
+        tl.step("resolve");
+        // Every layer of the stack must be local (fetching from peers is `xenod fetch`).
+        store.stack(&top).with_context(|| format!("layers of {url} are not all here; fetch them first"))?;
+        tl.step("fetch (layers local)");
+        let mut spec = stack_spec(&store, &top)?.ok_or_else(|| {
+            err!(
+                "{url} carries no deploy spec: create the overlay with --spec FILE (see `xenod overlay create --help`)"
+            )
+        })?;
+        spec.apply(&SpecOverrides {
+            root: a.root,
+            memory_mib: a.memory,
+            ports: (!a.ports.is_empty()).then(|| a.ports.clone()),
+            cmdline: a.cmdline.clone(),
+            ..Default::default()
+        });
+        let base_name = a
+            .name
+            .clone()
+            .or_else(|| spec.instance.clone())
+            .unwrap_or_else(|| format!("xenod-{}", &top.to_string()[..8]));
+        let names: Vec<String> = if a.replicas <= 1 {
+            vec![base_name]
+        } else {
+            (1..=a.replicas).map(|i| format!("{base_name}-{i}")).collect()
+        };
+        if a.replicas > 1 {
+            // Replicas cannot share fixed host ports.
+            for p in &mut spec.ports {
+                p.host = 0;
+            }
         }
-    }
-    store.unpin(&pin_label(name))?;
-    if keep {
-        for f in ["root", "console.log", "mount.log", "state.save", "instance.json", "mount.ctl"] {
-            let p = dir.join(f);
-            let _ = if p.is_dir() { fs::remove_dir(&p) } else { fs::remove_file(&p) };
+        for n in &names {
+            xenod_deployer::validate_name(n)?;
+            if instance_dir(data, n).exists() {
+                bail!("instance {n:?} exists; `xenod destroy {n}` it first or pick another --name");
+            }
         }
-    } else if dir.exists() {
-        fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    Ok(())
-}
-
-pub fn list(data: &Path) -> Result<Vec<(Instance, String)>> {
-    let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir(instances_dir(data)) else { return Ok(out) };
-    for e in rd {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        if let Ok(inst) = Instance::load(data, &name) {
-            let state = hypervisor(&inst.uri)
-                .and_then(|hv| hv.state(inst.domain()).map_err(Error::from))
-                .map(|s| s.to_string())
-                .unwrap_or_else(|e| format!("unknown ({})", e.chain()));
-            let state =
-                if instance_dir(data, &name).join("state.save").exists() { "suspended".to_string() } else { state };
-            out.push((inst, state));
+        let uri = a.uri.clone().unwrap_or_else(default_uri);
+        let single = names.len() == 1 && a.verbose;
+        let results: Vec<Result<serde_json::Value>> = std::thread::scope(|s| {
+            let handles: Vec<_> = names
+                .iter()
+                .map(|n| {
+                    let (store, spec, uri) = (store.clone(), spec.clone(), uri.clone());
+                    s.spawn(move || self.deploy_one(store, top, spec, n, &uri, a, single))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(err!("deploy thread panicked")))).collect()
+        });
+        tl.step(if names.len() == 1 { "deployed" } else { "all replicas deployed" });
+        let mut ok = Vec::new();
+        let mut errors = Vec::new();
+        for (n, r) in names.iter().zip(results) {
+            match r {
+                Ok(v) => ok.push(v),
+                Err(e) => errors.push(format!("{n}: {}", e.chain())),
+            }
         }
+        Ok(json!({ "instances": ok, "timeline": tl.json(), "errors": errors }))
     }
-    out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-    Ok(out)
-}
 
-pub fn stop(data: &Path, name: &str) -> Result<String> {
-    let inst = Instance::load(data, name)?;
-    let outcome = hypervisor(&inst.uri)?.stop(inst.domain(), Duration::from_secs(30))?;
-    Ok(format!("{outcome:?}"))
-}
-
-pub fn start(data: &Path, name: &str) -> Result<()> {
-    let inst = Instance::load(data, name)?;
-    if !xenod_cowfs::is_mounted(&inst.mountpoint(data)) {
-        let mut inst = inst.clone();
-        inst.mount_pid = Some(spawn_mount(data, &inst)?);
+    #[allow(clippy::too_many_arguments)]
+    fn deploy_one(
+        &self,
+        store: Arc<Store>,
+        top: LayerId,
+        mut spec: DeploySpec,
+        name: &str,
+        uri: &str,
+        a: &DeployOptions,
+        verbose: bool,
+    ) -> Result<serde_json::Value> {
+        let data = self.data.as_path();
+        let mut tl = Timeline::new(!verbose);
+        let dir = self.dir(name);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let domain = self.domain_name(name);
+        let mut guard = Cleanup {
+            instances: self.clone(),
+            name: name.to_string(),
+            domain: domain.clone(),
+            store: store.clone(),
+            uri: None,
+            armed: true,
+        };
+        spec.instance = Some(name.to_string());
+        let layer = instance_layer(&store, &top, name)?;
+        store.pin(&pin_label(name), &layer)?;
+        tl.step("instance layer");
+        let mut inst = Instance {
+            name: name.to_string(),
+            top,
+            layer,
+            uri: uri.to_string(),
+            root: spec.root,
+            ports: vec![],
+            mount_pid: None,
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            mounted: None,
+            domain: (domain != name).then(|| domain.clone()),
+            spec: Some(spec.clone()),
+            lazy: a.lazy,
+        };
         inst.save(data)?;
-    }
-    hypervisor(&inst.uri)?.start(inst.domain())?;
-    Ok(())
-}
-
-pub fn destroy(data: &Path, name: &str, keep: bool) -> Result<()> {
-    let inst = Instance::load(data, name)?;
-    let store = Store::open(data)?;
-    match hypervisor(&inst.uri)?.destroy(inst.domain()) {
-        Ok(()) | Err(xenod_deployer::Error::NoSuchDomain { .. }) => {}
-        Err(e) => return Err(e.into()),
-    }
-    teardown(data, name, &store, keep)
-}
-
-pub fn logs(data: &Path, name: &str) -> Result<String> {
-    let p = instance_dir(data, name).join("console.log");
-    let b = fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-    Ok(String::from_utf8_lossy(&b).into_owned())
-}
-
-pub fn suspend(data: &Path, name: &str) -> Result<PathBuf> {
-    let inst = Instance::load(data, name)?;
-    if inst.root == RootMode::Fs {
-        bail!(
-            "{name} has a shared-filesystem root, and the hypervisor cannot save such a guest; \
-             use `xenod stop {name}` and `xenod start {name}` instead (its upper layer is kept)"
-        );
-    }
-    let state = instance_dir(data, name).join("state.save");
-    hypervisor(&inst.uri)?.save(inst.domain(), &state)?;
-    Ok(state)
-}
-
-pub fn resume(data: &Path, name: &str) -> Result<()> {
-    let inst = Instance::load(data, name)?;
-    let state = instance_dir(data, name).join("state.save");
-    if !state.exists() {
-        bail!("{name} is not suspended (no {})", state.display());
-    }
-    if !xenod_cowfs::is_mounted(&inst.mountpoint(data)) {
-        let mut inst = inst.clone();
-        inst.mount_pid = Some(spawn_mount(data, &inst)?);
+        let pid = self.spawn_mount(&inst)?;
+        inst.mount_pid = Some(pid);
         inst.save(data)?;
+        tl.step("mount");
+        let hv = hypervisor(uri)?;
+        let mut model = DomainModel::from_spec(&spec, &inst.mountpoint(data), dir.join("console.log"))?;
+        model.name = domain.clone();
+        inst.ports = model.network.forwards().to_vec();
+        inst.save(data)?;
+        guard.uri = Some(uri.to_string());
+        hv.deploy(&model)?;
+        tl.step("define + start");
+        let port = inst.ports.first().map(|p| p.host);
+        if !a.no_wait {
+            let timeout = a.timeout;
+            wait_console(&hv, &domain, GUEST_READY_LINE, timeout)?;
+            tl.step("guest booted");
+            if let Some(p) = port {
+                wait_http(&hv, &domain, p, "/xenod-ready-probe", timeout)?;
+                tl.step("service answers");
+            }
+        }
+        guard.armed = false;
+        Ok(
+            json!({ "name": name, "id": layer.to_string(), "top": top.to_string(), "root": format!("{:?}", spec.root).to_lowercase(),
+                   "port": port, "ports": inst.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "timeline": tl.json() }),
+        )
     }
-    hypervisor(&inst.uri)?.restore(&state)?;
-    fs::remove_file(&state).with_context(|| format!("removing {}", state.display()))?;
-    Ok(())
-}
 
-/// The instance's upper layer as an overlay on its stack, its solid blocks
-/// at zstd `level` (0: the store's).
-pub fn commit(data: &Path, name: &str, meta: BTreeMap<String, String>, level: i32) -> Result<xenod_cowfs::CommitStats> {
-    let inst = Instance::load(data, name)?;
-    let store = Store::open(data)?;
-    store.set_block_level(level);
-    let store = Arc::new(store);
-    let stack = store.stack(&inst.mounted())?;
-    // A paused guest writes nothing while its upper is read.
-    let hv = hypervisor(&inst.uri)?;
-    let paused = hv.state(inst.domain()).is_ok_and(|s| s.is_active()) && hv.suspend(inst.domain()).is_ok();
-    // The mount is live: commit_live leaves its staging area alone.
-    let mut cache = xenod_cowfs::CommitCache::default();
-    let r = xenod_cowfs::commit_live(store, &stack, &inst.upper(data), meta, &mut cache, None);
-    if paused {
-        hv.resume(inst.domain())?;
+    /// Starts the instance's filesystem in its own process (it outlives this
+    /// command) and waits until it is mounted.
+    pub fn spawn_mount(&self, inst: &Instance) -> Result<u32> {
+        let data = self.data.as_path();
+        let (mnt, upper) = (inst.mountpoint(data), inst.upper(data));
+        fs::create_dir_all(&mnt).with_context(|| format!("creating {}", mnt.display()))?;
+        fs::create_dir_all(&upper).with_context(|| format!("creating {}", upper.display()))?;
+        let how = mount::MountHow {
+            upper: Some(upper),
+            control: Some(inst.control(data)),
+            lazy: inst.lazy,
+            passthrough: true,
+            ..Default::default()
+        };
+        let log = instance_dir(data, &inst.name).join("mount.log");
+        mount::spawn(data, &inst.mounted().to_string(), &mnt, &how, &log)
     }
-    Ok(r?)
+
+    /// Unmounts and removes an instance's files (keeping the upper if `keep`).
+    pub fn teardown(&self, name: &str, store: &Store, keep: bool) -> Result<()> {
+        let data = self.data.as_path();
+        let dir = instance_dir(data, name);
+        let mnt = dir.join("root");
+        if xenod_cowfs::is_mounted(&mnt) {
+            xenod_cowfs::unmount(&mnt, true).with_context(|| format!("unmounting {}", mnt.display()))?;
+            // Guests started since hold copies of this mount in their own mount
+            // namespaces (libvirt gives QEMU one); removing the mountpoint
+            // detaches those copies too, so the filesystem process can end.
+            let _ = fs::remove_dir(&mnt);
+        }
+        if let Ok(inst) = Instance::load(data, name)
+            && let Some(pid) = inst.mount_pid
+        {
+            // The filesystem process exits once unmounted; wait for it briefly.
+            let t0 = Instant::now();
+            while alive(pid) && t0.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        store.unpin(&pin_label(name))?;
+        if keep {
+            for f in ["root", "console.log", "mount.log", "state.save", "instance.json", "mount.ctl"] {
+                let p = dir.join(f);
+                let _ = if p.is_dir() { fs::remove_dir(&p) } else { fs::remove_file(&p) };
+            }
+        } else if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Result<Vec<(Instance, String)>> {
+        let data = self.data.as_path();
+        let mut out = Vec::new();
+        let Ok(rd) = fs::read_dir(self.root()) else { return Ok(out) };
+        for e in rd {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            if let Ok(inst) = Instance::load(data, &name) {
+                let state = hypervisor(&inst.uri)
+                    .and_then(|hv| hv.state(inst.domain()).map_err(Error::from))
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|e| format!("unknown ({})", e.chain()));
+                let state =
+                    if instance_dir(data, &name).join("state.save").exists() { "suspended".to_string() } else { state };
+                out.push((inst, state));
+            }
+        }
+        out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        Ok(out)
+    }
+
+    pub fn stop(&self, name: &str) -> Result<String> {
+        let data = self.data.as_path();
+        let inst = Instance::load(data, name)?;
+        let outcome = hypervisor(&inst.uri)?.stop(inst.domain(), Duration::from_secs(30))?;
+        Ok(format!("{outcome:?}"))
+    }
+
+    pub fn start(&self, name: &str) -> Result<()> {
+        let data = self.data.as_path();
+        let inst = Instance::load(data, name)?;
+        if !xenod_cowfs::is_mounted(&inst.mountpoint(data)) {
+            let mut inst = inst.clone();
+            inst.mount_pid = Some(self.spawn_mount(&inst)?);
+            inst.save(data)?;
+        }
+        hypervisor(&inst.uri)?.start(inst.domain())?;
+        Ok(())
+    }
+
+    pub fn destroy(&self, name: &str, keep: bool) -> Result<()> {
+        let data = self.data.as_path();
+        let inst = Instance::load(data, name)?;
+        let store = Store::open(data)?;
+        match hypervisor(&inst.uri)?.destroy(inst.domain()) {
+            Ok(()) | Err(xenod_deployer::Error::NoSuchDomain { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.teardown(name, &store, keep)
+    }
+
+    pub fn logs(&self, name: &str) -> Result<String> {
+        let data = self.data.as_path();
+        let p = instance_dir(data, name).join("console.log");
+        let b = fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(String::from_utf8_lossy(&b).into_owned())
+    }
+
+    pub fn suspend(&self, name: &str) -> Result<PathBuf> {
+        let data = self.data.as_path();
+        let inst = Instance::load(data, name)?;
+        if inst.root == RootMode::Fs {
+            bail!(
+                "{name} has a shared-filesystem root, and the hypervisor cannot save such a guest; \
+                 use `xenod stop {name}` and `xenod start {name}` instead (its upper layer is kept)"
+            );
+        }
+        let state = instance_dir(data, name).join("state.save");
+        hypervisor(&inst.uri)?.save(inst.domain(), &state)?;
+        Ok(state)
+    }
+
+    pub fn resume(&self, name: &str) -> Result<()> {
+        let data = self.data.as_path();
+        let inst = Instance::load(data, name)?;
+        let state = instance_dir(data, name).join("state.save");
+        if !state.exists() {
+            bail!("{name} is not suspended (no {})", state.display());
+        }
+        if !xenod_cowfs::is_mounted(&inst.mountpoint(data)) {
+            let mut inst = inst.clone();
+            inst.mount_pid = Some(self.spawn_mount(&inst)?);
+            inst.save(data)?;
+        }
+        hypervisor(&inst.uri)?.restore(&state)?;
+        fs::remove_file(&state).with_context(|| format!("removing {}", state.display()))?;
+        Ok(())
+    }
+
+    /// The instance's upper layer as an overlay on its stack, its solid blocks
+    /// at zstd `level` (0: the store's).
+    pub fn commit(&self, name: &str, meta: BTreeMap<String, String>, level: i32) -> Result<xenod_cowfs::CommitStats> {
+        let data = self.data.as_path();
+        let inst = Instance::load(data, name)?;
+        let store = Store::open(data)?;
+        store.set_block_level(level);
+        let store = Arc::new(store);
+        let stack = store.stack(&inst.mounted())?;
+        // A paused guest writes nothing while its upper is read.
+        let hv = hypervisor(&inst.uri)?;
+        let paused = hv.state(inst.domain()).is_ok_and(|s| s.is_active()) && hv.suspend(inst.domain()).is_ok();
+        // The mount is live: commit_live leaves its staging area alone.
+        let mut cache = xenod_cowfs::CommitCache::default();
+        let r = xenod_cowfs::commit_live(store, &stack, &inst.upper(data), meta, &mut cache, None);
+        if paused {
+            hv.resume(inst.domain())?;
+        }
+        Ok(r?)
+    }
 }

@@ -2,7 +2,7 @@
 //! guest's upper layer committed from its live mount, the page index of its
 //! files, its saved state as a layer ([`LocalChanges`]).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
@@ -13,7 +13,7 @@ use super::policy::{Changes, Commit, StateLayer, blocking};
 use super::state::{META_PAGES_ON, STATE_PAGES, Transient, page_sources, state_layer, store_state};
 use super::statepages::{self, EncodeStats, PageHashes, PageIndex};
 use crate::error::Result;
-use crate::instance::{self, Instance};
+use crate::instance::{Instance, Instances};
 
 /// A state encoder following the save as it is written: the layer whose
 /// files it refers to, and its task.
@@ -23,6 +23,7 @@ type Follower = (LayerId, tokio::task::JoinHandle<Result<EncodeStats>>);
 pub struct LocalChanges {
     store: Arc<Store>,
     data: PathBuf,
+    instances: Instances,
     inst: Instance,
     cache: CommitCache,
     /// Page hashes of the instance's files, brought up to date while the
@@ -38,11 +39,13 @@ pub struct LocalChanges {
 
 impl LocalChanges {
     /// `cold`: no state will be saved, so no page of the files is hashed.
-    pub fn new(store: Arc<Store>, data: &Path, inst: Instance, cold: bool) -> Self {
+    pub fn new(store: Arc<Store>, instances: &Instances, inst: Instance, cold: bool) -> Self {
+        let data = instances.data_dir();
         let sources = Arc::new(if cold { Vec::new() } else { page_sources(&inst) });
         Self {
             store,
             data: data.to_path_buf(),
+            instances: instances.clone(),
             inst,
             cache: CommitCache::default(),
             hashes: Default::default(),
@@ -160,7 +163,7 @@ impl Changes for LocalChanges {
     }
 
     async fn remove_instance(&mut self) -> Result<()> {
-        let (data, name, store) = (self.data.clone(), self.inst.name.clone(), self.store.clone());
-        blocking(move || instance::teardown(&data, &name, &store, false)).await
+        let (instances, name, store) = (self.instances.clone(), self.inst.name.clone(), self.store.clone());
+        blocking(move || instances.teardown(&name, &store, false)).await
     }
 }

@@ -166,7 +166,7 @@ pub async fn migrate(
     let plan = Plan { to: to.to_owned(), cold, save, level };
     let migration = Migration::new(
         hv,
-        LocalChanges::new(store, &data, inst.clone(), cold),
+        LocalChanges::new(store, d.instances(), inst.clone(), cold),
         RemoteTarget::new(d.clone(), target),
         inst.domain().to_owned(),
         record_of(&data, &inst),
@@ -295,8 +295,9 @@ pub async fn restore(d: &Arc<Daemon>, checkpoint: &str, on: Option<&str>, name: 
     }
     match on {
         None => {
-            let (data, store) = (d.data_dir().to_path_buf(), store.clone());
-            let v = blocking(move || target::adopt(&data, &store, id, Some(state), &record, &|| {})).await?;
+            let store = store.clone();
+            let instances = d.instances().clone();
+            let v = blocking(move || target::adopt(&instances, &store, id, Some(state), &record, &|| {})).await?;
             let restored = serde_json::from_value(v).context("the restored instance's report")?;
             Ok(serde_json::to_value(report::Restore { restored, on: "here".into(), fetch: None })?)
         }

@@ -11,6 +11,7 @@ use xenod_store::{LayerId, Store};
 
 use crate::bail;
 use crate::error::{Context, Result};
+use crate::instance::Instances;
 use crate::instance::{self as deploy, Instance};
 
 /// What a target needs to run an instance.
@@ -100,8 +101,8 @@ pub(crate) fn upper_bytes(dir: &Path) -> u64 {
 }
 
 /// `record`'s instance as it runs here on `layer`, not yet mounted.
-pub(crate) fn instance_of(data: &Path, record: &Record, layer: LayerId) -> Result<Instance> {
-    let domain = deploy::domain_name(data, &record.name)?;
+pub(crate) fn instance_of(instances: &Instances, record: &Record, layer: LayerId) -> Result<Instance> {
+    let domain = instances.domain_name(&record.name);
     Ok(Instance {
         name: record.name.clone(),
         top: record.top,
@@ -120,9 +121,9 @@ pub(crate) fn instance_of(data: &Path, record: &Record, layer: LayerId) -> Resul
 
 /// Creates the directory of an instance `name` arriving here, which
 /// must be a new name.
-pub(crate) fn new_instance_dir(data: &Path, name: &str) -> Result<PathBuf> {
+pub(crate) fn new_instance_dir(instances: &Instances, name: &str) -> Result<PathBuf> {
     xenod_deployer::validate_name(name)?;
-    let dir = deploy::instance_dir(data, name);
+    let dir = instances.dir(name);
     if dir.exists() {
         bail!("an instance named {name:?} already exists on this host");
     }
@@ -132,10 +133,11 @@ pub(crate) fn new_instance_dir(data: &Path, name: &str) -> Result<PathBuf> {
 
 /// Records `inst`, pins `layer` for it and mounts it with a fresh upper
 /// layer.
-pub(crate) fn mount_instance(data: &Path, store: &Store, inst: &mut Instance, layer: LayerId) -> Result<()> {
+pub(crate) fn mount_instance(instances: &Instances, store: &Store, inst: &mut Instance, layer: LayerId) -> Result<()> {
+    let data = instances.data_dir();
     inst.save(data)?;
     store.pin(&deploy::pin_label(&inst.name), &layer)?;
-    inst.mount_pid = Some(deploy::spawn_mount(data, inst)?);
+    inst.mount_pid = Some(instances.spawn_mount(inst)?);
     inst.save(data)
 }
 

@@ -36,6 +36,7 @@ use super::state::{page_sources, stream_state};
 use super::statepages::{self, Warm};
 use crate::err;
 use crate::error::{Context, Result};
+use crate::instance::Instances;
 use crate::instance::{self as deploy, Instance};
 
 /// In a staged instance's directory until the guest runs there.
@@ -68,16 +69,16 @@ fn lock(slot: &SharedSlot) -> std::sync::MutexGuard<'_, Slot> {
 
 /// Keeps `staged` in `slot`, unless its connection has gone (then it is
 /// taken down). One stage per connection: an earlier one is taken down.
-pub fn keep(slot: &SharedSlot, data: &Path, store: &Store, staged: Staged) {
+pub fn keep(slot: &SharedSlot, instances: &Instances, store: &Store, staged: Staged) {
     let mut s = lock(slot);
     if s.closed {
         drop(s);
-        undo(data, store, staged);
+        undo(instances, store, staged);
         return;
     }
     if let Some(old) = s.staged.replace(staged) {
         drop(s);
-        undo(data, store, old);
+        undo(instances, store, old);
     }
 }
 
@@ -88,7 +89,7 @@ pub fn take(slot: &SharedSlot, name: &str) -> Option<Staged> {
 }
 
 /// The connection has gone: takes its stage down.
-pub fn close(slot: &SharedSlot, data: &Path, store: &Store) {
+pub fn close(slot: &SharedSlot, instances: &Instances, store: &Store) {
     let staged = {
         let mut s = lock(slot);
         s.closed = true;
@@ -96,22 +97,23 @@ pub fn close(slot: &SharedSlot, data: &Path, store: &Store) {
     };
     if let Some(st) = staged {
         tracing::info!("the source of {} went away: taking its stage down", st.name);
-        undo(data, store, st);
+        undo(instances, store, st);
     }
 }
 
 /// Takes a stage down: its QEMU, its mount and its directory.
-pub fn undo(data: &Path, store: &Store, staged: Staged) {
+pub fn undo(instances: &Instances, store: &Store, staged: Staged) {
     let Staged { name, qemu, .. } = staged;
     drop(qemu);
-    if let Err(e) = deploy::teardown(data, &name, store, false) {
+    if let Err(e) = instances.teardown(&name, store, false) {
         tracing::warn!("taking the stage of {name} down: {e:#}");
     }
 }
 
 /// Removes what a daemon that died left staged (run at start).
-pub fn sweep(data: &Path, store: &Store) {
-    let Ok(dir) = fs::read_dir(deploy::instances_dir(data)) else { return };
+pub fn sweep(instances: &Instances, store: &Store) {
+    let data = instances.data_dir();
+    let Ok(dir) = fs::read_dir(instances.root()) else { return };
     for e in dir.flatten() {
         if !e.path().join(MARKER).exists() {
             continue;
@@ -119,20 +121,20 @@ pub fn sweep(data: &Path, store: &Store) {
         let name = e.file_name().to_string_lossy().into_owned();
         tracing::warn!("removing the stage of {name} left by an earlier run");
         let uri = Instance::load(data, &name).map_or_else(|_| xenod_deployer::default_uri(), |i| i.uri);
-        remove(data, store, &name, &uri);
+        remove(instances, store, &name, &uri);
     }
 }
 
 /// Powers off and undefines instance `name`'s domain and removes the
 /// instance (its mount and directory).
-fn remove(data: &Path, store: &Store, name: &str, uri: &str) {
-    match (deploy::hypervisor(uri), deploy::domain_name(data, name)) {
+fn remove(instances: &Instances, store: &Store, name: &str, uri: &str) {
+    match (deploy::hypervisor(uri), Ok::<_, crate::Error>(instances.domain_name(name))) {
         (Ok(hv), Ok(domain)) => {
             let _ = hv.destroy(&domain);
         }
         (Err(e), _) | (_, Err(e)) => tracing::warn!("removing instance {name}'s domain: {e:#}"),
     }
-    if let Err(e) = deploy::teardown(data, name, store, false) {
+    if let Err(e) = instances.teardown(name, store, false) {
         tracing::warn!("removing instance {name}: {e:#}");
     }
 }
@@ -140,14 +142,21 @@ fn remove(data: &Path, store: &Store, name: &str, uri: &str) {
 /// Mounts `layer` for `record`'s instance with a fresh upper layer and
 /// starts its QEMU on it waiting for its state; `xml` is the domain as
 /// the source runs it. Leaves nothing behind on failure.
-pub fn stage(data: &Path, store: &Arc<Store>, layer: LayerId, record: &Record, xml: &str) -> Result<(Staged, Value)> {
+pub fn stage(
+    instances: &Instances,
+    store: &Arc<Store>,
+    layer: LayerId,
+    record: &Record,
+    xml: &str,
+) -> Result<(Staged, Value)> {
+    let data = instances.data_dir();
     let name = record.name.as_str();
-    let dir = new_instance_dir(data, name)?;
+    let dir = new_instance_dir(instances, name)?;
     let t = Instant::now();
     let r = (|| -> Result<(Instance, Incoming)> {
         fs::write(dir.join(MARKER), b"")?;
-        let mut inst = instance_of(data, record, layer)?;
-        mount_instance(data, store, &mut inst, layer)?;
+        let mut inst = instance_of(instances, record, layer)?;
+        mount_instance(instances, store, &mut inst, layer)?;
         let moved = ports_here(record)?;
         xenod_deployer::move_host_ports(&mut inst.ports, &moved);
         inst.save(data)?;
@@ -174,7 +183,7 @@ pub fn stage(data: &Path, store: &Arc<Store>, layer: LayerId, record: &Record, x
             Ok((Staged { name: name.to_owned(), layer, inst, qemu, warm }, info))
         }
         Err(e) => {
-            let _ = deploy::teardown(data, name, store, false);
+            let _ = instances.teardown(name, store, false);
             Err(e)
         }
     }
@@ -187,13 +196,14 @@ pub fn stage(data: &Path, store: &Arc<Store>, layer: LayerId, record: &Record, x
 /// than file contents; the stage is handed back untouched. Takes the stage
 /// down on failure.
 pub fn finish(
-    data: &Path,
+    instances: &Instances,
     store: &Arc<Store>,
     staged: Staged,
     layer: LayerId,
     state: LayerId,
     restoring: &dyn Fn(),
 ) -> Result<std::result::Result<Value, Staged>> {
+    let data = instances.data_dir();
     let mut steps = serde_json::Map::new();
     let t = Instant::now();
     let root = staged.inst.mountpoint(data);
@@ -201,7 +211,7 @@ pub fn finish(
         Ok(Some(n)) => n,
         Ok(None) => return Ok(Err(staged)),
         Err(e) => {
-            undo(data, store, staged);
+            undo(instances, store, staged);
             return Err(e.context("writing the last changes into the staged mount"));
         }
     };
@@ -225,7 +235,7 @@ pub fn finish(
                    "steps": Value::Object(steps.clone()) }))
     })();
     if r.is_err() {
-        remove(data, store, &name, &inst.uri);
+        remove(instances, store, &name, &inst.uri);
     }
     r.map(Ok)
 }

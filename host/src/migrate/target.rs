@@ -2,7 +2,6 @@
 //! endpoint, each request's work, and a guest adopted from its committed
 //! upper layer and saved state.
 
-use std::path::Path;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,7 @@ use crate::config::Config;
 use crate::daemon::Daemon;
 use crate::error::{Context, Error, Result};
 use crate::instance as deploy;
+use crate::instance::Instances;
 use crate::{bail, err};
 
 /// Serves [`ALPN`] for the daemon once it is up.
@@ -50,8 +50,8 @@ impl ProtocolHandler for Handler {
                 }
             });
         }
-        let (data, store) = (d.data_dir().to_path_buf(), d.store_arc());
-        let _ = tokio::task::spawn_blocking(move || stage::close(&slot, &data, &store)).await;
+        let (instances, store) = (d.instances().clone(), d.store_arc());
+        let _ = tokio::task::spawn_blocking(move || stage::close(&slot, &instances, &store)).await;
         Ok(())
     }
 }
@@ -111,7 +111,7 @@ async fn target_op(
     match req {
         Wire::Prepare { instance, mounted, source, need_bytes } => {
             xenod_deployer::validate_name(&instance)?;
-            if deploy::instance_dir(d.data_dir(), &instance).exists() {
+            if d.instances().dir(&instance).exists() {
                 bail!("an instance named {instance:?} already exists on this host");
             }
             let free = free_bytes(d.data_dir())?;
@@ -136,7 +136,7 @@ async fn target_op(
             if let Some(s) = state {
                 rep.add(&fetch(d, s, &source, Some(FINAL_CODEC)).await?);
             }
-            let (data, store) = (d.data_dir().to_path_buf(), d.store_arc());
+            let (instances, store) = (d.instances().clone(), d.store_arc());
             let t = Instant::now();
             let staged = stage::take(slot, &record.name);
             let adopted = tokio::task::spawn_blocking(move || {
@@ -144,23 +144,23 @@ async fn target_op(
                     let _ = tx.send(Reply::Restoring { restoring: true });
                 };
                 if let (Some(st), Some(s)) = (staged, state) {
-                    match stage::finish(&data, &store, st, layer, s, &restoring)? {
+                    match stage::finish(&instances, &store, st, layer, s, &restoring)? {
                         Ok(v) => return Ok(v),
                         // More changed than file contents: the usual way.
-                        Err(st) => stage::undo(&data, &store, st),
+                        Err(st) => stage::undo(&instances, &store, st),
                     }
                 }
-                adopt(&data, &store, layer, state, &record, &restoring)
+                adopt(&instances, &store, layer, state, &record, &restoring)
             })
             .await??;
             let instance = serde_json::from_value(adopted).context("the adopted instance's report")?;
             Ok(serde_json::to_value(ResumeReply { fetch: rep, instance, resume_seconds: t.elapsed().as_secs_f64() })?)
         }
         Wire::Stage { layer, record, xml } => {
-            let (data, store, slot) = (d.data_dir().to_path_buf(), d.store_arc(), slot.clone());
+            let (instances, store, slot) = (d.instances().clone(), d.store_arc(), slot.clone());
             tokio::task::spawn_blocking(move || {
-                let (staged, info) = stage::stage(&data, &store, layer, &record, &xml)?;
-                stage::keep(&slot, &data, &store, staged);
+                let (staged, info) = stage::stage(&instances, &store, layer, &record, &xml)?;
+                stage::keep(&slot, &instances, &store, staged);
                 Ok(info)
             })
             .await?
@@ -169,10 +169,10 @@ async fn target_op(
             // Only what a failed resume could have left: adopt cleans up
             // after itself, so normally there is nothing.
             if let Some(st) = stage::take(slot, &instance) {
-                let (data, store) = (d.data_dir().to_path_buf(), d.store_arc());
-                tokio::task::spawn_blocking(move || stage::undo(&data, &store, st)).await?;
+                let (instances, store) = (d.instances().clone(), d.store_arc());
+                tokio::task::spawn_blocking(move || stage::undo(&instances, &store, st)).await?;
             }
-            let dir = deploy::instance_dir(d.data_dir(), &instance);
+            let dir = d.instances().dir(&instance);
             Ok(json!({ "aborted": instance, "left": dir.exists() }))
         }
     }
@@ -212,23 +212,24 @@ fn test_hook(phase: &str) {
 /// restores the saved state of `state`, or boots it when there is none.
 /// Leaves nothing behind on failure.
 pub(super) fn adopt(
-    data: &Path,
+    instances: &Instances,
     store: &Arc<Store>,
     layer: LayerId,
     state: Option<LayerId>,
     record: &Record,
     restoring: &dyn Fn(),
 ) -> Result<Value> {
+    let data = instances.data_dir();
     let name = record.name.as_str();
-    let dir = new_instance_dir(data, name)?;
-    let domain = deploy::domain_name(data, name)?;
-    let mut inst = instance_of(data, record, layer)?;
+    let dir = new_instance_dir(instances, name)?;
+    let domain = instances.domain_name(name);
+    let mut inst = instance_of(instances, record, layer)?;
     let uri = inst.uri.clone();
     let undo = |started: bool| {
         if started && let Ok(hv) = deploy::hypervisor(&uri) {
             let _ = hv.destroy(&domain);
         }
-        let _ = deploy::teardown(data, name, store, false);
+        let _ = instances.teardown(name, store, false);
     };
     let mut steps = serde_json::Map::new();
     let mut step = |k: &str, t: Instant| {
@@ -236,7 +237,7 @@ pub(super) fn adopt(
     };
     let r = (|| -> Result<Value> {
         let t = Instant::now();
-        mount_instance(data, store, &mut inst, layer)?;
+        mount_instance(instances, store, &mut inst, layer)?;
         step("mount_seconds", t);
         let hv = deploy::hypervisor(&inst.uri)?;
         let mut staged = false;
