@@ -54,7 +54,7 @@ use xenod_peer::parse_peer;
 use xenod_store::{Dense, Exit, LayerId, LayerWriter};
 
 use self::local::LocalChanges;
-use self::policy::{Migration, Plan, Target, blocking, check_level, save_guest};
+use self::policy::{Guest, Migration, Plan, Target, blocking, check_level, save_guest};
 use self::record::{now, record_of, upper_bytes};
 use self::state::{Transient, data_chunks, page_sources, state_layer};
 use self::statepages::PageHashes;
@@ -168,10 +168,12 @@ pub async fn migrate(
         hv,
         LocalChanges::new(store, d.instances(), inst.clone(), cold),
         RemoteTarget::new(d.clone(), target),
-        inst.domain().to_owned(),
-        record_of(&data, &inst),
-        inst.mounted(),
-        need,
+        Guest {
+            domain: inst.domain().to_owned(),
+            record: record_of(&data, &inst),
+            mounted: inst.mounted(),
+            need_bytes: need,
+        },
         plan,
     );
     Ok(serde_json::to_value(migration.run().await?)?)

@@ -152,7 +152,7 @@ pub struct Plan {
 
 /// Where the guest stands, as far as this host knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Guest {
+enum Where {
     /// Running here, untouched.
     Running,
     /// Stopped here for the move: saved to the state file (`live`: saved
@@ -163,20 +163,29 @@ enum Guest {
     Target,
 }
 
+/// The guest that moves.
+#[derive(Clone, Debug)]
+pub(crate) struct Guest {
+    /// Its domain here.
+    pub domain: String,
+    pub record: Record,
+    /// The layer the instance runs on here (its stack's top as mounted).
+    pub mounted: LayerId,
+    /// Bytes the target needs free: the upper layer and the memory.
+    pub need_bytes: u64,
+}
+
 /// One migration of a running guest from this host.
 pub(crate) struct Migration<H, C, T> {
     hv: Arc<H>,
     changes: C,
     target: T,
-    /// The guest's domain here.
     domain: String,
     record: Record,
-    /// The layer the instance runs on here (its stack's top as mounted).
     mounted: LayerId,
-    /// Bytes the target needs free: the upper layer and the memory.
     need_bytes: u64,
     plan: Plan,
-    guest: Guest,
+    at: Where,
     /// The state file, once the guest is saved.
     state_file: Option<PathBuf>,
 }
@@ -194,18 +203,9 @@ where
     C: Changes,
     T: Target,
 {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        hv: Arc<H>,
-        changes: C,
-        target: T,
-        domain: String,
-        record: Record,
-        mounted: LayerId,
-        need_bytes: u64,
-        plan: Plan,
-    ) -> Self {
-        Self { hv, changes, target, domain, record, mounted, need_bytes, plan, guest: Guest::Running, state_file: None }
+    pub(crate) fn new(hv: Arc<H>, changes: C, target: T, guest: Guest, plan: Plan) -> Self {
+        let Guest { domain, record, mounted, need_bytes } = guest;
+        Self { hv, changes, target, domain, record, mounted, need_bytes, plan, at: Where::Running, state_file: None }
     }
 
     /// Runs every phase; on a failure, [`Migration::fail`] decides where the
@@ -392,7 +392,7 @@ where
         // still holding its memory and host ports: it is powered off in
         // clean-up, after the target runs the guest.
         let live = save_down.is_some();
-        self.guest = Guest::Stopped { live };
+        self.at = Where::Stopped { live };
         let save_seconds = t_down.elapsed().as_secs_f64();
         let t_stopped = Instant::now();
         let t = Instant::now();
@@ -454,7 +454,7 @@ where
         // Silent or gone while restoring, the target may run the guest; a
         // target that answers that the restore failed has undone it.
         if r.is_ok() || (restoring && !matches!(r, Err(Error::TargetRefused(_)))) {
-            self.guest = Guest::Target;
+            self.at = Where::Target;
         }
         r
     }
@@ -473,11 +473,11 @@ where
     /// The one failure policy: undoes what `phase` left and says where the
     /// guest runs now.
     async fn fail(&mut self, phase: Phase, e: Error) -> Error {
-        let guest = match (phase, self.guest) {
+        let guest = match (phase, self.at) {
             (Phase::CleanUp, _) => {
                 "the guest runs on the target; remove what is left here with `xenod destroy`".to_string()
             }
-            (_, Guest::Target) => {
+            (_, Where::Target) => {
                 let kept = self.changes.keep_state();
                 let name = &self.record.name;
                 format!(
@@ -488,16 +488,16 @@ where
                 )
             }
             (Phase::Prepare, _) => "the guest keeps running here".to_string(),
-            (_, Guest::Running) => {
+            (_, Where::Running) => {
                 self.target.abort(&self.record.name).await;
                 if phase == Phase::StopAndCopy { "the guest was not stopped" } else { "the guest keeps running here" }
                     .to_string()
             }
-            (_, Guest::Stopped { live }) => {
+            (_, Where::Stopped { live }) => {
                 self.target.abort(&self.record.name).await;
                 match self.revive(live).await {
                     Ok(()) => {
-                        self.guest = Guest::Running;
+                        self.at = Where::Running;
                         "the guest runs here again".to_string()
                     }
                     Err(e) => {
@@ -761,6 +761,10 @@ mod tests {
         }
     }
 
+    fn guest() -> Guest {
+        Guest { domain: DOM.into(), record: record(), mounted: ChunkId::of(b"top"), need_bytes: 0 }
+    }
+
     fn record() -> Record {
         Record {
             name: "web".into(),
@@ -803,7 +807,7 @@ mod tests {
         };
         let mut p = Plan { to: "target".into(), cold: false, save: SaveMode::Auto, level: None };
         plan(&mut p);
-        let m = Migration::new(hv.clone(), changes, target, DOM.into(), record(), ChunkId::of(b"top"), 0, p);
+        let m = Migration::new(hv.clone(), changes, target, guest(), p);
         let result = m.run().await;
         Case { hv, runs_there, aborted, kept, removed, result }
     }
@@ -885,10 +889,7 @@ mod tests {
             removed: Default::default(),
         };
         let plan = Plan { to: "t".into(), cold: false, save: SaveMode::Auto, level: None };
-        let r = Migration::new(hv.clone(), changes, target, DOM.into(), record(), ChunkId::of(b"top"), 0, plan)
-            .run()
-            .await
-            .unwrap();
+        let r = Migration::new(hv.clone(), changes, target, guest(), plan).run().await.unwrap();
         let PhaseReport::PreCopy { stage, .. } = &r.phases[1] else { unreachable!() };
         assert!(stage.as_ref().unwrap()["error"].as_str().unwrap().contains("cannot stage"));
         assert!(runs.load(Ordering::SeqCst) && !hv.is_running(DOM));
@@ -990,8 +991,7 @@ mod tests {
         };
         let mut p = Plan { to: "target".into(), cold: false, save: SaveMode::Auto, level: None };
         plan(&mut p);
-        let m =
-            Migration::new(hv.clone(), changes, Arming(target, faults), DOM.into(), record(), ChunkId::of(b"t"), 0, p);
+        let m = Migration::new(hv.clone(), changes, Arming(target, faults), guest(), p);
         let result = m.run().await;
         Case { hv, runs_there, aborted, kept: Default::default(), removed, result }
     }
