@@ -121,7 +121,7 @@ impl Union {
     }
 
     /// Reads `size` bytes at `off` of handle `fh` of `ino` (`fh` 0: see
-    /// [`Self::file_handle`]).
+    /// `Self::file_handle`).
     pub fn read(&self, fh: u64, ino: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
         let h = self.file_handle(fh, ino, off == 0)?;
         let Handle::File { ino, offered, .. } = &*h else { return Err(Errno::ISDIR) };

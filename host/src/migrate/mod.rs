@@ -10,7 +10,8 @@
 //! migration the target holds are not sent; zero pages are holes). On the
 //! target the instance runs on that overlay with a fresh upper layer.
 //!
-//! Phases, each with its own error ([`PhaseError`]):
+//! Phases ([`policy`]: one method each, one failure policy; a failure is
+//! [`crate::Error::Migration`], naming its phase and where the guest runs):
 //!
 //! ```text
 //! prepare        target: check trust, name and space; fetch the stack
@@ -34,12 +35,9 @@
 //! restoring, a lost connection leaves the outcome unknown; the source
 //! then keeps its guest saved (never running twice) and says so.
 //!
-//! Wire: ALPN [`ALPN`] on the daemon's endpoint; one bi-stream per request,
-//! one JSON request, then JSON lines: `{"alive":true}` every 2 s while the
-//! target works (a silent target is declared dead after 20 s),
-//! `{"restoring":true}` when it passes the commit point, and one
-//! `{"ok":true,"result":..}` or `{"ok":false,"error":".."}`. Only nodes
-//! listed in the target's `migrate_from` (see `xenod allow`) are served.
+//! The wire ([`wire`]): ALPN [`ALPN`] on the daemon's endpoint, one typed
+//! request per bi-stream, typed answer lines. The order of the submodules
+//! is in the crate's map (`host/src/lib.rs`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -129,7 +127,7 @@ impl Drop for Busy {
 }
 
 /// `xenod migrate NAME --to PEER [--cold | --live | --save] [--level N]`:
-/// checks what is asked, then runs the [`policy::Migration`].
+/// checks what is asked, then runs the migration's phases ([`policy`]).
 pub async fn migrate(
     d: &Arc<Daemon>,
     name: &str,

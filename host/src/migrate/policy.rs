@@ -1,7 +1,7 @@
 //! Migration as phases, and the one failure policy.
 //!
-//! [`Migration`] moves one running guest: one method per phase, each
-//! returning its typed report, and one place ([`Migration::fail`]) that
+//! `Migration` moves one running guest: one method per phase, each
+//! returning its typed report, and one place (`Migration::fail`) that
 //! decides, for a failure in any phase, what to undo and where the guest
 //! runs afterwards. It drives three things it is handed, so the policy can
 //! be tested without root, QEMU or a second host:

@@ -31,7 +31,7 @@ pub struct Record {
 /// How a running guest's memory is saved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SaveMode {
-    /// Live where the hypervisor can ([`xenod_deployer::Libvirt::save_live`]),
+    /// Live where the hypervisor can ([`xenod_deployer::LiveMigration::save_live`]),
     /// else stopped.
     Auto,
     /// Live, or fail.

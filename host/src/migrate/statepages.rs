@@ -21,7 +21,7 @@
 //! removes. The source page is guessed, not searched for: the one at the
 //! same distance in the guest's memory from the last referenced page, in
 //! the same file (the kernel lies in memory as in its file); the patch is
-//! used when the XOR has at least [`PATCH_GAIN`] more zero bytes than the
+//! used when the XOR has at least `PATCH_GAIN` more zero bytes than the
 //! page. On the migration benchmark 2,878 of the 11,072 pages left after
 //! references were kernel pages so patched, and the state on the wire went
 //! from 11.1 MB to 5.5 MB.
@@ -730,7 +730,7 @@ const STREAM_KEEP: usize = 512;
 
 /// Writes the save image a page delta describes to `out` in one pass, in
 /// image order (into a waiting QEMU's socket), reading each referenced
-/// page from `warm` (chunks read ahead), the last [`STREAM_KEEP`] chunks
+/// page from `warm` (chunks read ahead), the last `STREAM_KEEP` chunks
 /// decoded, or the store. Memory stays bounded by those: no image is
 /// held. Returns the image's size.
 pub fn decode_stream(store: &Store, top: &LayerId, delta: impl Read, out: impl Write, warm: &Warm) -> Result<u64> {

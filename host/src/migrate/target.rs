@@ -26,7 +26,7 @@ use crate::instance as deploy;
 use crate::instance::Instances;
 use crate::{bail, err};
 
-/// Serves [`ALPN`] for the daemon once it is up.
+/// Serves [`super::ALPN`] for the daemon once it is up.
 #[derive(Clone, Debug, Default)]
 pub struct Handler {
     pub daemon: Arc<OnceLock<Weak<Daemon>>>,
