@@ -39,6 +39,10 @@ pub enum Error {
     /// A mount's control socket did not answer as it should.
     #[error("control socket {}: {why}", socket.display())]
     Control { socket: PathBuf, why: String },
+    /// A mount's answer on its control socket does not decode. The fault
+    /// is part of the message, not a `source`.
+    #[error("control socket {}: {fault}", socket.display())]
+    ControlAnswer { socket: PathBuf, fault: crate::track::AnswerFault },
 }
 
 impl Error {
@@ -51,7 +55,7 @@ impl Error {
             Error::BadLayer(_) | Error::BadMount { .. } | Error::BadLower { .. } | Error::BadUpper { .. } => {
                 Exit::BadInput
             }
-            Error::Io { .. } | Error::Control { .. } => Exit::Failure,
+            Error::Io { .. } | Error::Control { .. } | Error::ControlAnswer { .. } => Exit::Failure,
         }
     }
 

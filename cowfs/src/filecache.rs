@@ -314,7 +314,7 @@ impl Inner {
         }
         self.make_room(job.data.size, None);
         let tmp = self.dir.join(format!(".tmp-{}-{}", std::process::id(), self.tmp.fetch_add(1, Ordering::Relaxed)));
-        match self.write(job, &tmp).and_then(|()| std::fs::rename(&tmp, &dst).map_err(|e| e.to_string())) {
+        match self.write(job, &tmp).and_then(|()| std::fs::rename(&tmp, &dst).map_err(WriteFault::Rename)) {
             Ok(()) => tracing::debug!(path = %job.path, entry = %dst.display(), "materialised"),
             Err(why) => {
                 let _ = std::fs::remove_file(&tmp);
@@ -324,27 +324,57 @@ impl Inner {
     }
 
     /// Writes `job`'s file at `tmp` from verified chunks, durably.
-    fn write(&self, job: &Job, tmp: &Path) -> std::result::Result<(), String> {
+    fn write(&self, job: &Job, tmp: &Path) -> std::result::Result<(), WriteFault> {
         let f = &job.data;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(tmp)
-            .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+        let io = |what| WriteFault::io(what, tmp);
+        let file =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(tmp).map_err(io("creating"))?;
         for (e, &start) in f.extents.iter().zip(f.starts.iter()) {
             let Extent::Data { id, len } = e else { continue };
             // The same verified path as reads; a chunk not here (lazy
             // stack) or corrupt abandons the entry.
-            let data = self.store.get(id).map_err(|e| format!("chunk {id}: {e}"))?;
+            let data = self.store.get(id).map_err(|source| WriteFault::Chunk { id: *id, source })?;
             if data.len() != *len as usize {
-                return Err(format!("chunk {id}: {} bytes, manifest says {len}", data.len()));
+                return Err(WriteFault::Length { id: *id, got: data.len(), len: *len });
             }
-            file.write_all_at(&data, start).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+            file.write_all_at(&data, start).map_err(io("writing"))?;
         }
-        file.set_len(f.size).map_err(|e| format!("sizing {}: {e}", tmp.display()))?;
-        file.set_permissions(std::fs::Permissions::from_mode(0o444))
-            .map_err(|e| format!("chmod {}: {e}", tmp.display()))?;
-        file.sync_all().map_err(|e| format!("syncing {}: {e}", tmp.display()))
+        file.set_len(f.size).map_err(io("sizing"))?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o444)).map_err(io("chmod"))?;
+        file.sync_all().map_err(io("syncing"))
+    }
+}
+
+/// Why a file was not materialised in the cache (logged, never returned:
+/// a read falls back to the chunks).
+#[derive(Debug, thiserror::Error)]
+enum WriteFault {
+    /// A call on the temporary file failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A chunk of the file could not be read from the store.
+    #[error("chunk {id}: {source}")]
+    Chunk {
+        id: ChunkId,
+        #[source]
+        source: xenod_store::Error,
+    },
+    /// A chunk of another length than the manifest says.
+    #[error("chunk {id}: {got} bytes, manifest says {len}")]
+    Length { id: ChunkId, got: usize, len: u32 },
+    /// Moving the written file into place failed.
+    #[error("{0}")]
+    Rename(#[source] std::io::Error),
+}
+
+impl WriteFault {
+    fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| Self::Io { what, path, source }
     }
 }

@@ -50,7 +50,7 @@ pub use fs::CowFs;
 pub use lower::{LowerTree, MOUNT_FILE, MOUNT_ROUNDS};
 pub use mount::{DEFAULT_FILE_CACHE, MountOptions, Mounted, is_mounted, mount, serve, unmount};
 pub use partial::DirtyMap;
-pub use track::{DirtySet, control_socket_for, drain_dirty};
+pub use track::{AnswerFault, DirtySet, control_socket_for, drain_dirty};
 pub use union::{Attr, BLOCK_COPY_MIN, FType, Union, WORK_DIR};
 
 /// Requests this process's mounts served over FUSE's io_uring transport

@@ -81,26 +81,50 @@ impl DirtySet {
         writeln!(w, "end")
     }
 
-    fn decode(r: impl BufRead) -> std::result::Result<Self, String> {
+    fn decode(r: impl BufRead) -> std::result::Result<Self, AnswerFault> {
         let mut out = Self::default();
         for line in r.lines() {
-            let line = line.map_err(|e| e.to_string())?;
+            let line = line.map_err(AnswerFault::Read)?;
             let mut it = line.split(' ');
             match it.next() {
                 Some("end") => return Ok(out),
                 Some("b") => {
                     let p = unhex(it.next().unwrap_or_default())?;
-                    let bs = it.map(|b| b.parse::<u64>().map_err(|e| format!("block {b:?}: {e}")));
+                    let bs =
+                        it.map(|b| b.parse::<u64>().map_err(|source| AnswerFault::Block { given: b.into(), source }));
                     out.blocks.insert(p, bs.collect::<std::result::Result<_, _>>()?);
                 }
                 Some("w") => {
                     out.whole.insert(unhex(it.next().unwrap_or_default())?);
                 }
-                _ => return Err(format!("unexpected line {line:?}")),
+                _ => return Err(AnswerFault::Line { line }),
             }
         }
-        Err("answer ended without `end`".into())
+        Err(AnswerFault::NoEnd)
     }
+}
+
+/// Why a mount's answer to `drain` does not decode (see the module docs).
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerFault {
+    /// Reading a line of the answer failed.
+    #[error("{0}")]
+    Read(#[source] std::io::Error),
+    /// A line that is not `b`, `w` or `end`.
+    #[error("unexpected line {line:?}")]
+    Line { line: String },
+    /// A block number that is not one.
+    #[error("block {given:?}: {source}")]
+    Block { given: String, source: std::num::ParseIntError },
+    /// A path of odd or no length.
+    #[error("bad path {given:?}")]
+    PathLength { given: String },
+    /// A path that is not hex.
+    #[error("{given:?}: {source}")]
+    PathHex { given: String, source: std::num::ParseIntError },
+    /// The answer ends before its `end` line.
+    #[error("answer ended without `end`")]
+    NoEnd,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -110,14 +134,19 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn unhex(s: &str) -> std::result::Result<Vec<u8>, String> {
+fn unhex(s: &str) -> std::result::Result<Vec<u8>, AnswerFault> {
     if s == "-" {
         return Ok(Vec::new());
     }
     if !s.len().is_multiple_of(2) || s.is_empty() {
-        return Err(format!("bad path {s:?}"));
+        return Err(AnswerFault::PathLength { given: s.into() });
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| format!("{s:?}: {e}"))).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&s[i..i + 2], 16).map_err(|source| AnswerFault::PathHex { given: s.into(), source })
+        })
+        .collect()
 }
 
 #[derive(Default)]
@@ -215,7 +244,7 @@ pub fn drain_dirty(socket: &Path) -> Result<DirtySet> {
     let mut s = UnixStream::connect(socket).map_err(|e| err(format!("connecting: {e}")))?;
     s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| err(e.to_string()))?;
     s.write_all(b"drain\n").map_err(|e| err(format!("sending: {e}")))?;
-    DirtySet::decode(BufReader::new(s)).map_err(err)
+    DirtySet::decode(BufReader::new(s)).map_err(|fault| Error::ControlAnswer { socket: socket.to_path_buf(), fault })
 }
 
 /// The control socket conventionally placed beside an upper directory.

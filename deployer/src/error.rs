@@ -80,6 +80,16 @@ pub enum Error {
     #[error("{op} is not supported: {reason}")]
     Unsupported { op: &'static str, reason: String },
 
+    /// A save image that cannot be read or retargeted. The fault is part
+    /// of the message, not a `source`.
+    #[error("retarget saved state is not supported: {}: {fault}", file.display())]
+    SaveImage { file: PathBuf, fault: SaveImageFault },
+
+    /// A domain XML that lacks what `op` needs. The fault is part of the
+    /// message, not a `source`.
+    #[error("{op} is not supported: {name:?}: {fault}")]
+    DomainXml { op: &'static str, name: String, fault: DomainXmlFault },
+
     /// The guest did not reach the wanted state in time.
     #[error("domain {name:?}: {what} did not happen within {secs} s")]
     Timeout { name: String, what: &'static str, secs: u64 },
@@ -111,6 +121,77 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+/// Why a save image (see `saveimage`) cannot be read or retargeted.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveImageFault {
+    /// Fewer bytes than the header.
+    #[error("shorter than a save image header")]
+    ShortHeader,
+    /// A header not starting with libvirt's magic.
+    #[error("not a complete libvirt save image (bad magic)")]
+    BadMagic,
+    /// A header of a version other than 2.
+    #[error("save image version {version} (only 2 is known)")]
+    Version { version: u32 },
+    /// An XML block larger than any domain XML and cookie.
+    #[error("XML block of {len} bytes")]
+    BlockTooLarge { len: u32 },
+    /// Fewer bytes than the header announces for the XML block.
+    #[error("truncated in its XML block")]
+    TruncatedBlock,
+    /// A domain XML without its terminating NUL.
+    #[error("unterminated domain XML")]
+    UnterminatedXml,
+    /// A domain XML that is not UTF-8.
+    #[error("domain XML is not UTF-8")]
+    NotUtf8,
+    /// A migration cookie said to start outside the XML block.
+    #[error("cookie offset {offset} outside the XML block")]
+    CookieOffset { offset: usize },
+    /// A retargeted XML and cookie that do not fit the image's block.
+    #[error("the new XML needs {need} bytes, the image holds {have}")]
+    NoRoom { need: usize, have: usize },
+    /// The image's domain XML cannot be retargeted.
+    #[error(transparent)]
+    Xml(#[from] DomainXmlFault),
+}
+
+/// What a domain XML lacks for one of the deployer's edits (retargeting it,
+/// moving its ports, starting it for an incoming migration).
+#[derive(Debug, thiserror::Error)]
+pub enum DomainXmlFault {
+    /// No `<tag>` element.
+    #[error("domain XML has no <{tag}>")]
+    NoElement { tag: &'static str },
+    /// A `<tag>` element that is never closed.
+    #[error("unterminated <{tag}>")]
+    UnterminatedElement { tag: &'static str },
+    /// A port to move that the guest does not forward.
+    #[error("no forward from host port {port} in the domain XML")]
+    NoForward { port: u16 },
+    /// No xenod metadata element.
+    #[error("domain XML has no xenod metadata")]
+    NoMetadata,
+    /// A xenod metadata element without its opening tag's ends.
+    #[error("malformed xenod metadata")]
+    MalformedMetadata,
+    /// A xenod metadata element that is never closed.
+    #[error("unterminated xenod metadata")]
+    UnterminatedMetadata,
+    /// Xenod metadata whose JSON does not parse.
+    #[error("xenod metadata does not parse")]
+    MetadataParse,
+    /// Moved metadata that does not become JSON again.
+    #[error("xenod metadata: {0}")]
+    MetadataJson(#[source] serde_json::Error),
+    /// No QEMU arguments (a domain xenod did not make).
+    #[error("the domain XML has no QEMU arguments (not one xenod made)")]
+    NoQemuArgs,
+    /// No `<memory>` (nor `<currentMemory>`) element.
+    #[error("the domain XML has no <memory>")]
+    NoMemory,
 }
 
 impl Error {

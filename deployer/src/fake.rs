@@ -829,7 +829,7 @@ mod tests {
     /// deployer would write it.
     fn migrate<H: LiveMigration>(from: &H, to: &H, name: &str, new_name: &str, file: &Path) -> Result<Duration> {
         let xml = crate::retarget_xml(&from.migratable_xml(name)?, new_name, &random_uuid(), &[], &[])
-            .map_err(|reason| Error::Unsupported { op: "retarget", reason })?;
+            .map_err(|e| Error::Unsupported { op: "retarget", reason: e.to_string() })?;
         let mut q = to.stage_incoming(&xml)?;
         let down = from.save_live(name, file, false)?;
         std::io::copy(&mut std::fs::File::open(file).unwrap(), &mut q.state()).unwrap();

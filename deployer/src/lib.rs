@@ -53,7 +53,7 @@ mod saveimage;
 mod spec;
 mod xml;
 
-pub use error::{Error, Result};
+pub use error::{DomainXmlFault, Error, Result, SaveImageFault};
 pub use hypervisor::{DomainState, DomainStatus, Hypervisor, StopOutcome, wait_state};
 pub use libvirt::{Incoming, Libvirt, URI_ENV, default_uri};
 pub use live::{LiveMigration, StagedGuest};

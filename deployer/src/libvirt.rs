@@ -13,7 +13,7 @@ use virt::domain::{Domain, DomainState as VirState};
 use virt::error::ErrorNumber;
 use virt::sys;
 
-use crate::error::{Error, Result};
+use crate::error::{DomainXmlFault, Error, Result};
 use crate::hypervisor::{DomainState, DomainStatus, Hypervisor};
 use crate::live::{LiveMigration, StagedGuest};
 use crate::model::{DomainModel, check_ports_free};
@@ -241,15 +241,13 @@ pub(crate) fn xml_name(xml: &str) -> Option<String> {
 
 /// `xml` started as [`LiveMigration::stage_incoming`] starts it: QEMU waits for
 /// its state (`-incoming defer`) with the guest's memory allocated.
-fn incoming_xml(xml: &str) -> std::result::Result<String, String> {
+fn incoming_xml(xml: &str) -> std::result::Result<String, DomainXmlFault> {
     const CLOSE: &str = "</qemu:commandline>";
-    let at = xml.find(CLOSE).ok_or("the domain XML has no QEMU arguments (not one xenod made)")?;
+    let at = xml.find(CLOSE).ok_or(DomainXmlFault::NoQemuArgs)?;
     let mut x = format!("{}<qemu:arg value='-incoming'/><qemu:arg value='defer'/>{}", &xml[..at], &xml[at..]);
     if !x.contains("<memoryBacking") {
         let end = x.find("</currentMemory>").map(|e| e + "</currentMemory>".len());
-        let end = end
-            .or_else(|| x.find("</memory>").map(|e| e + "</memory>".len()))
-            .ok_or("the domain XML has no <memory>")?;
+        let end = end.or_else(|| x.find("</memory>").map(|e| e + "</memory>".len())).ok_or(DomainXmlFault::NoMemory)?;
         x.insert_str(end, "<memoryBacking><allocation mode='immediate'/></memoryBacking>");
     }
     Ok(x)
@@ -605,8 +603,7 @@ impl LiveMigration for Libvirt {
         if !xml.contains(META_NS) {
             return Err(Error::NotManaged { name });
         }
-        let staged =
-            incoming_xml(xml).map_err(|why| Error::Unsupported { op: "stage", reason: format!("{name:?}: {why}") })?;
+        let staged = incoming_xml(xml).map_err(|fault| Error::DomainXml { op: "stage", name: name.clone(), fault })?;
         match self.lookup(&name) {
             Ok(_) => return Err(Error::NameInUse { name }),
             Err(Error::NoSuchDomain { .. }) => {}
@@ -704,6 +701,6 @@ mod tests {
         assert_eq!(back, xml);
         // Not a domain xenod made (no QEMU arguments): refused.
         let plain = xml.split("<qemu:commandline>").next().unwrap().to_string() + "</domain>";
-        assert!(incoming_xml(&plain).unwrap_err().contains("no QEMU arguments"));
+        assert!(incoming_xml(&plain).unwrap_err().to_string().contains("no QEMU arguments"));
     }
 }

@@ -23,7 +23,7 @@ use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{DomainXmlFault, Error, Result, SaveImageFault};
 use crate::xml::{META_NS, parse_meta};
 
 const MAGIC: &[u8; 16] = b"LibvirtQemudSave";
@@ -31,8 +31,8 @@ const HEADER: usize = 92;
 /// More than any domain XML plus cookie; libvirt itself pads by 64 KiB.
 const MAX_DATA: u32 = 16 << 20;
 
-fn bad(file: &Path, why: impl Into<String>) -> Error {
-    Error::Unsupported { op: "retarget saved state", reason: format!("{}: {}", file.display(), why.into()) }
+fn bad(file: &Path, fault: impl Into<SaveImageFault>) -> Error {
+    Error::SaveImage { file: file.to_path_buf(), fault: fault.into() }
 }
 
 /// The start of a save image for domain `xml` as `virDomainSave` writes
@@ -63,30 +63,29 @@ pub const SAVE_HEADER: usize = HEADER;
 
 /// The length of a save image's head (its header and XML block) from its
 /// first [`SAVE_HEADER`] bytes.
-pub fn head_len(first: &[u8]) -> std::result::Result<usize, String> {
-    let h: &[u8; HEADER] =
-        first.get(..HEADER).and_then(|h| h.try_into().ok()).ok_or("shorter than a save image header")?;
+pub fn head_len(first: &[u8]) -> std::result::Result<usize, SaveImageFault> {
+    let h: &[u8; HEADER] = first.get(..HEADER).and_then(|h| h.try_into().ok()).ok_or(SaveImageFault::ShortHeader)?;
     Ok(HEADER + check_header(h)? as usize)
 }
 
 /// The domain XML of a save image's head ([`head_len`] bytes or more).
-pub fn head_xml(head: &[u8]) -> std::result::Result<String, String> {
+pub fn head_xml(head: &[u8]) -> std::result::Result<String, SaveImageFault> {
     let len = head_len(head)?;
-    block_xml(head.get(HEADER..len).ok_or("truncated in its XML block")?)
+    block_xml(head.get(HEADER..len).ok_or(SaveImageFault::TruncatedBlock)?)
 }
 
-fn block_xml(data: &[u8]) -> std::result::Result<String, String> {
+fn block_xml(data: &[u8]) -> std::result::Result<String, SaveImageFault> {
     let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
-    String::from_utf8(data[..end].to_vec()).map_err(|_| "domain XML is not UTF-8".to_string())
+    String::from_utf8(data[..end].to_vec()).map_err(|_| SaveImageFault::NotUtf8)
 }
 
 fn read_block(file: &Path) -> Result<([u8; HEADER], Vec<u8>)> {
     let mut f = std::fs::File::open(file).map_err(Error::io("open state file", file))?;
     let mut h = [0u8; HEADER];
-    f.read_exact(&mut h).map_err(|_| bad(file, "shorter than a save image header"))?;
-    let data_len = check_header(&h).map_err(|why| bad(file, why))?;
+    f.read_exact(&mut h).map_err(|_| bad(file, SaveImageFault::ShortHeader))?;
+    let data_len = check_header(&h).map_err(|fault| bad(file, fault))?;
     let mut data = vec![0u8; data_len as usize];
-    f.read_exact(&mut data).map_err(|_| bad(file, "truncated in its XML block"))?;
+    f.read_exact(&mut data).map_err(|_| bad(file, SaveImageFault::TruncatedBlock))?;
     Ok((h, data))
 }
 
@@ -135,16 +134,16 @@ impl<W: Write> Write for StreamOnly<W> {
 }
 
 /// The length of the XML block a save image's header announces.
-fn check_header(h: &[u8; HEADER]) -> std::result::Result<u32, String> {
+fn check_header(h: &[u8; HEADER]) -> std::result::Result<u32, SaveImageFault> {
     if &h[..16] != MAGIC {
-        return Err("not a complete libvirt save image (bad magic)".into());
+        return Err(SaveImageFault::BadMagic);
     }
     let u = |i: usize| u32::from_le_bytes(h[16 + 4 * i..20 + 4 * i].try_into().unwrap_or_default());
     if u(0) != 2 {
-        return Err(format!("save image version {} (only 2 is known)", u(0)));
+        return Err(SaveImageFault::Version { version: u(0) });
     }
     match u(1) {
-        n if n > MAX_DATA => Err(format!("XML block of {n} bytes")),
+        n if n > MAX_DATA => Err(SaveImageFault::BlockTooLarge { len: n }),
         n => Ok(n),
     }
 }
@@ -159,17 +158,17 @@ fn check_header(h: &[u8; HEADER]) -> std::result::Result<u32, String> {
 pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)], ports: &[(u16, u16)]) -> Result<()> {
     let (mut h, data) = read_block(file)?;
     let cookie_off = u32::from_le_bytes(h[32..36].try_into().unwrap_or_default()) as usize;
-    let xml_end = data.iter().position(|&b| b == 0).ok_or_else(|| bad(file, "unterminated domain XML"))?;
-    let xml = std::str::from_utf8(&data[..xml_end]).map_err(|_| bad(file, "domain XML is not UTF-8"))?;
+    let xml_end = data.iter().position(|&b| b == 0).ok_or_else(|| bad(file, SaveImageFault::UnterminatedXml))?;
+    let xml = std::str::from_utf8(&data[..xml_end]).map_err(|_| bad(file, SaveImageFault::NotUtf8))?;
     let cookie = match cookie_off {
         0 => &[][..],
         o if o > xml_end && o < data.len() => {
             let end = data[o..].iter().position(|&b| b == 0).map_or(data.len(), |e| o + e);
             &data[o..end]
         }
-        o => return Err(bad(file, format!("cookie offset {o} outside the XML block"))),
+        offset => return Err(bad(file, SaveImageFault::CookieOffset { offset })),
     };
-    let xml = retarget_xml(xml, name, uuid, paths, ports).map_err(|why| bad(file, why))?;
+    let xml = retarget_xml(xml, name, uuid, paths, ports).map_err(|fault| bad(file, fault))?;
     let mut block = Vec::with_capacity(data.len());
     block.extend_from_slice(xml.as_bytes());
     block.push(0);
@@ -179,7 +178,7 @@ pub fn retarget(file: &Path, name: &str, uuid: &str, paths: &[(String, String)],
         block.push(0);
     }
     if block.len() > data.len() {
-        return Err(bad(file, format!("the new XML needs {} bytes, the image holds {}", block.len(), data.len())));
+        return Err(bad(file, SaveImageFault::NoRoom { need: block.len(), have: data.len() }));
     }
     block.resize(data.len(), 0);
     h[32..36].copy_from_slice(&(new_cookie as u32).to_le_bytes());
@@ -202,7 +201,7 @@ pub fn retarget_xml(
     uuid: &str,
     paths: &[(String, String)],
     ports: &[(u16, u16)],
-) -> std::result::Result<String, String> {
+) -> std::result::Result<String, DomainXmlFault> {
     let xml = replace_element(xml, "name", &xml_escape(name))?;
     let mut xml = replace_element(&xml, "uuid", uuid)?;
     for (from, to) in paths {
@@ -214,31 +213,31 @@ pub fn retarget_xml(
     Ok(xml)
 }
 
-fn move_ports(xml: &str, ports: &[(u16, u16)]) -> std::result::Result<String, String> {
+fn move_ports(xml: &str, ports: &[(u16, u16)]) -> std::result::Result<String, DomainXmlFault> {
     let mut xml = xml.to_owned();
     for (from, to) in ports {
         let (a, b) = (format!("hostfwd=tcp:127.0.0.1:{from}-:"), format!("hostfwd=tcp:127.0.0.1:{to}-:"));
         if !xml.contains(&a) {
-            return Err(format!("no forward from host port {from} in the domain XML"));
+            return Err(DomainXmlFault::NoForward { port: *from });
         }
         xml = xml.replace(&a, &b);
     }
-    let at = xml.find(META_NS).ok_or_else(|| "domain XML has no xenod metadata".to_string())?;
-    let start = xml[..at].rfind('<').ok_or_else(|| "malformed xenod metadata".to_string())?;
-    let text = xml[at..].find('>').map(|e| at + e + 1).ok_or_else(|| "malformed xenod metadata".to_string())?;
-    let end = xml[text..].find("</").map(|e| text + e).ok_or_else(|| "unterminated xenod metadata".to_string())?;
-    let close = xml[end..].find('>').map(|e| end + e + 1).ok_or_else(|| "unterminated xenod metadata".to_string())?;
-    let mut meta = parse_meta(&xml[start..close]).ok_or_else(|| "xenod metadata does not parse".to_string())?;
+    let at = xml.find(META_NS).ok_or(DomainXmlFault::NoMetadata)?;
+    let start = xml[..at].rfind('<').ok_or(DomainXmlFault::MalformedMetadata)?;
+    let text = xml[at..].find('>').map(|e| at + e + 1).ok_or(DomainXmlFault::MalformedMetadata)?;
+    let end = xml[text..].find("</").map(|e| text + e).ok_or(DomainXmlFault::UnterminatedMetadata)?;
+    let close = xml[end..].find('>').map(|e| end + e + 1).ok_or(DomainXmlFault::UnterminatedMetadata)?;
+    let mut meta = parse_meta(&xml[start..close]).ok_or(DomainXmlFault::MetadataParse)?;
     crate::model::move_host_ports(&mut meta.ports, ports);
-    let json = serde_json::to_string(&meta).map_err(|e| format!("xenod metadata: {e}"))?;
+    let json = serde_json::to_string(&meta).map_err(DomainXmlFault::MetadataJson)?;
     Ok(format!("{}{}{}", &xml[..text], xml_escape(&json), &xml[end..]))
 }
 
 /// Replaces the text of the first top-level `<tag>` element.
-fn replace_element(xml: &str, tag: &str, text: &str) -> std::result::Result<String, String> {
+fn replace_element(xml: &str, tag: &'static str, text: &str) -> std::result::Result<String, DomainXmlFault> {
     let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
-    let start = xml.find(&open).ok_or_else(|| format!("domain XML has no <{tag}>"))? + open.len();
-    let end = xml[start..].find(&close).ok_or_else(|| format!("unterminated <{tag}>"))? + start;
+    let start = xml.find(&open).ok_or(DomainXmlFault::NoElement { tag })? + open.len();
+    let end = xml[start..].find(&close).ok_or(DomainXmlFault::UnterminatedElement { tag })? + start;
     Ok(format!("{}{text}{}", &xml[..start], &xml[end..]))
 }
 
@@ -364,7 +363,7 @@ mod tests {
         // From the head alone, as a stream gives it.
         let n = head_len(&img[..SAVE_HEADER]).unwrap();
         assert_eq!(head_xml(&img[..n]).unwrap(), xml);
-        assert!(head_xml(&img[..n - 1]).unwrap_err().contains("truncated"));
+        assert!(head_xml(&img[..n - 1]).unwrap_err().to_string().contains("truncated"));
         assert!(head_len(&img[..10]).is_err());
         let long = format!("/{}/", "d".repeat(2000));
         retarget(&p, "a-much-longer-name", &random_uuid(), &[("/a/".into(), long.clone())], &[]).unwrap();

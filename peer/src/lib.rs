@@ -73,7 +73,7 @@ use iroh::endpoint::{PortmapperConfig, presets};
 use iroh::protocol::Router;
 use iroh::{Endpoint, RelayMode, SecretKey, TransportAddr};
 use serde::Serialize;
-use xenod_store::{ChunkId, Error, LayerId, MAX_STACK, NameRecord, Store, VerifyingKey};
+use xenod_store::{ChunkId, Error, LayerId, MAX_STACK, ManifestFault, NameRecord, Store, VerifyingKey};
 
 /// The transport, for protocols of their own on a [`Node`]'s endpoint.
 pub use iroh;
@@ -443,8 +443,9 @@ impl Engine {
             stack.push(cur);
             match root.base {
                 Some(b) if stack.len() >= MAX_STACK => {
-                    let why = format!("stack deeper than {MAX_STACK} layers");
-                    return Err(Error::Manifest { layer: b.to_string(), why }.into());
+                    return Err(
+                        Error::Manifest { layer: b.to_string(), fault: Box::new(ManifestFault::StackTooDeep) }.into()
+                    );
                 }
                 Some(b) => cur = b,
                 None => break,

@@ -194,7 +194,8 @@ impl Request {
                 let codec = if op == OP_DENSE {
                     let mut l = [0u8; 1];
                     r.read_exact(&mut l).await.map_err(WireError::from_read("request"))?;
-                    Some(Dense::from_byte(l[0]).map_err(WireError::Invalid)?)
+                    // Refused with its message: a peer hears why.
+                    Some(Dense::from_byte(l[0]).map_err(|e| WireError::Invalid(e.to_string()))?)
                 } else {
                     None
                 };
@@ -424,7 +425,7 @@ mod tests {
             assert_eq!(Dense::from_byte(codec.byte()).unwrap(), codec);
         }
         for bad in ["0", "17", "zstd", "", "-3"] {
-            let e = bad.parse::<Dense>().unwrap_err();
+            let e = bad.parse::<Dense>().unwrap_err().to_string();
             assert!(e.contains("neither ppmd nor a zstd level from 1 to 16"), "{e}");
         }
         assert_eq!(serde_json::to_string(&Dense::Ppmd).unwrap(), "\"ppmd\"");

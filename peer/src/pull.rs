@@ -25,10 +25,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use xenod_store::LayerId;
+use xenod_store::{LayerId, ParseIdError};
 
 use super::fetch::{FetchOptions, SwarmPlan};
-use super::ticket::{format_peer, parse_peer};
+use super::ticket::{TicketError, format_peer, parse_peer};
 use super::{Engine, PeerError};
 
 /// The ALPN of pull requests.
@@ -92,30 +92,93 @@ async fn write_json(w: &mut (impl AsyncWrite + Unpin), magic: bool, v: &[u8]) ->
     w.write_all(&b).await
 }
 
-async fn read_json(r: &mut (impl AsyncRead + Unpin), magic: bool, max: u32) -> Result<Vec<u8>, String> {
+/// Why a request or an answer could not be read off the stream.
+#[derive(Debug, thiserror::Error)]
+enum FrameFault {
+    /// The magic of a request did not arrive.
+    #[error("reading the request: {0}")]
+    Magic(#[source] std::io::Error),
+    /// A request without the pull magic.
+    #[error("not a xenod pull request (bad magic)")]
+    BadMagic,
+    /// The length word did not arrive.
+    #[error("reading the length: {0}")]
+    Length(#[source] std::io::Error),
+    /// A length over the limit for this message.
+    #[error("length {len} exceeds the limit of {max}")]
+    TooLong { len: u32, max: u32 },
+    /// The stream ended (or failed) before `len` bytes.
+    #[error("stream ended inside the message: {0}")]
+    Truncated(#[source] std::io::Error),
+}
+
+/// Why this node refuses a pull request, or its fetch failed. The asking
+/// node hears the message (the answer's `error`), so the message is all of
+/// it: the wire carries text.
+#[derive(Debug, thiserror::Error)]
+enum PullRefusal {
+    /// No request arrived within [`REQUEST_TIMEOUT`].
+    #[error("no pull request within the timeout")]
+    Timeout,
+    /// The request could not be read.
+    #[error(transparent)]
+    Frame(#[from] FrameFault),
+    /// The asking node is not allowed by this node's [`PullPolicy`].
+    #[error("node {0} may not ask this node to pull (its id is not in `pull_from`)")]
+    NotAllowed(EndpointId),
+    /// The request is not a [`PullRequest`] in JSON.
+    #[error("malformed pull request: {0}")]
+    Malformed(#[source] serde_json::Error),
+    /// The request's layer is not a layer id.
+    #[error("layer {given:?}: {source}")]
+    Layer { given: String, source: ParseIdError },
+    /// More sources or members than [`MAX_MEMBERS`].
+    #[error("{count} {what}, more than {max}", max = MAX_MEMBERS)]
+    TooMany { what: &'static str, count: usize },
+    /// A source or member that is not `NODE@IP:PORT`.
+    #[error("{what}: {source}")]
+    Peer { what: &'static str, source: TicketError },
+    /// This node is not one of the members it is asked to pull for.
+    #[error("this node ({0}) is not among the members of the pull")]
+    NotMember(EndpointId),
+    /// The fetch failed.
+    #[error("fetching {layer}: {source}")]
+    Fetch { layer: LayerId, source: PeerError },
+    /// The task pinning the layer did not finish.
+    #[error("pin task: {0}")]
+    PinTask(#[source] tokio::task::JoinError),
+    /// Pinning the fetched layer failed.
+    #[error("pinning {layer}: {source}")]
+    Pin { layer: LayerId, source: xenod_store::Error },
+    /// The fetch report did not become JSON.
+    #[error("{0}")]
+    Report(#[source] serde_json::Error),
+}
+
+async fn read_json(r: &mut (impl AsyncRead + Unpin), magic: bool, max: u32) -> Result<Vec<u8>, FrameFault> {
     if magic {
         let mut m = [0u8; 4];
-        r.read_exact(&mut m).await.map_err(|e| format!("reading the request: {e}"))?;
+        r.read_exact(&mut m).await.map_err(FrameFault::Magic)?;
         if &m != MAGIC {
-            return Err("not a xenod pull request (bad magic)".into());
+            return Err(FrameFault::BadMagic);
         }
     }
     let mut n = [0u8; 4];
-    r.read_exact(&mut n).await.map_err(|e| format!("reading the length: {e}"))?;
+    r.read_exact(&mut n).await.map_err(FrameFault::Length)?;
     let n = u32::from_le_bytes(n);
     if n > max {
-        return Err(format!("length {n} exceeds the limit of {max}"));
+        return Err(FrameFault::TooLong { len: n, max });
     }
     let mut b = vec![0u8; n as usize];
-    r.read_exact(&mut b).await.map_err(|e| format!("stream ended inside the message: {e}"))?;
+    r.read_exact(&mut b).await.map_err(FrameFault::Truncated)?;
     Ok(b)
 }
 
-fn parse_peers(what: &str, v: &[String]) -> Result<Vec<EndpointAddr>, String> {
+fn parse_peers(what: &'static str, v: &[String]) -> Result<Vec<EndpointAddr>, PullRefusal> {
     if v.len() > MAX_MEMBERS {
-        return Err(format!("{} {what}, more than {MAX_MEMBERS}", v.len()));
+        return Err(PullRefusal::TooMany { what, count: v.len() });
     }
-    v.iter().map(|p| parse_peer(p).map_err(|e| format!("{what}: {e}"))).collect()
+    v.iter().map(|p| parse_peer(p).map_err(|source| PullRefusal::Peer { what, source })).collect()
 }
 
 #[derive(Clone)]
@@ -136,17 +199,18 @@ impl PullHandler {
     }
 
     /// Checks and carries out one request; `Err` is the refusal's reason.
-    async fn pull(&self, from: &EndpointId, raw: &[u8]) -> Result<Value, String> {
+    async fn pull(&self, from: &EndpointId, raw: &[u8]) -> Result<Value, PullRefusal> {
         if !self.policy.allows(from) {
-            return Err(format!("node {from} may not ask this node to pull (its id is not in `pull_from`)"));
+            return Err(PullRefusal::NotAllowed(*from));
         }
-        let req: PullRequest = serde_json::from_slice(raw).map_err(|e| format!("malformed pull request: {e}"))?;
-        let layer: LayerId = req.layer.parse().map_err(|e| format!("layer {:?}: {e}", req.layer))?;
+        let req: PullRequest = serde_json::from_slice(raw).map_err(PullRefusal::Malformed)?;
+        let layer: LayerId =
+            req.layer.parse().map_err(|source| PullRefusal::Layer { given: req.layer.clone(), source })?;
         let sources = parse_peers("sources", &req.sources)?;
         let members = parse_peers("members", &req.members)?;
         let me = self.engine.id();
         if !members.iter().any(|m| m.id == me) {
-            return Err(format!("this node ({me}) is not among the members of the pull"));
+            return Err(PullRefusal::NotMember(me));
         }
         let mut providers: Vec<EndpointAddr> = Vec::new();
         for p in sources.into_iter().chain(members.iter().cloned()) {
@@ -156,13 +220,14 @@ impl PullHandler {
         }
         let plan = SwarmPlan { members: members.iter().map(|m| m.id).collect() };
         let opts = FetchOptions { swarm: Some(plan), ..FetchOptions::default() };
-        let rep = self.engine.fetch(layer, &providers, opts).await.map_err(|e| format!("fetching {layer}: {e}"))?;
+        let rep =
+            self.engine.fetch(layer, &providers, opts).await.map_err(|source| PullRefusal::Fetch { layer, source })?;
         let store = self.engine.store.clone();
         tokio::task::spawn_blocking(move || store.pin(&layer.to_string(), &layer))
             .await
-            .map_err(|e| format!("pin task: {e}"))?
-            .map_err(|e| format!("pinning {layer}: {e}"))?;
-        serde_json::to_value(&rep).map_err(|e| e.to_string())
+            .map_err(PullRefusal::PinTask)?
+            .map_err(|source| PullRefusal::Pin { layer, source })?;
+        serde_json::to_value(&rep).map_err(PullRefusal::Report)
     }
 }
 
@@ -172,8 +237,8 @@ impl ProtocolHandler for PullHandler {
         let Ok((mut send, mut recv)) = conn.accept_bi().await else { return Ok(()) };
         let raw = tokio::time::timeout(REQUEST_TIMEOUT, read_json(&mut recv, true, MAX_REQUEST)).await;
         let answer = match raw {
-            Err(_) => Err("no pull request within the timeout".to_owned()),
-            Ok(Err(e)) => Err(e),
+            Err(_) => Err(PullRefusal::Timeout),
+            Ok(Err(e)) => Err(e.into()),
             Ok(Ok(raw)) => self.pull(&from, &raw).await,
         };
         let v = match answer {
@@ -182,6 +247,7 @@ impl ProtocolHandler for PullHandler {
                 json!({ "ok": true, "report": report })
             }
             Err(why) => {
+                let why = why.to_string();
                 tracing::warn!("pull request from {from}: {why}");
                 self.engine.stats.with(&from.to_string(), |t, c| {
                     t.pulls_refused += 1;
@@ -247,7 +313,7 @@ async fn ask(engine: &Engine, target: &EndpointAddr, body: &[u8]) -> Result<Valu
     let raw = tokio::time::timeout(PULL_TIMEOUT, read_json(&mut recv, false, MAX_ANSWER))
         .await
         .map_err(|_| cerr(&"no answer to the pull within the timeout"))?
-        .map_err(|e| PeerError::Protocol { peer: peer.clone(), why: e })?;
+        .map_err(|e| PeerError::Protocol { peer: peer.clone(), why: e.to_string() })?;
     conn.close(0u32.into(), b"done");
     serde_json::from_slice(&raw).map_err(|e| PeerError::Protocol { peer, why: format!("pull answer: {e}") })
 }

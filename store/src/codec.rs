@@ -224,13 +224,26 @@ impl Dense {
     }
 
     /// The codec a request's byte names, or why it names none.
-    pub fn from_byte(b: u8) -> Result<Self, String> {
+    pub fn from_byte(b: u8) -> Result<Self, DenseFault> {
         match b {
             PPMD_TAG => Ok(Self::Ppmd),
             1..=MAX_DENSE_LEVEL => Ok(Self::Zstd(b)),
-            _ => Err(format!("dense level {b} is outside 1..={MAX_DENSE_LEVEL} (or {PPMD_TAG} for PPMd)")),
+            _ => Err(DenseFault::Byte(b)),
         }
     }
+}
+
+/// Why a byte or a text names no [`Dense`] codec.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DenseFault {
+    /// A request's codec byte: neither a level from 1 to
+    /// [`MAX_DENSE_LEVEL`] nor the one for PPMd.
+    #[error("dense level {0} is outside 1..={max} (or {tag} for PPMd)", max = MAX_DENSE_LEVEL, tag = PPMD_TAG)]
+    Byte(u8),
+    /// A text (`--level`): neither `ppmd` nor a level from 1 to
+    /// [`MAX_DENSE_LEVEL`].
+    #[error("{0:?} is neither ppmd nor a zstd level from 1 to {max}", max = MAX_DENSE_LEVEL)]
+    Text(String),
 }
 
 impl std::fmt::Display for Dense {
@@ -243,16 +256,16 @@ impl std::fmt::Display for Dense {
 }
 
 impl std::str::FromStr for Dense {
-    type Err = String;
+    type Err = DenseFault;
 
     /// `ppmd`, or a zstd level from 1 to [`MAX_DENSE_LEVEL`].
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, DenseFault> {
         if s.eq_ignore_ascii_case("ppmd") {
             return Ok(Self::Ppmd);
         }
         match s.parse::<u8>() {
             Ok(level @ 1..=MAX_DENSE_LEVEL) => Ok(Self::Zstd(level)),
-            _ => Err(format!("{s:?} is neither ppmd nor a zstd level from 1 to {MAX_DENSE_LEVEL}")),
+            _ => Err(DenseFault::Text(s.to_owned())),
         }
     }
 }

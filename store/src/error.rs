@@ -4,6 +4,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::id::ChunkId;
+use crate::manifest::{EntryFault, ManifestFault};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -22,14 +23,24 @@ pub enum Error {
     #[error("chunk {id} is not in the store")]
     ChunkMissing { id: ChunkId },
     /// A manifest or layer root that does not decode or breaks an invariant.
-    #[error("bad manifest of layer {layer}: {why}")]
-    Manifest { layer: String, why: String },
+    /// The fault is part of the message, not a `source` (boxed, as in
+    /// `ExportEntry`, to keep every `Result` of the store small).
+    #[error("bad manifest of layer {layer}: {fault}")]
+    Manifest { layer: String, fault: Box<ManifestFault> },
     /// Input to import (a tree, a tar stream) that cannot be stored as given.
     #[error("bad input at {at}: {why}")]
     BadInput { at: String, why: String },
+    /// An entry given to a layer (by import, a writer, a sort run) that
+    /// cannot be in a manifest. The fault is part of the message.
+    #[error("bad input at {at}: {fault}")]
+    BadEntry { at: String, fault: EntryFault },
     /// Refused while materialising a layer.
     #[error("export to {}: {why}", dest.display())]
     Export { dest: PathBuf, why: String },
+    /// Refused while materialising a layer: an entry at `at` that cannot be
+    /// in a manifest. The fault is part of the message.
+    #[error("export to {}: {at}: {fault}", dest.display())]
+    ExportEntry { dest: PathBuf, at: String, fault: Box<EntryFault> },
     #[error("name {name}: {why}")]
     Name { name: String, why: String },
     #[error("no layer matches {0:?}")]
@@ -50,7 +61,11 @@ impl Error {
             Error::UnknownRef(_) => Exit::NotFound,
             Error::ChunkCorrupt { .. } | Error::ChunkMissing { .. } => Exit::Damaged,
             Error::Name { .. } => Exit::NameRefused,
-            Error::BadInput { .. } | Error::Manifest { .. } | Error::Export { .. } => Exit::BadInput,
+            Error::BadInput { .. }
+            | Error::BadEntry { .. }
+            | Error::Manifest { .. }
+            | Error::Export { .. }
+            | Error::ExportEntry { .. } => Exit::BadInput,
             Error::Io { .. } | Error::Db { .. } => Exit::Failure,
         }
     }
@@ -60,8 +75,12 @@ impl Error {
         move |source| Self::Io { what, path, source }
     }
 
-    pub(crate) fn manifest(layer: impl std::fmt::Display, why: impl Into<String>) -> Self {
-        Self::Manifest { layer: layer.to_string(), why: why.into() }
+    pub(crate) fn manifest(layer: impl std::fmt::Display, fault: ManifestFault) -> Self {
+        Self::Manifest { layer: layer.to_string(), fault: Box::new(fault) }
+    }
+
+    pub(crate) fn bad_entry(at: impl Into<String>, fault: EntryFault) -> Self {
+        Self::BadEntry { at: at.into(), fault }
     }
 
     pub(crate) fn bad_input(at: impl Into<String>, why: impl Into<String>) -> Self {

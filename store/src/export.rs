@@ -103,7 +103,11 @@ pub fn export_dir(
     let mut stats = ExportStats::default();
     for e in entries {
         let e = e?;
-        check.check(&e).map_err(|why| refuse(format!("{}: {why}", e.display_path())))?;
+        check.check(&e).map_err(|fault| Error::ExportEntry {
+            dest: dest.to_path_buf(),
+            at: e.display_path(),
+            fault: Box::new(fault),
+        })?;
         while stack.last().is_some_and(|d| !is_below(&e.path, &d.path)) {
             if let Some(d) = stack.pop() {
                 finish_dir(&d, dest)?;

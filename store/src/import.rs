@@ -503,7 +503,7 @@ pub fn import_tar(
         last = Some(e.path.clone());
         if first && !e.path.is_empty() {
             let root = synthetic_dir(b"");
-            check.check(&root).map_err(|why| Error::bad_input("/", why))?;
+            check.check(&root).map_err(|fault| Error::bad_entry("/", fault))?;
             emitted.push(vec![]);
             sink(root)?;
         }
@@ -522,11 +522,11 @@ pub fn import_tar(
         }
         for d in missing.into_iter().rev() {
             let de = synthetic_dir(&d);
-            check.check(&de).map_err(|why| Error::bad_input(de.display_path(), why))?;
+            check.check(&de).map_err(|fault| Error::bad_entry(de.display_path(), fault))?;
             emitted.push(d);
             sink(de)?;
         }
-        check.check(&e).map_err(|why| Error::bad_input(e.display_path(), why))?;
+        check.check(&e).map_err(|fault| Error::bad_entry(e.display_path(), fault))?;
         if e.is_dir() {
             emitted.push(e.path.clone());
         }

@@ -9,7 +9,8 @@ use crate::chunker::Cdc;
 use crate::error::{Error, Result};
 use crate::id::{ChunkId, LayerId};
 use crate::manifest::{
-    ChunkRef, Entry, FORMAT_VERSION, Kind, LayerRoot, OrderCheck, STREAM_MAGIC, decode_entry, encode_entry,
+    ChunkRef, Entry, FORMAT_VERSION, Kind, LayerRoot, ManifestFault, OrderCheck, STREAM_MAGIC, decode_entry,
+    encode_entry,
 };
 use crate::store::{LAYERS, Store};
 
@@ -56,7 +57,7 @@ impl<'s> LayerWriter<'s> {
 
     /// Appends the next entry, in tree order.
     pub fn push(&mut self, e: &Entry) -> Result<()> {
-        self.check.check(e).map_err(|why| Error::bad_input(e.display_path(), why))?;
+        self.check.check(e).map_err(|fault| Error::bad_entry(e.display_path(), fault))?;
         if let Kind::File { size, .. } = e.kind {
             self.file_bytes += size;
         }
@@ -115,7 +116,7 @@ impl Store {
     /// Reads and decodes a layer's root chunk.
     pub fn layer_root(&self, id: &LayerId) -> Result<LayerRoot> {
         let bytes = self.get(id).map_err(|e| match e {
-            Error::ChunkMissing { id } => Error::manifest(id, "layer root is not in the store"),
+            Error::ChunkMissing { id } => Error::manifest(id, ManifestFault::RootMissing),
             e => e,
         })?;
         LayerRoot::decode(id, &bytes)
@@ -127,7 +128,7 @@ impl Store {
         let mut cur = self.layer_root(id)?;
         while let Some(base) = cur.base {
             if out.len() >= MAX_STACK {
-                return Err(Error::manifest(id, format!("stack deeper than {MAX_STACK} layers")));
+                return Err(Error::manifest(id, ManifestFault::StackTooDeep));
             }
             out.push(base);
             cur = self.layer_root(&base)?;
@@ -237,7 +238,7 @@ impl<'s> LayerReader<'s> {
         let Some(c) = self.chunks.next() else { return Ok(false) };
         let data = self.store.get(&c.id)?;
         if data.len() != c.len as usize {
-            return Err(Error::manifest(self.id, format!("manifest chunk {} has the wrong length", c.id)));
+            return Err(Error::manifest(self.id, ManifestFault::ChunkLength { chunk: c.id }));
         }
         self.buf.drain(..self.pos);
         self.pos = 0;
@@ -249,33 +250,35 @@ impl<'s> LayerReader<'s> {
         if !self.started {
             while self.buf.len() < STREAM_MAGIC.len() {
                 if !self.fill()? {
-                    return Err(Error::manifest(self.id, "manifest stream is truncated before its header"));
+                    return Err(Error::manifest(self.id, ManifestFault::TruncatedHeader));
                 }
             }
             if &self.buf[..STREAM_MAGIC.len()] != STREAM_MAGIC {
-                return Err(Error::manifest(self.id, "manifest stream has a bad header"));
+                return Err(Error::manifest(self.id, ManifestFault::BadHeader));
             }
             self.pos = STREAM_MAGIC.len();
             self.started = true;
         }
         loop {
-            match decode_entry(&self.buf[self.pos..]).map_err(|why| self.bad(why))? {
+            let index = self.seen + 1;
+            match decode_entry(&self.buf[self.pos..])
+                .map_err(|fault| self.bad(ManifestFault::Decode { index, fault }))?
+            {
                 Some((e, n)) => {
                     self.pos += n;
-                    self.check.check(&e).map_err(|why| self.bad(format!("{why} at {}", e.display_path())))?;
+                    self.check
+                        .check(&e)
+                        .map_err(|fault| self.bad(ManifestFault::Entry { index, path: e.display_path(), fault }))?;
                     self.seen += 1;
                     return Ok(Some(e));
                 }
                 None => {
                     if !self.fill()? {
                         if self.pos != self.buf.len() {
-                            return Err(self.bad("manifest stream is truncated inside an entry"));
+                            return Err(self.bad(ManifestFault::TruncatedEntry { index }));
                         }
                         if self.seen != self.expected {
-                            return Err(self.bad(format!(
-                                "manifest holds {} entries, its root says {}",
-                                self.seen, self.expected
-                            )));
+                            return Err(self.bad(ManifestFault::Count { seen: self.seen, expected: self.expected }));
                         }
                         return Ok(None);
                     }
@@ -284,8 +287,8 @@ impl<'s> LayerReader<'s> {
         }
     }
 
-    fn bad(&self, why: impl std::fmt::Display) -> Error {
-        Error::manifest(self.id, format!("entry {}: {why}", self.seen + 1))
+    fn bad(&self, fault: ManifestFault) -> Error {
+        Error::manifest(self.id, fault)
     }
 }
 

@@ -36,7 +36,9 @@ pub mod testing;
 mod verify;
 
 pub use chunker::{BATCH, BLOCK, Batch, Batcher, CDC_AVG, CDC_MAX, CDC_MIN, Cdc, Chunking, is_zero};
-pub use codec::{Dense, Encoding, MAX_DENSE_LEVEL, WIRE_LEVEL, ZSTD_LEVEL, decode, dense_frame, encode, zstd_level};
+pub use codec::{
+    Dense, DenseFault, Encoding, MAX_DENSE_LEVEL, WIRE_LEVEL, ZSTD_LEVEL, decode, dense_frame, encode, zstd_level,
+};
 pub use digest::{tree_digest, tree_listing};
 pub use error::{Error, Result};
 pub use exit::Exit;
@@ -48,8 +50,8 @@ pub use import::{
 };
 pub use layer::{LayerInfo, LayerReader, LayerWriter, MAX_STACK};
 pub use manifest::{
-    ChunkRef, Entry, Extent, FORMAT_VERSION, Kind, LayerRoot, MAX_ENTRY_BYTES, OrderCheck, Timestamp, Xattr, cmp_paths,
-    display_path, encode_entry, file_name, is_below, parent,
+    ChunkRef, Entry, EntryFault, Extent, FORMAT_VERSION, Kind, LayerRoot, MAX_ENTRY_BYTES, ManifestFault, OrderCheck,
+    PathFault, Timestamp, Xattr, cmp_paths, display_path, encode_entry, file_name, is_below, parent,
 };
 pub use merge::{Diff, Merged, Source, diff};
 pub use names::{NameRecord, SCHEME, check_name, generate_key, hex};

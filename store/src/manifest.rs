@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunker::{CDC_MAX, Chunking};
 use crate::error::{Error, Result};
 use crate::id::ChunkId;
+use crate::layer::MAX_STACK;
 
 /// Bump when the manifest format or the chunking parameters change.
 pub const FORMAT_VERSION: u32 = 1;
@@ -43,6 +44,144 @@ pub(crate) const ROOT_MAGIC: &[u8; 8] = b"XNDROOT1";
 pub(crate) const STREAM_MAGIC: &[u8; 8] = b"XNDLYR01";
 /// An entry larger than this is refused (a hostile length prefix).
 pub const MAX_ENTRY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Why a path (an entry's, or a hardlink's target) is not a manifest's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PathFault {
+    /// A NUL byte somewhere in the path.
+    #[error("path holds NUL")]
+    Nul,
+    /// A leading `/`: manifest paths are relative.
+    #[error("absolute path")]
+    Absolute,
+    /// `//`, or a trailing `/`.
+    #[error("empty path component")]
+    EmptyComponent,
+    /// A `.` component.
+    #[error("path component \".\"")]
+    Dot,
+    /// A `..` component.
+    #[error("path component \"..\"")]
+    DotDot,
+}
+
+/// Why an entry, alone or after those before it, cannot be in a manifest:
+/// what [`Entry::validate`], [`OrderCheck::check`] and the entry decoder
+/// refuse.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryFault {
+    /// The entry's own path is not a manifest path.
+    #[error(transparent)]
+    Path(#[from] PathFault),
+    /// Mode bits beyond the permission bits (`07777`).
+    #[error("mode {mode:o} has bits beyond 07777")]
+    Mode { mode: u32 },
+    /// Xattr names not strictly increasing.
+    #[error("xattrs not sorted or repeated")]
+    XattrOrder,
+    /// An empty xattr name, or one holding NUL.
+    #[error("empty xattr name or NUL in it")]
+    XattrName,
+    /// A data extent of no bytes or of more than a chunk can hold.
+    #[error("chunk of {len} bytes is outside 1..={max}", max = CDC_MAX)]
+    ChunkLen { len: u32 },
+    /// A hole of no bytes.
+    #[error("empty hole")]
+    EmptyHole,
+    /// Extent lengths whose sum overflows a `u64`.
+    #[error("extent sizes overflow")]
+    ExtentOverflow,
+    /// A file's size is not the sum of its extents.
+    #[error("size {size} disagrees with its chunks, which add up to {sum}")]
+    Size { size: u64, sum: u64 },
+    /// A symlink target that is empty or holds NUL.
+    #[error("symlink target empty or holds NUL")]
+    SymlinkTarget,
+    /// A hardlink target that is not a manifest path.
+    #[error("hardlink target: {0}")]
+    HardlinkTarget(#[source] PathFault),
+    /// A hardlink whose target does not come before it.
+    #[error("hardlink target must be an earlier entry")]
+    HardlinkOrder,
+    /// The empty path (the root) as something other than a directory.
+    #[error("the root must be a directory")]
+    RootNotDir,
+    /// A first entry other than the root directory.
+    #[error("first entry is not the root directory")]
+    NoRoot,
+    /// The same path as the entry before.
+    #[error("duplicate entry")]
+    Duplicate,
+    /// A path that sorts before the entry before it.
+    #[error("entries out of order")]
+    OutOfOrder,
+    /// An entry whose parent is not a directory seen before it.
+    #[error("parent is not a directory of this layer")]
+    Orphan,
+    /// An entry's length prefix of more than ten bytes.
+    #[error("entry length prefix too long")]
+    LengthPrefix,
+    /// An entry longer than [`MAX_ENTRY_BYTES`] (a hostile length prefix).
+    #[error("entry of {len} bytes exceeds the limit of {max}", max = MAX_ENTRY_BYTES)]
+    TooLarge { len: u64 },
+    /// Entry bytes that postcard does not decode.
+    #[error("entry does not decode: {0}")]
+    Decode(#[source] postcard::Error),
+}
+
+/// Why a layer's root or manifest stream is bad: what
+/// [`crate::Error::Manifest`] carries.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestFault {
+    /// The layer's root chunk is not in the store.
+    #[error("layer root is not in the store")]
+    RootMissing,
+    /// A root chunk without [`ROOT_MAGIC`].
+    #[error("not a layer root (bad magic)")]
+    RootMagic,
+    /// A root chunk that postcard does not decode.
+    #[error("root does not decode: {0}")]
+    RootDecode(#[source] postcard::Error),
+    /// A root of another [`FORMAT_VERSION`].
+    #[error("format version {found} (this build reads {FORMAT_VERSION})")]
+    Format { found: u32 },
+    /// A chain of bases longer than [`MAX_STACK`].
+    #[error("stack deeper than {MAX_STACK} layers")]
+    StackTooDeep,
+    /// A chunk of the manifest stream of another length than its root says.
+    #[error("manifest chunk {chunk} has the wrong length")]
+    ChunkLength { chunk: ChunkId },
+    /// A stream that ends before its magic.
+    #[error("manifest stream is truncated before its header")]
+    TruncatedHeader,
+    /// A stream without [`STREAM_MAGIC`].
+    #[error("manifest stream has a bad header")]
+    BadHeader,
+    /// The `index`th entry (from 1) does not decode.
+    #[error("entry {index}: {fault}")]
+    Decode {
+        index: u64,
+        #[source]
+        fault: EntryFault,
+    },
+    /// The `index`th entry (from 1), at `path`, breaks an invariant.
+    #[error("entry {index}: {fault} at {path}")]
+    Entry {
+        index: u64,
+        path: String,
+        #[source]
+        fault: EntryFault,
+    },
+    /// The stream ends inside its `index`th entry (from 1).
+    #[error("entry {index}: manifest stream is truncated inside an entry")]
+    TruncatedEntry { index: u64 },
+    /// The stream holds another number of entries than its root says.
+    #[error("entry {}: manifest holds {seen} entries, its root says {expected}", seen + 1)]
+    Count { seen: u64, expected: u64 },
+    /// A reader of a merged stack ended with no entry and no error.
+    #[error("layer reader failed without an error")]
+    ReaderVanished,
+}
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Timestamp {
@@ -174,16 +313,16 @@ impl Entry {
     }
 
     /// Checks what can be checked of one entry alone.
-    pub fn validate(&self) -> std::result::Result<(), String> {
+    pub fn validate(&self) -> std::result::Result<(), EntryFault> {
         check_path(&self.path)?;
         if self.mode & !0o7777 != 0 {
-            return Err(format!("mode {:o} has bits beyond 07777", self.mode));
+            return Err(EntryFault::Mode { mode: self.mode });
         }
         if self.xattrs.windows(2).any(|w| w[0].name >= w[1].name) {
-            return Err("xattrs not sorted or repeated".into());
+            return Err(EntryFault::XattrOrder);
         }
         if self.xattrs.iter().any(|x| x.name.is_empty() || x.name.contains(&0)) {
-            return Err("empty xattr name or NUL in it".into());
+            return Err(EntryFault::XattrName);
         }
         match &self.kind {
             Kind::File { size, extents, .. } => {
@@ -191,30 +330,30 @@ impl Entry {
                 for e in extents {
                     match *e {
                         Extent::Data { len, .. } if len == 0 || len as usize > CDC_MAX => {
-                            return Err(format!("chunk of {len} bytes is outside 1..={CDC_MAX}"));
+                            return Err(EntryFault::ChunkLen { len });
                         }
-                        Extent::Hole { len: 0 } => return Err("empty hole".into()),
+                        Extent::Hole { len: 0 } => return Err(EntryFault::EmptyHole),
                         _ => {}
                     }
-                    sum = sum.checked_add(e.len()).ok_or("extent sizes overflow")?;
+                    sum = sum.checked_add(e.len()).ok_or(EntryFault::ExtentOverflow)?;
                 }
                 if sum != *size {
-                    return Err(format!("size {size} disagrees with its chunks, which add up to {sum}"));
+                    return Err(EntryFault::Size { size: *size, sum });
                 }
             }
             Kind::Symlink { target } if target.is_empty() || target.contains(&0) => {
-                return Err("symlink target empty or holds NUL".into());
+                return Err(EntryFault::SymlinkTarget);
             }
             Kind::Hardlink { target } => {
-                check_path(target).map_err(|e| format!("hardlink target: {e}"))?;
+                check_path(target).map_err(EntryFault::HardlinkTarget)?;
                 if target.is_empty() || cmp_paths(target, &self.path) != Ordering::Less {
-                    return Err("hardlink target must be an earlier entry".into());
+                    return Err(EntryFault::HardlinkOrder);
                 }
             }
             _ => {}
         }
         if self.path.is_empty() && !self.is_dir() {
-            return Err("the root must be a directory".into());
+            return Err(EntryFault::RootNotDir);
         }
         Ok(())
     }
@@ -224,20 +363,21 @@ pub fn display_path(p: &[u8]) -> String {
     if p.is_empty() { "/".into() } else { format!("/{}", String::from_utf8_lossy(p)) }
 }
 
-fn check_path(p: &[u8]) -> std::result::Result<(), String> {
+fn check_path(p: &[u8]) -> std::result::Result<(), PathFault> {
     if p.is_empty() {
         return Ok(());
     }
     if p.contains(&0) {
-        return Err("path holds NUL".into());
+        return Err(PathFault::Nul);
     }
     if p[0] == b'/' {
-        return Err("absolute path".into());
+        return Err(PathFault::Absolute);
     }
     for c in p.split(|&b| b == b'/') {
         match c {
-            b"" => return Err("empty path component".into()),
-            b"." | b".." => return Err(format!("path component {:?}", String::from_utf8_lossy(c))),
+            b"" => return Err(PathFault::EmptyComponent),
+            b"." => return Err(PathFault::Dot),
+            b".." => return Err(PathFault::DotDot),
             _ => {}
         }
     }
@@ -306,16 +446,11 @@ impl LayerRoot {
     }
 
     pub fn decode(id: &ChunkId, bytes: &[u8]) -> Result<Self> {
-        let body = bytes
-            .strip_prefix(ROOT_MAGIC.as_slice())
-            .ok_or_else(|| Error::manifest(id, "not a layer root (bad magic)"))?;
-        let root: Self =
-            postcard::from_bytes(body).map_err(|e| Error::manifest(id, format!("root does not decode: {e}")))?;
+        let body =
+            bytes.strip_prefix(ROOT_MAGIC.as_slice()).ok_or_else(|| Error::manifest(id, ManifestFault::RootMagic))?;
+        let root: Self = postcard::from_bytes(body).map_err(|e| Error::manifest(id, ManifestFault::RootDecode(e)))?;
         if root.format != FORMAT_VERSION {
-            return Err(Error::manifest(
-                id,
-                format!("format version {} (this build reads {FORMAT_VERSION})", root.format),
-            ));
+            return Err(Error::manifest(id, ManifestFault::Format { found: root.format }));
         }
         Ok(root)
     }
@@ -340,13 +475,13 @@ pub fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
 
 /// Parses one entry from the front of `buf`: `Ok(None)` if `buf` holds only
 /// part of it, else the entry and the bytes it took.
-pub(crate) fn decode_entry(buf: &[u8]) -> std::result::Result<Option<(Entry, usize)>, String> {
+pub(crate) fn decode_entry(buf: &[u8]) -> std::result::Result<Option<(Entry, usize)>, EntryFault> {
     let mut n: u64 = 0;
     let mut i = 0;
     loop {
         let Some(&b) = buf.get(i) else { return Ok(None) };
         if i >= 10 {
-            return Err("entry length prefix too long".into());
+            return Err(EntryFault::LengthPrefix);
         }
         n |= ((b & 0x7f) as u64) << (7 * i);
         i += 1;
@@ -355,13 +490,13 @@ pub(crate) fn decode_entry(buf: &[u8]) -> std::result::Result<Option<(Entry, usi
         }
     }
     if n as usize > MAX_ENTRY_BYTES {
-        return Err(format!("entry of {n} bytes exceeds the limit of {MAX_ENTRY_BYTES}"));
+        return Err(EntryFault::TooLarge { len: n });
     }
     let end = i + n as usize;
     if buf.len() < end {
         return Ok(None);
     }
-    let e: Entry = postcard::from_bytes(&buf[i..end]).map_err(|e| format!("entry does not decode: {e}"))?;
+    let e: Entry = postcard::from_bytes(&buf[i..end]).map_err(EntryFault::Decode)?;
     Ok(Some((e, end)))
 }
 
@@ -374,14 +509,14 @@ pub struct OrderCheck {
 }
 
 impl OrderCheck {
-    pub fn check(&mut self, e: &Entry) -> std::result::Result<(), String> {
+    pub fn check(&mut self, e: &Entry) -> std::result::Result<(), EntryFault> {
         e.validate()?;
         match &self.last {
-            None if !e.path.is_empty() => return Err("first entry is not the root directory".into()),
+            None if !e.path.is_empty() => return Err(EntryFault::NoRoot),
             Some(last) => match cmp_paths(last, &e.path) {
                 Ordering::Less => {}
-                Ordering::Equal => return Err("duplicate entry".into()),
-                Ordering::Greater => return Err("entries out of order".into()),
+                Ordering::Equal => return Err(EntryFault::Duplicate),
+                Ordering::Greater => return Err(EntryFault::OutOfOrder),
             },
             None => {}
         }
@@ -390,7 +525,7 @@ impl OrderCheck {
                 self.dirs.pop();
             }
             if self.dirs.last().map(Vec::as_slice) != Some(p) {
-                return Err("parent is not a directory of this layer".into());
+                return Err(EntryFault::Orphan);
             }
         }
         if e.is_dir() {
@@ -440,18 +575,33 @@ mod tests {
     }
 
     #[test]
+    fn faults_say_what_the_strings_said() {
+        let mut e = dir("a/../b");
+        assert_eq!(e.validate().unwrap_err().to_string(), r#"path component "..""#);
+        e.path = b"a/./b".to_vec();
+        assert_eq!(e.validate().unwrap_err().to_string(), r#"path component ".""#);
+        e.path = b"l".to_vec();
+        e.kind = Kind::Hardlink { target: b"/x".to_vec() };
+        assert_eq!(e.validate().unwrap_err().to_string(), "hardlink target: absolute path");
+        let f = ManifestFault::Entry { index: 3, path: "/a".into(), fault: EntryFault::Duplicate };
+        assert_eq!(f.to_string(), "entry 3: duplicate entry at /a");
+        let f = ManifestFault::Count { seen: 2, expected: 5 };
+        assert_eq!(f.to_string(), "entry 3: manifest holds 2 entries, its root says 5");
+    }
+
+    #[test]
     fn order_check_catches_bad_trees() {
         let mut c = OrderCheck::default();
         assert!(c.check(&dir("a")).is_err(), "no root");
         let mut c = OrderCheck::default();
         c.check(&dir("")).unwrap();
         c.check(&dir("a")).unwrap();
-        assert!(c.check(&dir("a")).unwrap_err().contains("duplicate"));
-        assert!(c.check(&dir("b/c")).unwrap_err().contains("parent"));
+        assert!(c.check(&dir("a")).unwrap_err().to_string().contains("duplicate"));
+        assert!(c.check(&dir("b/c")).unwrap_err().to_string().contains("parent"));
         let mut c = OrderCheck::default();
         c.check(&dir("")).unwrap();
         c.check(&dir("b")).unwrap();
-        assert!(c.check(&dir("a")).unwrap_err().contains("order"));
+        assert!(c.check(&dir("a")).unwrap_err().to_string().contains("order"));
     }
 
     #[test]
@@ -462,7 +612,7 @@ mod tests {
             chunking: Chunking::Cdc,
             extents: vec![Extent::Hole { len: 4 }, Extent::Data { id: ChunkId::of(b"x"), len: 5 }],
         };
-        assert!(e.validate().unwrap_err().contains("disagrees"));
+        assert!(e.validate().unwrap_err().to_string().contains("disagrees"));
     }
 
     #[test]
@@ -475,6 +625,6 @@ mod tests {
         let (e, n) = decode_entry(&buf).unwrap().unwrap();
         assert_eq!((e, n), (dir("abc"), buf.len()));
         let huge = [0xff, 0xff, 0xff, 0xff, 0x7f];
-        assert!(decode_entry(&huge).unwrap_err().contains("exceeds"));
+        assert!(decode_entry(&huge).unwrap_err().to_string().contains("exceeds"));
     }
 }

@@ -163,7 +163,7 @@ impl Iterator for Placed<'_> {
 }
 
 fn unreachable_err() -> crate::Error {
-    crate::Error::manifest("?", "layer reader failed without an error")
+    crate::Error::manifest("?", crate::manifest::ManifestFault::ReaderVanished)
 }
 
 impl Iterator for Merged<'_> {

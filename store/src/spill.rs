@@ -106,7 +106,7 @@ impl RunReader {
     fn next(&mut self) -> Result<Option<Entry>> {
         loop {
             if let Some((e, n)) =
-                decode_entry(&self.buf).map_err(|why| Error::bad_input(self.path.display().to_string(), why))?
+                decode_entry(&self.buf).map_err(|fault| Error::bad_entry(self.path.display().to_string(), fault))?
             {
                 self.buf.drain(..n);
                 return Ok(Some(e));

@@ -215,11 +215,32 @@ pub(crate) fn block_level(payload: &[u8]) -> u8 {
     payload.get(3).copied().unwrap_or(0)
 }
 
+/// Why a block payload cannot be opened. Messages name no block: the
+/// caller says which (and prefixes `block: `).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BlockFault {
+    /// Fewer than the four bytes of the member count.
+    #[error("no member count")]
+    NoCount,
+    /// A member table of `members` entries longer than the payload.
+    #[error("member table of {members} entries runs past the block")]
+    TablePastEnd { members: usize },
+    /// Members whose lengths add up to more than [`BLOCK_MAX_PLAIN`].
+    #[error("members claim more than {max} bytes", max = BLOCK_MAX_PLAIN)]
+    TooLarge,
+    /// The frame does not decompress: the decoder's own message.
+    #[error("{0}")]
+    Frame(String),
+    /// The frame decompresses to another length than the table's total.
+    #[error("block decompresses to {plain} bytes, its table says {total}")]
+    Length { plain: usize, total: usize },
+}
+
 /// Splits a block payload into its member table and its zstd frame.
-pub(crate) fn parse_block(payload: &[u8]) -> std::result::Result<(Members, &[u8]), String> {
-    let n = payload.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], 0]) as usize).ok_or("no member count")?;
+pub(crate) fn parse_block(payload: &[u8]) -> std::result::Result<(Members, &[u8]), BlockFault> {
+    let n = payload.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], 0]) as usize).ok_or(BlockFault::NoCount)?;
     let table = n.checked_mul(36).and_then(|t| t.checked_add(4)).filter(|&t| t <= payload.len());
-    let Some(table) = table else { return Err(format!("member table of {n} entries runs past the block")) };
+    let Some(table) = table else { return Err(BlockFault::TablePastEnd { members: n }) };
     let mut members = Vec::with_capacity(n);
     let mut total = 0usize;
     for m in payload[4..table].chunks_exact(36) {
@@ -227,7 +248,7 @@ pub(crate) fn parse_block(payload: &[u8]) -> std::result::Result<(Members, &[u8]
         let len = u32::from_le_bytes([m[32], m[33], m[34], m[35]]);
         total += len as usize;
         if total > BLOCK_MAX_PLAIN {
-            return Err(format!("members claim more than {BLOCK_MAX_PLAIN} bytes"));
+            return Err(BlockFault::TooLarge);
         }
         members.push((id, len));
     }
@@ -235,16 +256,17 @@ pub(crate) fn parse_block(payload: &[u8]) -> std::result::Result<(Members, &[u8]
 }
 
 /// Decompresses a block payload; returns its members and their plaintext.
-pub(crate) fn open_block(payload: &[u8]) -> std::result::Result<(Members, Vec<u8>), String> {
+pub(crate) fn open_block(payload: &[u8]) -> std::result::Result<(Members, Vec<u8>), BlockFault> {
     let (members, frame) = parse_block(payload)?;
     let total: usize = members.iter().map(|m| m.1 as usize).sum();
     let plain = if block_level(payload) == PPMD_TAG {
-        codec::ppmd_decompress(frame, total)?
+        codec::ppmd_decompress(frame, total)
     } else {
-        codec::decompress(frame, total)?
-    };
+        codec::decompress(frame, total)
+    }
+    .map_err(BlockFault::Frame)?;
     if plain.len() != total {
-        return Err(format!("block decompresses to {} bytes, its table says {total}", plain.len()));
+        return Err(BlockFault::Length { plain: plain.len(), total });
     }
     Ok((members, plain))
 }
@@ -1311,11 +1333,11 @@ mod block_tests {
     #[test]
     fn hostile_block_tables_are_refused() {
         assert!(parse_block(&[]).is_err());
-        assert!(parse_block(&u32::MAX.to_le_bytes()).unwrap_err().contains("runs past"));
+        assert!(parse_block(&u32::MAX.to_le_bytes()).unwrap_err().to_string().contains("runs past"));
         let mut p = 1u32.to_le_bytes().to_vec();
         p.extend_from_slice(&[0; 32]);
         p.extend_from_slice(&(BLOCK_MAX_PLAIN as u32 + 1).to_le_bytes());
-        assert!(parse_block(&p).unwrap_err().contains("more than"));
+        assert!(parse_block(&p).unwrap_err().to_string().contains("more than"));
         // A table that claims more plaintext than the frame holds.
         let mut b = BlockBuf::default();
         b.push(ChunkId::of(b"abc"), b"abc");

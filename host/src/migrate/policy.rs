@@ -61,12 +61,23 @@ pub const CONVERGED: u64 = 2 << 20;
 pub const PRECOPY_CODEC: Dense = Dense::Ppmd;
 
 /// Refuses a pre-copy codec a dense request could not carry.
-pub(crate) fn check_level(codec: Dense) -> Result<(), String> {
-    let max = xenod_peer::MAX_DENSE_LEVEL;
+pub(crate) fn check_level(codec: Dense) -> Result<(), LevelFault> {
     match codec {
-        Dense::Zstd(level) if !(1..=max).contains(&level) => Err(format!("level {level} is outside 1..={max}")),
+        Dense::Zstd(level) if !(1..=xenod_peer::MAX_DENSE_LEVEL).contains(&level) => {
+            Err(LevelFault::OutOfRange { level })
+        }
         _ => Ok(()),
     }
+}
+
+/// Why [`check_level`] refuses a pre-copy codec. Callers put it in their
+/// own words: "--level 30 is outside ..." for the CLI, "pre-copy level
+/// ..." from the target.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LevelFault {
+    /// A zstd level outside what a dense request can carry.
+    #[error("level {level} is outside 1..={max}", max = xenod_peer::MAX_DENSE_LEVEL)]
+    OutOfRange { level: u8 },
 }
 
 /// zstd level in stop-and-copy, where the guest is down: compression must

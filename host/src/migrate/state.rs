@@ -197,7 +197,7 @@ pub(crate) fn state_xml(store: &Store, layer: &LayerId, top: &LayerId) -> Result
         (&mut r).take(n as u64).read_to_end(&mut b)?;
         Ok(b)
     };
-    let bad = |why: String| err!("the save image in state layer {layer}: {why}");
+    let bad = |why: xenod_deployer::SaveImageFault| err!("the save image in state layer {layer}: {why}");
     let n = xenod_deployer::head_len(&head(xenod_deployer::SAVE_HEADER)?).map_err(bad)?;
     xenod_deployer::head_xml(&head(n)?).map_err(bad)
 }
