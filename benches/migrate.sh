@@ -9,6 +9,9 @@
 # migrates once per level and save.
 # SAVES: "save" (`--save`: the guest paused, then saved), "live" (`--live`,
 # the default: the guest's memory saved while it runs) or both.
+# XENOD: the binary to measure (default: this tree's target/release/xenod,
+# built first), as the other end-to-end benchmarks take it, so two builds
+# can be compared side by side.
 #
 # Daemons on loopback (separate processes and data dirs, one libvirt shared
 # through domain prefixes): the source A, and for every move a fresh target
@@ -38,8 +41,12 @@ FIX=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/guest
 log() { echo "migrate-bench: $*" >&2; }
 
 command -v rsync >/dev/null || bash "$ROOT/scripts/install-deps.sh"
-(cd "$ROOT" && cargo build --release --locked -p xenod >&2)
-X=$ROOT/target/release/xenod
+if [ -n "${XENOD:-}" ]; then
+  X=$XENOD
+else
+  (cd "$ROOT" && cargo build --release --locked -p xenod >&2)
+  X=$ROOT/target/release/xenod
+fi
 bash "$ROOT/scripts/start-libvirtd.sh" >&2
 bash "$ROOT/fixtures/build-guest.sh" "$FIX" >&2
 
