@@ -450,19 +450,12 @@ impl LowerTree {
 
     /// The path of node `i`.
     pub(crate) fn path(&self, mut i: u32) -> Vec<u8> {
-        let mut parts = Vec::new();
+        let mut parts: Vec<&[u8]> = Vec::new();
         while i != 0 {
             parts.push(&self.nodes[i as usize].name);
             i = self.nodes[i as usize].parent;
         }
-        let mut out = Vec::new();
-        for p in parts.iter().rev() {
-            if !out.is_empty() {
-                out.push(b'/');
-            }
-            out.extend_from_slice(p);
-        }
-        out
+        join_leaf_first(&parts)
     }
 
     /// The node after `i` in a depth-first walk of the tree in name order
@@ -604,4 +597,16 @@ impl Iterator for HostDir {
         }
         r
     }
+}
+
+/// A path from its names listed leaf first: `[c, b, a]` is `a/b/c`.
+pub(crate) fn join_leaf_first(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in parts.iter().rev() {
+        if !out.is_empty() {
+            out.push(b'/');
+        }
+        out.extend_from_slice(p);
+    }
+    out
 }

@@ -320,14 +320,7 @@ impl Union {
             parts.push(n);
             cur = *p;
         }
-        let mut out = Vec::new();
-        for p in parts.iter().rev() {
-            if !out.is_empty() {
-                out.push(b'/');
-            }
-            out.extend_from_slice(p);
-        }
-        out
+        crate::lower::join_leaf_first(&parts)
     }
 
     fn upath(&self, rel: &[u8]) -> FsResult<PathBuf> {

@@ -772,6 +772,30 @@ mod tests {
         }
     }
 
+    /// A target whose pre-copy rounds send 64, 8, then 1 MiB.
+    fn fake_target(
+        faults: Arc<Faults>,
+        resume: Resume,
+        runs: &Arc<AtomicBool>,
+        aborted: &Arc<AtomicBool>,
+    ) -> FakeTarget {
+        FakeTarget {
+            faults,
+            resume,
+            wire: Mutex::new(vec![1 << 20, 8 << 20, 64 << 20]),
+            runs: Arc::clone(runs),
+            aborted: Arc::clone(aborted),
+            stage_refused: false,
+        }
+    }
+
+    /// The default plan (live where it can be), changed by `f`.
+    fn plan_with(f: impl FnOnce(&mut Plan)) -> Plan {
+        let mut p = Plan { to: "target".into(), cold: false, save: SaveMode::Auto, level: None };
+        f(&mut p);
+        p
+    }
+
     fn guest() -> Guest {
         Guest { domain: DOM.into(), record: record(), mounted: ChunkId::of(b"top"), need_bytes: 0 }
     }
@@ -808,17 +832,8 @@ mod tests {
             kept: kept.clone(),
             removed: Arc::clone(&removed),
         };
-        let target = FakeTarget {
-            faults,
-            resume,
-            wire: Mutex::new(vec![1 << 20, 8 << 20, 64 << 20]),
-            runs: Arc::clone(&runs_there),
-            aborted: Arc::clone(&aborted),
-            stage_refused: false,
-        };
-        let mut p = Plan { to: "target".into(), cold: false, save: SaveMode::Auto, level: None };
-        plan(&mut p);
-        let m = Migration::new(hv.clone(), changes, target, guest(), p);
+        let target = fake_target(faults, resume, &runs_there, &aborted);
+        let m = Migration::new(hv.clone(), changes, target, guest(), plan_with(plan));
         let result = m.run().await;
         Case { hv, runs_there, aborted, kept, removed, result }
     }
@@ -992,17 +1007,8 @@ mod tests {
                 self.0.abort(i).await
             }
         }
-        let target = FakeTarget {
-            faults: Default::default(),
-            resume: Resume::Runs,
-            wire: Mutex::new(vec![1 << 20, 8 << 20, 64 << 20]),
-            runs: Arc::clone(&runs_there),
-            aborted: Arc::clone(&aborted),
-            stage_refused: false,
-        };
-        let mut p = Plan { to: "target".into(), cold: false, save: SaveMode::Auto, level: None };
-        plan(&mut p);
-        let m = Migration::new(hv.clone(), changes, Arming(target, faults), guest(), p);
+        let target = fake_target(Default::default(), Resume::Runs, &runs_there, &aborted);
+        let m = Migration::new(hv.clone(), changes, Arming(target, faults), guest(), plan_with(plan));
         let result = m.run().await;
         Case { hv, runs_there, aborted, kept: Default::default(), removed, result }
     }
