@@ -6,7 +6,6 @@
 //! a variant too ([`Error::Context`]): a short "what was being done" over
 //! the cause, printed as `what: cause` by [`Error::chain`].
 
-use std::error::Error as _;
 use std::fmt;
 
 use xenod_store::Exit;
@@ -77,26 +76,25 @@ from!(
 );
 
 impl Error {
-    /// This level's message and the error below it: a wrapped lower error
-    /// speaks for itself (its message here, its causes below).
-    fn level(&self) -> (&dyn fmt::Display, Option<&(dyn std::error::Error + 'static)>) {
-        match self {
-            Error::Store(e) => (e, e.source()),
-            Error::Peer(e) => (e, e.source()),
-            Error::Ticket(e) => (e, e.source()),
-            Error::Cowfs(e) => (e, e.source()),
-            Error::Deployer(e) => (e, e.source()),
-            Error::Io(e) => (e, e.source()),
-            Error::Os(e) => (e, e.source()),
-            Error::Json(e) => (e, e.source()),
-            Error::Task(e) => (e, e.source()),
-            Error::TomlRead(e) => (e, e.source()),
-            Error::TomlWrite(e) => (e, e.source()),
-            Error::Transport(e) => (e, e.source()),
-            Error::Coded { msg, .. } | Error::Msg(msg) => (msg, None),
-            Error::TargetRefused(_) | Error::Migration { .. } => (self, None),
-            Error::Context { what, source } => (what, Some(source.as_ref())),
-        }
+    /// The lower crate's error this one wraps, which speaks for itself: its
+    /// message is this error's, its causes are this error's causes.
+    fn wrapped(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(match self {
+            Error::Store(e) => e,
+            Error::Peer(e) => e,
+            Error::Ticket(e) => e,
+            Error::Cowfs(e) => e,
+            Error::Deployer(e) => e,
+            Error::Io(e) => e,
+            Error::Os(e) => e,
+            Error::Json(e) => e,
+            Error::Task(e) => e,
+            Error::TomlRead(e) => e,
+            Error::TomlWrite(e) => e,
+            Error::Transport(e) => e.as_ref(),
+            Error::Coded { .. } | Error::Msg(_) | Error::TargetRefused(_) | Error::Migration { .. } => return None,
+            Error::Context { .. } => return None,
+        })
     }
 }
 
@@ -105,17 +103,16 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::TargetRefused(why) => return write!(f, "the target refused: {why}"),
+            Error::Coded { msg, .. } | Error::Msg(msg) => write!(f, "{msg}")?,
+            Error::TargetRefused(why) => write!(f, "the target refused: {why}")?,
             // The cause is part of the message, so that the one line a
             // user reads says the phase, why, and where the guest is.
-            Error::Migration { phase, guest, source } => {
-                return write!(f, "migration failed in {phase}: {source:#}; {guest}");
-            }
-            _ => {}
+            Error::Migration { phase, guest, source } => write!(f, "migration failed in {phase}: {source:#}; {guest}")?,
+            Error::Context { what, .. } => write!(f, "{what}")?,
+            _ => write!(f, "{}", self.wrapped().expect("every other variant wraps an error"))?,
         }
-        let (msg, mut cause) = self.level();
-        write!(f, "{msg}")?;
         if f.alternate() {
+            let mut cause = std::error::Error::source(self);
             while let Some(c) = cause {
                 write!(f, ": {c}")?;
                 cause = c.source();
@@ -127,7 +124,10 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.level().1
+        match self {
+            Error::Context { source, .. } => Some(source.as_ref()),
+            e => e.wrapped().and_then(|w| w.source()),
+        }
     }
 }
 
@@ -188,15 +188,6 @@ impl Error {
     /// The error with its causes, `what: cause: cause` (as `{:#}`).
     pub fn chain(&self) -> String {
         format!("{self:#}")
-    }
-
-    /// Whether this error, or one it wraps as context, is `Coded` with `code`.
-    pub fn is_coded(&self, code: Exit) -> bool {
-        match self {
-            Error::Coded { code: c, .. } => *c == code,
-            Error::Context { source, .. } => source.is_coded(code),
-            _ => false,
-        }
     }
 }
 
@@ -287,7 +278,18 @@ mod tests {
         let e: std::result::Result<(), _> = Err(xenod_store::Error::UnknownRef("x".into()));
         let e = e.context("resolving").context("deploying").unwrap_err();
         assert_eq!(e.exit_code(), Exit::NotFound);
-        assert_eq!(e.chain().to_string(), "deploying: resolving: no layer matches \"x\"");
+        assert_eq!(e.chain(), "deploying: resolving: no layer matches \"x\"");
+    }
+
+    #[test]
+    fn a_wrapped_error_and_its_cause_print_once_each() {
+        let io = std::io::Error::other("disk on fire");
+        let e =
+            Error::from(xenod_store::Error::Io { what: "reading", path: "/x".into(), source: io }).context("opening");
+        assert_eq!(e.to_string(), "opening");
+        assert_eq!(e.chain(), "opening: reading /x: disk on fire");
+        let m = Error::Migration { phase: Phase::Resume, guest: "here".into(), source: Box::new(e) };
+        assert_eq!(m.chain(), "migration failed in resume: opening: reading /x: disk on fire; here");
     }
 
     #[test]

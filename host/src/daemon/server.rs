@@ -176,7 +176,7 @@ async fn client(d: &Arc<Daemon>, s: UnixStream) -> Result<()> {
     }
     let v = match work.await? {
         Ok(result) => Line::Done(Outcome::done(result)),
-        Err(e) => Line::Done(Outcome::failed(e.chain().to_string(), e.exit_code())),
+        Err(e) => Line::Done(Outcome::failed(e.chain(), e.exit_code())),
     };
     w.write_all(format!("{}\n", serde_json::to_string(&v)?).as_bytes()).await?;
     Ok(())

@@ -182,7 +182,7 @@ pub async fn migrate(
 pub async fn checkpoint(d: &Arc<Daemon>, name: &str, label: Option<String>) -> Result<Value> {
     let data = d.data_dir().to_path_buf();
     let store = d.store_arc();
-    let inst = Instance::load(&data, name).map_err(|e| Error::coded(Exit::NotFound, e.chain().to_string()))?;
+    let inst = Instance::load(&data, name).map_err(|e| Error::coded(Exit::NotFound, e.chain()))?;
     if inst.root == RootMode::Fs {
         bail!(
             "{name} has a shared-filesystem root, and the hypervisor cannot save such a guest; `xenod commit {name}` keeps its files"
