@@ -69,6 +69,8 @@ pub enum Request {
         to: Vec<String>,
     },
     Shutdown,
+    /// Read the trust entries of config.toml again (also on SIGHUP).
+    Reload,
     /// Move an instance to another host.
     Migrate {
         instance: String,
@@ -112,6 +114,7 @@ impl Request {
             Request::Names { .. } => "names",
             Request::Replicate { .. } => "replicate",
             Request::Shutdown => "shutdown",
+            Request::Reload => "reload",
             Request::Migrate { .. } => "migrate",
             Request::Checkpoint { .. } => "checkpoint",
             Request::Restore { .. } => "restore",
@@ -269,6 +272,7 @@ mod tests {
             Request::Names { from: vec!["n@127.0.0.1:1".into()] },
             Request::Replicate { r#ref: "web".into(), to: vec!["n@127.0.0.1:1".into()] },
             Request::Shutdown,
+            Request::Reload,
             Request::Migrate {
                 instance: "web".into(),
                 to: "n@127.0.0.1:1".into(),

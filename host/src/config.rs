@@ -1,7 +1,9 @@
 //! Host configuration: the data directory, `config.toml` and the publisher key.
 //!
 //! ```text
-//! DATA_DIR/config.toml     trusted_keys = ["<64 hex>", ...]
+//! DATA_DIR/config.toml     [[trust]]                    whose names this host accepts:
+//!                          key = "<64 hex>"             a publisher key, and
+//!                          publishers = ["debian", "acme/*"]  the names it may sign for
 //!                          listen = "0.0.0.0:0"        peer endpoint (UDP); port 0 = pick one, kept
 //!                          peers = ["NODE@IP:PORT"]     static peers asked for layers and names
 //!                          relay = "disabled"           or "default" (number 0's public relays)
@@ -12,7 +14,13 @@
 //! DATA_DIR/keys/publisher.key   the host's ed25519 secret (hex), mode 0600
 //! DATA_DIR/keys/node.key        the peer endpoint's secret (hex), mode 0600
 //! ```
-//! The host's own publisher key is always trusted.
+//! The host's own publisher key is trusted for every publisher (`*`): this
+//! host's operator names what they like here. Any other key is trusted
+//! only for the publishers its `[[trust]]` entry lists (patterns as in
+//! `xenod_store::Trust`), so a key trusted for one publisher's templates
+//! cannot take over another's names. The older `trusted_keys = [...]`,
+//! which trusted keys for everything, is refused with what to write
+//! instead.
 
 use std::fs;
 use std::io::Write;
@@ -20,7 +28,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use xenod_store::{LayerId, NameRecord, SigningKey, Store, VerifyingKey, hex};
+use xenod_store::{LayerId, NameRecord, SigningKey, Store, Trust, VerifyingKey, hex};
 
 use crate::bail;
 use crate::error::{Context, Result};
@@ -28,8 +36,12 @@ use crate::error::{Context, Result};
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Publisher keys whose name records this host accepts (64 hex digits).
-    #[serde(default)]
+    /// Publisher keys and the publishers each may sign names for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust: Vec<TrustEntry>,
+    /// Refused (it trusted keys for every publisher); kept to say so until
+    /// each key is given its publishers (`add_trust` moves it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_keys: Vec<String>,
     /// UDP address of the peer endpoint [default: 0.0.0.0:0].
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,6 +63,16 @@ pub struct Config {
     /// `"*"` allows any node. Empty: pull requests are refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pull_from: Vec<String>,
+}
+
+/// One `[[trust]]` entry: a key and the publishers it may sign for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustEntry {
+    /// The publisher's public key (64 hex digits).
+    pub key: String,
+    /// Publisher patterns: `debian`, `acme/web`, `acme-*`, `*` (everyone).
+    pub publishers: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,18 +136,69 @@ impl Config {
         fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))
     }
 
-    /// Trusted keys: the configured ones and this host's own.
-    pub fn trusted(&self, data_dir: &Path) -> Result<Vec<VerifyingKey>> {
-        let mut keys = self
-            .trusted_keys
-            .iter()
-            .map(|k| parse_key(k))
-            .collect::<Result<Vec<_>>>()
-            .with_context(|| format!("in {}", Self::path(data_dir).display()))?;
-        if let Some(k) = load_key(data_dir)? {
-            keys.push(k.verifying_key());
+    /// The trust in force: the `[[trust]]` entries, and this host's own
+    /// publisher key for every publisher.
+    pub fn trust(&self, data_dir: &Path) -> Result<Trust> {
+        let at = || format!("in {}", Self::path(data_dir).display());
+        if let Some(k) = self.trusted_keys.first() {
+            bail!(
+                "{}: `trusted_keys` trusts keys for every publisher, so any of them could take over any name; \
+                 write each key as a [[trust]] entry with the publishers it may sign for \
+                 (key = \"{k}\"\npublishers = [\"PUBLISHER\"]), or run `xenod key trust KEY --for PUBLISHER`",
+                at()
+            );
         }
-        Ok(keys)
+        let mut trust = Trust::default();
+        for e in &self.trust {
+            let key = parse_key(&e.key).with_context(at)?;
+            if e.publishers.is_empty() {
+                bail!("{}: the [[trust]] entry of key {} lists no publishers", at(), e.key);
+            }
+            for p in &e.publishers {
+                trust.allow(key, p).with_context(at)?;
+            }
+        }
+        if let Some(k) = load_key(data_dir)? {
+            trust.allow(k.verifying_key(), "*")?;
+        }
+        Ok(trust)
+    }
+
+    /// Trusts `key` for `publishers` too; returns whether anything changed.
+    pub fn add_trust(&mut self, key: &VerifyingKey, publishers: &[String]) -> Result<bool> {
+        for p in publishers {
+            xenod_store::check_pattern(p)?;
+        }
+        let hexkey = hex(key.as_bytes());
+        self.trusted_keys.retain(|k| parse_key(k).ok().as_ref() != Some(key));
+        let i = match self.trust.iter().position(|e| parse_key(&e.key).is_ok_and(|k| k == *key)) {
+            Some(i) => i,
+            None => {
+                self.trust.push(TrustEntry { key: hexkey, publishers: Vec::new() });
+                self.trust.len() - 1
+            }
+        };
+        let e = &mut self.trust[i];
+        let before = e.publishers.len();
+        for p in publishers {
+            if !e.publishers.contains(p) {
+                e.publishers.push(p.clone());
+            }
+        }
+        Ok(e.publishers.len() != before)
+    }
+
+    /// Stops trusting `key` for `publishers` (all of them if empty);
+    /// returns whether anything changed.
+    pub fn remove_trust(&mut self, key: &VerifyingKey, publishers: &[String]) -> bool {
+        let before = self.trust.clone();
+        for e in &mut self.trust {
+            if parse_key(&e.key).is_ok_and(|k| k == *key) {
+                e.publishers.retain(|p| !publishers.is_empty() && !publishers.contains(p));
+            }
+        }
+        self.trust.retain(|e| !e.publishers.is_empty());
+        self.trust != before
     }
 }
 
@@ -208,26 +281,86 @@ pub fn generate_key(data_dir: &Path, force: bool) -> Result<SigningKey> {
     Ok(key)
 }
 
-/// Signs `name` -> `id` with the publisher key of `data_dir` (created
-/// when there is none) as the name's next sequence number, and records
-/// it; returns that number.
-pub fn record_name_in(data_dir: &Path, store: &Store, name: &str, id: LayerId) -> Result<u64> {
+/// The publisher key of `data_dir`, created (and said so) when there is none.
+fn publisher_key(data_dir: &Path) -> Result<SigningKey> {
+    if let Some(k) = load_key(data_dir)? {
+        return Ok(k);
+    }
+    let k = generate_key(data_dir, false)?;
+    crate::note(format!(
+        "created publisher key {} (public {})",
+        key_path(data_dir).display(),
+        hex(k.verifying_key().as_bytes())
+    ));
+    Ok(k)
+}
+
+/// Signs `name` -> `id` (or, with `None`, the name's removal) with the
+/// publisher key of `data_dir` (created when there is none) as the name's
+/// next sequence number, and records it; returns that number.
+pub fn record_name_in(data_dir: &Path, store: &Store, name: &str, id: Option<LayerId>) -> Result<u64> {
     xenod_store::check_name(name)?;
-    let key = match load_key(data_dir)? {
-        Some(k) => k,
-        None => {
-            let k = generate_key(data_dir, false)?;
-            crate::note(format!(
-                "created publisher key {} (public {})",
-                key_path(data_dir).display(),
-                hex(k.verifying_key().as_bytes())
-            ));
-            k
+    let held = store.name(name)?;
+    if id.is_none() {
+        match &held {
+            None => return Err(xenod_store::Error::UnknownRef(name.to_owned()).into()),
+            Some(r) if r.removed => {
+                return Err(crate::Error::coded(
+                    xenod_store::Exit::NotFound,
+                    format!("{name} is removed already (sequence {})", r.seq),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    let key = publisher_key(data_dir)?;
+    let seq = held.map_or(1, |r| r.seq + 1);
+    let rec = match id {
+        Some(id) => NameRecord::sign(&key, name, id, seq)?,
+        None => NameRecord::sign_removal(&key, name, seq)?,
+    };
+    store.set_name(&rec, &Config::load(data_dir)?.trust(data_dir)?)?;
+    Ok(seq)
+}
+
+/// Replaces the publisher key of `data_dir` with a new one and records a
+/// succession signed by the old key, so hosts that trust the old key for
+/// some publishers trust the new one for the same (once they hear the
+/// succession over gossip). The old secret is kept beside the new one as
+/// `publisher.key.old-<first 8 hex digits>`. Returns (old, new) public keys.
+///
+/// Crash-safe: the new secret is written (`publisher.key.next`) before the
+/// succession names it, and a rotation interrupted after that is finished
+/// by the next `rotate_key` rather than started again (a key names one
+/// successor only).
+pub fn rotate_key(data_dir: &Path, store: &Store) -> Result<(VerifyingKey, VerifyingKey)> {
+    let Some(old) = load_key(data_dir)? else {
+        bail!("no publisher key in {} to rotate; `xenod key generate` makes one", key_path(data_dir).display());
+    };
+    let old_pub = old.verifying_key();
+    let next_path = key_path(data_dir).with_file_name("publisher.key.next");
+    let pending = match fs::read_to_string(&next_path) {
+        Ok(s) => decode_hex32(&s).map(|b| SigningKey::from_bytes(&b)),
+        Err(_) => None,
+    };
+    let held = store.successions()?.into_iter().find(|s| s.old == old_pub.to_bytes());
+    let new = match (held, pending) {
+        (Some(h), Some(p)) if h.new == p.verifying_key().to_bytes() => p,
+        (Some(h), _) => bail!(
+            "key {} already names successor {} but its secret is not in {}",
+            hex(old_pub.as_bytes()),
+            hex(&h.new),
+            next_path.display()
+        ),
+        (None, _) => {
+            let new = xenod_store::generate_key()?;
+            write_secret(&next_path, &new.to_bytes())?;
+            store.set_succession(&xenod_store::Succession::sign(&old, &new.verifying_key()))?;
+            new
         }
     };
-    let seq = store.name(name)?.map_or(1, |r| r.seq + 1);
-    let rec = NameRecord::sign(&key, name, id, seq)?;
-    let trusted = Config::load(data_dir)?.trusted(data_dir)?;
-    store.set_name(&rec, &trusted)?;
-    Ok(seq)
+    let keep = key_path(data_dir).with_file_name(format!("publisher.key.old-{}", &hex(old_pub.as_bytes())[..8]));
+    write_secret(&keep, &old.to_bytes())?;
+    fs::rename(&next_path, key_path(data_dir)).with_context(|| format!("writing {}", key_path(data_dir).display()))?;
+    Ok((old_pub, new.verifying_key()))
 }

@@ -87,6 +87,11 @@ fn every_reply_round_trips() {
         }],
     });
     round_trip(&Shutdown { stopping: true });
+    round_trip(&Reload {
+        trusted: vec![Trusted { key: "ab".repeat(32), publishers: vec!["debian".into(), "acme/*".into()] }],
+        accepted: vec!["template://debian/12/1".into()],
+        refused_held: 2,
+    });
     round_trip(&Checkpoint {
         checkpoint: id.to_string(),
         state: id.to_string(),

@@ -6,15 +6,17 @@
 //!
 //! ```text
 //! announce := { "name": NameRecord, "at": unix-secs }     signed by the publisher
+//!           | { "successor": Succession, "at": unix-secs } signed by the old key
 //!           | { "presence": body-json, "sig": [u8; 64] }  signed by the node key
 //! body     := { node: [u8; 32], addrs: [SocketAddr], layers: [LayerId], at: unix-secs }
 //! ```
 //!
 //! Gossip forwards messages, so who delivered one says nothing about who
-//! wrote it: each message carries its own signature. A name record is
-//! kept only if its key is trusted here and its sequence number is newer
-//! (the same rule as a names pull); one with a bad signature is refused
-//! and counted against the node that delivered it. A presence is believed
+//! wrote it: each message carries its own signature. Name records and
+//! successions go through the node's [`NameGate`], the same door as a
+//! names pull: kept only if the host's trust admits the key for the name's
+//! publisher and the sequence is newer; a refusal is counted against the
+//! node that delivered it, once per record. A presence is believed
 //! only with a valid signature of the node it describes, and only the
 //! newest (`at`) per node is kept, so a replayed one changes nothing.
 //! `at` also makes each announcement a new message: gossip drops content
@@ -25,15 +27,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use ed25519_dalek::VerifyingKey;
 use iroh::address_lookup::memory::MemoryLookup;
 use iroh::{EndpointAddr, EndpointId, SecretKey, Signature, TransportAddr};
 use iroh_gossip::api::{Event, GossipSender};
 use iroh_gossip::{Gossip, TopicId};
 use serde::{Deserialize, Serialize};
 
-use xenod_store::{LayerId, NameRecord, Store};
+use xenod_store::{LayerId, NameRecord, Succession};
 
+use super::names::NameGate;
 use super::stats::Stats;
 
 /// Largest gossip message sent or accepted.
@@ -49,6 +51,7 @@ pub(crate) fn topic() -> TopicId {
 #[serde(untagged)]
 enum Announce {
     Name { name: NameRecord, at: u64 },
+    Successor { successor: Succession, at: u64 },
     Presence { presence: String, sig: Vec<u8> },
 }
 
@@ -114,9 +117,8 @@ impl GossipState {
         &self,
         bootstrap: Vec<EndpointAddr>,
         me: EndpointId,
-        store: Arc<Store>,
         stats: Arc<Stats>,
-        trusted: Vec<VerifyingKey>,
+        names: Arc<NameGate>,
         on_presence: Option<PresenceFn>,
     ) -> Result<(), String> {
         let mut ids = Vec::new();
@@ -134,7 +136,7 @@ impl GossipState {
                 match ev {
                     Ok(Event::Received(m)) => {
                         let from = m.delivered_from.to_string();
-                        me2.receive(&m.content, &from, &store, &stats, &trusted, on_presence.as_ref());
+                        me2.receive(&m.content, &from, &stats, &names, on_presence.as_ref());
                     }
                     Ok(Event::NeighborUp(n)) => tracing::debug!("gossip neighbour up: {n}"),
                     Ok(_) => {}
@@ -149,15 +151,7 @@ impl GossipState {
         Ok(())
     }
 
-    fn receive(
-        &self,
-        content: &[u8],
-        from: &str,
-        store: &Store,
-        stats: &Stats,
-        trusted: &[VerifyingKey],
-        on_presence: Option<&PresenceFn>,
-    ) {
+    fn receive(&self, content: &[u8], from: &str, stats: &Stats, names: &NameGate, on_presence: Option<&PresenceFn>) {
         let refuse = |why: String| {
             tracing::warn!("refused gossip from {from}: {why}");
             stats.with(from, |t, c| {
@@ -172,23 +166,10 @@ impl GossipState {
         match serde_json::from_slice::<Announce>(content) {
             Err(e) => refuse(format!("malformed announcement: {e}")),
             Ok(Announce::Name { name: rec, .. }) => {
-                let Ok(key) = VerifyingKey::from_bytes(&rec.key) else {
-                    return refuse(format!("{}: publisher key is not an ed25519 key", rec.name));
-                };
-                if !trusted.contains(&key) {
-                    // Gossip carries every publisher's names; only the
-                    // trusted ones are kept, the rest are not an offence.
-                    tracing::debug!("ignoring {} from an untrusted key", rec.name);
-                    return;
-                }
-                match store.name(&rec.name) {
-                    Ok(Some(old)) if old.seq >= rec.seq => return,
-                    Ok(_) => {}
-                    Err(e) => return tracing::warn!("reading name {}: {e}", rec.name),
-                }
-                if let Err(e) = store.set_name(&rec, trusted) {
-                    refuse(format!("{}: {e}", rec.name));
-                }
+                names.offer(&rec, from);
+            }
+            Ok(Announce::Successor { successor, .. }) => {
+                names.offer_succession(&successor, from);
             }
             Ok(Announce::Presence { presence, sig }) => {
                 let body: Presence = match serde_json::from_str(&presence) {
@@ -224,13 +205,15 @@ impl GossipState {
         }
     }
 
-    /// Broadcasts this node's presence and the name records in `names`.
+    /// Broadcasts this node's presence, the name records in `names` and
+    /// the key successions in `successions`.
     pub(crate) async fn announce(
         &self,
         secret: &SecretKey,
         addrs: Vec<SocketAddr>,
         layers: Vec<LayerId>,
         names: Vec<NameRecord>,
+        successions: Vec<Succession>,
     ) -> Result<(), String> {
         let Some(sender) = self.sender.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Err("not joined to the gossip topic".into());
@@ -244,6 +227,9 @@ impl GossipState {
         let mut msgs = vec![serde_json::to_vec(&Announce::Presence { presence, sig }).map_err(|e| e.to_string())?];
         for rec in names {
             msgs.push(serde_json::to_vec(&Announce::Name { name: rec, at }).map_err(|e| e.to_string())?);
+        }
+        for successor in successions {
+            msgs.push(serde_json::to_vec(&Announce::Successor { successor, at }).map_err(|e| e.to_string())?);
         }
         for m in msgs.into_iter().filter(|m| m.len() <= MAX_MESSAGE) {
             sender.broadcast(Bytes::from(m)).await.map_err(|e| format!("broadcasting: {e}"))?;

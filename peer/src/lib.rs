@@ -10,7 +10,8 @@
 //! | `one` | [`fetch_one`]: a single chunk, now, for a lazily deployed reader |
 //! | `ticket` | `xenod1...` [`Ticket`]s: a layer id and its providers; [`parse_peer`], [`format_peer`] |
 //! | `pull` | fan-out: asking other nodes to fetch a stack, on [`PULL_ALPN`] |
-//! | `gossip` | signed name records and [`Presence`] (who holds which layer) over iroh-gossip |
+//! | `names` | [`NameGate`]: the one door for name records and key successions from peers, under the host's trust |
+//! | `gossip` | signed name records, successions and [`Presence`] (who holds which layer) over iroh-gossip |
 //! | `stats` | [`Stats`]: counters of served, fetched and refused chunks, per peer |
 //!
 //! The store below is synchronous; everything here runs on tokio, and the
@@ -54,6 +55,7 @@
 
 mod fetch;
 mod gossip;
+mod names;
 mod one;
 mod protocol;
 mod provider;
@@ -73,7 +75,7 @@ use iroh::endpoint::{PortmapperConfig, presets};
 use iroh::protocol::Router;
 use iroh::{Endpoint, RelayMode, SecretKey, TransportAddr};
 use serde::Serialize;
-use xenod_store::{ChunkId, Error, LayerId, MAX_STACK, ManifestFault, NameRecord, Store, VerifyingKey};
+use xenod_store::{ChunkId, Error, LayerId, MAX_STACK, ManifestFault, NameRecord, Store, Succession, Trust};
 
 /// The transport, for protocols of their own on a [`Node`]'s endpoint.
 pub use iroh;
@@ -84,6 +86,7 @@ pub use fetch::{
     FetchOptions, FetchProgress, FetchReport, NOT_YET_RETRY, Phase, ProgressFn, ProviderReport, SwarmPlan,
 };
 pub use gossip::{MAX_ANNOUNCED_LAYERS, MAX_MESSAGE, Presence, PresenceFn};
+pub use names::{MAX_REFUSED, NameGate, Offer};
 pub use one::fetch_one;
 pub use protocol::{ALPN, MAX_BATCH, MAX_DENSE_LEVEL, MAX_NAMES, MAX_PLAIN};
 pub use provider::{FRAMES_IN_FLIGHT, Misbehave, STREAMS_PER_CONN};
@@ -137,6 +140,9 @@ pub struct NodeOptions {
     pub misbehave: Misbehave,
     /// Which peers may ask this node to fetch a stack (fan-out).
     pub pulls: PullPolicy,
+    /// Whose name records this node accepts ([`NameGate::set_trust`]
+    /// changes it while the node runs).
+    pub trust: Trust,
 }
 
 /// Name records a peer offered, sorted by what happened to them.
@@ -165,6 +171,7 @@ pub(crate) struct Engine {
     endpoint: Endpoint,
     store: Arc<Store>,
     stats: Arc<Stats>,
+    names: Arc<NameGate>,
 }
 
 impl std::fmt::Debug for Node {
@@ -206,7 +213,8 @@ impl Node {
             .map_err(|e| bind_err(e.to_string()))?;
         let forge_names = opts.misbehave.forge_names;
         let provider = provider::Provider::new(store.clone(), stats.clone(), opts.misbehave);
-        let engine = Engine { endpoint: endpoint.clone(), store, stats };
+        let names = Arc::new(NameGate::new(store.clone(), stats.clone(), opts.trust));
+        let engine = Engine { endpoint: endpoint.clone(), store, stats, names };
         let puller = pull::PullHandler::new(engine.clone(), opts.pulls);
         let g = iroh_gossip::Gossip::builder().max_message_size(gossip::MAX_MESSAGE).spawn(endpoint.clone());
         let mut router = Router::builder(endpoint)
@@ -267,28 +275,29 @@ impl Node {
         pull::replicate(&self.engine, self.addr(), layer, targets).await
     }
 
-    /// Asks `provider` for its name records and keeps those signed by a
-    /// key in `trusted` and newer than what is held.
-    pub async fn fetch_names(
-        &self,
-        provider: &EndpointAddr,
-        trusted: &[VerifyingKey],
-    ) -> Result<NamesReport, PeerError> {
-        self.engine.fetch_names(provider, trusted).await
+    /// Asks `provider` for its name records and keeps those the node's
+    /// trust admits and newer than what is held.
+    pub async fn fetch_names(&self, provider: &EndpointAddr) -> Result<NamesReport, PeerError> {
+        self.engine.fetch_names(provider).await
+    }
+
+    /// Where name records from peers are admitted; its trust can change
+    /// while the node runs.
+    pub fn names(&self) -> &Arc<NameGate> {
+        &self.engine.names
     }
 
     /// Joins the gossip topic through `bootstrap` (see the `gossip` module):
-    /// from then on, name records signed by a key in `trusted` are stored
-    /// as they are announced, and each believed presence is remembered and
-    /// handed to `on_presence`.
+    /// from then on, name records and successions are offered to
+    /// [`Node::names`] as they are announced, and each believed presence is
+    /// remembered and handed to `on_presence`.
     pub async fn join_gossip(
         &self,
         bootstrap: Vec<EndpointAddr>,
-        trusted: Vec<VerifyingKey>,
         on_presence: Option<PresenceFn>,
     ) -> Result<(), PeerError> {
         self.gossip
-            .join(bootstrap, self.id(), self.store().clone(), self.stats().clone(), trusted, on_presence)
+            .join(bootstrap, self.id(), self.stats().clone(), self.names().clone(), on_presence)
             .await
             .map_err(|why| PeerError::Connection { peer: "gossip".into(), why })
     }
@@ -299,8 +308,8 @@ impl Node {
     }
 
     /// Announces this node's presence (address, the newest
-    /// [`MAX_ANNOUNCED_LAYERS`] layers it holds) and `names`.
-    pub async fn announce(&self, mut names: Vec<NameRecord>) -> Result<(), PeerError> {
+    /// [`MAX_ANNOUNCED_LAYERS`] layers it holds), `names` and `successions`.
+    pub async fn announce(&self, mut names: Vec<NameRecord>, successions: Vec<Succession>) -> Result<(), PeerError> {
         if self.forge_names {
             for r in &mut names {
                 let mut b = *r.id.as_bytes();
@@ -314,7 +323,7 @@ impl Node {
         let layers = layers.into_iter().map(|(id, _)| id).collect();
         let addrs = self.addr().ip_addrs().copied().collect();
         self.gossip
-            .announce(self.endpoint().secret_key(), addrs, layers, names)
+            .announce(self.endpoint().secret_key(), addrs, layers, names, successions)
             .await
             .map_err(|why| PeerError::Connection { peer: "gossip".into(), why })
     }
@@ -483,11 +492,7 @@ impl Engine {
         })
     }
 
-    pub(crate) async fn fetch_names(
-        &self,
-        provider: &EndpointAddr,
-        trusted: &[VerifyingKey],
-    ) -> Result<NamesReport, PeerError> {
+    pub(crate) async fn fetch_names(&self, provider: &EndpointAddr) -> Result<NamesReport, PeerError> {
         let peer = provider.id.to_string();
         let conn = self.connect(provider, ALPN).await?;
         let cerr = |e: &dyn std::fmt::Display| PeerError::Connection { peer: peer.clone(), why: e.to_string() };
@@ -503,26 +508,10 @@ impl Engine {
             .map_err(|e| PeerError::Protocol { peer: peer.clone(), why: format!("names answer: {e}") })?;
         let mut rep = NamesReport::default();
         for rec in recs {
-            let held = self.store.name(&rec.name)?;
-            let verdict = match (rec.verify(trusted), held) {
-                (Err(e), _) => Err(e.to_string()),
-                (Ok(()), Some(old)) if old.seq == rec.seq && old.id == rec.id => {
-                    rep.unchanged += 1;
-                    continue;
-                }
-                (Ok(()), _) => self.store.set_name(&rec, trusted).map_err(|e| e.to_string()),
-            };
-            match verdict {
-                Ok(()) => rep.accepted.push(rec.name),
-                Err(why) => {
-                    tracing::warn!("refused name record from {peer}: {why}");
-                    self.stats.with(&peer, |t, c| {
-                        t.names_refused += 1;
-                        c.names_refused += 1;
-                        c.last_error = Some(why.clone());
-                    });
-                    rep.refused.push((rec.name, why));
-                }
+            match self.names.offer(&rec, &peer) {
+                Offer::Accepted => rep.accepted.push(rec.name),
+                Offer::Held => rep.unchanged += 1,
+                Offer::Refused(why) => rep.refused.push((rec.name, why)),
             }
         }
         Ok(rep)

@@ -74,6 +74,7 @@ async fn host_in(dir: tempfile::TempDir, m: Misbehave) -> Host {
         relay: Relay::Disabled,
         misbehave: m,
         pulls: Default::default(),
+        trust: Default::default(),
     };
     let node = Node::spawn(store, Arc::new(Stats::default()), opts).await.unwrap();
     Host { _dir: dir, node }
@@ -448,23 +449,35 @@ fn names_are_verified_before_they_are_kept() {
             host(Misbehave::default()).await,
         );
         let key = xenod_store::generate_key().unwrap();
-        let trusted = [key.verifying_key()];
+        let mut trusted = xenod_store::Trust::default();
+        trusted.allow(key.verifying_key(), "t").unwrap();
         let id = ChunkId::of(b"layer");
         for h in [&a, &forger] {
             h.node.store().set_name(&NameRecord::sign(&key, "template://t/os/1", id, 1).unwrap(), &trusted).unwrap();
         }
-        // Untrusted: c trusts another key.
-        let other = [xenod_store::generate_key().unwrap().verifying_key()];
-        let rep = c.node.fetch_names(&a.node.addr(), &other).await.unwrap();
+        // Untrusted: c trusts another key (and trusts nothing at first).
+        let mut other = xenod_store::Trust::default();
+        other.allow(xenod_store::generate_key().unwrap().verifying_key(), "*").unwrap();
+        c.node.names().set_trust(other);
+        let rep = c.node.fetch_names(&a.node.addr()).await.unwrap();
         assert!(rep.accepted.is_empty() && rep.refused[0].1.contains("not trusted"), "{rep:?}");
-        // Forged: bad signature.
-        let rep = c.node.fetch_names(&forger.node.addr(), &trusted).await.unwrap();
+        // Asked again: refused again, but counted once.
+        let rep = c.node.fetch_names(&a.node.addr()).await.unwrap();
+        assert_eq!(rep.refused.len(), 1, "{rep:?}");
+        assert_eq!(c.node.stats().snapshot().totals.names_refused, 1);
+        // Forged: bad signature, refused whatever the trust.
+        c.node.names().set_trust(trusted.clone());
+        assert_eq!(
+            c.node.store().name("template://t/os/1").unwrap().map(|r| r.id),
+            Some(id),
+            "trusting the key accepted the held refusal at once"
+        );
+        let rep = c.node.fetch_names(&forger.node.addr()).await.unwrap();
         assert!(rep.accepted.is_empty() && rep.refused[0].1.contains("bad signature"), "{rep:?}");
         assert_eq!(c.node.stats().snapshot().totals.names_refused, 2);
-        assert!(c.node.store().name("template://t/os/1").unwrap().is_none());
-        // Genuine and trusted.
-        let rep = c.node.fetch_names(&a.node.addr(), &trusted).await.unwrap();
-        assert_eq!(rep.accepted, vec!["template://t/os/1".to_string()]);
+        // Genuine and trusted, held already.
+        let rep = c.node.fetch_names(&a.node.addr()).await.unwrap();
+        assert_eq!(rep.unchanged, 1, "{rep:?}");
         assert_eq!(c.node.store().resolve("template://t/os/1").unwrap(), id);
     });
 }

@@ -41,8 +41,14 @@ pub enum Error {
     /// in a manifest. The fault is part of the message.
     #[error("export to {}: {at}: {fault}", dest.display())]
     ExportEntry { dest: PathBuf, at: String, fault: Box<EntryFault> },
+    /// A name record refused: bad signature, a key not trusted for the
+    /// name's publisher, an older sequence, a removed name.
     #[error("name {name}: {why}")]
     Name { name: String, why: String },
+    /// A reference or name that does not parse (a usage error, not a
+    /// refusal): `template://a/../b`, `NAME@` with a short id.
+    #[error("{r:?} is not a valid reference: {why}")]
+    BadRef { r: String, why: String },
     #[error("no layer matches {0:?}")]
     UnknownRef(String),
     #[error("index database {}", path.display())]
@@ -61,6 +67,7 @@ impl Error {
             Error::UnknownRef(_) => Exit::NotFound,
             Error::ChunkCorrupt { .. } | Error::ChunkMissing { .. } => Exit::Damaged,
             Error::Name { .. } => Exit::NameRefused,
+            Error::BadRef { .. } => Exit::Usage,
             Error::BadInput { .. }
             | Error::BadEntry { .. }
             | Error::Manifest { .. }

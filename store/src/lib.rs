@@ -54,7 +54,9 @@ pub use manifest::{
     PathFault, Timestamp, Xattr, cmp_paths, display_path, encode_entry, file_name, is_below, parent,
 };
 pub use merge::{Diff, Merged, Source, diff};
-pub use names::{NameRecord, SCHEME, check_name, generate_key, hex};
+pub use names::{
+    MAX_SUCCESSION, NameRecord, SCHEME, Succession, Trust, check_name, check_pattern, generate_key, hex, publisher,
+};
 pub use store::{BLOCK_MAX_PLAIN, BLOCK_TARGET, BlockBuf, Location, Members, Store, WriteLock, WriteStats};
 pub use verify::{Damage, VerifyReport};
 

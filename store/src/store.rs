@@ -58,6 +58,8 @@ use crate::id::ChunkId;
 pub(crate) const CHUNKS: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("chunks");
 pub(crate) const NAMES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("names");
 pub(crate) const PINS: TableDefinition<'_, &str, &[u8; 32]> = TableDefinition::new("pins");
+/// Key successions, by old key (see `names`).
+pub(crate) const SUCCESSORS: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("successors");
 pub(crate) const LAYERS: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("layers");
 
 const PACK_MAGIC: &[u8; 8] = b"XNDPACK1";

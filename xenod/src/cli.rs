@@ -113,9 +113,6 @@ pub enum Cmd {
     },
     /// Remove a pin by label.
     Unpin { label: String },
-    /// The publisher key that signs names.
-    #[command(subcommand)]
-    Key(KeyCmd),
     /// Deploy a guest from a layer: resolve, mount its stack with a private
     /// upper, define and start it through libvirt, wait until it answers.
     Deploy(DeployArgs),
@@ -290,6 +287,8 @@ pub enum Cmd {
     },
     #[command(flatten)]
     Peer(crate::peer_cmds::PeerCmd),
+    #[command(flatten)]
+    Names(crate::names_cmds::NameCmds),
 }
 
 #[derive(Debug, Subcommand)]
@@ -327,20 +326,6 @@ impl Level {
     fn get(self) -> i32 {
         self.level.unwrap_or(0)
     }
-}
-
-#[derive(Debug, Subcommand)]
-pub enum KeyCmd {
-    /// Create this host's publisher key (DATA_DIR/keys/publisher.key).
-    Generate {
-        /// Replace an existing key.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Print this host's public key.
-    Show,
-    /// Trust names signed by KEY (64 hex digits) on this host.
-    Trust { key: String },
 }
 
 #[derive(Debug, clap::Args)]
@@ -456,7 +441,7 @@ impl Ctx {
         Watcher::new(what, self.json)
     }
 
-    fn store(&self) -> Result<Store> {
+    pub(crate) fn store(&self) -> Result<Store> {
         Store::open(&self.data_dir).with_context(|| format!("opening the store in {}", self.data_dir.display()))
     }
 
@@ -635,7 +620,7 @@ pub fn run(args: Args) -> Result<()> {
                 Some(b) => {
                     let store = ctx.store()?;
                     store.set_block_level(level.get());
-                    mount::commit_cmd(Arc::new(store), Path::new(&target), &b, name.as_deref())?
+                    mount::commit_cmd(Arc::new(store), Path::new(&target), &b)?
                 }
                 None if ctx.instances()?.dir(&target).is_dir() => {
                     let mut meta = BTreeMap::new();
@@ -695,8 +680,8 @@ pub fn run(args: Args) -> Result<()> {
             }
             ctx.out(json!({ "label": label }), || format!("unpinned {label}"))
         }
-        Cmd::Key(k) => key(&ctx, k),
         Cmd::Peer(c) => crate::peer_cmds::run(&ctx, c),
+        Cmd::Names(c) => crate::names_cmds::run(&ctx, c),
         Cmd::Digest { dir, list } => {
             if list {
                 let lines = xenod_store::tree_listing(&dir)?;
@@ -751,8 +736,8 @@ fn human(n: u64) -> String {
 }
 
 /// Signs and records `name` -> `id` with this host's key (created on first use).
-fn record_name(ctx: &Ctx, store: &Store, name: &str, id: LayerId) -> Result<u64> {
-    record_name_in(&ctx.data_dir, store, name, id)
+pub(crate) fn record_name(ctx: &Ctx, store: &Store, name: &str, id: LayerId) -> Result<u64> {
+    record_name_in(&ctx.data_dir, store, name, Some(id))
 }
 
 fn is_tar(path: &Path) -> Result<bool> {
@@ -786,7 +771,7 @@ fn publish(
     name: Option<&str>,
     image: bool,
     level: i32,
-    mut meta: BTreeMap<String, String>,
+    meta: BTreeMap<String, String>,
 ) -> Result<()> {
     if let Some(n) = name {
         xenod_store::check_name(n)?;
@@ -823,9 +808,6 @@ fn publish(
                 path.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_else(|| b"disk.img".to_vec());
             import_image(&store, path, &file_name, &opts, &mut sink)?;
         }
-    }
-    if let Some(n) = name {
-        meta.insert("name".to_string(), n.to_string());
     }
     let id = w.finish(None, meta)?;
     pb.finish_and_clear();
@@ -884,7 +866,7 @@ fn overlay_create(
     dir: &Path,
     name: Option<&str>,
     level: i32,
-    mut meta: BTreeMap<String, String>,
+    meta: BTreeMap<String, String>,
 ) -> Result<()> {
     if let Some(n) = name {
         xenod_store::check_name(n)?;
@@ -920,10 +902,6 @@ fn overlay_create(
             entries += 1;
         }
         let _ = walker.join();
-        meta.insert("base".to_string(), base_ref.to_string());
-        if let Some(n) = name {
-            meta.insert("name".to_string(), n.to_string());
-        }
         Ok(w.finish(Some(base), meta)?)
     })?;
     pb.finish_and_clear();
@@ -987,7 +965,7 @@ fn ls(ctx: &Ctx) -> Result<()> {
     let mut layers = store.layers()?;
     layers.sort_by_key(|(_, i)| i.created);
     let j = json!({
-        "names": names.iter().map(|n| json!({"name": n.name, "id": n.id.to_string(), "seq": n.seq, "key": hex(&n.key)})).collect::<Vec<_>>(),
+        "names": names.iter().map(|n| json!({"name": n.name, "id": (!n.removed).then(|| n.id.to_string()), "removed": n.removed, "seq": n.seq, "key": hex(&n.key)})).collect::<Vec<_>>(),
         "pins": pins.iter().map(|(l, id)| json!({"label": l, "id": id.to_string()})).collect::<Vec<_>>(),
         "layers": layers.iter().map(|(id, i)| json!({"id": id.to_string(), "base": i.base.map(|b| b.to_string()),
             "entries": i.entries, "file_bytes": i.file_bytes, "created": i.created, "partial": i.partial})).collect::<Vec<_>>(),
@@ -997,7 +975,8 @@ fn ls(ctx: &Ctx) -> Result<()> {
         let mut s = String::new();
         s += "NAMES\n";
         for n in &names {
-            s += &format!("  {}  {}  seq {}  key {}\n", n.name, n.id.fmt_short(), n.seq, &hex(&n.key)[..10]);
+            let to = if n.removed { "removed".to_string() } else { n.id.fmt_short().to_string() };
+            s += &format!("  {}  {to}  seq {}  key {}\n", n.name, n.seq, &hex(&n.key)[..10]);
         }
         s += "PINS\n";
         for (l, id) in &pins {
@@ -1058,32 +1037,4 @@ fn verify(ctx: &Ctx) -> Result<()> {
         return Err(Error::coded(Exit::Damaged, "the store is damaged (see above)"));
     }
     Ok(())
-}
-
-fn key(ctx: &Ctx, k: KeyCmd) -> Result<()> {
-    match k {
-        KeyCmd::Generate { force } => {
-            let key = config::generate_key(&ctx.data_dir, force)?;
-            let public = hex(key.verifying_key().as_bytes());
-            ctx.out(json!({ "public_key": public, "path": config::key_path(&ctx.data_dir) }), || public.clone())
-        }
-        KeyCmd::Show => {
-            let Some(key) = config::load_key(&ctx.data_dir)? else {
-                bail!("no publisher key in {}; run `xenod key generate`", config::key_path(&ctx.data_dir).display());
-            };
-            let public = hex(key.verifying_key().as_bytes());
-            ctx.out(json!({ "public_key": public }), || public.clone())
-        }
-        KeyCmd::Trust { key } => {
-            config::parse_key(&key)?;
-            fs::create_dir_all(&ctx.data_dir).with_context(|| format!("creating {}", ctx.data_dir.display()))?;
-            let mut cfg = Config::load(&ctx.data_dir)?;
-            let key = key.to_ascii_lowercase();
-            if !cfg.trusted_keys.contains(&key) {
-                cfg.trusted_keys.push(key.clone());
-                cfg.save(&ctx.data_dir)?;
-            }
-            ctx.out(json!({ "trusted": key }), || format!("trusting {key}"))
-        }
-    }
 }

@@ -1,7 +1,8 @@
-//! Peer subcommands: `serve`, `share`, `fetch`, `replicate`, `names`, `status`, `stop`.
+//! Peer subcommands: `serve`, `share`, `fetch`, `replicate`, `status`, `stop`
+//! (`names` is with the other name commands, in `names_cmds`).
 //!
 //! Each is a client of the daemon's local API (DATA_DIR/xenod.sock). With
-//! no daemon running, `fetch` and `names` start the same engine embedded
+//! no daemon running, `fetch` (and `names --from`) start the same engine embedded
 //! for the duration of the command; `status` reads the saved state; `share`
 //! needs a daemon, since a ticket is only useful while someone serves it.
 
@@ -50,11 +51,6 @@ pub enum PeerCmd {
         #[arg(long = "to", value_name = "NODE@ADDR", required = true)]
         to: Vec<String>,
     },
-    /// Ask peers for their signed name records; keep those signed by trusted keys.
-    Names {
-        #[arg(long = "from", value_name = "NODE@ADDR")]
-        from: Vec<String>,
-    },
     /// This host's node id and address, transfer counters (refused bad chunks,
     /// dropped peers, refused names) and known peers.
     Status,
@@ -69,7 +65,6 @@ pub fn run(ctx: &Ctx, cmd: PeerCmd) -> Result<()> {
         }
         PeerCmd::Share { r#ref } => Request::Share { r#ref },
         PeerCmd::Fetch { target, from } => Request::Fetch { target, from, lazy: false },
-        PeerCmd::Names { from } => Request::Names { from },
         PeerCmd::Replicate { r#ref, to } => Request::Replicate { r#ref, to },
         PeerCmd::Status => Request::Status,
         PeerCmd::Shutdown => Request::Shutdown,
@@ -117,20 +112,6 @@ fn print_result(op: &str, v: &Value, json: bool) -> Result<()> {
                     mib(&p["wire_bytes"]),
                     p["bad_chunks"]
                 )?;
-            }
-        }
-        "names" => {
-            for p in v["peers"].as_array().into_iter().flatten() {
-                writeln!(o, "{}:", p["peer"].as_str().unwrap_or(""))?;
-                if let Some(e) = p["error"].as_str() {
-                    writeln!(o, "  error: {e}")?;
-                }
-                for n in p["accepted"].as_array().into_iter().flatten() {
-                    writeln!(o, "  accepted {}", n.as_str().unwrap_or(""))?;
-                }
-                for r in p["refused"].as_array().into_iter().flatten() {
-                    writeln!(o, "  refused {}: {}", r[0].as_str().unwrap_or(""), r[1].as_str().unwrap_or(""))?;
-                }
             }
         }
         "status" => {

@@ -109,7 +109,7 @@ fn documented_exit_codes() {
     assert_eq!(code(xenod(&data).args(["resolve", "template://nobody/nothing"])), Some(3));
     assert_eq!(code(xenod(&data).args(["export", "deadbeefdeadbeef", "/tmp/x"])), Some(3));
     assert_eq!(code(xenod(&data).args(["publish", "/nonexistent/dir"])), Some(1));
-    assert_eq!(code(xenod(&data).args(["publish", ".", "--name", "bad name"])), Some(5));
+    assert_eq!(code(xenod(&data).args(["publish", ".", "--name", "bad name"])), Some(2));
     assert_eq!(code(xenod(&data).args(["frobnicate"])), Some(2));
 
     // A tar member that climbs out of the tree.
@@ -146,24 +146,88 @@ fn documented_exit_codes() {
 }
 
 #[test]
-fn names_from_untrusted_keys_are_refused_until_trusted() {
+fn keys_are_trusted_for_publishers_only() {
     let t = tempfile::tempdir().unwrap();
     let (a, b) = (t.path().join("a"), t.path().join("b"));
-    let key_a = ok_json(xenod(&a).args(["key", "generate"]));
-    ok_json(xenod(&b).args(["key", "generate"]));
-    // b refuses a record signed by a until it trusts a's key.
-    let id = xenod_store::ChunkId::of(b"layer");
-    let store_b = xenod_store::Store::open(&b).unwrap();
-    let key = fs::read_to_string(a.join("keys/publisher.key")).unwrap();
-    let seed: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&key.trim()[2 * i..2 * i + 2], 16).unwrap()).collect();
-    let sk = xenod_store::SigningKey::from_bytes(&seed.try_into().unwrap());
-    let rec = xenod_store::NameRecord::sign(&sk, "template://a/os/1", id, 1).unwrap();
-    let trusted_b: Vec<xenod_store::VerifyingKey> = vec![];
-    assert!(store_b.set_name(&rec, &trusted_b).unwrap_err().to_string().contains("not trusted"));
-    drop(store_b);
-    ok_json(xenod(&b).args(["key", "trust", key_a["public_key"].as_str().unwrap()]));
+    let key_a = ok_json(xenod(&a).args(["key", "generate"]))["public_key"].as_str().unwrap().to_owned();
+    // Without --for: refused with the reason, a usage error, nothing written.
+    let out = run(xenod(&b).args(["key", "trust", &key_a]));
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--for PUBLISHER"));
+    assert!(!b.join("config.toml").exists());
+    for bad in ["a b", "a*b", "../x"] {
+        let out = run(xenod(&b).args(["key", "trust", &key_a, "--for", bad]));
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v = ok_json(xenod(&b).args(["key", "trust", &key_a, "--for", "a", "--for", "corp-*"]));
+    assert_eq!(v["publishers"], serde_json::json!(["a", "corp-*"]));
+    let ls = ok_json(xenod(&b).args(["key", "ls"]));
+    assert_eq!(ls["trust"][0]["key"], key_a.as_str(), "{ls}");
+    assert_eq!(ls["trust"][0]["publishers"], serde_json::json!(["a", "corp-*"]));
+    ok_json(xenod(&b).args(["key", "untrust", &key_a, "--for", "corp-*"]));
+    let ls = ok_json(xenod(&b).args(["key", "ls"]));
+    assert_eq!(ls["trust"][0]["publishers"], serde_json::json!(["a"]));
+    // The older form, trusting a key for everything, is refused with what to write.
+    fs::write(b.join("config.toml"), format!("trusted_keys = [\"{key_a}\"]\n")).unwrap();
+    let out = run(xenod(&b).args(["names", "--pull"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("trusted_keys") && err.contains("[[trust]]"), "{err}");
+    // Giving the key its publishers moves it out of the old list.
+    ok_json(xenod(&b).args(["key", "trust", &key_a, "--for", "a"]));
     let cfg = fs::read_to_string(b.join("config.toml")).unwrap();
-    assert!(cfg.contains(key_a["public_key"].as_str().unwrap()));
+    assert!(!cfg.contains("trusted_keys") && cfg.contains("[[trust]]"), "{cfg}");
+    ok_json(xenod(&b).args(["names", "--pull"]));
+}
+
+#[test]
+fn a_layer_id_depends_on_content_only_and_names_move() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    let (src, other) = (t.path().join("src"), t.path().join("other"));
+    tree(&src);
+    fs::create_dir_all(&other).unwrap();
+    fs::write(other.join("f"), b"other").unwrap();
+    let id = |v: serde_json::Value| v["id"].as_str().unwrap().to_owned();
+    let one = id(ok_json(xenod(&data).arg("publish").arg(&src).args(["--name", "template://me/x/1"])));
+    let five = id(ok_json(xenod(&data).arg("publish").arg(&src).args(["--name", "template://me/x/5"])));
+    let bare = id(ok_json(xenod(&data).arg("publish").arg(&src)));
+    assert_eq!((&one, &five), (&bare, &bare), "one tree, one id, whatever it is named");
+    let o = id(ok_json(xenod(&data).arg("publish").arg(&other)));
+    // tag: point a name at an existing layer; the pin NAME@ID follows it.
+    let v = ok_json(xenod(&data).args(["tag", &o, "template://me/x/1"]));
+    assert_eq!(v["seq"], 2);
+    assert_eq!(id(ok_json(xenod(&data).args(["resolve", "template://me/x/1"]))), o);
+    let pinned = format!("template://me/x/1@{one}");
+    let out = run(xenod(&data).args(["resolve", &pinned]));
+    assert_eq!(out.status.code(), Some(5), "NAME@ID no longer holds: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("points at"));
+    assert_eq!(id(ok_json(xenod(&data).args(["resolve", &format!("template://me/x/1@{o}")]))), o);
+    // A malformed reference is a usage error, not a refusal.
+    let out = run(xenod(&data).args(["resolve", "template://me/x/1@4f8e6cbb"]));
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(xenod(&data).arg("publish").arg(&src).args(["--name", "bad-name"]));
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    // Tagging a layer that is not here is refused.
+    let out = run(xenod(&data).args(["tag", &"ab".repeat(32), "template://me/x/2"]));
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    // name rm: the name is gone, a second removal says so, the layer stays.
+    let v = ok_json(xenod(&data).args(["name", "rm", "template://me/x/1"]));
+    assert_eq!((v["removed"].as_bool(), v["seq"].as_u64()), (Some(true), Some(3)));
+    let out = run(xenod(&data).args(["resolve", "template://me/x/1"]));
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("removed (sequence 3)"));
+    assert_eq!(run(xenod(&data).args(["name", "rm", "template://me/x/1"])).status.code(), Some(3));
+    assert_eq!(run(xenod(&data).args(["name", "rm", "template://me/none/1"])).status.code(), Some(3));
+    let names = ok_json(xenod(&data).arg("names"));
+    let rec = names["names"].as_array().unwrap().iter().find(|r| r["name"] == "template://me/x/1").unwrap().clone();
+    assert_eq!(
+        (rec["removed"].as_bool(), rec["own"].as_bool(), rec["seq"].as_u64()),
+        (Some(true), Some(true), Some(3))
+    );
+    ok_json(xenod(&data).args(["export", &o]).arg(t.path().join("out")));
+    // And the name can be given again.
+    ok_json(xenod(&data).args(["tag", &one, "template://me/x/1"]));
+    assert_eq!(id(ok_json(xenod(&data).args(["resolve", "template://me/x/1"]))), one);
 }
 
 fn big_tree(root: &Path) -> PathBuf {

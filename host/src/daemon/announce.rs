@@ -1,10 +1,11 @@
 //! The daemon on the gossip topic: it joins through the configured and
 //! remembered peers, announces this host's presence (address and the
-//! layers it holds) and every name record it holds, each
+//! layers it holds), every name record (removals included) and key
+//! succession it holds, each
 //! [`ANNOUNCE_EVERY`], and remembers each presence it hears as a known peer
 //! holding those layers, so a fetch without `--from` knows its providers.
 //! Name records arriving over gossip are stored by the node itself when
-//! their key is trusted here (see xenod-peer's `gossip` module).
+//! the host's trust admits them (see xenod-peer's `names` module).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -29,7 +30,6 @@ fn every() -> Duration {
 pub fn spawn(d: &Arc<Daemon>) {
     let weak: Weak<Daemon> = Arc::downgrade(d);
     let bootstrap = d.default_peers();
-    let trusted = d.trusted().to_vec();
     tokio::spawn(async move {
         let w = weak.clone();
         let on_presence: PresenceFn = Arc::new(move |p| {
@@ -40,7 +40,7 @@ pub fn spawn(d: &Arc<Daemon>) {
         });
         {
             let Some(d) = weak.upgrade() else { return };
-            if let Err(e) = d.node().join_gossip(bootstrap, trusted, Some(on_presence)).await {
+            if let Err(e) = d.node().join_gossip(bootstrap, Some(on_presence)).await {
                 tracing::warn!("gossip: {e}");
                 return;
             }
@@ -50,7 +50,8 @@ pub fn spawn(d: &Arc<Daemon>) {
             tick.tick().await;
             let Some(d) = weak.upgrade() else { return };
             let names = d.node().store().names().unwrap_or_default();
-            if let Err(e) = d.node().announce(names).await {
+            let successions = d.node().store().successions().unwrap_or_default();
+            if let Err(e) = d.node().announce(names, successions).await {
                 tracing::debug!("gossip announcement: {e}");
             }
         }

@@ -24,7 +24,7 @@ use xenod_peer::{
     EndpointAddr, FetchOptions, FetchProgress, Misbehave, Node, NodeOptions, Relay, Snapshot, Stats, Ticket,
     format_peer, parse_peer,
 };
-use xenod_store::{Exit, Store, VerifyingKey};
+use xenod_store::{Exit, Store};
 
 use super::reply::{self, KnownPeer};
 use crate::config::{self, Config, RelayConfig};
@@ -86,11 +86,15 @@ fn misbehave_from_env() -> Misbehave {
     }
 }
 
+/// The name part of a reference (`NAME@ID` -> `NAME`).
+fn name_of(reference: &str) -> &str {
+    reference.rsplit_once('@').map_or(reference, |(n, _)| n)
+}
+
 /// The store and peer endpoint of one data directory.
 pub struct Daemon {
     data_dir: PathBuf,
     config: Config,
-    trusted: Vec<VerifyingKey>,
     node: Node,
     state: Mutex<State>,
     shutdown: tokio::sync::Notify,
@@ -112,7 +116,7 @@ impl Daemon {
     ) -> Result<Arc<Self>> {
         fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         let config = Config::load(data_dir)?;
-        let trusted = config.trusted(data_dir)?;
+        let trust = config.trust(data_dir)?;
         let pulls = config.pull_policy(data_dir)?;
         let store =
             Arc::new(Store::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
@@ -132,6 +136,7 @@ impl Daemon {
             },
             misbehave: misbehave_from_env(),
             pulls: pulls.clone(),
+            trust: trust.clone(),
         };
         // Port 0 means "any": prefer the one handed out in earlier tickets.
         let node = match state.addr {
@@ -154,7 +159,6 @@ impl Daemon {
             data_dir: data_dir.to_path_buf(),
             instances: crate::instance::Instances::with_config(data_dir, &config),
             config,
-            trusted,
             node,
             state: Mutex::new(state),
             shutdown: tokio::sync::Notify::new(),
@@ -176,8 +180,21 @@ impl Daemon {
         &self.node
     }
 
-    pub fn trusted(&self) -> &[VerifyingKey] {
-        &self.trusted
+    /// Reads the trust entries of `config.toml` again and puts them in
+    /// force (the rest of the config needs a restart); the name records
+    /// refused earlier under a key now trusted are accepted at once.
+    /// A config that does not parse changes nothing.
+    pub fn reload_trust(&self) -> Result<super::reply::Reload> {
+        let trust = Config::load(&self.data_dir)?.trust(&self.data_dir)?;
+        let trusted = trust
+            .entries()
+            .map(|(k, p)| super::reply::Trusted { key: xenod_store::hex(&k), publishers: p.to_vec() })
+            .collect();
+        let accepted = self.node.names().set_trust(trust);
+        if !accepted.is_empty() {
+            tracing::info!("trust reloaded; accepted {}", accepted.join(", "));
+        }
+        Ok(super::reply::Reload { trusted, accepted, refused_held: self.node.names().refused_held() })
     }
 
     pub(crate) fn store(&self) -> &Store {
@@ -266,8 +283,8 @@ impl Daemon {
                     // Learn the name from the providers, trusting only signed records.
                     let mut refused = Vec::new();
                     for p in &peers {
-                        match self.node.fetch_names(p, &self.trusted).await {
-                            Ok(rep) => refused.extend(rep.refused.into_iter().filter(|(n, _)| n == target)),
+                        match self.node.fetch_names(p).await {
+                            Ok(rep) => refused.extend(rep.refused.into_iter().filter(|(n, _)| n == name_of(target))),
                             Err(e) => tracing::warn!("asking {} for names: {e}", p.id),
                         }
                     }

@@ -89,6 +89,23 @@ pub struct PeerNames {
     pub error: Option<String>,
 }
 
+/// `reload`: the trust now in force, and the names it accepted at once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reload {
+    pub trusted: Vec<Trusted>,
+    /// Names refused earlier and accepted now.
+    pub accepted: Vec<String>,
+    /// Refused records still remembered (offered again at the next change).
+    pub refused_held: usize,
+}
+
+/// A trusted key and the publishers it may sign names for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trusted {
+    pub key: String,
+    pub publishers: Vec<String>,
+}
+
 /// `replicate`: each target's outcome.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Replicate {

@@ -74,7 +74,7 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
             }
             let mut out = Vec::new();
             for p in &peers {
-                let r = d.node().fetch_names(p, d.trusted()).await;
+                let r = d.node().fetch_names(p).await;
                 let peer = p.id.to_string();
                 out.push(match r {
                     Ok(rep) => reply::PeerNames {
@@ -103,6 +103,7 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
         Request::Replicate { r#ref, to } => {
             Ok(serde_json::to_value(super::replicate::replicate(d, &r#ref, &to).await?)?)
         }
+        Request::Reload => Ok(serde_json::to_value(d.reload_trust()?)?),
         Request::Shutdown => {
             // notify_one keeps a permit when the accept loop is not
             // waiting at this instant; notify_waiters would lose it.
@@ -122,6 +123,7 @@ pub async fn serve_socket(d: Arc<Daemon>, on_ready: impl FnOnce()) -> Result<()>
     let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     on_ready();
     loop {
@@ -138,6 +140,10 @@ pub async fn serve_socket(d: Arc<Daemon>, on_ready: impl FnOnce()) -> Result<()>
             _ = d.shutdown().notified() => break,
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = hup.recv() => match d.reload_trust() {
+                Ok(r) => tracing::info!("SIGHUP: trust reloaded ({} keys; {} names accepted)", r.trusted.len(), r.accepted.len()),
+                Err(e) => tracing::warn!("SIGHUP: trust not reloaded, the old one stays: {}", e.chain()),
+            },
             _ = tick.tick() => d.save_state(),
         }
     }

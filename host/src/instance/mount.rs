@@ -187,21 +187,17 @@ pub fn umount_cmd(mountpoint: &Path) -> Result<()> {
 }
 
 /// Turns the upper directory `upper` (not mounted meanwhile) over the stack
-/// of `base` into a new overlay layer. The caller records `name`, if any,
-/// with its signing key; it is also kept in the layer's metadata.
-pub fn commit_cmd(store: Arc<Store>, upper: &Path, base: &str, name: Option<&str>) -> Result<CommitStats> {
+/// of `base` into a new overlay layer. The caller records a name, if any,
+/// with its signing key: a layer's id depends on its content only, so
+/// neither the name nor how the base was named is part of it.
+pub fn commit_cmd(store: Arc<Store>, upper: &Path, base: &str) -> Result<CommitStats> {
     let upper: PathBuf = upper.to_path_buf();
     if xenod_cowfs::is_mounted(&upper) {
         bail!("{} is a mount point: unmount it and commit its upper directory", upper.display());
     }
     let top = store.resolve(base)?;
     let stack = store.stack(&top)?;
-    let mut meta = BTreeMap::new();
-    meta.insert("base".to_string(), base.to_string());
-    if let Some(n) = name {
-        meta.insert("name".to_string(), n.to_string());
-    }
-    let stats = xenod_cowfs::commit(store, &stack, &upper, meta)
+    let stats = xenod_cowfs::commit(store, &stack, &upper, BTreeMap::new())
         .with_context(|| format!("committing {} onto {base}", upper.display()))?;
     Ok(stats)
 }

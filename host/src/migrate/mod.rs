@@ -264,7 +264,7 @@ pub async fn checkpoint(d: &Arc<Daemon>, name: &str, label: Option<String>) -> R
     let (id, state) = made?;
     back.context("the checkpoint is stored, but the guest did not resume")?;
     if let Some(l) = label {
-        crate::config::record_name_in(&data, &store, &l, id)?;
+        crate::config::record_name_in(&data, &store, &l, Some(id))?;
     }
     Ok(serde_json::to_value(report::Checkpoint {
         checkpoint: id.to_string(),
