@@ -51,9 +51,14 @@ impl Store {
         Ok(live)
     }
 
-    /// The layers gc keeps: every named and pinned layer.
+    /// The layers gc keeps: every pinned layer, and every named layer held
+    /// here. A name heard from peers for a layer this host never fetched
+    /// is no root (there is nothing of it here to keep or check), nor is
+    /// a removed name.
     pub fn roots(&self) -> Result<Vec<ChunkId>> {
-        let mut roots: Vec<ChunkId> = self.names()?.into_iter().map(|r| r.id).collect();
+        let held: HashSet<ChunkId> = self.layers()?.into_iter().map(|(id, _)| id).collect();
+        let mut roots: Vec<ChunkId> =
+            self.names()?.into_iter().filter(|r| !r.removed && held.contains(&r.id)).map(|r| r.id).collect();
         roots.extend(self.pins()?.into_iter().map(|(_, id)| id));
         roots.sort();
         roots.dedup();

@@ -601,4 +601,19 @@ mod tests {
         s.set_name(&NameRecord::sign(&k, "template://p/n", a, 4).unwrap(), &t).unwrap();
         assert_eq!(s.resolve("template://p/n").unwrap(), a);
     }
+
+    #[test]
+    fn names_of_layers_not_here_and_removals_are_no_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let k = generate_key().unwrap();
+        let t = trust(&k, &["*"]);
+        // Heard over gossip: a name of a layer this host never fetched, and a removal.
+        s.set_name(&NameRecord::sign(&k, "template://p/elsewhere/1", ChunkId::of(b"not here"), 1).unwrap(), &t)
+            .unwrap();
+        s.set_name(&NameRecord::sign_removal(&k, "template://p/gone/1", 1).unwrap(), &t).unwrap();
+        assert!(s.roots().unwrap().is_empty());
+        s.gc().unwrap();
+        assert!(s.verify().unwrap().is_clean());
+    }
 }
