@@ -162,6 +162,7 @@ for h in $(seq 1 "$HOSTS"); do
   mkdir -p "$(dir_of "$h")"
 done
 # The last host's data lives on a small tmpfs: the disk that fills up.
+mkdir -p "$WORK/lists"
 TMPFS=$(dir_of "$HOSTS")
 mount -t tmpfs -o size=384m soak "$TMPFS"
 log "$HOSTS hosts in namespaces $NET*, seed $SEED, ${SOAK_SECONDS}s, faults: $FAULTS (netem: $NETEM, loss by iptables: $IPT)"
@@ -201,7 +202,8 @@ for h in $(seq 1 "$HOSTS"); do serve "$h" || die "host $h did not restart"; done
 log "daemons up: ${NODE[*]}"
 
 # --- what was made, to check it later ----------------------------------------------
-declare -A DIGEST   # layer id -> digest of the tree it was made from
+declare -A DIGEST   # layer id -> digest of the tree it was made from (its
+                    # listing, `xenod digest --list`, in $WORK/lists/ID)
 declare -A NAMEOF   # layer id -> name
 N_LAYERS=0
 pick_live() { local h tries=0; while :; do h=$((1 + RANDOM % HOSTS)); alive "$h" && { echo "$h"; return; }; tries=$((tries + 1)); [ $tries -lt 50 ] || return 1; done; }
@@ -226,6 +228,7 @@ op_publish() {
   name=template://soak/t$N_LAYERS/1
   id=$(x "$h" --json publish "$t" --name "$name" 2>>"$WORK/ops.log" | json 'd["id"]') || return 1
   DIGEST[$id]=$("$XENOD" digest "$t"); NAMEOF[$id]=$name
+  "$XENOD" digest --list "$t" >"$WORK/lists/$id"
   N_LAYERS=$((N_LAYERS + 1))
   rm -rf "$t"
   # A second copy elsewhere, so a damaged chunk can be repaired from a peer.
@@ -249,12 +252,14 @@ op_commit() {
     head -c $((1024 * (1 + RANDOM % 256))) /dev/urandom >"$mnt/new$RANDOM" &&
     rm -f "$mnt/usr/link" && mkdir -p "$mnt/srv/app" && echo ok >"$mnt/srv/app/index"; } || rc=1
   dg=$("$XENOD" digest "$mnt" 2>/dev/null) || rc=1
+  "$XENOD" digest --list "$mnt" >"$WORK/lists/new" 2>/dev/null || rc=1
   x "$h" umount "$mnt" >>"$WORK/ops.log" 2>&1 || rc=1
   if [ $rc = 0 ]; then
     local name=template://soak/c$N_LAYERS/1
     cid=$(x "$h" --json commit "$up" --base "$id" --name "$name" 2>>"$WORK/ops.log" | json 'd["id"]') || rc=1
     if [ $rc = 0 ]; then
       DIGEST[$cid]=$dg; NAMEOF[$cid]=$name; N_LAYERS=$((N_LAYERS + 1))
+      mv "$WORK/lists/new" "$WORK/lists/$cid"
       local o=$(( h % HOSTS + 1 ))
       x "$h" replicate "$name" --to "${NODE[$o]}@$(ip_of "$o"):7000" >>"$WORK/ops.log" 2>&1 || rc=1
     fi
@@ -287,7 +292,7 @@ one_op() {
 
 # --- invariants ---------------------------------------------------------------------
 check_invariants() {
-  local when=$1 h id ok src out
+  local when=$1 h id ok src out diff
   CHECKS=$((CHECKS + 1))
   for h in $(seq 1 "$HOSTS"); do
     alive "$h" || serve "$h" || violation "$when: host $h does not start again: $(tail -2 "$WORK/h$h.log")"
@@ -305,13 +310,16 @@ check_invariants() {
   fi
   for id in "${ids[@]}"; do
     ok=0
+    diff=""
     for h in $(seq 1 "$HOSTS"); do
       out=$WORK/export
       rm -rf "$out"
-      if x "$h" export "$id" "$out" >/dev/null 2>&1 && [ "$("$XENOD" digest "$out")" = "${DIGEST[$id]}" ]; then ok=1; break; fi
+      x "$h" export "$id" "$out" >/dev/null 2>&1 || continue
+      if [ "$("$XENOD" digest "$out")" = "${DIGEST[$id]}" ]; then ok=1; break; fi
+      diff=" (host $h's export differs: $("$XENOD" digest --list "$out" | diff "$WORK/lists/$id" - | grep '^[<>]' | head -2 | tr '\n' ' '))"
     done
     rm -rf "$WORK/export"
-    [ $ok = 1 ] || violation "$when: complete: layer $id (${NAMEOF[$id]}) exports to its tree on no host"
+    [ $ok = 1 ] || violation "$when: complete: layer $id (${NAMEOF[$id]}) exports to its tree on no host$diff"
   done
 }
 
@@ -324,12 +332,14 @@ fault() {
       h=$(pick_live) || return
       log "fault: kill -9 host $h"
       # At a random point of a transfer it serves or makes.
-      local id; id=$(pick_layer) || id=""
+      local id bg=""; id=$(pick_layer) || id=""
       if [ -n "$id" ]; then
         xn "$h" fetch "${NAMEOF[$id]}" >>"$WORK/ops.log" 2>&1 &
+        bg=$!
         sleep "0.$((RANDOM % 10))"
       fi
-      stop "$h"; wait 2>/dev/null || true
+      stop "$h"
+      [ -z "$bg" ] || wait "$bg" 2>/dev/null || true
       one_op; sleep $((2 + RANDOM % 5)); serve "$h" || violation "kill: host $h does not restart" ;;
     partition)
       h=$((1 + RANDOM % HOSTS)); log "fault: partition host $h"
