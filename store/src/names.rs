@@ -360,8 +360,16 @@ impl Store {
 
     /// Every record held, removals included.
     pub fn names(&self) -> Result<Vec<NameRecord>> {
+        self.json_values(NAMES)
+    }
+
+    /// The JSON values of `table` that parse (unreadable rows are skipped).
+    fn json_values<K: redb::Key + 'static, T: serde::de::DeserializeOwned>(
+        &self,
+        table: redb::TableDefinition<'_, K, &[u8]>,
+    ) -> Result<Vec<T>> {
         let txn = self.begin_read()?;
-        let t = txn.open_table(NAMES).map_err(|e| self.db_err(e))?;
+        let t = txn.open_table(table).map_err(|e| self.db_err(e))?;
         let mut out = Vec::new();
         for item in t.iter().map_err(|e| self.db_err(e))? {
             let (_, v) = item.map_err(|e| self.db_err(e))?;
@@ -402,20 +410,7 @@ impl Store {
 
     /// Every succession held.
     pub fn successions(&self) -> Result<Vec<Succession>> {
-        let txn = self.begin_read()?;
-        let t = match txn.open_table(SUCCESSORS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.db_err(e)),
-        };
-        let mut out = Vec::new();
-        for item in t.iter().map_err(|e| self.db_err(e))? {
-            let (_, v) = item.map_err(|e| self.db_err(e))?;
-            if let Ok(s) = serde_json::from_slice(v.value()) {
-                out.push(s);
-            }
-        }
-        Ok(out)
+        self.json_values(SUCCESSORS)
     }
 
     /// Keeps `id` (and the stack below it) from garbage collection.

@@ -417,6 +417,7 @@ impl Store {
         }
         txn.open_table(NAMES).map_err(|e| store.db_err(e))?;
         txn.open_table(PINS).map_err(|e| store.db_err(e))?;
+        txn.open_table(SUCCESSORS).map_err(|e| store.db_err(e))?;
         txn.commit().map_err(|e| store.db_err(e))?;
         Ok(store)
     }
