@@ -71,6 +71,12 @@ pub enum Request {
     Shutdown,
     /// Read the trust entries of config.toml again (also on SIGHUP).
     Reload,
+    /// The live hosts this daemon knows (itself included), those matching
+    /// `filter` (see `filter`) if given.
+    Hosts {
+        #[serde(default)]
+        filter: Option<String>,
+    },
     /// Move an instance to another host.
     Migrate {
         instance: String,
@@ -115,6 +121,7 @@ impl Request {
             Request::Replicate { .. } => "replicate",
             Request::Shutdown => "shutdown",
             Request::Reload => "reload",
+            Request::Hosts { .. } => "hosts",
             Request::Migrate { .. } => "migrate",
             Request::Checkpoint { .. } => "checkpoint",
             Request::Restore { .. } => "restore",
@@ -273,6 +280,7 @@ mod tests {
             Request::Replicate { r#ref: "web".into(), to: vec!["n@127.0.0.1:1".into()] },
             Request::Shutdown,
             Request::Reload,
+            Request::Hosts { filter: Some("mem_free>=1G && label.zone=a".into()) },
             Request::Migrate {
                 instance: "web".into(),
                 to: "n@127.0.0.1:1".into(),

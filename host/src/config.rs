@@ -11,6 +11,9 @@
 //!                          domain_prefix = "a-"         libvirt domain names (daemons sharing a libvirt)
 //!                          pull_from = ["NODE", ...]    nodes that may ask this host to fetch a
 //!                                                       stack (`xenod replicate`); "*" = any
+//!                          host_expiry_secs = 10        a silent host is gone after this
+//!                          [labels]                     advertised to other hosts:
+//!                          region = "eu"                `xenod hosts --where label.region=eu`
 //! DATA_DIR/keys/publisher.key   the host's ed25519 secret (hex), mode 0600
 //! DATA_DIR/keys/node.key        the peer endpoint's secret (hex), mode 0600
 //! ```
@@ -63,6 +66,14 @@ pub struct Config {
     /// `"*"` allows any node. Empty: pull requests are refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pull_from: Vec<String>,
+    /// Labels this host advertises to the federation (`region`, `zone`,
+    /// `rack`, any `key = "value"`), for `xenod hosts --where label.K=V`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Seconds after its last advertisement a host counts as gone
+    /// [default: 10].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_expiry_secs: Option<u64>,
 }
 
 /// One `[[trust]]` entry: a key and the publishers it may sign for.

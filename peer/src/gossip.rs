@@ -8,7 +8,8 @@
 //! announce := { "name": NameRecord, "at": unix-secs }     signed by the publisher
 //!           | { "successor": Succession, "at": unix-secs } signed by the old key
 //!           | { "presence": body-json, "sig": [u8; 64] }  signed by the node key
-//! body     := { node: [u8; 32], addrs: [SocketAddr], layers: [LayerId], at: unix-secs }
+//! body     := { node: [u8; 32], addrs: [SocketAddr], layers: [LayerId], at: unix-micros,
+//!               attrs?: HostAttrs, leaving?: bool }
 //! ```
 //!
 //! Gossip forwards messages, so who delivered one says nothing about who
@@ -20,11 +21,20 @@
 //! only with a valid signature of the node it describes, and only the
 //! newest (`at`) per node is kept, so a replayed one changes nothing.
 //! `at` also makes each announcement a new message: gossip drops content
-//! it has seen, and a node that joins later must still hear it.
+//! it has seen, and a node that joins later must still hear it. A presence
+//! whose `at` is more than [`MAX_SKEW`] from this host's clock is refused
+//! (a replay of an old one, or a node whose clock is off), so a node with a
+//! clock far ahead cannot shut out its own later announcements.
+//!
+//! A presence may carry the host's attributes ([`HostAttrs`]: what it can
+//! run, its capacity and labels), which makes it a host advertisement; it
+//! is live for the expiry the reader gives ([`GossipState::hosts`]), and a
+//! node that stops cleanly says so at once (`leaving`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use iroh::address_lookup::memory::MemoryLookup;
@@ -42,6 +52,11 @@ use super::stats::Stats;
 pub const MAX_MESSAGE: usize = 64 << 10;
 /// Most layers one presence announces (the newest, if a node holds more).
 pub const MAX_ANNOUNCED_LAYERS: usize = 512;
+/// How far a presence's time may be from this host's clock.
+pub const MAX_SKEW: Duration = Duration::from_secs(120);
+/// Most labels a host advertises, and their longest key or value.
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_LEN: usize = 128;
 
 pub(crate) fn topic() -> TopicId {
     TopicId::from_bytes(*blake3::hash(b"xenod/gossip/1").as_bytes())
@@ -56,12 +71,59 @@ enum Announce {
 }
 
 /// What a node says about itself: where to dial it and what it holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Presence {
     pub node: [u8; 32],
     pub addrs: Vec<SocketAddr>,
     pub layers: Vec<LayerId>,
     pub at: u64,
+    /// The host's attributes, when it advertises itself as a host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attrs: Option<HostAttrs>,
+    /// The node is stopping: forget it now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
+}
+
+/// A host's advertised attributes. The types bound them: a negative or
+/// 2^64 memory does not parse, and the presence is refused.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostAttrs {
+    /// Hypervisor kinds it can run, probed: `qemu`, `kvm`, `tcg`, `xen`.
+    pub hv: Vec<String>,
+    pub vcpus: u32,
+    pub mem_total: u64,
+    pub mem_free: u64,
+    /// Bytes free where uppers and the store live.
+    pub disk_free: u64,
+    /// One-minute load average.
+    pub load: f32,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl HostAttrs {
+    /// Why these attributes are refused, if they are.
+    pub fn check(&self) -> Result<(), String> {
+        if self.vcpus == 0 || self.vcpus > 1 << 16 {
+            return Err(format!("{} vCPUs", self.vcpus));
+        }
+        if self.mem_free > self.mem_total {
+            return Err(format!("{} bytes of memory free out of {}", self.mem_free, self.mem_total));
+        }
+        if !self.load.is_finite() || self.load < 0.0 {
+            return Err(format!("load {}", self.load));
+        }
+        if self.hv.len() > 16 || self.hv.iter().any(|h| h.len() > 16) {
+            return Err("more than 16 hypervisor kinds, or a long one".into());
+        }
+        if self.labels.len() > MAX_LABELS
+            || self.labels.iter().any(|(k, v)| k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN)
+        {
+            return Err(format!("over {MAX_LABELS} labels, or one over {MAX_LABEL_LEN} bytes"));
+        }
+        Ok(())
+    }
 }
 
 impl Presence {
@@ -71,10 +133,12 @@ impl Presence {
     }
 }
 
-/// What this node heard: the newest presence of every other node.
+/// What this node heard: the newest presence of every other node, and
+/// when it arrived (by this host's monotonic clock).
 #[derive(Default, Debug)]
 pub(crate) struct Heard {
     presence: BTreeMap<EndpointId, Presence>,
+    received: BTreeMap<EndpointId, Instant>,
 }
 
 /// The gossip side of a node.
@@ -105,6 +169,19 @@ impl GossipState {
 
     pub(crate) fn presences(&self) -> Vec<Presence> {
         self.heard().presence.values().cloned().collect()
+    }
+
+    /// Host advertisements heard within `expiry`, with their age.
+    pub(crate) fn hosts(&self, expiry: Duration) -> Vec<(Presence, Duration)> {
+        let h = self.heard();
+        h.presence
+            .iter()
+            .filter(|(_, p)| p.attrs.is_some())
+            .filter_map(|(id, p)| {
+                let age = h.received.get(id)?.elapsed();
+                (age <= expiry).then(|| (p.clone(), age))
+            })
+            .collect()
     }
 
     pub(crate) fn joined(&self) -> bool {
@@ -188,12 +265,31 @@ impl GossipState {
                 if body.layers.len() > MAX_ANNOUNCED_LAYERS {
                     return refuse(format!("presence of {node}: {} layers", body.layers.len()));
                 }
+                if let Some(Err(why)) = body.attrs.as_ref().map(HostAttrs::check) {
+                    return refuse(format!("presence of {node}: absurd attributes: {why}"));
+                }
+                let skew = now_micros().abs_diff(body.at);
+                if skew > MAX_SKEW.as_micros() as u64 {
+                    let dir = if body.at > now_micros() { "ahead of" } else { "behind" };
+                    return refuse(format!(
+                        "presence of {node}: its time is {} s {dir} this host's (a replay, or a clock off)",
+                        skew / 1_000_000
+                    ));
+                }
                 {
                     let mut h = self.heard();
                     if h.presence.get(&node).is_some_and(|p| p.at >= body.at) {
                         return;
                     }
+                    if body.leaving {
+                        h.presence.remove(&node);
+                        h.received.remove(&node);
+                        drop(h);
+                        tracing::info!("node {node} left");
+                        return;
+                    }
                     h.presence.insert(node, body.clone());
+                    h.received.insert(node, Instant::now());
                 }
                 if let Some(a) = body.addr() {
                     self.lookup.add_endpoint_info(a);
@@ -212,6 +308,7 @@ impl GossipState {
         secret: &SecretKey,
         addrs: Vec<SocketAddr>,
         layers: Vec<LayerId>,
+        attrs: Option<HostAttrs>,
         names: Vec<NameRecord>,
         successions: Vec<Succession>,
     ) -> Result<(), String> {
@@ -221,7 +318,8 @@ impl GossipState {
         let at = now_micros();
         let mut layers = layers;
         layers.truncate(MAX_ANNOUNCED_LAYERS);
-        let body = Presence { node: *secret.public().as_bytes(), addrs, layers, at };
+        let leaving = false;
+        let body = Presence { node: *secret.public().as_bytes(), addrs, layers, at, attrs, leaving };
         let presence = serde_json::to_string(&body).map_err(|e| e.to_string())?;
         let sig = secret.sign(presence.as_bytes()).to_bytes().to_vec();
         let mut msgs = vec![serde_json::to_vec(&Announce::Presence { presence, sig }).map_err(|e| e.to_string())?];
@@ -235,6 +333,28 @@ impl GossipState {
             sender.broadcast(Bytes::from(m)).await.map_err(|e| format!("broadcasting: {e}"))?;
         }
         Ok(())
+    }
+}
+
+impl GossipState {
+    /// Tells the topic this node is stopping (a signed presence with
+    /// `leaving`), so others forget it now rather than at expiry.
+    pub(crate) async fn leave(&self, secret: &SecretKey) -> Result<(), String> {
+        let Some(sender) = self.sender.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Ok(());
+        };
+        let body = Presence {
+            node: *secret.public().as_bytes(),
+            addrs: Vec::new(),
+            layers: Vec::new(),
+            at: now_micros(),
+            attrs: None,
+            leaving: true,
+        };
+        let presence = serde_json::to_string(&body).map_err(|e| e.to_string())?;
+        let sig = secret.sign(presence.as_bytes()).to_bytes().to_vec();
+        let m = serde_json::to_vec(&Announce::Presence { presence, sig }).map_err(|e| e.to_string())?;
+        sender.broadcast(Bytes::from(m)).await.map_err(|e| format!("broadcasting: {e}"))
     }
 }
 

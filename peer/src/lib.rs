@@ -85,7 +85,9 @@ pub use iroh::{EndpointAddr, EndpointId};
 pub use fetch::{
     FetchOptions, FetchProgress, FetchReport, NOT_YET_RETRY, Phase, ProgressFn, ProviderReport, SwarmPlan,
 };
-pub use gossip::{MAX_ANNOUNCED_LAYERS, MAX_MESSAGE, Presence, PresenceFn};
+pub use gossip::{
+    HostAttrs, MAX_ANNOUNCED_LAYERS, MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE, MAX_SKEW, Presence, PresenceFn,
+};
 pub use names::{MAX_REFUSED, NameGate, Offer};
 pub use one::fetch_one;
 pub use protocol::{ALPN, MAX_BATCH, MAX_DENSE_LEVEL, MAX_NAMES, MAX_PLAIN};
@@ -308,8 +310,14 @@ impl Node {
     }
 
     /// Announces this node's presence (address, the newest
-    /// [`MAX_ANNOUNCED_LAYERS`] layers it holds), `names` and `successions`.
-    pub async fn announce(&self, mut names: Vec<NameRecord>, successions: Vec<Succession>) -> Result<(), PeerError> {
+    /// [`MAX_ANNOUNCED_LAYERS`] layers it holds, and `attrs`, which make it
+    /// a host advertisement), `names` and `successions`.
+    pub async fn announce(
+        &self,
+        attrs: Option<HostAttrs>,
+        mut names: Vec<NameRecord>,
+        successions: Vec<Succession>,
+    ) -> Result<(), PeerError> {
         if self.forge_names {
             for r in &mut names {
                 let mut b = *r.id.as_bytes();
@@ -323,7 +331,7 @@ impl Node {
         let layers = layers.into_iter().map(|(id, _)| id).collect();
         let addrs = self.addr().ip_addrs().copied().collect();
         self.gossip
-            .announce(self.endpoint().secret_key(), addrs, layers, names, successions)
+            .announce(self.endpoint().secret_key(), addrs, layers, attrs, names, successions)
             .await
             .map_err(|why| PeerError::Connection { peer: "gossip".into(), why })
     }
@@ -336,6 +344,19 @@ impl Node {
     /// Every presence heard over gossip.
     pub fn presences(&self) -> Vec<Presence> {
         self.gossip.presences()
+    }
+
+    /// Host advertisements heard within `expiry`, with their age.
+    pub fn hosts(&self, expiry: Duration) -> Vec<(Presence, Duration)> {
+        self.gossip.hosts(expiry)
+    }
+
+    /// Tells the gossip topic this node is stopping.
+    pub async fn leave(&self) -> Result<(), PeerError> {
+        self.gossip
+            .leave(self.endpoint().secret_key())
+            .await
+            .map_err(|why| PeerError::Connection { peer: "gossip".into(), why })
     }
 
     /// Closes the endpoint gracefully.

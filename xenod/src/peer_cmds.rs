@@ -51,6 +51,21 @@ pub enum PeerCmd {
         #[arg(long = "to", value_name = "NODE@ADDR", required = true)]
         to: Vec<String>,
     },
+    /// The live hosts this daemon knows (itself first), with what each can
+    /// run, its capacity, load and labels.
+    ///
+    /// --where keeps the hosts an expression matches, e.g.
+    /// `mem_free>=1G && hv=kvm && label.region=eu`. Names: node, hv (a
+    /// list: `=` when any element matches), vcpus, mem_total, mem_free,
+    /// disk_free, load, layers, label.KEY; operators = != >= <= > <,
+    /// combined with && || ! and parentheses; numbers take K M G T
+    /// (binary multiples). A host advertises itself every few seconds and
+    /// is gone after `host_expiry_secs` (10) of silence, or at once when
+    /// its daemon stops.
+    Hosts {
+        #[arg(long = "where", value_name = "EXPR")]
+        filter: Option<String>,
+    },
     /// This host's node id and address, transfer counters (refused bad chunks,
     /// dropped peers, refused names) and known peers.
     Status,
@@ -67,6 +82,10 @@ pub fn run(ctx: &Ctx, cmd: PeerCmd) -> Result<()> {
         PeerCmd::Fetch { target, from } => Request::Fetch { target, from, lazy: false },
         PeerCmd::Replicate { r#ref, to } => Request::Replicate { r#ref, to },
         PeerCmd::Status => Request::Status,
+        PeerCmd::Hosts { filter } => {
+            let v = client::request_daemon(&ctx.data_dir, Request::Hosts { filter }, &ctx.watcher("hosts"))?;
+            return print_result("hosts", &v, ctx.json);
+        }
         PeerCmd::Shutdown => Request::Shutdown,
     };
     let op = req.op();
@@ -139,6 +158,33 @@ fn print_result(op: &str, v: &Value, json: bool) -> Result<()> {
             }
         }
         "replicate" => print_replicate(&mut o, v)?,
+        "hosts" => {
+            for h in v["hosts"].as_array().into_iter().flatten() {
+                let a = &h["attrs"];
+                let gib = |x: &Value| format!("{:.1}G", x.as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64);
+                let hv: Vec<&str> = a["hv"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                let labels: Vec<String> = a["labels"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                    .collect();
+                writeln!(
+                    o,
+                    "{}{}  hv {}  {} vcpus  mem {}/{}  disk {}  load {:.2}  {} layers  {}",
+                    &h["node"].as_str().unwrap_or("")[..10.min(h["node"].as_str().unwrap_or("").len())],
+                    if h["this_host"] == true { " (this host)" } else { "" },
+                    if hv.is_empty() { "-".to_string() } else { hv.join(",") },
+                    a["vcpus"],
+                    gib(&a["mem_free"]),
+                    gib(&a["mem_total"]),
+                    gib(&a["disk_free"]),
+                    a["load"].as_f64().unwrap_or(0.0),
+                    h["layers"],
+                    labels.join(" ")
+                )?;
+            }
+        }
         "shutdown" => writeln!(o, "daemon stopping")?,
         _ => writeln!(o, "{v}")?,
     }

@@ -209,6 +209,11 @@ impl Daemon {
         &self.data_dir
     }
 
+    /// The configuration the daemon started with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// This host's instances.
     pub fn instances(&self) -> &crate::instance::Instances {
         &self.instances
@@ -350,6 +355,10 @@ impl Daemon {
     /// close are given 3 s, then dropped.
     pub async fn stop(self: Arc<Self>) {
         self.save_state();
+        // Other hosts forget this one now, not at expiry.
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(1), self.node.leave()).await.unwrap_or(Ok(())) {
+            tracing::debug!("saying goodbye on gossip: {e}");
+        }
         let close = async move {
             match Arc::try_unwrap(self) {
                 Ok(d) => d.node.shutdown().await,

@@ -99,6 +99,26 @@ pub struct Reload {
     pub refused_held: usize,
 }
 
+/// `hosts`: the live hosts that matched, this one first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hosts {
+    pub hosts: Vec<Host>,
+    /// How many live hosts there were before filtering.
+    pub live: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    pub node: String,
+    pub addrs: Vec<String>,
+    pub attrs: xenod_peer::HostAttrs,
+    /// Layers it announced holding.
+    pub layers: usize,
+    /// Milliseconds since its advertisement arrived (0 for this host).
+    pub age_ms: u64,
+    pub this_host: bool,
+}
+
 /// A trusted key and the publishers it may sign names for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Trusted {

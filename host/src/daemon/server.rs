@@ -104,6 +104,7 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
             Ok(serde_json::to_value(super::replicate::replicate(d, &r#ref, &to).await?)?)
         }
         Request::Reload => Ok(serde_json::to_value(d.reload_trust()?)?),
+        Request::Hosts { filter } => Ok(serde_json::to_value(super::announce::hosts(d, filter.as_deref())?)?),
         Request::Shutdown => {
             // notify_one keeps a permit when the accept loop is not
             // waiting at this instant; notify_waiters would lose it.
