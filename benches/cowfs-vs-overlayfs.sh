@@ -13,12 +13,15 @@
 #                  cowfs-ro (cowfs read-only, no upper: the kernel opens
 #                  files itself, see `xenod mount --help`), kernel-ro (the
 #                  kernel's overlayfs read-only, no upper); the read-only
-#                  tools skip append and create
+#                  tools skip append, create and upper; cowfs-b (cowfs
+#                  served by the binary $XENOD_B, e.g. a build before a
+#                  change: interleaved with cowfs in the same rounds)
 #                  (default: kernel,cowfs,fuse-overlayfs; ratios need kernel)
 #   --only LIST    comma-separated subset of the steps below (default: all)
 #
 # Environment: XENOD (binary, default target/release/xenod: build it with
-#   `cargo build --release -p xenod`), ROUNDS, XENOD_FIXTURES (fixture cache
+#   `cargo build --release -p xenod`), XENOD_B (the binary of tool
+#   cowfs-b), ROUNDS, XENOD_FIXTURES (fixture cache
 #   root), STEP_TIMEOUT (seconds per timed command, default 600), TMPDIR
 #   (where the work directory goes; about 4 GB).
 #
@@ -42,6 +45,10 @@
 #              file), on a fresh mount after dropping caches
 #   create     10,000 files of 1 KiB in a new directory (bash builtins only,
 #              so no process is started per file), on a fresh mount
+#   upper      10,000 files of 1 KiB in 100 directories at depth 3, made
+#              (not timed) on a fresh mount; then unmounted, caches dropped,
+#              mounted again on the same upper and timed: find + stat of
+#              them (cold lookups of upper files) and rm -rf of them
 #
 # Each round runs every step for every tool, the tools in an order rotated
 # per round; medians are taken over rounds. Times are wall clock of the step
@@ -57,7 +64,7 @@ cd "$ROOT"
 
 ROUNDS=${ROUNDS:-5}
 TOOLS=kernel,cowfs,fuse-overlayfs
-ONLY=tar,stat,seqread,append,create
+ONLY=tar,stat,seqread,append,create,upper
 OUT=""
 STEP_TIMEOUT=${STEP_TIMEOUT:-600}
 XENOD=${XENOD:-target/release/xenod}
@@ -80,6 +87,8 @@ while [ $# -gt 0 ]; do
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "cowfs-vs-overlayfs: bad round count: $ROUNDS" >&2; exit 2; }
 case $XENOD in /*) ;; *) XENOD=$ROOT/$XENOD ;; esac
+XENOD_B=${XENOD_B:-}
+case $XENOD_B in /*|"") ;; *) XENOD_B=$ROOT/$XENOD_B ;; esac
 if [ -n "$OUT" ]; then
   case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac
 fi
@@ -91,21 +100,22 @@ declare -A WANT=() STEP=() FAILED=()
 IFS=, read -r -a _sel <<<"$TOOLS"
 for t in "${_sel[@]}"; do
   case $t in
-    kernel|cowfs|cowfs-nopt|cowfs-dev|cowfs-ro|kernel-ro|fuse-overlayfs) WANT[$t]=1 ;;
-    *) echo "cowfs-vs-overlayfs: unknown tool: $t (kernel,cowfs,cowfs-nopt,cowfs-dev,cowfs-ro,kernel-ro,fuse-overlayfs)" >&2; exit 2 ;;
+    kernel|cowfs|cowfs-nopt|cowfs-dev|cowfs-ro|kernel-ro|fuse-overlayfs|cowfs-b) WANT[$t]=1 ;;
+    *) echo "cowfs-vs-overlayfs: unknown tool: $t (kernel,cowfs,cowfs-nopt,cowfs-dev,cowfs-ro,kernel-ro,fuse-overlayfs,cowfs-b)" >&2; exit 2 ;;
   esac
 done
 IFS=, read -r -a _sel <<<"$ONLY"
 for s in "${_sel[@]}"; do
   case $s in
-    tar|stat|seqread|append|create) STEP[$s]=1 ;;
-    *) echo "cowfs-vs-overlayfs: unknown step: $s (tar,stat,seqread,append,create)" >&2; exit 2 ;;
+    tar|stat|seqread|append|create|upper) STEP[$s]=1 ;;
+    *) echo "cowfs-vs-overlayfs: unknown step: $s (tar,stat,seqread,append,create,upper)" >&2; exit 2 ;;
   esac
 done
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (mounts, drop_caches)"
 [ -e /dev/fuse ] || die "/dev/fuse is missing: cowfs and fuse-overlayfs cannot mount"
 [ -x "$XENOD" ] || die "xenod binary not found at $XENOD (cargo build --release -p xenod, or set XENOD=...)"
+[ -z "${WANT[cowfs-b]:-}" ] || [ -x "$XENOD_B" ] || die "tool cowfs-b needs XENOD_B=path of a xenod binary"
 need() { command -v "$1" >/dev/null || die "missing tool: $1 (see scripts/install-deps.sh)"; }
 need timeout; need tar; need find; need awk; need dd; need jq; need mountpoint
 [ -z "${WANT[fuse-overlayfs]:-}" ] || need fuse-overlayfs
@@ -169,12 +179,13 @@ fresh_upper() {
   mkdir -p "$W/upper" "$W/work"
 }
 
-do_mount() {  # TOOL
-  fresh_upper
+do_mount() {  # TOOL [keep: mount on the upper left by the last mount]
+  [ "${2:-}" = keep ] || fresh_upper
   case $1 in
     kernel) mount -t overlay overlay -o "lowerdir=$LOWER,upperdir=$W/upper,workdir=$W/work" "$MNT" ;;
     fuse-overlayfs) fuse-overlayfs -o "lowerdir=$LOWER,upperdir=$W/upper,workdir=$W/work" "$MNT" ;;
     cowfs) "$XENOD" --data-dir "$D" mount "$OVER" "$MNT" --upper "$W/upper" >/dev/null ;;
+    cowfs-b) "$XENOD_B" --data-dir "$D" mount "$OVER" "$MNT" --upper "$W/upper" >/dev/null ;;
     cowfs-nopt) "$XENOD" --data-dir "$D" mount "$OVER" "$MNT" --upper "$W/upper" --no-passthrough >/dev/null ;;
     cowfs-dev) "$XENOD" --data-dir "$D" mount "$OVER" "$MNT" --upper "$W/upper" --no-uring >/dev/null ;;
     cowfs-ro) "$XENOD" --data-dir "$D" mount "$OVER" "$MNT" >/dev/null ;;
@@ -214,8 +225,15 @@ op_create() {
   bash -c 'set -e; mkdir "$1"; kb=$(printf "%1024s" ""); for ((i = 0; i < 10000; i++)); do printf "%s" "$kb" >"$1/f$i"; done' _ "$MNT/bench-create"
 }
 
+op_mktree() {
+  bash -c 'set -e; kb=$(printf "%1024s" ""); for ((d = 0; d < 100; d++)); do
+    mkdir -p "$1/a/b/d$d"; for ((i = 0; i < 100; i++)); do printf "%s" "$kb" >"$1/a/b/d$d/f$i"; done; done' _ "$MNT/bench-upper"
+}
+op_ustat() { bash -c "set -o pipefail; find \"\$1\" -printf '%i %n %s %m %U %G %T@ %p\n' | cat >/dev/null" _ "$MNT/bench-upper"; }
+op_unlink() { rm -rf "$MNT/bench-upper"; }
+
 export MNT
-export -f op_tar op_stat op_seqread op_append op_create
+export -f op_tar op_stat op_seqread op_append op_create op_mktree op_ustat op_unlink
 
 # Checks that a step did what it should, so a broken mount cannot post a fast time.
 check() {  # STEP TOOL
@@ -224,16 +242,33 @@ check() {  # STEP TOOL
     append) [ "$(stat -c %s "$MNT/srv/bench/big-100m")" -eq $(((100 << 20) + 1)) ] &&
               [ "$(tail -c 1 "$MNT/srv/bench/big-100m")" = x ] ;;
     create) [ "$(find "$MNT/bench-create" -type f -size 1k | wc -l)" -eq 10000 ] ;;
+    upper) [ ! -e "$MNT/bench-upper" ] && [ -z "$(find "$W/upper" -path "$W/upper/.xenod" -prune -o -name 'f*' -print)" ] ;;
     *) [ -e "$MNT/usr/sbin/apache2" ] && [ -e "$MNT/etc/debian_version" ] ;;
   esac || { log "$2: $1 left the tree in a wrong state"; return 1; }
 }
 
 run_step() {  # STEP TOOL ROUND
   local s=$1 t=$2 r=$3
-  case $s:$t in append:*-ro|create:*-ro) return 0 ;; esac  # read-only mounts
+  case $s:$t in append:*-ro|create:*-ro|upper:*-ro) return 0 ;; esac  # read-only mounts
   do_umount
   drop_caches
   do_mount "$t"
+  if [ "$s" = upper ]; then
+    if ! timed op_mktree; then log "$t: making the upper tree failed"; return 1; fi
+    do_umount
+    drop_caches
+    do_mount "$t" keep
+    [ "$(find "$MNT/bench-upper" -type f | wc -l)" -eq 10000 ] || { log "$t: the upper tree is not there again"; return 1; }
+    do_umount
+    drop_caches
+    do_mount "$t" keep
+    if ! timed op_ustat; then log "$t: find + stat of the upper tree failed"; return 1; fi
+    record "$t" upper_stat "$r" "$ELAPSED"
+    if ! timed op_unlink; then log "$t: rm -rf of the upper tree failed"; return 1; fi
+    record "$t" unlink "$r" "$ELAPSED"
+    check "$s" "$t"
+    return
+  fi
   if ! timed "op_$s"; then log "$t: $s failed"; return 1; fi
   case $s in
     tar|stat|seqread)
@@ -245,8 +280,8 @@ run_step() {  # STEP TOOL ROUND
   check "$s" "$t"
 }
 
-ORDER=(kernel cowfs fuse-overlayfs cowfs-nopt cowfs-dev cowfs-ro kernel-ro)
-STEPS=(tar stat seqread append create)
+ORDER=(kernel cowfs fuse-overlayfs cowfs-nopt cowfs-dev cowfs-ro kernel-ro cowfs-b)
+STEPS=(tar stat seqread append create upper)
 for ((r = 1; r <= ROUNDS; r++)); do
   for s in "${STEPS[@]}"; do
     [ -n "${STEP[$s]:-}" ] || continue
@@ -276,7 +311,7 @@ goal() {  # METRIC -> the goal for cowfs / kernel
     seqread_*) echo 1.05 ;;
     tar_cold|stat_cold) echo 1.5 ;;
     tar_warm|stat_warm) echo 1.3 ;;
-    append|create) echo 2 ;;
+    append|create|upper_stat|unlink) echo 2 ;;
   esac
 }
 label() {
@@ -289,6 +324,8 @@ label() {
     seqread_warm) echo "read 1 GiB file, warm" ;;
     append) echo "append 1 byte to 100 MiB lower file" ;;
     create) echo "create 10,000 files of 1 KiB" ;;
+    upper_stat) echo "find + stat of 10,000 upper files, cold" ;;
+    unlink) echo "rm -rf of 10,000 upper files" ;;
   esac
 }
 
@@ -301,13 +338,14 @@ label() {
   echo
   # Optional cowfs variants, each with its own columns.
   EXTRA=()
-  for t in cowfs-nopt cowfs-dev cowfs-ro kernel-ro; do [ -z "${WANT[$t]:-}" ] || EXTRA+=("$t"); done
+  for t in cowfs-nopt cowfs-dev cowfs-ro kernel-ro cowfs-b; do [ -z "${WANT[$t]:-}" ] || EXTRA+=("$t"); done
   xname() {
     case $1 in
       cowfs-nopt) echo "cowfs, no passthrough" ;;
       cowfs-dev) echo "cowfs, /dev/fuse" ;;
       cowfs-ro) echo "cowfs read-only" ;;
       kernel-ro) echo "kernel read-only" ;;
+      cowfs-b) echo "cowfs-b ($(basename "$XENOD_B"))" ;;
     esac
   }
   h="| step | kernel | cowfs | fuse-overlayfs |"; sep="|---|---:|---:|---:|"
@@ -316,7 +354,7 @@ label() {
   for t in "${EXTRA[@]}"; do h+=" $(xname "$t") / kernel |"; sep+="---:|"; done
   echo "$h goal (cowfs / kernel) | met |"
   echo "$sep---:|---|"
-  for m in tar_cold tar_warm stat_cold stat_warm seqread_cold seqread_warm append create; do
+  for m in tar_cold tar_warm stat_cold stat_warm seqread_cold seqread_warm append create upper_stat unlink; do
     k=$(med kernel "$m"); c=$(med cowfs "$m"); f=$(med fuse-overlayfs "$m")
     [ -n "$k$c$f" ] || continue
     g=$(goal "$m")

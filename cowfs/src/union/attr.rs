@@ -2,8 +2,6 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rustix::fs::{AtFlags, Mode};
-
 use crate::error::{Errno, FsResult};
 use crate::lower::LKind;
 
@@ -37,18 +35,12 @@ impl Union {
         }
         if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
             self.copy_up(st, ino)?;
-            let path = self.node_upath(st, ino)?;
+            let at = self.node_at(st, ino)?;
             if uid.is_some() || gid.is_some() {
-                rustix::fs::chownat(
-                    rustix::fs::CWD,
-                    &path,
-                    uid.map(rustix::fs::Uid::from_raw),
-                    gid.map(rustix::fs::Gid::from_raw),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )?;
+                at.chown(uid, gid)?;
             }
             if let Some(m) = mode {
-                rustix::fs::chmodat(rustix::fs::CWD, &path, Mode::from_raw_mode(m & 0o7777), AtFlags::empty())?;
+                at.chmod(m & 0o7777)?;
             }
             if atime.is_some() || mtime.is_some() {
                 let conv = |t: Option<Option<SystemTime>>| -> rustix::fs::Timespec {
@@ -61,12 +53,7 @@ impl Union {
                         }
                     }
                 };
-                rustix::fs::utimensat(
-                    rustix::fs::CWD,
-                    &path,
-                    &rustix::fs::Timestamps { last_access: conv(atime), last_modification: conv(mtime) },
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )?;
+                at.set_times(&rustix::fs::Timestamps { last_access: conv(atime), last_modification: conv(mtime) })?;
             }
         }
         self.attr_locked(st, ino)
@@ -79,7 +66,7 @@ impl Union {
             return Err(Errno::INVAL);
         }
         if node.upper {
-            return Ok(rustix::fs::readlink(self.node_upath(&st, ino)?, Vec::new())?.into_bytes());
+            return self.node_at(&st, ino)?.readlink();
         }
         match &self.lower.node(node.lower.ok_or(Errno::IO)?).kind {
             LKind::Symlink(t) => Ok(t.to_vec()),

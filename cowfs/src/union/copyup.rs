@@ -8,12 +8,9 @@
 //! other names of a lower hardlink set that the union still shows are linked
 //! to the copy, so they stay one file.
 
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::os::unix::fs::FileExt;
 
-use rustix::fs::{AtFlags, FileType, Mode, RenameFlags, XattrFlags};
+use rustix::fs::{FileType, RenameFlags, XattrFlags};
 use xenod_store::{Extent, Timestamp, Xattr};
 
 use crate::error::{Errno, FsResult, io_errno};
@@ -21,6 +18,7 @@ use crate::lower::LKind;
 use crate::overlay::{PARTIAL, private_xattr};
 use crate::partial::DirtyMap;
 
+use super::upper::At;
 use super::{State, Union};
 
 impl Union {
@@ -34,18 +32,20 @@ impl Union {
         let (parent, _) = node.names.first().cloned().ok_or(Errno::NOENT)?;
         let l = node.lower.ok_or(Errno::IO)?;
         self.copy_up(st, parent)?;
-        let dst = self.node_upath(st, ino)?;
-        let tmp = self.stage_path(st)?;
-        let partial = if self.is_large(l) {
-            Some(self.stage_partial(l, &tmp)?)
+        let dst = self.node_at(st, ino)?;
+        let tmp = self.stage(st)?;
+        let staged = if self.is_large(l) {
+            self.stage_partial(l, &tmp).map(Some)
         } else {
-            if let Err(e) = self.materialize(l, &tmp) {
-                let _ = std::fs::remove_file(&tmp).or_else(|_| std::fs::remove_dir(&tmp));
+            self.materialize(l, &tmp).map(|()| None)
+        };
+        let partial = match staged.and_then(|p| tmp.rename(&dst, RenameFlags::NOREPLACE).map(|()| p)) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tmp.remove();
                 return Err(e);
             }
-            None
         };
-        rustix::fs::renameat_with(rustix::fs::CWD, &tmp, rustix::fs::CWD, &dst, RenameFlags::NOREPLACE)?;
         let partial = match partial {
             Some(upper_ino) => {
                 let lp = self.lower.path(self.lower.data_node(l));
@@ -58,7 +58,7 @@ impl Union {
         node.partial = partial;
         // Keep the lower hardlink set together: link its other names.
         if self.lower.link_set(l).len() > 1 {
-            let s = rustix::fs::statat(rustix::fs::CWD, &dst, AtFlags::SYMLINK_NOFOLLOW)?;
+            let s = dst.stat()?.ok_or(Errno::NOENT)?;
             st.by_upper.insert(s.st_ino, ino);
             let names = Self::inode(st, ino)?.names.clone();
             for other in self.lower.link_set(l) {
@@ -74,10 +74,9 @@ impl Union {
                 if self.copy_up(st, pino).is_err() {
                     continue;
                 }
-                if let Ok(to) = self.upath(&p)
-                    && rustix::fs::link(&dst, &to).is_err()
-                {
-                    tracing::warn!(path = %to.display(), "could not keep hardlink with copied-up file");
+                if let Err(e) = self.child_at(st, pino, xenod_store::file_name(&p)).and_then(|to| dst.link(&to)) {
+                    let path = xenod_store::display_path(&p);
+                    tracing::warn!(path = %path, "could not keep hardlink with copied-up file: {e}");
                 }
             }
         }
@@ -93,19 +92,14 @@ impl Union {
     }
 
     /// Writes lower node `l`'s object, with its metadata, at `dst`.
-    fn materialize(&self, l: u32, dst: &Path) -> FsResult<()> {
+    fn materialize(&self, l: u32, dst: &At) -> FsResult<()> {
         let d = self.lower.data_node(l);
         let n = self.lower.node(d);
         let mut symlink = false;
         match &n.kind {
-            LKind::Dir { .. } => rustix::fs::mkdir(dst, Mode::from_raw_mode(0o700))?,
+            LKind::Dir { .. } => dst.mkdir(0o700)?,
             LKind::File(f) => {
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(dst)
-                    .map_err(|e| io_errno(&e))?;
+                let file = dst.create(0o600)?;
                 if let Some(h) = &f.host {
                     let mut src = std::fs::File::open(h).map_err(|e| {
                         tracing::error!(path = %h.display(), "copy-up: {e}");
@@ -125,35 +119,28 @@ impl Union {
                 file.set_len(f.size).map_err(|e| io_errno(&e))?;
             }
             LKind::Symlink(t) => {
-                rustix::fs::symlink(OsStr::from_bytes(t), dst)?;
+                dst.symlink(t)?;
                 symlink = true;
             }
-            LKind::CharDev(r) => {
-                rustix::fs::mknodat(rustix::fs::CWD, dst, FileType::CharacterDevice, Mode::from_raw_mode(0o600), *r)?
-            }
-            LKind::BlockDev(r) => {
-                rustix::fs::mknodat(rustix::fs::CWD, dst, FileType::BlockDevice, Mode::from_raw_mode(0o600), *r)?
-            }
-            LKind::Fifo => rustix::fs::mknodat(rustix::fs::CWD, dst, FileType::Fifo, Mode::from_raw_mode(0o600), 0)?,
-            LKind::Socket => {
-                rustix::fs::mknodat(rustix::fs::CWD, dst, FileType::Socket, Mode::from_raw_mode(0o600), 0)?
-            }
+            LKind::CharDev(r) => dst.mknod(FileType::CharacterDevice, 0o600, *r)?,
+            LKind::BlockDev(r) => dst.mknod(FileType::BlockDevice, 0o600, *r)?,
+            LKind::Fifo => dst.mknod(FileType::Fifo, 0o600, 0)?,
+            LKind::Socket => dst.mknod(FileType::Socket, 0o600, 0)?,
             LKind::Hardlink(_) => return Err(Errno::IO),
         }
         self.set_meta(dst, n.mode, n.uid, n.gid, &n.xattrs, n.mtime, symlink)
     }
 
     /// Creates a partial file for lower `l` at `tmp`; returns its upper inode number.
-    fn stage_partial(&self, l: u32, tmp: &Path) -> FsResult<u64> {
+    fn stage_partial(&self, l: u32, tmp: &At) -> FsResult<u64> {
         let d = self.lower.data_node(l);
         let n = self.lower.node(d);
         let f = self.lower.file(d).ok_or(Errno::IO)?;
-        let file =
-            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(tmp).map_err(|e| io_errno(&e))?;
+        let file = tmp.create(0o600)?;
         file.set_len(f.size).map_err(|e| io_errno(&e))?;
         let s = rustix::fs::fstat(&file)?;
         DirtyMap::new(f.size).store(&self.map_path(s.st_ino)?, false).map_err(|e| io_errno(&e))?;
-        rustix::fs::lsetxattr(tmp, PARTIAL, &self.lower.path(d), XattrFlags::empty())?;
+        tmp.setxattr(PARTIAL.as_bytes(), &self.lower.path(d), XattrFlags::empty())?;
         self.set_meta(tmp, n.mode, n.uid, n.gid, &n.xattrs, n.mtime, false)?;
         Ok(s.st_ino)
     }
@@ -161,7 +148,7 @@ impl Union {
     #[allow(clippy::too_many_arguments)]
     fn set_meta(
         &self,
-        p: &Path,
+        p: &At,
         mode: u32,
         uid: u32,
         gid: u32,
@@ -169,28 +156,17 @@ impl Union {
         mtime: Timestamp,
         symlink: bool,
     ) -> FsResult<()> {
-        rustix::fs::chownat(
-            rustix::fs::CWD,
-            p,
-            Some(rustix::fs::Uid::from_raw(uid)),
-            Some(rustix::fs::Gid::from_raw(gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )?;
+        p.chown(Some(uid), Some(gid))?;
         if !symlink {
-            rustix::fs::chmodat(rustix::fs::CWD, p, Mode::from_raw_mode(mode), AtFlags::empty())?;
+            p.chmod(mode)?;
         }
         for x in xattrs {
             if private_xattr(&x.name) {
                 continue;
             }
-            rustix::fs::lsetxattr(p, OsStr::from_bytes(&x.name), &x.value, XattrFlags::empty())?;
+            p.setxattr(&x.name, &x.value, XattrFlags::empty())?;
         }
         let t = rustix::fs::Timespec { tv_sec: mtime.secs, tv_nsec: mtime.nanos as _ };
-        rustix::fs::utimensat(
-            rustix::fs::CWD,
-            p,
-            &rustix::fs::Timestamps { last_access: t, last_modification: t },
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
+        p.set_times(&rustix::fs::Timestamps { last_access: t, last_modification: t })
     }
 }

@@ -3,11 +3,9 @@
 //! the root). A handle holds the listing taken at opendir, so a readdir
 //! continued across changes neither repeats nor skips a name.
 
-use std::os::unix::ffi::OsStrExt;
+use crate::error::{Errno, FsResult};
 
-use crate::error::{Errno, FsResult, io_errno};
-
-use super::{FType, Handle, State, Union, WORK_DIR};
+use super::{FType, Handle, State, Union, WORK_DIR, upper};
 
 impl Union {
     /// The union's entries of directory `ino` (without `.` and `..`).
@@ -20,11 +18,7 @@ impl Union {
         let mut names: Vec<Vec<u8>> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         if upper {
-            let p = self.node_upath(st, ino)?;
-            let rd = std::fs::read_dir(&p).map_err(|e| io_errno(&e))?;
-            for e in rd {
-                let e = e.map_err(|e| io_errno(&e))?;
-                let n = e.file_name().as_bytes().to_vec();
+            for n in upper::names(self.node_at(st, ino)?.open_dir()?)? {
                 seen.insert(n.clone());
                 if ino == 1 && n == WORK_DIR.as_bytes() {
                     continue;

@@ -9,22 +9,21 @@
 //! object, a directory merged with the lower one below it (or the one its
 //! redirect names) unless it is opaque.
 
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustix::fs::{AtFlags, Stat};
+use rustix::fs::{OFlags, Stat};
 use xenod_store::{Extent, Timestamp};
 
-use crate::error::{Errno, FsResult, io_errno};
+use crate::error::{Errno, FsResult};
 use crate::lower::LKind;
-use crate::overlay::{OPAQUE, PARTIAL, REDIRECT, getxattr_path, is_whiteout};
+use crate::overlay::{OPAQUE, PARTIAL, REDIRECT, is_whiteout};
 use crate::partial::{DirtyMap, Partial};
 
-use super::{Attr, FType, Inode, State, Union, WORK_DIR, libc_o_nofollow};
+use super::namespace::check_name;
+use super::upper::At;
+use super::{Attr, FType, Inode, State, Union, WORK_DIR};
 
 impl Union {
     pub(super) fn inode(st: &State, ino: u64) -> FsResult<&Inode> {
@@ -35,19 +34,13 @@ impl Union {
         st.inodes.get_mut(&ino).ok_or(Errno::STALE)
     }
 
-    pub(super) fn upper_stat(&self, p: &Path) -> FsResult<Option<Stat>> {
-        match rustix::fs::statat(rustix::fs::CWD, p, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(s) => Ok(Some(s)),
-            Err(Errno::NOENT) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
     /// The inode at `name` in directory `parent`, if the union has one.
     pub(super) fn child(&self, st: &mut State, parent: u64, name: &[u8]) -> FsResult<Option<u64>> {
         if let Some(&ino) = st.dentries.get(&(parent, name.to_vec())) {
             return Ok(Some(ino));
         }
+        // As overlayfs: a name no layer could hold is refused, not missing.
+        check_name(name)?;
         let p = Self::inode(st, parent)?;
         if p.ftype != FType::Dir {
             return Err(Errno::NOTDIR);
@@ -59,12 +52,12 @@ impl Union {
         let lower_child = p_lower_dir.and_then(|d| self.lower.child(d, name));
         let mut found = None;
         if p_upper {
-            let path = self.node_upath(st, parent)?.join(OsStr::from_bytes(name));
-            if let Some(s) = self.upper_stat(&path)? {
+            let at = self.child_at(st, parent, name)?;
+            if let Some(s) = at.stat()? {
                 if is_whiteout(&s) {
                     return Ok(None);
                 }
-                found = Some(self.upper_inode(st, &path, &s, lower_child, p_lower_dir)?);
+                found = Some(self.upper_inode(st, parent, &at, &s, lower_child, p_lower_dir)?);
             }
         }
         let ino = match found {
@@ -81,6 +74,7 @@ impl Union {
                     upper: false,
                     ftype,
                     partial: None,
+                    orphan: None,
                 });
                 ino
             }
@@ -108,7 +102,8 @@ impl Union {
     fn upper_inode(
         &self,
         st: &mut State,
-        path: &Path,
+        parent: u64,
+        at: &At,
         s: &Stat,
         lower_child: Option<u32>,
         p_lower_dir: Option<u32>,
@@ -123,8 +118,8 @@ impl Union {
         let mut lower = None;
         let mut partial = None;
         if ftype == FType::Dir {
-            if getxattr_path(path, OPAQUE)?.is_none_or(|v| v != b"y") {
-                lower = match getxattr_path(path, REDIRECT)? {
+            if at.getxattr(OPAQUE)?.is_none_or(|v| v != b"y") {
+                lower = match at.getxattr(REDIRECT)? {
                     Some(r) if r.first() == Some(&b'/') => self.lower.find(&r[1..]),
                     Some(r) => p_lower_dir.and_then(|d| self.lower.child(d, &r)),
                     None => lower_child,
@@ -132,13 +127,14 @@ impl Union {
                 .filter(|&l| self.lower.is_dir(l));
             }
         } else if ftype == FType::File
-            && let Some(lp) = getxattr_path(path, PARTIAL)?
+            && let Some(lp) = at.getxattr(PARTIAL)?
         {
             let Some(l) = self.lower.find(&lp).filter(|&l| self.lower.file(l).is_some()) else {
-                tracing::error!(path = %path.display(), lower = %String::from_utf8_lossy(&lp), "partial file's lower file is not in the stack");
+                let path = super::join(&self.rel(st, parent), &at.name);
+                tracing::error!(path = %xenod_store::display_path(&path), upper = %self.upper_root()?.path.display(), lower = %String::from_utf8_lossy(&lp), "partial file's lower file is not in the stack");
                 return Err(Errno::IO);
             };
-            partial = Some(self.open_partial(path, s.st_ino, l, lp)?);
+            partial = Some(self.open_partial(at, s.st_ino, l, lp)?);
             lower = Some(self.lower.data_node(l));
         }
         let mut ino = match lower {
@@ -158,6 +154,7 @@ impl Union {
                 upper: true,
                 ftype,
                 partial,
+                orphan: None,
             },
         );
         if ftype != FType::Dir && s.st_nlink > 1 {
@@ -168,18 +165,13 @@ impl Union {
 
     pub(super) fn open_partial(
         &self,
-        path: &Path,
+        at: &At,
         upper_ino: u64,
         lower: u32,
         lower_path: Vec<u8>,
     ) -> FsResult<Arc<Partial>> {
         let data = self.lower.file(lower).cloned().ok_or(Errno::IO)?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc_o_nofollow())
-            .open(path)
-            .map_err(|e| io_errno(&e))?;
+        let file = at.open(OFlags::RDWR, 0)?;
         let map_path = self.map_path(upper_ino)?;
         let map = DirtyMap::load(&map_path, data.size).map_err(|e| {
             tracing::error!(map = %map_path.display(), "dirty map unreadable: {e}");
@@ -215,7 +207,15 @@ impl Union {
         st.next_ino += 1;
         st.inodes.insert(
             ino,
-            Inode { names: vec![(parent, name.to_vec())], lower: None, lower_dir, upper: true, ftype, partial: None },
+            Inode {
+                names: vec![(parent, name.to_vec())],
+                lower: None,
+                lower_dir,
+                upper: true,
+                ftype,
+                partial: None,
+                orphan: None,
+            },
         );
         st.dentries.insert((parent, name.to_vec()), ino);
         self.track_name(st, parent, name);
@@ -239,17 +239,15 @@ impl Union {
 
     pub(super) fn attr_locked(&self, st: &State, ino: u64) -> FsResult<Attr> {
         let node = Self::inode(st, ino)?;
+        let nameless = node.names.is_empty() && ino != 1;
         if node.upper {
-            let path = self.node_upath(st, ino)?;
-            let s = if node.names.is_empty() && ino != 1 {
-                None
-            } else {
-                rustix::fs::statat(rustix::fs::CWD, &path, AtFlags::SYMLINK_NOFOLLOW).ok()
-            };
-            let s = match (s, &node.partial) {
-                (Some(s), _) => s,
-                (None, Some(p)) => rustix::fs::fstat(&p.file)?,
-                (None, None) => return Err(Errno::NOENT),
+            let s = if nameless { None } else { self.node_at(st, ino)?.stat()? };
+            // An object open after its last name went is still there.
+            let s = match (s, &node.orphan, &node.partial) {
+                (Some(s), _, _) => s,
+                (None, Some(fd), _) => rustix::fs::fstat(&**fd)?,
+                (None, None, Some(p)) => rustix::fs::fstat(&p.file)?,
+                (None, None, None) => return Err(Errno::NOENT),
             };
             let mut nlink = s.st_nlink as u32;
             if node.ftype == FType::Dir && node.lower_dir.is_some() {
@@ -272,7 +270,12 @@ impl Union {
             });
         }
         let l = node.lower.ok_or(Errno::IO)?;
-        Ok(self.lower_attr(ino, l))
+        let mut a = self.lower_attr(ino, l);
+        if nameless && a.kind != FType::Dir {
+            // Whited out while open: no name left in the union.
+            a.nlink = 0;
+        }
+        Ok(a)
     }
 
     fn lower_attr(&self, ino: u64, l: u32) -> Attr {
@@ -319,7 +322,7 @@ impl Union {
         if !n.upper {
             return Ok(None);
         }
-        Ok(Some(self.node_upath(&st, ino)?))
+        Ok(Some(self.node_path(&st, ino)?))
     }
 
     /// The lower node shown (or partially backing) `ino`.

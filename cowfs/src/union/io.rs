@@ -9,10 +9,11 @@
 //! file cache's copy) or its upper file.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use rustix::fs::OFlags;
 use xenod_store::Extent;
 
 use crate::cache::read_lower;
@@ -20,7 +21,7 @@ use crate::error::{Errno, FsResult, io_errno};
 use crate::filecache::Key;
 use crate::partial::Partial;
 
-use super::{FType, Handle, State, Union, libc_o_nofollow};
+use super::{FType, Handle, State, Union, upper};
 
 /// Bound of [`Union::entries`].
 const OPEN_ENTRIES: usize = 8;
@@ -60,7 +61,30 @@ impl Union {
     }
 
     pub(crate) fn release(&self, fh: u64) {
-        self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
+        let ino = {
+            let mut hs = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+            match hs.remove(&fh).as_deref() {
+                Some(Handle::File { ino, .. }) if !Self::has_handle(&hs, *ino) => *ino,
+                _ => return,
+            }
+        };
+        // The last handle of an object with no name left: let it go.
+        let mut st = self.lock();
+        if let Some(n) = st.inodes.get_mut(&ino)
+            && n.names.is_empty()
+        {
+            n.orphan = None;
+        }
+    }
+
+    /// Whether a file handle of `ino` is open.
+    fn has_handle(hs: &std::collections::HashMap<u64, Arc<Handle>>, ino: u64) -> bool {
+        hs.values().any(|h| matches!(**h, Handle::File { ino: i, .. } if i == ino))
+    }
+
+    /// Whether the kernel holds `ino` open.
+    pub(super) fn is_open(&self, ino: u64) -> bool {
+        Self::has_handle(&self.handles.lock().unwrap_or_else(|e| e.into_inner()), ino)
     }
 
     /// File and directory handles the kernel holds open (its RELEASEs
@@ -85,7 +109,7 @@ impl Union {
             // O_TRUNC (the kernel sends it with atomic_o_trunc).
             self.truncate_locked(&mut st, ino, 0)?;
         }
-        drop(st);
+        // Under the lock: an unlink sees the handle and keeps the object.
         Ok(self.add_handle(Handle::File {
             ino,
             file: Mutex::new(None),
@@ -93,6 +117,16 @@ impl Union {
             append: flags & 0o2000 != 0,
             offered: AtomicBool::new(false),
         }))
+    }
+
+    /// Opens the upper object of `ino` with `flags` (at its name, or the
+    /// object itself if it has none left).
+    fn open_upper(&self, st: &State, ino: u64, flags: OFlags) -> FsResult<File> {
+        let node = Self::inode(st, ino)?;
+        match &node.orphan {
+            Some(fd) if node.names.is_empty() => upper::reopen(&**fd, flags),
+            _ => self.node_at(st, ino)?.open(flags, 0),
+        }
     }
 
     /// The upper file of a handle, opened on first use.
@@ -107,15 +141,11 @@ impl Union {
         if !node.upper || node.partial.is_some() {
             return Ok(None);
         }
-        let path = self.node_upath(&st, *ino)?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(*write)
-            .append(*append)
-            .custom_flags(libc_o_nofollow())
-            .open(&path)
-            .map_err(|e| io_errno(&e))?;
-        let file = Arc::new(file);
+        let mut flags = if *write { OFlags::RDWR } else { OFlags::RDONLY };
+        if *append {
+            flags |= OFlags::APPEND;
+        }
+        let file = Arc::new(self.open_upper(&st, *ino, flags)?);
         *f = Some(file.clone());
         Ok(Some(file))
     }
@@ -306,12 +336,7 @@ impl Union {
         if let Some(p) = &node.partial {
             return p.truncate(size);
         }
-        let path = self.node_upath(st, ino)?;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc_o_nofollow())
-            .open(&path)
-            .map_err(|e| io_errno(&e))?;
+        let f = self.open_upper(st, ino, OFlags::WRONLY)?;
         f.set_len(size).map_err(|e| io_errno(&e))
     }
 
@@ -334,14 +359,7 @@ impl Union {
         if !node.upper || node.partial.is_some() || node.ftype != FType::File || node.names.is_empty() {
             return Ok(None);
         }
-        let path = self.node_upath(&st, ino)?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc_o_nofollow())
-            .open(&path)
-            .map_err(|e| io_errno(&e))?;
-        Ok(Some(file))
+        Ok(Some(self.open_upper(&st, ino, OFlags::RDWR)?))
     }
 
     /// For FUSE passthrough of a lower-only file: its materialised copy,

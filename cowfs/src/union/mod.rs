@@ -27,7 +27,7 @@
 //!
 //! | file | what it holds |
 //! |---|---|
-//! | `mod.rs` | [`Union`], its construction, the shared types ([`Attr`], [`FType`], `Inode`, `State`, `Handle`), upper paths, change tracking |
+//! | `mod.rs` | [`Union`], its construction, the shared types ([`Attr`], [`FType`], `Inode`, `State`, `Handle`), the upper objects of inodes (`node_at`, `dir_fd`), change tracking |
 //! | `inode` | the inode table: lookup merging upper and lower, inodes of upper objects, names added and dropped, attributes |
 //! | `copyup` | copy-up: a lower object made upper, whole or as a partial file |
 //! | `io` | handles and file data: open, read, write, fsync, lseek, truncate, release; passthrough and the file cache |
@@ -36,6 +36,10 @@
 //! | `xattr` | getxattr, listxattr, setxattr, removexattr |
 //! | `namespace` | mknod, create, mkdir, link, unlink, rmdir: names made and removed, whiteouts |
 //! | `rename` | rename and exchange: redirects and opaque marks of moved directories |
+//!
+//! Beside them, `upper` reaches the upper directory through directory
+//! handles (`*at` calls), so that no operation depends on the length of a
+//! host path.
 
 mod attr;
 mod copyup;
@@ -44,11 +48,13 @@ mod inode;
 mod io;
 mod namespace;
 mod rename;
+mod upper;
 mod xattr;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -66,6 +72,8 @@ use crate::overlay::{OPAQUE, getxattr_path};
 use crate::partial::Partial;
 use crate::readahead::ReadAhead;
 use crate::track::{DirtySet, Tracker};
+
+use self::upper::{At, Upper};
 
 /// xenod's work area in the upper root, hidden in the union.
 pub const WORK_DIR: &str = ".xenod";
@@ -130,6 +138,10 @@ struct Inode {
     upper: bool,
     ftype: FType,
     partial: Option<Arc<Partial>>,
+    /// An upper object that lost its last name while open: an `O_PATH`
+    /// handle of it, for fstat and for handles opened before, kept until
+    /// the last of them is released.
+    orphan: Option<Arc<OwnedFd>>,
 }
 
 /// The inode table; each namespace change holds its lock throughout.
@@ -163,7 +175,7 @@ pub struct Union {
     store: Arc<Store>,
     pub(crate) lower: Arc<LowerTree>,
     cache: Arc<ChunkCache>,
-    upper: Option<PathBuf>,
+    upper: Option<Upper>,
     st: Mutex<State>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -234,9 +246,18 @@ impl Union {
                 upper: root_upper,
                 ftype: FType::Dir,
                 partial: None,
+                orphan: None,
             },
         );
         let next_ino = lower.len() as u64 + 1;
+        let upper = match upper {
+            Some(u) => {
+                let work = format!("{WORK_DIR}/work");
+                let work = (own || u.join(&work).is_dir()).then_some(work.as_str());
+                Some(Upper::open(u.clone(), work).map_err(Error::io("opening", &u))?)
+            }
+            None => None,
+        };
         let lower = Arc::new(lower);
         let cache = Arc::new(ChunkCache::new(cache_bytes));
         // Not for a commit's view: it reads each file once, in its own order.
@@ -298,7 +319,7 @@ impl Union {
 
     pub fn statfs(&self) -> FsResult<rustix::fs::StatVfs> {
         match &self.upper {
-            Some(u) => Ok(rustix::fs::statvfs(u)?),
+            Some(u) => Ok(rustix::fs::fstatvfs(&*u.root)?),
             None => Ok(rustix::fs::statvfs(self.store.root())?),
         }
     }
@@ -307,8 +328,8 @@ impl Union {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn upper_root(&self) -> FsResult<&Path> {
-        self.upper.as_deref().ok_or(Errno::ROFS)
+    fn upper_root(&self) -> FsResult<&Upper> {
+        self.upper.as_ref().ok_or(Errno::ROFS)
     }
 
     /// The union path of `ino`: its first names up to the root.
@@ -323,22 +344,63 @@ impl Union {
         crate::lower::join_leaf_first(&parts)
     }
 
-    fn upath(&self, rel: &[u8]) -> FsResult<PathBuf> {
-        let root = self.upper_root()?;
-        Ok(if rel.is_empty() { root.to_path_buf() } else { root.join(OsStr::from_bytes(rel)) })
+    /// The host path of `ino`'s upper object, for readers outside the
+    /// union (bounded by PATH_MAX, unlike the union's own calls).
+    fn node_path(&self, st: &State, ino: u64) -> FsResult<PathBuf> {
+        let root = &self.upper_root()?.path;
+        let rel = self.rel(st, ino);
+        Ok(if rel.is_empty() { root.clone() } else { root.join(OsStr::from_bytes(&rel)) })
     }
 
-    fn node_upath(&self, st: &State, ino: u64) -> FsResult<PathBuf> {
-        self.upath(&self.rel(st, ino))
+    /// The handle of upper directory `ino`: cached, or opened from its
+    /// nearest cached ancestor (or the root) one name at a time.
+    fn dir_fd(&self, st: &State, ino: u64) -> FsResult<Arc<OwnedFd>> {
+        let upper = self.upper_root()?;
+        let mut down: Vec<(u64, &[u8])> = Vec::new();
+        let mut cur = ino;
+        let mut fd = loop {
+            if cur == 1 {
+                break upper.root.clone();
+            }
+            if let Some(fd) = upper.cached(cur) {
+                break fd;
+            }
+            let node = Self::inode(st, cur)?;
+            if !node.upper || node.ftype != FType::Dir {
+                return Err(if node.ftype == FType::Dir { Errno::NOENT } else { Errno::NOTDIR });
+            }
+            let (p, n) = node.names.first().ok_or(Errno::NOENT)?;
+            down.push((cur, n));
+            cur = *p;
+        };
+        for (i, n) in down.into_iter().rev() {
+            fd = upper.open_dir(&fd, n, i)?;
+        }
+        Ok(fd)
     }
 
-    fn stage_path(&self, st: &mut State) -> FsResult<PathBuf> {
+    /// Name `name` in upper directory `parent`.
+    fn child_at(&self, st: &State, parent: u64, name: &[u8]) -> FsResult<At> {
+        Ok(At::new(self.dir_fd(st, parent)?, name))
+    }
+
+    /// The upper object of `ino` (at its first name; `.` of the root).
+    fn node_at(&self, st: &State, ino: u64) -> FsResult<At> {
+        if ino == 1 {
+            return Ok(At::new(self.upper_root()?.root.clone(), b"."));
+        }
+        let (p, n) = Self::inode(st, ino)?.names.first().ok_or(Errno::NOENT)?;
+        self.child_at(st, *p, n)
+    }
+
+    /// A fresh name in the staging directory.
+    fn stage(&self, st: &mut State) -> FsResult<At> {
         st.tmp += 1;
-        Ok(self.upper_root()?.join(WORK_DIR).join("work").join(format!("#{:x}", st.tmp)))
+        self.upper_root()?.staged(format!("#{:x}", st.tmp))
     }
 
     fn map_path(&self, upper_ino: u64) -> FsResult<PathBuf> {
-        Ok(self.upper_root()?.join(WORK_DIR).join("maps").join(format!("{upper_ino}.map")))
+        Ok(self.upper_root()?.path.join(WORK_DIR).join("maps").join(format!("{upper_ino}.map")))
     }
 }
 
@@ -349,10 +411,4 @@ pub(crate) fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
     }
     p.extend_from_slice(name);
     p
-}
-
-/// The platform's `O_NOFOLLOW` (its value differs between architectures:
-/// on aarch64 `0o400000` is `O_LARGEFILE`).
-const fn libc_o_nofollow() -> i32 {
-    rustix::fs::OFlags::NOFOLLOW.bits() as i32
 }

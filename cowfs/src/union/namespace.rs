@@ -7,23 +7,23 @@
 //! up is made in place. A name removed where a lower entry would show again
 //! becomes a whiteout.
 
-use std::ffi::OsStr;
 use std::fs::File;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
-use rustix::fs::{AtFlags, FileType, Mode, RenameFlags, XattrFlags};
+use rustix::fs::{FileType, RenameFlags, XattrFlags};
 
-use crate::error::{Errno, FsResult, io_errno};
+use crate::error::{Errno, FsResult};
 use crate::overlay::{OPAQUE, is_whiteout};
 
-use super::{Attr, FType, State, Union, libc_o_nofollow};
+use super::upper::{self, At};
+use super::{Attr, FType, State, Union};
 
 impl Union {
     /// Checks that `name` is free in `parent` and makes the parent upper;
-    /// returns the parent's upper path and whether a whiteout holds the name.
-    fn prepare_create(&self, st: &mut State, parent: u64, name: &[u8]) -> FsResult<(PathBuf, bool)> {
+    /// returns the name in the parent's upper directory and whether a
+    /// whiteout holds it.
+    fn prepare_create(&self, st: &mut State, parent: u64, name: &[u8]) -> FsResult<(At, bool)> {
         self.upper_root()?;
         check_name(name)?;
         if st.dentries.contains_key(&(parent, name.to_vec())) {
@@ -38,8 +38,7 @@ impl Union {
         // not yet upper has an empty upper directory once copied up.
         let (p_upper, p_lower_dir) = (p.upper, p.lower_dir);
         let whiteout = if p_upper {
-            let pp = self.node_upath(st, parent)?;
-            match self.upper_stat(&pp.join(OsStr::from_bytes(name)))? {
+            match self.child_at(st, parent, name)?.stat()? {
                 Some(s) if is_whiteout(&s) => true,
                 Some(_) => return Err(Errno::EXIST),
                 None => false,
@@ -51,21 +50,20 @@ impl Union {
             return Err(Errno::EXIST);
         }
         self.copy_up(st, parent)?;
-        Ok((self.node_upath(st, parent)?, whiteout))
+        Ok((self.child_at(st, parent, name)?, whiteout))
     }
 
     /// Moves a staged object into place at `dst`, replacing a whiteout if
     /// there is one (directories exchange with it, as overlayfs does).
-    fn install(&self, tmp: &Path, dst: &Path, is_dir: bool, whiteout: bool) -> FsResult<()> {
+    fn install(&self, tmp: &At, dst: &At, is_dir: bool, whiteout: bool) -> FsResult<()> {
         if !whiteout {
-            return rustix::fs::renameat_with(rustix::fs::CWD, tmp, rustix::fs::CWD, dst, RenameFlags::NOREPLACE);
+            return tmp.rename(dst, RenameFlags::NOREPLACE);
         }
         if is_dir {
-            rustix::fs::renameat_with(rustix::fs::CWD, tmp, rustix::fs::CWD, dst, RenameFlags::EXCHANGE)?;
-            rustix::fs::unlink(tmp)?;
-            Ok(())
+            tmp.rename(dst, RenameFlags::EXCHANGE)?;
+            tmp.unlink()
         } else {
-            Ok(rustix::fs::rename(tmp, dst)?)
+            tmp.rename(dst, RenameFlags::empty())
         }
     }
 
@@ -76,29 +74,23 @@ impl Union {
     /// file then appears whole at once, as overlayfs makes it with the
     /// caller's credentials, with no staging, chown, chmod or rename (about
     /// a quarter of a create's cost). `None`: use the staging directory.
-    fn create_in_place(&self, pp: &Path, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Option<File>> {
+    fn create_in_place(&self, dst: &At, mode: u32, uid: u32, gid: u32) -> FsResult<Option<File>> {
         let perm = mode & 0o7777;
         let root = rustix::process::geteuid().is_root() && rustix::process::getegid().as_raw() == 0;
         if uid != 0 || !root || process_umask().is_none_or(|m| perm & m != 0) {
             return Ok(None);
         }
-        let (_, _, sgid) = self.owner_for(pp, uid, gid);
+        let (_, _, sgid) = self.owner_for(&dst.dir, uid, gid);
         if !sgid && gid != 0 {
             return Ok(None);
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(perm)
-            .custom_flags(libc_o_nofollow())
-            .open(pp.join(OsStr::from_bytes(name)))
-            .map_err(|e| io_errno(&e))?;
-        Ok(Some(file))
+        Ok(Some(dst.create(perm)?))
     }
 
-    fn owner_for(&self, pp: &Path, uid: u32, gid: u32) -> (u32, u32, bool) {
-        match rustix::fs::stat(pp) {
+    /// The owner of a new object in upper directory `dir` (which gives its
+    /// group if it has the set-group-id bit, said by the third value).
+    fn owner_for(&self, dir: &Arc<OwnedFd>, uid: u32, gid: u32) -> (u32, u32, bool) {
+        match rustix::fs::fstat(&**dir) {
             Ok(s) if s.st_mode & 0o2000 != 0 => (uid, s.st_gid, true),
             _ => (uid, gid, false),
         }
@@ -133,46 +125,33 @@ impl Union {
         target: Option<&[u8]>,
     ) -> FsResult<(Attr, Option<File>)> {
         let mut st = self.lock();
-        let (pp, whiteout) = self.prepare_create(&mut st, parent, name)?;
+        let (dst, whiteout) = self.prepare_create(&mut st, parent, name)?;
         let ft = FileType::from_raw_mode(mode);
         let regular = target.is_none() && (ft == FileType::RegularFile || mode & 0o170000 == 0);
         if regular
             && !whiteout
-            && let Some(file) = self.create_in_place(&pp, name, mode, uid, gid)?
+            && let Some(file) = self.create_in_place(&dst, mode, uid, gid)?
         {
             let ino = self.new_inode(&mut st, parent, name, FType::File, None);
             return Ok((self.attr_locked(&st, ino)?, Some(file)));
         }
-        let tmp = self.stage_path(&mut st)?;
+        let tmp = self.stage(&mut st)?;
         let ftype = if target.is_some() { FType::Symlink } else { FType::of_mode(mode) };
         let mut file = None;
         match target {
-            Some(t) => rustix::fs::symlink(OsStr::from_bytes(t), &tmp)?,
-            None if ft == FileType::RegularFile || mode & 0o170000 == 0 => {
-                file = Some(
-                    std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&tmp)
-                        .map_err(|e| io_errno(&e))?,
-                );
-            }
-            None => rustix::fs::mknodat(rustix::fs::CWD, &tmp, ft, Mode::from_raw_mode(0o600), rdev)?,
+            Some(t) => tmp.symlink(t)?,
+            None if regular => file = Some(tmp.create(0o600)?),
+            None => tmp.mknod(ft, 0o600, rdev)?,
         }
-        let (uid, gid, _) = self.owner_for(&pp, uid, gid);
-        rustix::fs::chownat(
-            rustix::fs::CWD,
-            &tmp,
-            Some(rustix::fs::Uid::from_raw(uid)),
-            Some(rustix::fs::Gid::from_raw(gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )?;
-        if target.is_none() {
-            rustix::fs::chmodat(rustix::fs::CWD, &tmp, Mode::from_raw_mode(mode & 0o7777), AtFlags::empty())?;
+        let (uid, gid, _) = self.owner_for(&dst.dir, uid, gid);
+        let placed = tmp
+            .chown(Some(uid), Some(gid))
+            .and_then(|()| if target.is_none() { tmp.chmod(mode & 0o7777) } else { Ok(()) })
+            .and_then(|()| self.install(&tmp, &dst, false, whiteout));
+        if let Err(e) = placed {
+            let _ = tmp.unlink();
+            return Err(e);
         }
-        self.install(&tmp, &pp.join(OsStr::from_bytes(name)), false, whiteout)?;
         let ino = self.new_inode(&mut st, parent, name, ftype, None);
         Ok((self.attr_locked(&st, ino)?, file))
     }
@@ -196,19 +175,23 @@ impl Union {
 
     pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
         let mut st = self.lock();
-        let (pp, whiteout) = self.prepare_create(&mut st, parent, name)?;
-        let tmp = self.stage_path(&mut st)?;
-        rustix::fs::mkdir(&tmp, Mode::from_raw_mode(0o700))?;
-        let (uid, gid, sgid) = self.owner_for(&pp, uid, gid);
-        rustix::fs::chown(&tmp, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))?;
+        let (dst, whiteout) = self.prepare_create(&mut st, parent, name)?;
+        let tmp = self.stage(&mut st)?;
+        tmp.mkdir(0o700)?;
+        let (uid, gid, sgid) = self.owner_for(&dst.dir, uid, gid);
         let mode = (mode & 0o7777) | if sgid { 0o2000 } else { 0 };
-        rustix::fs::chmod(&tmp, Mode::from_raw_mode(mode))?;
         // Over a whiteout the directory must hide what is below; in a merged
         // parent overlayfs marks it opaque anyway (a lookup optimisation).
-        if whiteout || Self::inode(&st, parent)?.lower_dir.is_some() {
-            rustix::fs::lsetxattr(&tmp, OPAQUE, b"y", XattrFlags::empty())?;
+        let opaque = whiteout || Self::inode(&st, parent)?.lower_dir.is_some();
+        let placed = tmp
+            .chown(Some(uid), Some(gid))
+            .and_then(|()| tmp.chmod(mode))
+            .and_then(|()| if opaque { tmp.setxattr(OPAQUE.as_bytes(), b"y", XattrFlags::empty()) } else { Ok(()) })
+            .and_then(|()| self.install(&tmp, &dst, true, whiteout));
+        if let Err(e) = placed {
+            let _ = tmp.rmdir();
+            return Err(e);
         }
-        self.install(&tmp, &pp.join(OsStr::from_bytes(name)), true, whiteout)?;
         let ino = self.new_inode(&mut st, parent, name, FType::Dir, None);
         self.attr_locked(&st, ino)
     }
@@ -218,18 +201,20 @@ impl Union {
         if Self::inode(&st, ino)?.ftype == FType::Dir {
             return Err(Errno::PERM);
         }
-        let (pp, whiteout) = self.prepare_create(&mut st, parent, name)?;
+        let (dst, whiteout) = self.prepare_create(&mut st, parent, name)?;
         self.copy_up(&mut st, ino)?;
-        let src = self.node_upath(&st, ino)?;
-        let dst = pp.join(OsStr::from_bytes(name));
+        let src = self.node_at(&st, ino)?;
         if whiteout {
-            let tmp = self.stage_path(&mut st)?;
-            rustix::fs::link(&src, &tmp)?;
-            rustix::fs::rename(&tmp, &dst)?;
+            let tmp = self.stage(&mut st)?;
+            src.link(&tmp)?;
+            if let Err(e) = tmp.rename(&dst, RenameFlags::empty()) {
+                let _ = tmp.unlink();
+                return Err(e);
+            }
         } else {
-            rustix::fs::link(&src, &dst)?;
+            src.link(&dst)?;
         }
-        let s = rustix::fs::statat(rustix::fs::CWD, &dst, AtFlags::SYMLINK_NOFOLLOW)?;
+        let s = dst.stat()?.ok_or(Errno::NOENT)?;
         st.by_upper.insert(s.st_ino, ino);
         Self::inode_mut(&mut st, ino)?.names.push((parent, name.to_vec()));
         st.dentries.insert((parent, name.to_vec()), ino);
@@ -242,22 +227,17 @@ impl Union {
         Ok(Self::inode(st, parent)?.lower_dir.is_some_and(|d| self.lower.child(d, name).is_some()))
     }
 
-    pub(super) fn whiteout(&self, path: &Path) -> FsResult<()> {
-        rustix::fs::mknodat(rustix::fs::CWD, path, FileType::CharacterDevice, Mode::empty(), 0)
-    }
-
     /// Removes whiteouts from an upper directory that the union shows empty.
-    pub(super) fn clear_whiteouts(&self, dir: &Path) -> FsResult<()> {
-        let rd = match std::fs::read_dir(dir) {
-            Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_errno(&e)),
+    pub(super) fn clear_whiteouts(&self, dir: &At) -> FsResult<()> {
+        let fd = match dir.open_dir() {
+            Ok(fd) => Arc::new(fd),
+            Err(Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(e),
         };
-        for e in rd {
-            let e = e.map_err(|e| io_errno(&e))?;
-            let p = e.path();
-            match self.upper_stat(&p)? {
-                Some(s) if is_whiteout(&s) => rustix::fs::unlink(&p)?,
+        for n in upper::names(rustix::io::dup(&*fd)?)? {
+            let e = At::new(fd.clone(), &n);
+            match e.stat()? {
+                Some(s) if is_whiteout(&s) => e.unlink()?,
                 _ => return Err(Errno::NOTEMPTY),
             }
         }
@@ -280,25 +260,35 @@ impl Union {
         }
         let positive = self.lower_positive(st, parent, name)?;
         self.copy_up(st, parent)?;
-        let path = self.node_upath(st, parent)?.join(OsStr::from_bytes(name));
+        let at = self.child_at(st, parent, name)?;
         if node_upper {
+            // Its last name goes while it is open: keep it for fstat and I/O.
+            let keep = if !dir && Self::inode(st, ino)?.names.len() == 1 && self.is_open(ino) {
+                Some(Arc::new(at.pin()?))
+            } else {
+                None
+            };
             if dir {
-                self.clear_whiteouts(&path)?;
+                self.clear_whiteouts(&at)?;
                 if positive {
                     // Replace the directory by a whiteout in one step.
-                    let tmp = self.stage_path(st)?;
-                    self.whiteout(&tmp)?;
-                    rustix::fs::renameat_with(rustix::fs::CWD, &tmp, rustix::fs::CWD, &path, RenameFlags::EXCHANGE)?;
-                    rustix::fs::rmdir(&tmp)?;
+                    let tmp = self.stage(st)?;
+                    tmp.whiteout()?;
+                    tmp.rename(&at, RenameFlags::EXCHANGE)?;
+                    tmp.rmdir()?;
                 } else {
-                    rustix::fs::rmdir(&path)?;
+                    at.rmdir()?;
                 }
+                self.upper_root()?.forget_dir(ino);
             } else if positive {
-                let tmp = self.stage_path(st)?;
-                self.whiteout(&tmp)?;
-                rustix::fs::rename(&tmp, &path)?;
+                let tmp = self.stage(st)?;
+                tmp.whiteout()?;
+                tmp.rename(&at, RenameFlags::empty())?;
             } else {
-                rustix::fs::unlink(&path)?;
+                at.unlink()?;
+            }
+            if keep.is_some() {
+                Self::inode_mut(st, ino)?.orphan = keep;
             }
             if let Some(p) = &Self::inode(st, ino)?.partial
                 && Self::inode(st, ino)?.names.len() <= 1
@@ -306,7 +296,7 @@ impl Union {
                 let _ = std::fs::remove_file(&p.map_path);
             }
         } else {
-            self.whiteout(&path)?;
+            at.whiteout()?;
         }
         self.drop_name(st, parent, name);
         Ok(())

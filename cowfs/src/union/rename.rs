@@ -4,13 +4,10 @@
 //! opaque when moved into a merged directory; a whiteout is left at the old
 //! name if a lower entry would show there again.
 
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
-
 use rustix::fs::{RenameFlags, XattrFlags};
 
 use crate::error::{Errno, FsResult};
-use crate::overlay::{OPAQUE, REDIRECT, getxattr_path, is_whiteout};
+use crate::overlay::{OPAQUE, REDIRECT, is_whiteout};
 
 use super::namespace::check_name;
 use super::{FType, State, Union};
@@ -75,9 +72,9 @@ impl Union {
         if src_dir {
             if src_merge_or_lower {
                 let r = self.redirect_for(st, src, samedir)?;
-                rustix::fs::lsetxattr(&self.node_upath(st, src)?, REDIRECT, &r, XattrFlags::empty())?;
+                self.node_at(st, src)?.setxattr(REDIRECT.as_bytes(), &r, XattrFlags::empty())?;
             } else if !old_opaque && self.is_merge(st, newparent)? {
-                rustix::fs::lsetxattr(&self.node_upath(st, src)?, OPAQUE, b"y", XattrFlags::empty())?;
+                self.node_at(st, src)?.setxattr(OPAQUE.as_bytes(), b"y", XattrFlags::empty())?;
             }
         }
         if exchange && let Some(d) = dst {
@@ -85,16 +82,16 @@ impl Union {
             if d_dir {
                 if Self::inode(st, d)?.lower_dir.is_some() {
                     let r = self.redirect_for(st, d, samedir)?;
-                    rustix::fs::lsetxattr(&self.node_upath(st, d)?, REDIRECT, &r, XattrFlags::empty())?;
+                    self.node_at(st, d)?.setxattr(REDIRECT.as_bytes(), &r, XattrFlags::empty())?;
                 } else if !self.is_opaque(st, d)? && self.is_merge(st, parent)? {
-                    rustix::fs::lsetxattr(&self.node_upath(st, d)?, OPAQUE, b"y", XattrFlags::empty())?;
+                    self.node_at(st, d)?.setxattr(OPAQUE.as_bytes(), b"y", XattrFlags::empty())?;
                 }
             }
         }
-        let from = self.node_upath(st, parent)?.join(OsStr::from_bytes(name));
-        let to = self.node_upath(st, newparent)?.join(OsStr::from_bytes(newname));
+        let from = self.child_at(st, parent, name)?;
+        let to = self.child_at(st, newparent, newname)?;
         if exchange {
-            rustix::fs::renameat_with(rustix::fs::CWD, &from, rustix::fs::CWD, &to, RenameFlags::EXCHANGE)?;
+            from.rename(&to, RenameFlags::EXCHANGE)?;
             Self::swap_names(st, (parent, name), (newparent, newname));
             return Ok(());
         }
@@ -104,18 +101,32 @@ impl Union {
         {
             self.clear_whiteouts(&to)?;
         }
-        let to_whiteout = self.upper_stat(&to)?.is_some_and(|s| is_whiteout(&s));
+        // A file replaced while open keeps its object for fstat and I/O.
+        let keep = match dst {
+            Some(d)
+                if Self::inode(st, d)?.ftype != FType::Dir
+                    && Self::inode(st, d)?.names.len() == 1
+                    && self.is_open(d) =>
+            {
+                Some((d, std::sync::Arc::new(to.pin()?)))
+            }
+            _ => None,
+        };
+        let to_whiteout = to.stat()?.is_some_and(|s| is_whiteout(&s));
         if to_whiteout && (positive || src_dir) {
             // Swap with the whiteout: it stays at the old name if one is due there.
-            rustix::fs::renameat_with(rustix::fs::CWD, &from, rustix::fs::CWD, &to, RenameFlags::EXCHANGE)?;
+            from.rename(&to, RenameFlags::EXCHANGE)?;
             if !positive {
-                rustix::fs::unlink(&from)?;
+                from.unlink()?;
             }
         } else {
-            rustix::fs::rename(&from, &to)?;
+            from.rename(&to, RenameFlags::empty())?;
             if positive {
-                self.whiteout(&from)?;
+                from.whiteout()?;
             }
+        }
+        if let Some((d, fd)) = keep {
+            Self::inode_mut(st, d)?.orphan = Some(fd);
         }
         self.moved(st, src, dst, (parent, name), (newparent, newname));
         Ok(())
@@ -155,6 +166,9 @@ impl Union {
     fn moved(&self, st: &mut State, src: u64, dst: Option<u64>, from: (u64, &[u8]), to: (u64, &[u8])) {
         if let Some(d) = dst {
             self.drop_name(st, to.0, to.1);
+            if let Ok(u) = self.upper_root() {
+                u.forget_dir(d);
+            }
             if let Some(n) = st.inodes.get(&d)
                 && n.names.is_empty()
                 && let Some(p) = &n.partial
@@ -178,8 +192,7 @@ impl Union {
     /// The redirect overlayfs would record for a directory moved from
     /// `ino`'s current place: its name (same parent) or its absolute path.
     fn redirect_for(&self, st: &State, ino: u64, samedir: bool) -> FsResult<Vec<u8>> {
-        let path = self.node_upath(st, ino)?;
-        let existing = getxattr_path(&path, REDIRECT)?;
+        let existing = self.node_at(st, ino)?.getxattr(REDIRECT)?;
         if let Some(r) = &existing
             && (samedir || r.first() == Some(&b'/'))
         {
@@ -195,7 +208,7 @@ impl Union {
         while cur != 1 {
             let node = Self::inode(st, cur)?;
             let (p, n) = node.names.first().cloned().ok_or(Errno::NOENT)?;
-            let r = if node.upper { getxattr_path(&self.node_upath(st, cur)?, REDIRECT)? } else { None };
+            let r = if node.upper { self.node_at(st, cur)?.getxattr(REDIRECT)? } else { None };
             match r {
                 Some(r) if r.first() == Some(&b'/') => {
                     parts.push(r[1..].to_vec());
@@ -224,7 +237,7 @@ impl Union {
         if !n.upper || n.ftype != FType::Dir {
             return Ok(false);
         }
-        Ok(getxattr_path(&self.node_upath(st, ino)?, OPAQUE)?.is_some_and(|v| v == b"y"))
+        Ok(self.node_at(st, ino)?.getxattr(OPAQUE)?.is_some_and(|v| v == b"y"))
     }
 }
 

@@ -2,13 +2,10 @@
 //! lower node's while not copied up. xenod's and overlayfs's own marks
 //! (`overlay::private_xattr`) are neither shown nor settable.
 
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
-
 use rustix::fs::XattrFlags;
 
 use crate::error::{Errno, FsResult};
-use crate::overlay::{getxattr_path, list_xattrs, private_xattr};
+use crate::overlay::private_xattr;
 
 use super::Union;
 
@@ -21,7 +18,7 @@ impl Union {
                 return Err(Errno::NODATA);
             }
             let n = std::str::from_utf8(name).map_err(|_| Errno::NODATA)?;
-            return getxattr_path(&self.node_upath(&st, ino)?, n)?.ok_or(Errno::NODATA);
+            return self.node_at(&st, ino)?.getxattr(n)?.ok_or(Errno::NODATA);
         }
         let l = self.lower.node(self.lower.data_node(node.lower.ok_or(Errno::IO)?));
         l.xattrs.iter().find(|x| x.name == name).map(|x| x.value.clone()).ok_or(Errno::NODATA)
@@ -31,7 +28,7 @@ impl Union {
         let st = self.lock();
         let node = Self::inode(&st, ino)?;
         let xs = if node.upper {
-            list_xattrs(&self.node_upath(&st, ino)?)?.into_iter().filter(|x| !private_xattr(&x.name)).collect()
+            self.node_at(&st, ino)?.xattrs()?.into_iter().filter(|x| !private_xattr(&x.name)).collect()
         } else {
             self.lower.node(self.lower.data_node(node.lower.ok_or(Errno::IO)?)).xattrs.to_vec()
         };
@@ -50,8 +47,7 @@ impl Union {
         let mut st = self.lock();
         self.upper_root()?;
         self.copy_up(&mut st, ino)?;
-        let p = self.node_upath(&st, ino)?;
-        rustix::fs::lsetxattr(p, OsStr::from_bytes(name), value, XattrFlags::from_bits_retain(flags as u32))
+        self.node_at(&st, ino)?.setxattr(name, value, XattrFlags::from_bits_retain(flags as u32))
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
@@ -69,7 +65,6 @@ impl Union {
             }
         }
         self.copy_up(&mut st, ino)?;
-        let p = self.node_upath(&st, ino)?;
-        rustix::fs::lremovexattr(p, OsStr::from_bytes(name))
+        self.node_at(&st, ino)?.removexattr(name)
     }
 }
