@@ -69,6 +69,12 @@ pub enum Request {
         to: Vec<String>,
     },
     Shutdown,
+    /// Verify the store and fetch every damaged or missing chunk anew from
+    /// peers (`from`: NODE@ADDR or tickets; also gossip and known peers).
+    Repair {
+        #[serde(default)]
+        from: Vec<String>,
+    },
     /// Move an instance to another host.
     Migrate {
         instance: String,
@@ -112,6 +118,7 @@ impl Request {
             Request::Names { .. } => "names",
             Request::Replicate { .. } => "replicate",
             Request::Shutdown => "shutdown",
+            Request::Repair { .. } => "repair",
             Request::Migrate { .. } => "migrate",
             Request::Checkpoint { .. } => "checkpoint",
             Request::Restore { .. } => "restore",

@@ -5,6 +5,7 @@
 mod cli;
 mod peer_cmds;
 mod progress;
+mod repair;
 
 use std::process::ExitCode;
 

@@ -103,6 +103,7 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
         Request::Replicate { r#ref, to } => {
             Ok(serde_json::to_value(super::replicate::replicate(d, &r#ref, &to).await?)?)
         }
+        Request::Repair { from } => Ok(serde_json::to_value(super::repair::repair(d, &from).await?)?),
         Request::Shutdown => {
             // notify_one keeps a permit when the accept loop is not
             // waiting at this instant; notify_waiters would lose it.
