@@ -22,7 +22,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::id::{ChunkId, LayerId};
 use crate::manifest::{Extent, Kind, display_path};
 use crate::mounts::is_mount_file;
-use crate::store::{Record, Store, reindex, scan_pack, write_pack};
+use crate::store::{PackRewrite, Store, reindex};
 
 /// A pack whose live bytes fall below this fraction is rewritten.
 const REWRITE_BELOW: f64 = 0.5;
@@ -179,7 +179,6 @@ impl Store {
                     s.dead_bytes += loc.stored_len as u64;
                 }
             }
-            s.index.push((id, loc));
         }
         s.dead_bytes += dead_blocks.iter().filter(|(k, _)| !counted.contains(*k)).map(|(_, b)| *b).sum::<u64>();
         Ok(s)
@@ -195,7 +194,7 @@ impl Store {
         }
         let live = self.reachable(&self.roots()?)?;
         stats.live_chunks = live.len() as u64;
-        let Sweep { index, dead, live_bytes, .. } = self.sweep(&live)?;
+        let Sweep { dead, live_bytes, .. } = self.sweep(&live)?;
         stats.removed_chunks = dead.len() as u64;
         reindex(self, &[], &dead)?;
         for (pack, path) in self.packs()? {
@@ -207,24 +206,19 @@ impl Store {
                 stats.removed_packs += 1;
                 stats.freed_bytes += size;
             } else if (live_bytes as f64) < REWRITE_BELOW * size as f64 {
-                let mut keep: Vec<Record> = Vec::new();
-                let index_loc: HashMap<ChunkId, u64> =
-                    index.iter().filter(|(_, l)| l.pack == pack).map(|(id, l)| (*id, l.offset)).collect();
-                scan_pack(pack, &path, |r| {
-                    // A member of a block that does not open cannot be
-                    // copied; verify names it.
-                    if live.contains(&r.id) && index_loc.get(&r.id) == Some(&r.loc.offset) && r.damaged.is_none() {
-                        keep.push(r);
+                // The index holds live chunks only now: the rewrite copies
+                // them, verified, one block at a time. A live chunk whose
+                // only copy is damaged keeps its pack (verify names it).
+                match self.rewrite_pack_locked(pack)? {
+                    PackRewrite::Rewritten { into, .. } => {
+                        let new_size = into.and_then(|n| fs::metadata(self.pack_path(n)).ok()).map_or(0, |m| m.len());
+                        stats.rewritten_packs += 1;
+                        stats.freed_bytes += size.saturating_sub(new_size);
                     }
-                    Ok(())
-                })?;
-                let (new, moved) = write_pack(self, keep.into_iter())?;
-                reindex(self, &moved, &[])?;
-                self.forget_pack_file(pack);
-                fs::remove_file(&path).ctx("removing", &path)?;
-                let new_size = fs::metadata(self.pack_path(new)).map_or(0, |m| m.len());
-                stats.rewritten_packs += 1;
-                stats.freed_bytes += size.saturating_sub(new_size);
+                    PackRewrite::Kept { chunk, why } => {
+                        tracing::warn!("gc keeps {}: live chunk {chunk} in it is damaged: {why}", path.display());
+                    }
+                }
             }
         }
         let dead_layers: Vec<ChunkId> =
@@ -236,7 +230,6 @@ impl Store {
 
 #[derive(Default)]
 struct Sweep {
-    index: Vec<(ChunkId, crate::Location)>,
     dead: Vec<ChunkId>,
     dead_bytes: u64,
     live_bytes: HashMap<u64, u64>,

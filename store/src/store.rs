@@ -918,10 +918,18 @@ impl Store {
                 table.insert(id.as_bytes(), loc.to_bytes().as_slice()).map_err(|e| self.db_err(e))?;
             }
             // A new copy of a chunk marked damaged replaces the old one.
-            let suspects = self.suspects()?;
-            if !suspects.is_empty() {
-                let mut marks = txn.open_table(SUSPECT).map_err(|e| self.db_err(e))?;
-                for id in pending.keys().filter(|id| suspects.contains(id)) {
+            // Read here, not from this handle's cache: another process
+            // (a mount, a verify) may have marked chunks since.
+            let mut marks = txn.open_table(SUSPECT).map_err(|e| self.db_err(e))?;
+            if !marks.is_empty().map_err(|e| self.db_err(e))? {
+                let mut fixed = Vec::new();
+                for item in marks.iter().map_err(|e| self.db_err(e))? {
+                    let id = ChunkId::from_bytes(*item.map_err(|e| self.db_err(e))?.0.value());
+                    if pending.contains_key(&id) {
+                        fixed.push(id);
+                    }
+                }
+                for id in fixed {
                     marks.remove(id.as_bytes()).map_err(|e| self.db_err(e))?;
                 }
             }
@@ -1313,6 +1321,11 @@ impl Store {
     pub fn rewrite_pack(&self, pack: u64) -> Result<PackRewrite> {
         let _lock = self.exclusive_lock()?;
         self.flush()?;
+        self.rewrite_pack_locked(pack)
+    }
+
+    /// [`Store::rewrite_pack`] for a caller that holds the lock exclusively.
+    pub(crate) fn rewrite_pack_locked(&self, pack: u64) -> Result<PackRewrite> {
         let path = self.pack_path(pack);
         let mut entries: Vec<(ChunkId, Location)> =
             self.index_entries()?.into_iter().filter(|(_, l)| l.pack == pack).collect();

@@ -243,3 +243,40 @@ fn gc_keeps_a_layer_named_only_by_a_mount_file_and_the_stack_still_mounts() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--no-mounts") && err.contains("/srv/.mount"), "{err}");
 }
+
+/// A read that meets a damaged chunk marks it; the daemon fetches it anew
+/// from a peer it knows, on its own.
+#[test]
+fn the_daemon_repairs_a_chunk_a_read_found_damaged() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    let src = t.path().join("src");
+    tree(&src, 2, 5);
+    let id = publish(&b, &src, "template://test/os/1");
+    let db = Daemon::start(&b, &[]);
+    let da = Daemon::start(&a, &[("XENOD_REPAIR_MS", "200")]);
+    // The fetch makes B a peer A knows.
+    ok_json(xenod(&a).args(["fetch", &id, "--from", &db.addr]));
+    let received = |v: &Value| v["peers"][&db.node]["chunks_received"].as_u64().unwrap();
+    let before = received(&ok_json(xenod(&a).arg("status")));
+    flip_byte(&a, &id, b"file1");
+    let out = run(xenod(&a).arg("export").arg(&id).arg(t.path().join("broken")));
+    assert!(!out.status.success(), "the export meets the damaged chunk");
+    // Repair is asynchronous: poll, with a bound far above what it takes.
+    let dest = t.path().join("out");
+    let started = std::time::Instant::now();
+    loop {
+        let _ = fs::remove_dir_all(&dest);
+        if run(xenod(&a).arg("export").arg(&id).arg(&dest)).status.success() {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "the daemon did not repair the chunk");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(xenod_store::tree_digest(&dest).unwrap(), xenod_store::tree_digest(&src).unwrap());
+    let (code, v) = verify(&a, &[]);
+    assert_eq!(code, Some(0), "{v}");
+    let s = ok_json(xenod(&a).arg("status"));
+    assert!(received(&s) > before, "the chunk came from B again: {s}");
+    drop((da, db));
+}

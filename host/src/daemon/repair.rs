@@ -12,9 +12,17 @@
 //! Providers, in order: those given (`--from`, as NODE@ADDR or tickets),
 //! nodes that announced a damaged chunk's layer over gossip, and, when
 //! none was given, the configured and remembered peers.
+//!
+//! A running daemon also repairs on its own ([`spawn_watch`]): a read that
+//! meets a damaged chunk marks it in the store (any process: a mount, an
+//! export, the provider), and every [`WATCH_EVERY`] the daemon fetches the
+//! marked chunks anew from its known peers and every node heard over
+//! gossip. A chunk none of them had is asked for again after
+//! [`RETRY_AFTER`]. Packs are rewritten by `verify --repair` (or gc).
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use xenod_peer::{EndpointAddr, RepairProvider, Supplied, Ticket, parse_peer};
@@ -209,4 +217,61 @@ pub async fn repair(d: &Arc<Daemon>, from: &[String]) -> Result<Repair> {
         .collect();
     out.bad_packs = report.bad_packs.clone();
     Ok(out)
+}
+
+/// How often a daemon looks for chunks marked damaged [default;
+/// `XENOD_REPAIR_MS` overrides it, for tests].
+pub const WATCH_EVERY: Duration = Duration::from_secs(10);
+/// How long a marked chunk that no provider had is left alone.
+pub const RETRY_AFTER: Duration = Duration::from_secs(300);
+
+fn watch_every() -> Duration {
+    std::env::var("XENOD_REPAIR_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis).unwrap_or(WATCH_EVERY)
+}
+
+/// Repairs chunks marked damaged until the daemon is gone (see the module doc).
+pub fn spawn_watch(d: &Arc<Daemon>) {
+    let weak: Weak<Daemon> = Arc::downgrade(d);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(watch_every());
+        let mut lacking: HashMap<ChunkId, Instant> = HashMap::new();
+        loop {
+            tick.tick().await;
+            let Some(d) = weak.upgrade() else { return };
+            let store = d.store_arc();
+            let marks = match blocking(move || Ok(store.damage_marks()?)).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!("reading damage marks: {e}");
+                    continue;
+                }
+            };
+            lacking.retain(|_, t| t.elapsed() < RETRY_AFTER);
+            let want: Vec<ChunkId> = marks.into_iter().map(|m| m.0).filter(|c| !lacking.contains_key(c)).collect();
+            if want.is_empty() {
+                continue;
+            }
+            let mut peers = d.default_peers();
+            for a in d.node().presences().iter().filter_map(|p| p.addr()) {
+                if !peers.iter().any(|q| q.id == a.id) {
+                    peers.push(a);
+                }
+            }
+            if peers.is_empty() {
+                continue;
+            }
+            match d.node().repair_chunks(&want, &peers).await {
+                Ok(r) => {
+                    for s in &r.repaired {
+                        tracing::info!("repaired damaged chunk {} from {}", s.chunk, s.from);
+                    }
+                    for c in want.iter().filter(|c| r.missing.contains(&c.to_string())) {
+                        tracing::warn!("no known peer has damaged chunk {c}; asking again in {RETRY_AFTER:?}");
+                        lacking.insert(*c, Instant::now());
+                    }
+                }
+                Err(e) => tracing::warn!("repairing damaged chunks: {e}"),
+            }
+        }
+    });
 }

@@ -199,6 +199,7 @@ pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool, on_ready
         let (instances, store) = (d.instances().clone(), d.store_arc());
         tokio::task::spawn_blocking(move || migrate::stage::sweep(&instances, &store)).await?;
         super::announce::spawn(&d);
+        super::repair::spawn_watch(&d);
         let addr = format_peer(&d.node().addr());
         let sock = socket_path(data_dir);
         // One line on stdout once the socket accepts, for scripts to wait on.
