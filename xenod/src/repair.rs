@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use serde_json::{Value, json};
-use xenod_host::daemon::repair::Repair;
+use xenod_host::daemon::reply::Repair;
 use xenod_host::{Error, Exit, Request, Result, client};
 use xenod_store::{LayerId, Merged, Store};
 

@@ -24,68 +24,17 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use xenod_peer::{EndpointAddr, RepairProvider, Supplied, Ticket, parse_peer};
+use xenod_peer::{EndpointAddr, Ticket, parse_peer};
 use xenod_store::{ChunkId, Exit, PackRewrite, Store, VerifyReport};
 
 use super::context::Daemon;
+use super::reply::{Broken, BrokenMount, KeptPack, Repair, Unrepaired};
 use crate::error::{Error, Result};
 use crate::notes::note;
 
 /// Rounds of verify-and-fetch at most: each can only reveal chunks that
 /// manifests repaired in the round before name.
 const MAX_ROUNDS: u32 = 4;
-
-/// `repair`: what was repaired, from whom, and what was not.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Repair {
-    /// Whether the store verifies clean now.
-    pub clean: bool,
-    /// Damaged or missing chunks the first verify found.
-    pub found: u64,
-    pub repaired: Vec<Supplied>,
-    /// Chunks still damaged or missing, each with the layers that need it.
-    pub unrepaired: Vec<Unrepaired>,
-    /// Packs rewritten without their damaged records.
-    pub packs_rewritten: Vec<String>,
-    /// Packs left as they are, and why.
-    pub packs_kept: Vec<KeptPack>,
-    /// Every provider asked, and what it did.
-    pub providers: Vec<RepairProvider>,
-    /// Layers whose manifest still cannot be read.
-    pub broken_layers: Vec<Broken>,
-    /// `.mount` references that still give no whole stack.
-    pub broken_mounts: Vec<BrokenMount>,
-    pub bad_packs: Vec<String>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Unrepaired {
-    pub chunk: String,
-    pub why: String,
-    /// (layer id, the first path that needs the chunk).
-    pub layers: Vec<(String, String)>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct KeptPack {
-    pub pack: String,
-    pub why: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Broken {
-    pub id: String,
-    pub why: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BrokenMount {
-    pub layer: String,
-    pub file: String,
-    pub reference: String,
-    pub why: String,
-}
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Error::msg(format!("repair task: {e}")))?
