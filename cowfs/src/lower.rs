@@ -43,18 +43,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use xenod_store::{
-    ChunkId, Chunking, Entry, Extent, Kind, LayerId, Merged, Source, Store, Timestamp, Xattr, file_name,
+    ChunkId, Chunking, Entry, Extent, Kind, LayerId, MOUNT_FILE_MAX, Merged, Source, Store, Timestamp, Xattr, file_name,
 };
 
 use crate::error::{Error, Result};
 use crate::overlay::{OPAQUE, getxattr_path, list_xattrs, private_xattr};
 
-/// The file whose lines name layers to overlay on its directory.
-pub const MOUNT_FILE: &str = ".mount";
+/// The file whose lines name layers to overlay on its directory; its
+/// format is the store's (`xenod_store::mount_refs`), so gc keeps what it names.
+pub use xenod_store::MOUNT_FILE;
 /// How deep mounted layers holding `.mount` files of their own are followed.
 pub const MOUNT_ROUNDS: usize = 8;
-/// The largest `.mount` file read.
-const MOUNT_FILE_MAX: u64 = 64 << 10;
 
 /// What a lower node is.
 #[derive(Clone, Debug)]
@@ -289,7 +288,7 @@ impl LowerTree {
             }
         }
         let text = String::from_utf8(text).map_err(|_| bad("not UTF-8 text".into()))?;
-        Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect())
+        Ok(xenod_store::mount_refs(&text))
     }
 
     /// The tree of `placed` layers under `hosts` (bottom first), and every

@@ -77,6 +77,12 @@ pub enum Request {
         #[serde(default)]
         filter: Option<String>,
     },
+    /// Verify the store and fetch every damaged or missing chunk anew from
+    /// peers (`from`: NODE@ADDR or tickets; also gossip and known peers).
+    Repair {
+        #[serde(default)]
+        from: Vec<String>,
+    },
     /// Move an instance to another host.
     Migrate {
         instance: String,
@@ -122,6 +128,7 @@ impl Request {
             Request::Shutdown => "shutdown",
             Request::Reload => "reload",
             Request::Hosts { .. } => "hosts",
+            Request::Repair { .. } => "repair",
             Request::Migrate { .. } => "migrate",
             Request::Checkpoint { .. } => "checkpoint",
             Request::Restore { .. } => "restore",

@@ -17,7 +17,7 @@
 //! | `instance` | [`Instance`]: the instance model and its lifecycle (deploy, stop, start, destroy, suspend, resume, commit); `instance::mount`: the one mount spawner and `xenod mount` |
 //! | `daemon::reply` | the daemon's typed replies, one per request |
 //! | `daemon::context` | [`Daemon`]: the store, the peer endpoint, the daemon's state |
-//! | `daemon::{lazy, replicate, announce}` | features that run inside the daemon; `announce` also makes this host's advertisement and answers `hosts` |
+//! | `daemon::{lazy, replicate, announce, repair}` | features that run inside the daemon; `announce` also makes this host's advertisement and answers `hosts` |
 //! | `migrate::{statepages, record, state, report, policy, wire, local, stage, target}` | migration: the state's page delta; the instance's record and its arrival; the state as a layer; typed reports; the phases and their one failure policy; the typed wire and the remote target; the source's files and state; staging; the target's side |
 //! | `migrate` | `xenod migrate`, checkpoint and restore |
 //! | `daemon::server` | request dispatch, the socket server, `xenod serve` |

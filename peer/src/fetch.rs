@@ -810,7 +810,7 @@ pub(crate) fn missing_manifest_chunks(store: &Store, stack: &[ChunkId]) -> Resul
     for id in stack {
         for c in store.layer_root(id)?.manifest {
             if seen.insert(c.id) {
-                if store.contains(&c.id)? {
+                if store.holds_intact(&c.id)? {
                     local += 1;
                 } else {
                     want.push(c.id);
@@ -832,7 +832,7 @@ pub(crate) fn missing_data_chunks(store: &Store, stack: &[ChunkId]) -> Result<(V
                     if let Extent::Data { id, .. } = x
                         && seen.insert(id)
                     {
-                        if store.contains(&id)? {
+                        if store.holds_intact(&id)? {
                             local += 1;
                         } else {
                             want.push(id);

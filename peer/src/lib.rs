@@ -9,6 +9,7 @@
 //! | `fetch` | multi-provider fetch of a layer stack with work stealing: [`FetchOptions`], [`FetchReport`] |
 //! | `one` | [`fetch_one`]: a single chunk, now, for a lazily deployed reader |
 //! | `ticket` | `xenod1...` [`Ticket`]s: a layer id and its providers; [`parse_peer`], [`format_peer`] |
+//! | `repair` | [`Node::repair_chunks`]: given chunks written anew, each from whichever provider has it ([`ChunkRepair`]) |
 //! | `pull` | fan-out: asking other nodes to fetch a stack, on [`PULL_ALPN`] |
 //! | `names` | [`NameGate`]: the one door for name records and key successions from peers, under the host's trust |
 //! | `gossip` | signed name records, successions and [`Presence`] (who holds which layer) over iroh-gossip |
@@ -60,6 +61,7 @@ mod one;
 mod protocol;
 mod provider;
 mod pull;
+mod repair;
 mod stats;
 mod ticket;
 
@@ -93,6 +95,7 @@ pub use one::fetch_one;
 pub use protocol::{ALPN, MAX_BATCH, MAX_DENSE_LEVEL, MAX_NAMES, MAX_PLAIN};
 pub use provider::{FRAMES_IN_FLIGHT, Misbehave, STREAMS_PER_CONN};
 pub use pull::{MAX_MEMBERS, PULL_ALPN, PullOutcome, PullPolicy};
+pub use repair::{ChunkRepair, RepairProvider, Supplied};
 pub use stats::{Counters, PeerCounters, Snapshot, Stats};
 pub use ticket::{Ticket, TicketError, format_peer, parse_peer};
 
@@ -268,6 +271,13 @@ impl Node {
         opts: FetchOptions,
     ) -> Result<FetchReport, PeerError> {
         self.engine.fetch(layer, providers, opts).await
+    }
+
+    /// Fetches `ids` from `providers`, asked in turn, and stores each anew
+    /// (replacing a damaged copy) once it verifies; chunks no provider
+    /// has are listed, not an error. Everything stored is durable on return.
+    pub async fn repair_chunks(&self, ids: &[ChunkId], providers: &[EndpointAddr]) -> Result<ChunkRepair, PeerError> {
+        self.engine.repair_chunks(ids, providers).await
     }
 
     /// Asks every node in `targets` to fetch `layer` from this node and
@@ -463,7 +473,7 @@ impl Engine {
         let mut fetched = 0;
         let mut cur = layer;
         loop {
-            if self.store.contains(&cur)? {
+            if self.store.holds_intact(&cur)? {
                 local += 1;
             } else {
                 swarm.run(Phase::Roots, vec![cur]).await?;
@@ -546,7 +556,7 @@ pub fn stack_complete(store: &Store, top: &LayerId) -> Result<bool, Error> {
     let mut stack = Vec::new();
     let mut cur = *top;
     loop {
-        if !store.contains(&cur)? {
+        if !store.holds_intact(&cur)? {
             return Ok(false);
         }
         stack.push(cur);

@@ -1,18 +1,28 @@
 //! Garbage collection: mark from pinned roots, sweep the rest.
 //!
-//! Roots are named layers and pinned layers (with the stacks below them).
+//! Roots are named layers and pinned layers, with the stacks below them
+//! and every layer a `.mount` file in a live layer names (with its stack,
+//! followed through the mounted layers' own `.mount` files). gc counts
+//! every `.mount` file of a live layer, even one a higher layer hides from
+//! the union: keeping a layer too many is safe, deleting one a mount needs
+//! is not. A `.mount` file that cannot be read stops gc (what it names is
+//! unknown); a line that names no layer here keeps nothing.
+//!
 //! gc holds the store's lock exclusively, so it never runs during a publish
 //! that may be counting on a chunk it would delete. Sweeping removes index
 //! entries first and pack files after, so a crash leaves at worst
-//! unreferenced bytes for the next gc.
+//! unreferenced bytes for the next gc. [`Store::gc_plan`] computes the same
+//! sweep without doing it (`gc --dry-run`).
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
+use std::path::PathBuf;
 
-use crate::error::{IoContext, Result};
-use crate::id::ChunkId;
-use crate::manifest::{Extent, Kind};
-use crate::store::{Record, Store, reindex, scan_pack, write_pack};
+use crate::error::{Error, IoContext, Result};
+use crate::id::{ChunkId, LayerId};
+use crate::manifest::{Extent, Kind, display_path};
+use crate::mounts::is_mount_file;
+use crate::store::{PackRewrite, Store, reindex};
 
 /// A pack whose live bytes fall below this fraction is rewritten.
 const REWRITE_BELOW: f64 = 0.5;
@@ -26,29 +36,93 @@ pub struct GcStats {
     pub freed_bytes: u64,
 }
 
+/// What a gc would do, computed without doing it.
+#[derive(Debug, Default, Clone)]
+pub struct GcPlan {
+    pub live_chunks: u64,
+    /// Chunks no root reaches.
+    pub dead_chunks: u64,
+    /// Stored bytes of the dead chunks (a solid block's bytes once, when
+    /// none of its members lives).
+    pub dead_bytes: u64,
+    /// Layers known to this store that would be forgotten.
+    pub dead_layers: Vec<LayerId>,
+    /// Packs that would be removed whole, with their sizes.
+    pub remove_packs: Vec<(PathBuf, u64)>,
+    /// Packs that would be rewritten, with their sizes and live bytes.
+    pub rewrite_packs: Vec<(PathBuf, u64, u64)>,
+    /// Leftovers of interrupted writes, with their sizes.
+    pub stale_tmp: Vec<(PathBuf, u64)>,
+}
+
+impl GcPlan {
+    /// Bytes the file system would get back: packs removed, the dead part
+    /// of packs rewritten (about: a rewritten block compresses anew), and
+    /// leftovers.
+    pub fn freed_bytes(&self) -> u64 {
+        self.remove_packs.iter().map(|p| p.1).sum::<u64>()
+            + self.rewrite_packs.iter().map(|p| p.1.saturating_sub(p.2)).sum::<u64>()
+            + self.stale_tmp.iter().map(|p| p.1).sum::<u64>()
+    }
+}
+
+/// The chunks of one layer, and the layers its `.mount` files name.
+struct LayerRefs {
+    chunks: Vec<ChunkId>,
+    mounts: Vec<LayerId>,
+}
+
 impl Store {
-    /// Every chunk reachable from the layers in `roots`.
+    /// Every chunk reachable from the layers in `roots`: their stacks, and
+    /// what `.mount` files in them name (see the module doc).
     pub fn reachable(&self, roots: &[ChunkId]) -> Result<HashSet<ChunkId>> {
         let mut live = HashSet::new();
         let mut done = HashSet::new();
-        for root in roots {
-            for layer in self.stack(root)? {
+        let mut todo: Vec<LayerId> = roots.to_vec();
+        while let Some(root) = todo.pop() {
+            for layer in self.stack(&root)? {
                 if !done.insert(layer) {
                     continue;
                 }
                 live.insert(layer);
-                live.extend(self.layer_root(&layer)?.manifest.iter().map(|c| c.id));
-                for e in self.read_layer(&layer)? {
-                    if let Kind::File { extents, .. } = e?.kind {
-                        live.extend(extents.iter().filter_map(|x| match x {
-                            Extent::Data { id, .. } => Some(*id),
-                            Extent::Hole { .. } => None,
-                        }));
-                    }
-                }
+                let refs = self.layer_refs(&layer)?;
+                live.extend(refs.chunks);
+                todo.extend(refs.mounts);
             }
         }
         Ok(live)
+    }
+
+    /// The manifest and data chunks of `layer`, and the layers its
+    /// `.mount` files name that this store resolves.
+    fn layer_refs(&self, layer: &LayerId) -> Result<LayerRefs> {
+        let mut chunks: Vec<ChunkId> = self.layer_root(layer)?.manifest.iter().map(|c| c.id).collect();
+        let mut mounts = Vec::new();
+        for e in self.read_layer(layer)? {
+            let e = e?;
+            if is_mount_file(&e) {
+                let refs = self.read_mount_file(&e).map_err(|source| Error::BadInput {
+                    at: format!("layer {layer} {}", display_path(&e.path)),
+                    why: format!("cannot read this .mount file, so gc cannot tell what it keeps: {source}"),
+                })?;
+                // A reference that names no layer here keeps nothing
+                // (verify reports it).
+                for r in refs {
+                    if let Ok(id) = self.resolve(&r)
+                        && self.contains(&id)?
+                    {
+                        mounts.push(id);
+                    }
+                }
+            }
+            if let Kind::File { extents, .. } = e.kind {
+                chunks.extend(extents.iter().filter_map(|x| match x {
+                    Extent::Data { id, .. } => Some(*id),
+                    Extent::Hole { .. } => None,
+                }));
+            }
+        }
+        Ok(LayerRefs { chunks, mounts })
     }
 
     /// The layers gc keeps: every pinned layer, and every named layer held
@@ -65,6 +139,56 @@ impl Store {
         Ok(roots)
     }
 
+    /// What [`Store::gc`] would remove now, without removing anything.
+    pub fn gc_plan(&self) -> Result<GcPlan> {
+        let live = self.reachable(&self.roots()?)?;
+        let mut plan = GcPlan { live_chunks: live.len() as u64, ..Default::default() };
+        for tmp in self.stale_tmp_packs()? {
+            let size = fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
+            plan.stale_tmp.push((tmp, size));
+        }
+        let sweep = self.sweep(&live)?;
+        plan.dead_chunks = sweep.dead.len() as u64;
+        plan.dead_bytes = sweep.dead_bytes;
+        for (pack, path) in self.packs()? {
+            let size = fs::metadata(&path).ctx("reading", &path)?.len();
+            let live_bytes = sweep.live_bytes.get(&pack).copied().unwrap_or(0);
+            if live_bytes == 0 {
+                plan.remove_packs.push((path, size));
+            } else if (live_bytes as f64) < REWRITE_BELOW * size as f64 {
+                plan.rewrite_packs.push((path, size, live_bytes));
+            }
+        }
+        plan.dead_layers = self.layers()?.into_iter().map(|(id, _)| id).filter(|id| !live.contains(id)).collect();
+        plan.dead_layers.sort();
+        Ok(plan)
+    }
+
+    /// Dead index entries and live bytes per pack, for `live`.
+    fn sweep(&self, live: &HashSet<ChunkId>) -> Result<Sweep> {
+        let mut s = Sweep::default();
+        // A solid block's bytes count once, as live if any member is.
+        let mut counted = HashSet::new();
+        let mut dead_blocks: HashMap<(u64, u64), u64> = HashMap::new();
+        for (id, loc) in self.index_entries()? {
+            let block = loc.encoding == crate::Encoding::Block;
+            if live.contains(&id) {
+                if !block || counted.insert((loc.pack, loc.offset)) {
+                    *s.live_bytes.entry(loc.pack).or_default() += loc.stored_len as u64;
+                }
+            } else {
+                s.dead.push(id);
+                if block {
+                    dead_blocks.insert((loc.pack, loc.offset), loc.stored_len as u64);
+                } else {
+                    s.dead_bytes += loc.stored_len as u64;
+                }
+            }
+        }
+        s.dead_bytes += dead_blocks.iter().filter(|(k, _)| !counted.contains(*k)).map(|(_, b)| *b).sum::<u64>();
+        Ok(s)
+    }
+
     /// Removes every chunk no root reaches.
     pub fn gc(&self) -> Result<GcStats> {
         let _lock = self.exclusive_lock()?;
@@ -75,52 +199,31 @@ impl Store {
         }
         let live = self.reachable(&self.roots()?)?;
         stats.live_chunks = live.len() as u64;
-        let index = self.index_entries()?;
-        let mut per_pack: HashMap<u64, (u64, Vec<ChunkId>)> = HashMap::new();
-        let mut dead = Vec::new();
-        // A solid block's bytes count once, as live if any member is.
-        let mut counted = HashSet::new();
-        for (id, loc) in &index {
-            let slot = per_pack.entry(loc.pack).or_default();
-            if live.contains(id) {
-                if loc.encoding != crate::Encoding::Block || counted.insert((loc.pack, loc.offset)) {
-                    slot.0 += loc.stored_len as u64;
-                }
-            } else {
-                slot.1.push(*id);
-                dead.push(*id);
-            }
-        }
+        let Sweep { dead, live_bytes, .. } = self.sweep(&live)?;
         stats.removed_chunks = dead.len() as u64;
         reindex(self, &[], &dead)?;
         for (pack, path) in self.packs()? {
             let size = fs::metadata(&path).ctx("reading", &path)?.len();
-            let live_bytes = per_pack.get(&pack).map_or(0, |p| p.0);
+            let live_bytes = live_bytes.get(&pack).copied().unwrap_or(0);
             if live_bytes == 0 {
                 self.forget_pack_file(pack);
                 fs::remove_file(&path).ctx("removing", &path)?;
                 stats.removed_packs += 1;
                 stats.freed_bytes += size;
             } else if (live_bytes as f64) < REWRITE_BELOW * size as f64 {
-                let mut keep: Vec<Record> = Vec::new();
-                let index_loc: HashMap<ChunkId, u64> =
-                    index.iter().filter(|(_, l)| l.pack == pack).map(|(id, l)| (*id, l.offset)).collect();
-                scan_pack(pack, &path, |r| {
-                    // A member of a block that does not open cannot be
-                    // copied; verify names it.
-                    if live.contains(&r.id) && index_loc.get(&r.id) == Some(&r.loc.offset) && r.damaged.is_none() {
-                        keep.push(r);
+                // The index holds live chunks only now: the rewrite copies
+                // them, verified, one block at a time. A live chunk whose
+                // only copy is damaged keeps its pack (verify names it).
+                match self.rewrite_pack_locked(pack)? {
+                    PackRewrite::Rewritten { into, .. } => {
+                        let new_size = into.and_then(|n| fs::metadata(self.pack_path(n)).ok()).map_or(0, |m| m.len());
+                        stats.rewritten_packs += 1;
+                        stats.freed_bytes += size.saturating_sub(new_size);
                     }
-                    Ok(())
-                })?;
-                let moved = write_pack(self, keep.into_iter())?;
-                reindex(self, &moved, &[])?;
-                self.forget_pack_file(pack);
-                fs::remove_file(&path).ctx("removing", &path)?;
-                let new_size =
-                    moved.first().and_then(|(_, l)| fs::metadata(self.pack_path(l.pack)).ok()).map_or(0, |m| m.len());
-                stats.rewritten_packs += 1;
-                stats.freed_bytes += size.saturating_sub(new_size);
+                    PackRewrite::Kept { chunk, why } => {
+                        tracing::warn!("gc keeps {}: live chunk {chunk} in it is damaged: {why}", path.display());
+                    }
+                }
             }
         }
         let dead_layers: Vec<ChunkId> =
@@ -128,4 +231,11 @@ impl Store {
         self.forget_layers(&dead_layers)?;
         Ok(stats)
     }
+}
+
+#[derive(Default)]
+struct Sweep {
+    dead: Vec<ChunkId>,
+    dead_bytes: u64,
+    live_bytes: HashMap<u64, u64>,
 }

@@ -12,7 +12,8 @@
 //! | `import` | directories, tar streams and disk images into entries |
 //! | `export` | entries out to a directory or a tar stream |
 //! | `names` | signed `template://` names, pins, reference resolution |
-//! | `gc`, `verify` | mark-and-sweep from roots; rehash and reference checks |
+//! | `mounts` | `.mount` files: layer references inside a layer ([`MOUNT_FILE`]) |
+//! | `gc`, `verify` | mark-and-sweep from roots (`.mount` references included); rehash and reference checks; damage marks and pack rewrites for repair |
 //! | `exit` | [`Exit`]: the documented exit codes, one table; each crate's error knows its code |
 //! | `digest` | a metadata-complete digest of a directory tree |
 
@@ -28,6 +29,7 @@ mod import;
 mod layer;
 mod manifest;
 mod merge;
+mod mounts;
 mod names;
 mod spill;
 mod store;
@@ -43,7 +45,7 @@ pub use digest::{tree_digest, tree_listing};
 pub use error::{Error, Result};
 pub use exit::Exit;
 pub use export::{ExportStats, FileReader, export_dir, export_tar};
-pub use gc::GcStats;
+pub use gc::{GcPlan, GcStats};
 pub use id::{ChunkId, LayerId, ParseIdError};
 pub use import::{
     IMAGE_MIN_SIZE, ImportOptions, Progress, chunk_stream, import_dir, import_image, import_tar, special_kind,
@@ -54,10 +56,13 @@ pub use manifest::{
     PathFault, Timestamp, Xattr, cmp_paths, display_path, encode_entry, file_name, is_below, parent,
 };
 pub use merge::{Diff, Merged, Source, diff};
+pub use mounts::{MOUNT_FILE, MOUNT_FILE_MAX, is_mount_file, mount_refs};
 pub use names::{
     MAX_SUCCESSION, NameRecord, SCHEME, Succession, Trust, check_name, check_pattern, generate_key, hex, publisher,
 };
-pub use store::{BLOCK_MAX_PLAIN, BLOCK_TARGET, BlockBuf, Location, Members, Store, WriteLock, WriteStats};
+pub use store::{
+    BLOCK_MAX_PLAIN, BLOCK_TARGET, BlockBuf, Location, Members, PackRewrite, Store, WriteLock, WriteStats,
+};
 pub use verify::{Damage, VerifyReport};
 
 pub use ed25519_dalek::{SigningKey, VerifyingKey};

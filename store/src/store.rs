@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! DATA_DIR/
-//!   index.redb           chunk id -> location; names, pins, layers (redb)
+//!   index.redb           chunk id -> location; names, pins, layers; chunks
+//!                        marked damaged (redb)
 //!   lock                 flock: writers share it, gc takes it exclusively
 //!   packs/
 //!     <16 hex>.pack      sealed pack, immutable
@@ -40,8 +41,18 @@
 //! transaction. A crash at any point leaves either nothing visible or a
 //! sealed pack with no index entries (reclaimed by gc); never an index entry
 //! pointing at bytes that are not durable.
+//!
+//! Damage marks: `verify` records every indexed chunk whose stored copy
+//! does not verify (and a read that meets one adds it). While any chunk is
+//! marked, the store is *marked damaged*: a put of a chunk that is here
+//! rechecks the stored copy and writes the chunk anew when that copy fails
+//! ([`Store::holds_intact`]), so a fetch or a publish of the same data
+//! repairs it. A new copy goes into a new pack like any chunk; the index
+//! moves to it and its mark goes in the seal's one transaction, so a crash
+//! leaves the old (damaged) entry and its mark. [`Store::rewrite_pack`]
+//! then drops the dead, damaged records from their pack.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -61,6 +72,8 @@ pub(crate) const PINS: TableDefinition<'_, &str, &[u8; 32]> = TableDefinition::n
 /// Key successions, by old key (see `names`).
 pub(crate) const SUCCESSORS: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("successors");
 pub(crate) const LAYERS: TableDefinition<'_, &[u8; 32], &[u8]> = TableDefinition::new("layers");
+/// Chunks whose stored copy was found damaged, and why (see the module doc).
+pub(crate) const SUSPECT: TableDefinition<'_, &[u8; 32], &str> = TableDefinition::new("suspect");
 
 const PACK_MAGIC: &[u8; 8] = b"XNDPACK1";
 const RECORD_HEADER: usize = 32 + 1 + 4 + 4;
@@ -373,6 +386,9 @@ pub struct Store {
     block_cache: Mutex<BlockCache>,
     /// zstd level of solid blocks put at level 0 (0: the store's level).
     block_level: std::sync::atomic::AtomicI32,
+    /// The chunks marked damaged, as last read from the index; renewed
+    /// with the index view.
+    suspect: RwLock<Option<Arc<HashSet<ChunkId>>>>,
     pub stats: WriteStats,
 }
 
@@ -409,6 +425,7 @@ impl Store {
             blocks: Mutex::new(Blocks::default()),
             block_cache: Mutex::new(BlockCache::new()),
             block_level: std::sync::atomic::AtomicI32::new(0),
+            suspect: RwLock::new(None),
             stats: WriteStats::default(),
         };
         let txn = store.begin_write()?;
@@ -418,6 +435,7 @@ impl Store {
         txn.open_table(NAMES).map_err(|e| store.db_err(e))?;
         txn.open_table(PINS).map_err(|e| store.db_err(e))?;
         txn.open_table(SUCCESSORS).map_err(|e| store.db_err(e))?;
+        txn.open_table(SUSPECT).map_err(|e| store.db_err(e))?;
         txn.commit().map_err(|e| store.db_err(e))?;
         Ok(store)
     }
@@ -492,6 +510,90 @@ impl Store {
     /// Drops the index snapshot; the next lookup sees every commit so far.
     pub fn refresh_view(&self) {
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.suspect.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The chunks marked damaged (see the module doc).
+    fn suspects(&self) -> Result<Arc<HashSet<ChunkId>>> {
+        if let Some(s) = self.suspect.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(self.damage_marks()?.into_iter().map(|(id, _)| id).collect::<HashSet<_>>());
+        *self.suspect.write().unwrap_or_else(|e| e.into_inner()) = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Every chunk marked damaged, with why.
+    pub fn damage_marks(&self) -> Result<Vec<(ChunkId, String)>> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(SUSPECT).map_err(|e| self.db_err(e))?;
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| self.db_err(e))? {
+            let (k, v) = item.map_err(|e| self.db_err(e))?;
+            out.push((ChunkId::from_bytes(*k.value()), v.value().to_string()));
+        }
+        Ok(out)
+    }
+
+    /// Whether some chunk is marked damaged.
+    pub fn is_marked_damaged(&self) -> Result<bool> {
+        Ok(!self.suspects()?.is_empty())
+    }
+
+    /// Marks chunks damaged; with `replace`, these become the only marks.
+    pub fn mark_damaged(&self, marks: &[(ChunkId, String)], replace: bool) -> Result<()> {
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(SUSPECT).map_err(|e| self.db_err(e))?;
+            if replace {
+                t.retain(|_, _| false).map_err(|e| self.db_err(e))?;
+            }
+            for (id, why) in marks {
+                t.insert(id.as_bytes(), why.as_str()).map_err(|e| self.db_err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.db_err(e))?;
+        *self.suspect.write().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
+    }
+
+    /// Records that a read found the stored copy of `id` damaged; best
+    /// effort (the read fails either way).
+    fn note_damage(&self, e: &Error) {
+        if let Error::ChunkCorrupt { id, why } = e
+            && let Err(m) = self.mark_damaged(&[(*id, why.clone())], false)
+        {
+            tracing::warn!("marking chunk {id} damaged: {m}");
+        }
+    }
+
+    /// Whether a stored copy of `id` must be written anew: it is marked
+    /// damaged, or the store is and the copy no longer verifies. A copy
+    /// written by this handle and not yet sealed is fresh.
+    fn stale_copy(&self, id: &ChunkId) -> Result<bool> {
+        let s = self.suspects()?;
+        if s.is_empty() {
+            return Ok(false);
+        }
+        if self.pending.lock().unwrap_or_else(|e| e.into_inner()).contains_key(id) || self.lock_blocks().holds(id) {
+            return Ok(false);
+        }
+        if s.contains(id) {
+            return Ok(true);
+        }
+        match self.get(id) {
+            Ok(_) => Ok(false),
+            // `get` marked it.
+            Err(Error::ChunkCorrupt { .. }) => Ok(true),
+            Err(Error::ChunkMissing { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `id` is here and, while the store is marked damaged, its
+    /// stored copy verifies: what a fetch may skip.
+    pub fn holds_intact(&self, id: &ChunkId) -> Result<bool> {
+        Ok(self.contains(id)? && !self.stale_copy(id)?)
     }
 
     pub fn contains(&self, id: &ChunkId) -> Result<bool> {
@@ -512,7 +614,7 @@ impl Store {
     /// Stores `plain`, already known to hash to `id`.
     pub(crate) fn put_with_id(&self, id: ChunkId, plain: &[u8]) -> Result<bool> {
         self.stats.chunks.fetch_add(1, Ordering::Relaxed);
-        if self.contains(&id)? {
+        if self.contains(&id)? && !self.stale_copy(&id)? {
             return Ok(false);
         }
         let (enc, stored) = codec::encode(plain);
@@ -543,7 +645,7 @@ impl Store {
         let level = if level == 0 { self.block_level.load(Ordering::Relaxed) } else { level };
         let id = ChunkId::of(plain);
         self.stats.chunks.fetch_add(1, Ordering::Relaxed);
-        if self.locate(&id)?.is_some() {
+        if self.locate(&id)?.is_some() && !self.stale_copy(&id)? {
             return Ok((id, false));
         }
         let level = if level == codec::zstd_level() { 0 } else { level };
@@ -714,11 +816,23 @@ impl Store {
             return Err(Error::ChunkCorrupt { id, why: "a single chunk cannot be a block member".into() });
         }
         codec::decode(&id, enc, stored, plain_len as usize)?;
-        if self.contains(&id)? {
+        if self.contains(&id)? && !self.stale_copy(&id)? {
             return Ok(false);
         }
         self.stats.chunks.fetch_add(1, Ordering::Relaxed);
         self.append(id, enc, stored, plain_len)
+    }
+
+    /// Stores an encoded chunk (from a peer, for a repair) after verifying
+    /// it, whether or not a copy is here: the index moves to the new copy
+    /// when the pack is sealed.
+    pub fn replace_encoded(&self, id: ChunkId, enc: Encoding, stored: &[u8], plain_len: u32) -> Result<()> {
+        if enc == Encoding::Block {
+            return Err(Error::ChunkCorrupt { id, why: "a single chunk cannot be a block member".into() });
+        }
+        codec::decode(&id, enc, stored, plain_len as usize)?;
+        self.stats.chunks.fetch_add(1, Ordering::Relaxed);
+        self.append(id, enc, stored, plain_len).map(drop)
     }
 
     fn append(&self, id: ChunkId, enc: Encoding, stored: &[u8], plain_len: u32) -> Result<bool> {
@@ -806,6 +920,22 @@ impl Store {
             for (id, loc) in pending.iter() {
                 table.insert(id.as_bytes(), loc.to_bytes().as_slice()).map_err(|e| self.db_err(e))?;
             }
+            // A new copy of a chunk marked damaged replaces the old one.
+            // Read here, not from this handle's cache: another process
+            // (a mount, a verify) may have marked chunks since.
+            let mut marks = txn.open_table(SUSPECT).map_err(|e| self.db_err(e))?;
+            if !marks.is_empty().map_err(|e| self.db_err(e))? {
+                let mut fixed = Vec::new();
+                for item in marks.iter().map_err(|e| self.db_err(e))? {
+                    let id = ChunkId::from_bytes(*item.map_err(|e| self.db_err(e))?.0.value());
+                    if pending.contains_key(&id) {
+                        fixed.push(id);
+                    }
+                }
+                for id in fixed {
+                    marks.remove(id.as_bytes()).map_err(|e| self.db_err(e))?;
+                }
+            }
         }
         txn.commit().map_err(|e| self.db_err(e))?;
         self.refresh_view();
@@ -890,6 +1020,9 @@ impl Store {
     /// block member is taken out of its block and encoded alone.
     pub fn get_encoded(&self, id: &ChunkId) -> Result<(Location, Vec<u8>)> {
         let staged = self.lock_blocks().get(id);
+        if staged.is_none() && self.suspects()?.contains(id) {
+            return Err(Error::ChunkCorrupt { id: *id, why: "marked damaged in this store".into() });
+        }
         let (loc, plain) = match staged {
             Some(plain) => (None, plain),
             None => {
@@ -908,8 +1041,13 @@ impl Store {
         ))
     }
 
-    /// Reads, decodes and verifies chunk `id`.
+    /// Reads, decodes and verifies chunk `id`. A stored copy that does not
+    /// verify is marked damaged (see the module doc).
     pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        self.get_unmarked(id).inspect_err(|e| self.note_damage(e))
+    }
+
+    fn get_unmarked(&self, id: &ChunkId) -> Result<Vec<u8>> {
         if let Some(plain) = self.lock_blocks().get(id) {
             return Ok(plain);
         }
@@ -1121,9 +1259,13 @@ pub(crate) fn scan_pack(pack: u64, path: &Path, mut each: impl FnMut(Record) -> 
     Ok(())
 }
 
-/// Copies live records into a fresh sealed pack; returns their new
-/// locations. Block members are packed into new blocks of live chunks only.
-pub(crate) fn write_pack(store: &Store, records: impl Iterator<Item = Record>) -> Result<Vec<(ChunkId, Location)>> {
+/// Copies live records into a fresh sealed pack; returns its id and the
+/// records' new locations. Block members are packed into new blocks of
+/// live chunks only.
+pub(crate) fn write_pack(
+    store: &Store,
+    records: impl Iterator<Item = Record>,
+) -> Result<(u64, Vec<(ChunkId, Location)>)> {
     let mut pack = store.new_pack()?;
     let mut out = Vec::new();
     let mut block = BlockBuf::default();
@@ -1158,10 +1300,91 @@ pub(crate) fn write_pack(store: &Store, records: impl Iterator<Item = Record>) -
     let path = store.pack_path(id);
     fs::rename(&tmp, &path).ctx("sealing pack", &path)?;
     sync_dir(&store.packs_dir())?;
-    Ok(out)
+    Ok((id, out))
 }
 
-/// Replaces index entries in one transaction.
+/// What [`Store::rewrite_pack`] did with a pack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PackRewrite {
+    /// Its `records` live chunks were copied into pack `into` (none when
+    /// no chunk lived in it) and the pack was removed.
+    Rewritten { records: u64, into: Option<u64> },
+    /// Left as it is: `chunk`, which the index keeps in it, does not
+    /// verify, and that damaged record is still the only copy here.
+    Kept { chunk: ChunkId, why: String },
+}
+
+impl Store {
+    /// Rewrites pack `pack` without its dead records (damaged copies of
+    /// chunks since stored anew, chunks no longer indexed): every chunk the
+    /// index keeps in it is read, verified and copied into a new sealed
+    /// pack, the index moves to the copies, and only then is the old file
+    /// removed, so a crash at any point loses nothing. Streams: memory
+    /// holds one block at a time. Holds the store lock exclusively, like gc.
+    pub fn rewrite_pack(&self, pack: u64) -> Result<PackRewrite> {
+        let _lock = self.exclusive_lock()?;
+        self.flush()?;
+        self.rewrite_pack_locked(pack)
+    }
+
+    /// [`Store::rewrite_pack`] for a caller that holds the lock exclusively.
+    pub(crate) fn rewrite_pack_locked(&self, pack: u64) -> Result<PackRewrite> {
+        let path = self.pack_path(pack);
+        let mut entries: Vec<(ChunkId, Location)> =
+            self.index_entries()?.into_iter().filter(|(_, l)| l.pack == pack).collect();
+        entries.sort_by_key(|(_, l)| (l.offset, l.inner));
+        if entries.is_empty() {
+            self.forget_pack_file(pack);
+            fs::remove_file(&path).ctx("removing", &path)?;
+            sync_dir(&self.packs_dir())?;
+            return Ok(PackRewrite::Rewritten { records: 0, into: None });
+        }
+        let failed = std::cell::RefCell::new(None);
+        let mut levels: HashMap<u64, u8> = HashMap::new();
+        let records = entries.iter().map_while(|(id, loc)| match self.intact_record(id, loc, &mut levels) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                *failed.borrow_mut() = Some((*id, e.to_string()));
+                None
+            }
+        });
+        let (new, moved) = write_pack(self, records)?;
+        if let Some((chunk, why)) = failed.into_inner() {
+            // The copies made so far are indexed nowhere.
+            let copy = self.pack_path(new);
+            fs::remove_file(&copy).ctx("removing", &copy)?;
+            return Ok(PackRewrite::Kept { chunk, why });
+        }
+        reindex(self, &moved, &[])?;
+        self.forget_pack_file(pack);
+        fs::remove_file(&path).ctx("removing", &path)?;
+        sync_dir(&self.packs_dir())?;
+        Ok(PackRewrite::Rewritten { records: moved.len() as u64, into: Some(new) })
+    }
+
+    /// The record of chunk `id` at `loc`, read and verified, as
+    /// [`write_pack`] copies it; `levels` caches blocks' levels by offset.
+    fn intact_record(&self, id: &ChunkId, loc: &Location, levels: &mut HashMap<u64, u8>) -> Result<Record> {
+        if loc.encoding == Encoding::Block {
+            let stored = self.block_member(id, loc)?;
+            let level = match levels.get(&loc.offset) {
+                Some(l) => *l,
+                None => {
+                    let mut head = [0u8; 4];
+                    self.read_at(id, loc, &mut head)?;
+                    *levels.entry(loc.offset).or_insert(block_level(&head))
+                }
+            };
+            return Ok(Record { id: *id, loc: *loc, stored, damaged: None, level });
+        }
+        let stored = self.read_stored(id, loc)?;
+        codec::decode(id, loc.encoding, &stored, loc.plain_len as usize).map_err(|e| self.placed(e, loc))?;
+        Ok(Record { id: *id, loc: *loc, stored, damaged: None, level: 0 })
+    }
+}
+
+/// Replaces index entries in one transaction; a removed chunk loses its
+/// damage mark with its entry.
 pub(crate) fn reindex(store: &Store, moved: &[(ChunkId, Location)], removed: &[ChunkId]) -> Result<()> {
     let txn = store.begin_write()?;
     {
@@ -1169,8 +1392,10 @@ pub(crate) fn reindex(store: &Store, moved: &[(ChunkId, Location)], removed: &[C
         for (id, loc) in moved {
             table.insert(id.as_bytes(), loc.to_bytes().as_slice()).map_err(|e| store.db_err(e))?;
         }
+        let mut marks = txn.open_table(SUSPECT).map_err(|e| store.db_err(e))?;
         for id in removed {
             table.remove(id.as_bytes()).map_err(|e| store.db_err(e))?;
+            marks.remove(id.as_bytes()).map_err(|e| store.db_err(e))?;
         }
     }
     txn.commit().map_err(|e| store.db_err(e))?;
@@ -1325,7 +1550,7 @@ mod block_tests {
             Ok(())
         })
         .unwrap();
-        let moved = write_pack(&s, records.into_iter().skip(1)).unwrap();
+        let (_, moved) = write_pack(&s, records.into_iter().skip(1)).unwrap();
         reindex(&s, &moved, &[]).unwrap();
         let (members, block) = s.whole_block(&ids[1], 0).unwrap().expect("the rewritten block opens with it");
         assert_eq!(members.len(), 2);

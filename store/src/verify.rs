@@ -1,4 +1,9 @@
-//! `verify`: rehash every stored chunk and check every layer's references.
+//! `verify`: rehash every stored chunk and check every layer's references:
+//! bases, manifests, file data, and the layers `.mount` files name.
+//!
+//! Verify also sets the store's damage marks (see `store.rs`): afterwards
+//! exactly the indexed chunks it found damaged are marked, so a fetch or a
+//! publish that meets them writes them anew.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -9,6 +14,7 @@ use crate::codec;
 use crate::error::Result;
 use crate::id::{ChunkId, LayerId};
 use crate::manifest::{Extent, Kind, display_path};
+use crate::mounts::is_mount_file;
 use crate::store::{Store, scan_pack};
 
 /// A chunk that a layer needs and the store cannot give back intact.
@@ -31,13 +37,22 @@ pub struct VerifyReport {
     pub broken_layers: Vec<(LayerId, String)>,
     /// Packs or pack tails that cannot be framed.
     pub bad_packs: Vec<String>,
+    /// `.mount` files of known layers whose reference does not give a
+    /// whole stack here: (layer, the file's path, the reference, why).
+    pub broken_mounts: Vec<(LayerId, String, String, String)>,
+    /// Packs that hold a damaged record (live or dead) or cannot be framed:
+    /// what [`Store::rewrite_pack`] is for, once their live chunks are intact.
+    pub damaged_packs: Vec<u64>,
     /// Leftovers of interrupted writes; harmless, removed by gc.
     pub stale_tmp: u64,
 }
 
 impl VerifyReport {
     pub fn is_clean(&self) -> bool {
-        self.damage.is_empty() && self.broken_layers.is_empty() && self.bad_packs.is_empty()
+        self.damage.is_empty()
+            && self.broken_layers.is_empty()
+            && self.bad_packs.is_empty()
+            && self.broken_mounts.is_empty()
     }
 }
 
@@ -52,6 +67,7 @@ impl Store {
         let bad: Mutex<HashMap<ChunkId, String>> = Mutex::new(HashMap::new());
         let counts = Mutex::new((0u64, 0u64));
         let bad_packs = Mutex::new(Vec::new());
+        let damaged_packs = Mutex::new(std::collections::BTreeSet::new());
         packs.par_iter().for_each(|(pack, path)| {
             let r = scan_pack(*pack, path, |rec| {
                 let checked = match &rec.damaged {
@@ -68,6 +84,7 @@ impl Store {
                         bad.lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .insert(rec.id, format!("{e} (in {} at offset {})", path.display(), rec.loc.offset));
+                        damaged_packs.lock().unwrap_or_else(|e| e.into_inner()).insert(*pack);
                     }
                 }
                 let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
@@ -77,6 +94,7 @@ impl Store {
             });
             if let Err(e) = r {
                 bad_packs.lock().unwrap_or_else(|e| e.into_inner()).push(e.to_string());
+                damaged_packs.lock().unwrap_or_else(|e| e.into_inner()).insert(*pack);
             }
         });
         let good = good.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -86,6 +104,7 @@ impl Store {
         let mut bad: HashMap<ChunkId, String> = HashMap::new();
         (report.chunks, report.bytes) = counts.into_inner().unwrap_or_else(|e| e.into_inner());
         report.bad_packs = bad_packs.into_inner().unwrap_or_else(|e| e.into_inner());
+        report.damaged_packs = damaged_packs.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().collect();
         // An index entry must point at an intact record.
         let mut indexed = HashSet::new();
         for (id, loc) in self.index_entries()? {
@@ -105,7 +124,8 @@ impl Store {
         layers.extend(self.roots()?);
         layers.sort();
         layers.dedup();
-        report.layers = layers.len() as u64;
+        // Layers `.mount` files name join the walk as they are found.
+        let mut walked: HashSet<LayerId> = layers.iter().copied().collect();
         let mut damage: HashMap<ChunkId, Damage> = HashMap::new();
         let mut need = |chunk: ChunkId, layer: LayerId, at: &dyn Fn() -> String| {
             let why = if let Some(why) = bad.get(&chunk) {
@@ -120,7 +140,9 @@ impl Store {
                 d.layers.push((layer, at()));
             }
         };
-        for layer in layers {
+        let mut broken_mounts = Vec::new();
+        while let Some(layer) = layers.pop() {
+            report.layers += 1;
             need(layer, layer, &|| "layer root".into());
             let root = match self.layer_root(&layer) {
                 Ok(r) => r,
@@ -142,6 +164,28 @@ impl Store {
             for e in reader {
                 match e {
                     Ok(e) => {
+                        if is_mount_file(&e) {
+                            let file = display_path(&e.path);
+                            let refs = match self.read_mount_file(&e) {
+                                Ok(r) => r,
+                                Err(why) => {
+                                    broken_mounts.push((layer, file.clone(), String::new(), why.to_string()));
+                                    Vec::new()
+                                }
+                            };
+                            for r in refs {
+                                match self.resolve(&r).and_then(|id| self.stack(&id)) {
+                                    Ok(stack) => {
+                                        for l in stack {
+                                            if walked.insert(l) {
+                                                layers.push(l);
+                                            }
+                                        }
+                                    }
+                                    Err(why) => broken_mounts.push((layer, file.clone(), r, why.to_string())),
+                                }
+                            }
+                        }
                         if let Kind::File { extents, .. } = &e.kind {
                             for x in extents {
                                 if let Extent::Data { id, .. } = x {
@@ -162,6 +206,9 @@ impl Store {
         }
         report.damage = damage.into_values().collect();
         report.damage.sort_by_key(|d| d.chunk);
+        report.broken_mounts = broken_mounts;
+        let marks: Vec<(ChunkId, String)> = bad.into_iter().filter(|(id, _)| indexed.contains(id)).collect();
+        self.mark_damaged(&marks, true)?;
         Ok(report)
     }
 }

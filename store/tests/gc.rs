@@ -52,3 +52,66 @@ fn gc_rewrites_a_mostly_dead_pack_and_keeps_live_block_members() {
         assert_eq!(fs::read(out.join(format!("f{i}"))).unwrap(), common::noise(20_000, i));
     }
 }
+
+/// `app` is pinned by nothing; only `srv/.mount` in the named template
+/// names it. gc keeps it (and its base); a dry run says what would go
+/// without removing it.
+#[test]
+fn gc_keeps_layers_named_by_mount_files_and_dry_run_removes_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let store = Store::open(t.path().join("store")).unwrap();
+    let app_src = t.path().join("app");
+    fs::create_dir_all(app_src.join("bin")).unwrap();
+    fs::write(app_src.join("bin/app"), common::noise(150_000, 5)).unwrap();
+    let app = common::publish_dir(&store, &app_src);
+    let junk_src = t.path().join("junk");
+    fs::create_dir_all(&junk_src).unwrap();
+    fs::write(junk_src.join("junk"), common::noise(400_000, 6)).unwrap();
+    let junk = common::publish_dir(&store, &junk_src);
+    let tpl_src = t.path().join("tpl");
+    fs::create_dir_all(tpl_src.join("srv")).unwrap();
+    fs::write(tpl_src.join("srv/.mount"), format!("# the app\n{app}\n")).unwrap();
+    fs::write(tpl_src.join("etc"), b"x").unwrap();
+    let tpl = common::publish_dir(&store, &tpl_src);
+    store.pin("tpl", &tpl).unwrap();
+
+    let plan = store.gc_plan().unwrap();
+    assert_eq!(plan.dead_layers, vec![junk], "{plan:?}");
+    assert!(plan.dead_bytes > 0 && plan.freed_bytes() > 0, "{plan:?}");
+    assert!(store.contains(&junk).unwrap(), "a dry run removes nothing");
+
+    let stats = store.gc().unwrap();
+    assert!(stats.removed_chunks > 0, "{stats:?}");
+    assert!(!store.contains(&junk).unwrap());
+    let store = Store::open(store.root()).unwrap();
+    assert!(store.verify().unwrap().is_clean());
+    let out = t.path().join("out");
+    common::export(&store, &app, &out);
+    assert_eq!(fs::read(out.join("bin/app")).unwrap(), common::noise(150_000, 5));
+    assert!(store.gc_plan().unwrap().dead_layers.is_empty());
+}
+
+/// A `.mount` file that names a layer the store does not have: verify is
+/// not clean and names the file and the reference.
+#[test]
+fn verify_reports_a_mount_file_naming_a_missing_layer() {
+    let t = tempfile::tempdir().unwrap();
+    let store = Store::open(t.path().join("store")).unwrap();
+    let src = t.path().join("tpl");
+    fs::create_dir_all(src.join("srv")).unwrap();
+    let ghost = xenod_store::ChunkId::of(b"no such layer");
+    fs::write(src.join("srv/.mount"), format!("{ghost}\ntemplate://nobody/missing/1\n")).unwrap();
+    let tpl = common::publish_dir(&store, &src);
+    store.pin("tpl", &tpl).unwrap();
+    let r = store.verify().unwrap();
+    assert!(!r.is_clean(), "{r:#?}");
+    assert_eq!(r.broken_mounts.len(), 2, "{r:#?}");
+    for (layer, file, _, _) in &r.broken_mounts {
+        assert_eq!((*layer, file.as_str()), (tpl, "/srv/.mount"));
+    }
+    assert!(r.broken_mounts.iter().any(|m| m.2 == ghost.to_string()));
+    assert!(r.broken_mounts.iter().any(|m| m.2 == "template://nobody/missing/1"));
+    // gc keeps going: a reference to nothing keeps nothing.
+    store.gc().unwrap();
+    assert!(store.contains(&tpl).unwrap());
+}

@@ -88,6 +88,9 @@ pub enum Cmd {
     Overlay(OverlayCmd),
     /// Materialise a layer with everything below it, to a new directory or
     /// as a tar stream on stdout (DEST `-`).
+    ///
+    /// Layers that `.mount` files name are placed on their directories, as
+    /// `mount` shows them.
     Export {
         r#ref: String,
         dest: String,
@@ -95,15 +98,32 @@ pub enum Cmd {
         /// overlayfs does (0/0 character devices).
         #[arg(long)]
         layer_only: bool,
+        /// The stack alone: do not follow `.mount` files.
+        #[arg(long)]
+        no_mounts: bool,
     },
     /// List names, pins and layers.
     Ls,
     /// Resolve a reference to a layer id.
     Resolve { r#ref: String },
     /// Rehash every chunk and check every layer's references.
-    Verify,
-    /// Remove every chunk that no named or pinned layer needs.
-    Gc,
+    Verify {
+        /// Fetch every damaged or missing chunk anew from peers and rewrite
+        /// damaged packs without their bad records.
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: a provider to ask, NODE@ADDR or a ticket (repeatable)
+        /// [default: peers that announced the layers, configured and known peers].
+        #[arg(long = "from", value_name = "PEER", requires = "repair")]
+        from: Vec<String>,
+    },
+    /// Remove every chunk that no named or pinned layer needs (nor a
+    /// `.mount` file in one).
+    Gc {
+        /// List what would be removed, and how many bytes, without removing it.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Keep a layer (and its stack) from gc.
     Pin {
         r#ref: String,
@@ -639,14 +659,16 @@ pub fn run(args: Args) -> Result<()> {
                 format!("{}\n{} entries committed from {target}", st.id, st.entries)
             })
         }
-        Cmd::Export { r#ref, dest, layer_only } => export(&ctx, &r#ref, &dest, layer_only),
+        Cmd::Export { r#ref, dest, layer_only, no_mounts } => export(&ctx, &r#ref, &dest, layer_only, no_mounts),
         Cmd::Ls => ls(&ctx),
         Cmd::Resolve { r#ref } => {
             let id = ctx.store()?.resolve(&r#ref)?;
             ctx.out(json!({ "id": id.to_string() }), || id.to_string())
         }
-        Cmd::Verify => verify(&ctx),
-        Cmd::Gc => {
+        Cmd::Verify { repair: true, from } => crate::repair::verify_repair(&ctx, from),
+        Cmd::Verify { repair: false, .. } => verify(&ctx),
+        Cmd::Gc { dry_run: true } => crate::repair::gc_dry_run(&ctx),
+        Cmd::Gc { dry_run: false } => {
             let mut store = ctx.store()?;
             let s = store.gc()?;
             compact(&mut store);
@@ -724,7 +746,7 @@ fn describe_migration(v: &serde_json::Value) -> String {
     out
 }
 
-fn human(n: u64) -> String {
+pub(crate) fn human(n: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut i = 0;
@@ -912,18 +934,22 @@ fn overlay_create(
     Ok(())
 }
 
-fn export(ctx: &Ctx, r: &str, dest: &str, layer_only: bool) -> Result<()> {
+fn export(ctx: &Ctx, r: &str, dest: &str, layer_only: bool, no_mounts: bool) -> Result<()> {
     let store = ctx.store()?;
     let id = store.resolve(r)?;
     let stack = if layer_only { vec![id] } else { store.stack(&id)? };
     let total: u64 = store.layer_root(&id).map(|r| r.file_bytes).unwrap_or(0);
     let pb = progress::bytes("exporting", None, ctx.json || dest == "-");
     let started = Instant::now();
+    let mut mounted = Vec::new();
     let stats = if layer_only {
         let entries = store.read_layer(&id)?;
         do_export(&store, entries, dest, &pb)?
     } else {
-        do_export(&store, Merged::new(&store, &stack)?, dest, &pb)?
+        let (union, added) = crate::repair::export_union(&store, &stack, no_mounts)?;
+        crate::repair::note_added(&added, ctx.json);
+        mounted = added;
+        do_export(&store, union, dest, &pb)?
     };
     pb.finish_and_clear();
     let _ = total;
@@ -931,7 +957,7 @@ fn export(ctx: &Ctx, r: &str, dest: &str, layer_only: bool) -> Result<()> {
         return Ok(());
     }
     ctx.out(
-        json!({ "id": id.to_string(), "layers": stack.len(), "entries": stats.entries,
+        json!({ "id": id.to_string(), "layers": stack.len(), "mounted": crate::repair::added_json(&mounted), "entries": stats.entries,
                 "file_bytes": stats.file_bytes, "seconds": started.elapsed().as_secs_f64() }),
         || {
             format!(
@@ -1011,7 +1037,8 @@ fn verify(ctx: &Ctx) -> Result<()> {
     ctx.out(
         json!({ "clean": r.is_clean(), "packs": r.packs, "chunks": r.chunks, "bytes": r.bytes, "layers": r.layers,
                 "damage": damage, "broken_layers": r.broken_layers.iter().map(|(l, w)| json!({"id": l.to_string(), "why": w})).collect::<Vec<_>>(),
-                "bad_packs": r.bad_packs, "stale_tmp": r.stale_tmp }),
+                "bad_packs": r.bad_packs, "stale_tmp": r.stale_tmp,
+                "broken_mounts": r.broken_mounts.iter().map(|(l, f, rf, w)| json!({"layer": l.to_string(), "file": f, "reference": rf, "why": w})).collect::<Vec<_>>() }),
         || {
             let mut s = format!("checked {} chunks ({}) in {} packs, {} layers", r.chunks, human(r.bytes), r.packs, r.layers);
             for d in &r.damage {
@@ -1025,6 +1052,9 @@ fn verify(ctx: &Ctx) -> Result<()> {
             }
             for p in &r.bad_packs {
                 s += &format!("\nbad pack: {p}");
+            }
+            for (l, f, rf, w) in &r.broken_mounts {
+                s += &format!("\nbroken .mount {f} in layer {l}: {rf:?}: {w}");
             }
             if r.stale_tmp > 0 {
                 s += &format!("\n{} unfinished pack(s) from interrupted writes (harmless; gc removes them)", r.stale_tmp);

@@ -6,6 +6,7 @@ mod cli;
 mod names_cmds;
 mod peer_cmds;
 mod progress;
+mod repair;
 
 use std::process::ExitCode;
 

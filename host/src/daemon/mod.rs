@@ -4,6 +4,7 @@
 pub mod announce;
 pub mod context;
 pub mod lazy;
+pub mod repair;
 pub mod replicate;
 pub mod reply;
 pub mod server;

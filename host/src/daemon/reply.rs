@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
-use xenod_peer::{Counters, FetchReport, PeerCounters, PullOutcome};
+use xenod_peer::{Counters, FetchReport, PeerCounters, PullOutcome, RepairProvider, Supplied};
 
 /// A peer this host has exchanged layers with.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,4 +138,55 @@ pub struct Replicate {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shutdown {
     pub stopping: bool,
+}
+
+/// `repair`: what was repaired, from whom, and what was not.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Repair {
+    /// Whether the store verifies clean now.
+    pub clean: bool,
+    /// Damaged or missing chunks the first verify found.
+    pub found: u64,
+    pub repaired: Vec<Supplied>,
+    /// Chunks still damaged or missing, each with the layers that need it.
+    pub unrepaired: Vec<Unrepaired>,
+    /// Packs rewritten without their damaged records.
+    pub packs_rewritten: Vec<String>,
+    /// Packs left as they are, and why.
+    pub packs_kept: Vec<KeptPack>,
+    /// Every provider asked, and what it did.
+    pub providers: Vec<RepairProvider>,
+    /// Layers whose manifest still cannot be read.
+    pub broken_layers: Vec<Broken>,
+    /// `.mount` references that still give no whole stack.
+    pub broken_mounts: Vec<BrokenMount>,
+    pub bad_packs: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Unrepaired {
+    pub chunk: String,
+    pub why: String,
+    /// (layer id, the first path that needs the chunk).
+    pub layers: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeptPack {
+    pub pack: String,
+    pub why: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Broken {
+    pub id: String,
+    pub why: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BrokenMount {
+    pub layer: String,
+    pub file: String,
+    pub reference: String,
+    pub why: String,
 }

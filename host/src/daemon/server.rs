@@ -105,6 +105,7 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
         }
         Request::Reload => Ok(serde_json::to_value(d.reload_trust()?)?),
         Request::Hosts { filter } => Ok(serde_json::to_value(super::announce::hosts(d, filter.as_deref())?)?),
+        Request::Repair { from } => Ok(serde_json::to_value(super::repair::repair(d, &from).await?)?),
         Request::Shutdown => {
             // notify_one keeps a permit when the accept loop is not
             // waiting at this instant; notify_waiters would lose it.
@@ -205,6 +206,7 @@ pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool, on_ready
         let (instances, store) = (d.instances().clone(), d.store_arc());
         tokio::task::spawn_blocking(move || migrate::stage::sweep(&instances, &store)).await?;
         super::announce::spawn(&d);
+        super::repair::spawn_watch(&d);
         let addr = format_peer(&d.node().addr());
         let sock = socket_path(data_dir);
         // One line on stdout once the socket accepts, for scripts to wait on.
