@@ -288,6 +288,7 @@ mod tests {
             Request::Shutdown,
             Request::Reload,
             Request::Hosts { filter: Some("mem_free>=1G && label.zone=a".into()) },
+            Request::Repair { from: vec!["n@127.0.0.1:1".into()] },
             Request::Migrate {
                 instance: "web".into(),
                 to: "n@127.0.0.1:1".into(),
