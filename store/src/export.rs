@@ -129,20 +129,64 @@ pub fn export_dir(
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
         Err(e) => return Err(Error::io("reading", dest)(e)),
     };
-    let name = dest.file_name().ok_or_else(|| refuse("names no directory".into()))?;
-    let tmp = dest.with_file_name(format!(".{}.export-{}", name.to_string_lossy(), std::process::id()));
+    // `.` names the current directory: its name is in the absolute path.
+    let abs = std::path::absolute(dest).ctx("resolving", dest)?;
+    let name = abs.file_name().ok_or_else(|| refuse("names no directory".into()))?;
+    let tmp = abs.with_file_name(format!(".{}.export-{}", name.to_string_lossy(), std::process::id()));
     fs::create_dir(&tmp).ctx("creating", &tmp)?;
-    let r = write_tree(store, entries, dest, &tmp, progress).and_then(|stats| {
-        // Over an empty directory (which rename replaces), or where nothing is.
-        let flags = if replace { RenameFlags::empty() } else { RenameFlags::NOREPLACE };
-        rustix::fs::renameat_with(rustix::fs::CWD, &tmp, rustix::fs::CWD, dest, flags)
-            .ctx("renaming into place", dest)?;
+    let r = write_tree(store, entries, dest, &tmp, progress).and_then(|(stats, root)| {
+        let at = if replace { dest } else { tmp.as_path() };
+        if replace {
+            // Into the directory that is there (it may be someone's working
+            // directory): its new entries, then its metadata.
+            move_children(&tmp, dest)?;
+            let _ = fs::remove_dir(&tmp);
+        }
+        if let Some(root) = root {
+            let fd = rustix::fs::open(
+                at,
+                OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .ctx("opening", at)?;
+            set_meta_fd(&fd, &root, dest)?;
+        }
+        if !replace {
+            rustix::fs::renameat_with(rustix::fs::CWD, &tmp, rustix::fs::CWD, dest, RenameFlags::NOREPLACE)
+                .ctx("renaming into place", dest)?;
+        }
         Ok(stats)
     });
     if r.is_err() {
         remove_tree(&tmp);
     }
     r
+}
+
+/// Moves every entry of `from` into the empty directory `to`; on failure
+/// moves those already moved back, so `to` is left empty.
+fn move_children(from: &Path, to: &Path) -> Result<()> {
+    let names: Vec<_> = fs::read_dir(from)
+        .ctx("listing", from)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()
+        .ctx("listing", from)?;
+    for (i, n) in names.iter().enumerate() {
+        let r = rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            from.join(n),
+            rustix::fs::CWD,
+            to.join(n),
+            RenameFlags::NOREPLACE,
+        );
+        if let Err(e) = r {
+            for m in &names[..i] {
+                let _ = fs::rename(to.join(m), from.join(m));
+            }
+            return Err(Error::io("moving into place", to.join(n))(e.into()));
+        }
+    }
+    Ok(())
 }
 
 /// Removes a partly written tree, making its directories writable first
@@ -165,14 +209,16 @@ fn remove_tree(p: &Path) {
 }
 
 /// [`export_dir`]'s work: the tree written into `root` (a new empty
-/// directory), messages naming the paths under `dest`.
+/// directory), messages naming the paths under `dest`. The root entry's
+/// metadata is returned, not applied: it goes to the directory that ends
+/// up in place.
 fn write_tree(
     store: &Store,
     entries: impl Iterator<Item = Result<Entry>>,
     dest: &Path,
     root: &Path,
     progress: &(dyn Fn(u64) + Sync),
-) -> Result<ExportStats> {
+) -> Result<(ExportStats, Option<Entry>)> {
     let refuse = |why: String| Error::Export { dest: dest.to_path_buf(), why };
     let root_fd =
         rustix::fs::open(root, OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
@@ -274,10 +320,15 @@ fn write_tree(
         }
         set_meta_at(pfd, name, &e, mode, &at)?;
     }
+    let mut top = None;
     while let Some(d) = stack.pop() {
-        finish_dir(&d, dest)?;
+        if d.path.is_empty() {
+            top = Some(d.entry);
+        } else {
+            finish_dir(&d, dest)?;
+        }
     }
-    Ok(stats)
+    Ok((stats, top))
 }
 
 /// A chunk that could not be read for the file at `at` (a path in the
@@ -735,10 +786,21 @@ mod tests {
         assert_eq!(err.exit_code(), crate::Exit::Damaged, "{err}");
         assert_eq!((err.chunk(), err.path()), (Some(ghost), Some(PathBuf::from("/b"))));
 
-        // Complete: renamed into place, over the empty directory.
+        // Complete: moved into the empty directory, which stays the same
+        // directory (it may be someone's working directory) and takes the
+        // root's metadata; or renamed into place where nothing was.
+        use std::os::unix::fs::MetadataExt;
+        let ino = fs::metadata(&dest).unwrap().ino();
         let ok = layer(&store, vec![file("a", 9, vec![Extent::Data { id: good, len: 9 }])]);
         export_dir(&store, Merged::of(&store, &ok).unwrap(), &dest, &|_| {}).unwrap();
         assert_eq!(fs::read(dest.join("a")).unwrap(), b"good data");
+        let md = fs::metadata(&dest).unwrap();
+        assert_eq!((md.ino(), md.mode() & 0o7777), (ino, Entry::dir(Vec::new()).mode));
         assert_eq!(fs::read_dir(t.path()).unwrap().count(), 2, "store and out only");
+        let fresh = t.path().join("fresh");
+        export_dir(&store, Merged::of(&store, &ok).unwrap(), &fresh, &|_| {}).unwrap();
+        assert_eq!(fs::read(fresh.join("a")).unwrap(), b"good data");
+        assert_eq!(fs::metadata(&fresh).unwrap().mode() & 0o7777, Entry::dir(Vec::new()).mode);
+        assert_eq!(fs::read_dir(t.path()).unwrap().count(), 3, "no temporary directory left");
     }
 }

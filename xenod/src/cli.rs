@@ -834,7 +834,7 @@ fn publish(
     };
     use xenod_store::Sniffed;
     if src == "-" {
-        import_tar(&store, io::stdin().lock(), &opts, &mut sink).context("publishing the tar stream on stdin")?;
+        import_tar(&store, io::stdin().lock(), &opts, &mut sink)?;
     } else {
         let md = fs::metadata(path).map_err(|source| xenod_store::Error::Io {
             what: "reading",

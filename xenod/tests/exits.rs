@@ -184,9 +184,17 @@ fn text_mode_stdout_is_the_result_alone() {
 
     // export: the tree is the result; nothing on stdout, the summary on stderr.
     let o = text(&data, &["export", &oid, t.path().join("out").to_str().unwrap()]);
+    // (t holds data, src, over, upper, out and, below, here.)
     assert!(o.status.success() && o.stdout.is_empty(), "{}", stdout(&o));
     assert!(stderr(&o).contains("exported"));
     assert_eq!(stdout(&text(&data, &["resolve", "template://t/base/1"])).trim(), id);
+    // Into the (empty) current directory, which stays where it is.
+    let here = t.path().join("here");
+    fs::create_dir(&here).unwrap();
+    let o = xenod(&data).current_dir(&here).args(["export", &oid, "."]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(fs::read(here.join("etc/conf")).unwrap(), b"port = 8080\n");
+    assert_eq!(names(t.path()).len(), 6, "{:?}", names(t.path()));
 }
 
 #[test]
