@@ -28,6 +28,7 @@ use crate::lower::{LKind, LowerTree};
 use crate::partial::Partial;
 use crate::track::DirtySet;
 use crate::union::{FType, Union, join};
+use crate::upper::{check_stack, claim};
 
 /// What a commit wrote.
 #[derive(Debug, Clone, Copy)]
@@ -38,7 +39,9 @@ pub struct CommitStats {
 }
 
 /// Commits `upper` over `stack` (bottom first, non-empty) as a new layer
-/// whose base is the stack's top. The upper must not be mounted meanwhile.
+/// whose base is the stack's top. Refused while the upper is mounted
+/// read-write (and no mount can take it meanwhile), and when it records
+/// being made on another stack (see `upper`).
 pub fn commit(
     store: Arc<Store>,
     stack: &[LayerId],
@@ -51,6 +54,8 @@ pub fn commit(
     if !upper.is_dir() {
         return Err(Error::BadUpper { path: upper.into(), why: "not a directory".into() });
     }
+    let _claim = claim(upper)?;
+    check_stack(upper, stack)?;
     let _lock = store.write_lock()?;
     let lower = LowerTree::load(&store, stack)?;
     // The base as the union shows it: with the layers `.mount` files add, so

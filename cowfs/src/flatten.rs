@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::lower::LowerTree;
 use crate::overlay::{PARTIAL, getxattr_path};
 use crate::union::{Union, WORK_DIR};
+use crate::upper::{LOCK_FILE, STACK_FILE, check_stack, claim};
 
 /// What [`flatten`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -31,12 +32,15 @@ pub struct FlattenStats {
 }
 
 /// Makes every partial file of `upper` (over `stack`, bottom first) whole
-/// and removes xenod's work area, so that the kernel's overlayfs can mount
-/// it. The upper must not be mounted meanwhile.
+/// and removes xenod's work area (with the upper's lock and stack record),
+/// so that the kernel's overlayfs can mount it. Refused while the upper is
+/// mounted read-write, and when it records being made on another stack.
 pub fn flatten(store: Arc<Store>, stack: &[LayerId], upper: &Path) -> Result<FlattenStats> {
     if !upper.is_dir() {
         return Err(Error::BadUpper { path: upper.into(), why: "not a directory".into() });
     }
+    let _claim = claim(upper)?;
+    check_stack(upper, stack)?;
     let lower = LowerTree::load(&store, stack)?;
     let union = Union::new(store, lower, Some(upper), 64 << 20)?;
     let mut stats = FlattenStats::default();
@@ -70,6 +74,15 @@ pub fn flatten(store: Arc<Store>, stack: &[LayerId], upper: &Path) -> Result<Fla
     let work = upper.join(WORK_DIR);
     // Removing the work area must not show as a change of the root.
     let root_times = times(upper)?;
+    // The claim holds the open lock file; its name can go before it is released.
+    for f in [STACK_FILE, LOCK_FILE] {
+        let p = work.join(f);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("removing", &p)(e)),
+        }
+    }
     for d in ["work", "maps"] {
         let p = work.join(d);
         match std::fs::remove_dir(&p) {

@@ -15,10 +15,11 @@
 //! | `readahead` | decodes the lower files after one being read, in walk (and pack) order, for tar-like walks | lower, cache |
 //! | `track` | [`DirtySet`]: blocks and paths written since the last drain, over a control socket | error |
 //! | `union` | [`Union`]: lookup, readdir merge, copy-up, whiteouts, rename, xattrs (a directory module, its files mapped in its doc) | all of the above |
+//! | `upper` | what an upper directory says of its use: the lock its writable mount holds, the stack it was made on | error, union |
 //! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union`; kernel caching, FUSE passthrough, read-only mounts without OPEN requests ([`CowFs::no_open`]), and FUSE over io_uring (the transport itself is in `vendor/fuser`) | filecache, union |
-//! | `mount` | [`mount`], [`serve`], [`unmount`]: sessions on a mountpoint | error, lower, filecache, track, union, fs |
-//! | `flatten` | [`flatten`]: partial files made whole, so the kernel's overlayfs can mount an upper | error, overlay, lower, union |
-//! | `commit` | [`commit`]: an upper directory over a stack becomes a new layer | error, lower, partial, track, union |
+//! | `mount` | [`mount`], [`serve`], [`unmount`]: sessions on a mountpoint | error, lower, filecache, track, union, upper, fs |
+//! | `flatten` | [`flatten`]: partial files made whole, so the kernel's overlayfs can mount an upper | error, overlay, lower, union, upper |
+//! | `commit` | [`commit`]: an upper directory over a stack becomes a new layer | error, lower, partial, track, union, upper |
 //!
 //! Semantics follow Linux overlayfs (with `redirect_dir=on`), and the upper
 //! directory uses its on-disk conventions, so the same upper can be mounted
@@ -40,6 +41,7 @@ mod partial;
 mod readahead;
 mod track;
 mod union;
+mod upper;
 
 pub use cache::Fetcher;
 pub use commit::{CommitCache, CommitStats, commit, commit_live, union_entries};
@@ -52,6 +54,7 @@ pub use mount::{DEFAULT_FILE_CACHE, MountOptions, Mounted, is_mounted, mount, se
 pub use partial::DirtyMap;
 pub use track::{AnswerFault, DirtySet, control_socket_for, drain_dirty};
 pub use union::{Attr, BLOCK_COPY_MIN, FType, Union, WORK_DIR};
+pub use upper::recorded_stack;
 
 /// Requests this process's mounts served over FUSE's io_uring transport
 /// (0 where the kernel does not offer it, or with `uring: false`).

@@ -12,6 +12,7 @@ use crate::filecache::FileCache;
 use crate::fs::CowFs;
 use crate::lower::LowerTree;
 use crate::union::Union;
+use crate::upper::{Claim, check_stack, claim, record_stack, unescape};
 
 /// Default bound of the materialised-file cache: room for a few large
 /// files (images, databases, big libraries) without filling a small disk.
@@ -98,9 +99,22 @@ impl Default for MountOptions {
     }
 }
 
-fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<(CowFs, Config)> {
-    let lower = LowerTree::load_with(&store, stack, &opts.lower_dirs)?;
+/// The union to serve and how, and the claim on a writable upper
+/// (held while the mount lives).
+fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<(CowFs, Config, Option<Claim>)> {
     let upper = if opts.read_only { None } else { opts.upper.as_deref() };
+    // Claimed before the union touches it: another mount's staging area
+    // must not be cleaned up under it.
+    let claim = match upper {
+        Some(u) => {
+            let c = claim(u)?;
+            check_stack(u, stack)?;
+            record_stack(u, stack)?;
+            Some(c)
+        }
+        None => None,
+    };
+    let lower = LowerTree::load_with(&store, stack, &opts.lower_dirs)?;
     let files = if opts.passthrough { FileCache::open(store.clone(), opts.file_cache_bytes)? } else { None };
     let mut union = Union::new(store, lower, upper, opts.cache_bytes)?;
     union.files = files;
@@ -134,7 +148,7 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     // Passthrough writes bypass this process, and so the dirty tracker:
     // with `control`, upper files are served here (`Union::backing_file`);
     // lower files pass through either way, they are only ever read.
-    Ok((CowFs::with_passthrough(union, opts.passthrough).uring(opts.uring).no_open(opts.no_open), config))
+    Ok((CowFs::with_passthrough(union, opts.passthrough).uring(opts.uring).no_open(opts.no_open), config, claim))
 }
 
 /// A mounted union, served by background threads; unmounted on drop.
@@ -142,6 +156,8 @@ pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     mountpoint: PathBuf,
     union: Arc<Union>,
+    /// Released after the session ends (fields drop after `drop`).
+    _claim: Option<Claim>,
 }
 
 impl Mounted {
@@ -178,10 +194,10 @@ impl Drop for Mounted {
 /// Mounts the union of `stack` (bottom first) on `mountpoint`, served in
 /// the background. The lower tree is loaded before this returns.
 pub fn mount(store: Arc<Store>, stack: &[LayerId], mountpoint: &Path, opts: &MountOptions) -> Result<Mounted> {
-    let (fs, config) = prepare(store, stack, opts)?;
+    let (fs, config, claim) = prepare(store, stack, opts)?;
     let union = fs.union.clone();
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
-    Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_path_buf(), union })
+    Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_path_buf(), union, _claim: claim })
 }
 
 /// Mounts and serves in the calling thread until the filesystem is
@@ -193,11 +209,13 @@ pub fn serve(
     opts: &MountOptions,
     ready: impl FnOnce(),
 ) -> Result<()> {
-    let (fs, config) = prepare(store, stack, opts)?;
+    let (fs, config, claim) = prepare(store, stack, opts)?;
     let union = fs.union.clone();
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
     ready();
     let r = session.run().map_err(Error::io("serving", mountpoint));
+    // Unmounted: the upper is free at once (a commit may be waiting).
+    drop(claim);
     // The caller exits next: finish the file being materialised first.
     union.finish_background();
     r
@@ -208,25 +226,6 @@ pub fn is_mounted(path: &Path) -> bool {
     let Ok(canon) = path.canonicalize() else { return false };
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
     mounts.lines().any(|l| l.split(' ').nth(4).is_some_and(|mp| unescape(mp) == canon.as_os_str().as_encoded_bytes()))
-}
-
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && let Some(Ok(v)) =
-                b.get(i + 1..i + 4).map(|o| u8::from_str_radix(std::str::from_utf8(o).unwrap_or("x"), 8))
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
 }
 
 /// Unmounts `mountpoint` (`umount2`, lazily with `lazy`); the serving

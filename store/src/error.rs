@@ -41,6 +41,11 @@ pub enum Error {
     /// in a manifest. The fault is part of the message.
     #[error("export to {}: {at}: {fault}", dest.display())]
     ExportEntry { dest: PathBuf, at: String, fault: Box<EntryFault> },
+    /// A file being materialised at `at` needs a chunk that is damaged or
+    /// missing. The chunk's error is part of the message (it names the
+    /// chunk), and its exit code is this error's: the store is damaged.
+    #[error("export to {}: {at}: {damage}", dest.display())]
+    ExportData { dest: PathBuf, at: String, damage: Box<Error> },
     /// A name record refused: bad signature, a key not trusted for the
     /// name's publisher, an older sequence, a removed name.
     #[error("name {name}: {why}")]
@@ -66,6 +71,7 @@ impl Error {
         match self {
             Error::UnknownRef(_) => Exit::NotFound,
             Error::ChunkCorrupt { .. } | Error::ChunkMissing { .. } => Exit::Damaged,
+            Error::ExportData { damage, .. } => damage.exit_code(),
             Error::Name { .. } => Exit::NameRefused,
             Error::BadRef { .. } => Exit::Usage,
             Error::BadInput { .. }
@@ -74,6 +80,32 @@ impl Error {
             | Error::Export { .. }
             | Error::ExportEntry { .. } => Exit::BadInput,
             Error::Io { .. } | Error::Db { .. } => Exit::Failure,
+        }
+    }
+
+    /// The chunk this error is about, if one is: a corrupt or missing chunk,
+    /// also when met while exporting.
+    pub fn chunk(&self) -> Option<ChunkId> {
+        match self {
+            Error::ChunkCorrupt { id, .. } | Error::ChunkMissing { id } => Some(*id),
+            Error::ExportData { damage, .. } => damage.chunk(),
+            _ => None,
+        }
+    }
+
+    /// The file or directory this error is about, if one is.
+    pub fn path(&self) -> Option<PathBuf> {
+        match self {
+            Error::Io { path, .. } | Error::Db { path, .. } => Some(path.clone()),
+            Error::Export { dest, .. } => Some(dest.clone()),
+            // A tar stream's member ("-" is standard output) is named by its path in the tree.
+            Error::ExportEntry { dest, at, .. } | Error::ExportData { dest, at, .. } if dest == Path::new("-") => {
+                Some(PathBuf::from(at))
+            }
+            Error::ExportEntry { dest, at, .. } | Error::ExportData { dest, at, .. } => {
+                Some(dest.join(at.trim_start_matches('/')))
+            }
+            _ => None,
         }
     }
 

@@ -406,20 +406,131 @@ fn tar_path(raw: &[u8]) -> Result<Vec<u8>> {
     Ok(parts.join(&b'/'))
 }
 
-/// Imports a tar stream. Tar members come in any order, so entries go
-/// through an external sort (bounded memory; hardlink members are kept in
-/// memory) before they reach `sink` in tree order.
+/// Bytes [`sniff`] looks at: one tar record.
+pub const SNIFF_LEN: usize = 512;
+
+/// What an input is, by its first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sniffed {
+    /// No bytes at all.
+    Empty,
+    /// A tar archive: a header record whose checksum holds (any tar
+    /// format: v7, ustar, GNU, pax), or the zero records that end one.
+    Tar,
+    /// A compressed stream, by the name of its format.
+    Compressed(&'static str),
+    /// Anything else (a disk image, a text file, ...).
+    Other,
+}
+
+/// Tells what `head` (the first [`SNIFF_LEN`] bytes of an input, fewer
+/// only if the input is shorter) begins.
+pub fn sniff(head: &[u8]) -> Sniffed {
+    const MAGIC: [(&[u8], &str); 6] = [
+        (&[0x1f, 0x8b], "gzip"),
+        (&[0x28, 0xb5, 0x2f, 0xfd], "zstd"),
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0], "xz"),
+        (b"BZh", "bzip2"),
+        (&[0x04, 0x22, 0x4d, 0x18], "lz4"),
+        (b"LZIP", "lzip"),
+    ];
+    if head.is_empty() {
+        return Sniffed::Empty;
+    }
+    if let Some((_, name)) = MAGIC.iter().find(|(m, _)| head.starts_with(m)) {
+        return Sniffed::Compressed(name);
+    }
+    match head.get(..SNIFF_LEN) {
+        Some(rec) if rec.iter().all(|&b| b == 0) || tar_checksum_holds(rec) => Sniffed::Tar,
+        _ => Sniffed::Other,
+    }
+}
+
+/// Whether a 512-byte record is a tar header: its checksum field (octal,
+/// bytes 148..156) is the sum of its bytes with that field as spaces.
+fn tar_checksum_holds(rec: &[u8]) -> bool {
+    let field = &rec[148..156];
+    let digits: Vec<u8> = field.iter().copied().filter(|b| (b'0'..=b'7').contains(b)).collect();
+    let Some(want) = std::str::from_utf8(&digits).ok().and_then(|d| u64::from_str_radix(d, 8).ok()) else {
+        return false;
+    };
+    let sum: u64 = rec.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) }).sum();
+    sum == want
+}
+
+/// Reads up to [`SNIFF_LEN`] bytes of `r` (fewer only at its end).
+fn read_head(r: &mut impl Read) -> Result<Vec<u8>> {
+    let mut head = vec![0u8; SNIFF_LEN];
+    let mut n = 0;
+    while n < head.len() {
+        match r.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("reading tar stream", "-")(e)),
+        }
+    }
+    head.truncate(n);
+    Ok(head)
+}
+
+/// The tar archive in `reader`: a plain one, or one compressed with zstd.
+/// An empty stream, another compression and anything not a tar archive
+/// are refused, naming what they are.
+fn open_tar<'r>(mut reader: impl Read + 'r) -> Result<Box<dyn Read + 'r>> {
+    let refuse = |why: String| Error::bad_input("tar stream", why);
+    let head = read_head(&mut reader)?;
+    match sniff(&head) {
+        Sniffed::Tar => Ok(Box::new(std::io::Cursor::new(head).chain(reader))),
+        Sniffed::Empty => Err(refuse("empty: no tar archive to publish".into())),
+        Sniffed::Compressed("zstd") => {
+            let mut inner = zstd::stream::read::Decoder::new(std::io::Cursor::new(head).chain(reader))
+                .map_err(|e| Error::io("starting zstd decompression of", "-")(e))?;
+            let head = read_head(&mut inner)?;
+            match sniff(&head) {
+                Sniffed::Tar => Ok(Box::new(std::io::Cursor::new(head).chain(inner))),
+                Sniffed::Empty => Err(refuse("empty zstd stream: no tar archive to publish".into())),
+                other => Err(refuse(format!("a zstd stream that holds no tar archive ({})", other.describe()))),
+            }
+        }
+        Sniffed::Compressed(name) => Err(refuse(format!(
+            "compressed tar: {name} is not read here (zstd is); decompress it first, e.g. `{name} -dc FILE | xenod publish -`"
+        ))),
+        Sniffed::Other => Err(refuse("not a tar archive (its first record is no tar header)".into())),
+    }
+}
+
+impl Sniffed {
+    /// A few words for messages.
+    pub fn describe(self) -> String {
+        match self {
+            Sniffed::Empty => "empty".into(),
+            Sniffed::Tar => "a tar archive".into(),
+            Sniffed::Compressed(n) => format!("{n}-compressed"),
+            Sniffed::Other => "not a tar archive".into(),
+        }
+    }
+}
+
+/// Imports a tar stream: a tar archive, plain or zstd-compressed (other
+/// compressions, empty streams and anything else are refused, see
+/// [`sniff`]), holding at least one member. Tar members come in any
+/// order, so entries go through an external sort (bounded memory;
+/// hardlink members are kept in memory) before they reach `sink` in tree
+/// order. GNU sparse members keep their holes.
 pub fn import_tar(
     store: &Store,
     reader: impl Read,
     opts: &ImportOptions,
     sink: &mut dyn FnMut(Entry) -> Result<()>,
 ) -> Result<()> {
-    let mut ar = tar::Archive::new(reader);
+    let mut ar = tar::Archive::new(open_tar(std::io::BufReader::with_capacity(1 << 20, reader))?);
     let mut spill = Spill::new();
     let mut links: Vec<Entry> = Vec::new();
     let iter = ar.entries().map_err(|e| Error::io("reading tar stream", "-")(e))?;
+    let mut members = 0usize;
     for (n, member) in iter.enumerate() {
+        members = n + 1;
         let mut member = member.map_err(|e| Error::bad_input(format!("tar member {}", n + 1), e.to_string()))?;
         let raw = member.path_bytes().into_owned();
         let path = tar_path(&raw)?;
@@ -462,9 +573,12 @@ pub fn import_tar(
             T::Char => Kind::CharDev { rdev: rdev() },
             T::Block => Kind::BlockDev { rdev: rdev() },
             T::Fifo => Kind::Fifo,
-            T::Regular | T::Continuous => {
-                let size = h.size().map_err(|e| Error::bad_input(&at, e.to_string()))?;
-                let chunking = opts.chunking(crate::manifest::file_name(&path), size, false);
+            T::Regular | T::Continuous | T::GNUSparse => {
+                let sparse = h.entry_type() == T::GNUSparse;
+                // A sparse member's header gives its bytes in the stream; the file's is the entry's.
+                let size =
+                    if sparse { member.size() } else { h.size().map_err(|e| Error::bad_input(&at, e.to_string()))? };
+                let chunking = opts.chunking(crate::manifest::file_name(&path), size, sparse);
                 let (extents, total) = chunk_stream(store, &mut member, chunking, size, opts, &|| at.clone())?;
                 if total != size {
                     return Err(Error::bad_input(at, format!("tar member holds {total} bytes, header says {size}")));
@@ -488,6 +602,9 @@ pub fn import_tar(
         } else {
             spill.push(e)?;
         }
+    }
+    if members == 0 {
+        return Err(Error::bad_input("tar stream", "a tar archive with no members: nothing to publish"));
     }
     let plan = LinkPlan::new(links, &mut spill)?;
     // Synthesise directories the archive does not list (`tar c usr/bin/x`).
@@ -635,5 +752,67 @@ impl LinkPlan {
                 }
             }))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn import(store: &Store, bytes: &[u8]) -> Result<usize> {
+        let mut n = 0;
+        import_tar(store, bytes, &ImportOptions::default(), &mut |_| {
+            n += 1;
+            Ok(())
+        })?;
+        Ok(n)
+    }
+
+    fn one_file_tar() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(5);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "f", &b"hello"[..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn sniff_tells_tar_from_compressed_and_other() {
+        let tar = one_file_tar();
+        assert_eq!(sniff(&tar[..SNIFF_LEN]), Sniffed::Tar);
+        assert_eq!(sniff(&[0; SNIFF_LEN]), Sniffed::Tar, "the end-of-archive records");
+        assert_eq!(sniff(b""), Sniffed::Empty);
+        assert_eq!(sniff(&[0x1f, 0x8b, 8, 0]), Sniffed::Compressed("gzip"));
+        assert_eq!(sniff(&zstd::encode_all(&tar[..], 3).unwrap()), Sniffed::Compressed("zstd"));
+        assert_eq!(sniff(b"\xfd7zXZ\0rest"), Sniffed::Compressed("xz"));
+        assert_eq!(sniff(b"BZh91AY"), Sniffed::Compressed("bzip2"));
+        assert_eq!(sniff(&[7u8; SNIFF_LEN]), Sniffed::Other, "a disk image");
+        assert_eq!(sniff(b"short text"), Sniffed::Other);
+        // A header with one byte changed fails its checksum.
+        let mut bad = tar[..SNIFF_LEN].to_vec();
+        bad[0] ^= 1;
+        assert_eq!(sniff(&bad), Sniffed::Other);
+    }
+
+    #[test]
+    fn empty_compressed_and_non_tar_streams_are_refused_and_zstd_is_read() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::open(t.path()).unwrap();
+        let tar = one_file_tar();
+        assert_eq!(import(&store, &tar).unwrap(), 2, "root and f");
+        assert_eq!(import(&store, &zstd::encode_all(&tar[..], 3).unwrap()).unwrap(), 2);
+        let refused = |bytes: &[u8], says: &str| {
+            let e = import(&store, bytes).unwrap_err();
+            assert_eq!(e.exit_code(), crate::Exit::BadInput, "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+        };
+        refused(b"", "empty");
+        refused(&[0; 1024], "no members");
+        refused(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0], "compressed tar: gzip");
+        refused(b"\xfd7zXZ\0\0\0", "compressed tar: xz");
+        refused(&zstd::encode_all(&b"plain text"[..], 3).unwrap(), "zstd stream that holds no tar");
+        refused(&zstd::encode_all(&b""[..], 3).unwrap(), "empty zstd stream");
+        refused(&[9u8; 4096], "not a tar archive");
     }
 }

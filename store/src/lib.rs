@@ -48,7 +48,8 @@ pub use export::{ExportStats, FileReader, export_dir, export_tar};
 pub use gc::{GcPlan, GcStats};
 pub use id::{ChunkId, LayerId, ParseIdError};
 pub use import::{
-    IMAGE_MIN_SIZE, ImportOptions, Progress, chunk_stream, import_dir, import_image, import_tar, special_kind,
+    IMAGE_MIN_SIZE, ImportOptions, Progress, SNIFF_LEN, Sniffed, chunk_stream, import_dir, import_image, import_tar,
+    sniff, special_kind,
 };
 pub use layer::{LayerInfo, LayerReader, LayerWriter, MAX_STACK};
 pub use manifest::{

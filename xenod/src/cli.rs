@@ -68,6 +68,10 @@ pub enum Cmd {
     /// a raw image file as SRC, files named *.img/*.raw/*.qcow2, files of
     /// 1 GiB or more, and sparse files) into fixed 64 KiB blocks. Only chunks
     /// the store lacks are written. Without --name the layer is pinned by id.
+    /// A tar archive may be zstd-compressed; other compressions, an empty
+    /// stream and a file that is no tar archive are refused (a disk image
+    /// needs --image unless named *.img, *.raw or *.qcow2). Prints the
+    /// layer id on stdout, the summary on stderr.
     Publish {
         /// Directory, tar archive, `-` (tar on stdin) or disk image.
         src: String,
@@ -465,6 +469,15 @@ impl Ctx {
         Store::open(&self.data_dir).with_context(|| format!("opening the store in {}", self.data_dir.display()))
     }
 
+    /// In text mode, `text` on stderr: what people read besides the
+    /// result, which alone goes to stdout (so `ID=$(xenod publish DIR)`
+    /// captures the id). Nothing under `--json`, whose object says it all.
+    pub(crate) fn note(&self, text: impl FnOnce() -> String) {
+        if !self.json {
+            eprintln!("{}", text());
+        }
+    }
+
     /// Prints `value` as JSON, or `text` for people.
     pub(crate) fn out(&self, value: serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
         let mut o = io::stdout().lock();
@@ -555,15 +568,16 @@ pub fn run(args: Args) -> Result<()> {
                 Request::Checkpoint { instance: name, name: label },
                 &ctx.watcher("checkpoint"),
             )?;
-            ctx.out(v.clone(), || {
+            ctx.out(v.clone(), || v["checkpoint"].as_str().unwrap_or("").to_string())?;
+            ctx.note(|| {
                 format!(
-                    "checkpoint {} of {} ({} new chunks, guest paused {:.2} s)",
-                    v["checkpoint"].as_str().unwrap_or(""),
+                    "checkpoint of {} ({} new chunks, guest paused {:.2} s)",
                     v["instance"].as_str().unwrap_or(""),
                     v["new_chunks"],
                     v["paused_seconds"].as_f64().unwrap_or(0.0)
                 )
-            })
+            });
+            Ok(())
         }
         Cmd::Restore { checkpoint, on, name } => {
             let v =
@@ -655,9 +669,9 @@ pub fn run(args: Args) -> Result<()> {
             } else {
                 ctx.store()?.pin(&st.id.to_string(), &st.id)?;
             }
-            ctx.out(json!({ "id": st.id.to_string(), "entries": st.entries, "name": name }), || {
-                format!("{}\n{} entries committed from {target}", st.id, st.entries)
-            })
+            ctx.out(json!({ "id": st.id.to_string(), "entries": st.entries, "name": name }), || st.id.to_string())?;
+            ctx.note(|| format!("{} entries committed from {target}", st.entries));
+            Ok(())
         }
         Cmd::Export { r#ref, dest, layer_only, no_mounts } => export(&ctx, &r#ref, &dest, layer_only, no_mounts),
         Cmd::Ls => ls(&ctx),
@@ -762,11 +776,20 @@ pub(crate) fn record_name(ctx: &Ctx, store: &Store, name: &str, id: LayerId) -> 
     record_name_in(&ctx.data_dir, store, name, Some(id))
 }
 
-fn is_tar(path: &Path) -> Result<bool> {
-    let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut head = [0u8; 265];
-    let n = f.read(&mut head)?;
-    Ok(n >= 262 && &head[257..262] == b"ustar")
+/// What the file `path` begins with ([`xenod_store::sniff`]).
+fn sniff_file(path: &Path) -> Result<xenod_store::Sniffed> {
+    let f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut head = Vec::with_capacity(xenod_store::SNIFF_LEN);
+    f.take(xenod_store::SNIFF_LEN as u64)
+        .read_to_end(&mut head)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(xenod_store::sniff(&head))
+}
+
+/// Whether a file's name says it is a disk image.
+fn image_name(path: &Path) -> bool {
+    let n = path.as_os_str().as_encoded_bytes();
+    [&b".img"[..], b".raw", b".qcow2"].iter().any(|s| n.ends_with(s))
 }
 
 struct Published {
@@ -816,19 +839,41 @@ fn publish(
         entries += 1;
         w.push(&e)
     };
+    use xenod_store::Sniffed;
     if src == "-" {
         import_tar(&store, io::stdin().lock(), &opts, &mut sink)?;
     } else {
-        let md = fs::metadata(path).with_context(|| format!("reading {src}"))?;
-        if md.is_dir() {
-            import_dir(&store, path, &opts, &mut sink)?;
-        } else if !image && is_tar(path)? {
-            let f = fs::File::open(path).with_context(|| format!("opening {src}"))?;
-            import_tar(&store, io::BufReader::with_capacity(1 << 20, f), &opts, &mut sink)?;
-        } else {
-            let file_name =
-                path.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_else(|| b"disk.img".to_vec());
-            import_image(&store, path, &file_name, &opts, &mut sink)?;
+        let md = fs::metadata(path).map_err(|source| xenod_store::Error::Io {
+            what: "reading",
+            path: path.into(),
+            source,
+        })?;
+        let how = if md.is_dir() || image { None } else { Some(sniff_file(path)?) };
+        match how {
+            None if md.is_dir() => import_dir(&store, path, &opts, &mut sink)?,
+            Some(Sniffed::Tar | Sniffed::Compressed(_)) => {
+                let f = fs::File::open(path).with_context(|| format!("opening {src}"))?;
+                import_tar(&store, f, &opts, &mut sink).with_context(|| format!("publishing {src}"))?;
+            }
+            Some(Sniffed::Empty) => {
+                return Err(Error::coded(
+                    Exit::BadInput,
+                    format!("{src} is empty: no tar archive to publish (an empty disk image needs --image)"),
+                ));
+            }
+            Some(Sniffed::Other) if !image_name(path) => {
+                return Err(Error::coded(
+                    Exit::BadInput,
+                    format!(
+                        "{src} is not a tar archive (nor a directory); to publish it as a disk image, pass --image"
+                    ),
+                ));
+            }
+            None | Some(Sniffed::Other) => {
+                let file_name =
+                    path.file_name().map(|n| n.as_encoded_bytes().to_vec()).unwrap_or_else(|| b"disk.img".to_vec());
+                import_image(&store, path, &file_name, &opts, &mut sink)?;
+            }
         }
     }
     let id = w.finish(None, meta)?;
@@ -866,20 +911,21 @@ fn finish_layer(ctx: &Ctx, store: &Store, name: Option<&str>, p: &Published, sta
         json!({ "id": p.id.to_string(), "name": name, "seq": seq, "entries": p.entries,
                 "bytes_in": p.bytes_in, "bytes_stored": stored, "chunks": chunks,
                 "new_chunks": new_chunks, "seconds": secs }),
-        || {
-            format!(
-                "{}\n{} entries, {} in, {} newly stored ({} of {} chunks new) in {:.2}s{}",
-                p.id,
-                p.entries,
-                human(p.bytes_in),
-                human(stored),
-                new_chunks,
-                chunks,
-                secs,
-                name.map(|n| format!("\nnamed {n} (sequence {})", seq.unwrap_or(0))).unwrap_or_default()
-            )
-        },
-    )
+        || p.id.to_string(),
+    )?;
+    ctx.note(|| {
+        format!(
+            "{} entries, {} in, {} newly stored ({} of {} chunks new) in {:.2}s{}",
+            p.entries,
+            human(p.bytes_in),
+            human(stored),
+            new_chunks,
+            chunks,
+            secs,
+            name.map(|n| format!("\nnamed {n} (sequence {})", seq.unwrap_or(0))).unwrap_or_default()
+        )
+    });
+    Ok(())
 }
 
 fn overlay_create(
@@ -959,15 +1005,17 @@ fn export(ctx: &Ctx, r: &str, dest: &str, layer_only: bool, no_mounts: bool) -> 
     ctx.out(
         json!({ "id": id.to_string(), "layers": stack.len(), "mounted": crate::repair::added_json(&mounted), "entries": stats.entries,
                 "file_bytes": stats.file_bytes, "seconds": started.elapsed().as_secs_f64() }),
-        || {
-            format!(
-                "exported {id} ({} layers, {} entries, {}) to {dest}",
-                stack.len(),
-                stats.entries,
-                human(stats.file_bytes)
-            )
-        },
-    )
+        String::new,
+    )?;
+    ctx.note(|| {
+        format!(
+            "exported {id} ({} layers, {} entries, {}) to {dest}",
+            stack.len(),
+            stats.entries,
+            human(stats.file_bytes)
+        )
+    });
+    Ok(())
 }
 
 fn do_export(

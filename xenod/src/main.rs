@@ -8,9 +8,11 @@ mod peer_cmds;
 mod progress;
 mod repair;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
+use xenod_host::Error;
 
 fn main() -> ExitCode {
     let cmd = cli::Args::command().after_help(cli::after_help());
@@ -22,11 +24,52 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XENOD_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
+    let json = args.json;
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xenod: error: {e:#}");
-            ExitCode::from(e.exit_code().code())
+            let code = e.exit_code();
+            if json {
+                eprintln!("{}", error_json(&e));
+            } else {
+                eprintln!("xenod: error: {e:#}");
+            }
+            ExitCode::from(code.code())
         }
+    }
+}
+
+/// A failure under `--json`: one object on stderr (stdout keeps only
+/// results), with the message, the exit code and, where the error is
+/// about one, the file (`path`) or the chunk (`chunk`).
+fn error_json(e: &Error) -> serde_json::Value {
+    let mut v = serde_json::json!({ "error": e.chain(), "code": e.exit_code().code() });
+    if let Some(p) = path(e) {
+        v["path"] = p.display().to_string().into();
+    }
+    if let Some(c) = store_error(e).and_then(xenod_store::Error::chunk) {
+        v["chunk"] = c.to_string().into();
+    }
+    v
+}
+
+/// The store's error inside `e`, if that is what it comes down to.
+fn store_error(e: &Error) -> Option<&xenod_store::Error> {
+    use xenod_cowfs::Error as C;
+    match e {
+        Error::Store(s) | Error::Cowfs(C::Store(s) | C::MountRef { source: s, .. }) => Some(s),
+        Error::Peer(xenod_peer::PeerError::Store(s)) => Some(s),
+        Error::Context { source, .. } | Error::Migration { source, .. } => store_error(source),
+        _ => None,
+    }
+}
+
+/// The file or directory `e` is about, if one.
+fn path(e: &Error) -> Option<PathBuf> {
+    use xenod_cowfs::Error as C;
+    match e {
+        Error::Cowfs(C::Io { path, .. } | C::BadLower { path, .. } | C::BadUpper { path, .. }) => Some(path.clone()),
+        Error::Context { source, .. } | Error::Migration { source, .. } => path(source),
+        e => store_error(e).and_then(xenod_store::Error::path),
     }
 }

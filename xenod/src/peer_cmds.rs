@@ -105,8 +105,8 @@ fn print_result(op: &str, v: &Value, json: bool) -> Result<()> {
     }
     match op {
         "share" => {
-            writeln!(o, "layer {}", v["layer"].as_str().unwrap_or(""))?;
-            writeln!(o, "served by {}", v["addr"].as_str().unwrap_or(""))?;
+            // The ticket alone on stdout (TICKET=$(xenod share REF)); the rest for people.
+            eprintln!("layer {}\nserved by {}", v["layer"].as_str().unwrap_or(""), v["addr"].as_str().unwrap_or(""));
             writeln!(o, "{}", v["ticket"].as_str().unwrap_or(""))?;
         }
         "fetch" => {

@@ -18,7 +18,8 @@ use xenod_cowfs::{CommitStats, MountOptions};
 use xenod_store::Store;
 
 use crate::bail;
-use crate::error::{Context, Result};
+use crate::error::{Context, Error, Result};
+use xenod_store::Exit;
 
 /// How long a background mount may take to appear.
 const MOUNT_WAIT: Duration = Duration::from_secs(60);
@@ -56,17 +57,18 @@ pub struct MountHow {
 /// this process with `foreground`, else in a detached child.
 pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &MountHow, foreground: bool) -> Result<()> {
     let (upper, read_only, control, lazy) = (how.upper.as_deref(), how.read_only, how.control.as_deref(), how.lazy);
+    let refuse = |why: String| Err(Error::coded(Exit::BadInput, why));
     if !mountpoint.is_dir() {
-        bail!("mount point {} is not a directory", mountpoint.display());
+        return refuse(format!("mount point {} is not a directory", mountpoint.display()));
     }
     if xenod_cowfs::is_mounted(mountpoint) {
-        bail!("{} is already a mount point", mountpoint.display());
+        return refuse(format!("{} is already a mount point", mountpoint.display()));
     }
     let store =
         Arc::new(Store::open(data_dir).with_context(|| format!("opening the store in {}", data_dir.display()))?);
     for d in &how.lower_dirs {
         if !d.is_dir() {
-            bail!("lower directory {} is not a directory", d.display());
+            return refuse(format!("lower directory {} is not a directory", d.display()));
         }
     }
     let top = store.resolve(reference)?;
@@ -158,7 +160,10 @@ pub fn spawn(data_dir: &Path, reference: &str, mountpoint: &Path, how: &MountHow
         }
         if let Some(status) = child.try_wait()? {
             let text = std::fs::read_to_string(log).unwrap_or_default();
-            bail!("the mount process for {} exited ({status}):\n{}", mountpoint.display(), text.trim_end());
+            // Its exit code is its cause's (a missing layer, damage, an upper in use).
+            let code = status.code().map_or(Exit::Failure, |c| Exit::from_code(c as u64));
+            let msg = format!("the mount process for {} exited ({status}):\n{}", mountpoint.display(), text.trim_end());
+            return Err(Error::coded(code, msg));
         }
         if started.elapsed() > MOUNT_WAIT {
             let _ = child.kill();
@@ -193,7 +198,8 @@ pub fn umount_cmd(mountpoint: &Path) -> Result<()> {
 pub fn commit_cmd(store: Arc<Store>, upper: &Path, base: &str) -> Result<CommitStats> {
     let upper: PathBuf = upper.to_path_buf();
     if xenod_cowfs::is_mounted(&upper) {
-        bail!("{} is a mount point: unmount it and commit its upper directory", upper.display());
+        let why = format!("{} is a mount point: unmount it and commit its upper directory", upper.display());
+        return Err(Error::coded(Exit::BadInput, why));
     }
     let top = store.resolve(base)?;
     let stack = store.stack(&top)?;
