@@ -362,3 +362,38 @@ fn names_over_255_bytes_give_enametoolong() {
     );
     assert_eq!(ours, theirs.expect("the kernel's overlayfs disagrees with the expected errnos"));
 }
+
+/// Copy-up makes names in the parents' upper directories; the times the
+/// union shows for those parents must not move (as on overlayfs), during
+/// the mount or after it, or a commit records times the mount never showed.
+#[test]
+fn copy_up_keeps_the_parents_times() {
+    if !fuse_ok("copy_up_keeps_the_parents_times") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("usr/lib")).unwrap();
+    fs::create_dir_all(src.join("etc")).unwrap();
+    fs::write(src.join("usr/lib/f1"), b"one").unwrap();
+    fs::write(src.join("etc/hostname"), b"h\n").unwrap();
+    let store = Arc::new(Store::open(t.path().join("store")).unwrap());
+    let id = publish_dir(&store, &src, None);
+    let (upper, mnt) = (t.path().join("upper"), t.path().join("mnt"));
+    fs::create_dir(&mnt).unwrap();
+    let mtime = |p: &Path| {
+        let m = fs::symlink_metadata(p).unwrap();
+        (m.mtime(), m.mtime_nsec())
+    };
+    let m = mount(store.clone(), &[id], &mnt, &opts(&upper, true)).unwrap();
+    let (root, usr, etc) = (mtime(&mnt), mtime(&mnt.join("usr")), mtime(&mnt.join("etc")));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::remove_file(mnt.join("usr/lib/f1")).unwrap(); // copies up usr and usr/lib
+    fs::OpenOptions::new().append(true).open(mnt.join("etc/hostname")).unwrap().write_all(b"x\n").unwrap();
+    assert_eq!((mtime(&mnt), mtime(&mnt.join("usr")), mtime(&mnt.join("etc"))), (root, usr, etc));
+    m.unmount().unwrap();
+    let m = mount(store, &[id], &mnt, &opts(&upper, true)).unwrap();
+    assert_eq!((mtime(&mnt), mtime(&mnt.join("usr")), mtime(&mnt.join("etc"))), (root, usr, etc), "after a remount");
+    assert_ne!(mtime(&mnt.join("usr/lib")), mtime(&src.join("usr/lib")), "an unlink in usr/lib moves its time");
+    m.unmount().unwrap();
+}

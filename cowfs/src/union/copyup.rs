@@ -33,6 +33,12 @@ impl Union {
         let l = node.lower.ok_or(Errno::IO)?;
         self.copy_up(st, parent)?;
         let dst = self.node_at(st, ino)?;
+        // Copy-up creates a name in the parent's upper directory, which
+        // moves the parent's times; what the union shows must not change
+        // (overlayfs restores them too), or a commit would record times
+        // the mount never showed.
+        let parent_at = self.node_at(st, parent)?;
+        let parent_times = parent_at.stat()?.map(|s| times_of(&s));
         let tmp = self.stage(st)?;
         let staged = if self.is_large(l) {
             self.stage_partial(l, &tmp).map(Some)
@@ -46,6 +52,11 @@ impl Union {
                 return Err(e);
             }
         };
+        if let Some(t) = &parent_times
+            && let Err(e) = parent_at.set_times(t)
+        {
+            tracing::debug!("keeping the times of a copied-up object's parent: {e}");
+        }
         let partial = match partial {
             Some(upper_ino) => {
                 let lp = self.lower.path(self.lower.data_node(l));
@@ -168,5 +179,14 @@ impl Union {
         }
         let t = rustix::fs::Timespec { tv_sec: mtime.secs, tv_nsec: mtime.nanos as _ };
         p.set_times(&rustix::fs::Timestamps { last_access: t, last_modification: t })
+    }
+}
+
+/// The access and change times of `s`, to put back with `set_times`.
+fn times_of(s: &rustix::fs::Stat) -> rustix::fs::Timestamps {
+    let ts = |sec: i64, nsec: i64| rustix::fs::Timespec { tv_sec: sec, tv_nsec: nsec as _ };
+    rustix::fs::Timestamps {
+        last_access: ts(s.st_atime as i64, s.st_atime_nsec as i64),
+        last_modification: ts(s.st_mtime as i64, s.st_mtime_nsec as i64),
     }
 }
