@@ -186,7 +186,7 @@ impl Union {
 fn times_of(s: &rustix::fs::Stat) -> rustix::fs::Timestamps {
     let ts = |sec: i64, nsec: i64| rustix::fs::Timespec { tv_sec: sec, tv_nsec: nsec as _ };
     rustix::fs::Timestamps {
-        last_access: ts(s.st_atime as i64, s.st_atime_nsec as i64),
-        last_modification: ts(s.st_mtime as i64, s.st_mtime_nsec as i64),
+        last_access: ts(s.st_atime, s.st_atime_nsec as i64),
+        last_modification: ts(s.st_mtime, s.st_mtime_nsec as i64),
     }
 }
