@@ -47,7 +47,9 @@ impl Exit {
             Exit::Usage => "usage error",
             Exit::NotFound => "a reference (name, id, prefix) matches no layer",
             Exit::Damaged => "the store is damaged (verify found bad or missing chunks)",
-            Exit::NameRefused => "a name record was refused (bad signature, untrusted key, older sequence)",
+            Exit::NameRefused => {
+                "a name record was refused (bad signature, key not trusted for its publisher, older sequence), or a name no longer holds (removed, or NAME@ID moved on)"
+            }
             Exit::BadInput => "bad input: a tree, tar stream or manifest that cannot be stored or exported as given",
             Exit::NoProvider => {
                 "no provider could supply a layer (every peer given is unreachable, dropped, or lacks it)"
