@@ -69,13 +69,18 @@ command -v ip >/dev/null && command -v tc >/dev/null || die "needs ip and tc (ip
 [ -x "$XENOD" ] || { log "building xenod (release)"; (cd "$ROOT" && cargo build --release -p xenod >&2); }
 RANDOM=$SEED
 
-FAKETIME=""
+# The clock fault preloads libfaketime into the daemon itself (not the
+# `faketime` wrapper, which would stand between the daemon and its pid).
+FAKETIME_LIB=""
 if [[ " $FAULTS " == *" clock "* ]]; then
-  if ! command -v faketime >/dev/null; then
+  find_lib() { find /usr/lib -name 'libfaketimeMT.so.1' 2>/dev/null | head -1; }
+  FAKETIME_LIB=$(find_lib)
+  if [ -z "$FAKETIME_LIB" ]; then
     apt-get install -y -qq faketime >/dev/null 2>&1 || true
+    FAKETIME_LIB=$(find_lib)
   fi
-  if command -v faketime >/dev/null; then FAKETIME=$(command -v faketime); else
-    log "faketime is not installed and could not be: clock faults skipped"
+  if [ -z "$FAKETIME_LIB" ]; then
+    log "libfaketime is not installed and could not be: clock faults skipped"
     FAULTS=${FAULTS//clock/}
   fi
 fi
@@ -172,8 +177,8 @@ serve() {
   local h=$1 fifo=$WORK/fifo.$1 line
   rm -f "$fifo"; mkfifo "$fifo"
   if [ -n "${2:-}" ]; then
-    ip netns exec "$NET$h" "$FAKETIME" -f "$2" "$XENOD" --data-dir "$(dir_of "$h")" --json serve \
-      --listen "$(ip_of "$h"):7000" >"$fifo" 2>>"$WORK/h$h.log" &
+    ip netns exec "$NET$h" env LD_PRELOAD="$FAKETIME_LIB" FAKETIME="$2" "$XENOD" --data-dir "$(dir_of "$h")" \
+      --json serve --listen "$(ip_of "$h"):7000" >"$fifo" 2>>"$WORK/h$h.log" &
   else
     ip netns exec "$NET$h" "$XENOD" --data-dir "$(dir_of "$h")" --json serve \
       --listen "$(ip_of "$h"):7000" >"$fifo" 2>>"$WORK/h$h.log" &
@@ -186,7 +191,13 @@ serve() {
   NODE[$h]=$(echo "$line" | json 'd["node"]')
 }
 alive() { kill -0 "${PID[$1]:-0}" 2>/dev/null; }
-stop() { kill -KILL "${PID[$1]}" 2>/dev/null || true; wait "${PID[$1]}" 2>/dev/null || true; }
+stop() {
+  kill -KILL "${PID[$1]}" 2>/dev/null || true
+  wait "${PID[$1]}" 2>/dev/null || true
+  # Whatever else serves this host's data (nothing should), so that a
+  # restart never meets "a daemon already serves".
+  pkill -KILL -f -- "--data-dir $(dir_of "$1") --json serve" 2>/dev/null || true
+}
 
 # Keys first (offline), then each host trusts every other for publisher soak.
 for h in $(seq 1 "$HOSTS"); do x "$h" key generate >/dev/null; done

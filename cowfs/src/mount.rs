@@ -151,9 +151,17 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     Ok((CowFs::with_passthrough(union, opts.passthrough).uring(opts.uring).no_open(opts.no_open), config, claim))
 }
 
+/// How long an unmount may wait for the session to end before the FUSE
+/// connection is aborted.
+pub const UNMOUNT_GRACE: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// A mounted union, served by background threads; unmounted on drop.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
+    /// The FUSE connection's id (its directory under
+    /// /sys/fs/fuse/connections), to abort a session that outlives its
+    /// unmount.
+    connection: Option<u64>,
     mountpoint: PathBuf,
     union: Arc<Union>,
     /// Released after the session ends (fields drop after `drop`).
@@ -174,7 +182,7 @@ impl Mounted {
     /// Unmounts and waits for the session to end.
     pub fn unmount(mut self) -> Result<()> {
         let r = match self.session.take() {
-            Some(s) => s.umount_and_join().map_err(Error::io("unmounting", &self.mountpoint)),
+            Some(s) => umount_and_join(s, self.connection, &self.mountpoint),
             None => Ok(()),
         };
         self.union.finish_background();
@@ -185,10 +193,56 @@ impl Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if let Some(s) = self.session.take() {
-            let _ = s.umount_and_join();
+            let _ = umount_and_join(s, self.connection, &self.mountpoint);
             self.union.finish_background();
         }
     }
+}
+
+/// Unmounts and joins the session's threads. Once the kernel has dropped
+/// the mount, the session ends when its connection does; seen here (once,
+/// under load, over io_uring) is a connection that stayed up with every
+/// session thread waiting for a request that never came, so the join never
+/// returned. After [`UNMOUNT_GRACE`] the connection is aborted through
+/// fusectl, which ends the session's reads, and the unmount says so.
+fn umount_and_join(s: fuser::BackgroundSession, connection: Option<u64>, mnt: &Path) -> Result<()> {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let watchdog = connection.map(|c| {
+        let mnt = mnt.to_path_buf();
+        std::thread::spawn(move || {
+            if wait.recv_timeout(UNMOUNT_GRACE) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                tracing::warn!(mountpoint = %mnt.display(), "the FUSE session outlived its unmount by {UNMOUNT_GRACE:?}; aborting connection {c}");
+                abort_connection(c);
+            }
+        })
+    });
+    let r = s.umount_and_join().map_err(Error::io("unmounting", mnt));
+    let _ = done.send(());
+    if let Some(w) = watchdog {
+        let _ = w.join();
+    }
+    r
+}
+
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Aborts FUSE connection `c` (mounting fusectl first if it is not).
+fn abort_connection(c: u64) {
+    let dir = Path::new(FUSECTL);
+    if !dir.join(c.to_string()).exists() {
+        let _ = std::process::Command::new("mount").args(["-t", "fusectl", "none", FUSECTL]).status();
+    }
+    if let Err(e) = std::fs::write(dir.join(c.to_string()).join("abort"), b"1") {
+        tracing::warn!("aborting FUSE connection {c}: {e}");
+    }
+}
+
+/// The id fusectl gives the connection serving `mnt`: the kernel's device
+/// number of the mount (major << 20 | minor).
+fn connection_of(mnt: &Path) -> Option<u64> {
+    let st = rustix::fs::stat(mnt).ok()?;
+    let (major, minor) = (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev));
+    Some((u64::from(major) << 20) | u64::from(minor))
 }
 
 /// Mounts the union of `stack` (bottom first) on `mountpoint`, served in
@@ -197,7 +251,8 @@ pub fn mount(store: Arc<Store>, stack: &[LayerId], mountpoint: &Path, opts: &Mou
     let (fs, config, claim) = prepare(store, stack, opts)?;
     let union = fs.union.clone();
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
-    Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_path_buf(), union, _claim: claim })
+    let connection = connection_of(mountpoint);
+    Ok(Mounted { session: Some(session), connection, mountpoint: mountpoint.to_path_buf(), union, _claim: claim })
 }
 
 /// Mounts and serves in the calling thread until the filesystem is
