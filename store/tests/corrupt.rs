@@ -22,19 +22,6 @@ fn store_with_tree(dir: &Path) -> (Store, ChunkId) {
     (store, id)
 }
 
-fn data_chunk(store: &Store, id: &ChunkId, path: &[u8]) -> ChunkId {
-    for e in store.read_layer(id).unwrap() {
-        let e = e.unwrap();
-        if e.path == path
-            && let Kind::File { extents, .. } = e.kind
-            && let Some(Extent::Data { id, .. }) = extents.first()
-        {
-            return *id;
-        }
-    }
-    panic!("no data chunk at {}", String::from_utf8_lossy(path));
-}
-
 fn flip_byte(store: &Store, chunk: &ChunkId) {
     let loc = store.locate(chunk).unwrap().unwrap();
     let pack = store.root().join("packs").join(format!("{:016x}.pack", loc.pack));
@@ -50,8 +37,8 @@ fn flipped_byte_is_named_by_verify_and_export() {
     let t = tempfile::tempdir().unwrap();
     let (store, id) = store_with_tree(t.path());
     assert!(store.verify().unwrap().is_clean());
-    let bad = data_chunk(&store, &id, b"d/data");
-    let small = data_chunk(&store, &id, b"small");
+    let bad = common::data_chunk(&store, &id, b"d/data");
+    let small = common::data_chunk(&store, &id, b"small");
     let block = store.locate(&bad).unwrap().unwrap();
     assert_eq!(block.encoding, xenod_store::Encoding::Block, "file chunks are stored in solid blocks");
     flip_byte(&store, &bad);

@@ -9,25 +9,12 @@ use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use xenod_store::{ChunkId, Encoding, Extent, Kind, LayerId, PackRewrite, Store};
+use xenod_store::{ChunkId, Encoding, Extent, Kind, PackRewrite, Store};
 
 fn tree(src: &Path) {
     fs::create_dir_all(src.join("d")).unwrap();
     fs::write(src.join("d/data"), common::noise(300_000, 7)).unwrap();
     fs::write(src.join("small"), b"small file").unwrap();
-}
-
-fn data_chunk(store: &Store, id: &LayerId, path: &[u8]) -> ChunkId {
-    for e in store.read_layer(id).unwrap() {
-        let e = e.unwrap();
-        if e.path == path
-            && let Kind::File { extents, .. } = e.kind
-            && let Some(Extent::Data { id, .. }) = extents.first()
-        {
-            return *id;
-        }
-    }
-    panic!("no data chunk at {}", String::from_utf8_lossy(path));
 }
 
 /// Flips one byte in the middle of `chunk`'s stored record; returns its pack.
@@ -54,7 +41,7 @@ fn republishing_replaces_a_damaged_chunk_and_the_pack_is_rewritten_without_it() 
     let store = Store::open(t.path().join("store")).unwrap();
     let id = common::publish_dir(&store, &src);
     store.pin("t", &id).unwrap();
-    let bad = data_chunk(&store, &id, b"d/data");
+    let bad = common::data_chunk(&store, &id, b"d/data");
     assert_eq!(store.locate(&bad).unwrap().unwrap().encoding, Encoding::Block);
     let pack = flip_byte(&store, &bad);
 
@@ -108,7 +95,7 @@ fn a_read_that_meets_damage_marks_it_and_other_layers_stay_usable() {
     let la = common::publish_dir(&store, &a);
     store.flush().unwrap();
     let lb = common::publish_dir(&store, &b);
-    let bad = data_chunk(&store, &la, b"d/data");
+    let bad = common::data_chunk(&store, &la, b"d/data");
     flip_byte(&store, &bad);
     let store = Store::open(store.root()).unwrap();
     assert!(!store.is_marked_damaged().unwrap());

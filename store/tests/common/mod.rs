@@ -8,7 +8,8 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 
 use xenod_store::{
-    CDC_AVG, CDC_MAX, CDC_MIN, ImportOptions, LayerId, LayerWriter, Merged, Store, export_dir, import_dir,
+    CDC_AVG, CDC_MAX, CDC_MIN, ChunkId, Extent, ImportOptions, Kind, LayerId, LayerWriter, Merged, Store, export_dir,
+    import_dir,
 };
 
 pub use xenod_store::testing::noise;
@@ -134,4 +135,18 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
 
 pub fn name(p: &str) -> &OsStr {
     OsStr::new(p)
+}
+
+/// The first data chunk of the file at `path` in `id`.
+pub fn data_chunk(store: &Store, id: &LayerId, path: &[u8]) -> ChunkId {
+    for e in store.read_layer(id).unwrap() {
+        let e = e.unwrap();
+        if e.path == path
+            && let Kind::File { extents, .. } = e.kind
+            && let Some(Extent::Data { id, .. }) = extents.first()
+        {
+            return *id;
+        }
+    }
+    panic!("no data chunk at {}", String::from_utf8_lossy(path));
 }
