@@ -112,7 +112,9 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+# json EXPR: EXPR of the JSON on stdin; fails quietly on no JSON (a
+# command that failed printed its error on stderr, into ops.log).
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)" 2>/dev/null; }
 ip_of() { echo "10.232.0.$((10 + $1))"; }
 dir_of() { echo "$WORK/h$1"; }
 x() { local h=$1; shift; timeout 90 "$XENOD" --data-dir "$(dir_of "$h")" "$@"; }
