@@ -136,7 +136,7 @@ pub enum ManifestFault {
     /// The layer's root chunk is not in the store.
     #[error("layer root is not in the store")]
     RootMissing,
-    /// A root chunk without [`ROOT_MAGIC`].
+    /// A root chunk without the root magic (`ROOT_MAGIC`).
     #[error("not a layer root (bad magic)")]
     RootMagic,
     /// A root chunk that postcard does not decode.
@@ -154,7 +154,7 @@ pub enum ManifestFault {
     /// A stream that ends before its magic.
     #[error("manifest stream is truncated before its header")]
     TruncatedHeader,
-    /// A stream without [`STREAM_MAGIC`].
+    /// A stream without the stream magic (`STREAM_MAGIC`).
     #[error("manifest stream has a bad header")]
     BadHeader,
     /// The `index`th entry (from 1) does not decode.

@@ -26,7 +26,8 @@ use crate::error::{Error, Result};
 use crate::filter::{self, Attr};
 use xenod_store::Exit;
 
-/// How long a host that stopped announcing stays listed [default].
+/// How long a host that stopped announcing stays listed (the default of
+/// `host_expiry_secs`).
 pub const HOST_EXPIRY: Duration = Duration::from_secs(10);
 
 /// How often a daemon announces itself [default; `XENOD_ANNOUNCE_MS`
