@@ -33,6 +33,13 @@ log() { echo "start-libvirtd: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root"
+# The daemons outlive this script: they must not keep a descriptor it
+# inherited (a build lock held through flock(1), a test's pipe), or whoever
+# waits on it waits for them. Bash's own copy of the script (255) stays.
+for fd in /proc/$$/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ] && [ "$fd" != 255 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+done
 for tool in libvirtd virtlogd virsh; do
     command -v "$tool" >/dev/null ||
         die "missing $tool: run scripts/install-deps.sh (libvirt-daemon-system, libvirt-clients)"
