@@ -158,33 +158,7 @@ fn print_result(op: &str, v: &Value, json: bool) -> Result<()> {
             }
         }
         "replicate" => print_replicate(&mut o, v)?,
-        "hosts" => {
-            for h in v["hosts"].as_array().into_iter().flatten() {
-                let a = &h["attrs"];
-                let gib = |x: &Value| format!("{:.1}G", x.as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64);
-                let hv: Vec<&str> = a["hv"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-                let labels: Vec<String> = a["labels"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                    .collect();
-                writeln!(
-                    o,
-                    "{}{}  hv {}  {} vcpus  mem {}/{}  disk {}  load {:.2}  {} layers  {}",
-                    &h["node"].as_str().unwrap_or("")[..10.min(h["node"].as_str().unwrap_or("").len())],
-                    if h["this_host"] == true { " (this host)" } else { "" },
-                    if hv.is_empty() { "-".to_string() } else { hv.join(",") },
-                    a["vcpus"],
-                    gib(&a["mem_free"]),
-                    gib(&a["mem_total"]),
-                    gib(&a["disk_free"]),
-                    a["load"].as_f64().unwrap_or(0.0),
-                    h["layers"],
-                    labels.join(" ")
-                )?;
-            }
-        }
+        "hosts" => print_hosts(&mut o, v)?,
         "shutdown" => writeln!(o, "daemon stopping")?,
         _ => writeln!(o, "{v}")?,
     }
@@ -216,6 +190,36 @@ fn print_replicate(o: &mut impl Write, v: &Value) -> Result<()> {
             r["chunks_fetched"],
             r["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
             from.join(", ")
+        )?;
+    }
+    Ok(())
+}
+
+/// `hosts`: one line per host, this one first.
+fn print_hosts(o: &mut impl Write, v: &Value) -> Result<()> {
+    for h in v["hosts"].as_array().into_iter().flatten() {
+        let a = &h["attrs"];
+        let gib = |x: &Value| format!("{:.1}G", x.as_u64().unwrap_or(0) as f64 / (1u64 << 30) as f64);
+        let hv: Vec<&str> = a["hv"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let labels: Vec<String> = a["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+            .collect();
+        writeln!(
+            o,
+            "{}{}  hv {}  {} vcpus  mem {}/{}  disk {}  load {:.2}  {} layers  {}",
+            &h["node"].as_str().unwrap_or("")[..10.min(h["node"].as_str().unwrap_or("").len())],
+            if h["this_host"] == true { " (this host)" } else { "" },
+            if hv.is_empty() { "-".to_string() } else { hv.join(",") },
+            a["vcpus"],
+            gib(&a["mem_free"]),
+            gib(&a["mem_total"]),
+            gib(&a["disk_free"]),
+            a["load"].as_f64().unwrap_or(0.0),
+            h["layers"],
+            labels.join(" ")
         )?;
     }
     Ok(())
