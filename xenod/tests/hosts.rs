@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, ok_json, output as run, xenod};
 
-const EXPIRY_SECS: u64 = 6;
+const EXPIRY_SECS: u64 = 10;
 
 /// Polls `f` every 100 ms until it holds, for at most `secs`.
 fn within(secs: u64, what: &str, mut f: impl FnMut() -> bool) {

@@ -66,6 +66,9 @@ pub fn spawn(d: &Arc<Daemon>) {
         loop {
             tick.tick().await;
             let Some(d) = weak.upgrade() else { return };
+            if d.stopping() {
+                return;
+            }
             let names = d.node().store().names().unwrap_or_default();
             let successions = d.node().store().successions().unwrap_or_default();
             let attrs = host_attrs(d.data_dir(), &hv, &d.config().labels);

@@ -86,6 +86,9 @@ fn misbehave_from_env() -> Misbehave {
     }
 }
 
+/// How long a stopping daemon lets gossip send its goodbye.
+const LEAVE_FLUSH: Duration = Duration::from_millis(500);
+
 /// The name part of a reference (`NAME@ID` -> `NAME`).
 fn name_of(reference: &str) -> &str {
     reference.rsplit_once('@').map_or(reference, |(n, _)| n)
@@ -98,6 +101,8 @@ pub struct Daemon {
     node: Node,
     state: Mutex<State>,
     shutdown: tokio::sync::Notify,
+    /// Set once the daemon says goodbye: nothing more is announced.
+    stopping: std::sync::atomic::AtomicBool,
     instances: crate::instance::Instances,
     pub(crate) lazy: super::lazy::Lazy,
 }
@@ -162,6 +167,7 @@ impl Daemon {
             node,
             state: Mutex::new(state),
             shutdown: tokio::sync::Notify::new(),
+            stopping: Default::default(),
             lazy: Default::default(),
         });
         d.save_state();
@@ -207,6 +213,11 @@ impl Daemon {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// Whether the daemon is stopping (it announces nothing more).
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The configuration the daemon started with.
@@ -355,9 +366,14 @@ impl Daemon {
     /// close are given 3 s, then dropped.
     pub async fn stop(self: Arc<Self>) {
         self.save_state();
-        // Other hosts forget this one now, not at expiry.
-        if let Err(e) = tokio::time::timeout(Duration::from_secs(1), self.node.leave()).await.unwrap_or(Ok(())) {
-            tracing::debug!("saying goodbye on gossip: {e}");
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Other hosts forget this one now, not at expiry. A broadcast is
+        // only queued when it returns: give gossip a moment to send it
+        // before the endpoint closes.
+        match tokio::time::timeout(Duration::from_secs(1), self.node.leave()).await {
+            Ok(Ok(())) => tokio::time::sleep(LEAVE_FLUSH).await,
+            Ok(Err(e)) => tracing::debug!("saying goodbye on gossip: {e}"),
+            Err(_) => tracing::debug!("saying goodbye on gossip: timed out"),
         }
         let close = async move {
             match Arc::try_unwrap(self) {
