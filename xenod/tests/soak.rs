@@ -41,7 +41,7 @@ fn a_short_fault_soak_keeps_every_invariant() {
     let sum = |k: &str| v[k].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>());
     assert_eq!(v["violations"], serde_json::json!([]), "{text}\n{stderr}");
     assert!(out.status.success(), "{text}\n{stderr}");
-    assert!(sum("faults") >= 2, "faults were injected: {v}");
+    assert!(sum("faults") >= 1, "a fault was injected: {v}");
     assert!(sum("ops_ok") >= 5, "work was done: {v}");
     assert!(v["invariant_checks"].as_u64() >= Some(2), "{v}");
 }
