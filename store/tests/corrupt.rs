@@ -4,7 +4,6 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use xenod_store::{
@@ -22,16 +21,6 @@ fn store_with_tree(dir: &Path) -> (Store, ChunkId) {
     (store, id)
 }
 
-fn flip_byte(store: &Store, chunk: &ChunkId) {
-    let loc = store.locate(chunk).unwrap().unwrap();
-    let pack = store.root().join("packs").join(format!("{:016x}.pack", loc.pack));
-    let f = fs::OpenOptions::new().read(true).write(true).open(pack).unwrap();
-    let mut b = [0u8];
-    let at = loc.offset + loc.stored_len as u64 / 2;
-    f.read_exact_at(&mut b, at).unwrap();
-    f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
-}
-
 #[test]
 fn flipped_byte_is_named_by_verify_and_export() {
     let t = tempfile::tempdir().unwrap();
@@ -41,7 +30,7 @@ fn flipped_byte_is_named_by_verify_and_export() {
     let small = common::data_chunk(&store, &id, b"small");
     let block = store.locate(&bad).unwrap().unwrap();
     assert_eq!(block.encoding, xenod_store::Encoding::Block, "file chunks are stored in solid blocks");
-    flip_byte(&store, &bad);
+    common::flip_byte(&store, &bad);
 
     // Damage stays inside the block (how far depends on where the byte
     // falls in the zstd frame); every damaged member is named with its path.

@@ -6,7 +6,6 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use xenod_store::{ChunkId, Encoding, Extent, Kind, PackRewrite, Store};
@@ -15,18 +14,6 @@ fn tree(src: &Path) {
     fs::create_dir_all(src.join("d")).unwrap();
     fs::write(src.join("d/data"), common::noise(300_000, 7)).unwrap();
     fs::write(src.join("small"), b"small file").unwrap();
-}
-
-/// Flips one byte in the middle of `chunk`'s stored record; returns its pack.
-fn flip_byte(store: &Store, chunk: &ChunkId) -> u64 {
-    let loc = store.locate(chunk).unwrap().unwrap();
-    let pack = store.root().join("packs").join(format!("{:016x}.pack", loc.pack));
-    let f = fs::OpenOptions::new().read(true).write(true).open(pack).unwrap();
-    let mut b = [0u8];
-    let at = loc.offset + loc.stored_len as u64 / 2;
-    f.read_exact_at(&mut b, at).unwrap();
-    f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
-    loc.pack
 }
 
 fn pack_exists(store: &Store, pack: u64) -> bool {
@@ -43,7 +30,7 @@ fn republishing_replaces_a_damaged_chunk_and_the_pack_is_rewritten_without_it() 
     store.pin("t", &id).unwrap();
     let bad = common::data_chunk(&store, &id, b"d/data");
     assert_eq!(store.locate(&bad).unwrap().unwrap().encoding, Encoding::Block);
-    let pack = flip_byte(&store, &bad);
+    let pack = common::flip_byte(&store, &bad);
 
     let r = store.verify().unwrap();
     assert!(!r.is_clean());
@@ -96,7 +83,7 @@ fn a_read_that_meets_damage_marks_it_and_other_layers_stay_usable() {
     store.flush().unwrap();
     let lb = common::publish_dir(&store, &b);
     let bad = common::data_chunk(&store, &la, b"d/data");
-    flip_byte(&store, &bad);
+    common::flip_byte(&store, &bad);
     let store = Store::open(store.root()).unwrap();
     assert!(!store.is_marked_damaged().unwrap());
     // Which members of the block the flip damages depends on where it falls.

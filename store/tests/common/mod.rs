@@ -150,3 +150,15 @@ pub fn data_chunk(store: &Store, id: &LayerId, path: &[u8]) -> ChunkId {
     }
     panic!("no data chunk at {}", String::from_utf8_lossy(path));
 }
+
+/// Flips one byte in the middle of `chunk`'s stored record; returns its pack.
+pub fn flip_byte(store: &Store, chunk: &ChunkId) -> u64 {
+    let loc = store.locate(chunk).unwrap().unwrap();
+    let pack = store.root().join("packs").join(format!("{:016x}.pack", loc.pack));
+    let f = fs::OpenOptions::new().read(true).write(true).open(pack).unwrap();
+    let mut b = [0u8];
+    let at = loc.offset + loc.stored_len as u64 / 2;
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, at).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[b[0] ^ 0x40], at).unwrap();
+    loc.pack
+}
