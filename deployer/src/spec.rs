@@ -66,6 +66,10 @@ pub struct DeploySpec {
     /// The instance (and libvirt domain) name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// The service the guest provides, as the federation finds it
+    /// (`xenod services NAME`) [default: the instance's name].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 fn default_memory() -> u32 {
@@ -90,6 +94,7 @@ impl DeploySpec {
             disk_image: None,
             ports: Vec::new(),
             instance: None,
+            service: None,
         }
     }
 
@@ -400,6 +405,7 @@ mod tests {
             disk_image: Some("disk/root.img".into()),
             ports: vec!["8080:80".parse().unwrap(), "0:22".parse().unwrap()],
             instance: Some("web-1".into()),
+            service: Some("web".into()),
         }
     }
 

@@ -83,6 +83,44 @@ pub enum Request {
         #[serde(default)]
         from: Vec<String>,
     },
+    /// Deploy on hosts placement chooses among those this daemon knows:
+    /// `place` is `auto` or a filter expression; `dry_run`: only say where.
+    Deploy {
+        target: String,
+        place: String,
+        #[serde(default = "one")]
+        replicas: u32,
+        #[serde(default)]
+        spread: Option<String>,
+        #[serde(default)]
+        pack: bool,
+        #[serde(default)]
+        dry_run: bool,
+        options: crate::instance::DeployOptions,
+    },
+    /// The services instances provide across the federation (`name`: only
+    /// that one's instances).
+    Services {
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// The events this daemon knows, oldest first, as `{"event":..}`
+    /// lines; with `follow`, those that follow too, until the client goes.
+    /// `types`: event types or groups (see `xenod_peer::events::TYPES`);
+    /// `host`: a node id or its prefix.
+    Events {
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        types: Vec<String>,
+        #[serde(default)]
+        host: Option<String>,
+    },
+    /// A lifecycle event of one of this host's instances, from a command
+    /// that acted on it, for the daemon to publish.
+    Event {
+        event: xenod_peer::events::EventKind,
+    },
     /// Move an instance to another host.
     Migrate {
         instance: String,
@@ -129,6 +167,10 @@ impl Request {
             Request::Reload => "reload",
             Request::Hosts { .. } => "hosts",
             Request::Repair { .. } => "repair",
+            Request::Deploy { .. } => "deploy",
+            Request::Services { .. } => "services",
+            Request::Events { .. } => "events",
+            Request::Event { .. } => "event",
             Request::Migrate { .. } => "migrate",
             Request::Checkpoint { .. } => "checkpoint",
             Request::Restore { .. } => "restore",
@@ -153,6 +195,10 @@ impl Request {
         let env: Envelope = serde_json::from_value(v).map_err(|e| ApiError::Bad(e.to_string()))?;
         Ok(env.request)
     }
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A request with the API version it was written for.
@@ -182,8 +228,16 @@ pub enum ApiError {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Line {
-    Note { note: String },
-    Progress { progress: Value },
+    Note {
+        note: String,
+    },
+    Progress {
+        progress: Value,
+    },
+    /// One event of an `events` request.
+    Event {
+        event: Value,
+    },
     Done(Outcome),
 }
 
@@ -207,6 +261,24 @@ impl Outcome {
 
     pub fn failed(error: String, code: xenod_store::Exit) -> Self {
         Self { ok: false, result: None, error: Some(error), code: Some(code.code()) }
+    }
+}
+
+/// Sends `req` to the daemon of `data_dir`, if one runs, and waits (at
+/// most 5 s) for its answer, which is dropped: for what a command tells
+/// its daemon in passing (an instance's event).
+pub fn tell_daemon(data_dir: &Path, req: &Request) {
+    let Ok(mut s) = UnixStream::connect(socket_path(data_dir)) else { return };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if writeln!(s, "{}", req.to_line()).is_err() {
+        return;
+    }
+    for line in BufReader::new(s).lines() {
+        match line {
+            Ok(l) if l.contains("\"ok\"") => return,
+            Ok(_) => {}
+            Err(_) => return,
+        }
     }
 }
 
@@ -297,6 +369,30 @@ mod tests {
                 live: true,
                 save: false,
             },
+            Request::Deploy {
+                target: "template://me/web/1".into(),
+                place: "label.zone=a".into(),
+                replicas: 3,
+                spread: Some("zone".into()),
+                pack: false,
+                dry_run: true,
+                options: crate::instance::DeployOptions {
+                    name: Some("web".into()),
+                    replicas: 1,
+                    uri: Some("test:///default".into()),
+                    root: Some(xenod_deployer::RootMode::Disk),
+                    memory: Some(256),
+                    ports: vec!["0:80".parse().unwrap()],
+                    cmdline: None,
+                    timeout: std::time::Duration::from_secs(60),
+                    no_wait: true,
+                    lazy: false,
+                    verbose: false,
+                },
+            },
+            Request::Services { name: Some("web".into()) },
+            Request::Events { follow: true, types: vec!["instance".into()], host: Some("abc".into()) },
+            Request::Event { event: xenod_peer::events::EventKind::InstanceStopped { instance: "web".into() } },
             Request::Checkpoint { instance: "web".into(), name: Some("template://me/cp/1".into()) },
             Request::Restore { checkpoint: "cp".into(), on: Some("n@127.0.0.1:1".into()), name: Some("web2".into()) },
         ]

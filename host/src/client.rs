@@ -27,6 +27,8 @@ pub trait Watch: Send + Sync {
     fn progress(&self, p: &Value);
     /// The request is answered: clear what was drawn.
     fn done(&self) {}
+    /// One event of an `events` request.
+    fn event(&self, _e: &Value) {}
 }
 
 /// Shows nothing.
@@ -84,6 +86,7 @@ fn call(s: UnixStream, req: &Request, watch: &dyn Watch) -> Result<Value> {
         match l {
             Line::Note { note } => watch.note(&note),
             Line::Progress { progress } => watch.progress(&progress),
+            Line::Event { event } => watch.event(&event),
             Line::Done(o) => {
                 watch.done();
                 if o.ok {
@@ -101,7 +104,13 @@ fn call(s: UnixStream, req: &Request, watch: &dyn Watch) -> Result<Value> {
 /// Runs the daemon's engine in this process for one request.
 fn embedded(data_dir: &Path, req: Request, watch: &dyn Watch) -> Result<Value> {
     match req {
-        Request::Share { .. } | Request::Replicate { .. } | Request::Shutdown => return Err(err_no_daemon(data_dir)),
+        Request::Share { .. }
+        | Request::Replicate { .. }
+        | Request::Shutdown
+        | Request::Deploy { .. }
+        | Request::Services { .. }
+        | Request::Events { .. }
+        | Request::Event { .. } => return Err(err_no_daemon(data_dir)),
         Request::Status => return offline_status(data_dir),
         _ => {}
     }

@@ -14,6 +14,9 @@
 //!                          host_expiry_secs = 10        a silent host is gone after this
 //!                          [labels]                     advertised to other hosts:
 //!                          region = "eu"                `xenod hosts --where label.region=eu`
+//!                          [capacity]                   what guests get, advertised [default: all]:
+//!                          vcpus = 8                    vCPUs
+//!                          memory_mib = 16384           memory; what instances were given is not free
 //! DATA_DIR/keys/publisher.key   the host's ed25519 secret (hex), mode 0600
 //! DATA_DIR/keys/node.key        the peer endpoint's secret (hex), mode 0600
 //! ```
@@ -74,6 +77,20 @@ pub struct Config {
     /// [default: 10].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_expiry_secs: Option<u64>,
+    /// What this host offers guests, as it advertises it [default: all its
+    /// vCPUs and memory].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
+}
+
+/// `[capacity]`: the vCPUs and memory this host offers guests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
 }
 
 /// One `[[trust]]` entry: a key and the publishers it may sign for.

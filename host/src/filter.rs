@@ -222,10 +222,17 @@ impl Filter {
     /// Whether a host with `attrs` passes; a comparison of text by order
     /// is an error naming it.
     pub fn matches(&self, attrs: &BTreeMap<String, Attr>) -> Result<bool, String> {
+        self.matches_with(&|name| attrs.get(name).cloned())
+    }
+
+    /// The same, with each attribute looked up by `get` as the expression
+    /// names it (no map built for a host the expression reads two
+    /// attributes of).
+    pub fn matches_with(&self, get: &dyn Fn(&str) -> Option<Attr>) -> Result<bool, String> {
         Ok(match self {
             Filter::Or(v) => {
                 for f in v {
-                    if f.matches(attrs)? {
+                    if f.matches_with(get)? {
                         return Ok(true);
                     }
                 }
@@ -233,16 +240,16 @@ impl Filter {
             }
             Filter::And(v) => {
                 for f in v {
-                    if !f.matches(attrs)? {
+                    if !f.matches_with(get)? {
                         return Ok(false);
                     }
                 }
                 true
             }
-            Filter::Not(f) => !f.matches(attrs)?,
-            Filter::Cmp { name, op, value } => match attrs.get(name) {
+            Filter::Not(f) => !f.matches_with(get)?,
+            Filter::Cmp { name, op, value } => match get(name) {
                 None => false,
-                Some(a) => compare(name, a, *op, value)?,
+                Some(a) => compare(name, &a, *op, value)?,
             },
         })
     }

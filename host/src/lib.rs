@@ -12,14 +12,16 @@
 //! | `hooks` | fault injection for tests (`XENOD_TEST_*`), behind the `test-hooks` feature |
 //! | `notes` | [`note`]: what a long operation is doing, to its client |
 //! | `filter` | filter expressions over host attributes (`xenod hosts --where`) |
+//! | `place` | placement: filters, then weights (bytes a host lacks, capacity, spread) |
 //! | `config` | `DATA_DIR/config.toml`, the publisher key, the node secret, signing names |
 //! | `api` | the local API's wire: [`Request`] in a versioned [`Envelope`], reply lines, the socket |
 //! | `instance` | [`Instance`]: the instance model and its lifecycle (deploy, stop, start, destroy, suspend, resume, commit); `instance::mount`: the one mount spawner and `xenod mount` |
 //! | `daemon::reply` | the daemon's typed replies, one per request |
 //! | `daemon::context` | [`Daemon`]: the store, the peer endpoint, the daemon's state |
-//! | `daemon::{lazy, replicate, announce, repair}` | features that run inside the daemon; `announce` also makes this host's advertisement and answers `hosts` |
+//! | `daemon::{events, lazy, replicate, announce, repair}` | features that run inside the daemon; `events` publishes this host's and streams the known ones; `announce` also makes this host's advertisement and answers `hosts` and `services` |
 //! | `migrate::{statepages, record, state, report, policy, wire, local, stage, target}` | migration: the state's page delta; the instance's record and its arrival; the state as a layer; typed reports; the phases and their one failure policy; the typed wire and the remote target; the source's files and state; staging; the target's side |
 //! | `migrate` | `xenod migrate`, checkpoint and restore |
+//! | `placement` | `xenod deploy --place`: placement over the hosts known, then the deploy on each host chosen |
 //! | `daemon::server` | request dispatch, the socket server, `xenod serve` |
 //! | `client` | the socket client with the embedded-daemon fallback; tickets made local |
 //!
@@ -37,6 +39,8 @@ pub mod filter;
 pub mod instance;
 pub mod migrate;
 mod notes;
+pub mod place;
+pub mod placement;
 
 pub use api::{Envelope, Request};
 pub use daemon::Daemon;

@@ -8,8 +8,9 @@
 //! announce := { "name": NameRecord, "at": unix-secs }     signed by the publisher
 //!           | { "successor": Succession, "at": unix-secs } signed by the old key
 //!           | { "presence": body-json, "sig": [u8; 64] }  signed by the node key
+//!           | { "event": event-json, "sig": [u8; 64] }     signed by the node key (see `events`)
 //! body     := { node: [u8; 32], addrs: [SocketAddr], layers: [LayerId], at: unix-micros,
-//!               attrs?: HostAttrs, leaving?: bool }
+//!               attrs?: HostAttrs, services?: [ServiceAd], leaving?: bool }
 //! ```
 //!
 //! Gossip forwards messages, so who delivered one says nothing about who
@@ -29,7 +30,9 @@
 //! A presence may carry the host's attributes ([`HostAttrs`]: what it can
 //! run, its capacity and labels), which makes it a host advertisement; it
 //! is live for the expiry the reader gives ([`GossipState::hosts`]), and a
-//! node that stops cleanly says so at once (`leaving`).
+//! node that stops cleanly says so at once (`leaving`). It also lists the
+//! services the host's instances provide ([`ServiceAd`]), so they are
+//! found, and go, with the advertisement.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -39,12 +42,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use iroh::address_lookup::memory::MemoryLookup;
 use iroh::{EndpointAddr, EndpointId, SecretKey, Signature, TransportAddr};
-use iroh_gossip::api::{Event, GossipSender};
+use iroh_gossip::api::{Event as GossipEvent, GossipSender};
 use iroh_gossip::{Gossip, TopicId};
 use serde::{Deserialize, Serialize};
 
 use xenod_store::{LayerId, NameRecord, Succession};
 
+use super::events::{Admit, Event, Events};
 use super::names::NameGate;
 use super::stats::Stats;
 
@@ -68,6 +72,7 @@ enum Announce {
     Name { name: NameRecord, at: u64 },
     Successor { successor: Succession, at: u64 },
     Presence { presence: String, sig: Vec<u8> },
+    Event { event: String, sig: Vec<u8> },
 }
 
 /// What a node says about itself: where to dial it and what it holds.
@@ -80,6 +85,9 @@ pub struct Presence {
     /// The host's attributes, when it advertises itself as a host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attrs: Option<HostAttrs>,
+    /// The services its instances provide.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceAd>,
     /// The node is stopping: forget it now.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub leaving: bool,
@@ -124,6 +132,46 @@ impl HostAttrs {
         }
         Ok(())
     }
+}
+
+/// Most services one host advertises.
+pub const MAX_SERVICES: usize = 256;
+
+/// A service an instance provides, as its host advertises it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAd {
+    /// The service's name (the deploy spec's `service`, else the instance's).
+    pub service: String,
+    pub instance: String,
+    /// The guest's state: `running`, `paused`, ...
+    pub state: String,
+    /// Where it answers, as `tcp://IP:PORT`.
+    pub endpoints: Vec<String>,
+}
+
+impl ServiceAd {
+    fn check(&self) -> Result<(), String> {
+        let long = |s: &str| s.len() > MAX_LABEL_LEN;
+        if long(&self.service) || long(&self.instance) || long(&self.state) || self.endpoints.len() > 16 {
+            return Err(format!("service {:?}: a field over {MAX_LABEL_LEN} bytes or over 16 endpoints", self.service));
+        }
+        if self.endpoints.iter().any(|e| long(e)) {
+            return Err(format!("service {:?}: an endpoint over {MAX_LABEL_LEN} bytes", self.service));
+        }
+        Ok(())
+    }
+}
+
+/// What a node announces about itself, besides its address and layers.
+#[derive(Clone, Debug, Default)]
+pub struct Advert {
+    /// Its attributes, which make the presence a host advertisement.
+    pub attrs: Option<HostAttrs>,
+    pub services: Vec<ServiceAd>,
+    /// Name records and key successions it holds, repeated for late joiners.
+    pub names: Vec<NameRecord>,
+    pub successions: Vec<Succession>,
 }
 
 impl Presence {
@@ -196,6 +244,7 @@ impl GossipState {
         me: EndpointId,
         stats: Arc<Stats>,
         names: Arc<NameGate>,
+        events: Arc<Events>,
         on_presence: Option<PresenceFn>,
     ) -> Result<(), String> {
         let mut ids = Vec::new();
@@ -211,11 +260,11 @@ impl GossipState {
             use n0_future::StreamExt;
             while let Some(ev) = receiver.next().await {
                 match ev {
-                    Ok(Event::Received(m)) => {
+                    Ok(GossipEvent::Received(m)) => {
                         let from = m.delivered_from.to_string();
-                        me2.receive(&m.content, &from, &stats, &names, on_presence.as_ref());
+                        me2.receive(&m.content, &from, &stats, &names, &events, on_presence.as_ref());
                     }
-                    Ok(Event::NeighborUp(n)) => tracing::debug!("gossip neighbour up: {n}"),
+                    Ok(GossipEvent::NeighborUp(n)) => tracing::debug!("gossip neighbour up: {n}"),
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!("gossip receiver: {e}");
@@ -228,7 +277,15 @@ impl GossipState {
         Ok(())
     }
 
-    fn receive(&self, content: &[u8], from: &str, stats: &Stats, names: &NameGate, on_presence: Option<&PresenceFn>) {
+    fn receive(
+        &self,
+        content: &[u8],
+        from: &str,
+        stats: &Stats,
+        names: &NameGate,
+        events: &Events,
+        on_presence: Option<&PresenceFn>,
+    ) {
         let refuse = |why: String| {
             tracing::warn!("refused gossip from {from}: {why}");
             stats.with(from, |t, c| {
@@ -248,6 +305,7 @@ impl GossipState {
             Ok(Announce::Successor { successor, .. }) => {
                 names.offer_succession(&successor, from);
             }
+            Ok(Announce::Event { event, sig }) => receive_event(&event, &sig, from, stats, events),
             Ok(Announce::Presence { presence, sig }) => {
                 let body: Presence = match serde_json::from_str(&presence) {
                     Ok(b) => b,
@@ -268,6 +326,12 @@ impl GossipState {
                 if let Some(Err(why)) = body.attrs.as_ref().map(HostAttrs::check) {
                     return refuse(format!("presence of {node}: absurd attributes: {why}"));
                 }
+                if body.services.len() > MAX_SERVICES {
+                    return refuse(format!("presence of {node}: {} services", body.services.len()));
+                }
+                if let Some(why) = body.services.iter().find_map(|s| s.check().err()) {
+                    return refuse(format!("presence of {node}: {why}"));
+                }
                 let skew = now_micros().abs_diff(body.at);
                 if skew > MAX_SKEW.as_micros() as u64 {
                     let dir = if body.at > now_micros() { "ahead of" } else { "behind" };
@@ -286,6 +350,9 @@ impl GossipState {
                         h.received.remove(&node);
                         drop(h);
                         tracing::info!("node {node} left");
+                        if let Some(f) = on_presence {
+                            f(&body);
+                        }
                         return;
                     }
                     h.presence.insert(node, body.clone());
@@ -301,17 +368,17 @@ impl GossipState {
         }
     }
 
-    /// Broadcasts this node's presence, the name records in `names` and
-    /// the key successions in `successions`.
+    /// Broadcasts this node's presence (with what `ad` says of it), and
+    /// the name records and key successions of `ad`.
     pub(crate) async fn announce(
         &self,
         secret: &SecretKey,
         addrs: Vec<SocketAddr>,
         layers: Vec<LayerId>,
-        attrs: Option<HostAttrs>,
-        names: Vec<NameRecord>,
-        successions: Vec<Succession>,
+        ad: Advert,
     ) -> Result<(), String> {
+        let Advert { attrs, mut services, names, successions } = ad;
+        services.truncate(MAX_SERVICES);
         let Some(sender) = self.sender.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Err("not joined to the gossip topic".into());
         };
@@ -319,7 +386,7 @@ impl GossipState {
         let mut layers = layers;
         layers.truncate(MAX_ANNOUNCED_LAYERS);
         let leaving = false;
-        let body = Presence { node: *secret.public().as_bytes(), addrs, layers, at, attrs, leaving };
+        let body = Presence { node: *secret.public().as_bytes(), addrs, layers, at, attrs, services, leaving };
         let presence = serde_json::to_string(&body).map_err(|e| e.to_string())?;
         let sig = secret.sign(presence.as_bytes()).to_bytes().to_vec();
         let mut msgs = vec![serde_json::to_vec(&Announce::Presence { presence, sig }).map_err(|e| e.to_string())?];
@@ -349,6 +416,7 @@ impl GossipState {
             layers: Vec::new(),
             at: now_micros(),
             attrs: None,
+            services: Vec::new(),
             leaving: true,
         };
         let presence = serde_json::to_string(&body).map_err(|e| e.to_string())?;
@@ -358,10 +426,64 @@ impl GossipState {
     }
 }
 
-/// Called with each newly believed presence.
+impl GossipState {
+    /// Broadcasts `ev`, signed with `secret`.
+    pub(crate) async fn send_event(&self, secret: &SecretKey, ev: &Event) -> Result<(), String> {
+        let Some(sender) = self.sender.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Err("not joined to the gossip topic".into());
+        };
+        let event = serde_json::to_string(ev).map_err(|e| e.to_string())?;
+        let sig = secret.sign(event.as_bytes()).to_bytes().to_vec();
+        let m = serde_json::to_vec(&Announce::Event { event, sig }).map_err(|e| e.to_string())?;
+        sender.broadcast(Bytes::from(m)).await.map_err(|e| format!("broadcasting: {e}"))
+    }
+}
+
+/// An event heard over gossip: believed with a valid signature of its
+/// host, kept unless it repeats, replays or floods (see `events`).
+fn receive_event(event: &str, sig: &[u8], from: &str, stats: &Stats, events: &Events) {
+    let refuse = |why: String| {
+        tracing::warn!("refused an event from {from}: {why}");
+        stats.with(from, |t, c| {
+            t.events_refused += 1;
+            c.events_refused += 1;
+            c.last_error = Some(why);
+        });
+    };
+    let ev: Event = match serde_json::from_str(event) {
+        Ok(e) => e,
+        Err(e) => return refuse(format!("malformed event: {e}")),
+    };
+    let Ok(host) = ev.host.parse::<EndpointId>() else {
+        return refuse(format!("event names an invalid host {:?}", ev.host));
+    };
+    let Ok(sig) = <[u8; 64]>::try_from(sig) else {
+        return refuse(format!("event of {host}: malformed signature"));
+    };
+    if host.verify(event.as_bytes(), &Signature::from_bytes(&sig)).is_err() {
+        return refuse(format!("event of {host}: bad signature"));
+    }
+    if let Err(why) = ev.check() {
+        return refuse(format!("event of {host}: {why}"));
+    }
+    match events.admit(&ev) {
+        Admit::New => events.record(ev),
+        Admit::Duplicate => {}
+        Admit::Replay => refuse(format!("event {} of {host}: a replay (older than those kept)", ev.seq)),
+        Admit::OverRate => {
+            // Counted once per dropped event, against the host that sent it.
+            stats.with(&ev.host, |t, c| {
+                t.events_dropped += 1;
+                c.events_dropped += 1;
+            });
+        }
+    }
+}
+
+/// Called with each newly believed presence, and with a leaving one.
 pub type PresenceFn = Arc<dyn Fn(&Presence) + Send + Sync>;
 
 /// Microseconds, so two announcements in one second still differ.
-fn now_micros() -> u64 {
+pub(crate) fn now_micros() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }

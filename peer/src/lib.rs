@@ -54,6 +54,7 @@
 //! stores. The per-chunk iroh-blobs variant (each 64 KiB chunk a blob)
 //! would run at the 27-52 MB/s its file store managed here.
 
+pub mod events;
 mod fetch;
 mod gossip;
 mod names;
@@ -77,7 +78,7 @@ use iroh::endpoint::{PortmapperConfig, presets};
 use iroh::protocol::Router;
 use iroh::{Endpoint, RelayMode, SecretKey, TransportAddr};
 use serde::Serialize;
-use xenod_store::{ChunkId, Error, LayerId, MAX_STACK, ManifestFault, NameRecord, Store, Succession, Trust};
+use xenod_store::{ChunkId, Error, LayerId, MAX_STACK, ManifestFault, NameRecord, Store, Trust};
 
 /// The transport, for protocols of their own on a [`Node`]'s endpoint.
 pub use iroh;
@@ -88,7 +89,8 @@ pub use fetch::{
     FetchOptions, FetchProgress, FetchReport, NOT_YET_RETRY, Phase, ProgressFn, ProviderReport, SwarmPlan,
 };
 pub use gossip::{
-    HostAttrs, MAX_ANNOUNCED_LAYERS, MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE, MAX_SKEW, Presence, PresenceFn,
+    Advert, HostAttrs, MAX_ANNOUNCED_LAYERS, MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE, MAX_SERVICES, MAX_SKEW, Presence,
+    PresenceFn, ServiceAd,
 };
 pub use names::{MAX_REFUSED, NameGate, Offer};
 pub use one::fetch_one;
@@ -165,6 +167,7 @@ pub struct Node {
     router: Router,
     engine: Engine,
     gossip: gossip::GossipState,
+    events: Arc<events::Events>,
     /// Test hook: announce name records with broken signatures.
     forge_names: bool,
 }
@@ -230,7 +233,8 @@ impl Node {
             router = router.accept(alpn, handler);
         }
         let router = router.spawn();
-        Ok(Self { router, engine, gossip: gossip::GossipState::new(g, lookup), forge_names })
+        let events = Arc::new(events::Events::new(router.endpoint().id().to_string()));
+        Ok(Self { router, engine, gossip: gossip::GossipState::new(g, lookup), events, forge_names })
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -309,7 +313,7 @@ impl Node {
         on_presence: Option<PresenceFn>,
     ) -> Result<(), PeerError> {
         self.gossip
-            .join(bootstrap, self.id(), self.stats().clone(), self.names().clone(), on_presence)
+            .join(bootstrap, self.id(), self.stats().clone(), self.names().clone(), self.events.clone(), on_presence)
             .await
             .map_err(|why| PeerError::Connection { peer: "gossip".into(), why })
     }
@@ -320,16 +324,12 @@ impl Node {
     }
 
     /// Announces this node's presence (address, the newest
-    /// [`MAX_ANNOUNCED_LAYERS`] layers it holds, and `attrs`, which make it
-    /// a host advertisement), `names` and `successions`.
-    pub async fn announce(
-        &self,
-        attrs: Option<HostAttrs>,
-        mut names: Vec<NameRecord>,
-        successions: Vec<Succession>,
-    ) -> Result<(), PeerError> {
+    /// [`MAX_ANNOUNCED_LAYERS`] layers it holds, and what `ad` says: its
+    /// attributes, which make it a host advertisement, and services), and
+    /// `ad`'s name records and successions.
+    pub async fn announce(&self, mut ad: Advert) -> Result<(), PeerError> {
         if self.forge_names {
-            for r in &mut names {
+            for r in &mut ad.names {
                 let mut b = *r.id.as_bytes();
                 b[0] ^= 0xff;
                 r.id = ChunkId::from_bytes(b);
@@ -341,9 +341,32 @@ impl Node {
         let layers = layers.into_iter().map(|(id, _)| id).collect();
         let addrs = self.addr().ip_addrs().copied().collect();
         self.gossip
-            .announce(self.endpoint().secret_key(), addrs, layers, attrs, names, successions)
+            .announce(self.endpoint().secret_key(), addrs, layers, ad)
             .await
             .map_err(|why| PeerError::Connection { peer: "gossip".into(), why })
+    }
+
+    /// The events this node knows: its own and those heard.
+    pub fn events(&self) -> &Arc<events::Events> {
+        &self.events
+    }
+
+    /// Records an event of this host and publishes it on the gossip topic
+    /// (only records it when not joined).
+    pub async fn publish_event(&self, kind: events::EventKind) {
+        let ev = self.events.make(kind);
+        self.events.record(ev.clone());
+        if self.gossip.joined()
+            && let Err(e) = self.gossip.send_event(self.endpoint().secret_key(), &ev).await
+        {
+            tracing::debug!("publishing event {}: {e}", ev.kind.type_name());
+        }
+    }
+
+    /// Records what this host noticed (another host joined or left),
+    /// without publishing it: every host notices for itself.
+    pub fn note_event(&self, kind: events::EventKind) {
+        self.events.record(self.events.make(kind));
     }
 
     /// Nodes that announced holding `layer`, newest announcement first.

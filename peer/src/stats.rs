@@ -23,6 +23,13 @@ pub struct PeerCounters {
     pub dropped: u64,
     /// Name records from this peer refused (bad signature, untrusted key).
     pub names_refused: u64,
+    /// Events this peer delivered that were refused (bad signature, a
+    /// replay, malformed).
+    #[serde(default)]
+    pub events_refused: u64,
+    /// Events of this host dropped for exceeding its rate.
+    #[serde(default)]
+    pub events_dropped: u64,
     /// The last reason it was dropped or refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -51,6 +58,10 @@ pub struct Counters {
     pub pulls: u64,
     #[serde(default)]
     pub pulls_refused: u64,
+    #[serde(default)]
+    pub events_refused: u64,
+    #[serde(default)]
+    pub events_dropped: u64,
 }
 
 /// Shared, thread-safe counters of one node.

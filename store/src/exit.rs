@@ -14,11 +14,12 @@ pub enum Exit {
     NameRefused = 5,
     BadInput = 6,
     NoProvider = 7,
+    NoHost = 8,
 }
 
 impl Exit {
     /// Every code, in order: the table `--help` and the README show.
-    pub const ALL: [Exit; 8] = [
+    pub const ALL: [Exit; 9] = [
         Exit::Success,
         Exit::Failure,
         Exit::Usage,
@@ -27,6 +28,7 @@ impl Exit {
         Exit::NameRefused,
         Exit::BadInput,
         Exit::NoProvider,
+        Exit::NoHost,
     ];
 
     /// The number the process exits with.
@@ -54,6 +56,7 @@ impl Exit {
             Exit::NoProvider => {
                 "no provider could supply a layer (every peer given is unreachable, dropped, or lacks it)"
             }
+            Exit::NoHost => "no host can take the guest: placement removed every host, or every host chosen failed",
         }
     }
 }

@@ -313,6 +313,8 @@ pub enum Cmd {
     Peer(crate::peer_cmds::PeerCmd),
     #[command(flatten)]
     Names(crate::names_cmds::NameCmds),
+    #[command(flatten)]
+    Fed(crate::fed_cmds::FedCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -360,9 +362,31 @@ pub struct DeployArgs {
     /// Instance name [default: the spec's, else derived from the layer].
     #[arg(long)]
     pub name: Option<String>,
-    /// Start N instances sharing the cached layers (NAME-1 .. NAME-N).
+    /// Start N instances sharing the cached layers (NAME-1 .. NAME-N); with
+    /// --place, on N hosts (one each, unless --pack).
     #[arg(long, default_value_t = 1)]
     pub replicas: u32,
+    /// Let this host's daemon choose the host among those it knows: `auto`,
+    /// or an expression hosts must match (as `xenod hosts --where`). Hosts
+    /// are filtered by the spec's needs (hypervisor, vCPUs, memory free),
+    /// then ranked by the bytes of the stack they lack (fewest first), then
+    /// free memory; the chosen host fetches what it lacks and deploys (it
+    /// must allow this host: `xenod allow NODE` there). Prints each
+    /// candidate's score and why each other host was left out; a chosen
+    /// host that fails leaves its replica to the next. Needs the daemon.
+    #[arg(long, value_name = "auto|EXPR")]
+    pub place: Option<String>,
+    /// With --place: spread replicas over the values of this label (zone,
+    /// rack, ...), one value each while there are unused ones.
+    #[arg(long, value_name = "LABEL", requires = "place", conflicts_with = "pack")]
+    pub spread: Option<String>,
+    /// With --place: fill the fullest hosts first; a host takes replicas
+    /// while its memory lasts.
+    #[arg(long, requires = "place")]
+    pub pack: bool,
+    /// With --place: print the placement, deploy nothing.
+    #[arg(long, requires = "place")]
+    pub dry_run: bool,
     /// libvirt connection [default: $XENOD_LIBVIRT_URI or qemu:///system].
     #[arg(long)]
     pub uri: Option<String>,
@@ -391,10 +415,29 @@ pub struct DeployArgs {
     pub lazy: bool,
 }
 
+fn deploy_options(ctx: &Ctx, a: &DeployArgs) -> instance::DeployOptions {
+    instance::DeployOptions {
+        name: a.name.clone(),
+        replicas: a.replicas,
+        uri: a.uri.clone(),
+        root: a.root,
+        memory: a.memory,
+        ports: a.ports.clone(),
+        cmdline: a.cmdline.clone(),
+        timeout: std::time::Duration::from_secs(a.timeout),
+        no_wait: a.no_wait,
+        lazy: a.lazy,
+        verbose: !ctx.json,
+    }
+}
+
 /// `xenod deploy`: the stack made local (fetched by ticket, or with `--lazy`
 /// its manifests through the daemon), then deployed; each instance's line
 /// (or the JSON report) on stdout.
 fn deploy(ctx: &Ctx, a: &DeployArgs) -> Result<()> {
+    if a.place.is_some() {
+        return crate::fed_cmds::deploy_placed(ctx, a, deploy_options(ctx, a));
+    }
     let watch = ctx.watcher("fetching");
     let local = if a.lazy {
         if !client::daemon_runs(&ctx.data_dir) {
@@ -412,20 +455,7 @@ fn deploy(ctx: &Ctx, a: &DeployArgs) -> Result<()> {
     } else {
         client::localize(&ctx.data_dir, &a.url, &watch)?
     };
-    let opts = instance::DeployOptions {
-        name: a.name.clone(),
-        replicas: a.replicas,
-        uri: a.uri.clone(),
-        root: a.root,
-        memory: a.memory,
-        ports: a.ports.clone(),
-        cmdline: a.cmdline.clone(),
-        timeout: std::time::Duration::from_secs(a.timeout),
-        no_wait: a.no_wait,
-        lazy: a.lazy,
-        verbose: !ctx.json,
-    };
-    let out = ctx.instances()?.deploy(&local, &opts)?;
+    let out = ctx.instances()?.deploy(&local, &deploy_options(ctx, a))?;
     ctx.out(out.clone(), || {
         let lines: Vec<String> = out["instances"]
             .as_array()
@@ -718,6 +748,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         Cmd::Peer(c) => crate::peer_cmds::run(&ctx, c),
         Cmd::Names(c) => crate::names_cmds::run(&ctx, c),
+        Cmd::Fed(c) => crate::fed_cmds::run(&ctx, c),
         Cmd::Digest { dir, list } => {
             if list {
                 let lines = xenod_store::tree_listing(&dir)?;

@@ -3,6 +3,7 @@
 //! exit codes are its one table ([`xenod_host::Exit`]), shown by `--help`.
 
 mod cli;
+mod fed_cmds;
 mod names_cmds;
 mod peer_cmds;
 mod progress;

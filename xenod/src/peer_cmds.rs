@@ -144,6 +144,11 @@ fn print_result(op: &str, v: &Value, json: bool) -> Result<()> {
             writeln!(o, "protocol errors      {}", c["protocol_errors"])?;
             writeln!(o, "dropped peers        {}", c["peers_dropped"])?;
             writeln!(o, "refused names        {}", c["names_refused"])?;
+            writeln!(
+                o,
+                "refused events       {} ({} dropped over a host's rate)",
+                c["events_refused"], c["events_dropped"]
+            )?;
             writeln!(o, "fetches              {} ({} failed)", c["fetches"], c["fetches_failed"])?;
             for (id, p) in v["peers"].as_object().into_iter().flatten() {
                 writeln!(

@@ -11,19 +11,34 @@
 //! hypervisor kinds it can run (probed once at start), its vCPUs, memory,
 //! disk free under the data directory, load and configured labels. That
 //! makes it a host advertisement, which [`hosts`] lists, filtered, while
-//! it is younger than the configured expiry.
+//! it is younger than the configured expiry. Memory and vCPUs are what the
+//! config's `[capacity]` offers (all of the host's by default); memory
+//! free is that less what this host's instances were given, and never
+//! more than the kernel has available.
+//!
+//! It also carries the services of this host's running instances
+//! ([`services_here`]), which [`services`] lists across the federation,
+//! and each tick notes what changed for the event stream: hosts that
+//! joined or expired, this host's names published or removed, chunks
+//! refused from a peer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use xenod_peer::{HostAttrs, Presence, PresenceFn};
+use xenod_deployer::DEFAULT_MEMORY_MIB;
+use xenod_peer::events::EventKind;
+use xenod_peer::{Advert, HostAttrs, Presence, PresenceFn, ServiceAd};
+use xenod_store::NameRecord;
 
 use super::context::Daemon;
 use super::reply;
+use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::filter::{self, Attr};
+use crate::filter;
+use crate::instance::Instance;
+use crate::place;
 use xenod_store::Exit;
 
 /// How long a host that stopped announcing stays listed (the default of
@@ -46,12 +61,24 @@ fn every() -> Duration {
 pub fn spawn(d: &Arc<Daemon>) {
     let weak: Weak<Daemon> = Arc::downgrade(d);
     let bootstrap = d.default_peers();
+    let known: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     tokio::spawn(async move {
-        let w = weak.clone();
+        let (w, k) = (weak.clone(), known.clone());
         let on_presence: PresenceFn = Arc::new(move |p| {
-            if let (Some(d), Some(addr)) = (w.upgrade(), p.addr()) {
-                let layers: Vec<String> = p.layers.iter().map(|l| l.to_string()).collect();
-                d.remember(&[addr], &layers);
+            let Some(d) = w.upgrade() else { return };
+            let Some(addr) = p.addr() else { return };
+            let node = addr.id.to_string();
+            let mut known = k.lock().unwrap_or_else(|e| e.into_inner());
+            if p.leaving {
+                if known.remove(&node) {
+                    d.node().note_event(EventKind::HostLeft { node, expired: false });
+                }
+                return;
+            }
+            let layers: Vec<String> = p.layers.iter().map(|l| l.to_string()).collect();
+            d.remember(&[addr], &layers);
+            if p.attrs.is_some() && known.insert(node.clone()) {
+                d.node().note_event(EventKind::HostJoined { node });
             }
         });
         {
@@ -63,6 +90,7 @@ pub fn spawn(d: &Arc<Daemon>) {
         }
         let mut tick = tokio::time::interval(every());
         let hv = probe_hypervisors();
+        let mut changes = Changes::default();
         loop {
             tick.tick().await;
             let Some(d) = weak.upgrade() else { return };
@@ -71,12 +99,87 @@ pub fn spawn(d: &Arc<Daemon>) {
             }
             let names = d.node().store().names().unwrap_or_default();
             let successions = d.node().store().successions().unwrap_or_default();
-            let attrs = host_attrs(d.data_dir(), &hv, &d.config().labels);
-            if let Err(e) = d.node().announce(Some(attrs), names, successions).await {
+            let instances = d.instances().clone();
+            let here =
+                tokio::task::spawn_blocking(move || instances.list().unwrap_or_default()).await.unwrap_or_default();
+            let attrs = host_attrs(d.data_dir(), &hv, d.config(), admitted_mem(&here));
+            let services = services_here(&here);
+            for kind in changes.since(&d, &names, &known) {
+                d.node().publish_event(kind).await;
+            }
+            let ad = Advert { attrs: Some(attrs), services, names, successions };
+            if let Err(e) = d.node().announce(ad).await {
                 tracing::debug!("gossip announcement: {e}");
             }
         }
     });
+}
+
+/// What the announce loop saw last, to tell what changed: this host's
+/// names (by sequence) and the chunks refused per peer. The first tick
+/// only takes the baseline.
+#[derive(Default)]
+struct Changes {
+    started: bool,
+    names: BTreeMap<String, (u64, bool)>,
+    bad: BTreeMap<String, u64>,
+}
+
+impl Changes {
+    /// Events for what changed since the last tick; hosts that expired are
+    /// noted (not published: every host sees them for itself).
+    fn since(&mut self, d: &Daemon, names: &[NameRecord], known: &Mutex<BTreeSet<String>>) -> Vec<EventKind> {
+        let mut out = Vec::new();
+        let expiry = d.config().host_expiry_secs.map_or(HOST_EXPIRY, Duration::from_secs);
+        let live: BTreeSet<String> =
+            d.node().hosts(expiry).iter().filter_map(|(p, _)| p.addr()).map(|a| a.id.to_string()).collect();
+        {
+            let mut k = known.lock().unwrap_or_else(|e| e.into_inner());
+            let gone: Vec<String> = k.difference(&live).cloned().collect();
+            for node in gone {
+                k.remove(&node);
+                d.node().note_event(EventKind::HostLeft { node, expired: true });
+            }
+        }
+        let own = crate::config::load_key(d.data_dir()).ok().flatten().map(|k| k.verifying_key().to_bytes());
+        for r in names.iter().filter(|r| Some(r.key) == own) {
+            let now = (r.seq, r.removed);
+            if self.names.insert(r.name.clone(), now) != Some(now) && self.started {
+                out.push(if r.removed {
+                    EventKind::NameRemoved { name: r.name.clone() }
+                } else {
+                    EventKind::NamePublished { name: r.name.clone(), layer: r.id.to_string() }
+                });
+            }
+        }
+        for (peer, c) in d.node().stats().snapshot().peers {
+            let before = self.bad.insert(peer.clone(), c.bad_chunks).unwrap_or(c.bad_chunks);
+            if c.bad_chunks > before && self.started {
+                out.push(EventKind::BadChunk { peer, chunks: c.bad_chunks - before });
+            }
+        }
+        self.started = true;
+        out
+    }
+}
+
+/// Memory given to this host's instances, bytes.
+fn admitted_mem(here: &[(Instance, String)]) -> u64 {
+    here.iter().map(|(i, _)| u64::from(i.spec.as_ref().map_or(DEFAULT_MEMORY_MIB, |s| s.memory_mib)) << 20).sum()
+}
+
+/// The services of this host's instances that run (or are paused), with
+/// their forwarded ports as endpoints.
+pub fn services_here(here: &[(Instance, String)]) -> Vec<ServiceAd> {
+    here.iter()
+        .filter(|(_, state)| matches!(state.as_str(), "running" | "paused"))
+        .map(|(i, state)| ServiceAd {
+            service: i.spec.as_ref().and_then(|s| s.service.clone()).unwrap_or_else(|| i.name.clone()),
+            instance: i.name.clone(),
+            state: state.clone(),
+            endpoints: i.ports.iter().map(|p| format!("tcp://127.0.0.1:{}", p.host)).collect(),
+        })
+        .collect()
 }
 
 /// The hypervisor kinds this host can run guests with: `qemu` (and `tcg`)
@@ -99,8 +202,9 @@ pub fn probe_hypervisors() -> Vec<String> {
     hv
 }
 
-/// This host's attributes now.
-pub fn host_attrs(data_dir: &Path, hv: &[String], labels: &BTreeMap<String, String>) -> HostAttrs {
+/// This host's attributes now: what `config` offers guests, less
+/// `admitted` bytes of memory already given.
+pub fn host_attrs(data_dir: &Path, hv: &[String], config: &Config, admitted: u64) -> HostAttrs {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let kib = |key: &str| {
         meminfo
@@ -114,34 +218,18 @@ pub fn host_attrs(data_dir: &Path, hv: &[String], labels: &BTreeMap<String, Stri
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0);
-    let mem_total = kib("MemTotal:");
+    let cap = config.capacity.clone().unwrap_or_default();
+    let mem_total = cap.memory_mib.map_or_else(|| kib("MemTotal:"), |m| m << 20);
+    let vcpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
     HostAttrs {
         hv: hv.to_vec(),
-        vcpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        vcpus: cap.vcpus.unwrap_or(vcpus),
         mem_total,
-        mem_free: kib("MemAvailable:").min(mem_total),
+        mem_free: mem_total.saturating_sub(admitted).min(kib("MemAvailable:")),
         disk_free,
         load,
-        labels: labels.clone(),
+        labels: config.labels.clone(),
     }
-}
-
-/// The attributes a filter sees: the advertised ones, `node`, `layers`
-/// (how many it holds) and `label.KEY` for each label.
-pub fn filter_attrs(node: &str, layers: usize, a: &HostAttrs) -> BTreeMap<String, Attr> {
-    let mut m = BTreeMap::new();
-    m.insert("node".into(), Attr::Text(node.to_owned()));
-    m.insert("layers".into(), Attr::Num(layers as f64));
-    m.insert("hv".into(), Attr::List(a.hv.clone()));
-    m.insert("vcpus".into(), Attr::Num(f64::from(a.vcpus)));
-    m.insert("mem_total".into(), Attr::Num(a.mem_total as f64));
-    m.insert("mem_free".into(), Attr::Num(a.mem_free as f64));
-    m.insert("disk_free".into(), Attr::Num(a.disk_free as f64));
-    m.insert("load".into(), Attr::Num(f64::from(a.load)));
-    for (k, v) in &a.labels {
-        m.insert(format!("label.{k}"), Attr::Text(v.clone()));
-    }
-    m
 }
 
 /// `hosts`: this host and every live advertised one, matching `filter`.
@@ -156,7 +244,7 @@ pub fn hosts(d: &Daemon, filter: Option<&str>) -> Result<reply::Hosts> {
     let mut all = vec![reply::Host {
         node: d.node().id().to_string(),
         addrs: me.ip_addrs().map(|a| a.to_string()).collect(),
-        attrs: host_attrs(d.data_dir(), &probe_hypervisors(), &d.config().labels),
+        attrs: own_attrs(d),
         layers: own_layers,
         age_ms: 0,
         this_host: true,
@@ -170,7 +258,7 @@ pub fn hosts(d: &Daemon, filter: Option<&str>) -> Result<reply::Hosts> {
         let keep = match &f {
             None => true,
             Some(f) => f
-                .matches(&filter_attrs(&h.node, h.layers, &h.attrs))
+                .matches_with(&|n| place::host_attr(&h.node, h.layers, &h.attrs, n))
                 .map_err(|why| Error::coded(Exit::Usage, format!("--where {:?}: {why}", filter.unwrap_or(""))))?,
         };
         if keep {
@@ -178,6 +266,49 @@ pub fn hosts(d: &Daemon, filter: Option<&str>) -> Result<reply::Hosts> {
         }
     }
     Ok(reply::Hosts { hosts: out, live })
+}
+
+/// This host's attributes, its instances listed from their records (no
+/// hypervisor asked).
+pub fn own_attrs(d: &Daemon) -> HostAttrs {
+    let admitted = instance_records(d.instances())
+        .iter()
+        .map(|i| u64::from(i.spec.as_ref().map_or(DEFAULT_MEMORY_MIB, |s| s.memory_mib)) << 20)
+        .sum();
+    host_attrs(d.data_dir(), &probe_hypervisors(), d.config(), admitted)
+}
+
+/// The records of this host's instances.
+fn instance_records(instances: &crate::instance::Instances) -> Vec<Instance> {
+    let Ok(rd) = std::fs::read_dir(instances.root()) else { return Vec::new() };
+    rd.filter_map(|e| instances.load(&e.ok()?.file_name().to_string_lossy()).ok()).collect()
+}
+
+/// `services`: the services of this host's instances and those every
+/// live host advertises; `name`: only that service's.
+pub async fn services(d: &Arc<Daemon>, name: Option<&str>) -> Result<reply::Services> {
+    let instances = d.instances().clone();
+    let here = tokio::task::spawn_blocking(move || instances.list().unwrap_or_default()).await?;
+    let expiry = d.config().host_expiry_secs.map_or(HOST_EXPIRY, Duration::from_secs);
+    let mut all: Vec<(String, bool, ServiceAd)> =
+        services_here(&here).into_iter().map(|s| (d.node().id().to_string(), true, s)).collect();
+    for (p, _) in d.node().hosts(expiry) {
+        let node = p.addr().map(|a| a.id.to_string()).unwrap_or_default();
+        all.extend(p.services.into_iter().map(|s| (node.clone(), false, s)));
+    }
+    let instances = all
+        .into_iter()
+        .filter(|(_, _, s)| name.is_none_or(|n| s.service == n))
+        .map(|(host, this_host, s)| reply::Service {
+            service: s.service,
+            instance: s.instance,
+            host,
+            this_host,
+            state: s.state,
+            endpoints: s.endpoints,
+        })
+        .collect();
+    Ok(reply::Services { instances })
 }
 
 fn host_of(p: &Presence, age: Duration) -> reply::Host {

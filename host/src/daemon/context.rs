@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use xenod_peer::events::EventKind;
 use xenod_peer::{
     EndpointAddr, FetchOptions, FetchProgress, Misbehave, Node, NodeOptions, Relay, Snapshot, Stats, Ticket,
     format_peer, parse_peer,
@@ -160,9 +161,10 @@ impl Daemon {
         if !embedded {
             state.addr = node.endpoint().bound_sockets().into_iter().find(|s| s.is_ipv4() == want.is_ipv4());
         }
+        let (sink, events) = super::events::sink();
         let d = Arc::new(Self {
             data_dir: data_dir.to_path_buf(),
-            instances: crate::instance::Instances::with_config(data_dir, &config),
+            instances: crate::instance::Instances::with_config(data_dir, &config).with_events(sink),
             config,
             node,
             state: Mutex::new(state),
@@ -170,6 +172,7 @@ impl Daemon {
             stopping: Default::default(),
             lazy: Default::default(),
         });
+        super::events::spawn_publisher(&d, events);
         d.save_state();
         Ok(d)
     }
@@ -341,6 +344,8 @@ impl Daemon {
         self.save_state();
         if lazy {
             super::lazy::background(self, layer, peers);
+        } else {
+            self.node.publish_event(EventKind::LayerComplete { layer: layer.to_string() }).await;
         }
         Ok(reply::Fetch { report: rep, lazy })
     }

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use xenod_peer::events::EventKind;
 use xenod_peer::iroh::endpoint::Connection;
 use xenod_peer::{ALPN, EndpointAddr, EndpointId, FetchOptions, fetch_one};
 use xenod_store::{ChunkId, LayerId, hex};
@@ -56,15 +57,19 @@ pub fn background(d: &Arc<Daemon>, layer: LayerId, peers: Vec<EndpointAddr>) {
     let d = d.clone();
     tokio::spawn(async move {
         let r = d.node().fetch(layer, &peers, FetchOptions::default()).await;
-        let mut p = d.lazy.pending.lock().unwrap_or_else(|e| e.into_inner());
-        match r {
-            Ok(_) => {
-                p.remove(&layer);
+        let complete = {
+            let mut p = d.lazy.pending.lock().unwrap_or_else(|e| e.into_inner());
+            match r {
+                Ok(_) => p.remove(&layer).is_some(),
+                Err(e) => {
+                    tracing::warn!("background fetch of {layer}: {e}");
+                    p.insert(layer, format!("failed: {e}"));
+                    false
+                }
             }
-            Err(e) => {
-                tracing::warn!("background fetch of {layer}: {e}");
-                p.insert(layer, format!("failed: {e}"));
-            }
+        };
+        if complete {
+            d.node().publish_event(EventKind::LayerComplete { layer: layer.to_string() }).await;
         }
     });
 }

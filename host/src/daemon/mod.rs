@@ -3,6 +3,7 @@
 
 pub mod announce;
 pub mod context;
+pub mod events;
 pub mod lazy;
 pub mod repair;
 pub mod replicate;

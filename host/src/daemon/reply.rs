@@ -119,6 +119,24 @@ pub struct Host {
     pub this_host: bool,
 }
 
+/// `services`: instances across the federation and the services they
+/// provide.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Services {
+    pub instances: Vec<Service>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub service: String,
+    pub instance: String,
+    /// The node id of the host it runs on.
+    pub host: String,
+    pub this_host: bool,
+    pub state: String,
+    pub endpoints: Vec<String>,
+}
+
 /// A trusted key and the publishers it may sign names for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Trusted {

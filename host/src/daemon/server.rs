@@ -15,7 +15,7 @@ use super::context::{Daemon, throttled};
 use super::reply;
 use crate::api::{Line, Outcome, Request, socket_path};
 use crate::error::{Context, Error, Result};
-use crate::{bail, migrate};
+use crate::{bail, migrate, placement};
 
 /// Starts the engine of `data_dir` with every protocol the daemon serves
 /// (see [`Daemon::start`]).
@@ -105,6 +105,13 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
         }
         Request::Reload => Ok(serde_json::to_value(d.reload_trust()?)?),
         Request::Hosts { filter } => Ok(serde_json::to_value(super::announce::hosts(d, filter.as_deref())?)?),
+        Request::Services { name } => Ok(serde_json::to_value(super::announce::services(d, name.as_deref()).await?)?),
+        Request::Event { event } => super::events::told(d, event).await,
+        Request::Events { .. } => Err(Error::coded(Exit::Usage, "events are streamed on the socket only")),
+        Request::Deploy { target, place, replicas, spread, pack, dry_run, options } => {
+            let args = placement::PlaceArgs { place, replicas, spread, pack, dry_run };
+            placement::deploy(d, &target, &args, options).await
+        }
         Request::Repair { from } => Ok(serde_json::to_value(super::repair::repair(d, &from).await?)?),
         Request::Shutdown => {
             // notify_one keeps a permit when the accept loop is not
@@ -157,7 +164,8 @@ pub async fn serve_socket(d: Arc<Daemon>, on_ready: impl FnOnce()) -> Result<()>
 async fn client(d: &Arc<Daemon>, s: UnixStream) -> Result<()> {
     let (r, mut w) = s.into_split();
     let mut line = String::new();
-    BufReader::new(r.take(1 << 20)).read_line(&mut line).await?;
+    let mut r = BufReader::new(r.take(1 << 20));
+    r.read_line(&mut line).await?;
     let req = match Request::from_line(&line) {
         Ok(r) => r,
         Err(e) => {
@@ -166,6 +174,9 @@ async fn client(d: &Arc<Daemon>, s: UnixStream) -> Result<()> {
             return Ok(());
         }
     };
+    if let Request::Events { follow, types, host } = req {
+        return super::events::stream(d, follow, types, host, r, w).await;
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Line>();
     let (notes, mut notes_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let progress = throttled(move |p: &FetchProgress| {

@@ -36,9 +36,11 @@ use xenod_deployer::{
 };
 use xenod_store::{Chunking, Entry, Extent, Kind, LayerId, LayerWriter, Merged, Store, Timestamp, cmp_paths};
 
+use crate::api::Request;
 use crate::config::Config;
 use crate::error::{Context, Error, Result};
 use crate::{bail, err};
+use xenod_peer::events::EventKind;
 
 pub mod mount;
 
@@ -46,8 +48,9 @@ pub mod mount;
 pub const SPEC_KEY: &str = "deploy";
 const INSTANCE_FILE: &[u8] = b"etc/xenod/instance";
 
-/// How to deploy a stack (the deploy spec's overrides and the wait).
-#[derive(Debug, Clone)]
+/// How to deploy a stack (the deploy spec's overrides and the wait); it
+/// travels to the host placement chooses (`migrate::Wire::Deploy`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeployOptions {
     /// Instance name [default: the spec's, else derived from the layer].
     pub name: Option<String>,
@@ -68,6 +71,7 @@ pub struct DeployOptions {
     /// through the daemon.
     pub lazy: bool,
     /// Print each step's time on stderr as it happens.
+    #[serde(skip)]
     pub verbose: bool,
 }
 
@@ -110,6 +114,32 @@ pub struct Instances {
     /// Prefixed to every domain name, where several daemons share one
     /// libvirt (the config's `domain_prefix`).
     domain_prefix: String,
+    events: EventSink,
+}
+
+/// Where the lifecycle events of a host's instances go (deployed,
+/// started, stopped, destroyed, migrated): to the host's daemon, which
+/// publishes them to the federation. A command run without a daemon has
+/// nobody to tell, and its events are not published.
+#[derive(Clone)]
+pub struct EventSink(Arc<dyn Fn(EventKind) + Send + Sync>);
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSink")
+    }
+}
+
+impl EventSink {
+    pub fn new(f: impl Fn(EventKind) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Events sent to the daemon of `data` over its socket, if one runs.
+    fn to_daemon(data: &Path) -> Self {
+        let data = data.to_path_buf();
+        Self::new(move |kind| crate::api::tell_daemon(&data, &Request::Event { event: kind }))
+    }
 }
 
 impl Instances {
@@ -122,7 +152,23 @@ impl Instances {
 
     /// The instances of `data`, whose `config.toml` is `config`.
     pub fn with_config(data: &Path, config: &Config) -> Self {
-        Self { data: data.to_path_buf(), domain_prefix: config.domain_prefix.clone() }
+        Self {
+            data: data.to_path_buf(),
+            domain_prefix: config.domain_prefix.clone(),
+            events: EventSink::to_daemon(data),
+        }
+    }
+
+    /// The same instances, their events going to `sink` (the daemon's own
+    /// handle publishes them directly).
+    pub fn with_events(mut self, sink: EventSink) -> Self {
+        self.events = sink;
+        self
+    }
+
+    /// Reports a lifecycle event of an instance of this host.
+    pub fn event(&self, kind: EventKind) {
+        (self.events.0)(kind);
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -460,6 +506,8 @@ impl Instances {
             }
         }
         guard.armed = false;
+        let service = spec.service.clone().unwrap_or_else(|| name.to_string());
+        self.event(EventKind::InstanceDeployed { instance: name.to_string(), service: Some(service) });
         Ok(
             json!({ "name": name, "id": layer.to_string(), "top": top.to_string(), "root": format!("{:?}", spec.root).to_lowercase(),
                    "port": port, "ports": inst.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "timeline": tl.json() }),
@@ -541,6 +589,7 @@ impl Instances {
         let data = self.data.as_path();
         let inst = Instance::load(data, name)?;
         let outcome = hypervisor(&inst.uri)?.stop(inst.domain(), Duration::from_secs(30))?;
+        self.event(EventKind::InstanceStopped { instance: name.to_string() });
         Ok(format!("{outcome:?}"))
     }
 
@@ -553,6 +602,7 @@ impl Instances {
             inst.save(data)?;
         }
         hypervisor(&inst.uri)?.start(inst.domain())?;
+        self.event(EventKind::InstanceStarted { instance: name.to_string() });
         Ok(())
     }
 
@@ -564,7 +614,9 @@ impl Instances {
             Ok(()) | Err(xenod_deployer::Error::NoSuchDomain { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        self.teardown(name, &store, keep)
+        self.teardown(name, &store, keep)?;
+        self.event(EventKind::InstanceDestroyed { instance: name.to_string() });
+        Ok(())
     }
 
     pub fn logs(&self, name: &str) -> Result<String> {
@@ -585,6 +637,7 @@ impl Instances {
         }
         let state = instance_dir(data, name).join("state.save");
         hypervisor(&inst.uri)?.save(inst.domain(), &state)?;
+        self.event(EventKind::InstanceStopped { instance: name.to_string() });
         Ok(state)
     }
 
@@ -602,6 +655,7 @@ impl Instances {
         }
         hypervisor(&inst.uri)?.restore(&state)?;
         fs::remove_file(&state).with_context(|| format!("removing {}", state.display()))?;
+        self.event(EventKind::InstanceStarted { instance: name.to_string() });
         Ok(())
     }
 

@@ -48,6 +48,7 @@ use std::time::Instant;
 use serde_json::Value;
 use xenod_cowfs::CommitCache;
 use xenod_deployer::{Hypervisor, RootMode};
+use xenod_peer::events::EventKind;
 use xenod_peer::parse_peer;
 use xenod_store::{Dense, Exit, LayerId, LayerWriter};
 
@@ -149,6 +150,7 @@ pub async fn migrate(
         ));
     }
     let target = parse_peer(to).map_err(|e| Error::coded(Exit::BadInput, format!("--to: {e}")))?;
+    let to_node = target.id.to_string();
     if cold && save != SaveMode::Auto {
         return Err(Error::coded(Exit::BadInput, "--cold saves no memory: no --live or --save"));
     }
@@ -174,7 +176,9 @@ pub async fn migrate(
         },
         plan,
     );
-    Ok(serde_json::to_value(migration.run().await?)?)
+    let report = migration.run().await?;
+    d.instances().event(EventKind::InstanceMigrated { instance: name.to_owned(), to: to_node });
+    Ok(serde_json::to_value(report)?)
 }
 
 /// `xenod checkpoint NAME`: the guest's upper layer and saved state as a
@@ -297,7 +301,9 @@ pub async fn restore(d: &Arc<Daemon>, checkpoint: &str, on: Option<&str>, name: 
         None => {
             let store = store.clone();
             let instances = d.instances().clone();
+            let name = record.name.clone();
             let v = blocking(move || target::adopt(&instances, &store, id, Some(state), &record, &|| {})).await?;
+            d.instances().event(EventKind::InstanceStarted { instance: name });
             let restored = serde_json::from_value(v).context("the restored instance's report")?;
             Ok(serde_json::to_value(report::Restore { restored, on: "here".into(), fetch: None })?)
         }

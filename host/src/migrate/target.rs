@@ -132,6 +132,7 @@ async fn target_op(
             Ok(serde_json::to_value(fetch(d, layer, &source, Some(codec)).await?)?)
         }
         Wire::Resume { layer, state, record, source } => {
+            let arrived = record.name.clone();
             let mut rep = fetch(d, layer, &source, Some(FINAL_CODEC)).await?;
             if let Some(s) = state {
                 rep.add(&fetch(d, s, &source, Some(FINAL_CODEC)).await?);
@@ -153,6 +154,7 @@ async fn target_op(
                 adopt(&instances, &store, layer, state, &record, &restoring)
             })
             .await??;
+            d.instances().event(xenod_peer::events::EventKind::InstanceStarted { instance: arrived });
             let instance = serde_json::from_value(adopted).context("the adopted instance's report")?;
             Ok(serde_json::to_value(ResumeReply { fetch: rep, instance, resume_seconds: t.elapsed().as_secs_f64() })?)
         }
@@ -164,6 +166,16 @@ async fn target_op(
                 Ok(info)
             })
             .await?
+        }
+        Wire::Deploy { layer, source, options } => {
+            let fetched = fetch_stack(d, layer, &source).await?;
+            let (instances, mut o) = (d.instances().clone(), *options);
+            (o.verbose, o.lazy) = (false, false);
+            let v = tokio::task::spawn_blocking(move || instances.deploy(&layer.to_string(), &o)).await??;
+            if let Some(e) = v["errors"].as_array().and_then(|e| e.first()) {
+                bail!("deploying here: {}", e.as_str().unwrap_or("failed"));
+            }
+            Ok(json!({ "fetch": fetched, "deploy": v }))
         }
         Wire::Abort { instance } => {
             // Only what a failed resume could have left: adopt cleans up
@@ -188,14 +200,32 @@ async fn fetch(d: &Daemon, layer: LayerId, source: &str, dense: Option<Dense>) -
         }
     }
     let opts = FetchOptions { dense, ..FetchOptions::default() };
-    let rep = d.node().fetch(layer, &providers, opts).await?;
-    Ok(FetchReply {
+    Ok(reply_of(layer, d.node().fetch(layer, &providers, opts).await?))
+}
+
+fn reply_of(layer: LayerId, rep: xenod_peer::FetchReport) -> FetchReply {
+    FetchReply {
         layer: Some(layer),
         chunks_fetched: rep.chunks_fetched,
         bytes: rep.bytes,
         wire_bytes: rep.wire_bytes,
         elapsed_ms: rep.elapsed_ms,
-    })
+    }
+}
+
+/// Fetches `layer`'s stack from `source`, the nodes that announced it and
+/// the default peers; only what this host lacks travels.
+async fn fetch_stack(d: &Daemon, layer: LayerId, source: &str) -> Result<FetchReply> {
+    let mut providers = d.node().providers_of(&layer);
+    providers.push(parse_peer(source).map_err(|e| err!("source address {source}: {e}"))?);
+    for p in d.default_peers() {
+        if !providers.iter().any(|q| q.id == p.id) {
+            providers.push(p);
+        }
+    }
+    let rep = d.node().fetch(layer, &providers, FetchOptions::default()).await?;
+    d.node().publish_event(xenod_peer::events::EventKind::LayerComplete { layer: layer.to_string() }).await;
+    Ok(reply_of(layer, rep))
 }
 
 /// Test hook: `XENOD_TEST_MIGRATE_DIE=PHASE` makes a target daemon kill

@@ -12,6 +12,8 @@
 //!
 //! A silent target is declared dead after [`SILENT_LIMIT`]. Only nodes
 //! listed in the target's `migrate_from` (see `xenod allow`) are served.
+//! The same wire carries a deploy onto a host placement chose
+//! ([`Wire::Deploy`]): a guest sent to a host, like one moved there.
 
 use std::time::Duration;
 
@@ -70,6 +72,13 @@ pub enum Wire {
     },
     Abort {
         instance: String,
+    },
+    /// Placement chose this host: fetch what it lacks of `layer`'s stack
+    /// (from `source` and the layer's other providers) and deploy it.
+    Deploy {
+        layer: LayerId,
+        source: String,
+        options: Box<crate::instance::DeployOptions>,
     },
 }
 
