@@ -16,15 +16,17 @@
 //! have never matches (so `label.zone!=a` holds only where there is a
 //! zone). A syntax fault names its column.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// An attribute value a host advertises.
+/// An attribute value a host advertises, borrowed from the host's
+/// advertisement where it can be (a filter reads it, nothing more).
 #[derive(Clone, Debug, PartialEq)]
-pub enum Attr {
+pub enum Attr<'a> {
     Num(f64),
-    Text(String),
-    List(Vec<String>),
+    Text(Cow<'a, str>),
+    List(Cow<'a, [String]>),
 }
 
 /// A parsed filter.
@@ -221,14 +223,14 @@ pub fn parse(s: &str) -> Result<Filter, FilterError> {
 impl Filter {
     /// Whether a host with `attrs` passes; a comparison of text by order
     /// is an error naming it.
-    pub fn matches(&self, attrs: &BTreeMap<String, Attr>) -> Result<bool, String> {
+    pub fn matches(&self, attrs: &BTreeMap<String, Attr<'_>>) -> Result<bool, String> {
         self.matches_with(&|name| attrs.get(name).cloned())
     }
 
     /// The same, with each attribute looked up by `get` as the expression
     /// names it (no map built for a host the expression reads two
     /// attributes of).
-    pub fn matches_with(&self, get: &dyn Fn(&str) -> Option<Attr>) -> Result<bool, String> {
+    pub fn matches_with<'a>(&self, get: &dyn Fn(&str) -> Option<Attr<'a>>) -> Result<bool, String> {
         Ok(match self {
             Filter::Or(v) => {
                 for f in v {
@@ -255,11 +257,13 @@ impl Filter {
     }
 }
 
-fn compare(name: &str, a: &Attr, op: Op, v: &Value) -> Result<bool, String> {
-    let text = |v: &Value| match v {
-        Value::Text(t) => t.clone(),
-        Value::Num(n) => format!("{n}"),
-    };
+fn compare(name: &str, a: &Attr<'_>, op: Op, v: &Value) -> Result<bool, String> {
+    fn text(v: &Value) -> Cow<'_, str> {
+        match v {
+            Value::Text(t) => Cow::Borrowed(t.as_str()),
+            Value::Num(n) => Cow::Owned(format!("{n}")),
+        }
+    }
     match (a, v) {
         (Attr::Num(x), Value::Num(y)) => Ok(match op {
             Op::Eq => x == y,
@@ -276,8 +280,8 @@ fn compare(name: &str, a: &Attr, op: Op, v: &Value) -> Result<bool, String> {
             _ => Err(format!("{name} is text: compare it with = or != only")),
         },
         (Attr::List(xs), v) => match op {
-            Op::Eq => Ok(xs.contains(&text(v))),
-            Op::Ne => Ok(!xs.contains(&text(v))),
+            Op::Eq => Ok(xs.iter().any(|x| *x == text(v))),
+            Op::Ne => Ok(!xs.iter().any(|x| *x == text(v))),
             _ => Err(format!("{name} is a list: compare it with = or != only")),
         },
     }
@@ -287,12 +291,12 @@ fn compare(name: &str, a: &Attr, op: Op, v: &Value) -> Result<bool, String> {
 mod tests {
     use super::*;
 
-    fn host(mem_free: f64, hv: &[&str], region: Option<&str>) -> BTreeMap<String, Attr> {
+    fn host(mem_free: f64, hv: &[&str], region: Option<&str>) -> BTreeMap<String, Attr<'static>> {
         let mut m = BTreeMap::new();
         m.insert("mem_free".into(), Attr::Num(mem_free));
-        m.insert("hv".into(), Attr::List(hv.iter().map(|s| s.to_string()).collect()));
+        m.insert("hv".into(), Attr::List(hv.iter().map(|s| s.to_string()).collect::<Vec<_>>().into()));
         if let Some(r) = region {
-            m.insert("label.region".into(), Attr::Text(r.into()));
+            m.insert("label.region".into(), Attr::Text(r.to_owned().into()));
         }
         m
     }

@@ -40,47 +40,63 @@ use crate::filter::{Attr, Filter};
 pub const W_LOCALITY: f64 = 1.0;
 pub const W_CAPACITY: f64 = 0.1;
 pub const W_SPREAD: f64 = 2.0;
+/// Most hosts a decision reports (the chosen ones first), and most removed
+/// hosts it names (each filter's count covers them all).
+pub const MAX_RANKED: usize = 64;
+pub const MAX_REMOVED: usize = 64;
 
 /// A host placement may choose.
 #[derive(Clone, Debug)]
 pub struct Candidate {
     pub node: String,
     pub attrs: HostAttrs,
-    /// The layers it holds, sorted.
-    pub layers: Vec<LayerId>,
+    /// The layers it holds, sorted by their first 8 bytes (`keys`, the
+    /// same order), so a lookup compares integers, not 32-byte ids.
+    layers: Vec<LayerId>,
+    keys: Vec<u64>,
     pub this_host: bool,
+}
+
+fn key(l: &LayerId) -> u64 {
+    u64::from_be_bytes(l.as_bytes()[..8].try_into().unwrap_or_default())
 }
 
 impl Candidate {
     pub fn new(node: String, attrs: HostAttrs, mut layers: Vec<LayerId>, this_host: bool) -> Self {
         layers.sort_unstable();
-        Self { node, attrs, layers, this_host }
+        layers.dedup();
+        let keys = layers.iter().map(key).collect();
+        Self { node, attrs, layers, keys, this_host }
     }
 
     /// The attribute `name` as a filter sees it: the advertised ones,
     /// `node`, `layers` (how many it holds) and `label.KEY`.
-    pub fn attr(&self, name: &str) -> Option<Attr> {
+    pub fn attr(&self, name: &str) -> Option<Attr<'_>> {
         host_attr(&self.node, self.layers.len(), &self.attrs, name)
     }
 
     fn holds(&self, l: &LayerId) -> bool {
-        self.layers.binary_search(l).is_ok()
+        // Ids sorted are sorted by their first bytes too; ids sharing those
+        // sit together, and are told apart whole.
+        let k = key(l);
+        let from = self.keys.partition_point(|&x| x < k);
+        self.keys[from..].iter().zip(&self.layers[from..]).take_while(|(x, _)| **x == k).any(|(_, id)| id == l)
     }
 }
 
 /// Attribute `name` of a host: `node`, `layers` (how many it holds), the
 /// advertised ones, `label.KEY`.
-pub fn host_attr(node: &str, layers: usize, a: &HostAttrs, name: &str) -> Option<Attr> {
+pub fn host_attr<'a>(node: &'a str, layers: usize, a: &'a HostAttrs, name: &str) -> Option<Attr<'a>> {
     Some(match name {
-        "node" => Attr::Text(node.to_owned()),
+        "node" => Attr::Text(node.into()),
         "layers" => Attr::Num(layers as f64),
-        "hv" => Attr::List(a.hv.clone()),
+        "hv" => Attr::List(a.hv.as_slice().into()),
         "vcpus" => Attr::Num(f64::from(a.vcpus)),
         "mem_total" => Attr::Num(a.mem_total as f64),
         "mem_free" => Attr::Num(a.mem_free as f64),
         "disk_free" => Attr::Num(a.disk_free as f64),
         "load" => Attr::Num(f64::from(a.load)),
-        _ => return name.strip_prefix("label.").and_then(|k| a.labels.get(k)).map(|v| Attr::Text(v.clone())),
+        _ => return name.strip_prefix("label.").and_then(|k| a.labels.get(k)).map(|v| Attr::Text(v.as_str().into())),
     })
 }
 
@@ -140,7 +156,10 @@ pub struct Decision {
     /// Index into `ranked` of each replica's host.
     pub chosen: Vec<usize>,
     pub ranked: Vec<Scored>,
+    /// The first [`MAX_REMOVED`] hosts removed, and why.
     pub removed: Vec<Removed>,
+    /// How many hosts each filter removed.
+    pub removed_by: BTreeMap<&'static str, usize>,
 }
 
 impl Decision {
@@ -173,22 +192,47 @@ pub fn place(hosts: &[Candidate], ask: &Ask, expr: Option<&Filter>) -> Result<De
         return Err(PlaceError::NoHosts);
     }
     let mut removed = Vec::new();
+    let mut removed_by: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut first_of: BTreeMap<&'static str, Removed> = BTreeMap::new();
     let mut passed: Vec<&Candidate> = Vec::with_capacity(hosts.len());
     for h in hosts {
-        match filter(h, ask, expr)? {
-            None => passed.push(h),
-            Some((filter, why)) => removed.push(Removed { node: h.node.clone(), filter, why }),
+        let Some(f) = filter(h, ask, expr)? else {
+            passed.push(h);
+            continue;
+        };
+        let n = removed_by.entry(f).or_default();
+        *n += 1;
+        if removed.len() < MAX_REMOVED || *n == 1 {
+            let r = Removed { node: h.node.clone(), filter: f, why: why(h, ask, f) };
+            if *n == 1 {
+                first_of.insert(f, r.clone());
+            }
+            if removed.len() < MAX_REMOVED {
+                removed.push(r);
+            }
         }
     }
     if passed.is_empty() {
-        return Err(no_host_left(&removed));
+        return Err(no_host_left(&removed_by, &first_of));
     }
     let stack_bytes: u64 = ask.stack.iter().map(|(_, b)| b).sum();
     let missing: Vec<u64> =
         passed.iter().map(|h| ask.stack.iter().filter(|(l, _)| !h.holds(l)).map(|(_, b)| b).sum()).collect();
     let mut free: Vec<u64> = passed.iter().map(|h| h.attrs.mem_free).collect();
     let mut placed = vec![0u32; passed.len()];
-    let mut per_value: BTreeMap<&str, u32> = BTreeMap::new();
+    // Each host's value of the spread label, as a small number.
+    let mut values: BTreeMap<&str, usize> = BTreeMap::new();
+    let value_of: Vec<usize> = match &ask.spread {
+        Some(k) => passed
+            .iter()
+            .map(|h| {
+                let n = values.len();
+                *values.entry(h.attrs.labels.get(k).map_or("", String::as_str)).or_insert(n)
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut per_value = vec![0u32; values.len()];
     let mut last: Vec<Option<Weights>> = vec![None; passed.len()];
     let mut chosen = Vec::new();
     for _ in 0..ask.replicas.max(1) {
@@ -200,10 +244,7 @@ pub fn place(hosts: &[Candidate], ask: &Ask, expr: Option<&Filter>) -> Result<De
             let locality = if stack_bytes == 0 { 1.0 } else { 1.0 - missing[i] as f64 / stack_bytes as f64 };
             let after = (free[i] - ask.mem) as f64 / h.attrs.mem_total.max(1) as f64;
             let capacity = if ask.pack { 1.0 - after } else { after };
-            let spread = ask.spread.as_deref().map(|k| {
-                let v = h.attrs.labels.get(k).map_or("", String::as_str);
-                1.0 / f64::from(1 + per_value.get(v).copied().unwrap_or(0))
-            });
+            let spread = ask.spread.as_ref().map(|_| 1.0 / f64::from(1 + per_value[value_of[i]]));
             let score = W_LOCALITY * locality + W_CAPACITY * capacity + W_SPREAD * spread.unwrap_or(0.0);
             last[i] = Some(Weights { locality, capacity, spread, score });
             // Ties: the node id that sorts first.
@@ -221,14 +262,28 @@ pub fn place(hosts: &[Candidate], ask: &Ask, expr: Option<&Filter>) -> Result<De
         };
         placed[i] += 1;
         free[i] -= ask.mem;
-        if let Some(k) = &ask.spread {
-            *per_value.entry(passed[i].attrs.labels.get(k).map_or("", String::as_str)).or_default() += 1;
+        if ask.spread.is_some() {
+            per_value[value_of[i]] += 1;
         }
         chosen.push(i);
     }
-    let mut ranked: Vec<(usize, Scored)> = passed
-        .iter()
-        .enumerate()
+    // The report keeps the chosen hosts and the best others, at most
+    // MAX_RANKED in all: the next candidates, and why they lost.
+    let mut order: Vec<usize> = (0..passed.len()).filter(|i| placed[*i] == 0).collect();
+    let score = |i: usize| last[i].map_or(f64::NEG_INFINITY, |w| w.score);
+    let by_score =
+        |a: &usize, b: &usize| score(*b).total_cmp(&score(*a)).then_with(|| passed[*a].node.cmp(&passed[*b].node));
+    let keep = MAX_RANKED.saturating_sub(chosen.len()).min(order.len());
+    if keep > 0 && keep < order.len() {
+        order.select_nth_unstable_by(keep - 1, by_score);
+    }
+    order.truncate(keep);
+    let mut seen = vec![false; passed.len()];
+    let kept: Vec<usize> =
+        chosen.iter().copied().chain(order).filter(|&i| !std::mem::replace(&mut seen[i], true)).collect();
+    let mut ranked: Vec<(usize, Scored)> = kept
+        .into_iter()
+        .map(|i| (i, passed[i]))
         .map(|(i, h)| {
             let weights =
                 last[i].unwrap_or(Weights { locality: 0.0, capacity: 0.0, spread: None, score: f64::NEG_INFINITY });
@@ -251,41 +306,48 @@ pub fn place(hosts: &[Candidate], ask: &Ask, expr: Option<&Filter>) -> Result<De
         (None, None) => b.weights.score.total_cmp(&a.weights.score).then_with(|| a.node.cmp(&b.node)),
     });
     let chosen_idx = chosen.iter().map(|c| ranked.iter().position(|(i, _)| i == c).unwrap_or(0)).collect();
-    Ok(Decision { chosen: chosen_idx, ranked: ranked.into_iter().map(|(_, s)| s).collect(), removed })
+    Ok(Decision { chosen: chosen_idx, ranked: ranked.into_iter().map(|(_, s)| s).collect(), removed, removed_by })
 }
 
-/// The first filter that removes `h`, and why; `None` if it passes.
-fn filter(h: &Candidate, ask: &Ask, expr: Option<&Filter>) -> Result<Option<(&'static str, String)>, PlaceError> {
+/// The first filter that removes `h`; `None` if it passes.
+fn filter(h: &Candidate, ask: &Ask, expr: Option<&Filter>) -> Result<Option<&'static str>, PlaceError> {
     if let Some(f) = expr
         && !f.matches_with(&|n| h.attr(n)).map_err(PlaceError::Expr)?
     {
-        return Ok(Some(("expr", "does not match --place".into())));
+        return Ok(Some("expr"));
     }
-    if let Some(hv) = &ask.hv
-        && !h.attrs.hv.contains(hv)
-    {
-        let has = if h.attrs.hv.is_empty() { "none".into() } else { h.attrs.hv.join(",") };
-        return Ok(Some(("hypervisor", format!("runs {has}, not {hv}"))));
+    Ok(if ask.hv.as_ref().is_some_and(|hv| !h.attrs.hv.contains(hv)) {
+        Some("hypervisor")
+    } else if h.attrs.vcpus < ask.vcpus {
+        Some("vcpus")
+    } else if h.attrs.mem_free < ask.mem {
+        Some("memory")
+    } else {
+        None
+    })
+}
+
+/// Why `filter` removed `h`.
+fn why(h: &Candidate, ask: &Ask, filter: &str) -> String {
+    match filter {
+        "expr" => "does not match --place".into(),
+        "hypervisor" => {
+            let has = if h.attrs.hv.is_empty() { "none".into() } else { h.attrs.hv.join(",") };
+            format!("runs {has}, not {}", ask.hv.as_deref().unwrap_or(""))
+        }
+        "vcpus" => format!("{} vCPUs, {} asked", h.attrs.vcpus, ask.vcpus),
+        _ => format!("{} MiB free, {} MiB asked", h.attrs.mem_free >> 20, ask.mem >> 20),
     }
-    if h.attrs.vcpus < ask.vcpus {
-        return Ok(Some(("vcpus", format!("{} vCPUs, {} asked", h.attrs.vcpus, ask.vcpus))));
-    }
-    if h.attrs.mem_free < ask.mem {
-        let why = format!("{} MiB free, {} MiB asked", h.attrs.mem_free >> 20, ask.mem >> 20);
-        return Ok(Some(("memory", why)));
-    }
-    Ok(None)
 }
 
 /// The error when every host was removed: the filter that removed the
 /// last of them (the latest in filter order that removed any), with the
 /// reason it gave the first of those, and how many each earlier one took.
-fn no_host_left(removed: &[Removed]) -> PlaceError {
+fn no_host_left(by: &BTreeMap<&'static str, usize>, first_of: &BTreeMap<&'static str, Removed>) -> PlaceError {
     const ORDER: [&str; 4] = ["expr", "hypervisor", "vcpus", "memory"];
-    let count = |f: &str| removed.iter().filter(|r| r.filter == f).count();
+    let count = |f: &str| by.get(f).copied().unwrap_or(0);
     let last = ORDER.iter().rev().copied().find(|f| count(f) > 0).unwrap_or("expr");
-    let why =
-        removed.iter().find(|r| r.filter == last).map(|r| format!("{}: {}", short(&r.node), r.why)).unwrap_or_default();
+    let why = first_of.get(last).map(|r| format!("{}: {}", short(&r.node), r.why)).unwrap_or_default();
     let others = ORDER.iter().copied().filter(|f| *f != last && count(f) > 0).map(|f| (f, count(f))).collect();
     PlaceError::Filtered { filter: last, count: count(last), why, others }
 }

@@ -196,11 +196,14 @@ pub(crate) struct GossipState {
     pub(crate) lookup: MemoryLookup,
     heard: Arc<Mutex<Heard>>,
     sender: Arc<Mutex<Option<GossipSender>>>,
+    /// Notified when a gossip neighbour comes up: a moment to announce,
+    /// so a joining node is known at once, not at the next period.
+    pub(crate) neighbour_up: Arc<tokio::sync::Notify>,
 }
 
 impl GossipState {
     pub(crate) fn new(gossip: Gossip, lookup: MemoryLookup) -> Self {
-        Self { gossip, lookup, heard: Arc::default(), sender: Arc::default() }
+        Self { gossip, lookup, heard: Arc::default(), sender: Arc::default(), neighbour_up: Arc::default() }
     }
 
     fn heard(&self) -> std::sync::MutexGuard<'_, Heard> {
@@ -264,7 +267,10 @@ impl GossipState {
                         let from = m.delivered_from.to_string();
                         me2.receive(&m.content, &from, &stats, &names, &events, on_presence.as_ref());
                     }
-                    Ok(GossipEvent::NeighborUp(n)) => tracing::debug!("gossip neighbour up: {n}"),
+                    Ok(GossipEvent::NeighborUp(n)) => {
+                        tracing::debug!("gossip neighbour up: {n}");
+                        me2.neighbour_up.notify_one();
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         tracing::warn!("gossip receiver: {e}");

@@ -318,6 +318,12 @@ impl Node {
             .map_err(|why| PeerError::Connection { peer: "gossip".into(), why })
     }
 
+    /// Notified when a gossip neighbour comes up (see [`Node::announce`]:
+    /// a daemon announces then, besides its period).
+    pub fn neighbour_up(&self) -> Arc<tokio::sync::Notify> {
+        self.gossip.neighbour_up.clone()
+    }
+
     /// Whether this node has joined the gossip topic.
     pub fn gossip_joined(&self) -> bool {
         self.gossip.joined()

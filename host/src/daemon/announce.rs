@@ -2,7 +2,7 @@
 //! remembered peers, announces this host's presence (address and the
 //! layers it holds), every name record (removals included) and key
 //! succession it holds, each
-//! [`ANNOUNCE_EVERY`], and remembers each presence it hears as a known peer
+//! [`ANNOUNCE_EVERY`] and when a gossip neighbour comes up, and remembers each presence it hears as a known peer
 //! holding those layers, so a fetch without `--from` knows its providers.
 //! Name records arriving over gossip are stored by the node itself when
 //! the host's trust admits them (see xenod-peer's `names` module).
@@ -91,8 +91,14 @@ pub fn spawn(d: &Arc<Daemon>) {
         let mut tick = tokio::time::interval(every());
         let hv = probe_hypervisors();
         let mut changes = Changes::default();
+        let Some(up) = weak.upgrade().map(|d| d.node().neighbour_up()) else { return };
         loop {
-            tick.tick().await;
+            // Each period, and at once when a neighbour comes up: a host
+            // that joins is known everywhere without waiting a period.
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = up.notified() => {}
+            }
             let Some(d) = weak.upgrade() else { return };
             if d.stopping() {
                 return;
