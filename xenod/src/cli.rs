@@ -313,6 +313,9 @@ pub enum Cmd {
     Peer(crate::peer_cmds::PeerCmd),
     #[command(flatten)]
     Names(crate::names_cmds::NameCmds),
+    /// Shell completions and man pages, for packages.
+    #[command(subcommand, hide = true)]
+    Generate(crate::generate::GenerateCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -718,6 +721,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         Cmd::Peer(c) => crate::peer_cmds::run(&ctx, c),
         Cmd::Names(c) => crate::names_cmds::run(&ctx, c),
+        Cmd::Generate(c) => crate::generate::run(&ctx, c),
         Cmd::Digest { dir, list } => {
             if list {
                 let lines = xenod_store::tree_listing(&dir)?;
