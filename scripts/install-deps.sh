@@ -11,6 +11,7 @@ PKGS=(
   busybox-static e2fsprogs cpio kmod   # fixture guest images
   zstd rsync debootstrap ostree casync openssl # benchmarks and their peers
   iproute2 curl jq libxml2-utils  # xmllint: virt-xml-validate needs it
+  systemd                         # systemd-analyze verify: the packaged unit's test
 )
 
 missing=()
@@ -22,4 +23,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The Debian package (scripts/build-deb.sh, xenod/tests/packaging.rs). Pinned:
+# cargo-deb means to refuse, some day, the dev profile the test packages from.
+CARGO_DEB=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -qx "cargo-deb $CARGO_DEB"; then
+  echo "install-deps: installing cargo-deb $CARGO_DEB" >&2
+  cargo install --locked --quiet cargo-deb --version "$CARGO_DEB"
 fi

@@ -315,6 +315,9 @@ pub enum Cmd {
     Names(crate::names_cmds::NameCmds),
     #[command(flatten)]
     Fed(crate::fed_cmds::FedCmd),
+    /// Shell completions and man pages, for packages.
+    #[command(subcommand, hide = true)]
+    Generate(crate::generate::GenerateCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -749,6 +752,7 @@ pub fn run(args: Args) -> Result<()> {
         Cmd::Peer(c) => crate::peer_cmds::run(&ctx, c),
         Cmd::Names(c) => crate::names_cmds::run(&ctx, c),
         Cmd::Fed(c) => crate::fed_cmds::run(&ctx, c),
+        Cmd::Generate(c) => crate::generate::run(&ctx, c),
         Cmd::Digest { dir, list } => {
             if list {
                 let lines = xenod_store::tree_listing(&dir)?;

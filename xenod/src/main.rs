@@ -4,27 +4,44 @@
 
 mod cli;
 mod fed_cmds;
+mod generate;
 mod names_cmds;
 mod peer_cmds;
 mod progress;
 mod repair;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{CommandFactory, FromArgMatches};
+use clap::{Arg, CommandFactory, FromArgMatches};
 use xenod_host::Error;
 
+/// The whole command line: the subcommands and options of [`cli::Args`],
+/// the exit codes after the help, and the log format, which only this
+/// file reads. Completions and man pages are made from it too.
+pub(crate) fn command() -> clap::Command {
+    cli::Args::command().after_help(cli::after_help()).arg(
+        Arg::new(LOG_FORMAT)
+            .long("log-format")
+            .value_name("FORMAT")
+            .value_parser(["text", "json"])
+            .default_value("text")
+            .env("XENOD_LOG_FORMAT")
+            .global(true)
+            .help("Logs on stderr (level: $XENOD_LOG): text, coloured only on a terminal, or one JSON object a line"),
+    )
+}
+
+const LOG_FORMAT: &str = "log_format";
+
 fn main() -> ExitCode {
-    let cmd = cli::Args::command().after_help(cli::after_help());
-    let args = match cli::Args::from_arg_matches(&cmd.get_matches()) {
+    let matches = command().get_matches();
+    let args = match cli::Args::from_arg_matches(&matches) {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XENOD_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(matches.get_one::<String>(LOG_FORMAT).is_some_and(|f| f == "json"));
     let json = args.json;
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -37,6 +54,20 @@ fn main() -> ExitCode {
             }
             ExitCode::from(code.code())
         }
+    }
+}
+
+/// Logs to stderr, filtered by `XENOD_LOG` (default `warn`): as JSON
+/// lines, or as text with colour only where stderr is a terminal (a
+/// journal or a log file gets no escape codes).
+fn init_logs(json: bool) {
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("XENOD_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
     }
 }
 

@@ -135,6 +135,9 @@ pub async fn serve_socket(d: Arc<Daemon>, on_ready: impl FnOnce()) -> Result<()>
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     on_ready();
+    // Under systemd (Type=notify): the socket accepts now. The tick below
+    // feeds the watchdog (WatchdogSec= well above 5 s); no-ops elsewhere.
+    service_manager(sd_notify::NotifyState::Ready);
     loop {
         tokio::select! {
             a = listener.accept() => {
@@ -153,12 +156,24 @@ pub async fn serve_socket(d: Arc<Daemon>, on_ready: impl FnOnce()) -> Result<()>
                 Ok(r) => tracing::info!("SIGHUP: trust reloaded ({} keys; {} names accepted)", r.trusted.len(), r.accepted.len()),
                 Err(e) => tracing::warn!("SIGHUP: trust not reloaded, the old one stays: {}", e.chain()),
             },
-            _ = tick.tick() => d.save_state(),
+            _ = tick.tick() => {
+                d.save_state();
+                service_manager(sd_notify::NotifyState::Watchdog);
+            }
         }
     }
+    service_manager(sd_notify::NotifyState::Stopping);
     let _ = std::fs::remove_file(&sock);
     d.save_state();
     Ok(())
+}
+
+/// Tells systemd `state` when it started this daemon (`NOTIFY_SOCKET`);
+/// nothing otherwise. A lost notice is logged, never fatal.
+fn service_manager(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!("telling systemd: {e}");
+    }
 }
 
 async fn client(d: &Arc<Daemon>, s: UnixStream) -> Result<()> {
