@@ -5,10 +5,11 @@
 #
 # Usage: benches/locality.sh [--out FILE.json]
 #
-# Environment: XENOD (default target/release/xenod), OVERLAY_MIB (size of
-#   the overlay's added files, default 100: real files from /usr, like the
-#   apache2 overlay's 111 MB), RANDOM_PICKS (default 3), KEEP=1 (keep the
-#   work directory), XENOD_LOG (default error).
+# Environment: XENOD (default target/release/xenod), TEMPLATE_MIB (OS files
+#   from /usr added to the fixture's guest, default 160, like the Debian
+#   template's 164 MB), OVERLAY_MIB (the overlay's added files, default 100,
+#   like the apache2 overlay's 111 MB), RANDOM_PICKS (default 3), KEEP=1
+#   (keep the work directory), XENOD_LOG (default error).
 #
 # Nine daemons on loopback, one libvirt: P publishes the fixture's disk
 # guest as the template (boot files and a disk image with the web service)
@@ -31,6 +32,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd -P)
 cd "$ROOT"
 XENOD=${XENOD:-$ROOT/target/release/xenod}
 OVERLAY_MIB=${OVERLAY_MIB:-100}
+TEMPLATE_MIB=${TEMPLATE_MIB:-160}
 RANDOM_PICKS=${RANDOM_PICKS:-3}
 KEEP=${KEEP:-0}
 export XENOD_LOG=${XENOD_LOG:-error}
@@ -82,8 +84,13 @@ T=$WORK/tree
 mkdir -p "$T/boot" "$T/disk"
 cp "$FIX/kernel/vmlinux" "$FIX/kernel/initrd.img" "$T/boot/"
 cp "$FIX/disk/root.img" "$T/disk/root.img"
+mkdir -p "$T/usr"
+tar -C /usr -cf - bin sbin 2>/dev/null | head -c "$((TEMPLATE_MIB << 20))" | tar -C "$T/usr" -xf - 2>/dev/null || true
 echo '{"kernel":"stack:boot/vmlinux","initrd":"stack:boot/initrd.img","root":"disk","disk_image":"disk/root.img","ports":["0:80"]}' >"$WORK/spec.json"
 O=$WORK/overlay
+# An overlay is given as the whole tree (what is absent becomes a whiteout):
+# the template's, plus the application's files.
+cp -a "$T" "$O"
 mkdir -p "$O/srv"
 # Real files, cut to size: what an application overlay adds.
 tar -C /usr -cf - lib share 2>/dev/null | head -c "$((OVERLAY_MIB << 20))" | tar -C "$O/srv" -xf - 2>/dev/null || true
