@@ -134,12 +134,24 @@ fn guests_go_where_their_chunks_are_and_the_federation_sees_them() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("filter memory removed the last 2") && err.contains("expr removed 4"), "{err}");
 
+    // Hosts that refuse the requester: each is tried in turn, and the
+    // command says who refused and why.
+    let f = &daemons[5];
+    let out = run(&f.data, &["deploy", &ticket, "--place", "label.zone=b", "--uri", "test:///default", "--no-wait"]);
+    assert_eq!(out.status.code(), Some(8), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let err = stderr.lines().last().unwrap_or("");
+    assert!(
+        err.contains("0 of 1 replicas deployed") && err.matches("does not take guests from").count() == 2,
+        "{stderr}"
+    );
+    assert!(stderr.contains("; trying "), "the next host is tried, and said: {stderr}");
+
     // A real guest, placed: on C, and it answers.
     let v = ok(&a.data, &["deploy", &ticket, "--place", "auto", "--name", "web"]);
     assert_eq!(v["instances"][0]["host"], c.node.as_str(), "{v}");
     let port = v["instances"][0]["instance"]["port"].as_u64().unwrap();
     assert_eq!(page(port).1, 1, "the placed guest answers");
-    let f = &daemons[5];
     within(15, "services on F lists web on C", || services(f, "web") == [(c.node.clone(), "running".into())]);
 
     // Migrated to D: listed there.
