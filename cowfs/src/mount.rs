@@ -60,6 +60,9 @@ pub struct MountOptions {
     pub control: Option<PathBuf>,
     /// Asked for chunks the store lacks (lazy deployment).
     pub fetch_missing: Option<crate::Fetcher>,
+    /// Bytes the upper directory may hold; writes past it fail with
+    /// EDQUOT (see `quota`). None: no limit.
+    pub upper_quota: Option<u64>,
 }
 
 impl std::fmt::Debug for MountOptions {
@@ -95,6 +98,7 @@ impl Default for MountOptions {
             uring: true,
             no_open: false,
             file_cache_bytes: DEFAULT_FILE_CACHE,
+            upper_quota: None,
         }
     }
 }
@@ -124,6 +128,15 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     }
     if let Some(f) = &opts.fetch_missing {
         union.fetch_missing(f.clone());
+    }
+    if let (Some(limit), Some(u)) = (opts.upper_quota, upper) {
+        let q = crate::quota::Quota::new(limit, u).map_err(|source| Error::Io {
+            what: "counting what the upper directory holds:",
+            path: u.to_path_buf(),
+            source,
+        })?;
+        tracing::info!(limit, used = q.used(), "upper quota");
+        union.quota = Some(Arc::new(q));
     }
     let union = Arc::new(union);
     if let Some(sock) = &opts.control {

@@ -153,6 +153,7 @@ impl FakeHypervisor {
             root: Root::Disk { image: dir.join(name).join("root.img") },
             network: Network::None,
             console_log: dir.join(format!("{name}.console")),
+            limits: Default::default(),
         }
     }
 

@@ -65,7 +65,7 @@ pub use saveimage::{
     retarget, retarget_xml, saved_xml,
 };
 pub use spec::{
-    BootFile, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, DeploySpec, FsShare, MAX_NAME_LEN, PortForward, RootMode,
+    BootFile, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, DeploySpec, FsShare, Limits, MAX_NAME_LEN, PortForward, RootMode,
     SpecOverrides, validate_name,
 };
 pub use xml::{META_NS, Target, XenBoot, domain_xml, kernel_cmdline};

@@ -32,6 +32,9 @@ pub struct DomainModel {
     /// Where the serial console is logged (QEMU/KVM; on Xen xenconsoled
     /// decides, see [`crate::Target::console_log`]).
     pub console_log: PathBuf,
+    /// CPU and disk limits libvirt applies (those this guest can take:
+    /// see [`crate::Limits::applicable`]).
+    pub limits: crate::Limits,
 }
 
 /// The guest's root filesystem.
@@ -137,6 +140,7 @@ impl DomainModel {
             root,
             network: Network::User { forwards, isolated: true },
             console_log,
+            limits: spec.limits.applicable(spec.root, true).0,
         })
     }
 

@@ -70,6 +70,112 @@ pub struct DeploySpec {
     /// (`xenod services NAME`) [default: the instance's name].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// What the guest may take from its host besides vCPUs and memory.
+    #[serde(default, skip_serializing_if = "Limits::is_none")]
+    pub limits: Limits,
+}
+
+/// What a guest may take from its host besides its vCPUs and memory; each
+/// unset means no limit.
+///
+/// ```text
+/// cpu_quota_pct    hard cap, percent of one CPU, the whole guest   <cputune><global_quota>
+/// cpu_shares       weight against other guests (default 1024)       <cputune><shares>
+/// disk_bytes_sec   disk roots: bytes a second, read and write       <iotune><total_bytes_sec>
+/// disk_iops_sec    disk roots: operations a second                  <iotune><total_iops_sec>
+/// net_kib_sec      KiB a second each way; bridged networks only     <bandwidth>
+/// upper_bytes      bytes the guest's upper layer may hold: cowfs refuses
+///                  writes past it with EDQUOT, the guest sees "Disk quota exceeded"
+/// ```
+///
+/// A shared-filesystem root has no block device to throttle (9p and
+/// virtiofs have no I/O limits in libvirt), and user-mode networking has
+/// no host interface to shape: such a limit is refused, or dropped with
+/// `best_effort` ([`Limits::applicable`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_quota_pct: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_shares: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_iops_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_kib_sec: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper_bytes: Option<u64>,
+}
+
+impl Limits {
+    pub fn is_none(&self) -> bool {
+        *self == Limits::default()
+    }
+
+    /// `o`'s limits over these.
+    pub fn apply(&mut self, o: &Limits) {
+        let Limits { cpu_quota_pct, cpu_shares, disk_bytes_sec, disk_iops_sec, net_kib_sec, upper_bytes } = o.clone();
+        self.cpu_quota_pct = cpu_quota_pct.or(self.cpu_quota_pct);
+        self.cpu_shares = cpu_shares.or(self.cpu_shares);
+        self.disk_bytes_sec = disk_bytes_sec.or(self.disk_bytes_sec);
+        self.disk_iops_sec = disk_iops_sec.or(self.disk_iops_sec);
+        self.net_kib_sec = net_kib_sec.or(self.net_kib_sec);
+        self.upper_bytes = upper_bytes.or(self.upper_bytes);
+    }
+
+    /// Absurd values, by field.
+    pub fn validate(&self, vcpus: u32) -> Result<()> {
+        if let Some(q) = self.cpu_quota_pct
+            && (q == 0 || q > 100 * vcpus)
+        {
+            return Err(Error::spec(
+                "cpu_quota_pct",
+                format!("{q}% is out of range 1..={} ({vcpus} vCPUs)", 100 * vcpus),
+            ));
+        }
+        if let Some(s) = self.cpu_shares
+            && !(2..=262_144).contains(&s)
+        {
+            return Err(Error::spec("cpu_shares", format!("{s} is out of range 2..=262144")));
+        }
+        for (field, v) in [
+            ("disk_bytes_sec", self.disk_bytes_sec),
+            ("disk_iops_sec", self.disk_iops_sec),
+            ("net_kib_sec", self.net_kib_sec),
+        ] {
+            if v == Some(0) {
+                return Err(Error::spec(field, "0 would stop the guest; leave it out for no limit"));
+            }
+        }
+        if let Some(b) = self.upper_bytes
+            && b < 1 << 20
+        {
+            return Err(Error::spec("upper_bytes", format!("{b} bytes is too little (at least 1 MiB)")));
+        }
+        Ok(())
+    }
+
+    /// The limits this host can apply to a guest with `root` and a
+    /// user-mode (`user_net`) or bridged network, and the names of those
+    /// it cannot, with why.
+    pub fn applicable(&self, root: RootMode, user_net: bool) -> (Limits, Vec<(&'static str, &'static str)>) {
+        let mut l = self.clone();
+        let mut dropped = Vec::new();
+        if root == RootMode::Fs {
+            if l.disk_bytes_sec.take().is_some() {
+                dropped.push(("disk_bytes_sec", "a shared-filesystem root has no disk to throttle"));
+            }
+            if l.disk_iops_sec.take().is_some() {
+                dropped.push(("disk_iops_sec", "a shared-filesystem root has no disk to throttle"));
+            }
+        }
+        if user_net && l.net_kib_sec.take().is_some() {
+            dropped.push(("net_kib_sec", "user-mode networking has no host interface to shape"));
+        }
+        (l, dropped)
+    }
 }
 
 fn default_memory() -> u32 {
@@ -95,6 +201,7 @@ impl DeploySpec {
             ports: Vec::new(),
             instance: None,
             service: None,
+            limits: Limits::default(),
         }
     }
 
@@ -169,6 +276,7 @@ impl DeploySpec {
             (_, Some(p)) => check_tree_path("disk_image", Path::new(p))?,
             (RootMode::Fs, None) => {}
         }
+        self.limits.validate(self.vcpus)?;
         if self.cmdline.contains(['\n', '\0']) {
             return Err(Error::spec("cmdline", "must be one line"));
         }
@@ -406,6 +514,7 @@ mod tests {
             ports: vec!["8080:80".parse().unwrap(), "0:22".parse().unwrap()],
             instance: Some("web-1".into()),
             service: Some("web".into()),
+            limits: Limits { cpu_quota_pct: Some(25), upper_bytes: Some(64 << 20), ..Limits::default() },
         }
     }
 

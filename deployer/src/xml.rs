@@ -164,6 +164,7 @@ pub fn domain_xml(model: &DomainModel, target: Target) -> Result<String> {
     x.close("metadata");
     x.text_attrs("memory", &[("unit", "MiB")], &model.memory_mib.to_string());
     x.text("vcpu", &model.vcpus.to_string());
+    cputune(&mut x, &model.limits);
 
     let virtiofs = matches!(model.root, Root::Tree { share: FsShare::VirtioFs, .. });
     if virtiofs {
@@ -248,6 +249,38 @@ pub fn domain_xml(model: &DomainModel, target: Target) -> Result<String> {
     Ok(x.out)
 }
 
+/// `<cputune>`: the guest's weight, and its cap over all its threads
+/// (vCPUs and emulator) per 100 ms period.
+fn cputune(x: &mut Xml, l: &crate::Limits) {
+    if l.cpu_shares.is_none() && l.cpu_quota_pct.is_none() {
+        return;
+    }
+    x.open("cputune", &[]);
+    if let Some(s) = l.cpu_shares {
+        x.text("shares", &s.to_string());
+    }
+    if let Some(q) = l.cpu_quota_pct {
+        x.text("global_period", "100000");
+        x.text("global_quota", &(u64::from(q) * 1000).to_string());
+    }
+    x.close("cputune");
+}
+
+/// `<iotune>` of a disk root.
+fn iotune(x: &mut Xml, l: &crate::Limits) {
+    if l.disk_bytes_sec.is_none() && l.disk_iops_sec.is_none() {
+        return;
+    }
+    x.open("iotune", &[]);
+    if let Some(b) = l.disk_bytes_sec {
+        x.text("total_bytes_sec", &b.to_string());
+    }
+    if let Some(n) = l.disk_iops_sec {
+        x.text("total_iops_sec", &n.to_string());
+    }
+    x.close("iotune");
+}
+
 fn root_device(x: &mut Xml, model: &DomainModel, target: Target) {
     match &model.root {
         Root::Tree { dir, share } => {
@@ -271,6 +304,7 @@ fn root_device(x: &mut Xml, model: &DomainModel, target: Target) {
             x.empty("driver", &[("name", "qemu"), ("type", "raw")]);
             x.empty("source", &[("file", &path_str(image))]);
             x.empty("target", &[("dev", dev), ("bus", bus)]);
+            iotune(x, &model.limits);
             x.close("disk");
         }
     }
@@ -284,6 +318,12 @@ fn network_device(x: &mut Xml, model: &DomainModel, target: Target) -> Result<()
             x.empty("source", &[("bridge", bridge)]);
             if target != Target::Xen(XenBoot::Pv) && target != Target::Xen(XenBoot::Pvh) {
                 x.empty("model", &[("type", "virtio")]);
+            }
+            if let Some(k) = model.limits.net_kib_sec {
+                x.open("bandwidth", &[]);
+                x.empty("inbound", &[("average", &k.to_string())]);
+                x.empty("outbound", &[("average", &k.to_string())]);
+                x.close("bandwidth");
             }
             x.close("interface");
         }
@@ -409,6 +449,7 @@ pub(crate) mod tests {
             root,
             network,
             console_log: "/var/log/xenod/web-1.console".into(),
+            limits: Default::default(),
         }
     }
 
@@ -417,6 +458,37 @@ pub(crate) mod tests {
             forwards: ports.iter().map(|&(host, guest)| PortForward { host, guest }).collect(),
             isolated: true,
         }
+    }
+
+    #[test]
+    fn limits_become_cputune_and_iotune() {
+        let mut m = model(Root::Disk { image: "/t/disk.img".into() }, user(&[]));
+        m.limits = crate::Limits {
+            cpu_quota_pct: Some(25),
+            cpu_shares: Some(512),
+            disk_iops_sec: Some(100),
+            ..Default::default()
+        };
+        let xml = domain_xml(&m, Target::Qemu).unwrap();
+        let flat: String = xml.split_whitespace().collect::<Vec<_>>().join("");
+        assert!(flat.contains("<cputune><shares>512</shares><global_period>100000</global_period><global_quota>25000</global_quota></cputune>"), "{xml}");
+        assert!(flat.contains("<iotune><total_iops_sec>100</total_iops_sec></iotune></disk>"), "{xml}");
+        let plain = domain_xml(&model(Root::Disk { image: "/t/disk.img".into() }, user(&[])), Target::Qemu).unwrap();
+        assert!(!plain.contains("cputune") && !plain.contains("iotune"), "{plain}");
+        // What a guest with a tree root and user networking cannot take.
+        let l = crate::Limits {
+            disk_bytes_sec: Some(1),
+            net_kib_sec: Some(1),
+            cpu_quota_pct: Some(50),
+            ..Default::default()
+        };
+        let (kept, dropped) = l.applicable(crate::RootMode::Fs, true);
+        assert_eq!(kept, crate::Limits { cpu_quota_pct: Some(50), ..Default::default() });
+        let names: Vec<&str> = dropped.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["disk_bytes_sec", "net_kib_sec"]);
+        assert!(l.validate(1).is_ok());
+        assert!(crate::Limits { cpu_quota_pct: Some(150), ..Default::default() }.validate(1).is_err());
+        assert!(crate::Limits { upper_bytes: Some(10), ..Default::default() }.validate(1).is_err());
     }
 
     #[test]

@@ -27,6 +27,7 @@ fn model(name: &str, root: Root, dir: &Path) -> DomainModel {
         root,
         network: Network::User { forwards: vec![PortForward { host: 18080, guest: 80 }], isolated: true },
         console_log: dir.join(format!("{name}.console")),
+        limits: Default::default(),
     }
 }
 

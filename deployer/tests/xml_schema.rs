@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use xenod_deployer::{DomainModel, FsShare, Network, PortForward, Root, Target, XenBoot, domain_xml};
+use xenod_deployer::{DomainModel, FsShare, Limits, Network, PortForward, Root, Target, XenBoot, domain_xml};
 
 fn model(name: &str, root: Root, network: Network) -> DomainModel {
     DomainModel {
@@ -20,6 +20,15 @@ fn model(name: &str, root: Root, network: Network) -> DomainModel {
         root,
         network,
         console_log: "/var/lib/xenod/instances/x/console.log".into(),
+        // Every limit, so <cputune>, <iotune> and <bandwidth> validate too.
+        limits: Limits {
+            cpu_quota_pct: Some(25),
+            cpu_shares: Some(512),
+            disk_bytes_sec: Some(10 << 20),
+            disk_iops_sec: Some(500),
+            net_kib_sec: Some(1024),
+            upper_bytes: None,
+        },
     }
 }
 

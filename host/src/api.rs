@@ -96,7 +96,7 @@ pub enum Request {
         pack: bool,
         #[serde(default)]
         dry_run: bool,
-        options: crate::instance::DeployOptions,
+        options: Box<crate::instance::DeployOptions>,
     },
     /// The services instances provide across the federation (`name`: only
     /// that one's instances).
@@ -376,7 +376,7 @@ mod tests {
                 spread: Some("zone".into()),
                 pack: false,
                 dry_run: true,
-                options: crate::instance::DeployOptions {
+                options: Box::new(crate::instance::DeployOptions {
                     name: Some("web".into()),
                     replicas: 1,
                     uri: Some("test:///default".into()),
@@ -388,7 +388,9 @@ mod tests {
                     no_wait: true,
                     lazy: false,
                     verbose: false,
-                },
+                    limits: xenod_deployer::Limits { cpu_quota_pct: Some(25), ..Default::default() },
+                    best_effort: true,
+                }),
             },
             Request::Services { name: Some("web".into()) },
             Request::Events { follow: true, types: vec!["instance".into()], host: Some("abc".into()) },

@@ -14,9 +14,13 @@
 //!                          host_expiry_secs = 10        a silent host is gone after this
 //!                          [labels]                     advertised to other hosts:
 //!                          region = "eu"                `xenod hosts --where label.region=eu`
-//!                          [capacity]                   what guests get, advertised [default: all]:
-//!                          vcpus = 8                    vCPUs
-//!                          memory_mib = 16384           memory; what instances were given is not free
+//!                          [capacity]                   what guests get (admission), advertised:
+//!                          vcpus = 8                    vCPUs [default: the host's]
+//!                          memory_mib = 16384           memory [default: the host's less reserved]
+//!                          reserved_memory_mib = 1024   kept for the host [default: 0]
+//!                          cpu_overcommit = 4.0         vCPUs admitted per vCPU [default: 4]
+//!                          memory_overcommit = 1.0      [default: 1]
+//!                          upper_mib = 65536            upper-layer disk for guests with a quota
 //! DATA_DIR/keys/publisher.key   the host's ed25519 secret (hex), mode 0600
 //! DATA_DIR/keys/node.key        the peer endpoint's secret (hex), mode 0600
 //! ```
@@ -83,14 +87,30 @@ pub struct Config {
     pub capacity: Option<Capacity>,
 }
 
-/// `[capacity]`: the vCPUs and memory this host offers guests.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `[capacity]`: what this host offers guests (see `admission`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Capacity {
+    /// vCPUs offered [default: the host's CPUs].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vcpus: Option<u32>,
+    /// Memory offered [default: the host's, less `reserved_memory_mib`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
+    /// Memory kept for the host itself [default: 0].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_memory_mib: Option<u64>,
+    /// vCPUs admitted per vCPU offered [default: 4].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_overcommit: Option<f64>,
+    /// Memory admitted per byte offered [default: 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_overcommit: Option<f64>,
+    /// Upper-layer disk offered to guests with a quota, in MiB [default:
+    /// unbounded]; a guest without a quota is admitted only while this is
+    /// unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upper_mib: Option<u64>,
 }
 
 /// One `[[trust]]` entry: a key and the publishers it may sign for.

@@ -14,6 +14,7 @@
 //! | `filter` | filter expressions over host attributes (`xenod hosts --where`) |
 //! | `place` | placement: filters, then weights (bytes a host lacks, capacity, spread) |
 //! | `config` | `DATA_DIR/config.toml`, the publisher key, the node secret, signing names |
+//! | `admission` | what this host offers guests, and whether a guest's ask fits what is free |
 //! | `api` | the local API's wire: [`Request`] in a versioned [`Envelope`], reply lines, the socket |
 //! | `instance` | [`Instance`]: the instance model and its lifecycle (deploy, stop, start, destroy, suspend, resume, commit); `instance::mount`: the one mount spawner and `xenod mount` |
 //! | `daemon::reply` | the daemon's typed replies, one per request |
@@ -31,6 +32,7 @@
 mod error;
 mod hooks;
 
+pub mod admission;
 pub mod api;
 pub mod client;
 pub mod config;

@@ -61,6 +61,13 @@ fn every_reply_round_trips() {
         shared: [id.to_string()].into(),
         gossip: Some(Gossip { joined: true, presences: 2 }),
         lazy_fetches: Some([(id.to_string(), "fetching".to_string())].into()),
+        capacity: Some(xenod_host::admission::Capacity {
+            vcpus: 8.0,
+            mem: 1 << 30,
+            upper: Some(1 << 32),
+            held: xenod_host::admission::Ask { mem: 256 << 20, vcpus: 1, upper: Some(64 << 20) },
+            holders: 1,
+        }),
     });
     round_trip(&Share { layer: id.to_string(), node: "n".into(), addr: "n@a".into(), ticket: "xenod1x".into() });
     round_trip(&Fetch { report: fetch_report(), lazy: true });

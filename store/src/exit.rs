@@ -15,11 +15,12 @@ pub enum Exit {
     BadInput = 6,
     NoProvider = 7,
     NoHost = 8,
+    Capacity = 9,
 }
 
 impl Exit {
     /// Every code, in order: the table `--help` and the README show.
-    pub const ALL: [Exit; 9] = [
+    pub const ALL: [Exit; 10] = [
         Exit::Success,
         Exit::Failure,
         Exit::Usage,
@@ -29,6 +30,7 @@ impl Exit {
         Exit::BadInput,
         Exit::NoProvider,
         Exit::NoHost,
+        Exit::Capacity,
     ];
 
     /// The number the process exits with.
@@ -57,6 +59,9 @@ impl Exit {
                 "no provider could supply a layer (every peer given is unreachable, dropped, or lacks it)"
             }
             Exit::NoHost => "no host can take the guest: placement removed every host, or every host chosen failed",
+            Exit::Capacity => {
+                "not admitted: the guest asks more memory, vCPUs or upper-layer disk than this host has free"
+            }
         }
     }
 }

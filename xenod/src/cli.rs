@@ -275,6 +275,10 @@ pub enum Cmd {
         /// mount); 0 turns it off. Default: 4 GiB.
         #[arg(long, value_name = "BYTES")]
         file_cache_bytes: Option<u64>,
+        /// Bytes the upper directory may hold: writes past it fail with
+        /// "Disk quota exceeded" (EDQUOT); what was written stays whole.
+        #[arg(long, value_name = "BYTES", requires = "upper")]
+        upper_quota: Option<u64>,
     },
     /// Make an upper directory mountable by the kernel's overlayfs: its
     /// block-copied (partial) files become whole files, xenod's work area goes.
@@ -390,6 +394,31 @@ pub struct DeployArgs {
     /// With --place: print the placement, deploy nothing.
     #[arg(long, requires = "place")]
     pub dry_run: bool,
+    /// Hard CPU cap, percent of one CPU for the whole guest (libvirt
+    /// cputune global_quota).
+    #[arg(long, value_name = "PCT")]
+    pub cpu_quota: Option<u32>,
+    /// CPU weight against other guests [libvirt's default: 1024].
+    #[arg(long, value_name = "N")]
+    pub cpu_shares: Option<u32>,
+    /// Disk roots: bytes a second, read and write together.
+    #[arg(long, value_name = "BYTES")]
+    pub disk_bps: Option<u64>,
+    /// Disk roots: I/O operations a second.
+    #[arg(long, value_name = "N")]
+    pub disk_iops: Option<u64>,
+    /// Network KiB a second each way (bridged networks; user-mode
+    /// networking has no host interface to shape).
+    #[arg(long, value_name = "KIB")]
+    pub net_kibps: Option<u64>,
+    /// MiB the guest's upper layer may hold: writes past it fail in the
+    /// guest with "Disk quota exceeded".
+    #[arg(long, value_name = "MIB")]
+    pub upper_quota: Option<u64>,
+    /// Deploy without the limits this host cannot apply to this guest
+    /// (and say which) instead of refusing.
+    #[arg(long)]
+    pub best_effort: bool,
     /// libvirt connection [default: $XENOD_LIBVIRT_URI or qemu:///system].
     #[arg(long)]
     pub uri: Option<String>,
@@ -431,6 +460,15 @@ fn deploy_options(ctx: &Ctx, a: &DeployArgs) -> instance::DeployOptions {
         no_wait: a.no_wait,
         lazy: a.lazy,
         verbose: !ctx.json,
+        limits: xenod_deployer::Limits {
+            cpu_quota_pct: a.cpu_quota,
+            cpu_shares: a.cpu_shares,
+            disk_bytes_sec: a.disk_bps,
+            disk_iops_sec: a.disk_iops,
+            net_kib_sec: a.net_kibps,
+            upper_bytes: a.upper_quota.map(|m| m << 20),
+        },
+        best_effort: a.best_effort,
     }
 }
 
@@ -648,6 +686,7 @@ pub fn run(args: Args) -> Result<()> {
             no_uring,
             open_requests,
             file_cache_bytes,
+            upper_quota,
             control,
             lazy,
         } => {
@@ -661,6 +700,7 @@ pub fn run(args: Args) -> Result<()> {
                 file_cache_bytes,
                 control,
                 lazy,
+                upper_quota,
             };
             // A ticket: fetch the stack first; the mount then names the layer id.
             let local = client::localize(&ctx.data_dir, &r#ref, &ctx.watcher("fetching"))?;

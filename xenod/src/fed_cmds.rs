@@ -138,7 +138,7 @@ pub fn deploy_placed(ctx: &Ctx, a: &DeployArgs, options: xenod_host::instance::D
         spread: a.spread.clone(),
         pack: a.pack,
         dry_run: a.dry_run,
-        options,
+        options: Box::new(options),
     };
     let v = client::request_daemon(&ctx.data_dir, req, &ctx.watcher("deploying"))?;
     ctx.out(v.clone(), || placement_text(&v))

@@ -150,6 +150,20 @@ fn print_result(op: &str, v: &Value, json: bool) -> Result<()> {
                 c["events_refused"], c["events_dropped"]
             )?;
             writeln!(o, "fetches              {} ({} failed)", c["fetches"], c["fetches_failed"])?;
+            if let Some(cap) = v.get("capacity") {
+                let mib = |x: &Value| x.as_u64().unwrap_or(0) >> 20;
+                let free = cap["mem"].as_u64().unwrap_or(0).saturating_sub(cap["held"]["mem"].as_u64().unwrap_or(0));
+                writeln!(
+                    o,
+                    "capacity  memory {} MiB, {} MiB held by {} running guest(s), {} MiB free; vcpus {}, {} held",
+                    mib(&cap["mem"]),
+                    mib(&cap["held"]["mem"]),
+                    cap["holders"],
+                    free >> 20,
+                    cap["vcpus"],
+                    cap["held"]["vcpus"]
+                )?;
+            }
             for (id, p) in v["peers"].as_object().into_iter().flatten() {
                 writeln!(
                     o,

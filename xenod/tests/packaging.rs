@@ -254,7 +254,14 @@ fn every_field() -> Config {
         pull_from: vec!["n".into()],
         labels: [("l".to_string(), "v".to_string())].into(),
         host_expiry_secs: Some(1),
-        capacity: Some(Capacity { vcpus: Some(2), memory_mib: Some(1024) }),
+        capacity: Some(Capacity {
+            vcpus: Some(2),
+            memory_mib: Some(1024),
+            reserved_memory_mib: Some(256),
+            cpu_overcommit: Some(4.0),
+            memory_overcommit: Some(1.0),
+            upper_mib: Some(4096),
+        }),
     }
 }
 

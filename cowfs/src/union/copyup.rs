@@ -39,12 +39,13 @@ impl Union {
         // the mount never showed.
         let parent_at = self.node_at(st, parent)?;
         let parent_times = parent_at.stat()?.map(|s| times_of(&s));
+        let large = self.is_large(l);
+        if let (Some(q), false) = (&self.quota, large) {
+            q.admit_copy(self.lower.file(l).map_or(0, |f| f.size))?;
+        }
         let tmp = self.stage(st)?;
-        let staged = if self.is_large(l) {
-            self.stage_partial(l, &tmp).map(Some)
-        } else {
-            self.materialize(l, &tmp).map(|()| None)
-        };
+        let staged =
+            if large { self.stage_partial(l, &tmp).map(Some) } else { self.materialize(l, &tmp).map(|()| None) };
         let partial = match staged.and_then(|p| tmp.rename(&dst, RenameFlags::NOREPLACE).map(|()| p)) {
             Ok(p) => p,
             Err(e) => {
@@ -52,6 +53,11 @@ impl Union {
                 return Err(e);
             }
         };
+        if let Some(q) = &self.quota
+            && let Ok(Some(s)) = dst.stat()
+        {
+            q.charge(0, s.st_blocks as u64 * 512);
+        }
         if let Some(t) = &parent_times
             && let Err(e) = parent_at.set_times(t)
         {

@@ -20,6 +20,7 @@ use crate::cache::read_lower;
 use crate::error::{Errno, FsResult, io_errno};
 use crate::filecache::Key;
 use crate::partial::Partial;
+use crate::quota::allocated;
 
 use super::{FType, Handle, State, Union, upper};
 
@@ -258,15 +259,32 @@ impl Union {
         if let Some(p) = partial {
             let off = if *append { p.file.metadata().map_err(|e| io_errno(&e))?.len() } else { off };
             let l = self.lower.find(&p.lower_path).ok_or(Errno::IO)?;
+            let (data, before) = match &self.quota {
+                Some(q) => (&data[..q.admit(&p.file, off, data.len())?], allocated(&p.file)),
+                None => (data, 0),
+            };
             let n = p.write(off, data, &self.lower_reader(l))?;
+            if let Some(q) = &self.quota {
+                q.charge(before, allocated(&p.file));
+            }
             if let Some(t) = &self.tracker {
                 t.wrote(*ino, off, n);
             }
             return Ok(n);
         }
         let f = self.upper_file(&h)?.ok_or(Errno::IO)?;
+        let (data, before) = match &self.quota {
+            Some(q) => {
+                let at = if *append { f.metadata().map_err(|e| io_errno(&e))?.len() } else { off };
+                (&data[..q.admit(&f, at, data.len())?], allocated(&f))
+            }
+            None => (data, 0),
+        };
         // With O_APPEND, Linux's pwrite appends whatever the offset.
         f.write_all_at(data, off).map_err(|e| io_errno(&e))?;
+        if let Some(q) = &self.quota {
+            q.charge(before, allocated(&f));
+        }
         if let Some(t) = &self.tracker {
             if *append { t.whole_ino(*ino) } else { t.wrote(*ino, off, data.len()) }
         }
@@ -334,10 +352,20 @@ impl Union {
         }
         let node = Self::inode(st, ino)?;
         if let Some(p) = &node.partial {
-            return p.truncate(size);
+            let before = allocated(&p.file);
+            p.truncate(size)?;
+            if let Some(q) = &self.quota {
+                q.charge(before, allocated(&p.file));
+            }
+            return Ok(());
         }
         let f = self.open_upper(st, ino, OFlags::WRONLY)?;
-        f.set_len(size).map_err(|e| io_errno(&e))
+        let before = allocated(&f);
+        f.set_len(size).map_err(|e| io_errno(&e))?;
+        if let Some(q) = &self.quota {
+            q.charge(before, allocated(&f));
+        }
+        Ok(())
     }
 
     pub(crate) fn read_partial(&self, p: &Partial, off: u64, buf: &mut [u8]) -> FsResult<usize> {
@@ -350,8 +378,9 @@ impl Union {
     /// do its I/O directly: a whole upper regular file. None for lower,
     /// partial and non-regular files, whose data this process serves.
     pub(crate) fn backing_file(&self, ino: u64) -> FsResult<Option<File>> {
-        if self.tracker.is_some() {
-            // Passed-through writes would not be seen, so not tracked.
+        if self.tracker.is_some() || self.quota.is_some() {
+            // Passed-through writes would not be seen, so not tracked,
+            // nor counted against the quota.
             return Ok(None);
         }
         let st = self.lock();

@@ -192,6 +192,8 @@ pub struct Union {
     /// kernel says nothing when such a reader is done, so a few are kept
     /// open rather than one opened per request.
     entries: Mutex<Vec<(u64, Arc<File>)>>,
+    /// The upper directory's quota, if it has one (see `quota`).
+    pub(crate) quota: Option<Arc<crate::quota::Quota>>,
 }
 
 impl Union {
@@ -275,6 +277,7 @@ impl Union {
             tracker: None,
             files: None,
             entries: Mutex::new(Vec::new()),
+            quota: None,
         })
     }
 

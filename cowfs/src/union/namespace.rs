@@ -285,7 +285,15 @@ impl Union {
                 tmp.whiteout()?;
                 tmp.rename(&at, RenameFlags::empty())?;
             } else {
+                // Its blocks go with its last name (unless still open).
+                let freed = match (&self.quota, &keep) {
+                    (Some(_), None) => at.stat()?.filter(|s| s.st_nlink == 1).map_or(0, |s| s.st_blocks as u64 * 512),
+                    _ => 0,
+                };
                 at.unlink()?;
+                if let Some(q) = &self.quota {
+                    q.charge(freed, 0);
+                }
             }
             if keep.is_some() {
                 Self::inode_mut(st, ino)?.orphan = keep;

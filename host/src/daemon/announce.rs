@@ -27,13 +27,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use xenod_deployer::DEFAULT_MEMORY_MIB;
 use xenod_peer::events::EventKind;
 use xenod_peer::{Advert, HostAttrs, Presence, PresenceFn, ServiceAd};
 use xenod_store::NameRecord;
 
 use super::context::Daemon;
 use super::reply;
+use crate::admission::Capacity;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::filter;
@@ -108,7 +108,7 @@ pub fn spawn(d: &Arc<Daemon>) {
             let instances = d.instances().clone();
             let here =
                 tokio::task::spawn_blocking(move || instances.list().unwrap_or_default()).await.unwrap_or_default();
-            let attrs = host_attrs(d.data_dir(), &hv, d.config(), admitted_mem(&here));
+            let attrs = host_attrs(d.data_dir(), &hv, d.config(), &d.instances().capacity_of(&here, None));
             let services = services_here(&here);
             for kind in changes.since(&d, &names, &known) {
                 d.node().publish_event(kind).await;
@@ -169,11 +169,6 @@ impl Changes {
     }
 }
 
-/// Memory given to this host's instances, bytes.
-fn admitted_mem(here: &[(Instance, String)]) -> u64 {
-    here.iter().map(|(i, _)| u64::from(i.spec.as_ref().map_or(DEFAULT_MEMORY_MIB, |s| s.memory_mib)) << 20).sum()
-}
-
 /// The services of this host's instances that run (or are paused), with
 /// their forwarded ports as endpoints.
 pub fn services_here(here: &[(Instance, String)]) -> Vec<ServiceAd> {
@@ -208,9 +203,9 @@ pub fn probe_hypervisors() -> Vec<String> {
     hv
 }
 
-/// This host's attributes now: what `config` offers guests, less
-/// `admitted` bytes of memory already given.
-pub fn host_attrs(data_dir: &Path, hv: &[String], config: &Config, admitted: u64) -> HostAttrs {
+/// This host's attributes now: what `cap` says it offers guests and has
+/// free (see `admission`).
+pub fn host_attrs(data_dir: &Path, hv: &[String], config: &Config, cap: &Capacity) -> HostAttrs {
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let kib = |key: &str| {
         meminfo
@@ -224,14 +219,12 @@ pub fn host_attrs(data_dir: &Path, hv: &[String], config: &Config, admitted: u64
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0);
-    let cap = config.capacity.clone().unwrap_or_default();
-    let mem_total = cap.memory_mib.map_or_else(|| kib("MemTotal:"), |m| m << 20);
     let vcpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
     HostAttrs {
         hv: hv.to_vec(),
-        vcpus: cap.vcpus.unwrap_or(vcpus),
-        mem_total,
-        mem_free: mem_total.saturating_sub(admitted).min(kib("MemAvailable:")),
+        vcpus: config.capacity.as_ref().and_then(|c| c.vcpus).unwrap_or(vcpus),
+        mem_total: cap.mem,
+        mem_free: cap.mem_free().min(kib("MemAvailable:")).min(cap.mem),
         disk_free,
         load,
         labels: config.labels.clone(),
@@ -277,17 +270,7 @@ pub fn hosts(d: &Daemon, filter: Option<&str>) -> Result<reply::Hosts> {
 /// This host's attributes, its instances listed from their records (no
 /// hypervisor asked).
 pub fn own_attrs(d: &Daemon) -> HostAttrs {
-    let admitted = instance_records(d.instances())
-        .iter()
-        .map(|i| u64::from(i.spec.as_ref().map_or(DEFAULT_MEMORY_MIB, |s| s.memory_mib)) << 20)
-        .sum();
-    host_attrs(d.data_dir(), &probe_hypervisors(), d.config(), admitted)
-}
-
-/// The records of this host's instances.
-fn instance_records(instances: &crate::instance::Instances) -> Vec<Instance> {
-    let Ok(rd) = std::fs::read_dir(instances.root()) else { return Vec::new() };
-    rd.filter_map(|e| instances.load(&e.ok()?.file_name().to_string_lossy()).ok()).collect()
+    host_attrs(d.data_dir(), &probe_hypervisors(), d.config(), &d.instances().capacity(None))
 }
 
 /// `services`: the services of this host's instances and those every

@@ -36,6 +36,10 @@ pub struct Status {
     pub gossip: Option<Gossip>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lazy_fetches: Option<BTreeMap<String, String>>,
+    /// What this host offers guests, what its running guests hold, and
+    /// what is free (see `admission`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<crate::admission::Capacity>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

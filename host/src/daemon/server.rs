@@ -110,7 +110,7 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
         Request::Events { .. } => Err(Error::coded(Exit::Usage, "events are streamed on the socket only")),
         Request::Deploy { target, place, replicas, spread, pack, dry_run, options } => {
             let args = placement::PlaceArgs { place, replicas, spread, pack, dry_run };
-            placement::deploy(d, &target, &args, options).await
+            placement::deploy(d, &target, &args, *options).await
         }
         Request::Repair { from } => Ok(serde_json::to_value(super::repair::repair(d, &from).await?)?),
         Request::Shutdown => {

@@ -36,11 +36,13 @@ use xenod_deployer::{
 };
 use xenod_store::{Chunking, Entry, Extent, Kind, LayerId, LayerWriter, Merged, Store, Timestamp, cmp_paths};
 
+use crate::admission::{Ask, Capacity};
 use crate::api::Request;
 use crate::config::Config;
 use crate::error::{Context, Error, Result};
 use crate::{bail, err};
 use xenod_peer::events::EventKind;
+use xenod_store::Exit;
 
 pub mod mount;
 
@@ -73,6 +75,13 @@ pub struct DeployOptions {
     /// Print each step's time on stderr as it happens.
     #[serde(skip)]
     pub verbose: bool,
+    /// Limits over the spec's (see `xenod_deployer::Limits`).
+    #[serde(default)]
+    pub limits: xenod_deployer::Limits,
+    /// Drop the limits this host cannot apply (and say which) rather than
+    /// refuse the deploy.
+    #[serde(default)]
+    pub best_effort: bool,
 }
 
 /// What `instance.json` records.
@@ -115,6 +124,8 @@ pub struct Instances {
     /// libvirt (the config's `domain_prefix`).
     domain_prefix: String,
     events: EventSink,
+    /// What this host offers guests (the config's `[capacity]`).
+    offer: crate::config::Capacity,
 }
 
 /// Where the lifecycle events of a host's instances go (deployed,
@@ -156,7 +167,36 @@ impl Instances {
             data: data.to_path_buf(),
             domain_prefix: config.domain_prefix.clone(),
             events: EventSink::to_daemon(data),
+            offer: config.capacity.clone().unwrap_or_default(),
         }
+    }
+
+    /// What this host offers, and what its instances hold but `except`'s:
+    /// those that run, are paused, or whose state the hypervisor cannot
+    /// tell (see `admission`).
+    pub fn capacity(&self, except: Option<&str>) -> Capacity {
+        self.capacity_of(&self.list().unwrap_or_default(), except)
+    }
+
+    /// The same, from instances listed with their states.
+    pub fn capacity_of(&self, listed: &[(Instance, String)], except: Option<&str>) -> Capacity {
+        let mut held = Ask::default();
+        let mut holders = 0;
+        for (inst, state) in listed {
+            if Some(inst.name.as_str()) == except || matches!(state.as_str(), "shut off" | "suspended" | "crashed") {
+                continue;
+            }
+            if let Some(spec) = &inst.spec {
+                held = held.plus(Ask::of(spec));
+                holders += 1;
+            }
+        }
+        Capacity::of(&self.offer, held, holders)
+    }
+
+    /// Refuses (exit 9) what does not fit what is free.
+    pub fn admit(&self, what: &str, ask: &Ask, except: Option<&str>) -> Result<()> {
+        self.capacity(except).admit(what, ask)
     }
 
     /// The same instances, their events going to `sink` (the daemon's own
@@ -394,6 +434,20 @@ impl Instances {
             cmdline: a.cmdline.clone(),
             ..Default::default()
         });
+        spec.limits.apply(&a.limits);
+        spec.limits.validate(spec.vcpus).map_err(|e| Error::coded(Exit::BadInput, e.to_string()))?;
+        let (kept, dropped) = spec.limits.applicable(spec.root, true);
+        if !dropped.is_empty() {
+            let why: Vec<String> = dropped.iter().map(|(l, why)| format!("{l} ({why})")).collect();
+            if !a.best_effort {
+                return Err(Error::coded(
+                    Exit::BadInput,
+                    format!("this guest cannot take {}; --best-effort deploys it without them", why.join(", ")),
+                ));
+            }
+            tracing::warn!("deploying without {}", why.join(", "));
+            spec.limits = kept;
+        }
         let base_name = a
             .name
             .clone()
@@ -416,6 +470,10 @@ impl Instances {
                 bail!("instance {n:?} exists; `xenod destroy {n}` it first or pick another --name");
             }
         }
+        // Nothing is created before the host has admitted every replica.
+        let what =
+            if names.len() == 1 { names[0].clone() } else { format!("{} replicas ({}, ...)", names.len(), names[0]) };
+        self.admit(&what, &Ask::of(&spec).times(names.len() as u32), None)?;
         let uri = a.uri.clone().unwrap_or_else(default_uri);
         let single = names.len() == 1 && a.verbose;
         let results: Vec<Result<serde_json::Value>> = std::thread::scope(|s| {
@@ -526,6 +584,7 @@ impl Instances {
             control: Some(inst.control(data)),
             lazy: inst.lazy,
             passthrough: true,
+            upper_quota: inst.spec.as_ref().and_then(|s| s.limits.upper_bytes),
             ..Default::default()
         };
         let log = instance_dir(data, &inst.name).join("mount.log");
@@ -596,6 +655,7 @@ impl Instances {
     pub fn start(&self, name: &str) -> Result<()> {
         let data = self.data.as_path();
         let inst = Instance::load(data, name)?;
+        self.admit_again(&inst)?;
         if !xenod_cowfs::is_mounted(&inst.mountpoint(data)) {
             let mut inst = inst.clone();
             inst.mount_pid = Some(self.spawn_mount(&inst)?);
@@ -617,6 +677,14 @@ impl Instances {
         self.teardown(name, &store, keep)?;
         self.event(EventKind::InstanceDestroyed { instance: name.to_string() });
         Ok(())
+    }
+
+    /// A stopped or suspended instance asks again what it held.
+    fn admit_again(&self, inst: &Instance) -> Result<()> {
+        match &inst.spec {
+            Some(spec) => self.admit(&inst.name, &Ask::of(spec), Some(&inst.name)),
+            None => Ok(()),
+        }
     }
 
     pub fn logs(&self, name: &str) -> Result<String> {
@@ -648,6 +716,7 @@ impl Instances {
         if !state.exists() {
             bail!("{name} is not suspended (no {})", state.display());
         }
+        self.admit_again(&inst)?;
         if !xenod_cowfs::is_mounted(&inst.mountpoint(data)) {
             let mut inst = inst.clone();
             inst.mount_pid = Some(self.spawn_mount(&inst)?);

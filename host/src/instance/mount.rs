@@ -49,6 +49,8 @@ pub struct MountHow {
     pub control: Option<PathBuf>,
     /// Fetch chunks that are not here yet through the daemon (lazy deploy).
     pub lazy: bool,
+    /// Bytes the upper may hold (writes past it fail with EDQUOT).
+    pub upper_quota: Option<u64>,
 }
 
 /// Mounts the stack of `reference` (a local reference: see
@@ -88,6 +90,7 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
             uring: !how.no_uring,
             no_open: !how.open_requests,
             file_cache_bytes: how.file_cache_bytes.unwrap_or(xenod_cowfs::DEFAULT_FILE_CACHE),
+            upper_quota: how.upper_quota,
             ..Default::default()
         };
         return xenod_cowfs::serve(store, &stack, mountpoint, &opts, || {
@@ -139,6 +142,9 @@ pub fn spawn(data_dir: &Path, reference: &str, mountpoint: &Path, how: &MountHow
     }
     if let Some(b) = how.file_cache_bytes {
         cmd.arg("--file-cache-bytes").arg(b.to_string());
+    }
+    if let Some(q) = how.upper_quota {
+        cmd.arg("--upper-quota").arg(q.to_string());
     }
     cmd.stdin(std::process::Stdio::null()).stdout(log_file.try_clone()?).stderr(log_file);
     // Detach: its own process group and session, so the terminal's signals

@@ -301,6 +301,9 @@ pub async fn restore(d: &Arc<Daemon>, checkpoint: &str, on: Option<&str>, name: 
         None => {
             let store = store.clone();
             let instances = d.instances().clone();
+            if let Some(spec) = &record.spec {
+                instances.admit(&record.name, &crate::admission::Ask::of(spec), None)?;
+            }
             let name = record.name.clone();
             let v = blocking(move || target::adopt(&instances, &store, id, Some(state), &record, &|| {})).await?;
             d.instances().event(EventKind::InstanceStarted { instance: name });

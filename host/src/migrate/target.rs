@@ -109,10 +109,16 @@ async fn target_op(
     tx: tokio::sync::mpsc::UnboundedSender<Reply>,
 ) -> Result<Value> {
     match req {
-        Wire::Prepare { instance, mounted, source, need_bytes } => {
+        Wire::Prepare { instance, mounted, source, need_bytes, ask } => {
             xenod_deployer::validate_name(&instance)?;
             if d.instances().dir(&instance).exists() {
                 bail!("an instance named {instance:?} already exists on this host");
+            }
+            // Refused here, the guest runs on at the source.
+            if let Some(ask) = ask {
+                let instances = d.instances().clone();
+                let what = instance.clone();
+                tokio::task::spawn_blocking(move || instances.admit(&what, &ask, None)).await??;
             }
             let free = free_bytes(d.data_dir())?;
             if free < need_bytes {

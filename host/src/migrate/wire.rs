@@ -46,6 +46,9 @@ pub enum Wire {
         mounted: LayerId,
         source: String,
         need_bytes: u64,
+        /// What the guest asks of the target's capacity (`admission`).
+        #[serde(default)]
+        ask: Option<crate::admission::Ask>,
     },
     /// `last`: sent in stop-and-copy, with the guest stopped. `level`: of
     /// pre-copy, [`super::policy::PRECOPY_CODEC`] when absent.
@@ -171,7 +174,9 @@ impl Target for RemoteTarget {
             Err(_) => bail!("connecting to {}: timed out", self.to.id),
         };
         self.conn = Some(conn);
-        let req = Wire::Prepare { instance: record.name.clone(), mounted, source: self.source.clone(), need_bytes };
+        let ask = record.spec.as_ref().map(crate::admission::Ask::of);
+        let req =
+            Wire::Prepare { instance: record.name.clone(), mounted, source: self.source.clone(), need_bytes, ask };
         self.request(&req).await
     }
 
