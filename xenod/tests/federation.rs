@@ -9,23 +9,12 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::fs;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use common::{Daemon, fixture, ok, page, publish_disk_fixture, run, skip_reason, xenod};
+use common::{Daemon, federation, fixture, ok, page, publish_disk_fixture, run, skip_reason, within, xenod};
 use serde_json::Value;
-
-/// Polls `f` every 200 ms until it holds, for at most `secs`.
-fn within(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < Duration::from_secs(secs), "not within {secs} s: {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 fn nodes(v: &Value, key: &str) -> Vec<String> {
     v[key].as_array().unwrap().iter().map(|h| h["node"].as_str().unwrap().to_owned()).collect()
@@ -64,26 +53,14 @@ fn guests_go_where_their_chunks_are_and_the_federation_sees_them() {
     let pid = std::process::id();
     // zone, memory offered (MiB)
     let hosts = [("a", 4096), ("a", 2048), ("b", 4096), ("b", 4096), ("c", 512), ("c", 8192)];
-    let mut daemons: Vec<Daemon> = Vec::new();
-    for (i, (zone, mem)) in hosts.iter().enumerate() {
-        let data = t.path().join(format!("h{i}"));
-        fs::create_dir_all(&data).unwrap();
-        let peers = daemons.first().map(|d| format!("peers = [\"{}\"]\n", d.addr)).unwrap_or_default();
-        fs::write(
-            data.join("config.toml"),
-            format!(
-                "{peers}domain_prefix = \"f{pid}h{i}-\"\n[labels]\nzone = \"{zone}\"\n[capacity]\nmemory_mib = {mem}\nvcpus = 2\n"
-            ),
-        )
-        .unwrap();
-        daemons.push(Daemon::start(&data, &[("XENOD_ANNOUNCE_MS", "300")]));
-    }
-    let all: BTreeSet<String> = daemons.iter().map(|d| d.node.clone()).collect();
-    for d in &daemons {
-        within(30, "every daemon knows all six", || {
-            nodes(&ok(&d.data, &["hosts"]), "hosts").into_iter().collect::<BTreeSet<_>>() == all
-        });
-    }
+    let configs: Vec<String> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, (zone, mem))| {
+            format!("domain_prefix = \"f{pid}h{i}-\"\n[labels]\nzone = \"{zone}\"\n[capacity]\nmemory_mib = {mem}\nvcpus = 2\n")
+        })
+        .collect();
+    let daemons = federation(t.path(), &configs);
     // Every host takes guests from A (the requester) and D from C (a migration).
     let (a, c, d) = (&daemons[0], &daemons[2], &daemons[3]);
     for h in &daemons[1..] {

@@ -6,21 +6,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::fs;
-use std::time::{Duration, Instant};
 
-use common::{Daemon, ok_json, output as run, xenod};
+use common::{Daemon, federation, ok_json, output as run, within, xenod};
 
 const EXPIRY_SECS: u64 = 10;
-
-/// Polls `f` every 100 ms until it holds, for at most `secs`.
-fn within(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < Duration::from_secs(secs), "not within {secs} s: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn hosts(d: &Daemon, filter: Option<&str>) -> BTreeSet<String> {
     let mut c = xenod(&d.data);
@@ -36,24 +25,14 @@ fn hosts(d: &Daemon, filter: Option<&str>) -> BTreeSet<String> {
 fn hosts_are_found_by_attributes_and_disappear_when_they_die() {
     let t = tempfile::tempdir().unwrap();
     let labels = [("eu", "a"), ("eu", "b"), ("eu", "c"), ("us", "a"), ("us", "b"), ("eu", "a")];
-    let mut daemons: Vec<Daemon> = Vec::new();
-    for (i, (region, zone)) in labels.iter().enumerate() {
-        let data = t.path().join(format!("h{i}"));
-        fs::create_dir_all(&data).unwrap();
-        let peers = daemons.first().map(|d| format!("peers = [\"{}\"]\n", d.addr)).unwrap_or_default();
-        fs::write(
-            data.join("config.toml"),
-            format!(
-                "{peers}host_expiry_secs = {EXPIRY_SECS}\n[labels]\nregion = \"{region}\"\nzone = \"{zone}\"\nrack = \"r{i}\"\n"
-            ),
-        )
-        .unwrap();
-        daemons.push(Daemon::start(&data, &[("XENOD_ANNOUNCE_MS", "300")]));
-    }
-    let all: BTreeSet<String> = daemons.iter().map(|d| d.node.clone()).collect();
-    for d in &daemons {
-        within(30, "every daemon knows all six", || hosts(d, None) == all);
-    }
+    let configs: Vec<String> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, (region, zone))| {
+            format!("host_expiry_secs = {EXPIRY_SECS}\n[labels]\nregion = \"{region}\"\nzone = \"{zone}\"\nrack = \"r{i}\"\n")
+        })
+        .collect();
+    let mut daemons = federation(t.path(), &configs);
     // Exactly the matching ones, from any daemon.
     let expect = |f: &dyn Fn(&str, &str) -> bool| -> BTreeSet<String> {
         labels.iter().zip(&daemons).filter(|((r, z), _)| f(r, z)).map(|(_, d)| d.node.clone()).collect()

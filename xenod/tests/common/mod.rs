@@ -185,3 +185,36 @@ impl Drop for Instances<'_> {
         }
     }
 }
+
+/// Polls `f` every 100 ms until it holds, for at most `secs`.
+pub fn within(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(secs), "not within {secs} s: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Daemons on loopback under `root` (`h0`, `h1`, ...), one per entry of
+/// `configs` (the rest of each one's config.toml), each joining through
+/// the first and announcing every 300 ms; returns once each knows all.
+pub fn federation(root: &Path, configs: &[String]) -> Vec<Daemon> {
+    let mut daemons: Vec<Daemon> = Vec::new();
+    for (i, extra) in configs.iter().enumerate() {
+        let data = root.join(format!("h{i}"));
+        fs::create_dir_all(&data).unwrap();
+        let peers = daemons.first().map(|d| format!("peers = [\"{}\"]\n", d.addr)).unwrap_or_default();
+        fs::write(data.join("config.toml"), format!("{peers}{extra}")).unwrap();
+        daemons.push(Daemon::start(&data, &[("XENOD_ANNOUNCE_MS", "300")]));
+    }
+    let all: std::collections::BTreeSet<String> = daemons.iter().map(|d| d.node.clone()).collect();
+    for d in &daemons {
+        within(30, "every daemon knows all the others", || {
+            let v = ok(&d.data, &["hosts"]);
+            let known: std::collections::BTreeSet<String> =
+                v["hosts"].as_array().unwrap().iter().map(|h| h["node"].as_str().unwrap().to_owned()).collect();
+            known == all
+        });
+    }
+    daemons
+}
