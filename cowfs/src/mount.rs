@@ -60,6 +60,9 @@ pub struct MountOptions {
     pub control: Option<PathBuf>,
     /// Asked for chunks the store lacks (lazy deployment).
     pub fetch_missing: Option<crate::Fetcher>,
+    /// Serve this process's counters on this Unix socket
+    /// ([`crate::read_stats`]), for the daemon's metrics.
+    pub stats: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for MountOptions {
@@ -75,6 +78,7 @@ impl std::fmt::Debug for MountOptions {
             .field("no_open", &self.no_open)
             .field("file_cache_bytes", &self.file_cache_bytes)
             .field("fetch_missing", &self.fetch_missing.is_some())
+            .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
 }
@@ -90,6 +94,7 @@ impl Default for MountOptions {
             block_copy_min: crate::union::BLOCK_COPY_MIN,
             control: None,
             fetch_missing: None,
+            stats: None,
             lower_dirs: Vec::new(),
             passthrough: true,
             uring: true,
@@ -267,8 +272,14 @@ pub fn serve(
     let (fs, config, claim) = prepare(store, stack, opts)?;
     let union = fs.union.clone();
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
+    if let Some(p) = &opts.stats {
+        crate::stats::serve_stats(p, mountpoint)?;
+    }
     ready();
     let r = session.run().map_err(Error::io("serving", mountpoint));
+    if let Some(p) = &opts.stats {
+        let _ = std::fs::remove_file(p);
+    }
     // Unmounted: the upper is free at once (a commit may be waiting).
     drop(claim);
     // The caller exits next: finish the file being materialised first.
