@@ -62,6 +62,9 @@ pub struct Counters {
     pub events_refused: u64,
     #[serde(default)]
     pub events_dropped: u64,
+    /// Gossip messages heard (names, events, advertisements), refused or not.
+    #[serde(default)]
+    pub gossip_heard: u64,
 }
 
 /// Shared, thread-safe counters of one node.

@@ -255,6 +255,8 @@ fn every_field() -> Config {
         labels: [("l".to_string(), "v".to_string())].into(),
         host_expiry_secs: Some(1),
         capacity: Some(Capacity { vcpus: Some(2), memory_mib: Some(1024) }),
+        metrics: Some("127.0.0.1:9464".parse().unwrap()),
+        metrics_remote: true,
     }
 }
 
