@@ -1135,7 +1135,11 @@ fn ls(ctx: &Ctx) -> Result<()> {
 
 fn verify(ctx: &Ctx) -> Result<()> {
     let store = ctx.store()?;
-    let r = store.verify()?;
+    let (_, total) = store.pack_usage()?;
+    let pb = progress::bytes("verifying", Some(total), ctx.draw(false));
+    let r = store.verify_with(Some(&progress::callback(&pb)));
+    pb.finish_and_clear();
+    let r = r?;
     let damage: Vec<_> = r
         .damage
         .iter()
