@@ -272,8 +272,12 @@ pub fn serve(
     let (fs, config, claim) = prepare(store, stack, opts)?;
     let union = fs.union.clone();
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
-    if let Some(p) = &opts.stats {
-        crate::stats::serve_stats(p, mountpoint)?;
+    // Counters are for metrics only: a socket that cannot be bound (a path
+    // over the 107 bytes of sun_path) costs them, not the mount.
+    if let Some(p) = &opts.stats
+        && let Err(e) = crate::stats::serve_stats(p, mountpoint)
+    {
+        tracing::warn!("this mount's counters are not served: {e}");
     }
     ready();
     let r = session.run().map_err(Error::io("serving", mountpoint));
