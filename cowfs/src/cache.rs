@@ -44,16 +44,21 @@ impl ChunkCache {
                 *t = tick;
                 l.order.remove(&old);
                 l.order.insert(tick, *id);
+                crate::stats::count(&crate::stats::COUNTERS.chunk_hits);
                 return Ok(data);
             }
         }
+        crate::stats::count(&crate::stats::COUNTERS.chunk_misses);
         // Fetch outside the lock: decoding is the slow part.
         // Kept as the Vec the store returned: no copy into a new allocation.
         let data = match store.get(id) {
             Ok(d) => Arc::new(d),
             Err(xenod_store::Error::ChunkMissing { .. }) if self.fetcher.get().is_some() => {
                 let f = self.fetcher.get().cloned().unwrap_or_else(|| unreachable!());
-                match f(id) {
+                let t0 = std::time::Instant::now();
+                let got = f(id);
+                crate::stats::lazy_fetch(t0.elapsed(), got.as_ref().ok().map(Vec::len));
+                match got {
                     Ok(d) => Arc::new(d),
                     Err(why) => {
                         tracing::error!(chunk = %id, "fetching a missing chunk: {why}");

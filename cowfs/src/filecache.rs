@@ -199,13 +199,22 @@ impl FileCache {
         }
         let key = Key::of(f);
         let path = self.inner.dir.join(key.name());
-        let file = std::fs::OpenOptions::new().read(true).custom_flags(O_NOFOLLOW).open(&path).ok()?;
-        let meta = file.metadata().ok()?;
+        let found = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(O_NOFOLLOW)
+            .open(&path)
+            .and_then(|file| file.metadata().map(|m| (file, m)));
+        let Ok((file, meta)) = found else {
+            crate::stats::count(&crate::stats::COUNTERS.file_misses);
+            return None;
+        };
         if !meta.is_file() || meta.len() != f.size {
             tracing::warn!(entry = %path.display(), "materialised file has the wrong size; removing it");
             let _ = std::fs::remove_file(&path);
+            crate::stats::count(&crate::stats::COUNTERS.file_misses);
             return None;
         }
+        crate::stats::count(&crate::stats::COUNTERS.file_hits);
         // Recently used: eviction goes by mtime. The owner may set it on a
         // read-only file.
         let _ = file.set_modified(SystemTime::now());

@@ -63,6 +63,9 @@ pub struct MountOptions {
     /// Bytes the upper directory may hold; writes past it fail with
     /// EDQUOT (see `quota`). None: no limit.
     pub upper_quota: Option<u64>,
+    /// Serve this process's counters on this Unix socket
+    /// ([`crate::read_stats`]), for the daemon's metrics.
+    pub stats: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for MountOptions {
@@ -78,6 +81,7 @@ impl std::fmt::Debug for MountOptions {
             .field("no_open", &self.no_open)
             .field("file_cache_bytes", &self.file_cache_bytes)
             .field("fetch_missing", &self.fetch_missing.is_some())
+            .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
 }
@@ -93,6 +97,7 @@ impl Default for MountOptions {
             block_copy_min: crate::union::BLOCK_COPY_MIN,
             control: None,
             fetch_missing: None,
+            stats: None,
             lower_dirs: Vec::new(),
             passthrough: true,
             uring: true,
@@ -280,8 +285,18 @@ pub fn serve(
     let (fs, config, claim) = prepare(store, stack, opts)?;
     let union = fs.union.clone();
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
+    // Counters are for metrics only: a socket that cannot be bound (a path
+    // over the 107 bytes of sun_path) costs them, not the mount.
+    if let Some(p) = &opts.stats
+        && let Err(e) = crate::stats::serve_stats(p, mountpoint)
+    {
+        tracing::warn!("this mount's counters are not served: {e}");
+    }
     ready();
     let r = session.run().map_err(Error::io("serving", mountpoint));
+    if let Some(p) = &opts.stats {
+        let _ = std::fs::remove_file(p);
+    }
     // Unmounted: the upper is free at once (a commit may be waiting).
     drop(claim);
     // The caller exits next: finish the file being materialised first.

@@ -85,6 +85,14 @@ pub struct Config {
     /// vCPUs and memory].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Capacity>,
+    /// TCP address the daemon serves Prometheus metrics on (`GET
+    /// /metrics`) [default: none, off].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Allow `metrics` on an address other hosts can reach (it has no
+    /// authentication) [default: false, refused].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metrics_remote: bool,
 }
 
 /// `[capacity]`: what this host offers guests (see `admission`).

@@ -19,7 +19,7 @@
 //! | `instance` | [`Instance`]: the instance model and its lifecycle (deploy, stop, start, destroy, suspend, resume, commit); `instance::mount`: the one mount spawner and `xenod mount` |
 //! | `daemon::reply` | the daemon's typed replies, one per request |
 //! | `daemon::context` | [`Daemon`]: the store, the peer endpoint, the daemon's state |
-//! | `daemon::{events, lazy, replicate, announce, repair}` | features that run inside the daemon; `events` publishes this host's and streams the known ones; `announce` also makes this host's advertisement and answers `hosts` and `services` |
+//! | `daemon::{events, lazy, replicate, announce, repair, metrics}` | features that run inside the daemon; `events` publishes this host's and streams the known ones; `announce` also makes this host's advertisement and answers `hosts` and `services`; `metrics` serves Prometheus text on `metrics = ADDR` |
 //! | `migrate::{statepages, record, state, report, policy, wire, local, stage, target}` | migration: the state's page delta; the instance's record and its arrival; the state as a layer; typed reports; the phases and their one failure policy; the typed wire and the remote target; the source's files and state; staging; the target's side |
 //! | `migrate` | `xenod migrate`, checkpoint and restore |
 //! | `placement` | `xenod deploy --place`: placement over the hosts known, then the deploy on each host chosen |

@@ -300,6 +300,7 @@ impl GossipState {
                 c.last_error = Some(why);
             });
         };
+        stats.heard();
         if content.len() > MAX_MESSAGE {
             return refuse(format!("message of {} bytes over the limit", content.len()));
         }

@@ -68,6 +68,10 @@ pub struct Counters {
 #[derive(Debug, Default)]
 pub struct Stats {
     inner: Mutex<Snapshot>,
+    /// Gossip messages heard (names, events, advertisements), refused or
+    /// not, since the process started: for the metrics, kept out of the
+    /// snapshot (advertisements arrive every few seconds).
+    gossip_heard: std::sync::atomic::AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -87,7 +91,16 @@ fn now() -> u64 {
 impl Stats {
     /// Starts from a snapshot saved earlier.
     pub fn from_snapshot(s: Snapshot) -> Self {
-        Self { inner: Mutex::new(s) }
+        Self { inner: Mutex::new(s), gossip_heard: Default::default() }
+    }
+
+    /// Gossip messages heard since the process started.
+    pub fn gossip_heard(&self) -> u64 {
+        self.gossip_heard.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn heard(&self) {
+        self.gossip_heard.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> Snapshot {

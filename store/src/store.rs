@@ -1169,6 +1169,13 @@ impl Store {
         table.len().map_err(|e| self.db_err(e))
     }
 
+    /// Sealed packs: how many, and their bytes on disk.
+    pub fn pack_usage(&self) -> Result<(u64, u64)> {
+        let packs = self.packs()?;
+        let bytes = packs.iter().filter_map(|(_, p)| fs::metadata(p).ok()).map(|m| m.len()).sum();
+        Ok((packs.len() as u64, bytes))
+    }
+
     pub(crate) fn forget_pack_file(&self, pack: u64) {
         self.files.lock().unwrap_or_else(|e| e.into_inner()).remove(&pack);
     }

@@ -60,6 +60,12 @@ impl Store {
     /// Rehashes every chunk and checks every reference of every layer this
     /// store knows (written here, named or pinned).
     pub fn verify(&self) -> Result<VerifyReport> {
+        self.verify_with(None)
+    }
+
+    /// [`Self::verify`], telling `progress` the bytes of each pack once
+    /// it is scanned (their sum is [`Self::pack_usage`]'s).
+    pub fn verify_with(&self, progress: Option<&crate::import::Progress>) -> Result<VerifyReport> {
         let mut report = VerifyReport { stale_tmp: self.stale_tmp_packs()?.len() as u64, ..Default::default() };
         let packs = self.packs()?;
         report.packs = packs.len() as u64;
@@ -92,6 +98,9 @@ impl Store {
                 c.1 += rec.loc.stored_len as u64;
                 Ok(())
             });
+            if let Some(p) = progress {
+                p(std::fs::metadata(path).map_or(0, |m| m.len()));
+            }
             if let Err(e) = r {
                 bad_packs.lock().unwrap_or_else(|e| e.into_inner()).push(e.to_string());
                 damaged_packs.lock().unwrap_or_else(|e| e.into_inner()).insert(*pack);

@@ -56,6 +56,10 @@ pub struct Args {
     /// Print one JSON object on stdout instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Show progress on stderr even when it is not a terminal (one line a
+    /// second), or with --json.
+    #[arg(long, global = true, env = "XENOD_PROGRESS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub progress: bool,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -520,9 +524,23 @@ fn deploy(ctx: &Ctx, a: &DeployArgs) -> Result<()> {
     Ok(())
 }
 
+/// Bytes of the regular files under `dir` (not following links): the
+/// total a directory's publish shows progress against.
+fn tree_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
 pub(crate) struct Ctx {
     pub(crate) data_dir: PathBuf,
     pub(crate) json: bool,
+    pub(crate) progress: bool,
 }
 
 impl Ctx {
@@ -533,7 +551,12 @@ impl Ctx {
 
     /// Draws a request's notes and progress on stderr.
     pub(crate) fn watcher(&self, what: &str) -> Watcher {
-        Watcher::new(what, self.json)
+        Watcher::new(what, self.draw(false))
+    }
+
+    /// Where progress goes; `quiet`: not by default (stdout carries data).
+    pub(crate) fn draw(&self, quiet: bool) -> progress::Draw {
+        progress::Draw::new(self.json || quiet, self.progress)
     }
 
     pub(crate) fn store(&self) -> Result<Store> {
@@ -572,7 +595,7 @@ pub fn run(args: Args) -> Result<()> {
     // (which run elsewhere) mean the same directory.
     let data_dir = std::path::absolute(args.data_dir.unwrap_or_else(config::default_data_dir))
         .context("resolving the data directory")?;
-    let ctx = Ctx { data_dir, json: args.json };
+    let ctx = Ctx { data_dir, json: args.json, progress: args.progress };
     match args.cmd {
         Cmd::Publish { src, name, image, spec, level } => {
             publish(&ctx, &src, name.as_deref(), image, level.get(), spec_meta(spec)?)
@@ -901,8 +924,12 @@ fn publish(
     store.set_block_level(level);
     let _lock = store.write_lock()?;
     let path = Path::new(src);
-    let total = if src == "-" { None } else { fs::metadata(path).ok().filter(|m| m.is_file()).map(|m| m.len()) };
-    let pb = progress::bytes("publishing", total, ctx.json);
+    let total = match fs::metadata(path) {
+        Ok(m) if src != "-" && m.is_file() => Some(m.len()),
+        Ok(m) if src != "-" && m.is_dir() => Some(tree_bytes(path)),
+        _ => None,
+    };
+    let pb = progress::bytes("publishing", total, ctx.draw(false));
     let opts = ImportOptions {
         all_images: image && path.is_dir(),
         progress: Some(progress::callback(&pb)),
@@ -1020,7 +1047,7 @@ fn overlay_create(
     let _lock = store.write_lock()?;
     let base = store.resolve(base_ref)?;
     let base_entries = Merged::of(&store, &base)?;
-    let pb = progress::bytes("creating overlay", None, ctx.json);
+    let pb = progress::bytes("creating overlay", None, ctx.draw(false));
     let opts = ImportOptions { progress: Some(progress::callback(&pb)), ..ImportOptions::default() };
     let (tx, rx) = std::sync::mpsc::sync_channel::<xenod_store::Result<Entry>>(256);
     let mut entries = 0u64;
@@ -1060,7 +1087,7 @@ fn export(ctx: &Ctx, r: &str, dest: &str, layer_only: bool, no_mounts: bool) -> 
     let id = store.resolve(r)?;
     let stack = if layer_only { vec![id] } else { store.stack(&id)? };
     let total: u64 = store.layer_root(&id).map(|r| r.file_bytes).unwrap_or(0);
-    let pb = progress::bytes("exporting", None, ctx.json || dest == "-");
+    let pb = progress::bytes("exporting", None, ctx.draw(dest == "-"));
     let started = Instant::now();
     let mut mounted = Vec::new();
     let stats = if layer_only {
@@ -1148,7 +1175,11 @@ fn ls(ctx: &Ctx) -> Result<()> {
 
 fn verify(ctx: &Ctx) -> Result<()> {
     let store = ctx.store()?;
-    let r = store.verify()?;
+    let (_, total) = store.pack_usage()?;
+    let pb = progress::bytes("verifying", Some(total), ctx.draw(false));
+    let r = store.verify_with(Some(&progress::callback(&pb)));
+    pb.finish_and_clear();
+    let r = r?;
     let damage: Vec<_> = r
         .damage
         .iter()

@@ -1,25 +1,89 @@
-//! Progress on stderr for long work; silent when stderr is not a terminal
-//! or output is JSON.
+//! Progress on stderr for long work: the total, the percentage, the rate
+//! and the time left where the total is known. Drawn on a terminal only,
+//! unless asked (`--progress`, `XENOD_PROGRESS=1`): then, on a pipe or a
+//! log, one plain line a second. Never under `--json` unless asked.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 use serde_json::Value;
 
-pub fn bytes(msg: &str, total: Option<u64>, quiet: bool) -> ProgressBar {
-    let pb = match total {
-        Some(t) => ProgressBar::new(t),
-        None => ProgressBar::new_spinner(),
-    };
-    if quiet || !std::io::stderr().is_terminal() {
-        pb.set_draw_target(ProgressDrawTarget::hidden());
+/// Where progress goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Draw {
+    /// Nowhere.
+    Off,
+    /// On stderr if it is a terminal.
+    Terminal,
+    /// On stderr whatever it is (`--progress`).
+    Forced,
+}
+
+impl Draw {
+    pub fn new(quiet: bool, forced: bool) -> Self {
+        match (forced, quiet) {
+            (true, _) => Draw::Forced,
+            (false, true) => Draw::Off,
+            (false, false) => Draw::Terminal,
+        }
     }
-    let template = if total.is_some() {
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}"
-    } else {
-        "{spinner} {msg} {bytes} {binary_bytes_per_sec}"
+
+    fn target(self) -> ProgressDrawTarget {
+        match self {
+            Draw::Forced if !std::io::stderr().is_terminal() => {
+                ProgressDrawTarget::term_like_with_hz(Box::new(Lines), 1)
+            }
+            Draw::Forced => ProgressDrawTarget::stderr(),
+            Draw::Terminal if std::io::stderr().is_terminal() => ProgressDrawTarget::stderr(),
+            _ => ProgressDrawTarget::hidden(),
+        }
+    }
+}
+
+/// A terminal that is not one: each redraw a line of its own.
+#[derive(Debug)]
+struct Lines;
+
+impl TermLike for Lines {
+    fn width(&self) -> u16 {
+        120
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        if s.trim().is_empty() { Ok(()) } else { writeln!(std::io::stderr(), "{s}") }
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.write_line(s)
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+const KNOWN: &str = "{msg} [{bar:30}] {bytes}/{total_bytes} {percent}% {binary_bytes_per_sec} eta {eta}";
+const UNKNOWN: &str = "{spinner} {msg} {bytes} {binary_bytes_per_sec}";
+
+pub fn bytes(msg: &str, total: Option<u64>, draw: Draw) -> ProgressBar {
+    let pb = match total {
+        Some(t) => ProgressBar::with_draw_target(Some(t), draw.target()),
+        None => ProgressBar::with_draw_target(None, draw.target()),
     };
+    let template = if total.is_some() { KNOWN } else { UNKNOWN };
     if let Ok(style) = ProgressStyle::with_template(template) {
         pb.set_style(style.progress_chars("=> "));
     }
@@ -34,15 +98,16 @@ pub fn callback(pb: &ProgressBar) -> xenod_store::Progress {
 }
 
 /// Draws a request's notes (always, on stderr: JSON goes to stdout) and its
-/// fetch progress (a bar, on a terminal and without `--json`).
+/// progress (fetches: chunks of the phase done of those wanted, bytes).
 pub struct Watcher {
     pb: ProgressBar,
     what: String,
 }
 
 impl Watcher {
-    pub fn new(what: &str, quiet: bool) -> Self {
-        Self { pb: bytes(what, None, quiet), what: what.to_owned() }
+    pub fn new(what: &str, draw: Draw) -> Self {
+        let pb = bytes(what, None, draw);
+        Self { pb, what: what.to_owned() }
     }
 }
 
@@ -52,14 +117,19 @@ impl xenod_host::client::Watch for Watcher {
     }
 
     fn progress(&self, p: &Value) {
-        self.pb.set_position(p["bytes"].as_u64().unwrap_or(0));
-        self.pb.set_message(format!(
-            "{} {} {}/{} chunks",
-            self.what,
-            p["phase"].as_str().unwrap_or(""),
-            p["chunks_done"],
-            p["chunks_total"]
-        ));
+        let total = p["chunks_total"].as_u64().unwrap_or(0);
+        if total > 0 && self.pb.length() != Some(total) {
+            // The total is known: chunks done of those wanted, with the rate and ETA.
+            self.pb.set_length(total);
+            let t = "{msg} [{bar:30}] {pos}/{len} chunks {percent}% {per_sec} eta {eta}";
+            if let Ok(style) = ProgressStyle::with_template(t) {
+                self.pb.set_style(style.progress_chars("=> "));
+            }
+            self.pb.reset_eta();
+        }
+        self.pb.set_position(p["chunks_done"].as_u64().unwrap_or(0));
+        let mib = p["bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+        self.pb.set_message(format!("{} {} {mib:.1} MiB", self.what, p["phase"].as_str().unwrap_or("")));
     }
 
     fn done(&self) {

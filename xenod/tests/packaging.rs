@@ -262,6 +262,8 @@ fn every_field() -> Config {
             memory_overcommit: Some(1.0),
             upper_mib: Some(4096),
         }),
+        metrics: Some("127.0.0.1:9464".parse().unwrap()),
+        metrics_remote: true,
     }
 }
 

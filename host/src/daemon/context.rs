@@ -106,6 +106,18 @@ pub struct Daemon {
     stopping: std::sync::atomic::AtomicBool,
     instances: crate::instance::Instances,
     pub(crate) lazy: super::lazy::Lazy,
+    migrations: Mutex<MigrationTotals>,
+}
+
+/// Migrations from this host since the daemon started, for the metrics.
+#[derive(Clone, Debug, Default)]
+pub struct MigrationTotals {
+    pub done: u64,
+    pub failed: u64,
+    pub wire_bytes: u64,
+    pub downtime_sum: f64,
+    /// Per bound of `metrics::DOWNTIME_BOUNDS`, then the rest; not cumulative.
+    pub downtime_buckets: [u64; 10],
 }
 
 impl Daemon {
@@ -171,6 +183,7 @@ impl Daemon {
             shutdown: tokio::sync::Notify::new(),
             stopping: Default::default(),
             lazy: Default::default(),
+            migrations: Default::default(),
         });
         super::events::spawn_publisher(&d, events);
         d.save_state();
@@ -231,6 +244,26 @@ impl Daemon {
     /// This host's instances.
     pub fn instances(&self) -> &crate::instance::Instances {
         &self.instances
+    }
+
+    /// Counts a migration: its bytes on the wire and the guest's downtime
+    /// (seconds), or none if it failed.
+    pub(crate) fn migrated(&self, done: Option<(u64, f64)>) {
+        let mut m = self.migrations.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((bytes, down)) = done else {
+            m.failed += 1;
+            return;
+        };
+        m.done += 1;
+        m.wire_bytes += bytes;
+        m.downtime_sum += down;
+        let bounds = super::metrics::DOWNTIME_BOUNDS;
+        let b = bounds.iter().position(|&b| down <= b).unwrap_or(bounds.len());
+        m.downtime_buckets[b] += 1;
+    }
+
+    pub(crate) fn migrations(&self) -> MigrationTotals {
+        self.migrations.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub(crate) fn state(&self) -> &Mutex<State> {

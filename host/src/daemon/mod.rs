@@ -5,6 +5,7 @@ pub mod announce;
 pub mod context;
 pub mod events;
 pub mod lazy;
+pub mod metrics;
 pub mod repair;
 pub mod replicate;
 pub mod reply;

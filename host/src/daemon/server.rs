@@ -233,13 +233,20 @@ pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool, on_ready
         tokio::task::spawn_blocking(move || migrate::stage::sweep(&instances, &store)).await?;
         super::announce::spawn(&d);
         super::repair::spawn_watch(&d);
+        let metrics = super::metrics::spawn(&d).await?;
         let addr = format_peer(&d.node().addr());
         let sock = socket_path(data_dir);
         // One line on stdout once the socket accepts, for scripts to wait on.
         let ready = if json_out {
-            json!({ "node": d.node().id().to_string(), "addr": addr, "socket": sock.display().to_string() }).to_string()
+            let mut v =
+                json!({ "node": d.node().id().to_string(), "addr": addr, "socket": sock.display().to_string() });
+            if let Some(m) = metrics {
+                v["metrics"] = json!(m.to_string());
+            }
+            v.to_string()
         } else {
-            format!("serving {} as {addr} (socket {})", data_dir.display(), sock.display())
+            let m = metrics.map(|m| format!(", metrics on http://{m}/metrics")).unwrap_or_default();
+            format!("serving {} as {addr} (socket {}){m}", data_dir.display(), sock.display())
         };
         let r = serve_socket(d.clone(), || on_ready(&ready)).await;
         d.stop().await;

@@ -91,6 +91,7 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
             no_open: !how.open_requests,
             file_cache_bytes: how.file_cache_bytes.unwrap_or(xenod_cowfs::DEFAULT_FILE_CACHE),
             upper_quota: how.upper_quota,
+            stats: Some(stats_dir(data_dir).join(format!("{}.sock", std::process::id()))),
             ..Default::default()
         };
         return xenod_cowfs::serve(store, &stack, mountpoint, &opts, || {
@@ -177,6 +178,12 @@ pub fn spawn(data_dir: &Path, reference: &str, mountpoint: &Path, how: &MountHow
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Where mount processes serve their counters, one socket each
+/// (`PID.sock`), for the daemon's metrics to read at scrape time.
+pub fn stats_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("mounts").join("stats")
 }
 
 fn path_hash(b: &[u8]) -> String {

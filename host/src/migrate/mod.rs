@@ -176,7 +176,9 @@ pub async fn migrate(
         },
         plan,
     );
-    let report = migration.run().await?;
+    let report = migration.run().await;
+    d.migrated(report.as_ref().ok().map(|r| (r.wire_bytes, r.downtime_seconds)));
+    let report = report?;
     d.instances().event(EventKind::InstanceMigrated { instance: name.to_owned(), to: to_node });
     Ok(serde_json::to_value(report)?)
 }

@@ -86,6 +86,8 @@ pub fn uring_requests_served() -> u64 {
     crate::uring::SERVED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+pub use crate::stats::{LATENCY_BOUNDS_NS, OpStats, request_stats};
+
 mod access_flags;
 mod bsd_file_flags;
 mod channel;
@@ -106,6 +108,7 @@ mod reply;
 mod request;
 mod request_param;
 mod session;
+mod stats;
 mod time;
 mod uring;
 
