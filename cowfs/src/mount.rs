@@ -60,6 +60,10 @@ pub struct MountOptions {
     pub control: Option<PathBuf>,
     /// Asked for chunks the store lacks (lazy deployment).
     pub fetch_missing: Option<crate::Fetcher>,
+    /// Record up to this many chunks in the order readers first ask for
+    /// them, for `touched` on the control socket ([`crate::first_touches`]);
+    /// 0: none.
+    pub record_touches: usize,
 }
 
 impl std::fmt::Debug for MountOptions {
@@ -75,6 +79,7 @@ impl std::fmt::Debug for MountOptions {
             .field("no_open", &self.no_open)
             .field("file_cache_bytes", &self.file_cache_bytes)
             .field("fetch_missing", &self.fetch_missing.is_some())
+            .field("record_touches", &self.record_touches)
             .finish_non_exhaustive()
     }
 }
@@ -90,6 +95,7 @@ impl Default for MountOptions {
             block_copy_min: crate::union::BLOCK_COPY_MIN,
             control: None,
             fetch_missing: None,
+            record_touches: 0,
             lower_dirs: Vec::new(),
             passthrough: true,
             uring: true,
@@ -125,10 +131,15 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     if let Some(f) = &opts.fetch_missing {
         union.fetch_missing(f.clone());
     }
+    if opts.record_touches > 0 {
+        union.record_first_touches(opts.record_touches);
+    }
     let union = Arc::new(union);
     if let Some(sock) = &opts.control {
-        let u = union.clone();
-        crate::track::serve_control(sock, Arc::new(move || u.drain_dirty()))?;
+        let (u, v) = (union.clone(), union.clone());
+        let control =
+            crate::track::Control { drain: Arc::new(move || u.drain_dirty()), touched: Arc::new(move || v.first_touches()) };
+        crate::track::serve_control(sock, control)?;
     }
     let mut mount_options = vec![
         MountOption::FSName("xenod".into()),

@@ -153,6 +153,7 @@ fn offline_status(data_dir: &Path) -> Result<Value> {
         shared: st.shared,
         gossip: None,
         lazy_fetches: None,
+        lazy: None,
     })?)
 }
 

@@ -364,6 +364,7 @@ impl Daemon {
             shared: st.shared.clone(),
             gossip: Some(reply::Gossip { joined: self.node.gossip_joined(), presences: self.node.presences().len() }),
             lazy_fetches: Some(self.lazy.pending()),
+            lazy: Some(self.lazy.counters()),
         }
     }
 
