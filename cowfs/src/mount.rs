@@ -137,8 +137,10 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
     let union = Arc::new(union);
     if let Some(sock) = &opts.control {
         let (u, v) = (union.clone(), union.clone());
-        let control =
-            crate::track::Control { drain: Arc::new(move || u.drain_dirty()), touched: Arc::new(move || v.first_touches()) };
+        let control = crate::track::Control {
+            drain: Arc::new(move || u.drain_dirty()),
+            touched: Arc::new(move || v.first_touches()),
+        };
         crate::track::serve_control(sock, control)?;
     }
     let mut mount_options = vec![

@@ -428,7 +428,10 @@ mod tests {
             for rec in [&b""[..], b"some record"] {
                 let mut answer = Vec::new();
                 write_order(&mut answer, rec).await.unwrap();
-                assert_eq!(read_order(&mut answer.as_slice()).await.unwrap().as_deref(), (!rec.is_empty()).then_some(rec));
+                assert_eq!(
+                    read_order(&mut answer.as_slice()).await.unwrap().as_deref(),
+                    (!rec.is_empty()).then_some(rec)
+                );
             }
             let huge = ((MAX_ORDER_BYTES + 1) as u32).to_le_bytes();
             assert!(read_order(&mut huge.as_slice()).await.unwrap_err().to_string().contains("exceeds"));

@@ -188,15 +188,17 @@ impl Store {
             .map_err(|e| self.db_err(e))?
             .insert(order.layer.as_bytes(), b.as_slice())
             .map_err(|e| self.db_err(e))?;
-        txn.open_table(RECORD_NEXT).map_err(|e| self.db_err(e))?.remove(order.layer.as_bytes()).map_err(|e| self.db_err(e))?;
+        txn.open_table(RECORD_NEXT)
+            .map_err(|e| self.db_err(e))?
+            .remove(order.layer.as_bytes())
+            .map_err(|e| self.db_err(e))?;
         txn.commit().map_err(|e| self.db_err(e))
     }
 
     /// Decodes `bytes` (from a peer) as the order of `layer` and keeps it,
     /// as [`Store::put_order`]; nothing is kept when it is refused.
     pub fn put_order_bytes(&self, layer: &LayerId, bytes: &[u8]) -> Result<Order> {
-        let order =
-            Order::decode(bytes, layer).map_err(|fault| Error::Order { layer: layer.to_string(), fault })?;
+        let order = Order::decode(bytes, layer).map_err(|fault| Error::Order { layer: layer.to_string(), fault })?;
         self.put_order(&order)?;
         Ok(order)
     }
@@ -227,7 +229,12 @@ impl Store {
     /// there was either.
     pub fn remove_order(&self, layer: &LayerId) -> Result<bool> {
         let txn = self.begin_write()?;
-        let a = txn.open_table(ORDERS).map_err(|e| self.db_err(e))?.remove(layer.as_bytes()).map_err(|e| self.db_err(e))?.is_some();
+        let a = txn
+            .open_table(ORDERS)
+            .map_err(|e| self.db_err(e))?
+            .remove(layer.as_bytes())
+            .map_err(|e| self.db_err(e))?
+            .is_some();
         let b = txn
             .open_table(RECORD_NEXT)
             .map_err(|e| self.db_err(e))?

@@ -49,7 +49,11 @@ pub(crate) fn run(ctx: &Ctx, c: PrefetchCmd) -> Result<()> {
             let top = store.resolve(&r#ref)?;
             let had = store.remove_order(&top)?;
             ctx.out(json!({ "layer": top.to_string(), "removed": had }), || {
-                if had { format!("dropped the prefetch order of {top}") } else { format!("{top} had no prefetch order") }
+                if had {
+                    format!("dropped the prefetch order of {top}")
+                } else {
+                    format!("{top} had no prefetch order")
+                }
             })
         }
         PrefetchCmd::Show { r#ref, first } => {
@@ -98,7 +102,7 @@ pub(crate) fn run(ctx: &Ctx, c: PrefetchCmd) -> Result<()> {
                 }
                 for e in &entries {
                     s += &format!(
-                        "\n  {}  {:>7}  /{}",
+                        "\n  {}  {:>7}  {}",
                         &e["chunk"].as_str().unwrap_or("")[..16],
                         e["len"],
                         e["path"].as_str().unwrap_or("")
