@@ -45,7 +45,7 @@ bash scripts/start-libvirtd.sh >/dev/null
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/xenod-lazypf.XXXXXX")
 NET=xnpf$(printf %x $$)
-BRIDGE=${NET}b
+BRIDGE=${NET}x
 NETNS=()
 PIDS=()
 DATAS=()
@@ -132,7 +132,8 @@ ticket() { x "$1" --json share "$2" | json 'd["ticket"]'; }
 mkdir -p "$WORK/t/boot"
 cp -a "$FIX/template/." "$WORK/t/"
 cp "$FIX/kernel/vmlinux" "$FIX/kernel/initrd.img" "$WORK/t/boot/"
-head -c $((NOISE_MIB << 20)) /dev/urandom | base64 -w 0 | head -c $((NOISE_MIB << 20)) >"$WORK/t/a-unused.bin"
+# base64 of random bytes: NOISE_MIB of text, about 3/4 of it after zstd.
+head -c $((NOISE_MIB * 3 << 18)) /dev/urandom | base64 -w 0 >"$WORK/t/a-unused.bin"
 cp -a "$WORK/t" "$WORK/web" && cp -a "$FIX/web/." "$WORK/web/"
 mkdir -p "$WORK/a"
 x a publish "$WORK/t" --name template://bench/lazy/1 >/dev/null
@@ -180,9 +181,9 @@ echo "| round | order | time to answer | reads stalled (provider) | reads waitin
 echo "|---|---|---:|---:|---:|---:|"
 for i in $(seq 1 "$ROUNDS"); do
   for kind in without with; do
-    h=${kind:0:2}$i
+    h=no$i
     from=b
-    [ "$kind" = with ] && from=a
+    [ "$kind" = with ] && { h=or$i; from=a; }
     serve "$h"
     read -r S ST W < <(deploy "$h" "$(ticket $from "$TOP")" "pf$h")
     # The background fetch may still run: prefetched counts once it ends.
