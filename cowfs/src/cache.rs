@@ -1,7 +1,8 @@
 //! A bounded LRU cache of decoded chunks, and reads of lower file ranges
 //! through it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use xenod_store::{ChunkId, Store};
@@ -14,6 +15,35 @@ pub(crate) struct ChunkCache {
     cap: usize,
     /// Asked for chunks the store lacks (a lazily deployed stack).
     pub(crate) fetcher: OnceLock<Fetcher>,
+    /// Chunks in the order readers first asked for them, when recorded.
+    pub(crate) touches: OnceLock<FirstTouches>,
+    /// Reads that waited for the fetcher (chunks the store lacked).
+    pub(crate) waits: AtomicU64,
+}
+
+/// The chunks readers asked for, each once, first asked first; at most
+/// `cap` of them (later ones are not recorded), so memory stays bounded.
+pub(crate) struct FirstTouches {
+    inner: Mutex<(HashSet<ChunkId>, Vec<ChunkId>)>,
+    cap: usize,
+}
+
+impl FirstTouches {
+    pub(crate) fn new(cap: usize) -> Self {
+        Self { inner: Mutex::new((HashSet::new(), Vec::new())), cap }
+    }
+
+    fn touch(&self, id: &ChunkId) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if g.1.len() < self.cap && g.0.insert(*id) {
+            g.1.push(*id);
+        }
+    }
+
+    /// What was recorded so far, in order.
+    pub(crate) fn list(&self) -> Vec<ChunkId> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
 }
 
 /// Fetches a chunk the store lacks: its plaintext, verified against its id,
@@ -30,11 +60,20 @@ struct Lru {
 
 impl ChunkCache {
     pub fn new(cap: usize) -> Self {
-        Self { inner: Mutex::new(Lru::default()), cap, fetcher: OnceLock::new() }
+        Self {
+            inner: Mutex::new(Lru::default()),
+            cap,
+            fetcher: OnceLock::new(),
+            touches: OnceLock::new(),
+            waits: AtomicU64::new(0),
+        }
     }
 
     /// The decoded chunk `id`, from the cache or the store.
     pub fn get(&self, store: &Store, id: &ChunkId) -> xenod_store::Result<Arc<Vec<u8>>> {
+        if let Some(t) = self.touches.get() {
+            t.touch(id);
+        }
         {
             let mut l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             l.tick += 1;
@@ -55,6 +94,7 @@ impl ChunkCache {
             Ok(d) => Arc::new(d),
             Err(xenod_store::Error::ChunkMissing { .. }) if self.fetcher.get().is_some() => {
                 let f = self.fetcher.get().cloned().unwrap_or_else(|| unreachable!());
+                self.waits.fetch_add(1, Ordering::Relaxed);
                 let t0 = std::time::Instant::now();
                 let got = f(id);
                 crate::stats::lazy_fetch(t0.elapsed(), got.as_ref().ok().map(Vec::len));

@@ -10,11 +10,11 @@
 //! | `stats` | [`MountStats`]: this process's FUSE requests by opcode, cache hits, lazy fetches; served on a Unix socket for the daemon's metrics | error |
 //! | `overlay` | overlayfs's on-disk conventions: the xattrs marking opaque, moved and partial objects, whiteouts, reading a path's xattrs | error |
 //! | `lower` | [`LowerTree`]: the union of a layer stack (with the layers `.mount` files add, and read-only host directories), in memory for the mount's life; reading a lower file's extents | error, overlay |
-//! | `cache` | a bounded LRU of decoded chunks; lower reads through it | lower, stats |
+//! | `cache` | a bounded LRU of decoded chunks; lower reads through it; the chunks first read, in order, when recorded (a lazy deploy's prefetch order) | lower, stats |
 //! | `filecache` | whole lower files materialised on local disk (shared by every mount of a store, bounded), for passthrough (and for reads on mounts without opens) | error, lower, stats |
 //! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] | error, lower |
 //! | `readahead` | decodes the lower files after one being read, in walk (and pack) order, for tar-like walks | lower, cache |
-//! | `track` | [`DirtySet`]: blocks and paths written since the last drain, over a control socket | error |
+//! | `track` | [`DirtySet`]: blocks and paths written since the last drain, and the first reads recorded, over a control socket | error |
 //! | `union` | [`Union`]: lookup, readdir merge, copy-up, whiteouts, rename, xattrs (a directory module, its files mapped in its doc) | all of the above |
 //! | `upper` | what an upper directory says of its use: the lock its writable mount holds, the stack it was made on | error, union |
 //! | `fs` | [`CowFs`]: the fuser callbacks, thin wrappers over `Union`; kernel caching, FUSE passthrough, read-only mounts without OPEN requests ([`CowFs::no_open`]), and FUSE over io_uring (the transport itself is in `vendor/fuser`) | filecache, union |
@@ -57,7 +57,7 @@ pub use mount::{DEFAULT_FILE_CACHE, MountOptions, Mounted, is_mounted, mount, se
 pub use partial::DirtyMap;
 pub use quota::Quota;
 pub use stats::{LATENCY_BOUNDS_NS, MountStats, OpStats, read_stats, snapshot as stats_snapshot};
-pub use track::{AnswerFault, DirtySet, control_socket_for, drain_dirty};
+pub use track::{AnswerFault, DirtySet, control_socket_for, drain_dirty, first_touches};
 pub use union::{Attr, BLOCK_COPY_MIN, FType, Union, WORK_DIR};
 pub use upper::recorded_stack;
 

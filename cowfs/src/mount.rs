@@ -66,6 +66,10 @@ pub struct MountOptions {
     /// Serve this process's counters on this Unix socket
     /// ([`crate::read_stats`]), for the daemon's metrics.
     pub stats: Option<PathBuf>,
+    /// Record up to this many chunks in the order readers first ask for
+    /// them, for `touched` on the control socket ([`crate::first_touches`]);
+    /// 0: none.
+    pub record_touches: usize,
 }
 
 impl std::fmt::Debug for MountOptions {
@@ -82,6 +86,7 @@ impl std::fmt::Debug for MountOptions {
             .field("file_cache_bytes", &self.file_cache_bytes)
             .field("fetch_missing", &self.fetch_missing.is_some())
             .field("stats", &self.stats)
+            .field("record_touches", &self.record_touches)
             .finish_non_exhaustive()
     }
 }
@@ -98,6 +103,7 @@ impl Default for MountOptions {
             control: None,
             fetch_missing: None,
             stats: None,
+            record_touches: 0,
             lower_dirs: Vec::new(),
             passthrough: true,
             uring: true,
@@ -143,10 +149,17 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
         tracing::info!(limit, used = q.used(), "upper quota");
         union.quota = Some(Arc::new(q));
     }
+    if opts.record_touches > 0 {
+        union.record_first_touches(opts.record_touches);
+    }
     let union = Arc::new(union);
     if let Some(sock) = &opts.control {
-        let u = union.clone();
-        crate::track::serve_control(sock, Arc::new(move || u.drain_dirty()))?;
+        let (u, v) = (union.clone(), union.clone());
+        let control = crate::track::Control {
+            drain: Arc::new(move || u.drain_dirty()),
+            touched: Arc::new(move || v.first_touches()),
+        };
+        crate::track::serve_control(sock, control)?;
     }
     let mut mount_options = vec![
         MountOption::FSName("xenod".into()),

@@ -16,6 +16,11 @@
 //! <- b <hex path> <block> <block> ...     blocks written since the last drain
 //! <- w <hex path>                         whole file or subtree changed
 //! <- end
+//!
+//! -> touched                              (a mount that records first reads)
+//! <- waits <n>                            reads that waited for a chunk the store lacked
+//! <- c <chunk id>                         chunks in the order first read
+//! <- end
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -25,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use xenod_store::BLOCK;
+use xenod_store::{BLOCK, ChunkId};
 
 use crate::error::{Error, Result};
 
@@ -205,17 +210,23 @@ impl Tracker {
     }
 }
 
-/// Serves `drain` requests on the Unix socket `path` in a background
+/// What a mount's control socket answers: `drain` (dirty tracking) and
+/// `touched` (first reads, see [`crate::Union::record_first_touches`]).
+pub(crate) struct Control {
+    pub(crate) drain: Arc<dyn Fn() -> DirtySet + Send + Sync>,
+    pub(crate) touched: Arc<dyn Fn() -> (Vec<ChunkId>, u64) + Send + Sync>,
+}
+
+/// Serves control requests on the Unix socket `path` in a background
 /// thread for as long as the process lives.
-pub(crate) fn serve_control(path: &Path, drain: Arc<dyn Fn() -> DirtySet + Send + Sync>) -> Result<()> {
+pub(crate) fn serve_control(path: &Path, control: Control) -> Result<()> {
     let _ = std::fs::remove_file(path);
     let l = UnixListener::bind(path).map_err(Error::io("binding the control socket", path))?;
     std::thread::Builder::new()
         .name("cowfs-control".into())
         .spawn(move || {
             for s in l.incoming().flatten() {
-                let drain = drain.clone();
-                if let Err(e) = answer(s, &*drain) {
+                if let Err(e) = answer(s, &control) {
                     tracing::warn!("control socket: {e}");
                 }
             }
@@ -224,17 +235,53 @@ pub(crate) fn serve_control(path: &Path, drain: Arc<dyn Fn() -> DirtySet + Send 
     Ok(())
 }
 
-fn answer(s: UnixStream, drain: &dyn Fn() -> DirtySet) -> std::io::Result<()> {
+fn answer(s: UnixStream, control: &Control) -> std::io::Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line)?;
     let mut w = std::io::BufWriter::new(&s);
     match line.trim() {
-        "drain" => drain().encode(&mut w)?,
+        "drain" => (control.drain)().encode(&mut w)?,
+        "touched" => {
+            let (ids, waits) = (control.touched)();
+            writeln!(w, "waits {waits}")?;
+            for id in ids {
+                writeln!(w, "c {id}")?;
+            }
+            writeln!(w, "end")?;
+        }
         "ping" => writeln!(w, "ok")?,
         other => writeln!(w, "error unknown request {other:?}")?,
     }
     w.flush()
+}
+
+/// First reads a mount recorded, as its control socket `socket` tells:
+/// the chunks in the order first read, and how many reads waited for a
+/// chunk the store lacked (asked of the fetcher: the daemon).
+pub fn first_touches(socket: &Path) -> Result<(Vec<ChunkId>, u64)> {
+    let err = |why: String| Error::Control { socket: socket.to_path_buf(), why };
+    let mut s = UnixStream::connect(socket).map_err(|e| err(format!("connecting: {e}")))?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| err(e.to_string()))?;
+    s.write_all(b"touched\n").map_err(|e| err(format!("sending: {e}")))?;
+    let (mut ids, mut waits, mut ended) = (Vec::new(), None, false);
+    for line in BufReader::new(s).lines() {
+        let line = line.map_err(|e| err(format!("reading: {e}")))?;
+        if let Some(n) = line.strip_prefix("waits ") {
+            waits = Some(n.parse::<u64>().map_err(|e| err(format!("answer {line:?}: {e}")))?);
+        } else if let Some(id) = line.strip_prefix("c ") {
+            ids.push(id.parse::<ChunkId>().map_err(|e| err(format!("answer {line:?}: {e}")))?);
+        } else if line == "end" {
+            ended = true;
+            break;
+        } else {
+            return Err(err(format!("answer {line:?} is not part of a touched answer")));
+        }
+    }
+    match (waits, ended) {
+        (Some(n), true) => Ok((ids, n)),
+        _ => Err(err("the answer was cut short".into())),
+    }
 }
 
 /// Asks the mount whose control socket is `socket` for what changed since

@@ -35,6 +35,8 @@ fn fetch_report() -> xenod_peer::FetchReport {
             bad_chunks: 1,
             dropped: Some("bad chunks".into()),
         }],
+        prefetched: 2,
+        order_from: Some("n".into()),
     }
 }
 
@@ -68,6 +70,7 @@ fn every_reply_round_trips() {
             held: xenod_host::admission::Ask { mem: 256 << 20, vcpus: 1, upper: Some(64 << 20) },
             holders: 1,
         }),
+        lazy: Some(xenod_host::daemon::reply::LazyCounters { chunk_requests: 5, stalls: 3, prefetched: 9 }),
     });
     round_trip(&Share { layer: id.to_string(), node: "n".into(), addr: "n@a".into(), ticket: "xenod1x".into() });
     round_trip(&Fetch { report: fetch_report(), lazy: true });

@@ -6,8 +6,16 @@
 //! ```text
 //!  roots      layer -> base -> base ...   one chunk at a time (each names the next)
 //!  manifests  every root's manifest chunks
+//!  prefetch   the data chunks of the stack's prefetch order, in that order
 //!  data       every Data extent of every entry, deduplicated
 //! ```
+//!
+//! The prefetch order (`store/src/order.rs`: the chunks a guest first read
+//! while it booted, recorded by a lazy deploy) is asked of the providers
+//! (op 6) while the manifests come, when this store holds none for the
+//! layer; it is kept once it checks out against the manifests. The
+//! prefetch round asks for small batches and keeps its queue as ordered,
+//! so its chunks arrive about in order, ahead of a lazily deployed guest.
 //!
 //! Each round is a [`Swarm`] run: a shared queue of wanted ids, and per
 //! provider a few *lanes*, each keeping one request of up to `batch` ids in
@@ -64,6 +72,8 @@ pub enum Phase {
     #[default]
     Roots,
     Manifests,
+    /// The data chunks of the stack's prefetch order, in that order.
+    Prefetch,
     Data,
 }
 
@@ -185,6 +195,12 @@ pub struct FetchReport {
     pub udp_bytes: u64,
     pub elapsed_ms: u64,
     pub providers: Vec<ProviderReport>,
+    /// Chunks fetched first, in the stack's prefetch order.
+    #[serde(default)]
+    pub prefetched: u64,
+    /// The provider whose prefetch order this fetch received and kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_from: Option<String>,
 }
 
 pub(crate) struct ProviderConn {
@@ -424,7 +440,13 @@ pub(crate) struct Swarm {
     bytes: AtomicU64,
     wire_bytes: AtomicU64,
     since_flush: AtomicU64,
+    /// Most ids per request in the current round.
+    batch: std::sync::atomic::AtomicUsize,
 }
+
+/// Most ids per request in the prefetch round: small, so that its chunks
+/// arrive about in the order asked.
+pub(crate) const PREFETCH_BATCH: usize = 4;
 
 impl Swarm {
     pub(crate) fn new(store: Arc<Store>, stats: Arc<Stats>, conns: Vec<ProviderConn>, opts: FetchOptions) -> Arc<Self> {
@@ -457,7 +479,13 @@ impl Swarm {
             bytes: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
             since_flush: AtomicU64::new(0),
+            batch: std::sync::atomic::AtomicUsize::new(1),
         })
+    }
+
+    /// Connections to the providers that could be dialled, with their names.
+    pub(crate) fn connections(&self) -> Vec<(String, Connection)> {
+        self.conns.iter().filter_map(|c| c.conn.as_ref().ok().map(|k| (c.node.clone(), k.clone()))).collect()
     }
 
     /// Closes every connection; returns the UDP bytes they moved (both
@@ -512,6 +540,8 @@ impl Swarm {
     /// Fetches every id in `ids` (none of them local) into the store.
     pub(crate) async fn run(self: &Arc<Self>, phase: Phase, ids: Vec<ChunkId>) -> Result<(), PeerError> {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+        let batch = if phase == Phase::Prefetch { PREFETCH_BATCH.min(self.opts.batch) } else { self.opts.batch };
+        self.batch.store(batch.max(1), Ordering::Relaxed);
         if ids.is_empty() {
             return Ok(());
         }
@@ -579,7 +609,7 @@ impl Swarm {
     async fn lane(self: Arc<Self>, p: usize, lanes_total: usize) {
         loop {
             let notified = self.notify.notified();
-            let took = self.lock().take(p, self.opts.batch, lanes_total);
+            let took = self.lock().take(p, self.batch.load(Ordering::Relaxed), lanes_total);
             let batch = match took {
                 Take::Stop => return,
                 Take::Wait => {
@@ -856,6 +886,31 @@ pub(crate) fn order_for_swarm(ids: Vec<ChunkId>, me: usize, n: usize) -> Vec<Chu
     rest.reverse();
     mine.append(&mut rest);
     mine
+}
+
+/// Asks each connection in turn for the prefetch order of `layer` (chunk
+/// protocol op 6); the first that has one, and who gave it. Unchecked.
+pub(crate) async fn ask_order(
+    conns: Vec<(String, Connection)>,
+    layer: xenod_store::LayerId,
+    limit: Duration,
+) -> Option<(String, Vec<u8>)> {
+    for (node, conn) in conns {
+        let ask = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(&Request::Order(layer).encode()).await.map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            super::protocol::read_order(&mut recv).await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(limit, ask).await {
+            Ok(Ok(Some(rec))) => return Some((node, rec)),
+            Ok(Ok(None)) => {}
+            // A provider of an older version does not know op 6.
+            Ok(Err(e)) => tracing::debug!("no prefetch order from {node}: {e}"),
+            Err(_) => tracing::debug!("no prefetch order from {node}: no answer within {limit:?}"),
+        }
+    }
+    None
 }
 
 /// Asks a provider where its solid blocks keep `ids` (chunk protocol op 5).

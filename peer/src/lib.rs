@@ -494,7 +494,13 @@ impl Engine {
             None => ids,
         };
         let manifests_only = opts.manifests_only;
+        let read_timeout = opts.read_timeout;
         let swarm = Swarm::new(self.store.clone(), self.stats.clone(), conns, opts);
+        // The stack's prefetch order, asked for while the manifests come.
+        let mut asking = match self.store.order_bytes(&layer)? {
+            Some(_) => None,
+            None => Some(tokio::spawn(fetch::ask_order(swarm.connections(), layer, read_timeout))),
+        };
 
         // Roots, top down: each names its base.
         let mut stack = Vec::new();
@@ -527,14 +533,26 @@ impl Engine {
         if !manifests_only {
             phases.push((Phase::Data, missing_data_chunks));
         }
+        let mut order_from = None;
+        let mut prefetched = 0;
         for (phase, scan) in phases {
             let (store, s) = (self.store.clone(), stack.clone());
-            let (want, l) = tokio::task::spawn_blocking(move || scan(&store, &s))
+            let (mut want, l) = tokio::task::spawn_blocking(move || scan(&store, &s))
                 .await
                 .map_err(|e| PeerError::NoProviders { why: format!("scan task: {e}") })??;
             local += l;
             fetched += want.len() as u64;
+            if phase == Phase::Data {
+                let first = self.prefetch_first(&layer, &mut want)?;
+                prefetched = first.len() as u64;
+                swarm.run(Phase::Prefetch, first).await?;
+            }
             swarm.run(phase, order(want)).await?;
+            if phase == Phase::Manifests
+                && let Some(task) = asking.take()
+            {
+                order_from = self.keep_order(layer, task).await;
+            }
         }
         let udp_bytes = swarm.close();
 
@@ -549,7 +567,54 @@ impl Engine {
             udp_bytes,
             elapsed_ms: ms(t0),
             providers: swarm.reports(),
+            prefetched,
+            order_from,
         })
+    }
+
+    /// Keeps the prefetch order `task` got from a provider, once it checks
+    /// out against the stack's manifests (here by now); who gave it.
+    async fn keep_order(
+        &self,
+        layer: LayerId,
+        task: tokio::task::JoinHandle<Option<(String, Vec<u8>)>>,
+    ) -> Option<String> {
+        let (node, rec) = task.await.ok().flatten()?;
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.put_order_bytes(&layer, &rec)).await {
+            Ok(Ok(o)) => {
+                tracing::info!("prefetch order of {layer} from {node}: {} chunks", o.ids.len());
+                Some(node)
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("refused the prefetch order {node} sent: {e}");
+                None
+            }
+            Err(e) => {
+                tracing::warn!("keeping a prefetch order: {e}");
+                None
+            }
+        }
+    }
+
+    /// Takes out of `want` the chunks of the stack's prefetch order, in
+    /// that order, to be fetched first. A held order that does not decode
+    /// is ignored (and said).
+    fn prefetch_first(&self, layer: &LayerId, want: &mut Vec<ChunkId>) -> Result<Vec<ChunkId>, PeerError> {
+        let order = match self.store.order(layer) {
+            Ok(Some(o)) => o,
+            Ok(None) => return Ok(Vec::new()),
+            Err(e @ Error::Order { .. }) => {
+                tracing::warn!("{e}");
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let wanted: std::collections::HashSet<ChunkId> = want.iter().copied().collect();
+        let first: Vec<ChunkId> = order.ids.into_iter().filter(|id| wanted.contains(id)).collect();
+        let firsts: std::collections::HashSet<ChunkId> = first.iter().copied().collect();
+        want.retain(|id| !firsts.contains(id));
+        Ok(first)
     }
 
     pub(crate) async fn fetch_names(&self, provider: &EndpointAddr) -> Result<NamesReport, PeerError> {

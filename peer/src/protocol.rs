@@ -12,6 +12,7 @@
 //!                comes in solid frames: codec 1..=16 asks for zstd at
 //!                that level, 128 for PPMd (see [`Dense`])
 //!   op 5 layout: count:u16le id[32]*count         1 <= count <= MAX_LAYOUT
+//!   op 6 order:  layer[32]                        the stack's prefetch order
 //!
 //! answer to chunks: frames in request order, one per requested id, or
 //! (op 3 only) one solid frame for the next `count` ids
@@ -23,6 +24,9 @@
 //! answer to names:
 //!   names   := len:u32le json(Vec<NameRecord>)[len]
 //! answer to layout: ( block:u64le start:u32le ){count}, in request order
+//! answer to order:  len:u32le record[len]         len 0: none held; at most
+//!                                                 MAX_ORDER_BYTES (the record:
+//!                                                 `store/src/order.rs`)
 //! ```
 //!
 //! `stored` is the chunk exactly as the provider keeps it at rest (zstd, or
@@ -56,7 +60,7 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use xenod_store::{ChunkId, Encoding};
+use xenod_store::{ChunkId, Encoding, LayerId, MAX_ORDER_BYTES};
 pub use xenod_store::{Dense, MAX_DENSE_LEVEL};
 
 /// The ALPN of the chunk protocol; a connection for any other is refused
@@ -79,6 +83,7 @@ const OP_NAMES: u8 = 2;
 const OP_SOLID: u8 = 3;
 const OP_DENSE: u8 = 4;
 const OP_LAYOUT: u8 = 5;
+const OP_ORDER: u8 = 6;
 const PRESENT: u8 = 0;
 const ABSENT: u8 = 1;
 const SOLID: u8 = 2;
@@ -105,6 +110,8 @@ pub enum Request {
     Names,
     /// Which stored block holds each id, and where in it.
     Layout(Vec<ChunkId>),
+    /// The prefetch order held for the stack of a layer.
+    Order(LayerId),
 }
 
 /// The provider's answer for the next requested id(s).
@@ -162,7 +169,7 @@ impl Request {
                     Self::Chunks(_) => b.push(OP_CHUNKS),
                     Self::Solid(_) => b.push(OP_SOLID),
                     Self::Dense { codec, .. } => b.extend_from_slice(&[OP_DENSE, codec.byte()]),
-                    Self::Names | Self::Layout(_) => unreachable!(),
+                    Self::Names | Self::Layout(_) | Self::Order(_) => unreachable!(),
                 }
                 b.extend_from_slice(&(ids.len() as u16).to_le_bytes());
                 for id in ids {
@@ -170,6 +177,10 @@ impl Request {
                 }
             }
             Self::Names => b.push(OP_NAMES),
+            Self::Order(layer) => {
+                b.push(OP_ORDER);
+                b.extend_from_slice(layer.as_bytes());
+            }
             Self::Layout(ids) => {
                 debug_assert!(!ids.is_empty() && ids.len() <= MAX_LAYOUT);
                 b.push(OP_LAYOUT);
@@ -217,6 +228,11 @@ impl Request {
                 })
             }
             OP_NAMES => Ok(Self::Names),
+            OP_ORDER => {
+                let mut l = [0u8; 32];
+                r.read_exact(&mut l).await.map_err(WireError::from_read("request"))?;
+                Ok(Self::Order(LayerId::from_bytes(l)))
+            }
             op => Err(WireError::Invalid(format!("unknown request op {op}"))),
         }
     }
@@ -339,6 +355,25 @@ pub async fn read_layout(r: &mut (impl AsyncRead + Unpin), n: usize) -> Result<V
         .collect())
 }
 
+/// Writes an order answer: the record, or none (empty).
+pub async fn write_order(w: &mut (impl AsyncWrite + Unpin), record: &[u8]) -> std::io::Result<()> {
+    w.write_all(&(record.len() as u32).to_le_bytes()).await?;
+    w.write_all(record).await
+}
+
+/// Reads an order answer (not yet checked): none when empty.
+pub async fn read_order(r: &mut (impl AsyncRead + Unpin)) -> Result<Option<Vec<u8>>, WireError> {
+    let mut n = [0u8; 4];
+    r.read_exact(&mut n).await.map_err(WireError::from_read("order header"))?;
+    let n = u32::from_le_bytes(n) as usize;
+    if n > MAX_ORDER_BYTES {
+        return Err(WireError::Invalid(format!("order answer of {n} bytes exceeds {MAX_ORDER_BYTES}")));
+    }
+    let mut b = vec![0u8; n];
+    r.read_exact(&mut b).await.map_err(WireError::from_read("order answer"))?;
+    Ok((n > 0).then_some(b))
+}
+
 /// Writes a names answer.
 pub async fn write_names(w: &mut (impl AsyncWrite + Unpin), json: &[u8]) -> std::io::Result<()> {
     w.write_all(&(json.len() as u32).to_le_bytes()).await?;
@@ -386,6 +421,20 @@ mod tests {
                 assert!(matches!(e, WireError::Truncated(_)), "{e}");
             }
             assert_eq!(Request::read(&mut Request::Names.encode().as_slice()).await.unwrap(), Request::Names);
+            let order = Request::Order(ChunkId::of(b"top"));
+            assert_eq!(Request::read(&mut order.encode().as_slice()).await.unwrap(), order);
+            let e = Request::read(&mut &order.encode()[..20]).await.unwrap_err();
+            assert!(matches!(e, WireError::Truncated(_)), "{e}");
+            for rec in [&b""[..], b"some record"] {
+                let mut answer = Vec::new();
+                write_order(&mut answer, rec).await.unwrap();
+                assert_eq!(
+                    read_order(&mut answer.as_slice()).await.unwrap().as_deref(),
+                    (!rec.is_empty()).then_some(rec)
+                );
+            }
+            let huge = ((MAX_ORDER_BYTES + 1) as u32).to_le_bytes();
+            assert!(read_order(&mut huge.as_slice()).await.unwrap_err().to_string().contains("exceeds"));
             // Layout requests may be longer than chunk batches, up to MAX_LAYOUT.
             let many: Vec<ChunkId> = (0..MAX_LAYOUT + 1).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
             let layout = Request::Layout(many[..MAX_LAYOUT].to_vec());
@@ -404,6 +453,7 @@ mod tests {
                 (b"XNQ1\x01\x00\x00".to_vec(), "outside"),
                 (b"XNQ1\x01\x01\x05".to_vec(), "outside"),
                 (b"XNQ1\x09".to_vec(), "unknown request op"),
+                (b"XNQ1\x06\x01".to_vec(), "stream ended"),
                 (b"XNQ1\x04\x00\x01\x00".to_vec(), "dense level 0"),
                 (b"XNQ1\x04\x16\x01\x00".to_vec(), "dense level 22"),
                 (b"XNQ1\x04\x81\x01\x00".to_vec(), "dense level 129"),

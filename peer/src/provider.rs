@@ -20,7 +20,9 @@ use tracing::debug;
 
 use xenod_store::{BLOCK_TARGET, BlockBuf, ChunkId, Dense, Error, Store, WIRE_LEVEL, zstd_level};
 
-use super::protocol::{Answer, Frame, Request, WireError, write_answer, write_layout, write_names, write_refusal};
+use super::protocol::{
+    Answer, Frame, Request, WireError, write_answer, write_layout, write_names, write_order, write_refusal,
+};
 use super::stats::Stats;
 
 /// Frames buffered per stream between the pack reader and the network.
@@ -89,6 +91,14 @@ impl Provider {
                     .map_err(|e| WireError::Local(format!("layout task: {e}")))?
                     .map_err(|e| WireError::Local(format!("layout: {e}")))?;
                 write_layout(&mut send, &layout).await.map_err(WireError::Io)?;
+            }
+            Request::Order(layer) => {
+                let store = self.store.clone();
+                let rec = tokio::task::spawn_blocking(move || store.order_bytes(&layer))
+                    .await
+                    .map_err(|e| WireError::Local(format!("order task: {e}")))?
+                    .map_err(|e| WireError::Local(format!("order: {e}")))?;
+                write_order(&mut send, rec.as_deref().unwrap_or_default()).await.map_err(WireError::Io)?;
             }
             Request::Names => {
                 let mut recs = self.store.names().unwrap_or_default();

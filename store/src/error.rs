@@ -54,6 +54,10 @@ pub enum Error {
     /// refusal): `template://a/../b`, `NAME@` with a short id.
     #[error("{r:?} is not a valid reference: {why}")]
     BadRef { r: String, why: String },
+    /// A prefetch order refused (malformed, or naming chunks its stack
+    /// does not hold). The fault is part of the message.
+    #[error("prefetch order of layer {layer}: {fault}")]
+    Order { layer: String, fault: crate::order::OrderFault },
     #[error("no layer matches {0:?}")]
     UnknownRef(String),
     #[error("index database {}", path.display())]
@@ -77,6 +81,7 @@ impl Error {
             Error::BadInput { .. }
             | Error::BadEntry { .. }
             | Error::Manifest { .. }
+            | Error::Order { .. }
             | Error::Export { .. }
             | Error::ExportEntry { .. } => Exit::BadInput,
             Error::Io { .. } | Error::Db { .. } => Exit::Failure,

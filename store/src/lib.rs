@@ -12,6 +12,7 @@
 //! | `import` | directories, tar streams and disk images into entries |
 //! | `export` | entries out to a directory or a tar stream |
 //! | `names` | signed `template://` names, pins, reference resolution |
+//! | `order` | [`Order`]: a stack's prefetch order (first reads of a boot), kept per top layer; its record format and checks |
 //! | `mounts` | `.mount` files: layer references inside a layer ([`MOUNT_FILE`]) |
 //! | `gc`, `verify` | mark-and-sweep from roots (`.mount` references included); rehash and reference checks; damage marks and pack rewrites for repair |
 //! | `exit` | [`Exit`]: the documented exit codes, one table; each crate's error knows its code |
@@ -31,6 +32,7 @@ mod manifest;
 mod merge;
 mod mounts;
 mod names;
+mod order;
 mod spill;
 mod store;
 #[doc(hidden)]
@@ -61,6 +63,7 @@ pub use mounts::{MOUNT_FILE, MOUNT_FILE_MAX, is_mount_file, mount_refs};
 pub use names::{
     MAX_SUCCESSION, NameRecord, SCHEME, Succession, Trust, check_name, check_pattern, generate_key, hex, publisher,
 };
+pub use order::{MAX_ORDER, MAX_ORDER_BYTES, Order, OrderFault};
 pub use store::{
     BLOCK_MAX_PLAIN, BLOCK_TARGET, BlockBuf, Location, Members, PackRewrite, Store, WriteLock, WriteStats,
 };

@@ -323,6 +323,14 @@ pub enum Cmd {
     Names(crate::names_cmds::NameCmds),
     #[command(flatten)]
     Fed(crate::fed_cmds::FedCmd),
+    /// A stack's prefetch order: the chunks its guest first read while
+    /// booting, which lazy deploys fetch first, ahead of the guest.
+    ///
+    /// A lazy deploy records the order when none is held (or `record` asked
+    /// for one) once its service answers; the order travels with the stack
+    /// to the hosts that fetch it.
+    #[command(subcommand)]
+    Prefetch(crate::prefetch_cmds::PrefetchCmd),
     /// Shell completions and man pages, for packages.
     #[command(subcommand, hide = true)]
     Generate(crate::generate::GenerateCmd),
@@ -815,6 +823,7 @@ pub fn run(args: Args) -> Result<()> {
         Cmd::Peer(c) => crate::peer_cmds::run(&ctx, c),
         Cmd::Names(c) => crate::names_cmds::run(&ctx, c),
         Cmd::Fed(c) => crate::fed_cmds::run(&ctx, c),
+        Cmd::Prefetch(c) => crate::prefetch_cmds::run(&ctx, c),
         Cmd::Generate(c) => crate::generate::run(&ctx, c),
         Cmd::Digest { dir, list } => {
             if list {

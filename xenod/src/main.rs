@@ -7,6 +7,7 @@ mod fed_cmds;
 mod generate;
 mod names_cmds;
 mod peer_cmds;
+mod prefetch_cmds;
 mod progress;
 mod repair;
 

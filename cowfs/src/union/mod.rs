@@ -62,7 +62,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use rustix::fs::FileType;
-use xenod_store::Store;
+use xenod_store::{ChunkId, Store};
 
 use crate::cache::ChunkCache;
 use crate::error::{Errno, Error, FsResult, Result};
@@ -285,6 +285,19 @@ impl Union {
     /// instead of failing the read.
     pub fn fetch_missing(&self, f: crate::cache::Fetcher) {
         let _ = self.cache.fetcher.set(f);
+    }
+
+    /// Starts recording the chunks readers ask for, first asked first, at
+    /// most `cap` of them ([`Union::first_touches`]).
+    pub fn record_first_touches(&self, cap: usize) {
+        let _ = self.cache.touches.set(crate::cache::FirstTouches::new(cap));
+    }
+
+    /// The chunks recorded so far (see [`Union::record_first_touches`]),
+    /// and how many reads waited for a chunk the store lacked.
+    pub fn first_touches(&self) -> (Vec<ChunkId>, u64) {
+        let list = self.cache.touches.get().map(|t| t.list()).unwrap_or_default();
+        (list, self.cache.waits.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Starts recording writes and namespace changes for [`Union::drain_dirty`].

@@ -398,6 +398,7 @@ impl Daemon {
             gossip: Some(reply::Gossip { joined: self.node.gossip_joined(), presences: self.node.presences().len() }),
             lazy_fetches: Some(self.lazy.pending()),
             capacity: Some(self.instances.capacity(None)),
+            lazy: Some(self.lazy.counters()),
         }
     }
 

@@ -11,8 +11,17 @@
 //!
 //! A chunk fetched at once is not stored (the background fetch stores
 //! everything); the filesystem keeps it in its decoded-chunk cache.
+//!
+//! Prefetch orders: the background fetch fetches the chunks of the stack's
+//! prefetch order first, in that order (`peer/src/fetch.rs`), so a guest
+//! booting as a recorded one did finds them here instead of stalling. A
+//! lazy deploy records that order when the store holds none for the stack
+//! or `xenod prefetch record` asked for one (`Instances::deploy`); it
+//! travels with the stack (`store/src/order.rs`). `xenod status` counts
+//! the chunks mounts asked for and the stalls among them.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +42,9 @@ pub struct Lazy {
     conns: tokio::sync::Mutex<HashMap<EndpointId, Connection>>,
     /// Background fetches by layer: "fetching", or why one failed.
     pending: Mutex<BTreeMap<LayerId, String>>,
+    requests: AtomicU64,
+    stalls: AtomicU64,
+    prefetched: AtomicU64,
 }
 
 impl Lazy {
@@ -40,6 +52,15 @@ impl Lazy {
     pub fn pending(&self) -> BTreeMap<String, String> {
         let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.iter().map(|(l, s)| (l.to_string(), s.clone())).collect()
+    }
+
+    /// Chunk requests, stalls and chunks prefetched, for `xenod status`.
+    pub fn counters(&self) -> reply::LazyCounters {
+        reply::LazyCounters {
+            chunk_requests: self.requests.load(Ordering::Relaxed),
+            stalls: self.stalls.load(Ordering::Relaxed),
+            prefetched: self.prefetched.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -60,7 +81,10 @@ pub fn background(d: &Arc<Daemon>, layer: LayerId, peers: Vec<EndpointAddr>) {
         let complete = {
             let mut p = d.lazy.pending.lock().unwrap_or_else(|e| e.into_inner());
             match r {
-                Ok(_) => p.remove(&layer).is_some(),
+                Ok(rep) => {
+                    d.lazy.prefetched.fetch_add(rep.prefetched, Ordering::Relaxed);
+                    p.remove(&layer).is_some()
+                }
                 Err(e) => {
                     tracing::warn!("background fetch of {layer}: {e}");
                     p.insert(layer, format!("failed: {e}"));
@@ -77,10 +101,12 @@ pub fn background(d: &Arc<Daemon>, layer: LayerId, peers: Vec<EndpointAddr>) {
 /// `Request::Chunk`: chunk `id` now, from the store or a provider.
 pub async fn chunk(d: &Arc<Daemon>, id: &str) -> Result<reply::Chunk> {
     let id: ChunkId = id.parse().map_err(|e| err!("chunk id {id:?}: {e}"))?;
+    d.lazy.requests.fetch_add(1, Ordering::Relaxed);
     let store = d.store_arc();
     if let Ok(Ok(b)) = tokio::task::spawn_blocking(move || store.get(&id)).await {
         return Ok(reply::Chunk { data: hex(&b) });
     }
+    d.lazy.stalls.fetch_add(1, Ordering::Relaxed);
     let mut providers = d.lazy.providers.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for p in d.default_peers() {
         if !providers.iter().any(|q| q.id == p.id) {

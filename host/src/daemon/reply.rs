@@ -40,6 +40,20 @@ pub struct Status {
     /// what is free (see `admission`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<crate::admission::Capacity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<LazyCounters>,
+}
+
+/// Lazy deploys' reads through the daemon, since it started.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LazyCounters {
+    /// Chunks mounts asked for (their store lacked them).
+    pub chunk_requests: u64,
+    /// Of those, chunks this store lacked too: the reader waited for a
+    /// provider (a stall).
+    pub stalls: u64,
+    /// Chunks background fetches fetched first, in a prefetch order.
+    pub prefetched: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -398,6 +398,33 @@ fn instance_layer(store: &Store, top: &LayerId, name: &str) -> Result<LayerId> {
     Ok(w.finish(Some(*top), [("instance".to_string(), name.to_string())].into())?)
 }
 
+/// After a lazy deploy's service answered: what its mount (control socket
+/// `control`) read first, kept as the prefetch order of the stack of `top`
+/// when the store holds none or one was asked for (`xenod prefetch
+/// record`). Only data chunks of that stack are kept (not the instance
+/// layer's). Returns `{"waits": reads that waited on the daemon for a
+/// chunk (from its store or a provider), "recorded": entries kept or null,
+/// "order": entries held}`; the daemon counts the reads that waited for
+/// a provider (`xenod status`, `lazy.stalls`).
+fn record_order(store: &Store, top: &LayerId, control: &Path) -> Result<serde_json::Value> {
+    let (touched, waits) = xenod_cowfs::first_touches(control)?;
+    let held = store.order(top).ok().flatten();
+    let mut recorded = None;
+    if held.is_none() || store.order_requested(top)? {
+        let chunks = store.stack_data_chunks(top)?;
+        let order = xenod_store::Order::new(*top, touched.into_iter().filter(|id| chunks.contains(id)));
+        if !order.ids.is_empty() {
+            store.put_order(&order)?;
+            recorded = Some(order.ids.len());
+        }
+    }
+    let entries = match recorded {
+        Some(n) => Some(n),
+        None => held.map(|o| o.ids.len()),
+    };
+    Ok(json!({ "waits": waits, "recorded": recorded, "order": entries }))
+}
+
 /// Whether process `pid` runs (a zombie does not).
 fn alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -554,6 +581,7 @@ impl Instances {
         hv.deploy(&model)?;
         tl.step("define + start");
         let port = inst.ports.first().map(|p| p.host);
+        let mut lazy = serde_json::Value::Null;
         if !a.no_wait {
             let timeout = a.timeout;
             wait_console(&hv, &domain, GUEST_READY_LINE, timeout)?;
@@ -562,13 +590,24 @@ impl Instances {
                 wait_http(&hv, &domain, p, "/xenod-ready-probe", timeout)?;
                 tl.step("service answers");
             }
+            if a.lazy {
+                lazy = match record_order(&store, &top, &inst.control(data)) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!("recording the prefetch order of {top}: {}", e.chain());
+                        json!({ "error": e.chain() })
+                    }
+                };
+                tl.step("prefetch order");
+            }
         }
         guard.armed = false;
         let service = spec.service.clone().unwrap_or_else(|| name.to_string());
         self.event(EventKind::InstanceDeployed { instance: name.to_string(), service: Some(service) });
         Ok(
             json!({ "name": name, "id": layer.to_string(), "top": top.to_string(), "root": format!("{:?}", spec.root).to_lowercase(),
-                   "port": port, "ports": inst.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "timeline": tl.json() }),
+                   "port": port, "ports": inst.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "timeline": tl.json(),
+                   "lazy": lazy }),
         )
     }
 

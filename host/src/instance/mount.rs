@@ -85,6 +85,9 @@ pub fn mount_cmd(data_dir: &Path, reference: &str, mountpoint: &Path, how: &Moun
                 let f: xenod_cowfs::Fetcher = Arc::new(move |id| crate::api::fetch_chunk(&data, id));
                 f
             }),
+            // A lazy deploy keeps the order of first reads (the stack's
+            // prefetch order, see `Instances::deploy`).
+            record_touches: if lazy { xenod_store::MAX_ORDER } else { 0 },
             lower_dirs: how.lower_dirs.clone(),
             passthrough: how.passthrough,
             uring: !how.no_uring,

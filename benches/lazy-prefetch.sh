@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# Lazy deploy with and without a recorded prefetch order, side by side in
+# one run: the time from `xenod deploy --lazy` to the fixture guest's
+# service answering, on empty hosts behind an emulated link.
+#
+# Usage: benches/lazy-prefetch.sh   (needs root, /dev/fuse, QEMU, libvirt)
+#
+# Environment: XENOD (default target/release/xenod), LINK_MBIT (each
+#   emulated host's link, default 100), NOISE_MIB (bytes in the template the
+#   guest never reads, ahead of /boot in path order, default 64), ROUNDS
+#   (default 2), KEEP=1 (keep the work directory and daemon logs).
+#
+# The stack: the fixture template with its kernel and initrd (a 66 MB
+# uncompressed vmlinux), NOISE_MIB of noise at /a-unused.bin, and the web
+# overlay. Hosts, each a network namespace with a LINK_MBIT link (tbf, both
+# ways) to one bridge, as in fanout.sh:
+#   a  publishes the stack; b fetches it from a (no order yet);
+#   r  deploys it lazily from a: the first deploy records the order;
+#      a then fetches the stack from r (it holds it all) and gets the order.
+# Each round then deploys on two empty hosts: one from b (no order), one
+# from a (the order), each alone on the machine. The guests run under this
+# machine's QEMU (the daemons' peer traffic alone crosses the links);
+# reported: time to answer, the reads that stalled, the chunks prefetched.
+# Markdown to stdout; progress to stderr.
+set -euo pipefail
+export LC_ALL=C LANG=C
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd -P)
+cd "$ROOT"
+XENOD=${XENOD:-$ROOT/target/release/xenod}
+LINK_MBIT=${LINK_MBIT:-100}
+NOISE_MIB=${NOISE_MIB:-64}
+ROUNDS=${ROUNDS:-2}
+KEEP=${KEEP:-0}
+export XENOD_LOG=${XENOD_LOG:-error}
+
+log() { echo "lazy-prefetch: $*" >&2; }
+die() { log "$*"; exit 1; }
+[ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, FUSE, libvirt)"
+[[ $LINK_MBIT =~ ^[1-9][0-9]*$ ]] || die "LINK_MBIT must be a positive integer (Mbit/s)"
+[ -x "$XENOD" ] || { log "building xenod (release)"; cargo build --release --locked -p xenod >&2; }
+FIX=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/guest
+bash fixtures/build-guest.sh "$FIX" >/dev/null
+bash scripts/start-libvirtd.sh >/dev/null
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/xenod-lazypf.XXXXXX")
+NET=xnpf$(printf %x $$)
+BRIDGE=${NET}x
+NETNS=()
+PIDS=()
+DATAS=()
+FWD_RULE=""
+
+cleanup() {
+  set +e
+  for d in "${DATAS[@]}"; do
+    for n in $("$XENOD" --data-dir "$d" ps --json 2>/dev/null | jq -r '.instances[].name'); do
+      "$XENOD" --data-dir "$d" destroy "$n" >/dev/null 2>&1
+    done
+  done
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  for _ in $(seq 1 100); do
+    local alive=0
+    for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" -eq 0 ] && break
+    sleep 0.1
+  done
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  for ns in "${NETNS[@]}"; do
+    ip link del "$ns" 2>/dev/null
+    ip netns del "$ns" 2>/dev/null
+  done
+  [ -n "$FWD_RULE" ] && iptables -D FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null
+  ip link del "$BRIDGE" 2>/dev/null
+  if [ "$KEEP" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+now() { date +%s.%N; }
+
+# --- emulated hosts (see fanout.sh) ---------------------------------------------
+NEXT_IP=2
+declare -A IP
+shape() {
+  local burst=$((LINK_MBIT * 625))
+  [ "$burst" -ge 65536 ] || burst=65536
+  ip ${2:+-n "$2"} link set "$1" up
+  tc ${2:+-n "$2"} qdisc replace dev "$1" root tbf rate "${LINK_MBIT}mbit" burst "$burst" latency 20ms
+}
+add_host() {
+  local ns=$NET$1
+  IP[$1]=10.232.0.$NEXT_IP
+  NEXT_IP=$((NEXT_IP + 1))
+  ip netns add "$ns"
+  NETNS+=("$ns")
+  ip -n "$ns" link set lo up
+  ip link add "$ns" type veth peer name eth0 netns "$ns"
+  ip link set "$ns" master "$BRIDGE"
+  ip -n "$ns" addr add "${IP[$1]}/24" dev eth0
+  shape eth0 "$ns"
+  shape "$ns"
+}
+ip link add "$BRIDGE" type bridge
+ip link set "$BRIDGE" up
+if [ -e /proc/sys/net/bridge/bridge-nf-call-iptables ] && command -v iptables >/dev/null; then
+  iptables -I FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT && FWD_RULE=1
+fi
+
+# serve HOST: a data directory and a daemon in HOST's namespace; sets ADDR.
+serve() {
+  local h=$1 dir=$WORK/$1 fifo=$WORK/fifo.$1 line
+  add_host "$h"
+  mkdir -p "$dir"
+  DATAS+=("$dir")
+  printf 'domain_prefix = "pfb-%s-"\n' "$h" >"$dir/config.toml"
+  mkfifo "$fifo"
+  ip netns exec "$NET$h" "$XENOD" --data-dir "$dir" --json serve --listen "${IP[$h]}:0" >"$fifo" 2>"$dir.log" &
+  PIDS+=("$!")
+  read -r -t 60 line <"$fifo" || die "daemon $h did not start; see $dir.log"
+  rm -f "$fifo"
+  ADDR=$(echo "$line" | json 'd["addr"]')
+  log "daemon $h: $ADDR"
+}
+x() { local h=$1; shift; "$XENOD" --data-dir "$WORK/$h" "$@"; }
+ticket() { x "$1" --json share "$2" | json 'd["ticket"]'; }
+
+# --- the stack ---------------------------------------------------------------------
+mkdir -p "$WORK/t/boot"
+cp -a "$FIX/template/." "$WORK/t/"
+cp "$FIX/kernel/vmlinux" "$FIX/kernel/initrd.img" "$WORK/t/boot/"
+# base64 of random bytes: NOISE_MIB of text, about 3/4 of it after zstd.
+head -c $((NOISE_MIB * 3 << 18)) /dev/urandom | base64 -w 0 >"$WORK/t/a-unused.bin"
+cp -a "$WORK/t" "$WORK/web" && cp -a "$FIX/web/." "$WORK/web/"
+mkdir -p "$WORK/a"
+x a publish "$WORK/t" --name template://bench/lazy/1 >/dev/null
+TOP=$(x a overlay create --base template://bench/lazy/1 "$WORK/web" --spec fixtures/guest/web.spec.json)
+log "stack $TOP"
+serve a
+serve b
+x b --json fetch "$(ticket a "$TOP")" >/dev/null
+serve r
+
+# deploy HOST TICKET NAME: a lazy deploy on HOST's fresh daemon; prints
+# "seconds stalls waits": the reads that waited for a provider (the
+# daemon's count) and those that waited on the daemon at all (the mount's).
+deploy() {
+  local t0 t1 j
+  t0=$(now)
+  j=$(x "$1" --json deploy "$2" --lazy --name "$3") || die "deploy on $1 failed; see $WORK/$1.log"
+  t1=$(now)
+  echo "$j" >"$WORK/$3.json"
+  printf '%.2f %s %s\n' "$(echo "$t1 - $t0" | bc -l)" "$(x "$1" --json status | json 'd["lazy"]["stalls"]')" \
+    "$(echo "$j" | json 'd["instances"][0]["lazy"]["waits"]')"
+}
+wait_fetched() {
+  for _ in $(seq 1 600); do
+    [ "$(x "$1" --json status | json 'len(d.get("lazy_fetches") or {})')" = 0 ] && return
+    sleep 0.5
+  done
+  die "host $1's background fetch did not end"
+}
+
+log "recording on r (from a)"
+read -r REC_S REC_ST REC_W < <(deploy r "$(ticket a "$TOP")" rec)
+x r destroy rec >/dev/null
+ENTRIES=$(x r --json prefetch show "$TOP" | json 'd["entries"]')
+BYTES=$(x r --json prefetch show "$TOP" | json 'd["bytes"]')
+wait_fetched r
+x a --json fetch "$(ticket r "$TOP")" | json 'd.get("order_from")' >/dev/null
+[ "$(x a --json prefetch show "$TOP" | json 'd["entries"]')" = "$ENTRIES" ] || die "a did not get r's order"
+log "order: $ENTRIES chunks, $BYTES bytes; first deploy ${REC_S}s, $REC_ST stalls"
+
+echo "Lazy deploy to answer, empty host, ${LINK_MBIT} Mbit/s link, template + ${NOISE_MIB} MiB unread noise;"
+echo "order: $ENTRIES chunks ($(echo "$BYTES / 1048576" | bc -l | xargs printf %.1f) MiB). Recording deploy (no order): ${REC_S} s, $REC_ST stalled reads."
+echo
+echo "| round | order | time to answer | reads stalled (provider) | reads waiting on the daemon | chunks prefetched |"
+echo "|---|---|---:|---:|---:|---:|"
+for i in $(seq 1 "$ROUNDS"); do
+  for kind in without with; do
+    h=no$i
+    from=b
+    [ "$kind" = with ] && { h=or$i; from=a; }
+    serve "$h"
+    read -r S ST W < <(deploy "$h" "$(ticket $from "$TOP")" "pf$h")
+    # The background fetch may still run: prefetched counts once it ends.
+    wait_fetched "$h"
+    PF=$(x "$h" --json status | json 'd["lazy"]["prefetched"]')
+    echo "| $i | $kind | ${S} s | $ST | $W | $PF |"
+    x "$h" destroy "pf$h" >/dev/null
+    x "$h" shutdown >/dev/null || true
+  done
+done
+echo
+echo "Reads stalled: chunks the guest's mount asked for that its host's store lacked too (the daemon"
+echo "fetched them from the provider at once); reads waiting on the daemon: all the mount asked for"
+echo "(also those the background fetch had brought but not yet handed to the mount's view of the store)."
