@@ -12,7 +12,7 @@
 //!                       capacity    memory free after the guest / memory total            x 0.1
 //!                                   (--pack: 1 - that, to fill hosts before others)
 //!                       spread      with --spread LABEL: 1 / (1 + replicas already placed
-//!                                   on hosts with this host's LABEL value)                 x 2.0
+//!                                   on hosts with this host's LABEL value)                 x 4.0
 //! ```
 //!
 //! Locality is what no other scheduler weighs: a host that holds most of a
@@ -39,7 +39,9 @@ use crate::filter::{Attr, Filter};
 /// The weights (see the module's table).
 pub const W_LOCALITY: f64 = 1.0;
 pub const W_CAPACITY: f64 = 0.1;
-pub const W_SPREAD: f64 = 2.0;
+/// Above locality and capacity together: a host in an unused LABEL value
+/// beats one holding the whole stack in a used one.
+pub const W_SPREAD: f64 = 4.0;
 /// Most hosts a decision reports (the chosen ones first), and most removed
 /// hosts it names (each filter's count covers them all).
 pub const MAX_RANKED: usize = 64;
@@ -427,6 +429,12 @@ mod tests {
         a.spread = Some("zone".into());
         let d = place(&hosts, &a, None).unwrap();
         assert_eq!(nodes(&d), ["a1", "b2", "c1"]);
+        // A host holding the whole stack in a used zone loses to an empty
+        // one in an unused zone.
+        let hosts2 = [host("a1", "a", 8, &[1, 2]), host("a2", "a", 8, &[1, 2]), host("b1", "b", 8, &[])];
+        let mut two = a.clone();
+        two.replicas = 2;
+        assert_eq!(nodes(&place(&hosts2, &two, None).unwrap()), ["a1", "b1"]);
         // Without spread: the three with the most of the stack.
         let d = place(&hosts, &ask(3), None).unwrap();
         assert_eq!(nodes(&d), ["a1", "a2", "b2"]);

@@ -149,7 +149,7 @@ fn placement_text(v: &Value) -> String {
     let ranked = p["ranked"].as_array().cloned().unwrap_or_default();
     let chosen: Vec<usize> =
         p["chosen"].as_array().into_iter().flatten().filter_map(|c| c.as_u64()).map(|c| c as usize).collect();
-    let mut s = String::from("placement (score = locality x1 + capacity x0.1 + spread x2):");
+    let mut s = String::from("placement (score = locality x1 + capacity x0.1 + spread x4):");
     for (i, h) in ranked.iter().enumerate() {
         let mark = if chosen.contains(&i) { format!("chosen x{}", h["replicas"]) } else { "candidate".into() };
         let spread = h["spread"].as_f64().map(|x| format!(" spread {x:.2}")).unwrap_or_default();
