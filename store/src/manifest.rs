@@ -290,6 +290,20 @@ impl Entry {
         }
     }
 
+    /// A small regular file held in one chunk `id` of `len` bytes: mode
+    /// 0644, owned by root, mtime zero.
+    pub fn small_file(path: Vec<u8>, id: ChunkId, len: u32) -> Self {
+        Self {
+            path,
+            kind: Kind::File { size: u64::from(len), chunking: Chunking::Cdc, extents: vec![Extent::Data { id, len }] },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: Timestamp::default(),
+            xattrs: vec![],
+        }
+    }
+
     /// Another name for the regular file `target`, which carries the data
     /// and the metadata of the set (so this entry's own are zero).
     pub fn hardlink(path: Vec<u8>, target: Vec<u8>) -> Self {

@@ -271,9 +271,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chunker::Chunking;
     use crate::layer::LayerWriter;
-    use crate::manifest::{Entry, Timestamp};
+    use crate::manifest::Entry;
 
     fn ids(n: usize) -> Vec<ChunkId> {
         (0..n).map(|i| ChunkId::of(&(i as u64).to_le_bytes())).collect()
@@ -345,20 +344,7 @@ mod tests {
         w.push(&Entry::dir(Vec::new())).unwrap();
         for (name, body) in [(&b"a"[..], &b"first file"[..]), (b"b", b"second file")] {
             let (id, _) = store.put(body).unwrap();
-            w.push(&Entry {
-                path: name.to_vec(),
-                kind: Kind::File {
-                    size: body.len() as u64,
-                    chunking: Chunking::Cdc,
-                    extents: vec![Extent::Data { id, len: body.len() as u32 }],
-                },
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                mtime: Timestamp::default(),
-                xattrs: vec![],
-            })
-            .unwrap();
+            w.push(&Entry::small_file(name.to_vec(), id, body.len() as u32)).unwrap();
         }
         let top = w.finish(None, Default::default()).unwrap();
         let chunks: Vec<ChunkId> = store.stack_data_chunks(&top).unwrap().into_iter().collect();

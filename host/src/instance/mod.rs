@@ -34,7 +34,7 @@ use xenod_deployer::{
     DeploySpec, DomainModel, GUEST_READY_LINE, Hypervisor, Libvirt, PortForward, RootMode, SpecOverrides, default_uri,
     wait_console, wait_http,
 };
-use xenod_store::{Chunking, Entry, Extent, Kind, LayerId, LayerWriter, Merged, Store, Timestamp, cmp_paths};
+use xenod_store::{Entry, LayerId, LayerWriter, Merged, Store, cmp_paths};
 
 use crate::admission::{Ask, Capacity};
 use crate::api::Request;
@@ -382,19 +382,7 @@ fn instance_layer(store: &Store, top: &LayerId, name: &str) -> Result<LayerId> {
         };
         w.push(&e)?;
     }
-    w.push(&Entry {
-        path: INSTANCE_FILE.to_vec(),
-        kind: Kind::File {
-            size: content.len() as u64,
-            chunking: Chunking::Cdc,
-            extents: vec![Extent::Data { id, len: content.len() as u32 }],
-        },
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        mtime: Timestamp::default(),
-        xattrs: vec![],
-    })?;
+    w.push(&Entry::small_file(INSTANCE_FILE.to_vec(), id, content.len() as u32))?;
     Ok(w.finish(Some(*top), [("instance".to_string(), name.to_string())].into())?)
 }
 
