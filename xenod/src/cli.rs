@@ -323,6 +323,8 @@ pub enum Cmd {
     Names(crate::names_cmds::NameCmds),
     #[command(flatten)]
     Fed(crate::fed_cmds::FedCmd),
+    #[command(flatten)]
+    Usage(crate::usage_cmds::UsageCmd),
     /// A stack's prefetch order: the chunks its guest first read while
     /// booting, which lazy deploys fetch first, ahead of the guest.
     ///
@@ -481,6 +483,7 @@ fn deploy_options(ctx: &Ctx, a: &DeployArgs) -> instance::DeployOptions {
             upper_bytes: a.upper_quota.map(|m| m << 20),
         },
         best_effort: a.best_effort,
+        owner: None,
     }
 }
 
@@ -823,6 +826,7 @@ pub fn run(args: Args) -> Result<()> {
         Cmd::Peer(c) => crate::peer_cmds::run(&ctx, c),
         Cmd::Names(c) => crate::names_cmds::run(&ctx, c),
         Cmd::Fed(c) => crate::fed_cmds::run(&ctx, c),
+        Cmd::Usage(c) => crate::usage_cmds::run(&ctx, c),
         Cmd::Prefetch(c) => crate::prefetch_cmds::run(&ctx, c),
         Cmd::Generate(c) => crate::generate::run(&ctx, c),
         Cmd::Digest { dir, list } => {

@@ -107,6 +107,8 @@ pub struct Daemon {
     instances: crate::instance::Instances,
     pub(crate) lazy: super::lazy::Lazy,
     migrations: Mutex<MigrationTotals>,
+    /// Accounting, once the daemon (not an embedded engine) has opened it.
+    pub(crate) usage: std::sync::OnceLock<Arc<super::usage::Accounting>>,
 }
 
 /// Migrations from this host since the daemon started, for the metrics.
@@ -184,6 +186,7 @@ impl Daemon {
             stopping: Default::default(),
             lazy: Default::default(),
             migrations: Default::default(),
+            usage: Default::default(),
         });
         super::events::spawn_publisher(&d, events);
         d.save_state();
@@ -398,6 +401,12 @@ impl Daemon {
             gossip: Some(reply::Gossip { joined: self.node.gossip_joined(), presences: self.node.presences().len() }),
             lazy_fetches: Some(self.lazy.pending()),
             capacity: Some(self.instances.capacity(None)),
+            capacity_warnings: self
+                .config
+                .capacity
+                .as_ref()
+                .map(|c| crate::admission::beyond_host(c, &self.data_dir))
+                .unwrap_or_default(),
             lazy: Some(self.lazy.counters()),
         }
     }

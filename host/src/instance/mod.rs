@@ -44,6 +44,7 @@ use crate::{bail, err};
 use xenod_peer::events::EventKind;
 use xenod_store::Exit;
 
+pub mod limit;
 pub mod mount;
 
 /// Metadata key of a layer's deploy spec (JSON).
@@ -82,6 +83,9 @@ pub struct DeployOptions {
     /// refuse the deploy.
     #[serde(default)]
     pub best_effort: bool,
+    /// Who deploys it [default: this host's publisher key, else its node].
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// What `instance.json` records.
@@ -112,6 +116,10 @@ pub struct Instance {
     /// the daemon.
     #[serde(default)]
     pub lazy: bool,
+    /// Who deployed it (`key:HEX` of the publisher key, or `node:ID` of the
+    /// host that asked), for accounting.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// The instances of one host's data directory: where their files are,
@@ -126,6 +134,9 @@ pub struct Instances {
     events: EventSink,
     /// What this host offers guests (the config's `[capacity]`).
     offer: crate::config::Capacity,
+    /// Instance mounts use FUSE passthrough (the config's
+    /// `instance_passthrough`; off, accounting sees every byte).
+    passthrough: bool,
 }
 
 /// Where the lifecycle events of a host's instances go (deployed,
@@ -168,6 +179,7 @@ impl Instances {
             domain_prefix: config.domain_prefix.clone(),
             events: EventSink::to_daemon(data),
             offer: config.capacity.clone().unwrap_or_default(),
+            passthrough: config.instance_passthrough,
         }
     }
 
@@ -209,6 +221,18 @@ impl Instances {
     /// Reports a lifecycle event of an instance of this host.
     pub fn event(&self, kind: EventKind) {
         (self.events.0)(kind);
+    }
+
+    /// Who deploys here when nobody else is named: `key:HEX` of the
+    /// publisher key if this host has one, else `node:ID`.
+    pub fn default_owner(&self) -> String {
+        if let Ok(Some(k)) = crate::config::load_key(&self.data) {
+            return format!("key:{}", xenod_store::hex(&k.verifying_key().to_bytes()));
+        }
+        match crate::config::node_secret(&self.data) {
+            Ok(s) => format!("node:{}", xenod_peer::iroh::SecretKey::from_bytes(&s).public()),
+            Err(_) => "unknown".into(),
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -554,6 +578,7 @@ impl Instances {
             domain: (domain != name).then(|| domain.clone()),
             spec: Some(spec.clone()),
             lazy: a.lazy,
+            owner: Some(a.owner.clone().unwrap_or_else(|| self.default_owner())),
         };
         inst.save(data)?;
         let pid = self.spawn_mount(&inst)?;
@@ -610,7 +635,7 @@ impl Instances {
             upper: Some(upper),
             control: Some(inst.control(data)),
             lazy: inst.lazy,
-            passthrough: true,
+            passthrough: self.passthrough,
             upper_quota: inst.spec.as_ref().and_then(|s| s.limits.upper_bytes),
             ..Default::default()
         };

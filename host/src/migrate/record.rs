@@ -26,6 +26,9 @@ pub struct Record {
     /// The instance directory on the sending host, as named in the saved
     /// state's paths.
     pub source_dir: PathBuf,
+    /// Who deployed it (accounting).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// How a running guest's memory is saved.
@@ -50,6 +53,7 @@ pub(crate) fn record_of(data: &Path, inst: &Instance) -> Record {
         ports: inst.ports.clone(),
         spec: inst.spec.clone(),
         source_dir: inst.dir(data),
+        owner: inst.owner.clone(),
     }
 }
 
@@ -82,24 +86,6 @@ pub(crate) fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-pub(crate) fn upper_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
-            if let Ok(m) = e.metadata() {
-                if m.is_dir() {
-                    stack.push(e.path());
-                } else {
-                    total += m.blocks() * 512;
-                }
-            }
-        }
-    }
-    total
-}
-
 /// `record`'s instance as it runs here on `layer`, not yet mounted.
 pub(crate) fn instance_of(instances: &Instances, record: &Record, layer: LayerId) -> Result<Instance> {
     let domain = instances.domain_name(&record.name);
@@ -116,6 +102,7 @@ pub(crate) fn instance_of(instances: &Instances, record: &Record, layer: LayerId
         domain: (domain != record.name).then_some(domain),
         spec: record.spec.clone(),
         lazy: false,
+        owner: record.owner.clone(),
     })
 }
 
@@ -156,6 +143,7 @@ mod tests {
             ports: vec![PortForward { host: held, guest: 80 }],
             spec: Some(spec),
             source_dir: "/a/instances/web".into(),
+            owner: None,
         }
     }
 
