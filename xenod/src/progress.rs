@@ -100,9 +100,12 @@ pub fn bytes(msg: &str, total: Option<u64>, draw: Draw) -> ProgressBar {
 /// A bar of a count of `unit` (entries, chunks) with a known total.
 pub fn counted(msg: &str, unit: &str, total: u64, draw: Draw) -> ProgressBar {
     let pb = ProgressBar::with_draw_target(Some(total), draw.target());
-    let t = format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{percent}}% {{per_sec}} eta {{eta}}");
+    let t = format!("{{msg}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} {{percent}}% {{rate}}/s eta {{eta}}");
     if let Ok(style) = ProgressStyle::with_template(&t) {
-        pb.set_style(style.progress_chars("=> "));
+        let rate = |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{}", indicatif::HumanCount(s.per_sec() as u64));
+        };
+        pb.set_style(style.progress_chars("=> ").with_key("rate", rate));
     }
     pb.set_message(msg.to_owned());
     pb.enable_steady_tick(std::time::Duration::from_millis(200));

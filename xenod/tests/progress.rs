@@ -31,7 +31,8 @@ fn progress_stays_off_a_pipe_unless_asked() {
     assert!(err.contains("publishing") && err.contains('%'), "no progress though asked: {err}");
 }
 
-/// The lines of `err` that show `what` at 100%, with a total.
+/// The lines of `err` that show `what` at 100%, with a total (one, or
+/// two when a tick drew the full bar before it ended).
 fn done_lines<'a>(err: &'a str, what: &str) -> Vec<&'a str> {
     err.lines().filter(|l| l.starts_with(what) && l.contains("100%") && l.contains('/')).collect()
 }
@@ -69,7 +70,7 @@ fn gc_shows_its_phases_with_totals_only_when_asked() {
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     for phase in ["gc: marking", "gc: sweeping", "gc: packs"] {
-        assert_eq!(done_lines(&err, phase).len(), 1, "{phase} does not reach 100% of a total: {err}");
+        assert!(!done_lines(&err, phase).is_empty(), "{phase} does not reach 100% of a total: {err}");
     }
     assert!(done_lines(&err, "gc: marking")[0].contains(" entries "), "{err}");
     assert!(done_lines(&err, "gc: packs")[0].contains("iB/"), "the packs' total is in bytes: {err}");
@@ -118,8 +119,8 @@ fn export_shows_the_bytes_it_writes_of_a_known_total_only_when_asked() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let err = String::from_utf8_lossy(&out.stderr);
         let done = done_lines(&err, "exporting");
-        assert_eq!(done.len(), 1, "export {args:?} to {dest} does not reach 100% of a total: {err}");
-        assert!(done[0].contains(total), "export {args:?}: not {total}: {err}");
+        assert!(!done.is_empty(), "export {args:?} to {dest} does not reach 100% of a total: {err}");
+        assert!(done.iter().all(|l| l.contains(total)), "export {args:?}: not {total}: {err}");
     }
     // The base alone: its 3 MiB.
     let dest = tmp.path().join("base");
