@@ -92,16 +92,15 @@ fn export_shows_the_bytes_it_writes_of_a_known_total_only_when_asked() {
     std::fs::write(over.join("etc/big.bin"), vec![7u8; 1 << 20]).unwrap();
     let f = std::fs::File::create(over.join("etc/sparse.bin")).unwrap();
     f.set_len(512 << 10).unwrap();
-    let out = xenod(&data)
-        .args(["--json", "overlay", "create", "--base", &base, over.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out =
+        xenod(&data).args(["--json", "overlay", "create", "--base", &base, over.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let top = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"].as_str().unwrap().to_owned();
 
     // Not asked, on a pipe: nothing but the summary.
     let dest = tmp.path().join("quiet");
-    let out = xenod(&data).args(["export", &top, dest.to_str().unwrap()]).env_remove("XENOD_PROGRESS").output().unwrap();
+    let out =
+        xenod(&data).args(["export", &top, dest.to_str().unwrap()]).env_remove("XENOD_PROGRESS").output().unwrap();
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains('%') && !err.contains("exporting"), "progress on a pipe: {err}");
