@@ -247,29 +247,31 @@ impl Store {
         // A solid block's bytes count once, as live if any member is.
         let mut counted = HashSet::new();
         let mut dead_blocks: HashMap<(u64, u64), u64> = HashMap::new();
-        let entries = self.index_entries()?;
-        progress(GcStep::Begin(GcPhase::Sweep, entries.len() as u64));
         let mut batch = 0u64;
-        for (id, loc) in entries {
-            batch += 1;
-            if batch == MARK_BATCH {
-                progress(GcStep::Done(batch));
-                batch = 0;
-            }
-            let block = loc.encoding == crate::Encoding::Block;
-            if live.contains(&id) {
-                if !block || counted.insert((loc.pack, loc.offset)) {
-                    *s.live_bytes.entry(loc.pack).or_default() += loc.stored_len as u64;
+        // Streamed, the index's own count as the total: no copy of it.
+        self.scan_index(
+            |len| progress(GcStep::Begin(GcPhase::Sweep, len)),
+            |id, loc| {
+                batch += 1;
+                if batch == MARK_BATCH {
+                    progress(GcStep::Done(batch));
+                    batch = 0;
                 }
-            } else {
-                s.dead.push(id);
-                if block {
-                    dead_blocks.insert((loc.pack, loc.offset), loc.stored_len as u64);
+                let block = loc.encoding == crate::Encoding::Block;
+                if live.contains(&id) {
+                    if !block || counted.insert((loc.pack, loc.offset)) {
+                        *s.live_bytes.entry(loc.pack).or_default() += loc.stored_len as u64;
+                    }
                 } else {
-                    s.dead_bytes += loc.stored_len as u64;
+                    s.dead.push(id);
+                    if block {
+                        dead_blocks.insert((loc.pack, loc.offset), loc.stored_len as u64);
+                    } else {
+                        s.dead_bytes += loc.stored_len as u64;
+                    }
                 }
-            }
-        }
+            },
+        )?;
         s.dead_bytes += dead_blocks.iter().filter(|(k, _)| !counted.contains(*k)).map(|(_, b)| *b).sum::<u64>();
         progress(GcStep::Done(batch));
         Ok(s)

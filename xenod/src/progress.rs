@@ -1,7 +1,8 @@
 //! Progress on stderr for long work: the total, the percentage, the rate
 //! and the time left where the total is known. Drawn on a terminal only,
 //! unless asked (`--progress`, `XENOD_PROGRESS=1`): then, on a pipe or a
-//! log, one plain line a second. Never under `--json` unless asked.
+//! log, one plain line a second and the last state when done. Never under
+//! `--json` unless asked.
 
 use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex};
