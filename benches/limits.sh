@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # What limits and accounting cost, side by side in one run (needs root):
-#  1. the cowfs write path: a mount with FUSE passthrough (what instance
-#     mounts used before accounting), without it (instance mounts now, so
-#     that every byte is counted), and with an upper quota (which counts
-#     blocks on every write); a sequential write and many small files,
-#     the variants interleaved in every round;
-#  2. deploy-to-answer of the fixture's web guest: instance mounts with
-#     passthrough, without (the default now), and without plus limits
-#     (CPU quota and shares, an upper quota), interleaved;
+#  1. the cowfs write path: a plain writable mount (upper files passed
+#     through to the kernel), one without passthrough (every write served
+#     by the mount, as in an instance's mount, which tracks changes), and
+#     one with an upper quota (every write served and its blocks counted);
+#     a sequential write and many small files, interleaved in every round;
+#  2. deploy-to-answer of the fixture's web guest, with the daemon
+#     accounting, without and with limits (CPU quota and shares, an upper
+#     quota), interleaved;
 #  3. one accounting sample: `xenod usage` (a sample of every instance,
 #     then the report) with a guest running, and the daemon's CPU per call.
 # Usage: benches/limits.sh [ROUNDS]   (ROUNDS: 5; WRITE_MIB: 256; FILES: 3000)
@@ -91,17 +91,12 @@ printf 'domain_prefix = "benchlim-"\nusage_interval_secs = 10\n' > "$D/config.to
 DAEMON=$!
 until [ -S "$D/xenod.sock" ]; do sleep 0.1; done
 declare -A DT
-dvariants=(passthrough accounting accounting+limits)
+dvariants=(no-limits limits)
 for r in $(seq 1 "$ROUNDS"); do
   for v in "${dvariants[@]}"; do
-    n="l$r-${v//+/-}"
+    n="l$r-$v"
     extra=()
-    if [ "$v" = passthrough ]; then
-      printf 'domain_prefix = "benchlim-"\nusage_interval_secs = 10\ninstance_passthrough = true\n' > "$D/config.toml"
-    else
-      printf 'domain_prefix = "benchlim-"\nusage_interval_secs = 10\n' > "$D/config.toml"
-    fi
-    [ "$v" = accounting+limits ] && extra=(--cpu-quota 100 --cpu-shares 512 --upper-quota 256)
+    [ "$v" = limits ] && extra=(--cpu-quota 100 --cpu-shares 512 --upper-quota 256)
     s=$(now)
     x deploy template://bench/web/1 --name "$n" "${extra[@]}" --json >/dev/null
     e=$(now)

@@ -97,11 +97,6 @@ pub struct Config {
     /// [default: 10].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_interval_secs: Option<u64>,
-    /// Instance mounts use FUSE passthrough for upper files: faster file
-    /// I/O, but the usage then leaves out the bytes the kernel passed
-    /// through [default: false, every byte is counted].
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub instance_passthrough: bool,
 }
 
 /// `[capacity]`: what this host offers guests (see `admission`).

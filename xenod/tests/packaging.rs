@@ -265,7 +265,6 @@ fn every_field() -> Config {
         metrics: Some("127.0.0.1:9464".parse().unwrap()),
         metrics_remote: true,
         usage_interval_secs: Some(10),
-        instance_passthrough: true,
     }
 }
 

@@ -7,7 +7,7 @@
 //! |---|---|
 //! | CPU time, memory | libvirt (`Libvirt::usage`) |
 //! | disk bytes, disk root | libvirt's block counters of the guest's disk |
-//! | disk bytes, tree root | the instance mount's FUSE read and write bytes (its stats socket) |
+//! | disk bytes, tree root | the instance mount's FUSE read and write bytes (its stats socket): an instance's mount tracks changes for migration, which keeps FUSE passthrough off for its files, so every byte reaches it |
 //! | network bytes | the kernel's counters of the guest's forwarded ports (`usage::net`) |
 //! | upper size | the blocks of the upper directory's files |
 //!

@@ -134,9 +134,6 @@ pub struct Instances {
     events: EventSink,
     /// What this host offers guests (the config's `[capacity]`).
     offer: crate::config::Capacity,
-    /// Instance mounts use FUSE passthrough (the config's
-    /// `instance_passthrough`; off, accounting sees every byte).
-    passthrough: bool,
 }
 
 /// Where the lifecycle events of a host's instances go (deployed,
@@ -179,7 +176,6 @@ impl Instances {
             domain_prefix: config.domain_prefix.clone(),
             events: EventSink::to_daemon(data),
             offer: config.capacity.clone().unwrap_or_default(),
-            passthrough: config.instance_passthrough,
         }
     }
 
@@ -635,7 +631,7 @@ impl Instances {
             upper: Some(upper),
             control: Some(inst.control(data)),
             lazy: inst.lazy,
-            passthrough: self.passthrough,
+            passthrough: true,
             upper_quota: inst.spec.as_ref().and_then(|s| s.limits.upper_bytes),
             ..Default::default()
         };
