@@ -146,16 +146,7 @@ fn cpu_quota_and_upper_quota_hold_inside_real_guests() {
     let before = free(&data);
     let d =
         ok(&data, &["deploy", "template://t/lim/1", "--name", &quota, "--upper-quota", "64", "--cmdline", "lim=fill"]);
-    let console = data.join("instances").join(&quota).join("console.log");
-    let t0 = Instant::now();
-    let line = loop {
-        let log = fs::read_to_string(&console).unwrap_or_default();
-        if let Some(l) = log.lines().find(|l| l.starts_with("fill: ")) {
-            break l.to_owned();
-        }
-        assert!(t0.elapsed() < Duration::from_secs(120), "the guest never finished writing:\n{log}");
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let line = wait_console_line(&data, &quota, "fill: ");
     eprintln!("inside the guest: {line}");
     assert!(line.contains("exit=1") && line.contains("quota exceeded"), "{line}");
     let bytes: u64 = line.split("bytes=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
