@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# What the FUSE request counters cost (vendor/fuser/src/stats.rs: two clock
-# reads and three relaxed atomic adds per request), on one binary: the same
+# What the FUSE request counters cost (vendor/fuser/src/stats.rs: two reads
+# of the TSC and two unlocked adds into the serving thread's own shard per
+# request; before 2026-12-06's fusecnt, two clock_gettime and three locked
+# adds into counters all threads shared), on one binary: the same
 # layer mounted twice with cowfs, one mount counting (the default) and one
 # started with XENOD_FUSE_STATS=0 (the benchmark knob that turns counting
 # off), and a request-heavy workload that never touches the disk, run on

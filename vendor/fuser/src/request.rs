@@ -81,14 +81,14 @@ impl<'a> RequestWithSender<'a> {
     /// request and sends back the returned reply to the kernel
     pub(crate) fn dispatch<FS: Filesystem>(&self, se: &SessionEventLoop<FS>) {
         debug!("{} thread={}", self.request, se.thread_name);
-        // One branch on a flag that never changes once the session runs
-        // (`stats::configure`): the off path does no clock read at all.
-        if crate::stats::on() {
-            let timer = crate::stats::Timer::start(self.request.opcode());
-            self.serve(se);
+        // A branch on a flag that never changes once the session runs
+        // (`stats::configure`) on either side: the off path does no clock
+        // read at all. One call of `serve` for both, so that counting on
+        // and off run the same code but for the timer.
+        let timer = crate::stats::on().then(|| crate::stats::Timer::start(self.request.opcode()));
+        self.serve(se);
+        if let Some(timer) = timer {
             timer.done();
-        } else {
-            self.serve(se);
         }
     }
 
