@@ -107,6 +107,7 @@ pub struct Daemon {
     instances: crate::instance::Instances,
     pub(crate) lazy: super::lazy::Lazy,
     migrations: Mutex<MigrationTotals>,
+    pub(crate) net: crate::net::host::NetHost,
 }
 
 /// Migrations from this host since the daemon started, for the metrics.
@@ -184,6 +185,7 @@ impl Daemon {
             stopping: Default::default(),
             lazy: Default::default(),
             migrations: Default::default(),
+            net: Default::default(),
         });
         super::events::spawn_publisher(&d, events);
         d.save_state();

@@ -112,6 +112,7 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
             let args = placement::PlaceArgs { place, replicas, spread, pack, dry_run };
             placement::deploy(d, &target, &args, *options).await
         }
+        Request::Net { net } => crate::net::host::handle(d, net).await,
         Request::Repair { from } => Ok(serde_json::to_value(super::repair::repair(d, &from).await?)?),
         Request::Shutdown => {
             // notify_one keeps a permit when the accept loop is not
@@ -232,6 +233,7 @@ pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool, on_ready
         let (instances, store) = (d.instances().clone(), d.store_arc());
         tokio::task::spawn_blocking(move || migrate::stage::sweep(&instances, &store)).await?;
         super::announce::spawn(&d);
+        crate::net::host::spawn(&d);
         super::repair::spawn_watch(&d);
         let metrics = super::metrics::spawn(&d).await?;
         let addr = format_peer(&d.node().addr());
@@ -249,6 +251,7 @@ pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool, on_ready
             format!("serving {} as {addr} (socket {}){m}", data_dir.display(), sock.display())
         };
         let r = serve_socket(d.clone(), || on_ready(&ready)).await;
+        crate::net::host::stop(&d).await;
         d.stop().await;
         r
     })

@@ -26,6 +26,9 @@ pub struct Record {
     /// The instance directory on the sending host, as named in the saved
     /// state's paths.
     pub source_dir: PathBuf,
+    /// Its NIC on an environment, as on the sending host.
+    #[serde(default)]
+    pub net: Option<crate::net::Attach>,
 }
 
 /// How a running guest's memory is saved.
@@ -50,6 +53,7 @@ pub(crate) fn record_of(data: &Path, inst: &Instance) -> Record {
         ports: inst.ports.clone(),
         spec: inst.spec.clone(),
         source_dir: inst.dir(data),
+        net: inst.net.clone(),
     }
 }
 
@@ -116,6 +120,7 @@ pub(crate) fn instance_of(instances: &Instances, record: &Record, layer: LayerId
         domain: (domain != record.name).then_some(domain),
         spec: record.spec.clone(),
         lazy: false,
+        net: None,
     })
 }
 
@@ -156,6 +161,7 @@ mod tests {
             ports: vec![PortForward { host: held, guest: 80 }],
             spec: Some(spec),
             source_dir: "/a/instances/web".into(),
+            net: None,
         }
     }
 
