@@ -571,7 +571,9 @@ impl Instances {
         let hv = hypervisor(uri)?;
         let mut model = DomainModel::from_spec(&spec, &inst.mountpoint(data), dir.join("console.log"))?;
         model.name = domain.clone();
-        model.nics.extend(inst.net.as_ref().map(crate::net::Attach::nic));
+        if let Some(n) = &inst.net {
+            n.add_to(&mut model);
+        }
         inst.ports = model.network.forwards().to_vec();
         inst.save(data)?;
         guard.uri = Some(uri.to_string());

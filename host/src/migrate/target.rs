@@ -323,7 +323,9 @@ pub(super) fn adopt(
                 let mut model = DomainModel::from_spec(&spec, &inst.mountpoint(data), dir.join("console.log"))?;
                 model.name = domain.clone();
                 crate::net::arrive(data, name, record.net.as_ref(), &mut inst.net)?;
-                model.nics.extend(inst.net.as_ref().map(crate::net::Attach::nic));
+                if let Some(n) = &inst.net {
+                    n.add_to(&mut model);
+                }
                 inst.ports = model.network.forwards().to_vec();
                 inst.save(data)?;
                 restoring();

@@ -122,6 +122,18 @@ impl Attach {
         format!("net_env={}\nnet_ip={}/{}\nnet_mac={}\nnet_mtu={MTU}\n", self.env, self.ip, self.prefix, self.mac)
     }
 
+    /// The same as kernel arguments (a disk-root guest boots from its
+    /// image and does not see the instance layer's file).
+    pub fn cmdline(&self) -> String {
+        format!("xenod.net_ip={}/{} xenod.net_mac={} xenod.net_mtu={MTU}", self.ip, self.prefix, self.mac)
+    }
+
+    /// Gives `model` this NIC and its kernel arguments.
+    pub fn add_to(&self, model: &mut xenod_deployer::DomainModel) {
+        model.nics.push(self.nic());
+        model.extra_cmdline = format!("{} {}", self.cmdline(), model.extra_cmdline).trim().to_owned();
+    }
+
     /// The NIC the domain gets.
     pub fn nic(&self) -> xenod_deployer::BridgeNic {
         xenod_deployer::BridgeNic {
@@ -264,10 +276,8 @@ pub fn arrive(
 ) -> Result<Vec<(String, String)>> {
     let Some(old) = held else { return Ok(Vec::new()) };
     let new = attach(data_dir, &old.env, instance, Some(old))?;
-    let pairs = vec![
-        (format!("bridge='{}'", old.bridge), format!("bridge='{}'", new.bridge)),
-        (format!("dev='{}'", old.tap), format!("dev='{}'", new.tap)),
-    ];
+    // Plain names: the rewrite escapes what it looks for as XML text.
+    let pairs = vec![(old.bridge.clone(), new.bridge.clone()), (old.tap.clone(), new.tap.clone())];
     *net = Some(new);
     Ok(pairs)
 }
