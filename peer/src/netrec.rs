@@ -196,7 +196,7 @@ struct Book {
 #[derive(Default, Debug)]
 pub struct NetBook {
     book: Mutex<Book>,
-    /// Notified when something changed, for the host to act on at once.
+    /// Notified when a record was accepted, for the host to act on at once.
     pub changed: tokio::sync::Notify,
 }
 
@@ -232,12 +232,11 @@ impl NetBook {
                     Some((held, _)) if held.removed => r.created > held.created,
                     Some((held, _)) => (r.created, r.owner) < (held.created, held.owner),
                 };
-                if take {
-                    b.envs.insert(r.name.clone(), (r, s.clone()));
-                    NetOffer::Accepted
-                } else {
-                    NetOffer::Ignored
+                if !take {
+                    return NetOffer::Ignored;
                 }
+                b.envs.insert(r.name.clone(), (r, s.clone()));
+                NetOffer::Accepted
             }
             NetBody::Member(m) => {
                 if let Err(why) = m.check() {
@@ -247,10 +246,15 @@ impl NetBook {
                 if b.members.get(&m.node).is_some_and(|(h, _)| h.at >= m.at) {
                     return NetOffer::Ignored;
                 }
+                let same = b.members.get(&m.node).is_some_and(|(h, _)| Member { at: m.at, ..h.clone() } == m);
                 if m.leaving {
                     b.members.remove(&m.node);
                 } else {
                     b.members.insert(m.node, (m, Instant::now()));
+                }
+                if same {
+                    // Only its time moved on: nothing for the host to do.
+                    return NetOffer::Accepted;
                 }
                 NetOffer::Accepted
             }

@@ -365,5 +365,6 @@ fn guests_share_an_environment_across_hosts_and_keep_it_when_they_migrate() {
     let after = xlinks();
     eprintln!("links before: {links_before:?}; after: {after:?}");
     assert!(own_links(&na).is_empty() && own_links(&nb).is_empty(), "{after:?}");
-    assert_eq!(after, links_before, "no bridge, tunnel or tap left behind");
+    // (Other tests' daemons may come and go meanwhile: nothing new is left.)
+    assert!(after.is_subset(&links_before), "no bridge, tunnel or tap left behind: {after:?}");
 }

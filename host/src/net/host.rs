@@ -224,23 +224,27 @@ pub fn spawn(d: &Arc<Daemon>) {
     let weak: Weak<Daemon> = Arc::downgrade(d);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every());
+        // Announce each period and when asked; what others announce only
+        // changes the devices (announcing then would echo between hosts).
+        let mut speak = true;
         loop {
             let Some(d) = weak.upgrade() else { return };
             if d.stopping() {
                 return;
             }
             match blocking(&d, reconcile).await {
-                Ok(Ok(m)) => announce(&d, m).await,
+                Ok(Ok(m)) if speak => announce(&d, m).await,
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) | Err(e) => tracing::warn!("environments: {}", e.chain()),
             }
-            let changed = d.node().net().clone();
+            let book = d.node().net().clone();
             drop(d);
             let Some(d) = weak.upgrade() else { return };
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = d.net.kick.notified() => {}
-                _ = changed.changed.notified() => {}
-            }
+            speak = tokio::select! {
+                _ = tick.tick() => true,
+                _ = d.net.kick.notified() => true,
+                _ = book.changed.notified() => false,
+            };
         }
     });
 }
