@@ -149,6 +149,18 @@ fn local_claims(d: &Daemon) -> Vec<Claim> {
     out
 }
 
+/// The environment that holds `env`'s VNI before it, if one does: two
+/// hosts that created environments at once may have given both one VNI
+/// (each checks only those it knows). The earlier creation keeps it; the
+/// other gets no segment anywhere, so their traffic never mixes, until it
+/// is removed and created anew (with another VNI).
+fn shadowed_by(envs: &[EnvRecord], env: &EnvRecord) -> Option<String> {
+    envs.iter()
+        .filter(|e| !e.removed && e.name != env.name && e.vni == env.vni)
+        .find(|e| (e.created, e.owner) < (env.created, env.owner))
+        .map(|e| e.name.clone())
+}
+
 /// Makes this host's devices match what its instances need; returns its
 /// member record.
 fn reconcile(d: &Daemon) -> Result<Member> {
@@ -157,9 +169,14 @@ fn reconcile(d: &Daemon) -> Result<Member> {
     let me = me(d);
     let vtep = vtep(d).ok();
     let members = book.members(expiry(d));
+    let all = book.envs();
     let mut want: Desired = BTreeMap::new();
     for c in &claims {
         if let Some(env) = book.env(&c.env) {
+            if let Some(other) = shadowed_by(&all, &env) {
+                tracing::warn!("environment {} has the VNI of {other}, created earlier: no segment for it", env.name);
+                continue;
+            }
             let floods = members
                 .iter()
                 .filter(|m| m.node != me && m.envs.contains(&c.env))
@@ -372,8 +389,9 @@ fn ls(d: &Daemon) -> Value {
     let here = d.node().id().to_string();
     let members = d.node().net().members(expiry(d));
     let own = local_claims(d);
+    let all = d.node().net().envs();
     let mut envs = Vec::new();
-    for e in d.node().net().envs().into_iter().filter(|e| !e.removed) {
+    for e in all.iter().filter(|e| !e.removed).cloned() {
         let mut hosts: Vec<Value> = Vec::new();
         if own.iter().any(|c| c.env == e.name) {
             hosts.push(json!({ "node": here, "vtep": vtep(d).ok().map(|v| v.to_string()), "this_host": true }));
@@ -396,6 +414,7 @@ fn ls(d: &Daemon) -> Value {
         let owner = xenod_peer::EndpointId::from_bytes(&e.owner).map(|n| n.to_string()).unwrap_or_default();
         envs.push(json!({
             "name": e.name, "subnet": e.subnet, "vni": e.vni, "owner": owner, "seq": e.seq,
+            "shadowed_by": shadowed_by(&all, &e),
             "hosts": hosts,
             "addresses": addrs.iter().map(|(n, c)| json!({ "instance": c.instance, "ip": c.ip.to_string(), "mac": c.mac, "host": n, "this_host": *n == here })).collect::<Vec<_>>(),
             "conflicts": conflicts,
@@ -410,6 +429,14 @@ async fn attach(d: &Arc<Daemon>, env: &str, instance: &str, keep: Option<Attach>
             Error::coded(Exit::NotFound, format!("no environment {env}; `xenod net create {env}` first"))
         })?;
     vtep(d)?;
+    if let Some(other) = shadowed_by(&d.node().net().envs(), &rec) {
+        return Err(Error::coded(
+            Exit::BadInput,
+            format!(
+                "environment {env} has the VNI of {other}, created earlier on another host: remove {env} and create it again"
+            ),
+        ));
+    }
     let (_, prefix) = netrec::parse_subnet(&rec.subnet).map_err(|e| Error::coded(Exit::BadInput, e))?;
     let claim = match keep {
         Some(k) => Claim { env: env.into(), instance: instance.into(), ip: k.ip, mac: k.mac, since: k.since },
@@ -453,4 +480,23 @@ async fn attach(d: &Arc<Daemon>, env: &str, instance: &str, keep: Option<Attach>
         bridge: super::bridge_name(&short, env),
         tap: super::tap_name(&short, env, instance),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str, vni: u32, created: u64, removed: bool) -> EnvRecord {
+        EnvRecord { name: name.into(), subnet: "10.0.0.0/24".into(), vni, owner: [1; 32], created, seq: 1, removed }
+    }
+
+    #[test]
+    fn of_two_environments_on_one_vni_the_later_gets_no_segment() {
+        let all = vec![env("red", 7, 10, false), env("blue", 7, 11, false), env("green", 8, 1, false)];
+        assert_eq!(shadowed_by(&all, &all[0]), None);
+        assert_eq!(shadowed_by(&all, &all[1]).as_deref(), Some("red"));
+        assert_eq!(shadowed_by(&all, &all[2]), None);
+        let gone = vec![env("red", 7, 10, true), env("blue", 7, 11, false)];
+        assert_eq!(shadowed_by(&gone, &gone[1]), None, "a removed environment holds no VNI");
+    }
 }

@@ -44,6 +44,13 @@
 //! and the address (locally administered, 02:..), so it is unique wherever
 //! the address is.
 //!
+//! VNIs are derived from the name and checked against the environments
+//! this host knows; two hosts that create environments at the same moment
+//! could still give two names one VNI (1 in 16 million): then the earlier
+//! creation keeps it, the other gets no segment anywhere (`net ls` shows
+//! `shadowed_by`) until it is removed and created again, so their traffic
+//! never mixes.
+//!
 //! Devices are made with iproute2 (`ip`, `bridge`), not rtnetlink: no new
 //! dependency, the operations are rare (per environment and per member),
 //! and VXLAN FDB entries with a destination port, which this needs, are
