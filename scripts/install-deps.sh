@@ -11,6 +11,7 @@ PKGS=(
   busybox-static e2fsprogs cpio kmod   # fixture guest images
   zstd rsync debootstrap ostree casync openssl # benchmarks and their peers
   iproute2 curl jq libxml2-utils  # xmllint: virt-xml-validate needs it
+  nftables                        # per-guest network byte counters (accounting)
   systemd                         # systemd-analyze verify: the packaged unit's test
 )
 

@@ -488,7 +488,10 @@ impl Filesystem for CowFs {
         reply: ReplyData,
     ) {
         match self.union.read(fh.0, ino.0, offset, size) {
-            Ok(d) => reply.data(&d),
+            Ok(d) => {
+                crate::stats::bytes(&crate::stats::COUNTERS.read_bytes, d.len());
+                reply.data(&d)
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -506,7 +509,10 @@ impl Filesystem for CowFs {
         reply: ReplyWrite,
     ) {
         match self.union.write(fh.0, offset, data) {
-            Ok(n) => reply.written(n as u32),
+            Ok(n) => {
+                crate::stats::bytes(&crate::stats::COUNTERS.written_bytes, n);
+                reply.written(n as u32)
+            }
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -43,6 +43,10 @@ pub(crate) struct Counters {
     lazy_bytes: AtomicU64,
     lazy_sum_ns: AtomicU64,
     lazy_buckets: [AtomicU64; BUCKETS],
+    /// Bytes answered to READ and taken by WRITE (what the mount's users
+    /// read and wrote through FUSE; passthrough I/O never reaches here).
+    pub(crate) read_bytes: AtomicU64,
+    pub(crate) written_bytes: AtomicU64,
 }
 
 pub(crate) static COUNTERS: Counters = Counters {
@@ -55,11 +59,19 @@ pub(crate) static COUNTERS: Counters = Counters {
     lazy_bytes: AtomicU64::new(0),
     lazy_sum_ns: AtomicU64::new(0),
     lazy_buckets: [const { AtomicU64::new(0) }; BUCKETS],
+    read_bytes: AtomicU64::new(0),
+    written_bytes: AtomicU64::new(0),
 };
 
 #[inline]
 pub(crate) fn count(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Adds `n` to byte counter `c`.
+#[inline]
+pub(crate) fn bytes(c: &AtomicU64, n: usize) {
+    c.fetch_add(n as u64, Ordering::Relaxed);
 }
 
 /// A read waited `took` for a chunk the store lacked; `bytes` arrived (none: it failed).
@@ -96,6 +108,9 @@ pub struct MountStats {
     pub lazy_sum_ns: u64,
     /// Per bucket of [`LATENCY_BOUNDS_NS`], then the rest.
     pub lazy_buckets: Vec<u64>,
+    /// Bytes read and written through FUSE (not through passthrough).
+    pub read_bytes: u64,
+    pub written_bytes: u64,
 }
 
 /// This process's counters, as served for `mountpoint`.
@@ -114,6 +129,8 @@ pub fn snapshot(mountpoint: &Path) -> MountStats {
         lazy_bytes: l(&c.lazy_bytes),
         lazy_sum_ns: l(&c.lazy_sum_ns),
         lazy_buckets: c.lazy_buckets.iter().map(l).collect(),
+        read_bytes: l(&c.read_bytes),
+        written_bytes: l(&c.written_bytes),
     }
 }
 
@@ -130,6 +147,8 @@ impl MountStats {
             ("lazy_stalls", self.lazy_stalls),
             ("lazy_failed", self.lazy_failed),
             ("lazy_bytes", self.lazy_bytes),
+            ("read_bytes", self.read_bytes),
+            ("written_bytes", self.written_bytes),
         ] {
             writeln!(w, "{k} {v}")?;
         }
@@ -183,6 +202,8 @@ impl MountStats {
                         "lazy_stalls" => s.lazy_stalls = v,
                         "lazy_failed" => s.lazy_failed = v,
                         "lazy_bytes" => s.lazy_bytes = v,
+                        "read_bytes" => s.read_bytes = v,
+                        "written_bytes" => s.written_bytes = v,
                         _ => {} // a newer mount's counter: skipped
                     }
                 }
@@ -236,6 +257,7 @@ mod tests {
         let mut s = snapshot(Path::new("/mnt/a b"));
         s.requests.push(OpStats { op: "read".into(), count: 3, sum_ns: 99, buckets: vec![1; BUCKETS] });
         s.chunk_cache_misses = 7;
+        s.written_bytes = 1 << 40;
         let mut buf = Vec::new();
         s.encode(&mut buf).unwrap();
         assert_eq!(MountStats::decode(&buf[..]).unwrap(), s);

@@ -9,6 +9,7 @@
 //! | `hypervisor` | the [`Hypervisor`] trait: define/start/stop/save/restore/list by name |
 //! | `live` | the [`LiveMigration`] trait: live save, migratable XML, a guest started ahead of its state ([`StagedGuest`]) |
 //! | `libvirt` | [`Libvirt`]: both traits over libvirt, chosen by URI |
+//! | `accounting` | [`Libvirt::usage`]: a guest's CPU, memory and disk counters; [`Libvirt::set_live_limits`] |
 //! | `fake` | `fake::FakeHypervisor` (feature `fake`): both traits in memory, with failure injection, for tests of code above the deployer |
 //! | `saveimage` | [`retarget`]: a save image restored under another domain name, UUID and paths; [`ram_record`]: where guest pages sit in it |
 //! | `ready` | [`wait_console`], [`wait_http`]: bounded waits until a guest is of use |
@@ -40,6 +41,7 @@
 //! `tokio::task::spawn_blocking`. [`Libvirt`] is `Send + Sync` (and so is
 //! `fake::FakeHypervisor`).
 
+mod accounting;
 mod error;
 #[cfg(feature = "fake")]
 pub mod fake;
@@ -53,6 +55,7 @@ mod saveimage;
 mod spec;
 mod xml;
 
+pub use accounting::{DomainUsage, LiveLimits};
 pub use error::{DomainXmlFault, Error, Result, SaveImageFault};
 pub use hypervisor::{DomainState, DomainStatus, Hypervisor, StopOutcome, wait_state};
 pub use libvirt::{Incoming, Libvirt, URI_ENV, default_uri};

@@ -92,7 +92,7 @@ impl Libvirt {
         domain_xml(model, self.target)
     }
 
-    fn lookup(&self, name: &str) -> Result<Domain> {
+    pub(crate) fn lookup(&self, name: &str) -> Result<Domain> {
         self.conn.lookup_domain_by_name(name).map_err(|e| {
             if e.code().is(ErrorNumber::NoDomain) {
                 Error::NoSuchDomain { name: name.into() }
@@ -328,7 +328,7 @@ fn status_of(dom: &Domain, name: &str) -> Result<Option<DomainStatus>> {
     Ok(Some(DomainStatus { name: name.to_string(), state, meta }))
 }
 
-fn lv(op: &'static str, name: &str) -> impl FnOnce(virt::error::Error) -> Error {
+pub(crate) fn lv(op: &'static str, name: &str) -> impl FnOnce(virt::error::Error) -> Error {
     let name = name.to_string();
     move |source| Error::Libvirt { op, name, source }
 }

@@ -132,6 +132,35 @@ fn refuse(what: &str, why: String) -> Error {
     Error::coded(Exit::Capacity, format!("{what} not admitted: {why}"))
 }
 
+/// What `cap` (the config's `[capacity]`) offers beyond what this host
+/// has: its CPUs, its memory, and the free disk under `data_dir` (for the
+/// upper layers). One warning each; none when it fits.
+pub fn beyond_host(cap: &Offer, data_dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    if let Some(v) = cap.vcpus.filter(|v| *v > cpus) {
+        out.push(format!("[capacity] vcpus = {v}, but this host has {cpus} CPUs (cpu_overcommit multiplies them)"));
+    }
+    let mem = host_memory() >> 20;
+    if let Some(m) = cap.memory_mib.filter(|m| mem > 0 && *m > mem) {
+        out.push(format!(
+            "[capacity] memory_mib = {m}, but this host has {mem} MiB: guests admitted on it may not get their memory"
+        ));
+    }
+    if let Some(u) = cap.upper_mib
+        && let Ok(s) = rustix::fs::statvfs(data_dir)
+    {
+        let free = s.f_bavail.saturating_mul(s.f_frsize) >> 20;
+        if u > free {
+            out.push(format!(
+                "[capacity] upper_mib = {u}, but {} has {free} MiB free: upper quotas may not be honoured",
+                data_dir.display()
+            ));
+        }
+    }
+    out
+}
+
 /// Bytes of memory the kernel says this host has.
 fn host_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -179,5 +208,16 @@ mod tests {
         );
         assert!(cap.admit("a", &Ask { upper: Some(50 << 20), ..Ask::default() }).is_err());
         assert!(cap.admit("a", &Ask { upper: Some(40 << 20), ..Ask::default() }).is_ok());
+    }
+
+    #[test]
+    fn a_capacity_beyond_the_host_is_named() {
+        let d = std::env::temp_dir();
+        assert!(beyond_host(&Offer::default(), &d).is_empty());
+        let big =
+            Offer { vcpus: Some(1 << 20), memory_mib: Some(1 << 40), upper_mib: Some(1 << 50), ..Offer::default() };
+        let w = beyond_host(&big, &d);
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].contains("vcpus") && w[1].contains("memory_mib") && w[2].contains("upper_mib"), "{w:?}");
     }
 }

@@ -121,6 +121,14 @@ pub enum Request {
     Event {
         event: xenod_peer::events::EventKind,
     },
+    /// What instances used (`name`: that one), from `since` (unix
+    /// seconds) to now, per instance and per owner (`usage::Report`).
+    Usage {
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        since: Option<u64>,
+    },
     /// Move an instance to another host.
     Migrate {
         instance: String,
@@ -175,6 +183,7 @@ impl Request {
             Request::Services { .. } => "services",
             Request::Events { .. } => "events",
             Request::Event { .. } => "event",
+            Request::Usage { .. } => "usage",
             Request::Migrate { .. } => "migrate",
             Request::Checkpoint { .. } => "checkpoint",
             Request::Restore { .. } => "restore",
@@ -396,9 +405,11 @@ mod tests {
                     limits: xenod_deployer::Limits { cpu_quota_pct: Some(25), ..Default::default() },
                     best_effort: true,
                     net: Some("red".into()),
+                    owner: Some("key:ab".into()),
                 }),
             },
             Request::Services { name: Some("web".into()) },
+            Request::Usage { name: Some("web".into()), since: Some(1_800_000_000) },
             Request::Events { follow: true, types: vec!["instance".into()], host: Some("abc".into()) },
             Request::Event { event: xenod_peer::events::EventKind::InstanceStopped { instance: "web".into() } },
             Request::Checkpoint { instance: "web".into(), name: Some("template://me/cp/1".into()) },

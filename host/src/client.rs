@@ -154,6 +154,7 @@ fn offline_status(data_dir: &Path) -> Result<Value> {
         gossip: None,
         lazy_fetches: None,
         capacity: None,
+        capacity_warnings: Vec::new(),
         lazy: None,
     })?)
 }

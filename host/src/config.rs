@@ -102,6 +102,10 @@ pub struct Config {
     /// UDP port of those tunnels [default: 4789].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_vxlan_port: Option<u16>,
+    /// How often the daemon samples what each instance uses, seconds
+    /// [default: 10].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_interval_secs: Option<u64>,
 }
 
 /// `[capacity]`: what this host offers guests (see `admission`).

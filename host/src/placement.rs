@@ -220,7 +220,10 @@ async fn deploy_on(
             Ok(Err(e)) => return Err(Error::msg(format!("connecting: {e}"))),
             Err(_) => return Err(Error::msg("connecting: timed out after 10 s")),
         };
-    let req = Wire::Deploy { layer: top, source: format_peer(&d.node().addr()), options: Box::new(o.clone()) };
+    let mut o = o.clone();
+    // Accounting bills the one who asked, wherever the guest lands.
+    o.owner.get_or_insert_with(|| d.instances().default_owner());
+    let req = Wire::Deploy { layer: top, source: format_peer(&d.node().addr()), options: Box::new(o) };
     let v = call(&conn, &req, |_| {}).await?;
     conn.close(0u32.into(), b"done");
     let mut inst = v["deploy"]["instances"][0].clone();

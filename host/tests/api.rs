@@ -70,6 +70,7 @@ fn every_reply_round_trips() {
             held: xenod_host::admission::Ask { mem: 256 << 20, vcpus: 1, upper: Some(64 << 20) },
             holders: 1,
         }),
+        capacity_warnings: vec!["[capacity] vcpus = 64, but this host has 2 CPUs".into()],
         lazy: Some(xenod_host::daemon::reply::LazyCounters { chunk_requests: 5, stalls: 3, prefetched: 9 }),
     });
     round_trip(&Share { layer: id.to_string(), node: "n".into(), addr: "n@a".into(), ticket: "xenod1x".into() });

@@ -37,11 +37,27 @@ pub struct FileReader<'s> {
     cur: Vec<u8>,
     pos: usize,
     hole: u64,
+    progress: Option<&'s (dyn Fn(u64) + Sync)>,
 }
 
 impl<'s> FileReader<'s> {
     pub fn new(store: &'s Store, extents: Vec<Extent>) -> Self {
-        Self { store, extents: extents.into_iter(), cur: Vec::new(), pos: 0, hole: 0 }
+        Self { store, extents: extents.into_iter(), cur: Vec::new(), pos: 0, hole: 0, progress: None }
+    }
+
+    /// Tells `progress` the length of each extent as the reader takes it
+    /// up (read or skipped): the lengths of all of them once at the end.
+    pub fn with_progress(mut self, progress: &'s (dyn Fn(u64) + Sync)) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    fn next_extent(&mut self) -> Option<Extent> {
+        let e = self.extents.next();
+        if let (Some(p), Some(e)) = (self.progress, &e) {
+            p(e.len());
+        }
+        e
     }
 }
 
@@ -59,7 +75,7 @@ impl FileReader<'_> {
                 self.pos += k as usize;
                 n -= k;
             } else {
-                match self.extents.next() {
+                match self.next_extent() {
                     None => return Ok(()),
                     Some(Extent::Hole { len }) => self.hole = len,
                     Some(Extent::Data { len, .. }) if u64::from(len) <= n => n -= u64::from(len),
@@ -89,7 +105,7 @@ impl Read for FileReader<'_> {
                 self.pos += n;
                 return Ok(n);
             }
-            match self.extents.next() {
+            match self.next_extent() {
                 None => return Ok(0),
                 Some(Extent::Hole { len }) => self.hole = len,
                 Some(Extent::Data { id, .. }) => {
@@ -111,7 +127,9 @@ struct OpenDir {
 /// exist or be an empty directory. The tree is built in a temporary
 /// directory beside `dest` (`.NAME.export-PID`) and renamed into place
 /// once complete, so a failed export leaves `dest` as it was; error
-/// messages name the paths under `dest`.
+/// messages name the paths under `dest`. `progress` is told the bytes of
+/// regular files as they are written, holes included: their sum is
+/// [`ExportStats::file_bytes`].
 pub fn export_dir(
     store: &Store,
     entries: impl Iterator<Item = Result<Entry>>,
@@ -281,6 +299,9 @@ fn write_tree(
                 write_extents(store, &file, extents, &at, progress)
                     .map_err(|err| data_error(err, dest, &e.display_path()))?;
                 file.set_len(*size).ctx("sizing", &at)?;
+                // Holes (and a tail past the extents) cost nothing: done.
+                let data: u64 = extents.iter().filter(|x| matches!(x, Extent::Data { .. })).map(Extent::len).sum();
+                progress(size.saturating_sub(data));
                 stats.file_bytes += size;
                 set_meta_fd(&file, &e, &at)?;
                 continue;
@@ -424,6 +445,17 @@ fn finish_dir(d: &OpenDir, dest: &Path) -> Result<()> {
 /// the `tar` crate both read): its holes cost no bytes in the stream and
 /// come back as holes with `tar -xS`, or through `import_tar`.
 pub fn export_tar(store: &Store, entries: impl Iterator<Item = Result<Entry>>, out: impl Write) -> Result<ExportStats> {
+    export_tar_with(store, entries, out, &|_| {})
+}
+
+/// [`export_tar`], telling `progress` the bytes of regular files as they
+/// go out (holes included: their sum is [`ExportStats::file_bytes`]).
+pub fn export_tar_with(
+    store: &Store,
+    entries: impl Iterator<Item = Result<Entry>>,
+    out: impl Write,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<ExportStats> {
     let mut b = tar::Builder::new(out);
     b.follow_symlinks(false);
     let mut stats = ExportStats::default();
@@ -457,7 +489,12 @@ pub fn export_tar(store: &Store, entries: impl Iterator<Item = Result<Entry>>, o
         match &e.kind {
             Kind::File { size, extents, chunking } => {
                 stats.file_bytes += size;
-                let data = FileReader::new(store, extents.clone());
+                let taken = std::sync::atomic::AtomicU64::new(0);
+                let counted = |n: u64| {
+                    taken.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    progress(n);
+                };
+                let data = FileReader::new(store, extents.clone()).with_progress(&counted);
                 // Only files cut in fixed blocks (images, sparse files) are
                 // sparse members: import takes a sparse member for one, so
                 // the tree comes back as the same layer. A file cut by
@@ -475,6 +512,9 @@ pub fn export_tar(store: &Store, entries: impl Iterator<Item = Result<Entry>>, o
                     }
                 };
                 r.map_err(|x| member_error(x, &e.display_path()))?;
+                // What the reader did not take up (a tail past the extents,
+                // trailing holes of a sparse member) counts once it is out.
+                progress(size.saturating_sub(taken.load(std::sync::atomic::Ordering::Relaxed)));
                 continue;
             }
             Kind::Dir { .. } => h.set_entry_type(T::Directory),

@@ -13,6 +13,10 @@
 //! entries first and pack files after, so a crash leaves at worst
 //! unreferenced bytes for the next gc. [`Store::gc_plan`] computes the same
 //! sweep without doing it (`gc --dry-run`).
+//!
+//! gc works in three phases, each with a total known when it starts, for
+//! progress ([`GcStep`]): marking (entries of the layers held), sweeping
+//! (index entries) and packs (bytes of the sealed packs).
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -66,6 +70,35 @@ impl GcPlan {
     }
 }
 
+/// A phase of gc, for progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GcPhase {
+    /// Reading the manifests of the layers kept; counted in entries.
+    Mark,
+    /// Going through the index for chunks nothing keeps; counted in
+    /// index entries.
+    Sweep,
+    /// Removing or rewriting packs; counted in bytes of the packs.
+    Packs,
+}
+
+/// What gc tells its progress: a phase begins with its total, then parts
+/// of it are done. The parts of a phase add up to its total by the time
+/// the next begins (marking counts the entries of the layers it need not
+/// read, the dead ones, once it knows them; only a layer a `.mount` file
+/// names that the store does not list may take it past).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GcStep {
+    Begin(GcPhase, u64),
+    Done(u64),
+}
+
+/// Where gc reports its steps.
+pub type GcProgress<'a> = &'a (dyn Fn(GcStep) + Sync);
+
+/// Reports entries read in batches, not one call per entry.
+const MARK_BATCH: u64 = 4096;
+
 /// The chunks of one layer, and the layers its `.mount` files name.
 struct LayerRefs {
     chunks: Vec<ChunkId>,
@@ -76,6 +109,11 @@ impl Store {
     /// Every chunk reachable from the layers in `roots`: their stacks, and
     /// what `.mount` files in them name (see the module doc).
     pub fn reachable(&self, roots: &[ChunkId]) -> Result<HashSet<ChunkId>> {
+        self.reachable_with(roots, &|_| {})
+    }
+
+    /// [`Self::reachable`], telling `progress` the entries it reads.
+    fn reachable_with(&self, roots: &[ChunkId], progress: &dyn Fn(u64)) -> Result<HashSet<ChunkId>> {
         let mut live = HashSet::new();
         let mut done = HashSet::new();
         let mut todo: Vec<LayerId> = roots.to_vec();
@@ -85,7 +123,7 @@ impl Store {
                     continue;
                 }
                 live.insert(layer);
-                let refs = self.layer_refs(&layer)?;
+                let refs = self.layer_refs(&layer, progress)?;
                 live.extend(refs.chunks);
                 todo.extend(refs.mounts);
             }
@@ -95,11 +133,17 @@ impl Store {
 
     /// The manifest and data chunks of `layer`, and the layers its
     /// `.mount` files name that this store resolves.
-    fn layer_refs(&self, layer: &LayerId) -> Result<LayerRefs> {
+    fn layer_refs(&self, layer: &LayerId, progress: &dyn Fn(u64)) -> Result<LayerRefs> {
         let mut chunks: Vec<ChunkId> = self.layer_root(layer)?.manifest.iter().map(|c| c.id).collect();
         let mut mounts = Vec::new();
+        let mut read = 0u64;
         for e in self.read_layer(layer)? {
             let e = e?;
+            read += 1;
+            if read == MARK_BATCH {
+                progress(read);
+                read = 0;
+            }
             if is_mount_file(&e) {
                 let refs = self.read_mount_file(&e).map_err(|source| Error::BadInput {
                     at: format!("layer {layer} {}", display_path(&e.path)),
@@ -122,6 +166,7 @@ impl Store {
                 }));
             }
         }
+        progress(read);
         Ok(LayerRefs { chunks, mounts })
     }
 
@@ -141,69 +186,116 @@ impl Store {
 
     /// What [`Store::gc`] would remove now, without removing anything.
     pub fn gc_plan(&self) -> Result<GcPlan> {
-        let live = self.reachable(&self.roots()?)?;
+        self.gc_plan_with(&|_| {})
+    }
+
+    /// [`Self::gc_plan`], telling `progress` where it is.
+    pub fn gc_plan_with(&self, progress: GcProgress<'_>) -> Result<GcPlan> {
+        let live = self.mark(progress)?;
         let mut plan = GcPlan { live_chunks: live.len() as u64, ..Default::default() };
         for tmp in self.stale_tmp_packs()? {
             let size = fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
             plan.stale_tmp.push((tmp, size));
         }
-        let sweep = self.sweep(&live)?;
+        let sweep = self.sweep(&live, progress)?;
         plan.dead_chunks = sweep.dead.len() as u64;
         plan.dead_bytes = sweep.dead_bytes;
-        for (pack, path) in self.packs()? {
-            let size = fs::metadata(&path).ctx("reading", &path)?.len();
+        for (pack, path, size) in self.pack_sizes(progress)? {
             let live_bytes = sweep.live_bytes.get(&pack).copied().unwrap_or(0);
             if live_bytes == 0 {
                 plan.remove_packs.push((path, size));
             } else if (live_bytes as f64) < REWRITE_BELOW * size as f64 {
                 plan.rewrite_packs.push((path, size, live_bytes));
             }
+            progress(GcStep::Done(size));
         }
         plan.dead_layers = self.layers()?.into_iter().map(|(id, _)| id).filter(|id| !live.contains(id)).collect();
         plan.dead_layers.sort();
         Ok(plan)
     }
 
-    /// Dead index entries and live bytes per pack, for `live`.
-    fn sweep(&self, live: &HashSet<ChunkId>) -> Result<Sweep> {
+    /// The live set: phase [`GcPhase::Mark`].
+    fn mark(&self, progress: GcProgress<'_>) -> Result<HashSet<ChunkId>> {
+        let total: u64 = self.layers()?.iter().map(|(_, i)| i.entries).sum();
+        progress(GcStep::Begin(GcPhase::Mark, total));
+        let read = std::sync::atomic::AtomicU64::new(0);
+        let live = self.reachable_with(&self.roots()?, &|n| {
+            read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            progress(GcStep::Done(n));
+        })?;
+        // The layers not read are dead: decided, so done.
+        progress(GcStep::Done(total.saturating_sub(read.into_inner())));
+        Ok(live)
+    }
+
+    /// Sealed packs with their sizes, beginning phase [`GcPhase::Packs`]
+    /// with their sum.
+    fn pack_sizes(&self, progress: GcProgress<'_>) -> Result<Vec<(u64, PathBuf, u64)>> {
+        let mut out = Vec::new();
+        for (pack, path) in self.packs()? {
+            let size = fs::metadata(&path).ctx("reading", &path)?.len();
+            out.push((pack, path, size));
+        }
+        progress(GcStep::Begin(GcPhase::Packs, out.iter().map(|p| p.2).sum()));
+        Ok(out)
+    }
+
+    /// Dead index entries and live bytes per pack, for `live`: phase
+    /// [`GcPhase::Sweep`].
+    fn sweep(&self, live: &HashSet<ChunkId>, progress: GcProgress<'_>) -> Result<Sweep> {
         let mut s = Sweep::default();
         // A solid block's bytes count once, as live if any member is.
         let mut counted = HashSet::new();
         let mut dead_blocks: HashMap<(u64, u64), u64> = HashMap::new();
-        for (id, loc) in self.index_entries()? {
-            let block = loc.encoding == crate::Encoding::Block;
-            if live.contains(&id) {
-                if !block || counted.insert((loc.pack, loc.offset)) {
-                    *s.live_bytes.entry(loc.pack).or_default() += loc.stored_len as u64;
+        let mut batch = 0u64;
+        // Streamed, the index's own count as the total: no copy of it.
+        self.scan_index(
+            |len| progress(GcStep::Begin(GcPhase::Sweep, len)),
+            |id, loc| {
+                batch += 1;
+                if batch == MARK_BATCH {
+                    progress(GcStep::Done(batch));
+                    batch = 0;
                 }
-            } else {
-                s.dead.push(id);
-                if block {
-                    dead_blocks.insert((loc.pack, loc.offset), loc.stored_len as u64);
+                let block = loc.encoding == crate::Encoding::Block;
+                if live.contains(&id) {
+                    if !block || counted.insert((loc.pack, loc.offset)) {
+                        *s.live_bytes.entry(loc.pack).or_default() += loc.stored_len as u64;
+                    }
                 } else {
-                    s.dead_bytes += loc.stored_len as u64;
+                    s.dead.push(id);
+                    if block {
+                        dead_blocks.insert((loc.pack, loc.offset), loc.stored_len as u64);
+                    } else {
+                        s.dead_bytes += loc.stored_len as u64;
+                    }
                 }
-            }
-        }
+            },
+        )?;
         s.dead_bytes += dead_blocks.iter().filter(|(k, _)| !counted.contains(*k)).map(|(_, b)| *b).sum::<u64>();
+        progress(GcStep::Done(batch));
         Ok(s)
     }
 
     /// Removes every chunk no root reaches.
     pub fn gc(&self) -> Result<GcStats> {
+        self.gc_with(&|_| {})
+    }
+
+    /// [`Self::gc`], telling `progress` where it is.
+    pub fn gc_with(&self, progress: GcProgress<'_>) -> Result<GcStats> {
         let _lock = self.exclusive_lock()?;
         let mut stats = GcStats::default();
         for tmp in self.stale_tmp_packs()? {
             stats.freed_bytes += fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
             fs::remove_file(&tmp).ctx("removing", &tmp)?;
         }
-        let live = self.reachable(&self.roots()?)?;
+        let live = self.mark(progress)?;
         stats.live_chunks = live.len() as u64;
-        let Sweep { dead, live_bytes, .. } = self.sweep(&live)?;
+        let Sweep { dead, live_bytes, .. } = self.sweep(&live, progress)?;
         stats.removed_chunks = dead.len() as u64;
         reindex(self, &[], &dead)?;
-        for (pack, path) in self.packs()? {
-            let size = fs::metadata(&path).ctx("reading", &path)?.len();
+        for (pack, path, size) in self.pack_sizes(progress)? {
             let live_bytes = live_bytes.get(&pack).copied().unwrap_or(0);
             if live_bytes == 0 {
                 self.forget_pack_file(pack);
@@ -225,6 +317,7 @@ impl Store {
                     }
                 }
             }
+            progress(GcStep::Done(size));
         }
         let dead_layers: Vec<ChunkId> =
             self.layers()?.into_iter().map(|(id, _)| id).filter(|id| !live.contains(id)).collect();

@@ -46,8 +46,8 @@ pub use codec::{
 pub use digest::{tree_digest, tree_listing};
 pub use error::{Error, Result};
 pub use exit::Exit;
-pub use export::{ExportStats, FileReader, export_dir, export_tar};
-pub use gc::{GcPlan, GcStats};
+pub use export::{ExportStats, FileReader, export_dir, export_tar, export_tar_with};
+pub use gc::{GcPhase, GcPlan, GcProgress, GcStats, GcStep};
 pub use id::{ChunkId, LayerId, ParseIdError};
 pub use import::{
     IMAGE_MIN_SIZE, ImportOptions, Progress, SNIFF_LEN, Sniffed, chunk_stream, import_dir, import_image, import_tar,

@@ -1142,17 +1142,25 @@ impl Store {
 
     /// Every index entry.
     pub(crate) fn index_entries(&self) -> Result<Vec<(ChunkId, Location)>> {
+        let mut out = Vec::new();
+        self.scan_index(|_| {}, |id, loc| out.push((id, loc)))?;
+        Ok(out)
+    }
+
+    /// Streams the index: `len` first gets the number of entries, then
+    /// `each` every entry, all from one read transaction.
+    pub(crate) fn scan_index(&self, len: impl FnOnce(u64), mut each: impl FnMut(ChunkId, Location)) -> Result<()> {
         let txn = self.begin_read()?;
         let table = txn.open_table(CHUNKS).map_err(|e| self.db_err(e))?;
-        let mut out = Vec::new();
+        len(table.len().map_err(|e| self.db_err(e))?);
         for item in table.iter().map_err(|e| self.db_err(e))? {
             let (k, v) = item.map_err(|e| self.db_err(e))?;
             let id = ChunkId::from_bytes(*k.value());
             let loc = Location::from_bytes(v.value())
                 .ok_or_else(|| Error::ChunkCorrupt { id, why: "index entry does not decode".into() })?;
-            out.push((id, loc));
+            each(id, loc);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Gives space the index no longer uses back to the file system. Needs

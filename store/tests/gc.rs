@@ -115,3 +115,55 @@ fn verify_reports_a_mount_file_naming_a_missing_layer() {
     store.gc().unwrap();
     assert!(store.contains(&tpl).unwrap());
 }
+
+/// The steps of one gc (or dry run): each phase with its total and the
+/// sum of its parts, in order.
+fn phases(run: impl FnOnce(xenod_store::GcProgress<'_>)) -> Vec<(xenod_store::GcPhase, u64, u64)> {
+    use xenod_store::GcStep;
+    let steps = std::sync::Mutex::new(Vec::new());
+    run(&|s| steps.lock().unwrap().push(s));
+    let mut out: Vec<(xenod_store::GcPhase, u64, u64)> = Vec::new();
+    for s in steps.into_inner().unwrap() {
+        match s {
+            GcStep::Begin(p, total) => out.push((p, total, 0)),
+            GcStep::Done(n) => out.last_mut().expect("a part before any phase").2 += n,
+        }
+    }
+    out
+}
+
+#[test]
+fn gc_phases_have_totals_their_parts_add_up_to() {
+    use xenod_store::GcPhase::{Mark, Packs, Sweep};
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    // More entries than gc reports at once, and a layer to drop.
+    fs::create_dir_all(src.join("keep")).unwrap();
+    for i in 0..5000u64 {
+        fs::write(src.join(format!("keep/f{i}")), i.to_le_bytes()).unwrap();
+    }
+    fs::write(src.join("big"), common::noise(2_000_000, 7)).unwrap();
+    let store = Store::open(t.path().join("store")).unwrap();
+    common::publish_dir(&store, &src);
+    let keep = common::publish_dir(&store, &src.join("keep"));
+    store.pin("keep", &keep).unwrap();
+    let entries: u64 = store.layers().unwrap().iter().map(|(_, i)| i.entries).sum();
+    let (_, pack_bytes) = store.pack_usage().unwrap();
+    let chunks = store.chunk_count().unwrap();
+
+    let plan = phases(|p| {
+        store.gc_plan_with(p).unwrap();
+    });
+    let done = phases(|p| {
+        store.gc_with(p).unwrap();
+    });
+    for got in [plan, done] {
+        assert_eq!(got, vec![(Mark, entries, entries), (Sweep, chunks, chunks), (Packs, pack_bytes, pack_bytes)]);
+    }
+    // Nothing left to drop: the dead layer's entries are gone from the total.
+    let again = phases(|p| {
+        store.gc_with(p).unwrap();
+    });
+    assert_eq!(again[0].0, Mark);
+    assert!(again[0].1 < entries && again[0].1 == again[0].2, "{again:?}");
+}

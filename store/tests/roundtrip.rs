@@ -148,3 +148,26 @@ fn gnu_tar_of_a_tree_is_the_same_layer_as_the_tree() {
     assert_same_tree(&src, &dest);
     assert_eq!(tar_id, id);
 }
+
+#[test]
+fn export_progress_adds_up_to_the_file_bytes_holes_included() {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    build_tree(&src, true);
+    let store = Store::open(t.path().join("store")).unwrap();
+    let id = publish_dir(&store, &src);
+    let total = store.layer_root(&id).unwrap().file_bytes;
+    assert!(total > 3 << 30, "the sparse image counts whole");
+
+    let seen = AtomicU64::new(0);
+    let count = |n| {
+        seen.fetch_add(n, Relaxed);
+    };
+    let stats =
+        xenod_store::export_dir(&store, Merged::of(&store, &id).unwrap(), &t.path().join("out"), &count).unwrap();
+    assert_eq!((stats.file_bytes, seen.swap(0, Relaxed)), (total, total));
+    let stats =
+        xenod_store::export_tar_with(&store, Merged::of(&store, &id).unwrap(), std::io::sink(), &count).unwrap();
+    assert_eq!((stats.file_bytes, seen.load(Relaxed)), (total, total));
+}

@@ -10,7 +10,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use xenod_store::{
-    Entry, ImportOptions, LayerId, LayerWriter, Merged, Store, diff, export_dir, export_tar, hex, import_dir,
+    Entry, ImportOptions, LayerId, LayerWriter, Merged, Store, diff, export_dir, export_tar_with, hex, import_dir,
     import_image, import_tar,
 };
 
@@ -326,6 +326,8 @@ pub enum Cmd {
     /// Environments: private networks for guests, spanning hosts.
     #[command(subcommand)]
     Net(crate::net_cmds::NetCmd),
+    #[command(flatten)]
+    Usage(crate::usage_cmds::UsageCmd),
     /// A stack's prefetch order: the chunks its guest first read while
     /// booting, which lazy deploys fetch first, ahead of the guest.
     ///
@@ -490,6 +492,7 @@ fn deploy_options(ctx: &Ctx, a: &DeployArgs) -> instance::DeployOptions {
         },
         best_effort: a.best_effort,
         net: a.net.clone(),
+        owner: None,
     }
 }
 
@@ -797,7 +800,10 @@ pub fn run(args: Args) -> Result<()> {
         Cmd::Gc { dry_run: true } => crate::repair::gc_dry_run(&ctx),
         Cmd::Gc { dry_run: false } => {
             let mut store = ctx.store()?;
-            let s = store.gc()?;
+            let phases = progress::Phases::new("gc", ctx.draw(false));
+            let s = store.gc_with(&|step| phases.step(step));
+            phases.finish();
+            let s = s?;
             compact(&mut store);
             ctx.out(
                 json!({ "live_chunks": s.live_chunks, "removed_chunks": s.removed_chunks,
@@ -833,6 +839,7 @@ pub fn run(args: Args) -> Result<()> {
         Cmd::Names(c) => crate::names_cmds::run(&ctx, c),
         Cmd::Fed(c) => crate::fed_cmds::run(&ctx, c),
         Cmd::Net(c) => crate::net_cmds::run(&ctx, c),
+        Cmd::Usage(c) => crate::usage_cmds::run(&ctx, c),
         Cmd::Prefetch(c) => crate::prefetch_cmds::run(&ctx, c),
         Cmd::Generate(c) => crate::generate::run(&ctx, c),
         Cmd::Digest { dir, list } => {
@@ -1105,21 +1112,26 @@ fn export(ctx: &Ctx, r: &str, dest: &str, layer_only: bool, no_mounts: bool) -> 
     let store = ctx.store()?;
     let id = store.resolve(r)?;
     let stack = if layer_only { vec![id] } else { store.stack(&id)? };
-    let total: u64 = store.layer_root(&id).map(|r| r.file_bytes).unwrap_or(0);
-    let pb = progress::bytes("exporting", None, ctx.draw(dest == "-"));
+    let draw = ctx.draw(dest == "-");
     let started = Instant::now();
     let mut mounted = Vec::new();
     let stats = if layer_only {
-        let entries = store.read_layer(&id)?;
-        do_export(&store, entries, dest, &pb)?
+        // The layer as stored (whiteouts and all): its root has the total.
+        let total = store.layer_root(&id)?.file_bytes;
+        let pb = progress::bytes("exporting", Some(total), draw);
+        let r = do_export(&store, store.read_layer(&id)?, dest, &pb);
+        progress::finish(&pb, draw);
+        r?
     } else {
-        let (union, added) = crate::repair::export_union(&store, &stack, no_mounts)?;
+        let (placed, added) = crate::repair::export_placement(&store, &stack, no_mounts)?;
         crate::repair::note_added(&added, ctx.json);
         mounted = added;
-        do_export(&store, union, dest, &pb)?
+        let total = crate::repair::union_file_bytes(&store, &placed)?;
+        let pb = progress::bytes("exporting", Some(total), draw);
+        let r = do_export(&store, Merged::placed(&store, &placed, Vec::new())?, dest, &pb);
+        progress::finish(&pb, draw);
+        r?
     };
-    pb.finish_and_clear();
-    let _ = total;
     if dest == "-" {
         return Ok(());
     }
@@ -1139,16 +1151,19 @@ fn export(ctx: &Ctx, r: &str, dest: &str, layer_only: bool, no_mounts: bool) -> 
     Ok(())
 }
 
+/// Writes `entries` to `dest` (`-`: a tar stream on stdout), telling `pb`
+/// the bytes of regular files as they go.
 fn do_export(
     store: &Store,
     entries: impl Iterator<Item = xenod_store::Result<Entry>>,
     dest: &str,
     pb: &indicatif::ProgressBar,
 ) -> Result<xenod_store::ExportStats> {
+    let inc = |n| pb.inc(n);
     Ok(if dest == "-" {
-        export_tar(store, entries, io::BufWriter::with_capacity(1 << 20, io::stdout().lock()))?
+        export_tar_with(store, entries, io::BufWriter::with_capacity(1 << 20, io::stdout().lock()), &inc)?
     } else {
-        export_dir(store, entries, Path::new(dest), &|n| pb.inc(n))?
+        export_dir(store, entries, Path::new(dest), &inc)?
     })
 }
 

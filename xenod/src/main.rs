@@ -11,6 +11,7 @@ mod peer_cmds;
 mod prefetch_cmds;
 mod progress;
 mod repair;
+mod usage_cmds;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

@@ -164,6 +164,9 @@ fn print_result(op: &str, v: &Value, json: bool) -> Result<()> {
                     cap["held"]["vcpus"]
                 )?;
             }
+            for w in v["capacity_warnings"].as_array().into_iter().flatten() {
+                writeln!(o, "warning   {}", w.as_str().unwrap_or(""))?;
+            }
             for (id, p) in v["peers"].as_object().into_iter().flatten() {
                 writeln!(
                     o,

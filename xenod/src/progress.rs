@@ -1,10 +1,11 @@
 //! Progress on stderr for long work: the total, the percentage, the rate
 //! and the time left where the total is known. Drawn on a terminal only,
 //! unless asked (`--progress`, `XENOD_PROGRESS=1`): then, on a pipe or a
-//! log, one plain line a second. Never under `--json` unless asked.
+//! log, one plain line a second and the last state when done. Never under
+//! `--json` unless asked.
 
 use std::io::{IsTerminal, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 use serde_json::Value;
@@ -27,6 +28,11 @@ impl Draw {
             (false, true) => Draw::Off,
             (false, false) => Draw::Terminal,
         }
+    }
+
+    /// Whether progress goes out as plain lines (asked for, not a terminal).
+    fn lines(self) -> bool {
+        self == Draw::Forced && !std::io::stderr().is_terminal()
     }
 
     fn target(self) -> ProgressDrawTarget {
@@ -90,6 +96,71 @@ pub fn bytes(msg: &str, total: Option<u64>, draw: Draw) -> ProgressBar {
     pb.set_message(msg.to_owned());
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
     pb
+}
+
+/// A bar of a count of `unit` (entries, chunks) with a known total.
+pub fn counted(msg: &str, unit: &str, total: u64, draw: Draw) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(Some(total), draw.target());
+    let t = format!("{{msg}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} {{percent}}% {{rate}}/s eta {{eta}}");
+    if let Ok(style) = ProgressStyle::with_template(&t) {
+        let rate = |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{}", indicatif::HumanCount(s.per_sec() as u64));
+        };
+        pb.set_style(style.progress_chars("=> ").with_key("rate", rate));
+    }
+    pb.set_message(msg.to_owned());
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    pb
+}
+
+/// Ends a bar: a terminal's is cleared; as plain lines, the last state
+/// (100% when the work is done) is the last line.
+pub fn finish(pb: &ProgressBar, draw: Draw) {
+    if draw.lines() { pb.finish() } else { pb.finish_and_clear() }
+}
+
+/// Progress of work in phases, each with its own total (gc): one bar per
+/// phase, ended when the next begins.
+pub struct Phases {
+    what: String,
+    draw: Draw,
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl Phases {
+    pub fn new(what: &str, draw: Draw) -> Self {
+        Self { what: what.to_owned(), draw, bar: Mutex::new(None) }
+    }
+
+    pub fn step(&self, step: xenod_store::GcStep) {
+        use xenod_store::{GcPhase, GcStep};
+        let mut bar = self.bar.lock().unwrap_or_else(|e| e.into_inner());
+        match step {
+            GcStep::Begin(phase, total) => {
+                if let Some(pb) = bar.take() {
+                    finish(&pb, self.draw);
+                }
+                let w = &self.what;
+                *bar = Some(match phase {
+                    GcPhase::Mark => counted(&format!("{w}: marking"), "entries", total, self.draw),
+                    GcPhase::Sweep => counted(&format!("{w}: sweeping"), "chunks", total, self.draw),
+                    GcPhase::Packs => bytes(&format!("{w}: packs"), Some(total), self.draw),
+                });
+            }
+            GcStep::Done(n) => {
+                if let Some(pb) = bar.as_ref() {
+                    pb.inc(n);
+                }
+            }
+        }
+    }
+
+    /// Ends the last phase's bar.
+    pub fn finish(&self) {
+        if let Some(pb) = self.bar.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            finish(&pb, self.draw);
+        }
+    }
 }
 
 pub fn callback(pb: &ProgressBar) -> xenod_store::Progress {

@@ -1,6 +1,7 @@
 //! Store upkeep that `verify`, `gc` and `export` grew: `verify --repair`
 //! (a request to the daemon, or an embedded engine), `gc --dry-run`, and
-//! the stack `export` materialises when `.mount` files add layers to it.
+//! the stack `export` materialises when `.mount` files add layers to it,
+//! and the bytes it writes.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -75,7 +76,10 @@ fn describe(r: &Repair) -> String {
 /// `xenod gc --dry-run`: what gc would remove, and how many bytes.
 pub fn gc_dry_run(ctx: &Ctx) -> Result<()> {
     let store = ctx.store()?;
-    let p = store.gc_plan()?;
+    let phases = crate::progress::Phases::new("gc --dry-run", ctx.draw(false));
+    let p = store.gc_plan_with(&|step| phases.step(step));
+    phases.finish();
+    let p = p?;
     let freed = p.freed_bytes();
     let v = json!({
         "dry_run": true,
@@ -113,13 +117,14 @@ pub fn gc_dry_run(ctx: &Ctx) -> Result<()> {
     })
 }
 
-/// The union `export` writes for `stack` (bottom first): as `mount` shows
-/// it, with the layers `.mount` files add placed on their directories,
-/// unless `no_mounts` asks for the stack alone. The second value lists
-/// the layers `.mount` files added, with where.
-pub fn export_union<'s>(store: &'s Store, stack: &[LayerId], no_mounts: bool) -> Result<(Merged<'s>, Added)> {
+/// Where each layer of the union `export` writes for `stack` (bottom
+/// first) goes: as `mount` shows it, with the layers `.mount` files add
+/// placed on their directories, unless `no_mounts` asks for the stack
+/// alone (each layer at the root). The second value lists the layers
+/// `.mount` files added, with where.
+pub fn export_placement(store: &Store, stack: &[LayerId], no_mounts: bool) -> Result<(Placement, Added)> {
     if no_mounts {
-        return Ok((Merged::new(store, stack)?, Vec::new()));
+        return Ok((stack.iter().map(|l| (*l, Vec::new())).collect(), Vec::new()));
     }
     // The same resolution `mount` does (cowfs's lower tree), so what is
     // exported is what a mount shows; a reference that does not resolve
@@ -131,8 +136,30 @@ pub fn export_union<'s>(store: &'s Store, stack: &[LayerId], no_mounts: bool) ->
     drop(tree);
     let added: Added =
         placed.iter().filter(|(_, dir)| !dir.is_empty()).map(|(l, dir)| (*l, xenod_store::display_path(dir))).collect();
-    Ok((Merged::placed(store, &placed, Vec::new())?, added))
+    Ok((placed, added))
 }
+
+/// The bytes of regular files in the union of `placed`, holes included:
+/// the total an export of it writes. A layer alone at the root says it in
+/// its root; a union is counted in one pass over its manifests, streamed
+/// (what upper layers replace or delete does not count).
+pub fn union_file_bytes(store: &Store, placed: &Placement) -> Result<u64> {
+    if let [(layer, at)] = placed.as_slice()
+        && at.is_empty()
+    {
+        return Ok(store.layer_root(layer)?.file_bytes);
+    }
+    let mut n = 0u64;
+    for e in Merged::placed(store, placed, Vec::new())? {
+        if let xenod_store::Kind::File { size, .. } = e?.kind {
+            n += size;
+        }
+    }
+    Ok(n)
+}
+
+/// Layers, bottom first, each with the directory its root shows at.
+pub type Placement = Vec<(LayerId, Vec<u8>)>;
 
 /// Layers `.mount` files added to an export, each with its directory.
 pub type Added = Vec<(LayerId, String)>;

@@ -4,7 +4,11 @@
 //! --best-effort; with real guests, a 25% CPU quota holds a busy guest to
 //! a quarter of a CPU, a 64 MiB upper quota stops a 100 MiB write inside
 //! the guest at about 64 MiB, and a migration onto a host without the
-//! memory is refused in its prepare phase while the guest runs on.
+//! memory is refused in its prepare phase while the guest runs on;
+//! `xenod usage` after a known workload (a busy loop, a write, pages
+//! served) matches what was done, survives a daemon restart and moves
+//! with a migrated instance; `xenod limit` changes a running guest's CPU
+//! quota.
 
 mod common;
 
@@ -77,12 +81,15 @@ fn deploys_beyond_capacity_are_refused_and_leave_nothing() {
 }
 
 /// The fixture's fs-root web guest plus `services` (name, script) run at
-/// boot, published in `data` as `template://t/lim/1`.
-fn guest_with(fix: &Path, work: &Path, data: &Path, services: &[(&str, &str)]) {
+/// boot and `files` (path, bytes), published in `data` as `template://t/lim/1`.
+fn guest_with(fix: &Path, work: &Path, data: &Path, services: &[(&str, &str)], files: &[(&str, &[u8])]) {
     let tree = work.join("tree");
     cp(&fix.join("template"), &tree);
     cp(&fix.join("web"), &tree);
     add_boot(fix, &tree);
+    for (path, bytes) in files {
+        fs::write(tree.join(path), bytes).unwrap();
+    }
     let dir = tree.join("etc/xenod/services.d");
     for (name, script) in services {
         fs::write(dir.join(name), script).unwrap();
@@ -120,7 +127,7 @@ fn cpu_quota_and_upper_quota_hold_inside_real_guests() {
     let fill = "#!/bin/sh\ngrep -q lim=fill /proc/cmdline || exit 0\n\
                 ( dd if=/dev/zero of=/fill bs=1M count=100 2>/tmp/dd.err; \
                 echo \"fill: exit=$? bytes=$(wc -c < /fill) $(grep -i quota /tmp/dd.err)\" > /dev/console ) &\n";
-    guest_with(&fix, t.path(), &data, &[("90-busy", busy), ("91-fill", fill)]);
+    guest_with(&fix, t.path(), &data, &[("90-busy", busy), ("91-fill", fill)], &[]);
     let (cpu, quota) = (format!("cpu{pid}"), format!("q{pid}"));
     let _g = Instances(&data, vec![cpu.clone(), quota.clone()]);
 
@@ -139,16 +146,7 @@ fn cpu_quota_and_upper_quota_hold_inside_real_guests() {
     let before = free(&data);
     let d =
         ok(&data, &["deploy", "template://t/lim/1", "--name", &quota, "--upper-quota", "64", "--cmdline", "lim=fill"]);
-    let console = data.join("instances").join(&quota).join("console.log");
-    let t0 = Instant::now();
-    let line = loop {
-        let log = fs::read_to_string(&console).unwrap_or_default();
-        if let Some(l) = log.lines().find(|l| l.starts_with("fill: ")) {
-            break l.to_owned();
-        }
-        assert!(t0.elapsed() < Duration::from_secs(120), "the guest never finished writing:\n{log}");
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let line = wait_console_line(&data, &quota, "fill: ");
     eprintln!("inside the guest: {line}");
     assert!(line.contains("exit=1") && line.contains("quota exceeded"), "{line}");
     let bytes: u64 = line.split("bytes=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
@@ -192,5 +190,133 @@ fn a_migration_onto_a_full_host_is_refused_in_prepare() {
     assert!(err.contains("prepare") && err.contains("not admitted: memory: 256 MiB asked, 128 MiB free"), "{err}");
     assert_eq!(page(port).1, 2, "the guest runs on at the source");
     assert!(!b.join("instances").join(&name).exists(), "nothing arrived at the target");
+    drop((da, db));
+}
+
+/// Seconds of CPU the process `pid` used, as the kernel counts it.
+fn proc_cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis: utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    let hz: f64 = String::from_utf8_lossy(&hz.stdout).trim().parse().unwrap();
+    ticks as f64 / hz
+}
+
+fn qemu_pid(domain: &str) -> u32 {
+    fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid")).unwrap().trim().parse().unwrap()
+}
+
+/// Waits for `line` on an instance's console.
+fn wait_console_line(data: &Path, name: &str, prefix: &str) -> String {
+    let console = data.join("instances").join(name).join("console.log");
+    let t0 = Instant::now();
+    loop {
+        let log = fs::read_to_string(&console).unwrap_or_default();
+        if let Some(l) = log.lines().find(|l| l.starts_with(prefix)) {
+            return l.to_owned();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(180), "no {prefix:?} on the console:\n{log}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn within(what: &str, got: f64, want: f64, tolerance: f64) {
+    eprintln!("usage: {what}: {got:.3} counted, {want:.3} done ({:+.1}%)", (got / want - 1.0) * 100.0);
+    assert!((got - want).abs() <= want * tolerance, "{what}: {got} counted against {want} done");
+}
+
+#[test]
+fn usage_counts_a_known_workload_and_follows_the_instance() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIPPED: real-guest usage test: {why}");
+        return;
+    }
+    let fix = fixture();
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    let pid = std::process::id();
+    for (d, p) in [(&a, "ua"), (&b, "ub")] {
+        fs::create_dir_all(d).unwrap();
+        fs::write(d.join("config.toml"), format!("domain_prefix = \"{p}{pid}-\"\nusage_interval_secs = 2\n")).unwrap();
+    }
+    // Eight seconds of a busy loop, then 40 MiB written and synced.
+    let work = "#!/bin/sh\ngrep -q lim=work /proc/cmdline || exit 0\n\
+                ( end=$(( $(date +%s) + 8 )); while [ $(date +%s) -lt $end ]; do :; done; \
+                dd if=/dev/zero of=/work.bin bs=1M count=40 conv=fsync 2>/dev/null; sync; \
+                echo \"work: done\" > /dev/console ) &\n";
+    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    guest_with(&fix, &t.path().join("w"), &a, &[("90-work", work)], &[("srv/www/big.bin", &big)]);
+    let name = format!("use{pid}");
+    let _g = Instances(&a, vec![name.clone()]);
+    let _gb = Instances(&b, vec![name.clone()]);
+    let da = Daemon::start(&a, &[]);
+    let db = Daemon::start(&b, &[]);
+    ok(&b, &["allow", &da.node]);
+    let d = ok(&a, &["deploy", "template://t/lim/1", "--name", &name, "--cmdline", "lim=work"]);
+    let port = d["instances"][0]["port"].as_u64().unwrap();
+    let domain = format!("ua{pid}-{name}");
+    wait_console_line(&a, &name, "work: done");
+    for _ in 0..2 {
+        let out = Command::new("curl")
+            .args(["-sf", "--max-time", "60", "-o", "/dev/null", "-w", "%{size_download}"])
+            .arg(format!("http://127.0.0.1:{port}/big.bin"))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), (16u64 << 20).to_string(), "the page was served whole");
+    }
+    let u = ok(&a, &["usage", &name]);
+    let cpu_done = proc_cpu_seconds(qemu_pid(&domain));
+    let i = &u["instances"][0];
+    assert_eq!(i["instance"], name.as_str(), "{u}");
+    assert!(i["owner"].as_str().unwrap().starts_with("node:") || i["owner"].as_str().unwrap().starts_with("key:"));
+    let us = &i["usage"];
+    let n = |k: &str| us[k].as_u64().unwrap() as f64;
+    within("CPU seconds (the guest's process, from /proc)", n("cpu_ns") / 1e9, cpu_done, 0.10);
+    assert!(n("cpu_ns") / 1e9 >= 6.0, "the 8 s busy loop is in it: {us}");
+    within("MiB written (dd of 40 MiB)", n("disk_written") / 1048576.0, 40.0, 0.10);
+    within("MiB sent (two pages of 16 MiB)", n("net_out") / 1048576.0, 32.0, 0.10);
+    within("MiB of upper", n("upper_bytes") / 1048576.0, 40.0, 0.10);
+    assert!(us["memory_mib_seconds"].as_f64().unwrap() > 0.0 && n("memory_peak_mib") >= 128.0, "{us}");
+    assert_eq!(u["owners"].as_array().unwrap().len(), 1);
+    assert_eq!(u["total"]["cpu_ns"], us["cpu_ns"]);
+
+    // A CPU quota set while it runs, then removed.
+    let l = ok(&a, &["limit", &name, "--cpu-quota", "30"]);
+    assert_eq!(l["limits"]["cpu_quota_pct"], 30, "{l}");
+    let sched = Command::new("virsh").args(["-c", "qemu:///system", "schedinfo", &domain]).output().unwrap();
+    let sched = String::from_utf8_lossy(&sched.stdout);
+    assert!(sched.lines().any(|l| l.starts_with("global_quota") && l.trim_end().ends_with("30000")), "{sched}");
+    let out = run(&a, &["limit", &name, "--disk-bps", "1000"]);
+    assert_eq!(out.status.code(), Some(6), "a tree root has no disk: {}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&a, &["limit", &name, "--upper-quota", "1"]);
+    assert_eq!(out.status.code(), Some(6), "below the upper's size: {}", String::from_utf8_lossy(&out.stderr));
+    ok(&a, &["limit", &name, "--cpu-quota", "0"]);
+
+    // Kept across a daemon restart: nothing is counted twice or lost.
+    da.stop();
+    let da = Daemon::start(&a, &[]);
+    let again = ok(&a, &["usage", &name]);
+    let after = &again["instances"][0]["usage"];
+    assert!(after["cpu_ns"].as_u64().unwrap() >= us["cpu_ns"].as_u64().unwrap(), "{after} after {us}");
+    within(
+        "MiB written after a restart",
+        after["disk_written"].as_u64().unwrap() as f64 / 1048576.0,
+        n("disk_written") / 1048576.0,
+        0.02,
+    );
+
+    // Its records go with it to the host it migrates to.
+    ok(&a, &["migrate", &name, "--to", &db.addr, "--cold"]);
+    let there = ok(&b, &["usage", &name]);
+    let moved = &there["instances"][0]["usage"];
+    assert!(moved["cpu_ns"].as_u64().unwrap() >= after["cpu_ns"].as_u64().unwrap(), "{moved} after {after}");
+    assert!(moved["net_out"].as_u64().unwrap() >= after["net_out"].as_u64().unwrap(), "{moved}");
+    assert_eq!(there["instances"][0]["owner"], i["owner"], "the owner moves too");
+    let here = ok(&a, &["usage"]);
+    assert!(here["instances"].as_array().unwrap().is_empty(), "the source forgot it: {here}");
+    ok(&b, &["destroy", &name]);
     drop((da, db));
 }

@@ -266,6 +266,7 @@ fn every_field() -> Config {
         metrics_remote: true,
         net_underlay: Some("192.0.2.10".parse().unwrap()),
         net_vxlan_port: Some(4789),
+        usage_interval_secs: Some(10),
     }
 }
 

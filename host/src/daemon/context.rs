@@ -108,6 +108,8 @@ pub struct Daemon {
     pub(crate) lazy: super::lazy::Lazy,
     migrations: Mutex<MigrationTotals>,
     pub(crate) net: crate::net::host::NetHost,
+    /// Accounting, once the daemon (not an embedded engine) has opened it.
+    pub(crate) usage: std::sync::OnceLock<Arc<super::usage::Accounting>>,
 }
 
 /// Migrations from this host since the daemon started, for the metrics.
@@ -186,6 +188,7 @@ impl Daemon {
             lazy: Default::default(),
             migrations: Default::default(),
             net: Default::default(),
+            usage: Default::default(),
         });
         super::events::spawn_publisher(&d, events);
         d.save_state();
@@ -400,6 +403,12 @@ impl Daemon {
             gossip: Some(reply::Gossip { joined: self.node.gossip_joined(), presences: self.node.presences().len() }),
             lazy_fetches: Some(self.lazy.pending()),
             capacity: Some(self.instances.capacity(None)),
+            capacity_warnings: self
+                .config
+                .capacity
+                .as_ref()
+                .map(|c| crate::admission::beyond_host(c, &self.data_dir))
+                .unwrap_or_default(),
             lazy: Some(self.lazy.counters()),
         }
     }

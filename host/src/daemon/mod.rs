@@ -10,6 +10,7 @@ pub mod repair;
 pub mod replicate;
 pub mod reply;
 pub mod server;
+pub mod usage;
 
 pub use context::{Daemon, State, state_path, throttled};
 pub use reply::KnownPeer;

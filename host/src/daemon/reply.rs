@@ -40,6 +40,9 @@ pub struct Status {
     /// what is free (see `admission`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<crate::admission::Capacity>,
+    /// Where the config's `[capacity]` offers more than this host has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capacity_warnings: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lazy: Option<LazyCounters>,
 }

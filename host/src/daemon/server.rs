@@ -113,6 +113,7 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
             placement::deploy(d, &target, &args, *options).await
         }
         Request::Net { net } => crate::net::host::handle(d, net).await,
+        Request::Usage { name, since } => Ok(serde_json::to_value(super::usage::report(d, name, since).await?)?),
         Request::Repair { from } => Ok(serde_json::to_value(super::repair::repair(d, &from).await?)?),
         Request::Shutdown => {
             // notify_one keeps a permit when the accept loop is not
@@ -235,6 +236,10 @@ pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool, on_ready
         super::announce::spawn(&d);
         crate::net::host::spawn(&d);
         super::repair::spawn_watch(&d);
+        super::usage::spawn(&d);
+        for w in d.config().capacity.as_ref().map(|c| crate::admission::beyond_host(c, data_dir)).unwrap_or_default() {
+            tracing::warn!("{w}");
+        }
         let metrics = super::metrics::spawn(&d).await?;
         let addr = format_peer(&d.node().addr());
         let sock = socket_path(data_dir);
@@ -252,6 +257,7 @@ pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool, on_ready
         };
         let r = serve_socket(d.clone(), || on_ready(&ready)).await;
         crate::net::host::stop(&d).await;
+        super::usage::stop(&d).await;
         d.stop().await;
         r
     })

@@ -44,6 +44,7 @@ use crate::{bail, err};
 use xenod_peer::events::EventKind;
 use xenod_store::Exit;
 
+pub mod limit;
 pub mod mount;
 
 /// Metadata key of a layer's deploy spec (JSON).
@@ -85,6 +86,9 @@ pub struct DeployOptions {
     /// An environment to put the guest on besides its user-mode NIC.
     #[serde(default)]
     pub net: Option<String>,
+    /// Who deploys it [default: this host's publisher key, else its node].
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// What `instance.json` records.
@@ -118,6 +122,10 @@ pub struct Instance {
     /// Its NIC on an environment, if it has one (see `net`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net: Option<crate::net::Attach>,
+    /// Who deployed it (`key:HEX` of the publisher key, or `node:ID` of the
+    /// host that asked), for accounting.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// The instances of one host's data directory: where their files are,
@@ -215,6 +223,18 @@ impl Instances {
     /// Reports a lifecycle event of an instance of this host.
     pub fn event(&self, kind: EventKind) {
         (self.events.0)(kind);
+    }
+
+    /// Who deploys here when nobody else is named: `key:HEX` of the
+    /// publisher key if this host has one, else `node:ID`.
+    pub fn default_owner(&self) -> String {
+        if let Ok(Some(k)) = crate::config::load_key(&self.data) {
+            return format!("key:{}", xenod_store::hex(&k.verifying_key().to_bytes()));
+        }
+        match crate::config::node_secret(&self.data) {
+            Ok(s) => format!("node:{}", xenod_peer::iroh::SecretKey::from_bytes(&s).public()),
+            Err(_) => "unknown".into(),
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -562,6 +582,7 @@ impl Instances {
             spec: Some(spec.clone()),
             lazy: a.lazy,
             net,
+            owner: Some(a.owner.clone().unwrap_or_else(|| self.default_owner())),
         };
         inst.save(data)?;
         let pid = self.spawn_mount(&inst)?;

@@ -54,7 +54,7 @@ use xenod_store::{Dense, Exit, LayerId, LayerWriter};
 
 use self::local::LocalChanges;
 use self::policy::{Guest, Migration, Plan, Target, blocking, check_level, save_guest};
-use self::record::{now, record_of, upper_bytes};
+use self::record::{now, record_of};
 use self::state::{Transient, data_chunks, page_sources, state_layer};
 use self::statepages::PageHashes;
 use self::wire::RemoteTarget;
@@ -62,6 +62,7 @@ use crate::daemon::Daemon;
 pub use crate::error::Phase;
 use crate::error::{Context, Error, Result};
 use crate::instance::{self as deploy, Instance};
+use crate::usage::upper_bytes;
 use crate::{bail, err};
 
 mod local;
@@ -167,7 +168,7 @@ pub async fn migrate(
     let migration = Migration::new(
         hv,
         LocalChanges::new(store, d.instances(), inst.clone(), cold),
-        RemoteTarget::new(d.clone(), target),
+        RemoteTarget::new(d.clone(), target.clone()),
         Guest {
             domain: inst.domain().to_owned(),
             record: record_of(&data, &inst),
@@ -176,11 +177,34 @@ pub async fn migrate(
         },
         plan,
     );
-    let report = migration.run().await;
+    let report = crate::daemon::usage::while_migrating(d, name, migration.run()).await;
     d.migrated(report.as_ref().ok().map(|r| (r.wire_bytes, r.downtime_seconds)));
     let report = report?;
+    carry_usage(d, &target, name).await;
     d.instances().event(EventKind::InstanceMigrated { instance: name.to_owned(), to: to_node });
     Ok(serde_json::to_value(report)?)
+}
+
+/// Sends what migrated instance `name` used here to its new host, then
+/// forgets it here. A target that cannot take it leaves it here (logged):
+/// nothing is lost, it is only billed from this host's ledger.
+async fn carry_usage(d: &Arc<Daemon>, target: &xenod_peer::EndpointAddr, name: &str) {
+    let Some(acc) = d.usage.get().cloned() else { return };
+    let (a, n) = (acc.clone(), name.to_owned());
+    // Its last samples were taken while it migrated (`while_migrating`).
+    let h = match tokio::task::spawn_blocking(move || a.ledger.export(&n)).await {
+        Ok(Ok(Some(h))) => h,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => return tracing::warn!("{name}'s usage stays here: {}", e.chain()),
+        Err(e) => return tracing::warn!("{name}'s usage stays here: {e}"),
+    };
+    match wire::send_usage(d, target, name, h).await {
+        Ok(()) => {
+            let n = name.to_owned();
+            let _ = tokio::task::spawn_blocking(move || acc.ledger.forget(&n)).await;
+        }
+        Err(e) => tracing::warn!("{name}'s usage stays here (the target did not take it): {}", e.chain()),
+    }
 }
 
 /// `xenod checkpoint NAME`: the guest's upper layer and saved state as a

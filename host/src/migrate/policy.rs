@@ -810,6 +810,7 @@ mod tests {
             spec: None,
             source_dir: PathBuf::from("/nonexistent"),
             net: None,
+            owner: None,
         }
     }
 

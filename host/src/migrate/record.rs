@@ -29,6 +29,9 @@ pub struct Record {
     /// Its NIC on an environment, as on the sending host.
     #[serde(default)]
     pub net: Option<crate::net::Attach>,
+    /// Who deployed it (accounting).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// How a running guest's memory is saved.
@@ -54,6 +57,7 @@ pub(crate) fn record_of(data: &Path, inst: &Instance) -> Record {
         spec: inst.spec.clone(),
         source_dir: inst.dir(data),
         net: inst.net.clone(),
+        owner: inst.owner.clone(),
     }
 }
 
@@ -86,24 +90,6 @@ pub(crate) fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-pub(crate) fn upper_bytes(dir: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
-            if let Ok(m) = e.metadata() {
-                if m.is_dir() {
-                    stack.push(e.path());
-                } else {
-                    total += m.blocks() * 512;
-                }
-            }
-        }
-    }
-    total
-}
-
 /// `record`'s instance as it runs here on `layer`, not yet mounted.
 pub(crate) fn instance_of(instances: &Instances, record: &Record, layer: LayerId) -> Result<Instance> {
     let domain = instances.domain_name(&record.name);
@@ -121,6 +107,7 @@ pub(crate) fn instance_of(instances: &Instances, record: &Record, layer: LayerId
         spec: record.spec.clone(),
         lazy: false,
         net: None,
+        owner: record.owner.clone(),
     })
 }
 
@@ -162,6 +149,7 @@ mod tests {
             spec: Some(spec),
             source_dir: "/a/instances/web".into(),
             net: None,
+            owner: None,
         }
     }
 

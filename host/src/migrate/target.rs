@@ -177,11 +177,22 @@ async fn target_op(
             let fetched = fetch_stack(d, layer, &source).await?;
             let (instances, mut o) = (d.instances().clone(), *options);
             (o.verbose, o.lazy) = (false, false);
+            if o.owner.is_none() {
+                let asker = source.split_once('@').map_or(source.as_str(), |(n, _)| n);
+                o.owner = Some(format!("node:{asker}"));
+            }
             let v = tokio::task::spawn_blocking(move || instances.deploy(&layer.to_string(), &o)).await??;
             if let Some(e) = v["errors"].as_array().and_then(|e| e.first()) {
                 bail!("deploying here: {}", e.as_str().unwrap_or("failed"));
             }
             Ok(json!({ "fetch": fetched, "deploy": v }))
+        }
+        Wire::Usage { instance, history } => {
+            let Some(acc) = d.usage.get().cloned() else {
+                bail!("this host keeps no usage (an embedded engine); the source keeps {instance}'s");
+            };
+            tokio::task::spawn_blocking(move || acc.ledger.import(&instance, &history)).await??;
+            Ok(json!({ "kept": true }))
         }
         Wire::Abort { instance } => {
             // Only what a failed resume could have left: adopt cleans up

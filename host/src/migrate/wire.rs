@@ -76,6 +76,12 @@ pub enum Wire {
     Abort {
         instance: String,
     },
+    /// After a migration: what the instance used on the source
+    /// ([`crate::usage::History`]), for the target's ledger.
+    Usage {
+        instance: String,
+        history: Box<crate::usage::History>,
+    },
     /// Placement chose this host: fetch what it lacks of `layer`'s stack
     /// (from `source` and the layer's other providers) and deploy it.
     Deploy {
@@ -136,6 +142,21 @@ pub async fn call(conn: &Connection, req: &Wire, mut on_line: impl FnMut(&Reply)
             r => on_line(&r),
         }
     }
+}
+
+/// Hands instance `name`'s usage rows to the host it migrated to, over a
+/// connection of its own (the migration's may be gone).
+pub async fn send_usage(d: &Daemon, to: &EndpointAddr, name: &str, history: crate::usage::History) -> Result<()> {
+    let conn = match tokio::time::timeout(Duration::from_secs(10), d.node().endpoint().connect(to.clone(), ALPN)).await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => bail!("connecting to {}: {e}", to.id),
+        Err(_) => bail!("connecting to {}: timed out", to.id),
+    };
+    let req = Wire::Usage { instance: name.to_owned(), history: Box::new(history) };
+    call(&conn, &req, |_| {}).await?;
+    conn.close(0u32.into(), b"done");
+    Ok(())
 }
 
 /// The target of one migration, over one connection of this daemon's

@@ -160,6 +160,7 @@ impl<FS: Filesystem> Session<FS> {
         options: &Config,
     ) -> io::Result<Session<FS>> {
         check_option_conflicts(options)?;
+        crate::stats::configure();
 
         let mountpoint = mountpoint.as_ref();
         info!("Mounting {}", mountpoint.display());
@@ -205,6 +206,7 @@ impl<FS: Filesystem> Session<FS> {
         acl: SessionACL,
         config: Config,
     ) -> io::Result<Self> {
+        crate::stats::configure();
         let ch = Channel::new(Arc::new(DevFuse(File::from(fd))));
         let mut session = Session {
             filesystem: FilesystemHolder {

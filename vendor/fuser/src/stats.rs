@@ -5,8 +5,14 @@
 //!
 //! Counting costs two clock reads and three relaxed atomic adds per
 //! request: no lock, no allocation.
+//!
+//! A benchmark knob turns it off: `XENOD_FUSE_STATS=0` in the environment
+//! when a session starts (read once, then). Requests then skip the timer
+//! behind one branch on a flag that never changes, and the counts stay at
+//! zero. It is there to measure what counting costs on the same binary
+//! (`benches/fuse-counters.sh`), not for production: the metrics need it on.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::ll::fuse_abi::fuse_opcode;
@@ -47,6 +53,22 @@ const SLOT: Slot = Slot {
 };
 
 static SLOTS_: [Slot; SLOTS] = [SLOT; SLOTS];
+
+/// Whether requests are counted; set once per session start.
+static ON: AtomicBool = AtomicBool::new(true);
+
+/// Reads `XENOD_FUSE_STATS` once, as a session starts: `0` turns counting
+/// off for this process, anything else (or nothing) leaves it on.
+pub(crate) fn configure() {
+    let off = std::env::var_os("XENOD_FUSE_STATS").is_some_and(|v| v == "0");
+    ON.store(!off, Ordering::Relaxed);
+}
+
+/// Whether requests are counted (see [`configure`]).
+#[inline]
+pub(crate) fn on() -> bool {
+    ON.load(Ordering::Relaxed)
+}
 
 /// Starts timing a request of `opcode`; [`Timer::done`] counts it.
 pub(crate) struct Timer {

@@ -1,0 +1,183 @@
+//! Network bytes per guest, counted by the kernel: an nftables table of
+//! this daemon's (`inet xenod_acct_TAG`) with one counting rule per
+//! forwarded host port and direction. A guest on user-mode networking
+//! (`restrict=on`) talks only through its forwards, so what enters its
+//! host ports is what it received and what leaves them is what it sent.
+//!
+//! ```text
+//! table inet xenod_acct_TAG
+//!   chain input  (hook input)   tcp dport PORT counter comment "NAME PORT in"
+//!   chain output (hook output)  tcp sport PORT counter comment "NAME PORT out"
+//! ```
+//!
+//! The table is the daemon's own: made fresh when it starts (a crashed
+//! daemon's is replaced), removed when it stops. The counts include the
+//! packets' TCP/IP headers (about 0.2% of a bulk transfer on loopback).
+//! Rules of an instance that is gone are deleted; those of a live one are
+//! never rewritten, so its counters only grow.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Bytes in and out of one instance's forwarded ports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetBytes {
+    pub rx: u64,
+    pub tx: u64,
+}
+
+/// This daemon's counting table.
+#[derive(Debug)]
+pub struct NetCounters {
+    table: String,
+}
+
+fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let mut c = Command::new("nft");
+    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = c.spawn().map_err(|e| Error::msg(format!("running nft (package nftables): {e}")))?;
+    if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+        w.write_all(text.as_bytes()).map_err(|e| Error::msg(format!("writing to nft: {e}")))?;
+    }
+    let out = child.wait_with_output().map_err(|e| Error::msg(format!("running nft: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::msg(format!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl NetCounters {
+    /// The table for daemon `tag` (letters and digits), made fresh.
+    pub fn start(tag: &str) -> Result<Self> {
+        let tag: String = tag.chars().filter(char::is_ascii_alphanumeric).take(16).collect();
+        let n = NetCounters { table: format!("xenod_acct_{tag}") };
+        n.remove();
+        let t = &n.table;
+        nft(
+            &["-f", "-"],
+            Some(&format!(
+                "table inet {t} {{\n\
+                   chain input {{ type filter hook input priority -150; policy accept; }}\n\
+                   chain output {{ type filter hook output priority -150; policy accept; }}\n\
+                 }}\n"
+            )),
+        )?;
+        Ok(n)
+    }
+
+    /// The table's name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Deletes the table (nothing if it is not there).
+    pub fn remove(&self) {
+        let _ = nft(&["delete", "table", "inet", &self.table], None);
+    }
+
+    /// Makes the rules count exactly `want`'s ports (instance -> host
+    /// ports) and returns each instance's bytes.
+    pub fn sync(&self, want: &BTreeMap<String, Vec<u16>>) -> Result<BTreeMap<String, NetBytes>> {
+        let (rules, mut bytes) = self.read()?;
+        let mut script = String::new();
+        let t = &self.table;
+        for (inst, port, dir, handle) in &rules {
+            if !want.get(inst).is_some_and(|ps| ps.contains(port)) {
+                let chain = if dir == "in" { "input" } else { "output" };
+                script += &format!("delete rule inet {t} {chain} handle {handle}\n");
+                bytes.remove(inst);
+            }
+        }
+        for (inst, ports) in want {
+            for p in ports {
+                for (dir, chain, m) in [("in", "input", "dport"), ("out", "output", "sport")] {
+                    if !rules.iter().any(|(i, q, d, _)| i == inst && q == p && d == dir) {
+                        script +=
+                            &format!("add rule inet {t} {chain} tcp {m} {p} counter comment \"{inst} {p} {dir}\"\n");
+                    }
+                }
+            }
+        }
+        if !script.is_empty() {
+            nft(&["-f", "-"], Some(&script))?;
+        }
+        Ok(bytes)
+    }
+
+    /// The rules (instance, port, direction, handle) and bytes by instance.
+    #[allow(clippy::type_complexity)]
+    fn read(&self) -> Result<(Vec<(String, u16, String, u64)>, BTreeMap<String, NetBytes>)> {
+        let out = nft(&["-j", "list", "table", "inet", &self.table], None)?;
+        let v: Value = serde_json::from_str(&out).map_err(|e| Error::msg(format!("nft's JSON: {e}")))?;
+        let mut rules = Vec::new();
+        let mut bytes: BTreeMap<String, NetBytes> = BTreeMap::new();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            let Some(r) = item.get("rule") else { continue };
+            let Some(comment) = r["comment"].as_str() else { continue };
+            let mut parts = comment.split(' ');
+            let (Some(inst), Some(port), Some(dir)) = (parts.next(), parts.next(), parts.next()) else { continue };
+            let Ok(port) = port.parse::<u16>() else { continue };
+            let n = r["expr"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find_map(|e| e.get("counter").and_then(|c| c["bytes"].as_u64()))
+                .unwrap_or(0);
+            let b = bytes.entry(inst.to_owned()).or_default();
+            if dir == "in" {
+                b.rx += n;
+            } else {
+                b.tx += n;
+            }
+            rules.push((inst.to_owned(), port, dir.to_owned(), r["handle"].as_u64().unwrap_or(0)));
+        }
+        Ok((rules, bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn counts_bytes_through_a_forwarded_port() {
+        let n = match NetCounters::start(&format!("t{}", std::process::id())) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("SKIPPED: nftables cannot be used here ({e})");
+                return;
+            }
+        };
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let want: BTreeMap<String, Vec<u16>> = [("web".to_string(), vec![port])].into();
+        assert_eq!(n.sync(&want).unwrap().get("web").copied().unwrap_or_default(), NetBytes::default());
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut got = vec![0u8; 10_000];
+            s.read_exact(&mut got).unwrap();
+            s.write_all(&vec![7u8; 300_000]).unwrap();
+        });
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(&[1u8; 10_000]).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        server.join().unwrap();
+        assert_eq!(back.len(), 300_000);
+        let b = n.sync(&want).unwrap()["web"];
+        assert!((10_000..11_000).contains(&b.rx), "{b:?}");
+        assert!((300_000..303_000).contains(&b.tx), "{b:?}");
+        // An instance that is gone loses its rules; the table goes at the end.
+        assert!(n.sync(&BTreeMap::new()).unwrap().is_empty());
+        n.remove();
+        assert!(nft(&["list", "table", "inet", n.table()], None).is_err(), "the table is gone");
+    }
+}
