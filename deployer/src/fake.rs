@@ -154,6 +154,7 @@ impl FakeHypervisor {
             network: Network::None,
             console_log: dir.join(format!("{name}.console")),
             limits: Default::default(),
+            nics: Vec::new(),
         }
     }
 

@@ -60,7 +60,9 @@ pub use error::{DomainXmlFault, Error, Result, SaveImageFault};
 pub use hypervisor::{DomainState, DomainStatus, Hypervisor, StopOutcome, wait_state};
 pub use libvirt::{Incoming, Libvirt, URI_ENV, default_uri};
 pub use live::{LiveMigration, StagedGuest};
-pub use model::{DomainMeta, DomainModel, Network, ROOT_TAG, Root, check_ports_free, move_host_ports, resolve_ports};
+pub use model::{
+    BridgeNic, DomainMeta, DomainModel, Network, ROOT_TAG, Root, check_ports_free, move_host_ports, resolve_ports,
+};
 pub use probe::{ACCEL_ENV, Accel, AccelProbe, probe_accel};
 pub use ready::{GUEST_READY_LINE, console_tail, http_get, wait_console, wait_http};
 pub use saveimage::{

@@ -35,6 +35,19 @@ pub struct DomainModel {
     /// CPU and disk limits libvirt applies (those this guest can take:
     /// see [`crate::Limits::applicable`]).
     pub limits: crate::Limits,
+    /// NICs on host bridges besides `network` (environments' segments).
+    pub nics: Vec<BridgeNic>,
+}
+
+/// A NIC on a host bridge, as an environment gives a guest one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeNic {
+    pub bridge: String,
+    /// Fixed, so the guest keeps it wherever it runs.
+    pub mac: String,
+    /// The host side's tap name [default: the hypervisor's choice].
+    pub tap: Option<String>,
+    pub mtu: Option<u32>,
 }
 
 /// The guest's root filesystem.
@@ -141,6 +154,7 @@ impl DomainModel {
             network: Network::User { forwards, isolated: true },
             console_log,
             limits: spec.limits.applicable(spec.root, true).0,
+            nics: Vec::new(),
         })
     }
 

@@ -211,6 +211,9 @@ pub fn domain_xml(model: &DomainModel, target: Target) -> Result<String> {
     x.open("devices", &[]);
     root_device(&mut x, model, target);
     network_device(&mut x, model, target)?;
+    for nic in &model.nics {
+        bridge_nic(&mut x, nic, target);
+    }
     match target {
         Target::Xen(_) => {
             x.open("console", &[("type", "pty")]);
@@ -344,6 +347,23 @@ fn network_device(x: &mut Xml, model: &DomainModel, target: Target) -> Result<()
     Ok(())
 }
 
+/// A NIC on a host bridge with a fixed MAC (and tap name, and MTU).
+fn bridge_nic(x: &mut Xml, nic: &crate::model::BridgeNic, target: Target) {
+    x.open("interface", &[("type", "bridge")]);
+    x.empty("mac", &[("address", &nic.mac)]);
+    x.empty("source", &[("bridge", &nic.bridge)]);
+    if let Some(tap) = &nic.tap {
+        x.empty("target", &[("dev", tap)]);
+    }
+    if !matches!(target, Target::Xen(_)) {
+        x.empty("model", &[("type", "virtio")]);
+    }
+    if let Some(m) = nic.mtu {
+        x.empty("mtu", &[("size", &m.to_string())]);
+    }
+    x.close("interface");
+}
+
 fn qemu_passthrough_args(model: &DomainModel, target: Target) -> Vec<String> {
     let Network::User { forwards, isolated } = &model.network else { return vec![] };
     if !matches!(target, Target::Kvm | Target::Qemu) {
@@ -450,6 +470,7 @@ pub(crate) mod tests {
             network,
             console_log: "/var/log/xenod/web-1.console".into(),
             limits: Default::default(),
+            nics: Vec::new(),
         }
     }
 
@@ -530,6 +551,24 @@ pub(crate) mod tests {
         assert_eq!(meta.root, RootMode::Fs);
         assert_eq!(meta.root_path, Path::new("/t/a&b"));
         assert_eq!(meta.ports.len(), 2);
+    }
+
+    #[test]
+    fn bridge_nics_come_beside_the_user_nic() {
+        let mut m = model(Root::Disk { image: "/i".into() }, user(&[(8080, 80)]));
+        m.nics.push(crate::model::BridgeNic {
+            bridge: "xbabcdef1234".into(),
+            mac: "02:11:0a:01:02:03".into(),
+            tap: Some("xtabcdef1234567".into()),
+            mtu: Some(1450),
+        });
+        let xml = domain_xml(&m, Target::Qemu).unwrap();
+        let flat: String = xml.split_whitespace().collect::<Vec<_>>().join("");
+        assert!(
+            flat.contains("<interfacetype='bridge'><macaddress='02:11:0a:01:02:03'/><sourcebridge='xbabcdef1234'/><targetdev='xtabcdef1234567'/><modeltype='virtio'/><mtusize='1450'/></interface>"),
+            "{xml}"
+        );
+        assert!(xml.contains("hostfwd=tcp:127.0.0.1:8080-:80"), "{xml}");
     }
 
     #[test]

@@ -28,6 +28,7 @@ fn model(name: &str, root: Root, dir: &Path) -> DomainModel {
         network: Network::User { forwards: vec![PortForward { host: 18080, guest: 80 }], isolated: true },
         console_log: dir.join(format!("{name}.console")),
         limits: Default::default(),
+        nics: Vec::new(),
     }
 }
 

@@ -29,6 +29,13 @@ fn model(name: &str, root: Root, network: Network) -> DomainModel {
             net_kib_sec: Some(1024),
             upper_bytes: None,
         },
+        // An environment's NIC beside the user-mode one.
+        nics: vec![xenod_deployer::BridgeNic {
+            bridge: "xbabcdef1234".into(),
+            mac: "02:11:0a:01:02:03".into(),
+            tap: Some("xtabcdef1234567".into()),
+            mtu: Some(1450),
+        }],
     }
 }
 

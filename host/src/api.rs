@@ -151,6 +151,10 @@ pub enum Request {
         #[serde(default)]
         name: Option<String>,
     },
+    /// Environments' networks (`xenod net`, and a guest's NIC on one).
+    Net {
+        net: crate::net::NetRequest,
+    },
     /// Run a checkpoint again, here or on another host.
     Restore {
         checkpoint: String,
@@ -183,6 +187,7 @@ impl Request {
             Request::Migrate { .. } => "migrate",
             Request::Checkpoint { .. } => "checkpoint",
             Request::Restore { .. } => "restore",
+            Request::Net { .. } => "net",
         }
     }
 
@@ -399,6 +404,7 @@ mod tests {
                     verbose: false,
                     limits: xenod_deployer::Limits { cpu_quota_pct: Some(25), ..Default::default() },
                     best_effort: true,
+                    net: Some("red".into()),
                     owner: Some("key:ab".into()),
                 }),
             },
@@ -408,6 +414,9 @@ mod tests {
             Request::Event { event: xenod_peer::events::EventKind::InstanceStopped { instance: "web".into() } },
             Request::Checkpoint { instance: "web".into(), name: Some("template://me/cp/1".into()) },
             Request::Restore { checkpoint: "cp".into(), on: Some("n@127.0.0.1:1".into()), name: Some("web2".into()) },
+            Request::Net {
+                net: crate::net::NetRequest::Create { env: "red".into(), subnet: Some("10.1.0.0/24".into()) },
+            },
         ]
     }
 

@@ -12,6 +12,8 @@
 //!                          pull_from = ["NODE", ...]    nodes that may ask this host to fetch a
 //!                                                       stack (`xenod replicate`); "*" = any
 //!                          host_expiry_secs = 10        a silent host is gone after this
+//!                          net_underlay = "192.0.2.10"  environments' VXLAN endpoint here
+//!                          net_vxlan_port = 4789        and its UDP port
 //!                          [labels]                     advertised to other hosts:
 //!                          region = "eu"                `xenod hosts --where label.region=eu`
 //!                          [capacity]                   what guests get (admission), advertised:
@@ -93,6 +95,13 @@ pub struct Config {
     /// authentication) [default: false, refused].
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub metrics_remote: bool,
+    /// This host's address for environments' VXLAN tunnels, which other
+    /// hosts reach it on [default: the peer endpoint's, if a specific IPv4].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_underlay: Option<std::net::Ipv4Addr>,
+    /// UDP port of those tunnels [default: 4789].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_vxlan_port: Option<u16>,
     /// How often the daemon samples what each instance uses, seconds
     /// [default: 10].
     #[serde(default, skip_serializing_if = "Option::is_none")]

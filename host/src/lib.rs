@@ -15,6 +15,7 @@
 //! | `place` | placement: filters, then weights (bytes a host lacks, capacity, spread) |
 //! | `config` | `DATA_DIR/config.toml`, the publisher key, the node secret, signing names |
 //! | `admission` | what this host offers guests, and whether a guest's ask fits what is free |
+//! | `net` | environments: naming, addresses, devices (iproute2), the socket call that attaches a guest; `net::host`, the daemon's side, sits with the daemon's features below |
 //! | `usage` | accounting: the ledger of what each instance used (`DATA_DIR/usage.redb`), minutes and hours, carried on migration; `usage::net`: the kernel's byte counters of forwarded ports |
 //! | `api` | the local API's wire: [`Request`] in a versioned [`Envelope`], reply lines, the socket |
 //! | `instance` | [`Instance`]: the instance model and its lifecycle (deploy, stop, start, destroy, suspend, resume, commit); `instance::mount`: the one mount spawner and `xenod mount` |
@@ -41,6 +42,7 @@ pub mod daemon;
 pub mod filter;
 pub mod instance;
 pub mod migrate;
+pub mod net;
 mod notes;
 pub mod place;
 pub mod placement;

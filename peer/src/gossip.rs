@@ -9,6 +9,7 @@
 //!           | { "successor": Succession, "at": unix-secs } signed by the old key
 //!           | { "presence": body-json, "sig": [u8; 64] }  signed by the node key
 //!           | { "event": event-json, "sig": [u8; 64] }     signed by the node key (see `events`)
+//!           | { "net": body-json, "sig": [u8; 64], "at": unix-micros }  environments (see `netrec`)
 //! body     := { node: [u8; 32], addrs: [SocketAddr], layers: [LayerId], at: unix-micros,
 //!               attrs?: HostAttrs, services?: [ServiceAd], leaving?: bool }
 //! ```
@@ -73,6 +74,7 @@ enum Announce {
     Successor { successor: Succession, at: u64 },
     Presence { presence: String, sig: Vec<u8> },
     Event { event: String, sig: Vec<u8> },
+    Net { net: String, sig: Vec<u8>, at: u64 },
 }
 
 /// What a node says about itself: where to dial it and what it holds.
@@ -199,11 +201,20 @@ pub(crate) struct GossipState {
     /// Notified when a gossip neighbour comes up: a moment to announce,
     /// so a joining node is known at once, not at the next period.
     pub(crate) neighbour_up: Arc<tokio::sync::Notify>,
+    /// Environments and their members (see `netrec`).
+    pub(crate) net: Arc<super::netrec::NetBook>,
 }
 
 impl GossipState {
     pub(crate) fn new(gossip: Gossip, lookup: MemoryLookup) -> Self {
-        Self { gossip, lookup, heard: Arc::default(), sender: Arc::default(), neighbour_up: Arc::default() }
+        Self {
+            gossip,
+            lookup,
+            heard: Arc::default(),
+            sender: Arc::default(),
+            neighbour_up: Arc::default(),
+            net: Arc::default(),
+        }
     }
 
     fn heard(&self) -> std::sync::MutexGuard<'_, Heard> {
@@ -313,6 +324,12 @@ impl GossipState {
                 names.offer_succession(&successor, from);
             }
             Ok(Announce::Event { event, sig }) => receive_event(&event, &sig, from, stats, events),
+            Ok(Announce::Net { net, sig, .. }) => {
+                if let super::netrec::NetOffer::Refused(why) = self.net.offer(&super::netrec::Signed { body: net, sig })
+                {
+                    refuse(why);
+                }
+            }
             Ok(Announce::Presence { presence, sig }) => {
                 let body: Presence = match serde_json::from_str(&presence) {
                     Ok(b) => b,
@@ -434,6 +451,21 @@ impl GossipState {
 }
 
 impl GossipState {
+    /// Broadcasts signed net records (see `netrec`).
+    pub(crate) async fn send_net(&self, records: Vec<super::netrec::Signed>) -> Result<(), String> {
+        let Some(sender) = self.sender.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return Err("not joined to the gossip topic".into());
+        };
+        let at = now_micros();
+        for r in records {
+            let m = serde_json::to_vec(&Announce::Net { net: r.body, sig: r.sig, at }).map_err(|e| e.to_string())?;
+            if m.len() <= MAX_MESSAGE {
+                sender.broadcast(Bytes::from(m)).await.map_err(|e| format!("broadcasting: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Broadcasts `ev`, signed with `secret`.
     pub(crate) async fn send_event(&self, secret: &SecretKey, ev: &Event) -> Result<(), String> {
         let Some(sender) = self.sender.lock().unwrap_or_else(|e| e.into_inner()).clone() else {

@@ -12,6 +12,7 @@
 //! | `repair` | [`Node::repair_chunks`]: given chunks written anew, each from whichever provider has it ([`ChunkRepair`]) |
 //! | `pull` | fan-out: asking other nodes to fetch a stack, on [`PULL_ALPN`] |
 //! | `names` | [`NameGate`]: the one door for name records and key successions from peers, under the host's trust |
+//! | `netrec` | environments' networks over gossip: signed [`netrec::EnvRecord`]s and [`netrec::Member`]s in a [`netrec::NetBook`] |
 //! | `gossip` | signed name records, successions and [`Presence`] (who holds which layer) over iroh-gossip |
 //! | `stats` | [`Stats`]: counters of served, fetched and refused chunks, per peer |
 //!
@@ -58,6 +59,7 @@ pub mod events;
 mod fetch;
 mod gossip;
 mod names;
+pub mod netrec;
 mod one;
 mod protocol;
 mod provider;
@@ -322,6 +324,21 @@ impl Node {
     /// a daemon announces then, besides its period).
     pub fn neighbour_up(&self) -> Arc<tokio::sync::Notify> {
         self.gossip.neighbour_up.clone()
+    }
+
+    /// What this node heard of environments' networks.
+    pub fn net(&self) -> &Arc<netrec::NetBook> {
+        &self.gossip.net
+    }
+
+    /// Signs a net record with this node's key.
+    pub fn sign_net(&self, body: &netrec::NetBody) -> netrec::Signed {
+        netrec::Signed::sign(self.endpoint().secret_key(), body)
+    }
+
+    /// Broadcasts signed net records on the gossip topic.
+    pub async fn announce_net(&self, records: Vec<netrec::Signed>) -> Result<(), PeerError> {
+        self.gossip.send_net(records).await.map_err(|why| PeerError::Connection { peer: "gossip".into(), why })
     }
 
     /// Whether this node has joined the gossip topic.

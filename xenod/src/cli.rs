@@ -323,6 +323,9 @@ pub enum Cmd {
     Names(crate::names_cmds::NameCmds),
     #[command(flatten)]
     Fed(crate::fed_cmds::FedCmd),
+    /// Environments: private networks for guests, spanning hosts.
+    #[command(subcommand)]
+    Net(crate::net_cmds::NetCmd),
     #[command(flatten)]
     Usage(crate::usage_cmds::UsageCmd),
     /// A stack's prefetch order: the chunks its guest first read while
@@ -459,6 +462,11 @@ pub struct DeployArgs {
     /// once. Needs this host's daemon (`xenod serve`).
     #[arg(long)]
     pub lazy: bool,
+    /// Put the guest on this environment too (`xenod net create`): a
+    /// second NIC on its segment with an address of its subnet, kept when
+    /// the guest migrates; port forwards stay. Needs the daemon.
+    #[arg(long, value_name = "ENV")]
+    pub net: Option<String>,
 }
 
 fn deploy_options(ctx: &Ctx, a: &DeployArgs) -> instance::DeployOptions {
@@ -483,6 +491,7 @@ fn deploy_options(ctx: &Ctx, a: &DeployArgs) -> instance::DeployOptions {
             upper_bytes: a.upper_quota.map(|m| m << 20),
         },
         best_effort: a.best_effort,
+        net: a.net.clone(),
         owner: None,
     }
 }
@@ -829,6 +838,7 @@ pub fn run(args: Args) -> Result<()> {
         Cmd::Peer(c) => crate::peer_cmds::run(&ctx, c),
         Cmd::Names(c) => crate::names_cmds::run(&ctx, c),
         Cmd::Fed(c) => crate::fed_cmds::run(&ctx, c),
+        Cmd::Net(c) => crate::net_cmds::run(&ctx, c),
         Cmd::Usage(c) => crate::usage_cmds::run(&ctx, c),
         Cmd::Prefetch(c) => crate::prefetch_cmds::run(&ctx, c),
         Cmd::Generate(c) => crate::generate::run(&ctx, c),

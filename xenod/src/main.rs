@@ -6,6 +6,7 @@ mod cli;
 mod fed_cmds;
 mod generate;
 mod names_cmds;
+mod net_cmds;
 mod peer_cmds;
 mod prefetch_cmds;
 mod progress;

@@ -264,6 +264,8 @@ fn every_field() -> Config {
         }),
         metrics: Some("127.0.0.1:9464".parse().unwrap()),
         metrics_remote: true,
+        net_underlay: Some("192.0.2.10".parse().unwrap()),
+        net_vxlan_port: Some(4789),
         usage_interval_secs: Some(10),
     }
 }

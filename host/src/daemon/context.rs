@@ -107,6 +107,7 @@ pub struct Daemon {
     instances: crate::instance::Instances,
     pub(crate) lazy: super::lazy::Lazy,
     migrations: Mutex<MigrationTotals>,
+    pub(crate) net: crate::net::host::NetHost,
     /// Accounting, once the daemon (not an embedded engine) has opened it.
     pub(crate) usage: std::sync::OnceLock<Arc<super::usage::Accounting>>,
 }
@@ -186,6 +187,7 @@ impl Daemon {
             stopping: Default::default(),
             lazy: Default::default(),
             migrations: Default::default(),
+            net: Default::default(),
             usage: Default::default(),
         });
         super::events::spawn_publisher(&d, events);

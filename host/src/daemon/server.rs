@@ -112,6 +112,7 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
             let args = placement::PlaceArgs { place, replicas, spread, pack, dry_run };
             placement::deploy(d, &target, &args, *options).await
         }
+        Request::Net { net } => crate::net::host::handle(d, net).await,
         Request::Usage { name, since } => Ok(serde_json::to_value(super::usage::report(d, name, since).await?)?),
         Request::Repair { from } => Ok(serde_json::to_value(super::repair::repair(d, &from).await?)?),
         Request::Shutdown => {
@@ -233,6 +234,7 @@ pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool, on_ready
         let (instances, store) = (d.instances().clone(), d.store_arc());
         tokio::task::spawn_blocking(move || migrate::stage::sweep(&instances, &store)).await?;
         super::announce::spawn(&d);
+        crate::net::host::spawn(&d);
         super::repair::spawn_watch(&d);
         super::usage::spawn(&d);
         for w in d.config().capacity.as_ref().map(|c| crate::admission::beyond_host(c, data_dir)).unwrap_or_default() {
@@ -254,6 +256,7 @@ pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool, on_ready
             format!("serving {} as {addr} (socket {}){m}", data_dir.display(), sock.display())
         };
         let r = serve_socket(d.clone(), || on_ready(&ready)).await;
+        crate::net::host::stop(&d).await;
         super::usage::stop(&d).await;
         d.stop().await;
         r

@@ -83,6 +83,9 @@ pub struct DeployOptions {
     /// refuse the deploy.
     #[serde(default)]
     pub best_effort: bool,
+    /// An environment to put the guest on besides its user-mode NIC.
+    #[serde(default)]
+    pub net: Option<String>,
     /// Who deploys it [default: this host's publisher key, else its node].
     #[serde(default)]
     pub owner: Option<String>,
@@ -116,6 +119,9 @@ pub struct Instance {
     /// the daemon.
     #[serde(default)]
     pub lazy: bool,
+    /// Its NIC on an environment, if it has one (see `net`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::net::Attach>,
     /// Who deployed it (`key:HEX` of the publisher key, or `node:ID` of the
     /// host that asked), for accounting.
     #[serde(default)]
@@ -380,7 +386,7 @@ impl Drop for Cleanup {
 
 /// Builds the per-instance layer: `/etc/xenod/instance` with the name,
 /// under directories that keep the stack's own metadata.
-fn instance_layer(store: &Store, top: &LayerId, name: &str) -> Result<LayerId> {
+fn instance_layer(store: &Store, top: &LayerId, name: &str, extra: &str) -> Result<LayerId> {
     let dirs: [&[u8]; 3] = [b"", b"etc", b"etc/xenod"];
     let mut found: BTreeMap<Vec<u8>, Entry> = BTreeMap::new();
     for e in Merged::of(store, top)? {
@@ -392,7 +398,7 @@ fn instance_layer(store: &Store, top: &LayerId, name: &str) -> Result<LayerId> {
             found.insert(e.path.clone(), e);
         }
     }
-    let content = format!("name={name}\n");
+    let content = format!("name={name}\n{extra}");
     let (id, _) = store.put(content.as_bytes())?;
     let mut w = LayerWriter::new(store);
     for d in dirs {
@@ -558,7 +564,8 @@ impl Instances {
             armed: true,
         };
         spec.instance = Some(name.to_string());
-        let layer = instance_layer(&store, &top, name)?;
+        let net = a.net.as_deref().map(|env| crate::net::attach(data, env, name, None)).transpose()?;
+        let layer = instance_layer(&store, &top, name, &net.as_ref().map(|n| n.settings()).unwrap_or_default())?;
         store.pin(&pin_label(name), &layer)?;
         tl.step("instance layer");
         let mut inst = Instance {
@@ -574,6 +581,7 @@ impl Instances {
             domain: (domain != name).then(|| domain.clone()),
             spec: Some(spec.clone()),
             lazy: a.lazy,
+            net,
             owner: Some(a.owner.clone().unwrap_or_else(|| self.default_owner())),
         };
         inst.save(data)?;
@@ -584,6 +592,9 @@ impl Instances {
         let hv = hypervisor(uri)?;
         let mut model = DomainModel::from_spec(&spec, &inst.mountpoint(data), dir.join("console.log"))?;
         model.name = domain.clone();
+        if let Some(n) = &inst.net {
+            n.add_to(&mut model);
+        }
         inst.ports = model.network.forwards().to_vec();
         inst.save(data)?;
         guard.uri = Some(uri.to_string());

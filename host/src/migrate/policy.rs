@@ -809,6 +809,7 @@ mod tests {
             ports: vec![],
             spec: None,
             source_dir: PathBuf::from("/nonexistent"),
+            net: None,
             owner: None,
         }
     }

@@ -26,6 +26,9 @@ pub struct Record {
     /// The instance directory on the sending host, as named in the saved
     /// state's paths.
     pub source_dir: PathBuf,
+    /// Its NIC on an environment, as on the sending host.
+    #[serde(default)]
+    pub net: Option<crate::net::Attach>,
     /// Who deployed it (accounting).
     #[serde(default)]
     pub owner: Option<String>,
@@ -53,6 +56,7 @@ pub(crate) fn record_of(data: &Path, inst: &Instance) -> Record {
         ports: inst.ports.clone(),
         spec: inst.spec.clone(),
         source_dir: inst.dir(data),
+        net: inst.net.clone(),
         owner: inst.owner.clone(),
     }
 }
@@ -102,6 +106,7 @@ pub(crate) fn instance_of(instances: &Instances, record: &Record, layer: LayerId
         domain: (domain != record.name).then_some(domain),
         spec: record.spec.clone(),
         lazy: false,
+        net: None,
         owner: record.owner.clone(),
     })
 }
@@ -143,6 +148,7 @@ mod tests {
             ports: vec![PortForward { host: held, guest: 80 }],
             spec: Some(spec),
             source_dir: "/a/instances/web".into(),
+            net: None,
             owner: None,
         }
     }

@@ -159,8 +159,10 @@ pub fn stage(
         mount_instance(instances, store, &mut inst, layer)?;
         let moved = ports_here(record)?;
         xenod_deployer::move_host_ports(&mut inst.ports, &moved);
+        let nets = crate::net::arrive(data, name, record.net.as_ref(), &mut inst.net)?;
         inst.save(data)?;
-        let paths = [(format!("{}/", record.source_dir.display()), format!("{}/", dir.display()))];
+        let mut paths = vec![(format!("{}/", record.source_dir.display()), format!("{}/", dir.display()))];
+        paths.extend(nets);
         let xml = xenod_deployer::retarget_xml(xml, inst.domain(), &xenod_deployer::random_uuid(), &paths, &moved)
             .map_err(|why| err!("the source's domain XML: {why}"))?;
         let hv = deploy::hypervisor(&inst.uri)?;

@@ -291,7 +291,8 @@ pub(super) fn adopt(
         match state {
             Some(s) => {
                 let t = Instant::now();
-                let paths = [(format!("{}/", record.source_dir.display()), format!("{}/", dir.display()))];
+                let mut paths = vec![(format!("{}/", record.source_dir.display()), format!("{}/", dir.display()))];
+                paths.extend(crate::net::arrive(data, name, record.net.as_ref(), &mut inst.net)?);
                 let moved = ports_here(record)?;
                 let uuid = xenod_deployer::random_uuid();
                 // A QEMU guest's state goes straight into a QEMU started
@@ -332,6 +333,10 @@ pub(super) fn adopt(
                 spec.instance = Some(name.to_owned());
                 let mut model = DomainModel::from_spec(&spec, &inst.mountpoint(data), dir.join("console.log"))?;
                 model.name = domain.clone();
+                crate::net::arrive(data, name, record.net.as_ref(), &mut inst.net)?;
+                if let Some(n) = &inst.net {
+                    n.add_to(&mut model);
+                }
                 inst.ports = model.network.forwards().to_vec();
                 inst.save(data)?;
                 restoring();
