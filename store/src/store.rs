@@ -86,6 +86,15 @@ pub const BLOCK_MAX_PLAIN: usize = 16 << 20;
 /// Decompressed blocks kept for readers (each at most [`BLOCK_MAX_PLAIN`],
 /// usually [`BLOCK_TARGET`] plus one chunk).
 const BLOCK_CACHE: usize = 8;
+thread_local! {
+    /// A reading thread's buffer for the stored bytes of zstd chunks (see
+    /// `Store::get`); as large as the largest frame it read (a single
+    /// chunk's: solid blocks are read apart).
+    static STORED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`Store::will_need`] joins records at most this far apart into one range.
+const ADVISE_GAP: u64 = 256 << 10;
 
 /// Where a chunk lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -990,6 +999,39 @@ impl Store {
         Ok(f)
     }
 
+    /// Asks the kernel to start reading the stored bytes of `ids` (those
+    /// this store has) into the page cache, so that decoding them soon
+    /// does not wait for the disk: read-ahead of packs for a reader that
+    /// knows what it reads next. The chunks of a file put in order lie
+    /// close together in a pack, so their records are advised as a few
+    /// ranges (records less than [`ADVISE_GAP`] apart are joined). Only
+    /// advice: a chunk not found or a refused call is skipped.
+    pub fn will_need(&self, ids: &[ChunkId]) {
+        let mut at: Vec<(u64, u64, u64)> = ids
+            .iter()
+            .filter_map(|id| self.locate(id).ok().flatten())
+            .map(|l| (l.pack, l.offset, l.offset + u64::from(l.stored_len)))
+            .collect();
+        at.sort_unstable();
+        let mut i = 0;
+        while i < at.len() {
+            let (pack, start, mut end) = at[i];
+            i += 1;
+            while i < at.len() && at[i].0 == pack && at[i].1 <= end + ADVISE_GAP {
+                end = end.max(at[i].2);
+                i += 1;
+            }
+            if let Ok(f) = self.pack_file(pack) {
+                let _ = rustix::fs::fadvise(
+                    &*f,
+                    start,
+                    std::num::NonZeroU64::new(end - start),
+                    rustix::fs::Advice::WillNeed,
+                );
+            }
+        }
+    }
+
     /// Where `id` is, looking again at the index on a miss: another
     /// process may have added it since this handle's snapshot.
     fn find(&self, id: &ChunkId) -> Result<Location> {
@@ -1054,6 +1096,20 @@ impl Store {
         let loc = self.find(id)?;
         if loc.encoding == Encoding::Block {
             return self.block_member(id, &loc);
+        }
+        if loc.encoding == codec::Encoding::Zstd {
+            // The frame is read into this thread's buffer, kept between
+            // reads: no allocation, and no zeroing of bytes about to be
+            // overwritten, per chunk; only the plaintext is a new buffer.
+            return STORED.with(|b| {
+                let mut b = b.borrow_mut();
+                let n = loc.stored_len as usize;
+                if b.len() < n {
+                    b.resize(n, 0);
+                }
+                self.read_at(id, &loc, &mut b[..n])?;
+                codec::decode(id, loc.encoding, &b[..n], loc.plain_len as usize).map_err(|e| self.placed(e, &loc))
+            });
         }
         let stored = self.read_stored(id, &loc)?;
         if loc.encoding == codec::Encoding::Raw && stored.len() == loc.plain_len as usize && ChunkId::of(&stored) == *id
