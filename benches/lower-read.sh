@@ -2,7 +2,7 @@
 # The first read of a big lower file through a writable cowfs mount, cold,
 # against the same file read from ext4 on the same disk, side by side.
 #
-# Usage: benches/lower-read.sh [--rounds N] [--keep DIR]
+# Usage: benches/lower-read.sh [--rounds N] [--keep DIR] [--content mixed|random]
 #
 # Environment: XENOD (binary, default target/release/xenod), XENOD_B (a
 #   second binary, e.g. main's build before a change: measured in the same
@@ -19,7 +19,9 @@
 # 64 KiB block, so neither side skips holes. `xenod publish` stores it as a
 # disk image: fixed 64 KiB chunks, each zstd-compressed alone or kept raw.
 # The ext4 copy is a plain copy of the generated file in the same work
-# directory.
+# directory. With `--content random` (or LOWER_READ_CONTENT=random) the
+# file is 1 GiB of seeded random bytes instead, every chunk stored raw: the
+# cost of reading without decompressing (hashing and copies only).
 #
 # Each round measures every tool once, in an order rotated per round:
 #   ext4     sync; drop caches; dd if=FILE of=/dev/null bs=1M
@@ -39,14 +41,17 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd -P)
 cd "$ROOT"
 ROUNDS=${ROUNDS:-5}
 KEEP=${LOWER_READ_KEEP:-}
+CONTENT=${LOWER_READ_CONTENT:-mixed}
 while [ $# -gt 0 ]; do
   case $1 in
     --rounds) ROUNDS=$2; shift 2 ;;
     --keep) KEEP=$2; shift 2 ;;
+    --content) CONTENT=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "lower-read: unknown argument: $1" >&2; exit 2 ;;
   esac
 done
+case $CONTENT in mixed|random) ;; *) echo "lower-read: --content is mixed or random, not $CONTENT" >&2; exit 2 ;; esac
 XENOD=${XENOD:-target/release/xenod}
 case $XENOD in /*) ;; *) XENOD=$ROOT/$XENOD ;; esac
 XENOD_B=${XENOD_B:-}
@@ -75,7 +80,7 @@ mkdir -p "$MNT" "$W/src" "$W/ext4"
 D=$W/store
 
 gen() {  # OUT: the 1 GiB file described above
-  python3 - "$1" <<'EOF'
+  python3 - "$1" "$CONTENT" <<'EOF'
 import random, sys
 MiB = 1 << 20
 rng = random.Random(25)
@@ -97,13 +102,17 @@ def binary(n):
     return (int.from_bytes(rng.randbytes(n), "little") & mask).to_bytes(n, "little")
 with open(sys.argv[1], "wb") as f:
     for seg in range(1024):
-        k = seg % 10
+        k = 9 if sys.argv[2] == "random" else seg % 10
         f.write(text(MiB) if k < 4 else binary(MiB) if k < 7 else rng.randbytes(MiB))
 EOF
 }
 
+if [ -s "$W/content" ] && [ "$(cat "$W/content")" != "$CONTENT" ]; then
+  die "$W holds a $(cat "$W/content") file, not $CONTENT: keep another directory"
+fi
+echo "$CONTENT" >"$W/content"
 if [ ! -s "$W/ext4/vm.img" ]; then
-  log "generating the 1 GiB file"
+  log "generating the 1 GiB file ($CONTENT)"
   gen "$W/ext4/vm.img.tmp"
   mv "$W/ext4/vm.img.tmp" "$W/ext4/vm.img"
 fi
