@@ -261,8 +261,8 @@ fn guests_share_an_environment_across_hosts_and_keep_it_when_they_migrate() {
     let ds = federation(
         t.path(),
         &[
-            net_config(0, &format!("domain_prefix = \"na{pid}-\"\n")),
-            net_config(1, &format!("domain_prefix = \"nb{pid}-\"\n")),
+            net_config(2, &format!("domain_prefix = \"na{pid}-\"\n")),
+            net_config(3, &format!("domain_prefix = \"nb{pid}-\"\n")),
         ],
     );
     let (a, b) = (ds[0].data.clone(), ds[1].data.clone());
