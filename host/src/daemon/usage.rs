@@ -27,6 +27,16 @@ use crate::instance::Instance;
 use crate::usage::net::NetCounters;
 use crate::usage::{Ledger, Reading, Report, now};
 
+/// The names of this host's instance directories.
+fn names(d: &Daemon) -> Vec<String> {
+    fs::read_dir(d.instances().root())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 /// The default sampling interval.
 pub const INTERVAL: Duration = Duration::from_secs(10);
 
@@ -81,16 +91,11 @@ impl Accounting {
     pub fn sample(&self, d: &Daemon, only: Option<&str>) -> Result<usize> {
         let _one = self.ledger.lock();
         let data = d.data_dir();
-        let mut insts: Vec<Instance> = Vec::new();
-        for e in fs::read_dir(d.instances().root()).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if only.is_some_and(|o| o != name) {
-                continue;
-            }
-            if let Ok(i) = Instance::load(data, &name) {
-                insts.push(i);
-            }
-        }
+        let insts: Vec<Instance> = names(d)
+            .into_iter()
+            .filter(|n| only.is_none_or(|o| o == n))
+            .filter_map(|n| Instance::load(data, &n).ok())
+            .collect();
         let net = match &self.net {
             Some(n) => {
                 let want: BTreeMap<String, Vec<u16>> =
@@ -137,8 +142,7 @@ impl Accounting {
 
     /// `want` with every other instance's ports added.
     fn with_all_ports(&self, d: &Daemon, mut want: BTreeMap<String, Vec<u16>>) -> BTreeMap<String, Vec<u16>> {
-        for e in fs::read_dir(d.instances().root()).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
+        for name in names(d) {
             if want.contains_key(&name) {
                 continue;
             }
@@ -230,12 +234,7 @@ pub async fn while_migrating<T>(d: &Arc<Daemon>, name: &str, done: impl std::fut
 
 /// `xenod usage [NAME] [--since T]`: a fresh sample, then the ledger's sums.
 pub async fn report(d: &Arc<Daemon>, name: Option<String>, since: Option<u64>) -> Result<Report> {
-    let here: Vec<String> = fs::read_dir(d.instances().root())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let here = names(d);
     match d.usage.get().cloned() {
         Some(acc) => {
             let d2 = d.clone();

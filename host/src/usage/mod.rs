@@ -311,7 +311,6 @@ impl Ledger {
                     .unwrap_or_else(|| Meta { owner: owner.clone(), first: at, last: at });
                 meta.last = at;
                 own_t.insert(name.as_str(), serde_json::to_vec(&meta)?.as_slice()).map_err(|e| self.err(e))?;
-                let u = usage;
                 for (t, width) in [(&mut min_t, 60), (&mut hour_t, 3600)] {
                     let key = (name.as_str(), at - at % width);
                     let mut cur: Usage = t
@@ -319,7 +318,7 @@ impl Ledger {
                         .map_err(|e| self.err(e))?
                         .and_then(|v| serde_json::from_slice(v.value()).ok())
                         .unwrap_or_default();
-                    cur.add(&u);
+                    cur.add(&usage);
                     t.insert(key, serde_json::to_vec(&cur)?.as_slice()).map_err(|e| self.err(e))?;
                 }
             }
@@ -470,16 +469,15 @@ impl Ledger {
             for (def, rows) in [(MINUTE, &h.minutes), (HOUR, &h.hours)] {
                 let mut t = w.open_table(def).map_err(|e| self.err(e))?;
                 for (at, u) in rows {
-                    let mut cur: Usage = t
+                    let here: Usage = t
                         .get((name, *at))
                         .map_err(|e| self.err(e))?
                         .and_then(|v| serde_json::from_slice(v.value()).ok())
                         .unwrap_or_default();
                     // Rows from elsewhere are earlier than what starts here.
                     let mut sum = *u;
-                    sum.add(&cur);
-                    cur = sum;
-                    t.insert((name, *at), serde_json::to_vec(&cur)?.as_slice()).map_err(|e| self.err(e))?;
+                    sum.add(&here);
+                    t.insert((name, *at), serde_json::to_vec(&sum)?.as_slice()).map_err(|e| self.err(e))?;
                 }
             }
         }
