@@ -61,7 +61,7 @@ impl std::fmt::Debug for Accounting {
 }
 
 impl Accounting {
-    /// The ledger of `d`'s data directory and a fresh counting table.
+    /// The ledger of `d`'s data directory and its counting table (made with the first forwarded port).
     pub fn open(d: &Daemon) -> Result<Self> {
         let ledger = Ledger::open(d.data_dir())?;
         let tag: String = d.node().id().to_string().chars().take(12).collect();
