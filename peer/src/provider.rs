@@ -18,7 +18,7 @@ use iroh::protocol::{AcceptError, ProtocolHandler};
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
-use xenod_store::{BLOCK_TARGET, BlockBuf, ChunkId, Dense, Error, Store, WIRE_LEVEL, zstd_level};
+use xenod_store::{BLOCK_TARGET, BlockBuf, ChunkId, Dense, Error, Store, zstd_level};
 
 use super::protocol::{
     Answer, Frame, Request, WireError, write_answer, write_layout, write_names, write_order, write_refusal,
@@ -80,9 +80,7 @@ impl Provider {
         };
         match req {
             Request::Chunks(ids) => self.serve_chunks(peer, &mut send, ids, Pack::Single).await?,
-            Request::Solid(ids) => {
-                self.serve_chunks(peer, &mut send, ids, Pack::Members(WIRE_LEVEL.max(zstd_level()) as u8)).await?
-            }
+            Request::Solid(ids) => self.serve_chunks(peer, &mut send, ids, Pack::Members(zstd_level() as u8)).await?,
             Request::Dense { codec, ids } => self.serve_chunks(peer, &mut send, ids, Pack::All(codec)).await?,
             Request::Layout(ids) => {
                 let store = self.store.clone();
@@ -167,10 +165,11 @@ impl Provider {
             let mut i = 0;
             while i < ids.len() {
                 let (id, rest) = (ids[i], &ids[i..]);
-                // A stored block asked for whole and in order, compressed
-                // at least as hard as asked: sent as it is kept.
-                if let Pack::Members(level) = pack
-                    && let Ok(Some((members, mut block))) = store.whole_block(&id, level.into())
+                // A stored block asked for whole and in order: sent as it
+                // is kept, whatever its level (recompressing it would make
+                // the provider the bottleneck of every fast link).
+                if let Pack::Members(_) = pack
+                    && let Ok(Some((members, mut block))) = store.whole_block(&id, 0)
                     && !members.is_empty()
                     && rest.len() >= members.len()
                     && members.iter().zip(rest).all(|(m, want)| m.0 == *want)
@@ -262,8 +261,8 @@ impl Provider {
 enum Pack {
     /// One frame per chunk, as stored.
     Single,
-    /// Members of solid blocks in solid frames at this zstd level, other
-    /// chunks as stored.
+    /// Whole solid blocks as kept; runs of other members of solid blocks
+    /// in solid frames at this zstd level; other chunks as stored.
     Members(u8),
     /// Every chunk in solid frames made by this codec.
     All(Dense),

@@ -16,13 +16,6 @@ use crate::id::ChunkId;
 /// OSTree's either way (86 and 90 MB against 96).
 pub const ZSTD_LEVEL: i32 = 2;
 
-/// zstd level of solid frames sent to peers. Higher than at rest: a
-/// frame is compressed once per transfer, where bytes on the wire are
-/// what is short, and a receiver keeps the frame as it came. Measured on
-/// the apache2 overlay (`benches/p2p-throughput.sh`): level 3 sent 38.3 MB,
-/// 6 36.5 MB, 9 36.1 MB (rsync -z: 37.6 MB); 6 costs about 2.5x the CPU of 3.
-pub const WIRE_LEVEL: i32 = 6;
-
 /// The level in force: `XENOD_ZSTD_LEVEL` (1..=22) or [`ZSTD_LEVEL`].
 pub fn zstd_level() -> i32 {
     static LEVEL: std::sync::OnceLock<i32> = std::sync::OnceLock::new();

@@ -40,9 +40,7 @@ pub mod testing;
 mod verify;
 
 pub use chunker::{BATCH, BLOCK, Batch, Batcher, CDC_AVG, CDC_MAX, CDC_MIN, Cdc, Chunking, is_zero};
-pub use codec::{
-    Dense, DenseFault, Encoding, MAX_DENSE_LEVEL, WIRE_LEVEL, ZSTD_LEVEL, decode, dense_frame, encode, zstd_level,
-};
+pub use codec::{Dense, DenseFault, Encoding, MAX_DENSE_LEVEL, ZSTD_LEVEL, decode, dense_frame, encode, zstd_level};
 pub use digest::{tree_digest, tree_listing};
 pub use error::{Error, Result};
 pub use exit::Exit;

@@ -640,9 +640,8 @@ impl Store {
     /// Makes this handle write the solid blocks it is given no level for
     /// at zstd `level` (0: the store's level), as `--level` asks of a
     /// command that writes a layer. A block decompresses as fast whatever
-    /// its level, and a provider sends blocks at or above the wire level
-    /// as they are kept: a high level spends CPU once for fewer bytes on
-    /// every later fetch.
+    /// its level, and a provider sends blocks as they are kept: a high
+    /// level spends CPU once for fewer bytes on every later fetch.
     pub fn set_block_level(&self, level: i32) {
         self.block_level.store(level, Ordering::Relaxed);
     }

@@ -365,8 +365,8 @@ pub enum OverlayCmd {
 pub struct Level {
     /// zstd level (1-19) of the layer's solid blocks [default: the store's,
     /// 2]. Spends CPU once, here, for fewer bytes on every later fetch:
-    /// peers send blocks made at or above their wire level (6) as they keep
-    /// them. 19 suits layers fetched by many hosts.
+    /// peers send blocks as they keep them. 19 suits layers fetched by many
+    /// hosts or over slow links.
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
     level: Option<i32>,
 }
