@@ -1,7 +1,11 @@
 //! `send FILE STORE_DIR`: imports FILE into an iroh-blobs file store, prints
 //! `NODE@ADDR HASH` and serves it until killed.
-//! `receive NODE@ADDR HASH STORE_DIR`: fetches the blob into its own file
-//! store and prints `{"bytes":N,"secs":S}`.
+//! `send-dirs STORE_DIR DIR...`: imports every regular file of each DIR
+//! into the store, one collection per DIR (names relative to it), prints
+//! `NODE@ADDR HASH...` (one hash per DIR, in order) and serves until killed.
+//! `receive NODE@ADDR HASH STORE_DIR [raw|collection]`: fetches the blob (or
+//! the collection with every blob it links) into its own file store, only
+//! what that store lacks, and prints `{"bytes":N,"secs":S}`.
 //! Endpoints as xenod's: relay disabled, no portmapper, bound to 127.0.0.1.
 
 use std::time::Instant;
@@ -10,8 +14,9 @@ use anyhow::{Context, Result, bail};
 use iroh::endpoint::{PortmapperConfig, presets};
 use iroh::protocol::Router;
 use iroh::{Endpoint, EndpointAddr, RelayMode};
+use iroh_blobs::format::collection::Collection;
 use iroh_blobs::store::fs::FsStore;
-use iroh_blobs::{BlobsProtocol, Hash};
+use iroh_blobs::{BlobsProtocol, Hash, HashAndFormat};
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -34,20 +39,68 @@ async fn main() -> Result<()> {
             let _router = Router::builder(ep).accept(iroh_blobs::ALPN, BlobsProtocol::new(&store, None)).spawn();
             tokio::signal::ctrl_c().await?;
         }
-        ["receive", peer, hash, dir] => {
+        ["send-dirs", dir, trees @ ..] if !trees.is_empty() => {
+            let store = FsStore::load(dir).await?;
+            let t = Instant::now();
+            let (mut tags, mut roots) = (Vec::new(), Vec::new());
+            for tree in trees {
+                let tree = std::path::absolute(tree)?;
+                let mut files = Vec::new();
+                walk(&tree, &mut files)?;
+                let mut c = Collection::default();
+                for f in files {
+                    let tag = store.blobs().add_path(&f).temp_tag().await?;
+                    let name = f.strip_prefix(&tree)?.to_string_lossy().into_owned();
+                    c.push(name, tag.hash());
+                    tags.push(tag);
+                }
+                let root = c.store(&store).await?;
+                roots.push(root.hash().to_string());
+                tags.push(root);
+            }
+            eprintln!("imported in {:.2} s", t.elapsed().as_secs_f64());
+            let addr = ep.bound_sockets()[0];
+            println!("{}@{addr} {}", ep.id(), roots.join(" "));
+            let _router = Router::builder(ep).accept(iroh_blobs::ALPN, BlobsProtocol::new(&store, None)).spawn();
+            tokio::signal::ctrl_c().await?;
+            drop(tags);
+        }
+        ["receive", peer, hash, dir, format @ ..] => {
             let (node, addr) = peer.split_once('@').context("NODE@ADDR")?;
             let hash: Hash = hash.parse()?;
+            let content = match format {
+                [] | ["raw"] => HashAndFormat::raw(hash),
+                ["collection"] => HashAndFormat::hash_seq(hash),
+                _ => bail!("format: raw or collection"),
+            };
             let store = FsStore::load(dir).await?;
             let t = Instant::now();
             let to = EndpointAddr::new(node.parse()?).with_ip_addr(addr.parse()?);
             let conn = ep.connect(to, iroh_blobs::ALPN).await?;
-            let stats = store.remote().fetch(conn, hash).complete().await?;
+            let stats = store.remote().fetch(conn, content).complete().await?;
             store.sync_db().await?;
             let secs = t.elapsed().as_secs_f64();
             println!("{{\"bytes\":{},\"secs\":{secs:.3}}}", stats.payload_bytes_read);
             store.shutdown().await?;
         }
-        _ => bail!("usage: send FILE STORE_DIR | receive NODE@ADDR HASH STORE_DIR"),
+        _ => bail!(
+            "usage: send FILE STORE_DIR | send-dirs STORE_DIR DIR... | receive NODE@ADDR HASH STORE_DIR [raw|collection]"
+        ),
+    }
+    Ok(())
+}
+
+/// Every regular file under `dir`, in name order.
+fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let t = e.file_type()?;
+        if t.is_dir() {
+            walk(&e.path(), out)?;
+        } else if t.is_file() {
+            out.push(e.path());
+        }
     }
     Ok(())
 }
