@@ -146,19 +146,26 @@ for top, dirs, files in os.walk(o1):
             sys.stdout.write("./" + rel + "\0")
 EOF
 
-# One run of the bound: `tar_args` through zstd -1 and a loopback socket.
+# One run of the bound: `tar "$@"` through zstd -1 and a loopback socket
+# into `tar -x` in $1. The server says its port once it listens.
 bound() {
-  local dest=$1; shift
-  local port; port=$(free_port)
+  local dest=$1 port sink
+  shift
   mkdir -p "$dest"
+  rm -f "$WORK/bready"
+  mkfifo "$WORK/bready"
   python3 -c '
 import socket, shutil, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(1); print("ready", flush=True)
-c, _ = s.accept(); shutil.copyfileobj(c.makefile("rb"), sys.stdout.buffer, 1 << 20)
-' "$port" 2>/dev/null | { read -r _; zstd -dq | tar -x -C "$dest"; } &
-  local sink=$!
-  sleep 0.2
+s = socket.socket()
+s.bind(("127.0.0.1", 0)); s.listen(1)
+with open(sys.argv[1], "w") as f:
+    f.write("%d\n" % s.getsockname()[1])
+s.settimeout(60)
+c, _ = s.accept()
+shutil.copyfileobj(c.makefile("rb"), sys.stdout.buffer, 1 << 20)
+' "$WORK/bready" | { zstd -dq | tar -x -C "$dest"; } &
+  sink=$!
+  read -r port <"$WORK/bready"
   tar "$@" | zstd -1 -q >"/dev/tcp/127.0.0.1/$port"
   wait "$sink"
 }
