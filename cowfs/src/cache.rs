@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use xenod_store::{ChunkId, Store};
 
@@ -19,6 +19,41 @@ pub(crate) struct ChunkCache {
     pub(crate) touches: OnceLock<FirstTouches>,
     /// Reads that waited for the fetcher (chunks the store lacked).
     pub(crate) waits: AtomicU64,
+    /// Chunks being decoded ahead ([`Self::prefetch`]): a read that needs
+    /// one waits for it rather than decoding it a second time.
+    loading: Mutex<HashMap<ChunkId, Arc<Loading>>>,
+}
+
+/// One chunk being decoded ahead; done once it is in the cache (or failed).
+#[derive(Default)]
+struct Loading {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+/// Ends a decode registered in [`ChunkCache::loading`] when dropped (also
+/// if the decode panicked), waking whoever waits for it.
+struct Loaded<'a>(&'a ChunkCache, ChunkId, Arc<Loading>);
+
+impl Drop for Loaded<'_> {
+    fn drop(&mut self) {
+        self.0.loading.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+        self.2.finish();
+    }
+}
+
+impl Loading {
+    fn wait(&self) {
+        let mut d = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        while !*d {
+            d = self.cv.wait(d).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn finish(&self) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
 }
 
 /// The chunks readers asked for, each once, first asked first; at most
@@ -66,7 +101,21 @@ impl ChunkCache {
             fetcher: OnceLock::new(),
             touches: OnceLock::new(),
             waits: AtomicU64::new(0),
+            loading: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The cached chunk `id`, marked used.
+    fn lookup(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        let mut l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        l.tick += 1;
+        let tick = l.tick;
+        let (data, t) = l.map.get_mut(id)?;
+        let (data, old) = (data.clone(), *t);
+        *t = tick;
+        l.order.remove(&old);
+        l.order.insert(tick, *id);
+        Some(data)
     }
 
     /// The decoded chunk `id`, from the cache or the store.
@@ -74,20 +123,42 @@ impl ChunkCache {
         if let Some(t) = self.touches.get() {
             t.touch(id);
         }
-        {
-            let mut l = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            l.tick += 1;
-            let tick = l.tick;
-            if let Some((data, t)) = l.map.get_mut(id) {
-                let (data, old) = (data.clone(), *t);
-                *t = tick;
-                l.order.remove(&old);
-                l.order.insert(tick, *id);
-                crate::stats::count(&crate::stats::COUNTERS.chunk_hits);
-                return Ok(data);
-            }
+        if let Some(data) = self.lookup(id) {
+            crate::stats::count(&crate::stats::COUNTERS.chunk_hits);
+            return Ok(data);
         }
+        // Being decoded (ahead, or by another read): wait for it instead
+        // of decoding it again; else say it is being decoded here.
+        let mine = {
+            let mut l = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+            match l.get(id).cloned() {
+                Some(w) => Err(w),
+                None => {
+                    let w = Arc::new(Loading::default());
+                    l.insert(*id, w.clone());
+                    Ok(w)
+                }
+            }
+        };
+        let mine = match mine {
+            Ok(w) => Some(w),
+            Err(w) => {
+                w.wait();
+                if let Some(data) = self.lookup(id) {
+                    crate::stats::count(&crate::stats::COUNTERS.chunk_hits);
+                    return Ok(data);
+                }
+                None
+            }
+        };
         crate::stats::count(&crate::stats::COUNTERS.chunk_misses);
+        let _done = mine.map(|w| Loaded(self, *id, w));
+        self.load(store, id)
+    }
+
+    /// Decodes `id` from the store (or has the fetcher bring it) into the
+    /// cache.
+    fn load(&self, store: &Store, id: &ChunkId) -> xenod_store::Result<Arc<Vec<u8>>> {
         // Fetch outside the lock: decoding is the slow part.
         // Kept as the Vec the store returned: no copy into a new allocation.
         let data = match store.get(id) {
@@ -119,6 +190,15 @@ impl ChunkCache {
         if self.inner.lock().unwrap_or_else(|e| e.into_inner()).map.contains_key(id) {
             return;
         }
+        let w = Arc::new(Loading::default());
+        {
+            let mut l = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+            if l.contains_key(id) {
+                return;
+            }
+            l.insert(*id, w.clone());
+        }
+        let _done = Loaded(self, *id, w);
         if let Ok(data) = store.get(id) {
             self.insert(*id, Arc::new(data));
         }

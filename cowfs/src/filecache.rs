@@ -33,7 +33,14 @@
 //! background thread, so a file being read is served as before meanwhile and
 //! its later opens pass through. At unmount the file being written is
 //! finished (the serving process exits next; the work would be lost), the
-//! rest of the queue dropped. Only chunks already in the store are used:
+//! rest of the queue dropped, and so is a file still waiting for reads to
+//! pause (not started). The thread waits for lower reads through the
+//! mount to pause ([`QUIET`]) before it starts a file, and again whenever
+//! they resume while it writes, up to [`MAX_DEFER`] in all: decoding the
+//! file a second time beside its first reader would halve that reader's
+//! CPUs and disk (the first cold read of a 1 GiB file took 1.5-3.5x
+//! ext4's time with both running; `benches/lower-read.sh`), and what it
+//! buys is only later opens passing through. Only chunks already in the store are used:
 //! on a lazily deployed stack a file whose chunks are still missing is not
 //! materialised (that would turn one small read into a fetch of the whole
 //! file); a later read asks again once the prefetch has brought them.
@@ -45,7 +52,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use xenod_store::{ChunkId, Extent, Store};
 
@@ -58,6 +65,14 @@ pub const MATERIALISE_MIN: u64 = 1 << 20;
 /// Materialisations waiting at most; further requests are dropped (and
 /// asked again by a later read).
 const QUEUE: usize = 64;
+/// Materialising waits until no lower file was read through the mount for
+/// this long (see the module doc).
+pub(crate) const QUIET: Duration = Duration::from_millis(500);
+/// Waiting for reads to pause ends after this long per file: a mount read
+/// without pause (a busy guest) still has its big files materialised.
+pub(crate) const MAX_DEFER: Duration = Duration::from_secs(60);
+/// Chunks written between two looks at whether reads resumed.
+const YIELD_EVERY: usize = 16;
 
 /// A cache entry's name: the identity of a lower file's content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -110,6 +125,10 @@ struct Inner {
     tmp: AtomicU64,
     /// The mount is gone: drop queued work.
     closing: AtomicBool,
+    /// When a lower file was last read through the mount, in milliseconds
+    /// since `epoch` (see [`QUIET`]).
+    last_read: AtomicU64,
+    epoch: Instant,
 }
 
 struct Job {
@@ -141,6 +160,8 @@ impl FileCache {
             held: Mutex::new(HashMap::new()),
             tmp: AtomicU64::new(0),
             closing: AtomicBool::new(false),
+            last_read: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         inner.remove_dead_tmp();
         inner.make_room(0, None);
@@ -177,6 +198,12 @@ impl FileCache {
         if let Some(w) = self.worker.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = w.join();
         }
+    }
+
+    /// A lower file is being read through the mount: materialising waits
+    /// for such reads to pause.
+    pub(crate) fn reading(&self) {
+        self.inner.last_read.store(self.inner.millis(), Ordering::Relaxed);
     }
 
     /// Stops materialising (the kernel refused passthrough).
@@ -267,6 +294,31 @@ fn is_entry_name(n: &str) -> bool {
 }
 
 impl Inner {
+    fn millis(&self) -> u64 {
+        // Never 0, which stands for "nothing read yet".
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Waits until lower reads have paused for [`QUIET`], the mount is
+    /// closing, or `deadline` passes.
+    fn yield_to_reads(&self, deadline: Instant) {
+        loop {
+            if self.closing.load(Ordering::Relaxed) {
+                return;
+            }
+            let last = self.last_read.load(Ordering::Relaxed);
+            let idle = Duration::from_millis(self.millis().saturating_sub(last));
+            if last == 0 || idle >= QUIET {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            std::thread::sleep((QUIET - idle).min(deadline - now));
+        }
+    }
+
     /// Removes temporary files whose writer is gone.
     fn remove_dead_tmp(&self) {
         let Ok(rd) = std::fs::read_dir(&self.dir) else { return };
@@ -321,9 +373,17 @@ impl Inner {
         if dst.exists() {
             return;
         }
+        let deadline = Instant::now() + MAX_DEFER;
+        self.yield_to_reads(deadline);
+        // Unmounting while the job waited for reads to pause: it has not
+        // started, so it is dropped like the rest of the queue (a mount
+        // that read a big file once and went away does not copy it now).
+        if self.closing.load(Ordering::Relaxed) || dst.exists() {
+            return;
+        }
         self.make_room(job.data.size, None);
         let tmp = self.dir.join(format!(".tmp-{}-{}", std::process::id(), self.tmp.fetch_add(1, Ordering::Relaxed)));
-        match self.write(job, &tmp).and_then(|()| std::fs::rename(&tmp, &dst).map_err(WriteFault::Rename)) {
+        match self.write(job, &tmp, deadline).and_then(|()| std::fs::rename(&tmp, &dst).map_err(WriteFault::Rename)) {
             Ok(()) => tracing::debug!(path = %job.path, entry = %dst.display(), "materialised"),
             Err(why) => {
                 let _ = std::fs::remove_file(&tmp);
@@ -333,13 +393,17 @@ impl Inner {
     }
 
     /// Writes `job`'s file at `tmp` from verified chunks, durably.
-    fn write(&self, job: &Job, tmp: &Path) -> std::result::Result<(), WriteFault> {
+    /// Pauses while lower files are read, until `deadline`.
+    fn write(&self, job: &Job, tmp: &Path, deadline: Instant) -> std::result::Result<(), WriteFault> {
         let f = &job.data;
         let io = |what| WriteFault::io(what, tmp);
         let file =
             std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(tmp).map_err(io("creating"))?;
-        for (e, &start) in f.extents.iter().zip(f.starts.iter()) {
+        for (i, (e, &start)) in f.extents.iter().zip(f.starts.iter()).enumerate() {
             let Extent::Data { id, len } = e else { continue };
+            if i % YIELD_EVERY == 0 {
+                self.yield_to_reads(deadline);
+            }
             // The same verified path as reads; a chunk not here (lazy
             // stack) or corrupt abandons the entry.
             let data = self.store.get(id).map_err(|source| WriteFault::Chunk { id: *id, source })?;

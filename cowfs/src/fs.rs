@@ -487,13 +487,15 @@ impl Filesystem for CowFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.union.read(fh.0, ino.0, offset, size) {
-            Ok(d) => {
-                crate::stats::bytes(&crate::stats::COUNTERS.read_bytes, d.len());
-                reply.data(&d)
-            }
-            Err(e) => reply.error(errno(e)),
-        }
+        // Read straight into the reply's buffer (over io_uring, the ring
+        // entry's; else the server thread's, kept between requests): no
+        // allocation, no zeroing and no extra copy per READ. Only the
+        // bytes read are sent.
+        reply.data_with(size as usize, |buf| {
+            let n = self.union.read_into(fh.0, ino.0, offset, buf).map_err(errno)?;
+            crate::stats::bytes(&crate::stats::COUNTERS.read_bytes, n);
+            Ok(n)
+        })
     }
 
     fn write(

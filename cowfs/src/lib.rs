@@ -13,7 +13,7 @@
 //! | `cache` | a bounded LRU of decoded chunks; lower reads through it; the chunks first read, in order, when recorded (a lazy deploy's prefetch order) | lower, stats |
 //! | `filecache` | whole lower files materialised on local disk (shared by every mount of a store, bounded), for passthrough (and for reads on mounts without opens) | error, lower, stats |
 //! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] | error, lower |
-//! | `readahead` | decodes the lower files after one being read, in walk (and pack) order, for tar-like walks | lower, cache |
+//! | `readahead` | decodes the lower files after one being read, in walk (and pack) order, for tar-like walks; and the next chunks of a big file read in order, its pack bytes asked of the kernel first | lower, cache |
 //! | `track` | [`DirtySet`]: blocks and paths written since the last drain, and the first reads recorded, over a control socket | error |
 //! | `union` | [`Union`]: lookup, readdir merge, copy-up, whiteouts, rename, xattrs (a directory module, its files mapped in its doc) | all of the above |
 //! | `upper` | what an upper directory says of its use: the lock its writable mount holds, the stack it was made on | error, union |

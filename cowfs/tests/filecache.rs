@@ -134,6 +134,32 @@ fn materialised_lower_file_reads_back_through_passthrough() {
     }
 }
 
+/// A mount that reads a big file and goes away at once does not copy the
+/// file at unmount: the materialisation, still waiting for the reads to
+/// pause, is dropped like the rest of the queue.
+#[test]
+fn unmount_drops_a_materialisation_not_started() {
+    if !fuse_ok("unmount_drops_a_materialisation_not_started") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let big = noise(8 << 20, 11);
+    let (store_dir, id) = store_with_files(t.path(), &[("big", &big)]);
+    let store = Arc::new(Store::open(&store_dir).unwrap());
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let m = mount(store, &[id], &mnt, &opts(None)).unwrap();
+    assert_eq!(fs::read(mnt.join("big")).unwrap(), big);
+    let started = Instant::now();
+    m.unmount().unwrap();
+    // Generous: the copy itself would take a fraction of this; what is
+    // checked is that unmounting did not wait for the reads' pause (and
+    // then the copy) and left nothing behind.
+    assert!(started.elapsed() < Duration::from_secs(30), "unmount took {:?}", started.elapsed());
+    assert!(entries(&store_dir).is_empty(), "materialised at unmount: {:?}", entries(&store_dir));
+    assert!(temporaries(&store_dir).is_empty());
+}
+
 #[test]
 fn corrupt_chunk_never_enters_the_cache() {
     if !fuse_ok("corrupt_chunk_never_enters_the_cache") {

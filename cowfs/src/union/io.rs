@@ -154,6 +154,16 @@ impl Union {
     /// Reads `size` bytes at `off` of handle `fh` of `ino` (`fh` 0: see
     /// `Self::file_handle`).
     pub fn read(&self, fh: u64, ino: u64, off: u64, size: u32) -> FsResult<Vec<u8>> {
+        let mut buf = vec![0u8; size as usize];
+        let n = self.read_into(fh, ino, off, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Reads `buf.len()` bytes at `off` of handle `fh` of `ino` into `buf`;
+    /// returns how many were read (`buf[..n]`; the rest is left as it was,
+    /// so a caller may hand in a buffer it reuses, never zeroed).
+    pub fn read_into(&self, fh: u64, ino: u64, off: u64, buf: &mut [u8]) -> FsResult<usize> {
         let h = self.file_handle(fh, ino, off == 0)?;
         let Handle::File { ino, offered, .. } = &*h else { return Err(Errno::ISDIR) };
         let (partial, lower) = {
@@ -161,14 +171,26 @@ impl Union {
             let n = Self::inode(&st, *ino)?;
             (n.partial.clone(), if n.upper { None } else { n.lower })
         };
-        let mut buf = vec![0u8; size as usize];
+        if lower.is_some()
+            && let Some(files) = &self.files
+        {
+            // Materialising waits for reads like this one to pause.
+            files.reading();
+        }
         let n = if let Some(p) = partial {
             let l = self.lower.find(&p.lower_path).ok_or(Errno::IO)?;
-            p.read(off, &mut buf, &self.lower_reader(l))?
-        } else if let Some(n) = lower.filter(|_| fh == 0).and_then(|l| self.read_entry(*ino, l, off, &mut buf)) {
+            p.read(off, buf, &self.lower_reader(l))?
+        } else if let Some(n) = lower.filter(|_| fh == 0).and_then(|l| self.read_entry(*ino, l, off, buf)) {
             n
         } else if let Some(l) = lower {
-            let n = self.read_lower_at(l, off, &mut buf)?;
+            // Before this read's own chunks: the next ones are decoded
+            // meanwhile.
+            if let Some(r) = &self.readahead
+                && let Some(f) = self.lower.file(l)
+            {
+                r.read(self.lower.data_node(l), f, off, buf.len() as u64);
+            }
+            let n = self.read_lower_at(l, off, buf)?;
             if !offered.swap(true, Ordering::Relaxed) {
                 // A walk reads the next files next: decode them meanwhile.
                 if let Some(r) = &self.readahead {
@@ -185,10 +207,9 @@ impl Union {
             n
         } else {
             let f = self.upper_file(&h)?.ok_or(Errno::IO)?;
-            read_full_at(&f, &mut buf, off)?
+            read_full_at(&f, buf, off)?
         };
-        buf.truncate(n);
-        Ok(buf)
+        Ok(n)
     }
 
     /// Reads lower file `l` at `off`; a failure is logged with the chunk

@@ -148,6 +148,38 @@ impl ReplyRaw {
     pub(crate) fn error(self, err: ll::Errno) {
         self.send_ll(&ll::ResponseErrno(err));
     }
+
+    /// Replies with data that `fill` writes into a buffer of `size` bytes
+    /// (returning how many it wrote), or with the error it returns. Over
+    /// io_uring the buffer is the reply's own, so the data is written once;
+    /// through `/dev/fuse` it is this thread's buffer, kept between replies.
+    /// Either may hold bytes of earlier replies: only the `n` written are
+    /// sent.
+    pub(crate) fn fill(mut self, size: usize, fill: impl FnOnce(&mut [u8]) -> Result<usize, Errno>) {
+        let Some(sender) = self.sender.take() else { return };
+        let unique = self.unique;
+        let res = match &sender {
+            ReplySender::Ring(ring, _) if ring.fits(size) => ring.fill(unique.0, size, fill),
+            _ => FILL_BUF.with(|b| {
+                let mut b = b.borrow_mut();
+                if b.len() < size {
+                    b.resize(size, 0);
+                }
+                match fill(&mut b[..size]) {
+                    Ok(n) => ll::ResponseSlice(&b[..n.min(size)]).with_iovec(unique, |iov| sender.send(iov)),
+                    Err(e) => ll::ResponseErrno(e).with_iovec(unique, |iov| sender.send(iov)),
+                }
+            }),
+        };
+        if let Err(err) = res {
+            error!("Failed to send FUSE reply: {err}");
+        }
+    }
+}
+
+thread_local! {
+    /// A thread's buffer for [`ReplyRaw::fill`] replies not sent over io_uring.
+    static FILL_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Drop for ReplyRaw {
@@ -210,6 +242,15 @@ impl ReplyData {
     /// Reply to a request with the given data
     pub fn data(self, data: &[u8]) {
         self.reply.send_ll(&ll::ResponseSlice(data));
+    }
+
+    /// Reply with at most `size` bytes that `fill` writes straight into the
+    /// reply's buffer, returning how many it wrote (or the error to reply
+    /// with instead). The buffer is not zeroed: it may hold an earlier
+    /// reply's bytes, of which only the `n` written are sent. Over io_uring
+    /// this saves copying the data into the ring's buffer.
+    pub fn data_with(self, size: usize, fill: impl FnOnce(&mut [u8]) -> Result<usize, Errno>) {
+        self.reply.fill(size, fill);
     }
 
     /// Reply to a request with the given error code

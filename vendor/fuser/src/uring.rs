@@ -223,6 +223,44 @@ impl std::fmt::Debug for RingReply {
 }
 
 impl RingReply {
+    /// Whether a reply of `size` data bytes fits the entry.
+    pub(crate) fn fits(&self, size: usize) -> bool {
+        size <= self.buffers.payload_size
+    }
+
+    /// Replies with the data `fill` writes into the entry's payload buffer
+    /// (at most `size` bytes, which must [`fit`](Self::fits)), or with the
+    /// error it returns.
+    pub(crate) fn fill(
+        &self,
+        unique: u64,
+        size: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, crate::Errno>,
+    ) -> io::Result<()> {
+        debug_assert_eq!(unique, self.unique);
+        // SAFETY: as in `send`: the entry is this request's until its reply
+        // is in `done`, which happens below, after the last use of these.
+        let (header, payload) = unsafe { (self.buffers.header(), self.buffers.payload()) };
+        let size = size.min(payload.len());
+        let r = match fill(&mut payload[..size]) {
+            Ok(n) => {
+                let n = n.min(size);
+                let len = (OUT_HEADER_SIZE + n) as u32;
+                header[0..4].copy_from_slice(&len.to_le_bytes());
+                header[4..8].copy_from_slice(&0i32.to_le_bytes());
+                header[8..16].copy_from_slice(&self.unique.to_le_bytes());
+                header[ENT_PAYLOAD_SZ..ENT_PAYLOAD_SZ + 4].copy_from_slice(&(n as u32).to_le_bytes());
+                Ok(())
+            }
+            Err(e) => {
+                write_error(header, self.unique, e.code());
+                Ok(())
+            }
+        };
+        self.done.push(self.entry);
+        r
+    }
+
     pub(crate) fn send(&self, data: &[IoSlice<'_>]) -> io::Result<()> {
         // SAFETY: a request has exactly one reply and the queue's thread does
         // not touch the entry until the reply is in `done`.
