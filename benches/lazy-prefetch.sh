@@ -21,9 +21,15 @@
 # Each round then deploys on three hosts: lazily on an empty one from b (no
 # order), lazily on an empty one from a (the order), and on one that first
 # fetched the whole stack from a (untimed), so that the deploy finds it
-# local: the goal's yardstick. Each deploy runs alone on the machine. The guests run under this
-# machine's QEMU (the daemons' peer traffic alone crosses the links);
-# reported: time to answer, the reads that stalled, the chunks prefetched.
+# local: the goal's yardstick. Each deploy runs alone on the machine. The
+# guests run under this machine's QEMU (the daemons' peer traffic alone
+# crosses the links); reported: time to answer, the reads that stalled or
+# waited on the daemon, the chunks prefetched, the medians and the ratios
+# to the local deploy.
+#
+# The links have a rate but no added delay: this kernel has no netem (nor
+# any other qdisc that delays), so the issue's "100 Mbit/s and 20 ms" is
+# emulated as 100 Mbit/s alone (tbf's `latency` only bounds its queue).
 # Markdown to stdout; progress to stderr.
 set -euo pipefail
 export LC_ALL=C LANG=C
