@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Lazy deploy with and without a recorded prefetch order, side by side in
-# one run: the time from `xenod deploy --lazy` to the fixture guest's
-# service answering, on empty hosts behind an emulated link.
+# Lazy deploy with and without a recorded prefetch order, and a deploy of
+# the same stack fetched in full first, side by side in one run: the time
+# from `xenod deploy` to the fixture guest's service answering, on hosts
+# behind an emulated link.
 #
 # Usage: benches/lazy-prefetch.sh   (needs root, /dev/fuse, QEMU, libvirt)
 #
@@ -17,10 +18,18 @@
 #   a  publishes the stack; b fetches it from a (no order yet);
 #   r  deploys it lazily from a: the first deploy records the order;
 #      a then fetches the stack from r (it holds it all) and gets the order.
-# Each round then deploys on two empty hosts: one from b (no order), one
-# from a (the order), each alone on the machine. The guests run under this
-# machine's QEMU (the daemons' peer traffic alone crosses the links);
-# reported: time to answer, the reads that stalled, the chunks prefetched.
+# Each round then deploys on three hosts: lazily on an empty one from b (no
+# order), lazily on an empty one from a (the order), and on one that first
+# fetched the whole stack from a (untimed), so that the deploy finds it
+# local: the goal's yardstick. Each deploy runs alone on the machine. The
+# guests run under this machine's QEMU (the daemons' peer traffic alone
+# crosses the links); reported: time to answer, the reads that stalled or
+# waited on the daemon, the chunks prefetched, the medians and the ratios
+# to the local deploy.
+#
+# The links have a rate but no added delay: this kernel has no netem (nor
+# any other qdisc that delays), so the issue's "100 Mbit/s and 20 ms" is
+# emulated as 100 Mbit/s alone (tbf's `latency` only bounds its queue).
 # Markdown to stdout; progress to stderr.
 set -euo pipefail
 export LC_ALL=C LANG=C
@@ -81,6 +90,8 @@ trap 'exit 143' TERM
 
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 now() { date +%s.%N; }
+# The deploy's steps (JSON answer on stdin) as one line on stderr.
+steps() { log "$1: $(json '" ".join("%s %.2f" % (s["step"], s["seconds"]) for s in d["instances"][0]["timeline"])')"; }
 
 # --- emulated hosts (see fanout.sh) ---------------------------------------------
 NEXT_IP=2
@@ -144,17 +155,49 @@ serve b
 x b --json fetch "$(ticket a "$TOP")" >/dev/null
 serve r
 
+# deploy_local HOST REF NAME: a deploy of a stack HOST holds; prints seconds.
+deploy_local() {
+  local t0 t1 j
+  t0=$(now)
+  j=$(x "$1" --json deploy "$2" --name "$3") || die "deploy on $1 failed; see $WORK/$1.log"
+  t1=$(now)
+  echo "$j" >"$WORK/$3.json"
+  echo "$j" | steps "$3" || true
+  printf '%.2f\n' "$(echo "$t1 - $t0" | bc -l)"
+}
+
+# waited HOST: seconds the reads of HOST's one mount spent waiting on the
+# daemon (its stats socket: lazy_latency's sum).
+waited() {
+  python3 - "$WORK/$1/mounts/stats" <<'PY'
+import glob, socket, sys
+total = 0
+for path in glob.glob(sys.argv[1] + "/*.sock"):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    buf = b""
+    while (b := s.recv(65536)):
+        buf += b
+    for line in buf.decode().splitlines():
+        if line.startswith("lazy_latency "):
+            total += int(line.split()[1])
+print("%.2f" % (total / 1e9))
+PY
+}
+
 # deploy HOST TICKET NAME: a lazy deploy on HOST's fresh daemon; prints
-# "seconds stalls waits": the reads that waited for a provider (the
-# daemon's count) and those that waited on the daemon at all (the mount's).
+# "seconds stalls waits waited": the reads that waited for a provider (the
+# daemon's count), those that waited on the daemon at all (the mount's),
+# and the seconds they waited in all.
 deploy() {
   local t0 t1 j
   t0=$(now)
   j=$(x "$1" --json deploy "$2" --lazy --name "$3") || die "deploy on $1 failed; see $WORK/$1.log"
   t1=$(now)
   echo "$j" >"$WORK/$3.json"
-  printf '%.2f %s %s\n' "$(echo "$t1 - $t0" | bc -l)" "$(x "$1" --json status | json 'd["lazy"]["stalls"]')" \
-    "$(echo "$j" | json 'd["instances"][0]["lazy"]["waits"]')"
+  echo "$j" | steps "$3" || true
+  printf '%.2f %s %s %s\n' "$(echo "$t1 - $t0" | bc -l)" "$(x "$1" --json status | json 'd["lazy"]["stalls"]')" \
+    "$(echo "$j" | json 'd["instances"][0]["lazy"]["waits"]')" "$(waited "$1")"
 }
 wait_fetched() {
   for _ in $(seq 1 600); do
@@ -165,7 +208,7 @@ wait_fetched() {
 }
 
 log "recording on r (from a)"
-read -r REC_S REC_ST REC_W < <(deploy r "$(ticket a "$TOP")" rec)
+read -r REC_S REC_ST REC_W _ < <(deploy r "$(ticket a "$TOP")" rec)
 x r destroy rec >/dev/null
 ENTRIES=$(x r --json prefetch show "$TOP" | json 'd["entries"]')
 BYTES=$(x r --json prefetch show "$TOP" | json 'd["bytes"]')
@@ -177,23 +220,40 @@ log "order: $ENTRIES chunks, $BYTES bytes; first deploy ${REC_S}s, $REC_ST stall
 echo "Lazy deploy to answer, empty host, ${LINK_MBIT} Mbit/s link, template + ${NOISE_MIB} MiB unread noise;"
 echo "order: $ENTRIES chunks ($(echo "$BYTES / 1048576" | bc -l | xargs printf %.1f) MiB). Recording deploy (no order): ${REC_S} s, $REC_ST stalled reads."
 echo
-echo "| round | order | time to answer | reads stalled (provider) | reads waiting on the daemon | chunks prefetched |"
-echo "|---|---|---:|---:|---:|---:|"
+echo "| round | deploy | time to answer | reads stalled (provider) | reads waiting on the daemon | their wait (s) | chunks prefetched |"
+echo "|---|---|---:|---:|---:|---:|---:|"
+declare -A TIMES
 for i in $(seq 1 "$ROUNDS"); do
-  for kind in without with; do
+  for kind in without with local; do
     h=no$i
     from=b
     [ "$kind" = with ] && { h=or$i; from=a; }
+    [ "$kind" = local ] && h=lc$i
     serve "$h"
-    read -r S ST W < <(deploy "$h" "$(ticket $from "$TOP")" "pf$h")
-    # The background fetch may still run: prefetched counts once it ends.
-    wait_fetched "$h"
-    PF=$(x "$h" --json status | json 'd["lazy"]["prefetched"]')
-    echo "| $i | $kind | ${S} s | $ST | $W | $PF |"
+    if [ "$kind" = local ]; then
+      x "$h" --json fetch "$(ticket a "$TOP")" >/dev/null
+      S=$(deploy_local "$h" "$TOP" "pf$h")
+      echo "| $i | after a full fetch | ${S} s | | | | |"
+    else
+      read -r S ST W WS < <(deploy "$h" "$(ticket $from "$TOP")" "pf$h")
+      # The background fetch may still run: prefetched counts once it ends.
+      wait_fetched "$h"
+      PF=$(x "$h" --json status | json 'd["lazy"]["prefetched"]')
+      echo "| $i | lazy, $kind order | ${S} s | $ST | $W | $WS | $PF |"
+    fi
+    TIMES[$kind]="${TIMES[$kind]:-} $S"
     x "$h" destroy "pf$h" >/dev/null
     x "$h" shutdown >/dev/null || true
   done
 done
+median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR]=$1} END {print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
+MW=$(echo "${TIMES[without]}" | median)
+MO=$(echo "${TIMES[with]}" | median)
+ML=$(echo "${TIMES[local]}" | median)
+echo
+echo "Medians: lazy without order ${MW} s, lazy with order ${MO} s, after a full fetch ${ML} s;"
+echo "with order / local = $(echo "$MO / $ML" | bc -l | xargs printf %.2f)x, without / local = $(echo "$MW / $ML" | bc -l | xargs printf %.2f)x (goal: with order <= 1.2x)."
+echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
 echo
 echo "Reads stalled: chunks the guest's mount asked for that its host's store lacked too (the daemon"
 echo "fetched them from the provider at once); reads waiting on the daemon: all the mount asked for"

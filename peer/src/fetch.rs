@@ -131,6 +131,12 @@ pub struct FetchOptions {
     pub read_timeout: Duration,
     /// Stored bytes between flushes, so an interrupted fetch keeps its work.
     pub flush_every: u64,
+    /// Stored bytes between flushes in the prefetch round, and a flush at
+    /// its end, when a lazily deployed guest reads the stack meanwhile:
+    /// its mount has its own handle of the store, which sees a chunk only
+    /// once the pack holding it is sealed (until then each read of it asks
+    /// the daemon). `None`: as `flush_every`.
+    pub prefetch_flush_every: Option<u64>,
     /// Fetching as one member of a fan-out; providers that are members are
     /// fetching too (see the module doc).
     pub swarm: Option<SwarmPlan>,
@@ -152,6 +158,7 @@ impl Default for FetchOptions {
             batch: 32,
             read_timeout: Duration::from_secs(20),
             flush_every: 64 << 20,
+            prefetch_flush_every: None,
             swarm: None,
             manifests_only: false,
             dense: None,
@@ -696,6 +703,28 @@ impl Swarm {
         }
     }
 
+    /// Stored bytes between flushes in the current round.
+    fn flush_every(&self) -> u64 {
+        match self.opts.prefetch_flush_every {
+            Some(n) if *self.phase.lock().unwrap_or_else(|e| e.into_inner()) == Phase::Prefetch => n,
+            _ => self.opts.flush_every,
+        }
+    }
+
+    /// After the prefetch round: makes its chunks visible to the store's
+    /// other handles at once when asked to ([`FetchOptions::prefetch_flush_every`]).
+    pub(crate) async fn prefetch_done(&self) -> Result<(), PeerError> {
+        if self.opts.prefetch_flush_every.is_none() {
+            return Ok(());
+        }
+        self.since_flush.store(0, Ordering::Relaxed);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .map_err(|e| PeerError::NoProviders { why: format!("flush task: {e}") })??;
+        Ok(())
+    }
+
     /// Asks provider `p` for `batch` and stores what it sends.
     async fn request(&self, p: usize, batch: &[ChunkId]) -> Result<(), PeerError> {
         let node = &self.conns[p].node;
@@ -792,7 +821,7 @@ impl Swarm {
                 }
                 self.progress(done, total);
             }
-            if self.since_flush.fetch_add(wire, Ordering::Relaxed) + wire >= self.opts.flush_every {
+            if self.since_flush.fetch_add(wire, Ordering::Relaxed) + wire >= self.flush_every() {
                 self.since_flush.store(0, Ordering::Relaxed);
                 let store = self.store.clone();
                 tokio::task::spawn_blocking(move || store.flush())

@@ -563,6 +563,7 @@ impl Engine {
                 let first = self.prefetch_first(&layer, &mut want)?;
                 prefetched = first.len() as u64;
                 swarm.run(Phase::Prefetch, first).await?;
+                swarm.prefetch_done().await?;
             }
             swarm.run(phase, order(want)).await?;
             if phase == Phase::Manifests

@@ -163,25 +163,35 @@ impl Store {
     /// (a lazy fetch). A later whole fetch marks a partial layer complete.
     pub fn record_layers(&self, stack: &[LayerId], partial: bool) -> Result<()> {
         let have: std::collections::HashMap<LayerId, LayerInfo> = self.layers()?.into_iter().collect();
+        // The roots are read before the write transaction begins: a root
+        // may still be in this handle's open pack, whose lock a seal holds
+        // while it waits for the write transaction (a fetch's flush still
+        // running beside this); reading under the transaction deadlocked.
+        let mut infos = Vec::new();
+        for id in stack {
+            let info = match have.get(id) {
+                Some(info) if info.partial && !partial => LayerInfo { partial: false, ..info.clone() },
+                Some(_) => continue,
+                None => {
+                    let root = self.layer_root(id)?;
+                    LayerInfo {
+                        base: root.base,
+                        entries: root.entries,
+                        file_bytes: root.file_bytes,
+                        created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                        partial,
+                    }
+                }
+            };
+            infos.push((id, serde_json::to_vec(&info).unwrap_or_default()));
+        }
+        if infos.is_empty() {
+            return Ok(());
+        }
         let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(LAYERS).map_err(|e| self.db_err(e))?;
-            for id in stack {
-                let info = match have.get(id) {
-                    Some(info) if info.partial && !partial => LayerInfo { partial: false, ..info.clone() },
-                    Some(_) => continue,
-                    None => {
-                        let root = self.layer_root(id)?;
-                        LayerInfo {
-                            base: root.base,
-                            entries: root.entries,
-                            file_bytes: root.file_bytes,
-                            created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                            partial,
-                        }
-                    }
-                };
-                let bytes = serde_json::to_vec(&info).unwrap_or_default();
+            for (id, bytes) in &infos {
                 t.insert(id.as_bytes(), bytes.as_slice()).map_err(|e| self.db_err(e))?;
             }
         }
