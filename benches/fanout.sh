@@ -45,12 +45,8 @@ LINK_MBIT=${LINK_MBIT:-}
 STEP_TIMEOUT=${STEP_TIMEOUT:-600}
 KEEP=${KEEP:-0}
 export XENOD_LOG=${XENOD_LOG:-error}
-OUT=""
-case ${1:-} in
-  --out) OUT=$2 ;;
-  --out=*) OUT=${1#--out=} ;;
-  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-esac
+. "$ROOT/benches/lib.sh"
+bench_args "$@"
 
 log() { echo "fanout-bench: $*" >&2; }
 die() { log "$*"; exit 1; }

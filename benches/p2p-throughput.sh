@@ -39,12 +39,8 @@ XENOD=${XENOD:-$ROOT/target/release/xenod}
 PROBE=${PROBE:-$ROOT/target/release/iroh-blobs-probe}
 SIZE_MIB=${SIZE_MIB:-1024}
 FIXDIR=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/debian
-OUT=""
-case ${1:-} in
-  --out) OUT=$2 ;;
-  --out=*) OUT=${1#--out=} ;;
-  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-esac
+. "$ROOT/benches/lib.sh"
+bench_args "$@"
 
 log() { echo "p2p-bench: $*" >&2; }
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/xenod-p2p.XXXXXX")
@@ -66,16 +62,6 @@ if [ ! -x "$PROBE" ]; then
     --target-dir "$ROOT/target" >&2 || log "probe build failed; iroh-blobs row skipped"
 fi
 
-# Starts a daemon on loopback; sets DAEMON_ADDR.
-serve() {
-  local dir=$1
-  mkfifo "$WORK/fifo.$$"
-  XENOD_LOG=error "$XENOD" --data-dir "$dir" serve --listen 127.0.0.1:0 >"$WORK/fifo.$$" 2>"$dir.log" &
-  PIDS+=($!)
-  read -r line <"$WORK/fifo.$$"
-  rm -f "$WORK/fifo.$$"
-  DAEMON_ADDR=$(echo "$line" | awk '{print $4}')
-}
 
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 now() { date +%s.%N; }

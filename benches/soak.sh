@@ -54,12 +54,8 @@ FAULTS=${FAULTS:-kill partition diskfull flip clock}
 export XENOD_LOG=${XENOD_LOG:-warn}
 # Announce every second, so names and presence settle within a fault's gap.
 export XENOD_ANNOUNCE_MS=${XENOD_ANNOUNCE_MS:-1000}
-OUT=""
-case ${1:-} in
-  --out) OUT=$2 ;;
-  --out=*) OUT=${1#--out=} ;;
-  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-esac
+. "$ROOT/benches/lib.sh"
+bench_args "$@"
 
 log() { echo "soak: $*" >&2; }
 die() { log "$*"; exit 1; }

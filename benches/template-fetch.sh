@@ -41,12 +41,8 @@ XENOD=${XENOD:-$ROOT/target/release/xenod}
 PROBE=${PROBE:-$ROOT/target/release/iroh-blobs-probe}
 ROUNDS=${ROUNDS:-3}
 FIXDIR=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/debian
-OUT=""
-case ${1:-} in
-  --out) OUT=$2 ;;
-  --out=*) OUT=${1#--out=} ;;
-  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-esac
+. "$ROOT/benches/lib.sh"
+bench_args "$@"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a positive integer" >&2; exit 2; }
 
 log() { echo "template-fetch: $*" >&2; }
@@ -75,16 +71,6 @@ fi
 
 now() { date +%s.%N; }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-# Starts a daemon on loopback; its pid joins PIDS, LAST_PID names it.
-serve() {
-  local dir=$1 line
-  mkfifo "$WORK/fifo"
-  XENOD_LOG=error "$XENOD" --data-dir "$dir" serve --listen 127.0.0.1:0 >"$WORK/fifo" 2>"$dir.log" &
-  LAST_PID=$!
-  PIDS+=("$LAST_PID")
-  read -r line <"$WORK/fifo"
-  rm -f "$WORK/fifo"
-}
 free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
 
 # --- the providers ------------------------------------------------------------
