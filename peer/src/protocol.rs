@@ -50,8 +50,10 @@
 //! or compressing anything, when a solid request (op 3) names exactly its
 //! members in its order, whatever level the block was made at: the
 //! publisher's `--level` decides the bytes on the wire, and no provider
-//! spends CPU per transfer on blocks (recompressing at 6 held a template
-//! fetch on loopback to 58-90 MB/s, the provider's two cores busy).
+//! spends CPU per transfer on whole blocks (recompressing them at 6 held a
+//! template fetch on loopback to 58-90 MB/s, the provider's two cores
+//! busy). Runs of members asked for without their whole block (a prefetch
+//! order) are still packed at level 6 or the store's, whichever is higher.
 //! Layout (op 5) tells a fetcher which of its wanted ids share a block of
 //! the provider's (`block`, a key local to the provider, 0 for a chunk
 //! kept alone) and where (`start`, the member's plaintext offset), so it
