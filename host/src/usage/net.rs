@@ -21,6 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
@@ -32,6 +33,36 @@ use crate::error::{Error, Result};
 pub struct NetBytes {
     pub rx: u64,
     pub tx: u64,
+}
+
+/// The name of an empty chain in each counting table that holds its
+/// daemon's process id (after this prefix), so a later daemon can tell a
+/// table whose daemon was killed without a stop.
+const OWNER: &str = "owner_";
+
+/// Deletes the counting tables of daemons that are gone: those whose owner
+/// chain names a process that no longer exists, and those without one
+/// (made by an older xenod, which made its table at start).
+fn remove_orphans() {
+    let Ok(out) = nft(&["-j", "list", "chains", "inet"], None) else { return };
+    let Ok(v) = serde_json::from_str::<Value>(&out) else { return };
+    let mut owner: BTreeMap<String, Option<u32>> = BTreeMap::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let Some(c) = item.get("chain") else { continue };
+        let (Some(table), Some(name)) = (c["table"].as_str(), c["name"].as_str()) else { continue };
+        if !table.starts_with("xenod_acct_") {
+            continue;
+        }
+        let pid = name.strip_prefix(OWNER).and_then(|p| p.parse().ok());
+        let e = owner.entry(table.to_owned()).or_default();
+        *e = e.or(pid);
+    }
+    for (table, pid) in owner {
+        if pid.is_none_or(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            tracing::info!("removing the counting table {table} of a daemon that is gone");
+            let _ = nft(&["delete", "table", "inet", &table], None);
+        }
+    }
 }
 
 /// This daemon's counting table.
@@ -66,6 +97,7 @@ impl NetCounters {
         nft(&["list", "tables"], None)?;
         let n = NetCounters { table: format!("xenod_acct_{tag}"), made: std::sync::Mutex::new(true) };
         n.remove();
+        remove_orphans();
         Ok(n)
     }
 
@@ -77,7 +109,9 @@ impl NetCounters {
                 "table inet {t} {{\n\
                    chain input {{ type filter hook input priority -150; policy accept; }}\n\
                    chain output {{ type filter hook output priority -150; policy accept; }}\n\
-                 }}\n"
+                   chain {OWNER}{pid} {{ }}\n\
+                 }}\n",
+                pid = std::process::id()
             )),
         )?;
         Ok(())
@@ -209,5 +243,38 @@ mod tests {
         assert_eq!(n.sync(&want).unwrap()["web"], NetBytes::default());
         n.remove();
         assert!(nft(&["list", "table", "inet", n.table()], None).is_err(), "the table is gone");
+    }
+
+    #[test]
+    fn a_killed_daemons_table_is_removed_by_the_next_start() {
+        let tag = format!("k{}", std::process::id());
+        let dead = match NetCounters::start(&tag) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("SKIPPED: nftables cannot be used here ({e})");
+                return;
+            }
+        };
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        dead.sync(&[("web".to_string(), vec![port])].into()).unwrap();
+        // Its owner chain now names a process that has exited, as when a
+        // daemon is killed.
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let gone_pid = gone.id();
+        gone.wait().unwrap();
+        let t = dead.table().to_owned();
+        nft(
+            &["rename", "chain", "inet", &t, &format!("{OWNER}{}", std::process::id()), &format!("{OWNER}{gone_pid}")],
+            None,
+        )
+        .unwrap();
+        // A live daemon's table stays.
+        let live = NetCounters::start(&format!("l{}", std::process::id())).unwrap();
+        live.sync(&[("db".to_string(), vec![port])].into()).unwrap();
+        let other = NetCounters::start(&format!("o{}", std::process::id())).unwrap();
+        assert!(nft(&["list", "table", "inet", &t], None).is_err(), "the dead daemon's table is left");
+        assert!(nft(&["list", "table", "inet", live.table()], None).is_ok(), "a live daemon's table went");
+        live.remove();
+        other.remove();
     }
 }
