@@ -25,9 +25,9 @@
 #    --compress-choice=zstd` of O1 onto a copy of T1 through a pipe "remote
 #    shell" (so the delta algorithm and compression are used as over ssh):
 #    bytes = total sent + received as rsync reports them. Twice on xenod's
-#    side: the overlay made at the store's default level (its blocks are
-#    recompressed for the wire at level 6), and made with `--level 19`
-#    (blocks sent as C keeps them; the publish time is reported too).
+#    side: the overlay made at the store's default level and made with
+#    `--level 19` (either way C sends its blocks as it keeps them; the
+#    publish time at 19 is reported too).
 #
 # Markdown to stdout; progress to stderr. Needs root for the Debian trees.
 set -euo pipefail
