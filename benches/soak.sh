@@ -396,12 +396,24 @@ done
 check_invariants end
 # Shut every daemon down; nothing of this run may be left running.
 for h in $(seq 1 "$HOSTS"); do x "$h" shutdown >/dev/null 2>&1 || true; done
-for _ in $(seq 1 100); do
+# A daemon's stop is bounded (goodbyes 1 s each, the endpoint's close 3 s,
+# the last usage sample 2 s, work left running 2 s): 15 s is past all.
+for _ in $(seq 1 150); do
   pgrep -f -- "--data-dir $WORK/" >/dev/null || break
   sleep 0.1
 done
 if pgrep -f -- "--data-dir $WORK/" >/dev/null; then
   violation "procs: left running after shutdown: $(pgrep -af -- "--data-dir $WORK/" | head -3 | tr '\n' ';')"
+  # What they wait on, for whoever reads the report.
+  for pid in $(pgrep -f -- "--data-dir $WORK/"); do
+    log "left running: $pid, threads (name: kernel wait):"
+    for t in /proc/"$pid"/task/*; do
+      log "  $(cat "$t/comm" 2>/dev/null): $(cat "$t/wchan" 2>/dev/null)"
+    done
+    if command -v gdb >/dev/null; then
+      gdb -p "$pid" -batch -ex 'thread apply all bt 12' 2>/dev/null | grep -E '^(Thread|#)' | head -80 >&2 || true
+    fi
+  done
 fi
 ELAPSED=$(( $(date +%s) - START ))
 

@@ -226,7 +226,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 /// `on_ready` gets the one line that says it accepts requests.
 pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool, on_ready: impl FnOnce(&str)) -> Result<()> {
     let rt = runtime()?;
-    rt.block_on(async {
+    let r = rt.block_on(async {
         if std::os::unix::net::UnixStream::connect(socket_path(data_dir)).is_ok() {
             bail!("a daemon already serves {}", data_dir.display());
         }
@@ -260,5 +260,10 @@ pub fn run(data_dir: &Path, listen: Option<SocketAddr>, json_out: bool, on_ready
         super::usage::stop(&d).await;
         d.stop().await;
         r
-    })
+    });
+    // Blocking work still running (a store write, a walk) is left to the
+    // process's exit, as a crash would: the store is made for that, and a
+    // daemon asked to stop stops within seconds whatever is stuck.
+    rt.shutdown_timeout(Duration::from_secs(2));
+    r
 }

@@ -207,14 +207,21 @@ pub fn spawn(d: &Arc<Daemon>) {
 pub async fn stop(d: &Arc<Daemon>) {
     let Some(acc) = d.usage.get().cloned() else { return };
     let d2 = d.clone();
-    let _ = tokio::task::spawn_blocking(move || {
+    let last = tokio::task::spawn_blocking(move || {
         if let Err(e) = acc.sample(&d2, None) {
             tracing::warn!("the last usage sample: {}", e.chain());
         }
         acc.close();
-    })
-    .await;
+    });
+    // A sample stuck on libvirt or the disk must not keep the daemon from
+    // stopping: the ledger's last row is on disk, the next start counts on.
+    if tokio::time::timeout(STOP_WAIT, last).await.is_err() {
+        tracing::warn!("the last usage sample did not end within {STOP_WAIT:?}; stopping without it");
+    }
 }
+
+/// How long a stopping daemon waits for its last usage sample.
+const STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// Samples instance `name` every [`MIGRATING_EVERY`] until `done` resolves.
 pub async fn while_migrating<T>(d: &Arc<Daemon>, name: &str, done: impl std::future::Future<Output = T>) -> T {

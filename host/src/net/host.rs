@@ -270,7 +270,12 @@ pub fn spawn(d: &Arc<Daemon>) {
 /// still uses.
 pub async fn stop(d: &Arc<Daemon>) {
     let m = Member { node: me(d), at: now_micros(), vtep: None, envs: vec![], claims: vec![], leaving: true };
-    let _ = d.node().announce_net(vec![d.node().sign_net(&NetBody::Member(m))]).await;
+    // Bounded like the daemon's other goodbyes: a gossip that does not
+    // take the record must not keep the daemon from stopping.
+    let leave = d.node().announce_net(vec![d.node().sign_net(&NetBody::Member(m))]);
+    if tokio::time::timeout(Duration::from_secs(1), leave).await.is_err() {
+        tracing::debug!("saying goodbye to the environments: timed out");
+    }
     let r = blocking(d, |d| -> Result<()> {
         let own = super::prefixes(&short_of(d));
         for (name, _) in dev::links(&own[..1])? {
