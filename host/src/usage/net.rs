@@ -240,7 +240,10 @@ mod tests {
         assert!(n.sync(&BTreeMap::new()).unwrap().is_empty());
         assert!(nft(&["list", "table", "inet", n.table()], None).is_err(), "the table is gone");
         assert_eq!(n.sync(&want).unwrap().get("web").copied().unwrap_or_default(), NetBytes::default());
-        assert_eq!(n.sync(&want).unwrap()["web"], NetBytes::default());
+        // The closed connection's last segments may still arrive (a FIN's
+        // ACK, about 52 bytes): a fresh count, not the old one.
+        let again = n.sync(&want).unwrap()["web"];
+        assert!(again.rx < 1_000 && again.tx < 1_000, "{again:?}");
         n.remove();
         assert!(nft(&["list", "table", "inet", n.table()], None).is_err(), "the table is gone");
     }
