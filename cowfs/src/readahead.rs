@@ -413,16 +413,7 @@ mod tests {
         std::fs::create_dir_all(&src).unwrap();
         let size = (SEQ_WINDOW + (4 << 20)) as usize;
         // Noise: no two chunks alike.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let noise: Vec<u8> = (0..size)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        std::fs::write(src.join("big"), noise).unwrap();
+        std::fs::write(src.join("big"), xenod_store::testing::noise(size, 1)).unwrap();
         let store = Arc::new(Store::open(dir.path().join("store")).unwrap());
         let mut w = LayerWriter::new(&store);
         import_dir(&store, &src, &ImportOptions::default(), &mut |e| w.push(&e)).unwrap();

@@ -12,16 +12,7 @@ use prometheus_parse::{LineInfo, Scrape, Value};
 
 fn tree(root: &Path) {
     std::fs::create_dir_all(root.join("etc")).unwrap();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let noise: Vec<u8> = (0..3 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(root.join("etc/big.bin"), &noise).unwrap();
+    std::fs::write(root.join("etc/big.bin"), xenod_store::testing::noise(3 << 20, 1)).unwrap();
     std::fs::write(root.join("etc/hostname"), b"metrics\n").unwrap();
 }
 

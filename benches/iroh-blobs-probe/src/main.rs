@@ -49,7 +49,12 @@ async fn main() -> Result<()> {
                 walk(&tree, &mut files)?;
                 let mut c = Collection::default();
                 for f in files {
-                    let tag = store.blobs().add_path(&f).temp_tag().await?;
+                    let tag = store
+                        .blobs()
+                        .add_path(&f)
+                        .temp_tag()
+                        .await
+                        .with_context(|| format!("importing {}", f.display()))?;
                     let name = f.strip_prefix(&tree)?.to_string_lossy().into_owned();
                     c.push(name, tag.hash());
                     tags.push(tag);
@@ -92,10 +97,12 @@ async fn main() -> Result<()> {
 
 /// Every regular file under `dir`, in name order.
 fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) -> Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<std::io::Result<_>>()?;
+    let listing = || format!("listing {}", dir.display());
+    let mut entries: Vec<_> =
+        std::fs::read_dir(dir).with_context(listing)?.collect::<std::io::Result<_>>().with_context(listing)?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
-        let t = e.file_type()?;
+        let t = e.file_type().with_context(|| format!("the type of {}", e.path().display()))?;
         if t.is_dir() {
             walk(&e.path(), out)?;
         } else if t.is_file() {
