@@ -7,9 +7,11 @@
 # Usage: benches/lazy-prefetch.sh   (needs root, /dev/fuse, QEMU, libvirt)
 #
 # Environment: XENOD (default target/release/xenod), LINK_MBIT (each
-#   emulated host's link, default 100), NOISE_MIB (bytes in the template the
+#   emulated host's link, default 100), DELAY_MS (added to each packet on
+#   each host's link, one way, default 20; 0 = none), NOISE_MIB (bytes in the template the
 #   guest never reads, ahead of /boot in path order, default 64), ROUNDS
-#   (default 2), KEEP=1 (keep the work directory and daemon logs).
+#   (default 2), LEVEL (zstd level the template is published at, default
+#   the store's), KEEP=1 (keep the work directory and daemon logs).
 #
 # The stack: the fixture template with its kernel and initrd (a 66 MB
 # uncompressed vmlinux), NOISE_MIB of noise at /a-unused.bin, and the web
@@ -27,9 +29,14 @@
 # waited on the daemon, the chunks prefetched, the medians and the ratios
 # to the local deploy.
 #
-# The links have a rate but no added delay: this kernel has no netem (nor
-# any other qdisc that delays), so the issue's "100 Mbit/s and 20 ms" is
-# emulated as 100 Mbit/s alone (tbf's `latency` only bounds its queue).
+# Each link has its rate (tbf, both ways) and its delay: this kernel has no
+# netem (nor any other qdisc that delays), so every packet a host receives
+# waits DELAY_MS in `netdelay` (benches/src/bin/netdelay.rs, an NFQUEUE
+# client in the host's namespace fed by an iptables PREROUTING rule) before
+# it goes on: DELAY_MS one way, twice that for a round trip. The delay is on
+# the receiving side because a packet held on its sender's side still counts
+# against its socket's send budget (TCP small queues, a UDP socket's send
+# buffer), which would cap the link far below its rate.
 # Markdown to stdout; progress to stderr.
 set -euo pipefail
 export LC_ALL=C LANG=C
@@ -38,6 +45,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd -P)
 cd "$ROOT"
 XENOD=${XENOD:-$ROOT/target/release/xenod}
 LINK_MBIT=${LINK_MBIT:-100}
+DELAY_MS=${DELAY_MS:-20}
+NETDELAY=${NETDELAY:-$ROOT/target/release/netdelay}
 NOISE_MIB=${NOISE_MIB:-64}
 ROUNDS=${ROUNDS:-2}
 KEEP=${KEEP:-0}
@@ -47,7 +56,12 @@ log() { echo "lazy-prefetch: $*" >&2; }
 die() { log "$*"; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, FUSE, libvirt)"
 [[ $LINK_MBIT =~ ^[1-9][0-9]*$ ]] || die "LINK_MBIT must be a positive integer (Mbit/s)"
+[[ $DELAY_MS =~ ^[0-9]+$ ]] || die "DELAY_MS must be a whole number of milliseconds"
 [ -x "$XENOD" ] || { log "building xenod (release)"; cargo build --release --locked -p xenod >&2; }
+if [ "$DELAY_MS" -gt 0 ] && [ ! -x "$NETDELAY" ]; then
+  log "building netdelay (release)"
+  cargo build --release --locked -p xenod-benches --bin netdelay >&2
+fi
 FIX=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/guest
 bash fixtures/build-guest.sh "$FIX" >/dev/null
 bash scripts/start-libvirtd.sh >/dev/null
@@ -57,6 +71,7 @@ NET=xnpf$(printf %x $$)
 BRIDGE=${NET}x
 NETNS=()
 PIDS=()
+DELAYS=()
 DATAS=()
 FWD_RULE=""
 
@@ -114,6 +129,21 @@ add_host() {
   ip -n "$ns" addr add "${IP[$1]}/24" dev eth0
   shape eth0 "$ns"
   shape "$ns"
+  if [ "$DELAY_MS" -gt 0 ]; then
+    # The queue's reader first: a rule without one drops what it queues.
+    ip netns exec "$ns" "$NETDELAY" --queue 0 --delay-ms "$DELAY_MS" 2>>"$WORK/netdelay.log" &
+    PIDS+=("$!")
+    DELAYS+=("$!")
+    sleep 0.2
+    kill -0 "$!" 2>/dev/null || die "netdelay did not start in $ns; see $WORK/netdelay.log"
+    ip netns exec "$ns" iptables -t mangle -A PREROUTING -i eth0 -j NFQUEUE --queue-num 0
+  fi
+}
+# delays_alive: every host's netdelay still runs (else its link dropped
+# everything from when it stopped).
+delays_alive() {
+  local p
+  for p in "${DELAYS[@]}"; do kill -0 "$p" 2>/dev/null || die "a netdelay stopped; see $WORK/netdelay.log"; done
 }
 ip link add "$BRIDGE" type bridge
 ip link set "$BRIDGE" up
@@ -147,7 +177,7 @@ cp "$FIX/kernel/vmlinux" "$FIX/kernel/initrd.img" "$WORK/t/boot/"
 head -c $((NOISE_MIB * 3 << 18)) /dev/urandom | base64 -w 0 >"$WORK/t/a-unused.bin"
 cp -a "$WORK/t" "$WORK/web" && cp -a "$FIX/web/." "$WORK/web/"
 mkdir -p "$WORK/a"
-x a publish "$WORK/t" --name template://bench/lazy/1 >/dev/null
+x a publish "$WORK/t" --name template://bench/lazy/1 ${LEVEL:+--level "$LEVEL"} >/dev/null
 TOP=$(x a overlay create --base template://bench/lazy/1 "$WORK/web" --spec fixtures/guest/web.spec.json)
 log "stack $TOP"
 serve a
@@ -181,6 +211,8 @@ for path in glob.glob(sys.argv[1] + "/*.sock"):
     for line in buf.decode().splitlines():
         if line.startswith("lazy_latency "):
             total += int(line.split()[1])
+            # The waits by bucket (10 us .. 1 s, then longer), for the log.
+            print("waits by latency bucket:", " ".join(line.split()[2:]), file=sys.stderr)
 print("%.2f" % (total / 1e9))
 PY
 }
@@ -217,7 +249,7 @@ x a --json fetch "$(ticket r "$TOP")" | json 'd.get("order_from")' >/dev/null
 [ "$(x a --json prefetch show "$TOP" | json 'd["entries"]')" = "$ENTRIES" ] || die "a did not get r's order"
 log "order: $ENTRIES chunks, $BYTES bytes; first deploy ${REC_S}s, $REC_ST stalls"
 
-echo "Lazy deploy to answer, empty host, ${LINK_MBIT} Mbit/s link, template + ${NOISE_MIB} MiB unread noise;"
+echo "Lazy deploy to answer, empty host, ${LINK_MBIT} Mbit/s link with ${DELAY_MS} ms each way, template + ${NOISE_MIB} MiB unread noise;"
 echo "order: $ENTRIES chunks ($(echo "$BYTES / 1048576" | bc -l | xargs printf %.1f) MiB). Recording deploy (no order): ${REC_S} s, $REC_ST stalled reads."
 echo
 echo "| round | deploy | time to answer | reads stalled (provider) | reads waiting on the daemon | their wait (s) | chunks prefetched |"
@@ -245,6 +277,7 @@ for i in $(seq 1 "$ROUNDS"); do
     x "$h" destroy "pf$h" >/dev/null
     x "$h" shutdown >/dev/null || true
   done
+  delays_alive
 done
 median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR]=$1} END {print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
 MW=$(echo "${TIMES[without]}" | median)
