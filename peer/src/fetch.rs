@@ -15,7 +15,9 @@
 //! (op 6) while the manifests come, when this store holds none for the
 //! layer; it is kept once it checks out against the manifests. The
 //! prefetch round asks for small batches and keeps its queue as ordered,
-//! so its chunks arrive about in order, ahead of a lazily deployed guest.
+//! so its chunks arrive about in order, ahead of a lazily deployed guest;
+//! members of one solid block go together, in one batch up to the block's
+//! end, so that a block the order covers travels whole, as kept.
 //!
 //! Each round is a [`Swarm`] run: a shared queue of wanted ids, and per
 //! provider a few *lanes*, each keeping one request of up to `batch` ids in
@@ -452,7 +454,8 @@ pub(crate) struct Swarm {
 }
 
 /// Most ids per request in the prefetch round: small, so that its chunks
-/// arrive about in the order asked.
+/// arrive about in the order asked (a batch still runs on to the end of
+/// the solid block it is in).
 pub(crate) const PREFETCH_BATCH: usize = 4;
 
 impl Swarm {
@@ -571,7 +574,12 @@ impl Swarm {
                 return Err(PeerError::NoProviders { why: if why.is_empty() { "none given".into() } else { why } });
             }
         }
-        if phase == Phase::Data && self.opts.dense.is_none() && self.opts.swarm.is_none() {
+        // The prefetch round too: an order that reads a file through (a
+        // kernel QEMU loads) covers whole blocks, which then travel as the
+        // publisher compressed them (at its --level) instead of being
+        // packed again at RUN_LEVEL in batches of a few chunks. A block
+        // stays where its first member is in the order.
+        if matches!(phase, Phase::Data | Phase::Prefetch) && self.opts.dense.is_none() && self.opts.swarm.is_none() {
             self.arrange_by_blocks().await;
         }
         let total = self.lock().total;

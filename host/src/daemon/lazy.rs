@@ -111,10 +111,44 @@ pub fn background(d: &Arc<Daemon>, layer: LayerId, peers: Vec<EndpointAddr>) {
 /// `Request::Chunk`: chunk `id` now, from the store or a provider.
 pub async fn chunk(d: &Arc<Daemon>, id: &str) -> Result<reply::Chunk> {
     let id: ChunkId = id.parse().map_err(|e| err!("chunk id {id:?}: {e}"))?;
+    Ok(reply::Chunk { data: hex(&chunk_bytes(d, id).await?) })
+}
+
+/// `Request::ChunkStream` (see [`crate::api::ChunkClient`]): answers the
+/// ids the mount sends, one after another, until it closes.
+pub async fn stream(
+    d: &Arc<Daemon>,
+    mut r: impl tokio::io::AsyncRead + Unpin,
+    mut w: impl tokio::io::AsyncWrite + Unpin,
+) -> Result<()> {
+    use crate::api::{CHUNK_ERR, CHUNK_OK, CHUNK_STREAM_ACK};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    w.write_all(&[CHUNK_STREAM_ACK]).await?;
+    let mut id = [0u8; 32];
+    loop {
+        match r.read_exact(&mut id).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let (status, body) = match chunk_bytes(d, ChunkId::from_bytes(id)).await {
+            Ok(b) => (CHUNK_OK, b),
+            Err(e) => (CHUNK_ERR, e.chain().into_bytes()),
+        };
+        let mut head = [0u8; 5];
+        head[0] = status;
+        head[1..].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        w.write_all(&head).await?;
+        w.write_all(&body).await?;
+    }
+}
+
+/// Chunk `id` now, from the store or a provider.
+async fn chunk_bytes(d: &Arc<Daemon>, id: ChunkId) -> Result<Vec<u8>> {
     d.lazy.requests.fetch_add(1, Ordering::Relaxed);
     let store = d.store_arc();
     if let Ok(Ok(b)) = tokio::task::spawn_blocking(move || store.get(&id)).await {
-        return Ok(reply::Chunk { data: hex(&b) });
+        return Ok(b);
     }
     d.lazy.stalls.fetch_add(1, Ordering::Relaxed);
     let mut providers = d.lazy.providers.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -152,7 +186,7 @@ pub async fn chunk(d: &Arc<Daemon>, id: &str) -> Result<reply::Chunk> {
             }
         };
         match fetch_one(&conn, id).await {
-            Ok(Some(b)) => return Ok(reply::Chunk { data: hex(&b) }),
+            Ok(Some(b)) => return Ok(b),
             Ok(None) => why.push(format!("{}: does not have it", p.id.fmt_short())),
             Err(e) => {
                 d.lazy.conns.lock().await.remove(&p.id);

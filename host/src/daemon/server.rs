@@ -100,6 +100,9 @@ pub async fn dispatch(d: &Arc<Daemon>, req: Request, progress: Option<xenod_peer
             Ok(serde_json::to_value(d.fetch(&target, &from, lazy, progress).await?)?)
         }
         Request::Chunk { id } => Ok(serde_json::to_value(super::lazy::chunk(d, &id).await?)?),
+        Request::ChunkStream => {
+            Err(crate::err!("chunk_stream turns its connection into a chunk stream; it is no request to dispatch"))
+        }
         Request::Replicate { r#ref, to } => {
             Ok(serde_json::to_value(super::replicate::replicate(d, &r#ref, &to).await?)?)
         }
@@ -193,6 +196,14 @@ async fn client(d: &Arc<Daemon>, s: UnixStream) -> Result<()> {
     };
     if let Request::Events { follow, types, host } = req {
         return super::events::stream(d, follow, types, host, r, w).await;
+    }
+    if let Request::ChunkStream = req {
+        // The client sends nothing more until the stream's first byte, so
+        // the line reader holds nothing past the request: its limit (for
+        // the request line) goes.
+        let mut r = r.into_inner();
+        r.set_limit(u64::MAX);
+        return super::lazy::stream(d, r, w).await;
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Line>();
     let (notes, mut notes_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
