@@ -600,9 +600,11 @@ pub fn warm(store: &Store, stack: &[LayerId], cap: u64, progress: &mut dyn FnMut
         if let LKind::File(f) = &n.kind
             && f.host.is_none()
             && f.size >= MATERIALISE_MIN
-            && seen.insert(Key::of(f))
         {
-            big.push((Key::of(f), f, i as u32));
+            let key = Key::of(f);
+            if seen.insert(key) {
+                big.push((key, f, i as u32));
+            }
         }
     }
     rep.files = big.len() as u64;

@@ -70,15 +70,7 @@ fn warm_one(store: &Store, top: LayerId, cap: u64) {
             missing = r.missing, too_big = r.too_big, no_room = r.no_room, secs = t0.elapsed().as_secs_f64(),
             "file cache warmed"
         ),
-        Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg += &format!(": {s}");
-                src = s.source();
-            }
-            tracing::warn!(layer = %top, "warming the file cache: {msg}");
-        }
+        Err(e) => tracing::warn!(layer = %top, "warming the file cache: {}", crate::Error::from(e).chain()),
     }
 }
 
