@@ -62,9 +62,7 @@ use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use xenod_store::{ChunkId, Extent, Store};
-
-use xenod_store::LayerId;
+use xenod_store::{ChunkId, Extent, LayerId, Store};
 
 use crate::error::{Error, Result};
 use crate::lower::{FileData, LKind, LowerTree};
@@ -345,7 +343,7 @@ impl Inner {
         match self.entries.write_entry(&self.store, job.key, &job.data, &|n| held.contains(n), pace) {
             Ok(Wrote::Written) => tracing::debug!(path = %job.path, key = %job.key.name(), "materialised"),
             Ok(Wrote::Present) => {}
-            Err(why) => tracing::debug!(path = %job.path, "not materialised: {why}"),
+            Err(why) => tracing::debug!(path = %job.path, "not materialised: {}", chain(&why)),
         }
     }
 }
@@ -527,6 +525,17 @@ pub enum WriteFault {
     /// The entry does not fit under the cap beside the entries to keep.
     #[error("{size} bytes do not fit under the file cache's cap of {cap} bytes beside the entries kept")]
     NoRoom { size: u64, cap: u64 },
+}
+
+/// `e` and its causes, `e: cause: cause`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s += &format!(": {c}");
+        cause = c.source();
+    }
+    s
 }
 
 impl WriteFault {
