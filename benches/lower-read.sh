@@ -31,6 +31,12 @@
 #            then unmount and wait for the server process to exit (it
 #            finishes a materialisation in progress first)
 #   cowfs-b  the same with $XENOD_B
+#   cowfs-warm  the entries removed, sync; drop caches; `xenod cache warm ID`
+#            (what the daemon does when a stack arrives: timed apart, its
+#            wall time is the "warm s" column, the cost paid at arrival),
+#            then as cowfs: mount with a fresh upper, drop caches, dd. The
+#            read is then the first read through a mount on a host that
+#            holds the stack, passed through to the cache entry.
 # The server's CPU time (user+system, from /proc) is read just before
 # unmounting. Medians over rounds, with the spread (min-max) and the load
 # average, go to stdout as Markdown; progress to stderr.
@@ -149,10 +155,16 @@ cpu_secs() {  # PID: user+system seconds so far
 
 RAW=$W/raw.tsv
 : >"$RAW"
-run_cowfs() {  # TOOL BINARY ROUND
-  local pid cpu=NA
+run_cowfs() {  # TOOL BINARY ROUND [warm]
+  local pid cpu=NA warm=NA t0
   rm -rf --one-file-system "$W/upper" "$D/cache/files"
   mkdir -p "$W/upper"
+  if [ "${4:-}" = warm ]; then
+    drop_caches
+    t0=$EPOCHREALTIME
+    "$2" --data-dir "$D" cache warm "$ID" >/dev/null
+    warm=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.4f", b - a}')
+  fi
   "$2" --data-dir "$D" mount "$ID" "$MNT" --upper "$W/upper" >/dev/null
   mountpoint -q "$MNT" || die "$1 did not mount"
   pid=$(server_pid)
@@ -164,17 +176,17 @@ run_cowfs() {  # TOOL BINARY ROUND
   if [ -n "$pid" ]; then
     for _ in $(seq 600); do [ -e "/proc/$pid" ] || break; sleep 0.1; done
   fi
-  printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$3" "$ELAPSED" "$cpu" "$(cut -d' ' -f1 /proc/loadavg)" >>"$RAW"
-  log "round $3 $1: $ELAPSED s (server CPU $cpu s)"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$3" "$ELAPSED" "$cpu" "$(cut -d' ' -f1 /proc/loadavg)" "$warm" >>"$RAW"
+  log "round $3 $1: $ELAPSED s (server CPU $cpu s, warm $warm s)"
 }
 run_ext4() {  # ROUND
   drop_caches
   timed_dd "$W/ext4/vm.img"
-  printf '%s\t%s\t%s\t%s\t%s\n' ext4 "$1" "$ELAPSED" NA "$(cut -d' ' -f1 /proc/loadavg)" >>"$RAW"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' ext4 "$1" "$ELAPSED" NA "$(cut -d' ' -f1 /proc/loadavg)" NA >>"$RAW"
   log "round $1 ext4: $ELAPSED s"
 }
 
-TOOLS=(ext4 cowfs)
+TOOLS=(ext4 cowfs cowfs-warm)
 [ -n "$XENOD_B" ] && TOOLS+=(cowfs-b)
 for r in $(seq "$ROUNDS"); do
   n=${#TOOLS[@]}
@@ -184,21 +196,23 @@ for r in $(seq "$ROUNDS"); do
       ext4) run_ext4 "$r" ;;
       cowfs) run_cowfs cowfs "$XENOD" "$r" ;;
       cowfs-b) run_cowfs cowfs-b "$XENOD_B" "$r" ;;
+      cowfs-warm) run_cowfs cowfs-warm "$XENOD" "$r" warm ;;
     esac
   done
 done
 
 cp "$RAW" "$W/raw-last.tsv" 2>/dev/null || true
-echo "| tool | median s | min-max s | MB/s | / ext4 | server CPU s | load |"
-echo "|---|---|---|---|---|---|---|"
+echo "| tool | median s | min-max s | MB/s | / ext4 | server CPU s | load | warm s (at arrival) |"
+echo "|---|---|---|---|---|---|---|---|"
 ext4_med=$(awk -F'\t' '$1 == "ext4" {print $3}' "$RAW" | sort -g | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}')
 for t in "${TOOLS[@]}"; do
   awk -F'\t' -v t="$t" -v e="$ext4_med" '
     function med(v, n,   i, j, x) { for (i = 2; i <= n; i++) { x = v[i]; for (j = i - 1; j >= 1 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
                                     return (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2 }
-    $1 == t { n++; s[n] = $3; if ($4 != "NA") { m++; c[m] = $4 }; l[n] = $5; if (n == 1 || $3 < lo) lo = $3; if ($3 > hi) hi = $3 }
-    END { ms = med(s, n); printf "| %s | %.3f | %.3f-%.3f | %.0f | %.2fx | %s | %.1f |\n", t, ms, lo, hi, 1073.741824 / ms, ms / e,
-          m ? sprintf("%.2f", med(c, m)) : "-", med(l, n) }' "$RAW"
+    $1 == t { n++; s[n] = $3; if ($4 != "NA") { m++; c[m] = $4 }; l[n] = $5; if (n == 1 || $3 < lo) lo = $3; if ($3 > hi) hi = $3
+              if ($6 != "NA" && $6 != "") { k++; w[k] = $6; if (k == 1 || $6 < wlo) wlo = $6; if ($6 > whi) whi = $6 } }
+    END { ms = med(s, n); printf "| %s | %.3f | %.3f-%.3f | %.0f | %.2fx | %s | %.1f | %s |\n", t, ms, lo, hi, 1073.741824 / ms, ms / e,
+          m ? sprintf("%.2f", med(c, m)) : "-", med(l, n), k ? sprintf("%.2f (%.2f-%.2f)", med(w, k), wlo, whi) : "-" }' "$RAW"
 done
 echo
 echo "Per round (s): $(awk -F'\t' '{printf "%s %s=%s; ", $2, $1, $3}' "$RAW")"

@@ -39,6 +39,13 @@ pub enum Error {
     /// A mount's control socket did not answer as it should.
     #[error("control socket {}: {why}", socket.display())]
     Control { socket: PathBuf, why: String },
+    /// A lower file could not be written into the file cache.
+    #[error("caching {file}")]
+    Materialise {
+        file: String,
+        #[source]
+        source: crate::filecache::WriteFault,
+    },
     /// A mount's answer on its control socket does not decode. The fault
     /// is part of the message, not a `source`.
     #[error("control socket {}: {fault}", socket.display())]
@@ -55,6 +62,7 @@ impl Error {
             Error::BadLayer(_) | Error::BadMount { .. } | Error::BadLower { .. } | Error::BadUpper { .. } => {
                 Exit::BadInput
             }
+            Error::Materialise { source, .. } => source.exit_code(),
             Error::Io { .. } | Error::Control { .. } | Error::ControlAnswer { .. } => Exit::Failure,
         }
     }

@@ -11,7 +11,7 @@
 //! | `overlay` | overlayfs's on-disk conventions: the xattrs marking opaque, moved and partial objects, whiteouts, reading a path's xattrs | error |
 //! | `lower` | [`LowerTree`]: the union of a layer stack (with the layers `.mount` files add, and read-only host directories), in memory for the mount's life; reading a lower file's extents | error, overlay |
 //! | `cache` | a bounded LRU of decoded chunks; lower reads through it; the chunks first read, in order, when recorded (a lazy deploy's prefetch order) | lower, stats |
-//! | `filecache` | whole lower files materialised on local disk (shared by every mount of a store, bounded), for passthrough (and for reads on mounts without opens) | error, lower, stats |
+//! | `filecache` | whole lower files materialised on local disk (shared by every mount of a store, bounded), for passthrough (and for reads on mounts without opens): on a file's first read, or a whole stack's at once ([`warm`]) | error, lower, stats |
 //! | `partial` | block-granular copy-up of large files and its crash-safe [`DirtyMap`] | error, lower |
 //! | `readahead` | decodes the lower files after one being read, in walk (and pack) order, for tar-like walks; and the next chunks of a big file read in order, its pack bytes asked of the kernel first | lower, cache |
 //! | `track` | [`DirtySet`]: blocks and paths written since the last drain, and the first reads recorded, over a control socket | error |
@@ -49,7 +49,7 @@ mod upper;
 pub use cache::Fetcher;
 pub use commit::{CommitCache, CommitStats, commit, commit_live, union_entries};
 pub use error::{Error, Result};
-pub use filecache::{MATERIALISE_MIN, cache_dir};
+pub use filecache::{CacheUsage, MATERIALISE_MIN, WarmReport, WriteFault, cache_dir, cache_usage, warm};
 pub use flatten::{FlattenStats, flatten};
 pub use fs::CowFs;
 pub use lower::{LowerTree, MOUNT_FILE, MOUNT_ROUNDS};

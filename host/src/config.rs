@@ -14,6 +14,8 @@
 //!                          host_expiry_secs = 10        a silent host is gone after this
 //!                          net_underlay = "192.0.2.10"  environments' VXLAN endpoint here
 //!                          net_vxlan_port = 4789        and its UDP port
+//!                          file_cache_bytes = 4294967296  cache of whole lower files; 0 = none
+//!                          warm_file_cache = true       fill it as stacks arrive
 //!                          [labels]                     advertised to other hosts:
 //!                          region = "eu"                `xenod hosts --where label.region=eu`
 //!                          [capacity]                   what guests get (admission), advertised:
@@ -106,6 +108,28 @@ pub struct Config {
     /// [default: 10].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_interval_secs: Option<u64>,
+    /// Bound of the store's cache of whole lower files (passthrough
+    /// reads) for instance mounts and warming, bytes; 0: none [default:
+    /// 4 GiB, `xenod_cowfs::DEFAULT_FILE_CACHE`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_cache_bytes: Option<u64>,
+    /// Copy a stack's big lower files into the file cache once the daemon
+    /// has fetched it whole (`daemon::warm`) [default: true].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_file_cache: Option<bool>,
+}
+
+impl Config {
+    /// The file cache's bound: `file_cache_bytes`, or cowfs's default.
+    pub fn file_cache_cap(&self) -> u64 {
+        self.file_cache_bytes.unwrap_or(xenod_cowfs::DEFAULT_FILE_CACHE)
+    }
+
+    /// Whether the daemon warms the file cache with stacks it fetched:
+    /// `warm_file_cache`, and never without a file cache.
+    pub fn warms_file_cache(&self) -> bool {
+        self.warm_file_cache.unwrap_or(true) && self.file_cache_cap() > 0
+    }
 }
 
 /// `[capacity]`: what this host offers guests (see `admission`).

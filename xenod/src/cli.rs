@@ -336,6 +336,10 @@ pub enum Cmd {
     /// to the hosts that fetch it.
     #[command(subcommand)]
     Prefetch(crate::prefetch_cmds::PrefetchCmd),
+    /// The store's cache of whole lower files, which mounts read through
+    /// FUSE passthrough: fill it with a stack's big files, or show it.
+    #[command(subcommand)]
+    Cache(crate::cache_cmds::CacheCmd),
     /// Shell completions and man pages, for packages.
     #[command(subcommand, hide = true)]
     Generate(crate::generate::GenerateCmd),
@@ -841,6 +845,7 @@ pub fn run(args: Args) -> Result<()> {
         Cmd::Net(c) => crate::net_cmds::run(&ctx, c),
         Cmd::Usage(c) => crate::usage_cmds::run(&ctx, c),
         Cmd::Prefetch(c) => crate::prefetch_cmds::run(&ctx, c),
+        Cmd::Cache(c) => crate::cache_cmds::run(&ctx, c),
         Cmd::Generate(c) => crate::generate::run(&ctx, c),
         Cmd::Digest { dir, list } => {
             if list {

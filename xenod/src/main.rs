@@ -2,6 +2,7 @@
 //! progress and exit codes. The engine is the `xenod-host` library; the
 //! exit codes are its one table ([`xenod_host::Exit`]), shown by `--help`.
 
+mod cache_cmds;
 mod cli;
 mod fed_cmds;
 mod generate;

@@ -19,7 +19,9 @@ fn tree(root: &Path) {
 /// `xenod serve` with `metrics = "127.0.0.1:0"`; its metrics address.
 fn serve_with_metrics(data: &Path) -> (Child, String, String) {
     std::fs::create_dir_all(data).unwrap();
-    std::fs::write(data.join("config.toml"), "metrics = \"127.0.0.1:0\"\n").unwrap();
+    // No warming of the file cache after the fetch: the mount below must
+    // read the big file's chunks (and count them), not a cached copy.
+    std::fs::write(data.join("config.toml"), "metrics = \"127.0.0.1:0\"\nwarm_file_cache = false\n").unwrap();
     let mut child = xenod(data)
         .args(["--json", "serve", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())

@@ -267,6 +267,8 @@ fn every_field() -> Config {
         net_underlay: Some("192.0.2.10".parse().unwrap()),
         net_vxlan_port: Some(4789),
         usage_interval_secs: Some(10),
+        file_cache_bytes: Some(1 << 30),
+        warm_file_cache: Some(false),
     }
 }
 
@@ -301,6 +303,8 @@ fn config_reference_documents_every_key() {
     let expiry = xenod_host::daemon::announce::HOST_EXPIRY.as_secs();
     assert!(DOC.contains(&format!("| `host_expiry_secs` | integer, seconds | `{expiry}` |")));
     assert!(DOC.contains("| `relay` | `\"disabled\"` or `\"default\"` | `\"disabled\"` |"));
+    let cap = xenod_cowfs::DEFAULT_FILE_CACHE;
+    assert!(DOC.contains(&format!("| `file_cache_bytes` | integer, bytes | `{cap}` ")));
     assert_eq!(Config::default().relay, RelayConfig::Disabled);
 }
 

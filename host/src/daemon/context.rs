@@ -110,6 +110,9 @@ pub struct Daemon {
     pub(crate) net: crate::net::host::NetHost,
     /// Accounting, once the daemon (not an embedded engine) has opened it.
     pub(crate) usage: std::sync::OnceLock<Arc<super::usage::Accounting>>,
+    /// Fills the file cache with stacks fetched whole; none in an embedded
+    /// engine or when the config turns it off (see `daemon::warm`).
+    warmer: Option<super::warm::Warmer>,
 }
 
 /// Migrations from this host since the daemon started, for the metrics.
@@ -177,6 +180,13 @@ impl Daemon {
             state.addr = node.endpoint().bound_sockets().into_iter().find(|s| s.is_ipv4() == want.is_ipv4());
         }
         let (sink, events) = super::events::sink();
+        let warmer = if !embedded && config.warms_file_cache() {
+            let w = super::warm::Warmer::start(store.clone(), config.file_cache_cap())
+                .with_context(|| "starting the file cache's warming thread")?;
+            Some(w)
+        } else {
+            None
+        };
         let d = Arc::new(Self {
             data_dir: data_dir.to_path_buf(),
             instances: crate::instance::Instances::with_config(data_dir, &config).with_events(sink),
@@ -189,6 +199,7 @@ impl Daemon {
             migrations: Default::default(),
             net: Default::default(),
             usage: Default::default(),
+            warmer,
         });
         super::events::spawn_publisher(&d, events);
         d.save_state();
@@ -384,8 +395,18 @@ impl Daemon {
             super::lazy::background(self, layer, peers);
         } else {
             self.node.publish_event(EventKind::LayerComplete { layer: layer.to_string() }).await;
+            self.warm_file_cache(layer);
         }
         Ok(reply::Fetch { report: rep, lazy })
+    }
+
+    /// Has the big lower files of `top`'s stack, fetched whole, copied into
+    /// the file cache in the background (if this daemon warms it); returns
+    /// at once.
+    pub(crate) fn warm_file_cache(&self, top: xenod_store::LayerId) {
+        if let Some(w) = &self.warmer {
+            w.request(top);
+        }
     }
 
     pub(crate) fn status(&self) -> reply::Status {

@@ -11,6 +11,7 @@ pub mod replicate;
 pub mod reply;
 pub mod server;
 pub mod usage;
+pub mod warm;
 
 pub use context::{Daemon, State, state_path, throttled};
 pub use reply::KnownPeer;

@@ -140,6 +140,9 @@ pub struct Instances {
     events: EventSink,
     /// What this host offers guests (the config's `[capacity]`).
     offer: crate::config::Capacity,
+    /// Bound of the store's file cache for instance mounts (the config's
+    /// `file_cache_bytes`); none: cowfs's default.
+    file_cache_bytes: Option<u64>,
 }
 
 /// Where the lifecycle events of a host's instances go (deployed,
@@ -182,6 +185,7 @@ impl Instances {
             domain_prefix: config.domain_prefix.clone(),
             events: EventSink::to_daemon(data),
             offer: config.capacity.clone().unwrap_or_default(),
+            file_cache_bytes: config.file_cache_bytes,
         }
     }
 
@@ -644,6 +648,7 @@ impl Instances {
             lazy: inst.lazy,
             passthrough: true,
             upper_quota: inst.spec.as_ref().and_then(|s| s.limits.upper_bytes),
+            file_cache_bytes: self.file_cache_bytes,
             ..Default::default()
         };
         let log = instance_dir(data, &inst.name).join("mount.log");

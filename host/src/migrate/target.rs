@@ -242,6 +242,7 @@ async fn fetch_stack(d: &Daemon, layer: LayerId, source: &str) -> Result<FetchRe
     }
     let rep = d.node().fetch(layer, &providers, FetchOptions::default()).await?;
     d.node().publish_event(xenod_peer::events::EventKind::LayerComplete { layer: layer.to_string() }).await;
+    d.warm_file_cache(layer);
     Ok(reply_of(layer, rep))
 }
 
