@@ -10,7 +10,9 @@
 //! ```
 //!
 //! A chunk fetched at once is not stored (the background fetch stores
-//! everything); the filesystem keeps it in its decoded-chunk cache.
+//! everything); the filesystem keeps it in its decoded-chunk cache. A
+//! chunk of the prefetch order the background fetch has not brought yet
+//! is waited for (at most [`ORDER_PATIENCE`]) rather than fetched twice.
 //!
 //! Prefetch orders: the background fetch fetches the chunks of the stack's
 //! prefetch order first, in that order (`peer/src/fetch.rs`), so a guest
@@ -22,7 +24,7 @@
 //! round seals its pack every [`PREFETCH_FLUSH`] bytes and at its end, so
 //! that the mount reads what came without asking the daemon.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,6 +46,13 @@ use crate::error::Result;
 /// here), paid every 2 MiB (about 160 ms of a 100 Mbit/s link).
 const PREFETCH_FLUSH: u64 = 2 << 20;
 
+/// How long a mount's request for a chunk of the prefetch order waits for
+/// the background fetch to bring it before the daemon fetches it alone.
+/// Fetching it alone (a stall) sent the chunk twice over the link, and
+/// behind the prefetch's own frames took 50-250 ms at 100 Mbit/s with a
+/// 40 ms round trip, where the frame on its way usually lands sooner.
+const ORDER_PATIENCE: Duration = Duration::from_secs(2);
+
 /// The daemon's lazy fetches: their providers and how far they are.
 #[derive(Default)]
 pub struct Lazy {
@@ -54,6 +63,11 @@ pub struct Lazy {
     requests: AtomicU64,
     stalls: AtomicU64,
     prefetched: AtomicU64,
+    /// Chunks of the prefetch orders of background fetches under way: a
+    /// mount asking for one waits for it to arrive (see [`ORDER_PATIENCE`]).
+    coming: Mutex<HashSet<ChunkId>>,
+    /// Pinged as a background fetch stores chunks, and as it ends.
+    arrived: Arc<tokio::sync::Notify>,
 }
 
 impl Lazy {
@@ -86,8 +100,30 @@ pub fn background(d: &Arc<Daemon>, layer: LayerId, peers: Vec<EndpointAddr>) {
     d.lazy.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(layer, "fetching".into());
     let d = d.clone();
     tokio::spawn(async move {
-        let opts = FetchOptions { prefetch_flush_every: Some(PREFETCH_FLUSH), ..FetchOptions::default() };
+        // The order came with the manifests (when a provider had one).
+        let store = d.store_arc();
+        let order = tokio::task::spawn_blocking(move || match store.order(&layer) {
+            Ok(Some(o)) => o.ids.into_iter().filter(|id| !store.contains(id).unwrap_or(false)).collect(),
+            _ => Vec::new(),
+        })
+        .await
+        .unwrap_or_default();
+        d.lazy.coming.lock().unwrap_or_else(|e| e.into_inner()).extend(order.iter().copied());
+        let arrived = d.lazy.arrived.clone();
+        let progress: xenod_peer::ProgressFn = Arc::new(move |_: &xenod_peer::FetchProgress| arrived.notify_waiters());
+        let opts = FetchOptions {
+            prefetch_flush_every: Some(PREFETCH_FLUSH),
+            progress: Some(progress),
+            ..FetchOptions::default()
+        };
         let r = d.node().fetch(layer, &peers, opts).await;
+        {
+            let mut coming = d.lazy.coming.lock().unwrap_or_else(|e| e.into_inner());
+            for id in &order {
+                coming.remove(id);
+            }
+        }
+        d.lazy.arrived.notify_waiters();
         let complete = {
             let mut p = d.lazy.pending.lock().unwrap_or_else(|e| e.into_inner());
             match r {
@@ -146,9 +182,28 @@ pub async fn stream(
 /// Chunk `id` now, from the store or a provider.
 async fn chunk_bytes(d: &Arc<Daemon>, id: ChunkId) -> Result<Vec<u8>> {
     d.lazy.requests.fetch_add(1, Ordering::Relaxed);
-    let store = d.store_arc();
-    if let Ok(Ok(b)) = tokio::task::spawn_blocking(move || store.get(&id)).await {
+    let get = |id: ChunkId| {
+        let store = d.store_arc();
+        async move { tokio::task::spawn_blocking(move || store.get(&id)).await.ok().and_then(|r| r.ok()) }
+    };
+    if let Some(b) = get(id).await {
         return Ok(b);
+    }
+    // On its way in a prefetch round: wait for it (bounded).
+    let deadline = tokio::time::Instant::now() + ORDER_PATIENCE;
+    while d.lazy.coming.lock().unwrap_or_else(|e| e.into_inner()).contains(&id) {
+        let arrived = d.lazy.arrived.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        if d.store().contains(&id).unwrap_or(false) {
+            if let Some(b) = get(id).await {
+                return Ok(b);
+            }
+            break;
+        }
+        if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+            break;
+        }
     }
     d.lazy.stalls.fetch_add(1, Ordering::Relaxed);
     let mut providers = d.lazy.providers.lock().unwrap_or_else(|e| e.into_inner()).clone();
