@@ -265,7 +265,13 @@ impl std::str::FromStr for Dense {
 
 /// Encodes `plain`; returns the encoding chosen and the stored bytes.
 pub fn encode(plain: &[u8]) -> (Encoding, Vec<u8>) {
-    match compress(plain) {
+    encode_at(plain, 0)
+}
+
+/// [`encode`] at zstd `level` (0: the store's, [`zstd_level`]).
+pub fn encode_at(plain: &[u8], level: i32) -> (Encoding, Vec<u8>) {
+    let z = if level == 0 || level == zstd_level() { compress(plain) } else { compress_at(plain, level) };
+    match z {
         Some(z) if z.len() < plain.len() => (Encoding::Zstd, z),
         _ => (Encoding::Raw, plain.to_vec()),
     }

@@ -393,7 +393,8 @@ pub struct Store {
     view: RwLock<Option<IndexView>>,
     blocks: Mutex<Blocks>,
     block_cache: Mutex<BlockCache>,
-    /// zstd level of solid blocks put at level 0 (0: the store's level).
+    /// zstd level of solid blocks put at level 0 and of chunks put alone
+    /// (0: the store's level).
     block_level: std::sync::atomic::AtomicI32,
     /// The chunks marked damaged, as last read from the index; renewed
     /// with the index view.
@@ -626,7 +627,7 @@ impl Store {
         if self.contains(&id)? && !self.stale_copy(&id)? {
             return Ok(false);
         }
-        let (enc, stored) = codec::encode(plain);
+        let (enc, stored) = codec::encode_at(plain, self.block_level.load(Ordering::Relaxed));
         self.append(id, enc, &stored, plain.len() as u32)
     }
 
@@ -637,11 +638,13 @@ impl Store {
         self.put_solid_at(plain, 0)
     }
 
-    /// Makes this handle write the solid blocks it is given no level for
-    /// at zstd `level` (0: the store's level), as `--level` asks of a
-    /// command that writes a layer. A block decompresses as fast whatever
-    /// its level, and a provider sends blocks as they are kept: a high
-    /// level spends CPU once for fewer bytes on every later fetch.
+    /// Makes this handle write the solid blocks it is given no level for,
+    /// and the chunks it stores alone ([`Store::put`]: blocks of disk
+    /// images and sparse files), at zstd `level` (0: the store's level),
+    /// as `--level` asks of a command that writes a layer. A chunk
+    /// decompresses as fast whatever its level, and a provider sends
+    /// chunks and blocks as they are kept: a high level spends CPU once
+    /// for fewer bytes on every later fetch.
     pub fn set_block_level(&self, level: i32) {
         self.block_level.store(level, Ordering::Relaxed);
     }
@@ -1628,6 +1631,32 @@ mod block_tests {
         assert_ne!(layout[0].0, layout[1].0);
         assert!(layout[2].1 < layout[0].1 && layout[1].1 < layout[3].1);
         assert_eq!(layout[4], (0, 0));
+    }
+
+    #[test]
+    fn a_handles_level_applies_to_chunks_stored_alone() {
+        // Text that zstd -19 packs tighter than the store's level does.
+        let text: Vec<u8> = (0..64 * 1024u32)
+            .flat_map(|i| {
+                format!("line {} of {} says {}\n", i % 977, i % 131, i.wrapping_mul(2_654_435_761) % 10_007)
+                    .into_bytes()
+            })
+            .take(64 * 1024)
+            .collect();
+        let sized = |level: i32| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::open(dir.path()).unwrap();
+            s.set_block_level(level);
+            let (id, new) = s.put(&text).unwrap();
+            assert!(new);
+            s.flush().unwrap();
+            let (loc, stored) = s.get_encoded(&id).unwrap();
+            assert_eq!(loc.encoding, Encoding::Zstd);
+            assert_eq!(s.get(&id).unwrap(), text, "level {level} reads back");
+            stored.len()
+        };
+        let (default, high) = (sized(0), sized(19));
+        assert!(high < default, "level 19 kept {high} bytes, the store's level {default}");
     }
 
     #[test]

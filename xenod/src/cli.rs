@@ -367,9 +367,10 @@ pub enum OverlayCmd {
 /// `--level`, for commands that write a layer.
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct Level {
-    /// zstd level (1-19) of the layer's solid blocks [default: the store's,
-    /// 2]. Spends CPU once, here, for fewer bytes on every later fetch:
-    /// peers send blocks as they keep them. 19 suits layers fetched by many
+    /// zstd level (1-19) of the layer's chunks: its solid blocks, and the
+    /// 64 KiB blocks of disk images and sparse files [default: the
+    /// store's, 2]. Spends CPU once, here, for fewer bytes on every later
+    /// fetch: peers send chunks as they keep them. 19 suits layers fetched by many
     /// hosts or over slow links.
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
     level: Option<i32>,
