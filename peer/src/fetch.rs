@@ -67,6 +67,8 @@ use super::stats::Stats;
 
 /// Called as chunks arrive.
 pub type ProgressFn = Arc<dyn Fn(&FetchProgress) + Send + Sync>;
+/// See [`FetchOptions::on_manifests`].
+pub type ManifestsFn = Arc<dyn Fn(&FetchReport) + Send + Sync>;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,9 +144,15 @@ pub struct FetchOptions {
     /// Fetching as one member of a fan-out; providers that are members are
     /// fetching too (see the module doc).
     pub swarm: Option<SwarmPlan>,
-    /// Stop after the layer roots and manifests (a lazy deploy mounts then,
-    /// and file data follows in the background).
+    /// Stop after the layer roots and manifests (file data fetched later
+    /// by another fetch).
     pub manifests_only: bool,
+    /// Called once, when the stack's layer roots and manifests are here,
+    /// sealed and the stack recorded (as partial), with what the fetch did
+    /// so far; the fetch goes on with file data on the same connections. A
+    /// lazy deploy mounts then: the prefetch round follows at once, with
+    /// no second connection, order or slow start.
+    pub on_manifests: Option<ManifestsFn>,
     /// Ask for every chunk in solid frames made by this codec (zstd at
     /// most at [`super::protocol::MAX_DENSE_LEVEL`], or PPMd): fewer bytes
     /// on the wire for the providers' CPU, for moves over slow links
@@ -163,6 +171,7 @@ impl Default for FetchOptions {
             prefetch_flush_every: None,
             swarm: None,
             manifests_only: false,
+            on_manifests: None,
             dense: None,
         }
     }

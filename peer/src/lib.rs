@@ -88,7 +88,7 @@ pub use iroh;
 pub use iroh::{EndpointAddr, EndpointId};
 
 pub use fetch::{
-    FetchOptions, FetchProgress, FetchReport, NOT_YET_RETRY, Phase, ProgressFn, ProviderReport, SwarmPlan,
+    FetchOptions, FetchProgress, FetchReport, ManifestsFn, NOT_YET_RETRY, Phase, ProgressFn, ProviderReport, SwarmPlan,
 };
 pub use gossip::{
     Advert, HostAttrs, MAX_ANNOUNCED_LAYERS, MAX_LABEL_LEN, MAX_LABELS, MAX_MESSAGE, MAX_SERVICES, MAX_SKEW, Presence,
@@ -511,6 +511,7 @@ impl Engine {
             None => ids,
         };
         let manifests_only = opts.manifests_only;
+        let on_manifests = opts.on_manifests.clone().filter(|_| !manifests_only);
         let read_timeout = opts.read_timeout;
         let swarm = Swarm::new(self.store.clone(), self.stats.clone(), conns, opts);
         // The stack's prefetch order, asked for while the manifests come.
@@ -570,6 +571,27 @@ impl Engine {
                 && let Some(task) = asking.take()
             {
                 order_from = self.keep_order(layer, task).await;
+            }
+            if phase == Phase::Manifests
+                && let Some(f) = &on_manifests
+            {
+                let (store, s) = (self.store.clone(), stack.clone());
+                tokio::task::spawn_blocking(move || store.flush().and_then(|()| store.record_layers(&s, true)))
+                    .await
+                    .map_err(|e| PeerError::NoProviders { why: format!("recording task: {e}") })??;
+                f(&FetchReport {
+                    layer: layer.to_string(),
+                    stack: stack.iter().map(|s| s.to_string()).collect(),
+                    chunks_fetched: fetched,
+                    chunks_local: local,
+                    bytes: swarm.bytes(),
+                    wire_bytes: swarm.wire_bytes(),
+                    udp_bytes: 0,
+                    elapsed_ms: ms(t0),
+                    providers: swarm.reports(),
+                    prefetched: 0,
+                    order_from: order_from.clone(),
+                });
             }
         }
         let udp_bytes = swarm.close();

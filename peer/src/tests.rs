@@ -477,3 +477,34 @@ fn names_are_verified_before_they_are_kept() {
         assert_eq!(c.node.store().resolve("template://t/os/1").unwrap(), id);
     });
 }
+
+#[test]
+fn on_manifests_reports_a_mountable_stack_and_the_fetch_goes_on() {
+    rt().block_on(async {
+        let (a, c) = (host(Misbehave::default()).await, host(Misbehave::default()).await);
+        let top = publish(&[&a]);
+        let stack = a.node.store().stack(&top).unwrap();
+        let (_, data_chunks) = missing_data_chunks(a.node.store(), &stack).unwrap();
+        let seen: Arc<std::sync::Mutex<Vec<(FetchReport, Vec<Option<bool>>, usize)>>> = Arc::default();
+        let (s, store, st) = (seen.clone(), c.node.store().clone(), stack.clone());
+        let on_manifests: ManifestsFn = Arc::new(move |rep: &FetchReport| {
+            // What a mount of the stack finds at this moment.
+            let layers = store.layers().unwrap();
+            let partial = st.iter().map(|l| layers.iter().find(|(id, _)| id == l).map(|(_, i)| i.partial)).collect();
+            let (missing, _) = missing_data_chunks(&store, &st).unwrap();
+            s.lock().unwrap().push((rep.clone(), partial, missing.len()));
+        });
+        let opts = FetchOptions { on_manifests: Some(on_manifests), ..small_batches() };
+        let rep = c.node.fetch(top, &[a.node.addr()], opts).await.unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "called once");
+        let (early, partial, missing) = &seen[0];
+        assert_eq!(early.stack, rep.stack);
+        assert_eq!(*partial, vec![Some(true); 2], "the stack is recorded, as partial, before its data");
+        assert_eq!(*missing as u64, data_chunks, "no data chunk yet: the callback comes before the data round");
+        assert!(early.chunks_fetched < rep.chunks_fetched, "{early:#?} {rep:#?}");
+        complete(c.node.store(), top);
+        let layers = c.node.store().layers().unwrap();
+        assert!(layers.iter().filter(|(id, _)| stack.contains(id)).all(|(_, i)| !i.partial), "{layers:#?}");
+    });
+}

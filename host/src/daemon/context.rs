@@ -374,8 +374,12 @@ impl Daemon {
         let mut heard = self.node.providers_of(&layer);
         heard.retain(|h| !peers.iter().any(|p| p.id == h.id));
         peers.splice(0..0, heard);
-        let opts = FetchOptions { progress, manifests_only: lazy, ..FetchOptions::default() };
-        let r = self.node.fetch(layer, &peers, opts).await;
+        let r = if lazy {
+            super::lazy::fetch(self, layer, peers.clone(), progress).await
+        } else {
+            let opts = FetchOptions { progress, ..FetchOptions::default() };
+            self.node.fetch(layer, &peers, opts).await.map_err(Into::into)
+        };
         let rep = match r {
             Ok(rep) => rep,
             Err(e) => {
@@ -391,9 +395,7 @@ impl Daemon {
             .collect();
         self.remember(&useful, &rep.stack);
         self.save_state();
-        if lazy {
-            super::lazy::background(self, layer, peers);
-        } else {
+        if !lazy {
             self.node.publish_event(EventKind::LayerComplete { layer: layer.to_string() }).await;
             self.warm_file_cache(layer);
         }
