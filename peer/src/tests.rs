@@ -485,7 +485,9 @@ fn on_manifests_reports_a_mountable_stack_and_the_fetch_goes_on() {
         let top = publish(&[&a]);
         let stack = a.node.store().stack(&top).unwrap();
         let (_, data_chunks) = missing_data_chunks(a.node.store(), &stack).unwrap();
-        let seen: Arc<std::sync::Mutex<Vec<(FetchReport, Vec<Option<bool>>, usize)>>> = Arc::default();
+        // Per call: the report, each layer's `partial`, data chunks missing.
+        type Seen = Vec<(FetchReport, Vec<Option<bool>>, usize)>;
+        let seen: Arc<std::sync::Mutex<Seen>> = Arc::default();
         let (s, store, st) = (seen.clone(), c.node.store().clone(), stack.clone());
         let on_manifests: ManifestsFn = Arc::new(move |rep: &FetchReport| {
             // What a mount of the stack finds at this moment.
