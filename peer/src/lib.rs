@@ -551,6 +551,20 @@ impl Engine {
         if !manifests_only {
             phases.push((Phase::Data, missing_data_chunks));
         }
+        // What the fetch did so far (at the manifests, and at its end).
+        let report = |fetched, local, udp_bytes, prefetched, order_from| FetchReport {
+            layer: layer.to_string(),
+            stack: stack.iter().map(|s| s.to_string()).collect(),
+            chunks_fetched: fetched,
+            chunks_local: local,
+            bytes: swarm.bytes(),
+            wire_bytes: swarm.wire_bytes(),
+            udp_bytes,
+            elapsed_ms: ms(t0),
+            providers: swarm.reports(),
+            prefetched,
+            order_from,
+        };
         let mut order_from = None;
         let mut prefetched = 0;
         for (phase, scan) in phases {
@@ -579,37 +593,13 @@ impl Engine {
                 tokio::task::spawn_blocking(move || store.flush().and_then(|()| store.record_layers(&s, true)))
                     .await
                     .map_err(|e| PeerError::NoProviders { why: format!("recording task: {e}") })??;
-                f(&FetchReport {
-                    layer: layer.to_string(),
-                    stack: stack.iter().map(|s| s.to_string()).collect(),
-                    chunks_fetched: fetched,
-                    chunks_local: local,
-                    bytes: swarm.bytes(),
-                    wire_bytes: swarm.wire_bytes(),
-                    udp_bytes: 0,
-                    elapsed_ms: ms(t0),
-                    providers: swarm.reports(),
-                    prefetched: 0,
-                    order_from: order_from.clone(),
-                });
+                f(&report(fetched, local, 0, 0, order_from.clone()));
             }
         }
         let udp_bytes = swarm.close();
 
         self.store.record_layers(&stack, manifests_only)?;
-        Ok(FetchReport {
-            layer: layer.to_string(),
-            stack: stack.iter().map(|s| s.to_string()).collect(),
-            chunks_fetched: fetched,
-            chunks_local: local,
-            bytes: swarm.bytes(),
-            wire_bytes: swarm.wire_bytes(),
-            udp_bytes,
-            elapsed_ms: ms(t0),
-            providers: swarm.reports(),
-            prefetched,
-            order_from,
-        })
+        Ok(report(fetched, local, udp_bytes, prefetched, order_from))
     }
 
     /// Keeps the prefetch order `task` got from a provider, once it checks
