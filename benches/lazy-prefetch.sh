@@ -58,6 +58,9 @@ die() { log "$*"; exit 1; }
 [[ $LINK_MBIT =~ ^[1-9][0-9]*$ ]] || die "LINK_MBIT must be a positive integer (Mbit/s)"
 [[ $DELAY_MS =~ ^[0-9]+$ ]] || die "DELAY_MS must be a whole number of milliseconds"
 [ -x "$XENOD" ] || { log "building xenod (release)"; cargo build --release --locked -p xenod >&2; }
+if [ "$DELAY_MS" -gt 0 ]; then
+  command -v iptables >/dev/null || die "DELAY_MS needs iptables (its NFQUEUE rule feeds netdelay); or DELAY_MS=0"
+fi
 if [ "$DELAY_MS" -gt 0 ] && [ ! -x "$NETDELAY" ]; then
   log "building netdelay (release)"
   cargo build --release --locked -p xenod-benches --bin netdelay >&2

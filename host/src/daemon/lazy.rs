@@ -165,7 +165,7 @@ pub async fn fetch(
     request_progress.lock().unwrap_or_else(|e| e.into_inner()).take();
     match manifests {
         Ok(rep) => {
-            d.lazy.expect_order(d, layer).await;
+            d.lazy.expect_order(d.store_arc(), layer).await;
             Ok(rep)
         }
         // The fetch ended before its manifests were here: its error.
@@ -181,8 +181,7 @@ impl Lazy {
     /// Notes the chunks of `layer`'s prefetch order (kept with its
     /// manifests, if a provider had one) that are not here yet: a mount
     /// asking for one waits for the fetch to bring it.
-    async fn expect_order(&self, d: &Arc<Daemon>, layer: LayerId) {
-        let store = d.store_arc();
+    async fn expect_order(&self, store: Arc<xenod_store::Store>, layer: LayerId) {
         let order: Vec<ChunkId> = tokio::task::spawn_blocking(move || match store.order(&layer) {
             Ok(Some(o)) => o.ids.into_iter().filter(|id| !store.contains(id).unwrap_or(false)).collect(),
             _ => Vec::new(),
