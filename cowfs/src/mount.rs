@@ -324,11 +324,37 @@ pub fn is_mounted(path: &Path) -> bool {
     mounts.lines().any(|l| l.split(' ').nth(4).is_some_and(|mp| unescape(mp) == canon.as_os_str().as_encoded_bytes()))
 }
 
+/// How long an unmount that finds the mount busy tries again.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Unmounts `mnt`, trying again for [`BUSY_WAIT`] while the kernel says it
+/// is busy, and returns the last answer. A file closed a moment ago can
+/// still hold the mount: a process forked by another thread while the file
+/// was open keeps a copy of its descriptor until its exec closes it (seen
+/// in CI: `cp` spawned by a test beside one that had just closed a file).
+/// The vendored fuser does the same for [`Mounted::unmount`].
+fn unmount_when_free(mnt: &Path) -> rustix::io::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_WAIT;
+    loop {
+        match rustix::mount::unmount(mnt, rustix::mount::UnmountFlags::empty()) {
+            Err(rustix::io::Errno::BUSY) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Unmounts `mountpoint` (`umount2`, lazily with `lazy`); the serving
-/// process then exits.
+/// process then exits. A busy mount is tried again for a moment first
+/// ([`unmount_when_free`]) unless `lazy`.
 pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<()> {
-    let flags = if lazy { rustix::mount::UnmountFlags::DETACH } else { rustix::mount::UnmountFlags::empty() };
-    match rustix::mount::unmount(mountpoint, flags) {
+    let r = if lazy {
+        rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
+    } else {
+        unmount_when_free(mountpoint)
+    };
+    match r {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::PERM) => {
             // Not root: fusermount3 is setuid and allowed to unmount our own mounts.

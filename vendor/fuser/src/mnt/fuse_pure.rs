@@ -89,7 +89,17 @@ impl MountImpl {
             // fusermount in auto-unmount mode, no more work to do.
             return Ok(());
         }
-        if let Err(err) = crate::mnt::libc_umount(&self.mountpoint) {
+        // xenod: a mount found busy is tried again for up to 2 s. A file
+        // closed a moment ago can still hold it when another thread forked
+        // while the file was open: the child keeps a copy of the descriptor
+        // until its exec closes it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut res = crate::mnt::libc_umount(&self.mountpoint);
+        while res == Err(nix::errno::Errno::EBUSY) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            res = crate::mnt::libc_umount(&self.mountpoint);
+        }
+        if let Err(err) = res {
             if err == nix::errno::Errno::EPERM {
                 // Linux always returns EPERM for non-root users.  We have to let the
                 // library go through the setuid-root "fusermount -u" to unmount.
