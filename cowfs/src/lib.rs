@@ -53,7 +53,9 @@ pub use filecache::{CacheUsage, MATERIALISE_MIN, WarmReport, WriteFault, cache_d
 pub use flatten::{FlattenStats, flatten};
 pub use fs::CowFs;
 pub use lower::{LowerTree, MOUNT_FILE, MOUNT_ROUNDS};
-pub use mount::{DEFAULT_FILE_CACHE, MountOptions, Mounted, is_mounted, mount, serve, unmount};
+pub use mount::{
+    DEFAULT_FILE_CACHE, MountOptions, Mounted, is_mounted, mount, serve, serving_pid, unmount, unmount_and_wait,
+};
 pub use partial::DirtyMap;
 pub use quota::Quota;
 pub use stats::{LATENCY_BOUNDS_NS, MountStats, OpStats, read_stats, snapshot as stats_snapshot};

@@ -162,7 +162,7 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
         crate::track::serve_control(sock, control)?;
     }
     let mut mount_options = vec![
-        MountOption::FSName("xenod".into()),
+        MountOption::FSName(FSNAME.into()),
         MountOption::Subtype("xenod".into()),
         MountOption::DefaultPermissions,
         MountOption::Dev,
@@ -295,7 +295,14 @@ pub fn serve(
     opts: &MountOptions,
     ready: impl FnOnce(),
 ) -> Result<()> {
-    let (fs, config, claim) = prepare(store, stack, opts)?;
+    let (fs, mut config, claim) = prepare(store, stack, opts)?;
+    // A process that serves one mount and exits after it names itself, for
+    // `unmount_and_wait` to find in mountinfo.
+    for o in &mut config.mount_options {
+        if let MountOption::FSName(n) = o {
+            *n = format!("{FSNAME}:{}", std::process::id());
+        }
+    }
     let union = fs.union.clone();
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
     // Counters are for metrics only: a socket that cannot be bound (a path
@@ -322,6 +329,48 @@ pub fn is_mounted(path: &Path) -> bool {
     let Ok(canon) = path.canonicalize() else { return false };
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
     mounts.lines().any(|l| l.split(' ').nth(4).is_some_and(|mp| unescape(mp) == canon.as_os_str().as_encoded_bytes()))
+}
+
+/// The source our mounts show in mountinfo, before `:PID`.
+const FSNAME: &str = "xenod";
+
+/// The pid of the process serving our mount on `path` through [`serve`]
+/// (from the source `xenod:PID` mountinfo shows), if `path` is one.
+pub fn serving_pid(path: &Path) -> Option<u32> {
+    let canon = path.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // The last mount on a path is the one seen there.
+    mounts.lines().rev().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        if unescape(left.split(' ').nth(4)?) != canon.as_os_str().as_encoded_bytes() {
+            return None;
+        }
+        right.split(' ').nth(1)?.strip_prefix(FSNAME)?.strip_prefix(':')?.parse().ok()
+    })
+}
+
+/// Unmounts `mountpoint` as [`unmount`] does, then waits up to `wait` for
+/// the process that served it to exit, so that its upper directory is let
+/// go and its last copied-up file is finished when this returns. Returns
+/// whether that process is gone (or is not known: a [`mount`] in some
+/// process lives on after it).
+pub fn unmount_and_wait(mountpoint: &Path, wait: std::time::Duration) -> Result<bool> {
+    let pid = serving_pid(mountpoint);
+    unmount(mountpoint, false)?;
+    let Some(pid) = pid else { return Ok(true) };
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        // Gone, or a zombie left for its parent to reap: either way done.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
+        if matches!(state, None | Some('Z' | 'X')) {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 /// How long an unmount that finds the mount busy tries again.

@@ -28,13 +28,15 @@ pub enum CacheCmd {
     Warm {
         r#ref: String,
         /// Bound of the cache, as `mount --file-cache-bytes` (files over
-        /// half of it are never cached). Default: 4 GiB.
+        /// half of it are never cached). Default: config.toml's
+        /// `file_cache_bytes`, else 4 GiB.
         #[arg(long, value_name = "BYTES")]
         file_cache_bytes: Option<u64>,
     },
     /// The file cache's entries (oldest use first), their bytes and the cap.
     Show {
-        /// The cap to report, as `mount --file-cache-bytes`. Default: 4 GiB.
+        /// The cap to report, as `mount --file-cache-bytes`. Default:
+        /// config.toml's `file_cache_bytes`, else 4 GiB.
         #[arg(long, value_name = "BYTES")]
         file_cache_bytes: Option<u64>,
     },
@@ -48,7 +50,7 @@ pub(crate) fn run(ctx: &Ctx, c: CacheCmd) -> Result<()> {
 }
 
 fn warm(ctx: &Ctx, r: &str, cap: Option<u64>) -> Result<()> {
-    let cap = cap.unwrap_or(xenod_cowfs::DEFAULT_FILE_CACHE);
+    let cap = ctx.file_cache_cap(cap)?;
     let store = ctx.store()?;
     let top = store.resolve(r)?;
     let stack = store.stack(&top)?;
@@ -101,7 +103,7 @@ fn warm(ctx: &Ctx, r: &str, cap: Option<u64>) -> Result<()> {
 }
 
 fn show(ctx: &Ctx, cap: Option<u64>) -> Result<()> {
-    let cap = cap.unwrap_or(xenod_cowfs::DEFAULT_FILE_CACHE);
+    let cap = ctx.file_cache_cap(cap)?;
     // Opened only to check that DATA_DIR is a store.
     let store = ctx.store()?;
     let u = xenod_cowfs::cache_usage(store.root());

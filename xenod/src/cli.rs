@@ -276,7 +276,8 @@ pub enum Cmd {
         open_requests: bool,
         /// Bound of the store's cache of whole lower files materialised on
         /// disk for passthrough (DATA_DIR/cache/files, shared by every
-        /// mount); 0 turns it off. Default: 4 GiB.
+        /// mount); 0 turns it off. Default: config.toml's
+        /// `file_cache_bytes`, else 4 GiB.
         #[arg(long, value_name = "BYTES")]
         file_cache_bytes: Option<u64>,
         /// Bytes the upper directory may hold: writes past it fail with
@@ -584,6 +585,16 @@ impl Ctx {
         progress::Draw::new(self.json || quiet, self.progress)
     }
 
+    /// The file cache's bound for one command: `flag` if given, else
+    /// config.toml's `file_cache_bytes` (as the daemon's mounts and warming
+    /// use), else cowfs's default.
+    pub(crate) fn file_cache_cap(&self, flag: Option<u64>) -> Result<u64> {
+        match flag {
+            Some(b) => Ok(b),
+            None => Ok(Config::load(&self.data_dir)?.file_cache_cap()),
+        }
+    }
+
     pub(crate) fn store(&self) -> Result<Store> {
         Store::open(&self.data_dir).with_context(|| format!("opening the store in {}", self.data_dir.display()))
     }
@@ -745,7 +756,7 @@ pub fn run(args: Args) -> Result<()> {
                 passthrough: !no_passthrough,
                 no_uring,
                 open_requests,
-                file_cache_bytes,
+                file_cache_bytes: Some(ctx.file_cache_cap(file_cache_bytes)?),
                 control,
                 lazy,
                 upper_quota,

@@ -76,6 +76,15 @@ fn cache_warm_caches_the_file_and_a_mount_passes_it_through() {
     assert!(text.contains("0 of 1 big files") && text.contains("over half the cap"), "{text}");
     assert!(entries(&data).is_empty());
 
+    // Without the flag, config.toml's file_cache_bytes is the cap, as for the daemon.
+    fs::write(data.join("config.toml"), "file_cache_bytes = 1048576\n").unwrap();
+    let v = ok(&data, &["cache", "warm", &id]);
+    assert_eq!((v["cap"].as_u64(), v["too_big"].as_u64()), (Some(1 << 20), Some(1)), "{v}");
+    assert_eq!(ok(&data, &["cache", "show"])["cap"].as_u64(), Some(1 << 20));
+    let v = ok(&data, &["cache", "warm", &id, "--file-cache-bytes", "16777216"]);
+    assert_eq!((v["cap"].as_u64(), v["written"].as_u64()), (Some(16 << 20), Some(1)), "{v}");
+    fs::remove_file(data.join("config.toml")).unwrap();
+
     // An unknown reference names itself.
     let out = run(&data, &["cache", "warm", "template://no/such/1"]);
     assert!(!out.status.success());

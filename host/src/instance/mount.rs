@@ -199,12 +199,24 @@ fn path_hash(b: &[u8]) -> String {
     format!("{h:016x}{:016x}", h.rotate_left(29) ^ b.len() as u64)
 }
 
-/// Unmounts a union (the serving process then exits).
+/// How long `xenod umount` waits for the serving process to finish.
+const EXIT_WAIT: Duration = Duration::from_secs(30);
+
+/// Unmounts a union and waits for its serving process to exit, so that
+/// its upper directory can be committed or mounted again at once.
 pub fn umount_cmd(mountpoint: &Path) -> Result<()> {
     if !xenod_cowfs::is_mounted(mountpoint) {
         bail!("{} is not a mount point", mountpoint.display());
     }
-    xenod_cowfs::unmount(mountpoint, false).with_context(|| format!("unmounting {}", mountpoint.display()))
+    let gone = xenod_cowfs::unmount_and_wait(mountpoint, EXIT_WAIT)
+        .with_context(|| format!("unmounting {}", mountpoint.display()))?;
+    if !gone {
+        tracing::warn!(
+            "{} is unmounted, but its serving process is still finishing after {EXIT_WAIT:?}; its upper directory stays locked until it exits",
+            mountpoint.display()
+        );
+    }
+    Ok(())
 }
 
 /// Turns the upper directory `upper` (not mounted meanwhile) over the stack
