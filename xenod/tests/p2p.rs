@@ -479,3 +479,47 @@ fn names_and_presence_travel_over_gossip() {
     assert_eq!(resolves(&c, "template://test/f/1"), None, "a forged record is not kept");
     drop((db, dc, df));
 }
+
+/// The binary chunk stream a lazy mount reads through: a chunk the store
+/// holds comes back whole; one nobody has gets an answer naming it, and
+/// the stream goes on serving after it.
+#[test]
+fn a_chunk_stream_answers_each_id_and_names_what_no_provider_has() {
+    use xenod_host::api::{ChunkClient, ChunkFault};
+    use xenod_store::{ChunkId, Extent, Kind, Store};
+    let t = tempfile::tempdir().unwrap();
+    let a = t.path().join("a");
+    let src = t.path().join("src");
+    tree(&src, 4, 3);
+    let id = publish(&a, &src, "template://test/os/1");
+    // A chunk of the tree, and the bytes it holds, from the store itself.
+    let store = Store::open(&a).unwrap();
+    let layer = store.resolve(&id).unwrap();
+    let chunk = store
+        .read_layer(&layer)
+        .unwrap()
+        .find_map(|e| match e.unwrap().kind {
+            Kind::File { extents, .. } => extents.into_iter().find_map(|x| match x {
+                Extent::Data { id, .. } => Some(id),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .expect("the tree has a chunk");
+    let bytes = store.get(&chunk).unwrap();
+    drop(store);
+
+    let da = Daemon::start(&a, &[]);
+    let mut c = ChunkClient::connect(&a).unwrap();
+    assert!(c.get(&chunk).unwrap() == bytes, "chunk {chunk} came back with other bytes");
+    let nowhere = ChunkId::of(b"a chunk no store holds");
+    match c.get(&nowhere) {
+        Err(ChunkFault::Answer(why)) => {
+            assert!(why.contains(&nowhere.to_string()) && why.contains("no provider"), "{why}")
+        }
+        Err(ChunkFault::Stream(why)) => panic!("the stream broke instead of answering: {why}"),
+        Ok(_) => panic!("bytes for a chunk nobody has"),
+    }
+    assert!(c.get(&chunk).unwrap() == bytes, "the stream serves on after an error answer");
+    drop(da);
+}
