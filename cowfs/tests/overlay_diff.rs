@@ -244,7 +244,7 @@ fn run_seq(store: &Arc<Store>, stack: &[LayerId], lower: &Path, t: &Path, seed: 
     let merged = failure
         .is_none()
         .then(|| (normalize(tree_listing(&k.join("mnt")).unwrap()), normalize(tree_listing(&x.join("mnt")).unwrap())));
-    rustix::mount::unmount(k.join("mnt"), rustix::mount::UnmountFlags::empty()).unwrap();
+    xenod_cowfs::unmount(&k.join("mnt"), false).unwrap();
     m.unmount().unwrap();
     if let Some(f) = failure {
         panic!("{f}");
