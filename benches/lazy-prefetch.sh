@@ -6,7 +6,8 @@
 #
 # Usage: benches/lazy-prefetch.sh   (needs root, /dev/fuse, QEMU, libvirt)
 #
-# Environment: XENOD (default target/release/xenod), LINK_MBIT (each
+# Environment: XENOD (default target/release/xenod), NETDELAY (default
+#   target/release/netdelay, built when missing), LINK_MBIT (each
 #   emulated host's link, default 100), DELAY_MS (added to each packet on
 #   each host's link, one way, default 20; 0 = none), NOISE_MIB (bytes in the template the
 #   guest never reads, ahead of /boot in path order, default 64), ROUNDS
@@ -46,7 +47,6 @@ cd "$ROOT"
 XENOD=${XENOD:-$ROOT/target/release/xenod}
 LINK_MBIT=${LINK_MBIT:-100}
 DELAY_MS=${DELAY_MS:-20}
-NETDELAY=${NETDELAY:-$ROOT/target/release/netdelay}
 NOISE_MIB=${NOISE_MIB:-64}
 ROUNDS=${ROUNDS:-2}
 KEEP=${KEEP:-0}
@@ -54,17 +54,14 @@ export XENOD_LOG=${XENOD_LOG:-error}
 
 log() { echo "lazy-prefetch: $*" >&2; }
 die() { log "$*"; exit 1; }
+. "$ROOT/benches/lib.sh"
+bench_args "$@"
+[ -z "$OUT" ] || die "--out: this script reports in markdown only"
 [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, FUSE, libvirt)"
 [[ $LINK_MBIT =~ ^[1-9][0-9]*$ ]] || die "LINK_MBIT must be a positive integer (Mbit/s)"
 [[ $DELAY_MS =~ ^[0-9]+$ ]] || die "DELAY_MS must be a whole number of milliseconds"
 [ -x "$XENOD" ] || { log "building xenod (release)"; cargo build --release --locked -p xenod >&2; }
-if [ "$DELAY_MS" -gt 0 ]; then
-  command -v iptables >/dev/null || die "DELAY_MS needs iptables (its NFQUEUE rule feeds netdelay); or DELAY_MS=0"
-fi
-if [ "$DELAY_MS" -gt 0 ] && [ ! -x "$NETDELAY" ]; then
-  log "building netdelay (release)"
-  cargo build --release --locked -p xenod-benches --bin netdelay >&2
-fi
+[ "$DELAY_MS" -gt 0 ] && netdelay_prepare
 FIX=${XENOD_FIXTURES:-/var/cache/xenod-fixtures}/guest
 bash fixtures/build-guest.sh "$FIX" >/dev/null
 bash scripts/start-libvirtd.sh >/dev/null
@@ -132,21 +129,7 @@ add_host() {
   ip -n "$ns" addr add "${IP[$1]}/24" dev eth0
   shape eth0 "$ns"
   shape "$ns"
-  if [ "$DELAY_MS" -gt 0 ]; then
-    # The queue's reader first: a rule without one drops what it queues.
-    ip netns exec "$ns" "$NETDELAY" --queue 0 --delay-ms "$DELAY_MS" 2>>"$WORK/netdelay.log" &
-    PIDS+=("$!")
-    DELAYS+=("$!")
-    sleep 0.2
-    kill -0 "$!" 2>/dev/null || die "netdelay did not start in $ns; see $WORK/netdelay.log"
-    ip netns exec "$ns" iptables -t mangle -A PREROUTING -i eth0 -j NFQUEUE --queue-num 0
-  fi
-}
-# delays_alive: every host's netdelay still runs (else its link dropped
-# everything from when it stopped).
-delays_alive() {
-  local p
-  for p in "${DELAYS[@]}"; do kill -0 "$p" 2>/dev/null || die "a netdelay stopped; see $WORK/netdelay.log"; done
+  if [ "$DELAY_MS" -gt 0 ]; then netdelay_start "$ns" "$DELAY_MS"; fi
 }
 ip link add "$BRIDGE" type bridge
 ip link set "$BRIDGE" up

@@ -28,3 +28,39 @@ serve() {
   rm -f "$WORK/serve.fifo"
   DAEMON_ADDR=$(echo "$line" | awk '{print $4}')
 }
+
+# netdelay_prepare: NETDELAY (benches/src/bin/netdelay.rs; default
+# target/release/netdelay, built here when missing) and iptables, which
+# feeds it, are there. Uses the caller's ROOT, log and die.
+netdelay_prepare() {
+  NETDELAY=${NETDELAY:-$ROOT/target/release/netdelay}
+  command -v iptables >/dev/null || die "a link delay needs iptables (its NFQUEUE rule feeds netdelay)"
+  if [ ! -x "$NETDELAY" ]; then
+    log "building netdelay (release)"
+    (cd "$ROOT" && cargo build --release --locked -p xenod-benches --bin netdelay >&2)
+  fi
+}
+
+# netdelay_start NS MS: every packet arriving on NS's eth0 waits MS ms
+# before it goes on (netdelay, an NFQUEUE reader in NS, fed by a mangle
+# PREROUTING rule). The delay is on receipt: a packet held on its
+# sender's side still counts against the sending socket (TCP small
+# queues), which caps a TCP stream far below the link. Logs to
+# WORK/netdelay.log; the reader's pid joins PIDS and DELAYS.
+netdelay_start() {
+  local ns=$1 ms=$2
+  # The queue's reader first: a rule without one drops what it queues.
+  ip netns exec "$ns" "$NETDELAY" --queue 0 --delay-ms "$ms" 2>>"$WORK/netdelay.log" &
+  PIDS+=("$!")
+  DELAYS+=("$!")
+  sleep 0.2
+  kill -0 "$!" 2>/dev/null || die "netdelay did not start in $ns; see $WORK/netdelay.log"
+  ip netns exec "$ns" iptables -t mangle -A PREROUTING -i eth0 -j NFQUEUE --queue-num 0
+}
+
+# delays_alive: every netdelay still runs (else its link has dropped
+# everything since it stopped).
+delays_alive() {
+  local p
+  for p in "${DELAYS[@]}"; do kill -0 "$p" 2>/dev/null || die "a netdelay stopped; see $WORK/netdelay.log"; done
+}

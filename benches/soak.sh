@@ -4,15 +4,25 @@
 # while faults are injected; invariants are checked after every fault and
 # at the end.
 #
-# Links: a rate per host (tc tbf, 50-170 Mbit/s, both ways) and random loss
-# (0-0.6%, iptables' statistic match in the host's namespace). This
-# machine's kernel has no netem (`tc qdisc add ... netem` says "Specified
-# qdisc kind is unknown"), so links carry no added delay; where netem
-# exists, each link also gets 5-33 ms of delay.
+# Links: a rate per host (50-170 Mbit/s, both ways), random loss (0-0.6%,
+# iptables' statistic match in the host's namespace) and a delay per host
+# (5-33 ms), so round trips between two hosts take 20-66 ms. LINK_DELAY
+# says how the delay is made:
+#   netem     tc's netem on both ends of the host's link (with its rate);
+#   netdelay  tc tbf for the rate, and every packet a host receives waits
+#             twice its delay in netdelay (benches/src/bin/netdelay.rs, an
+#             NFQUEUE reader fed by iptables; see lib.sh): the same round
+#             trips as netem's;
+#   none      tc tbf for the rate, no delay;
+#   auto      (default) netem where the kernel has it (this machine's does
+#             not: "Specified qdisc kind is unknown"), else netdelay where
+#             iptables is, else none.
 #
 # Usage: benches/soak.sh [--out FILE.json]
 #
-# Environment: XENOD (default target/release/xenod), SOAK_SECONDS (default
+# Environment: XENOD (default target/release/xenod), LINK_DELAY (above),
+#   NETDELAY (default target/release/netdelay, built when missing),
+#   SOAK_SECONDS (default
 #   1800), HOSTS (default 5, at most 20), FAULT_EVERY (seconds between
 #   faults, default 20), SEED (default: the pid), KEEP=1 (keep the work
 #   directory and daemon logs), FAULTS (the kinds to inject, default
@@ -51,6 +61,7 @@ FAULT_EVERY=${FAULT_EVERY:-20}
 SEED=${SEED:-$$}
 KEEP=${KEEP:-0}
 FAULTS=${FAULTS:-kill partition diskfull flip clock}
+LINK_DELAY=${LINK_DELAY:-auto}
 export XENOD_LOG=${XENOD_LOG:-warn}
 # Announce every second, so names and presence settle within a fault's gap.
 export XENOD_ANNOUNCE_MS=${XENOD_ANNOUNCE_MS:-1000}
@@ -61,6 +72,7 @@ log() { echo "soak: $*" >&2; }
 die() { log "$*"; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "needs root (network namespaces, tc, tmpfs, FUSE)"
 [[ $HOSTS =~ ^[0-9]+$ ]] && [ "$HOSTS" -ge 3 ] && [ "$HOSTS" -le 20 ] || die "HOSTS must be 3..20"
+[[ $LINK_DELAY =~ ^(auto|netem|netdelay|none)$ ]] || die "LINK_DELAY must be auto, netem, netdelay or none"
 command -v ip >/dev/null && command -v tc >/dev/null || die "needs ip and tc (iproute2)"
 [ -x "$XENOD" ] || { log "building xenod (release)"; (cd "$ROOT" && cargo build --release -p xenod >&2); }
 RANDOM=$SEED
@@ -85,6 +97,8 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/xenod-soak.XXXXXX")
 NET=xnsk$(printf %x $$)
 BRIDGE=${NET}b
 NETNS=()
+PIDS=()
+DELAYS=()
 FWD_RULE=""
 TMPFS=""
 declare -A PID NODE
@@ -97,6 +111,7 @@ cleanup() {
   for h in "${!PID[@]}"; do kill -KILL "${PID[$h]}" 2>/dev/null; done
   pkill -KILL -f -- "--data-dir $WORK/" 2>/dev/null
   grep " $WORK/" /proc/mounts | awk '{print $2}' | sort -r | while read -r m; do umount -l "$m"; done
+  for p in "${DELAYS[@]}"; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
   for ns in "${NETNS[@]}"; do ip link del "$ns" 2>/dev/null; ip netns del "$ns" 2>/dev/null; done
   [ -n "$FWD_RULE" ] && iptables -D FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null
@@ -130,11 +145,29 @@ ip link set "$BRIDGE" up
 if [ -e /proc/sys/net/bridge/bridge-nf-call-iptables ] && command -v iptables >/dev/null; then
   iptables -I FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT && FWD_RULE=1
 fi
-NETEM=0
 IPT=0
 command -v iptables >/dev/null && IPT=1
+# The kernel's netem, tried on a scratch namespace.
+if [ "$LINK_DELAY" = auto ] || [ "$LINK_DELAY" = netem ]; then
+  ns=${NET}t
+  ip netns add "$ns"; NETNS+=("$ns")
+  if tc -n "$ns" qdisc replace dev lo root netem delay 1ms 2>/dev/null; then
+    LINK_DELAY=netem
+  elif [ "$LINK_DELAY" = netem ]; then
+    die "LINK_DELAY=netem, but this kernel has no netem"
+  elif [ $IPT = 1 ]; then
+    LINK_DELAY=netdelay
+  else
+    LINK_DELAY=none
+  fi
+  ip netns del "$ns"
+fi
+[ "$LINK_DELAY" = netdelay ] && netdelay_prepare
+NETEM=0
+[ "$LINK_DELAY" = netem ] && NETEM=1
 # link HOST [down]: the host's link, both ways: its own rate, loss (and
-# delay, with netem); `down` cuts it (a partition).
+# delay, with netem; netdelay's is set once, when the host is made);
+# `down` cuts it (a partition).
 link() {
   local h=$1 ns=$NET$1 rate=$((50 + 40 * ($1 % 4))) loss=$(( ($1 % 3) * 3 ))
   local delay=$((5 + 7 * ($1 % 5)))
@@ -160,15 +193,15 @@ for h in $(seq 1 "$HOSTS"); do
   ip link add "$ns" type veth peer name eth0 netns "$ns"
   ip link set "$ns" master "$BRIDGE" up
   ip -n "$ns" addr add "$(ip_of "$h")/24" dev eth0
-  if [ "$h" = 1 ] && tc -n "$ns" qdisc replace dev eth0 root netem delay 1ms 2>/dev/null; then NETEM=1; fi
   link "$h"
+  if [ "$LINK_DELAY" = netdelay ]; then netdelay_start "$ns" $((2 * (5 + 7 * (h % 5)))); fi
   mkdir -p "$(dir_of "$h")"
 done
 # The last host's data lives on a small tmpfs: the disk that fills up.
 mkdir -p "$WORK/lists"
 TMPFS=$(dir_of "$HOSTS")
 mount -t tmpfs -o size=384m soak "$TMPFS"
-log "$HOSTS hosts in namespaces $NET*, seed $SEED, ${SOAK_SECONDS}s, faults: $FAULTS (netem: $NETEM, loss by iptables: $IPT)"
+log "$HOSTS hosts in namespaces $NET*, seed $SEED, ${SOAK_SECONDS}s, faults: $FAULTS (link delay: $LINK_DELAY, loss by iptables: $IPT)"
 
 # serve HOST [faketime offset]: starts (or restarts) the daemon of HOST on port 7000.
 serve() {
@@ -303,6 +336,7 @@ one_op() {
 check_invariants() {
   local when=$1 h id ok src out diff
   CHECKS=$((CHECKS + 1))
+  if [ "$LINK_DELAY" = netdelay ]; then delays_alive; fi
   for h in $(seq 1 "$HOSTS"); do
     alive "$h" || serve "$h" || violation "$when: host $h does not start again: $(tail -2 "$WORK/h$h.log")"
   done
