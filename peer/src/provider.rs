@@ -178,7 +178,7 @@ impl Provider {
                 // is kept, whatever its level (recompressing it would make
                 // the provider the bottleneck of every fast link).
                 if let Pack::Members(_) = pack
-                    && let Ok(Some((members, mut block))) = store.whole_block(&id, 0)
+                    && let Ok(Some((members, mut block))) = store.whole_block(&id)
                     && !members.is_empty()
                     && rest.len() >= members.len()
                     && members.iter().zip(rest).all(|(m, want)| m.0 == *want)

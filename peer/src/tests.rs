@@ -272,7 +272,7 @@ fn ppmd_dense_fetch_sends_text_in_fewer_bytes_and_keeps_zstd_blocks() {
         let mut blocks = 0;
         for id in &ids {
             assert_eq!(kept.get(id).unwrap(), s.get(id).unwrap());
-            if let Some((_, block)) = kept.whole_block(id, 0).unwrap() {
+            if let Some((_, block)) = kept.whole_block(id).unwrap() {
                 blocks += 1;
                 assert!(!xenod_store::testing::block_is_ppmd(&block), "a PPMd frame kept at rest");
             }
@@ -306,9 +306,9 @@ async fn blocks_kept_as_sent(a: &Host, c: &Host, top: LayerId, ids: &[ChunkId]) 
     c.node.fetch(top, &[a.node.addr()], small_batches()).await.unwrap();
     let (mut same, mut blocks) = (0, 0);
     for id in ids {
-        if let Some((members, kept)) = a.node.store().whole_block(id, 0).unwrap() {
+        if let Some((members, kept)) = a.node.store().whole_block(id).unwrap() {
             blocks += 1;
-            if c.node.store().whole_block(id, 0).unwrap().is_some_and(|(m, got)| m == members && got == kept) {
+            if c.node.store().whole_block(id).unwrap().is_some_and(|(m, got)| m == members && got == kept) {
                 same += 1;
             }
         }

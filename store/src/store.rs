@@ -686,21 +686,12 @@ impl Store {
     }
 
     /// The payload of the solid block that `id` opens (is the first member
-    /// of), with its member table, as kept, if the block was made at zstd
-    /// `min_level` or above (0: any); `None` when `id` is stored otherwise
-    /// or further into its block, or the block is below that level (which
-    /// costs a read of its first word only).
-    pub fn whole_block(&self, id: &ChunkId, min_level: i32) -> Result<Option<(Members, Vec<u8>)>> {
+    /// of), with its member table, as kept; `None` when `id` is stored
+    /// otherwise or further into its block.
+    pub fn whole_block(&self, id: &ChunkId) -> Result<Option<(Members, Vec<u8>)>> {
         let Some(loc) = self.locate(id)? else { return Ok(None) };
         if loc.encoding != Encoding::Block || loc.inner != 0 {
             return Ok(None);
-        }
-        if min_level > 0 {
-            let mut head = [0u8; 4];
-            self.read_at(id, &loc, &mut head)?;
-            if i32::from(block_level(&head)) < min_level {
-                return Ok(None);
-            }
         }
         let payload = self.read_stored(id, &loc)?;
         let (members, _) = parse_block(&payload)
@@ -1612,15 +1603,13 @@ mod block_tests {
         let low: Vec<ChunkId> = (0..3).map(|i| s.put_solid(&chunk(i)).unwrap().0).collect();
         let high: Vec<ChunkId> = (3..6).map(|i| s.put_solid_at(&chunk(i), 19).unwrap().0).collect();
         s.flush().unwrap();
-        let (low_members, low_block) = s.whole_block(&low[0], 0).unwrap().expect("opens a block");
-        let (high_members, high_block) = s.whole_block(&high[0], 0).unwrap().expect("opens a block");
+        let (low_members, low_block) = s.whole_block(&low[0]).unwrap().expect("opens a block");
+        let (high_members, high_block) = s.whole_block(&high[0]).unwrap().expect("opens a block");
         assert_eq!(low_members.iter().map(|m| m.0).collect::<Vec<_>>(), low, "the level change closed the block");
         assert_eq!(high_members.iter().map(|m| m.0).collect::<Vec<_>>(), high);
         assert_eq!(block_level(&low_block), codec::zstd_level() as u8);
         assert_eq!(block_level(&high_block), 19);
-        assert!(s.whole_block(&high[1], 0).unwrap().is_none(), "not the block's first member");
-        assert!(s.whole_block(&low[0], 19).unwrap().is_none(), "made below the level asked for");
-        assert!(s.whole_block(&high[0], 19).unwrap().is_some());
+        assert!(s.whole_block(&high[1]).unwrap().is_none(), "not the block's first member");
         for (i, id) in low.iter().chain(&high).enumerate() {
             assert_eq!(s.get(id).unwrap(), chunk(i as u32));
         }
@@ -1674,7 +1663,7 @@ mod block_tests {
         .unwrap();
         let (_, moved) = write_pack(&s, records.into_iter().skip(1)).unwrap();
         reindex(&s, &moved, &[]).unwrap();
-        let (members, block) = s.whole_block(&ids[1], 0).unwrap().expect("the rewritten block opens with it");
+        let (members, block) = s.whole_block(&ids[1]).unwrap().expect("the rewritten block opens with it");
         assert_eq!(members.len(), 2);
         assert_eq!(block_level(&block), 19);
         assert_eq!(s.get(&ids[2]).unwrap(), chunk(2));
@@ -1729,7 +1718,7 @@ mod block_tests {
             assert_eq!(s.locate(id).unwrap().unwrap().encoding, Encoding::Block);
         }
         // Kept in this store's own zstd blocks, never as the PPMd frame.
-        let (_, kept) = s.whole_block(&ids[0], 0).unwrap().expect("the first chunk opens a block");
+        let (_, kept) = s.whole_block(&ids[0]).unwrap().expect("the first chunk opens a block");
         assert_ne!(block_level(&kept), PPMD_TAG);
         assert!(s.verify().unwrap().is_clean());
     }
