@@ -14,6 +14,15 @@ bench_args() {
   esac
 }
 
+# nowarm DIR: the daemon of data directory DIR will not warm its file
+# cache after a fetch. A transfer benchmark times the fetch alone; the warm
+# would run in the background during the next mover's turn (its cost is
+# lower-read.sh's).
+nowarm() {
+  mkdir -p "$1"
+  echo "warm_file_cache = false" >>"$1/config.toml"
+}
+
 # serve DIR: starts `$XENOD serve` on loopback for data directory DIR,
 # logging to DIR.log, and returns once it listens. Its pid joins the
 # caller's PIDS and is LAST_PID; DAEMON_ADDR is its NODE@ADDR. Uses WORK

@@ -78,6 +78,7 @@ log "publishing on A"
 "$XENOD" --data-dir "$WORK/a" --json publish --image "$WORK/tpl.img" --name template://bench/tpl/1 >"$WORK/pub.json"
 serve "$WORK/a"
 TICKET=$("$XENOD" --data-dir "$WORK/a" share template://bench/tpl/1 | tail -1)
+nowarm "$WORK/b"
 serve "$WORK/b"
 sync
 log "B fetches from A"

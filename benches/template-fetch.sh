@@ -167,6 +167,7 @@ add() { SECS[$1]="${SECS[$1]:-} $2"; }
 for r in $(seq 1 "$ROUNDS"); do
   log "round $r of $ROUNDS"
   b="$WORK/b$r"
+  nowarm "$b"
   serve "$b"
   bpid=$LAST_PID
   t0=$(now); "$XENOD" --data-dir "$b" --json fetch "$T_TICKET" >"$b.t.json" 2>/dev/null; t1=$(now)
