@@ -81,6 +81,10 @@ fn run(num: u16, delay: Duration) -> std::io::Result<()> {
                     held.push_back((Instant::now() + delay, m));
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                // The kernel's answer to an earlier verdict for a packet it
+                // had dropped meanwhile (its device went down: a soak's
+                // partition), read here as netlink error messages are.
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
