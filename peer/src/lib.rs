@@ -103,7 +103,7 @@ pub use repair::{ChunkRepair, RepairProvider, Supplied};
 pub use stats::{Counters, PeerCounters, Snapshot, Stats};
 pub use ticket::{Ticket, TicketError, format_peer, parse_peer};
 
-use fetch::{ProviderConn, Swarm, missing_data_chunks, missing_manifest_chunks, ms, order_for_swarm};
+use fetch::{ProviderConn, Swarm, held_whole, missing_data_chunks, missing_manifest_chunks, ms, order_for_swarm};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -457,7 +457,9 @@ impl Engine {
         // Keep whatever verified chunks arrived, even on failure: the
         // next attempt will not ask for them again.
         let store = self.store.clone();
+        let t0 = Instant::now();
         let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
+        tracing::debug!(ms = ms(t0), "fetch of {layer}: flushed");
         match (r, flushed) {
             (Ok(rep), Ok(Ok(()))) => Ok(rep),
             (Ok(_), Ok(Err(e))) => Err(e.into()),
@@ -479,6 +481,29 @@ impl Engine {
             .await
             .map_err(|e| PeerError::NoProviders { why: format!("lock task: {e}") })??;
 
+        // Held whole already: nothing to ask anyone, so no connection and
+        // no round trip (113 ms for a no-op fetch over a 50 ms link).
+        let manifests_only = opts.manifests_only;
+        let store = self.store.clone();
+        let held = tokio::task::spawn_blocking(move || held_whole(&store, layer, manifests_only))
+            .await
+            .map_err(|e| PeerError::NoProviders { why: format!("scan task: {e}") })??;
+        if let Some((stack, local)) = held {
+            self.store.record_layers(&stack, manifests_only)?;
+            let rep = FetchReport {
+                layer: layer.to_string(),
+                stack: stack.iter().map(|s| s.to_string()).collect(),
+                chunks_local: local,
+                elapsed_ms: ms(t0),
+                ..Default::default()
+            };
+            if let Some(f) = opts.on_manifests.as_ref().filter(|_| !manifests_only) {
+                f(&rep);
+            }
+            tracing::debug!(ms = ms(t0), "fetch of {layer}: held whole here");
+            return Ok(rep);
+        }
+
         let mut set = tokio::task::JoinSet::new();
         for (i, p) in providers.iter().enumerate() {
             if p.id == self.id() {
@@ -498,6 +523,7 @@ impl Engine {
         }
         let mut conns = set.join_all().await;
         conns.sort_by_key(|(i, _, _)| *i);
+        tracing::debug!(ms = ms(t0), "fetch of {layer}: connected");
         let plan = opts.swarm.clone().filter(|p| p.members.len() > 1 && p.index(&self.id()).is_some());
         let conns = conns
             .into_iter()
@@ -510,7 +536,6 @@ impl Engine {
             Some(pl) => order_for_swarm(ids, pl.index(&self.id()).unwrap_or(0), pl.members.len()),
             None => ids,
         };
-        let manifests_only = opts.manifests_only;
         let on_manifests = opts.on_manifests.clone().filter(|_| !manifests_only);
         let read_timeout = opts.read_timeout;
         let swarm = Swarm::new(self.store.clone(), self.stats.clone(), conns, opts);
@@ -545,6 +570,7 @@ impl Engine {
             }
         }
         stack.reverse();
+        tracing::debug!(ms = ms(t0), "fetch of {layer}: roots of {} layers", stack.len());
 
         type Scan = fn(&Store, &[LayerId]) -> Result<(Vec<ChunkId>, u64), Error>;
         let mut phases: Vec<(Phase, Scan)> = vec![(Phase::Manifests, missing_manifest_chunks)];
@@ -580,7 +606,9 @@ impl Engine {
                 swarm.run(Phase::Prefetch, first).await?;
                 swarm.prefetch_done().await?;
             }
+            let n = want.len();
             swarm.run(phase, order(want)).await?;
+            tracing::debug!(ms = ms(t0), "fetch of {layer}: {phase:?}, {n} chunks");
             if phase == Phase::Manifests
                 && let Some(task) = asking.take()
             {
@@ -599,6 +627,7 @@ impl Engine {
         let udp_bytes = swarm.close();
 
         self.store.record_layers(&stack, manifests_only)?;
+        tracing::debug!(ms = ms(t0), "fetch of {layer}: recorded");
         Ok(report(fetched, local, udp_bytes, prefetched, order_from))
     }
 

@@ -165,13 +165,17 @@ fn two_providers_share_the_work_and_a_refetch_asks_nothing() {
         assert_eq!(encodings.get(&(true, xenod_store::Encoding::Block)), Some(&16), "{encodings:?}");
         assert_eq!(encodings.get(&(false, xenod_store::Encoding::Block)), None, "{encodings:?}");
 
-        // Resumable: nothing is asked for again, even with no provider up.
+        // Resumable: nothing is asked for again, even with no provider up;
+        // held whole, the stack costs no connection at all.
+        let gone = a.node.addr();
         a.node.shutdown().await;
         b.node.shutdown().await;
-        let dead = c.node.addr(); // our own address is skipped
-        let rep = c.node.fetch(top, &[dead], small_batches()).await.unwrap();
+        let own = c.node.addr(); // our own address is skipped
+        let rep = c.node.fetch(top, &[own, gone], small_batches()).await.unwrap();
         assert_eq!(rep.chunks_fetched, 0);
         assert!(rep.chunks_local > 0);
+        assert!(rep.providers.is_empty(), "a provider was contacted: {rep:#?}");
+        assert_eq!(rep.stack.len(), 2);
     });
 }
 
