@@ -150,12 +150,7 @@ shape() {
 # (the end inside is the host's upload, the bridge's end its download).
 add_host() {
   local ns=$NET$1
-  ip netns add "$ns"
-  NETNS+=("$ns")
-  ip -n "$ns" link set lo up
-  ip link add "$ns" type veth peer name eth0 netns "$ns"
-  ip link set "$ns" master "$BRIDGE"
-  ip -n "$ns" addr add "$(host_ip "$1")/24" dev eth0
+  netns_host "$ns" "$(host_ip "$1")"
   shape eth0 "$ns"
   shape "$ns"
 }

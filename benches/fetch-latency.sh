@@ -14,7 +14,8 @@
 # delaying what it receives by DELAY_MS with netdelay (see lib.sh). a
 # publishes a tree (KIB of random bytes in one file, and a small one) and
 # shares it. Each round, b starts with an empty data directory and its
-# daemon fetches the tree by ticket (fresh), then fetches it again (held).
+# daemon fetches the tree by ticket (fresh), then fetches it again (held:
+# no chunk moves, but with no prefetch order held it asks a for one).
 # Reported: the fetch's own clock (`elapsed_ms` of its report) per round
 # and the medians, and the fresh fetch's phases from b's debug log
 # (connected, roots, manifests, data: milliseconds since the fetch began).
@@ -69,12 +70,7 @@ ip link add "$BRIDGE" type bridge
 ip link set "$BRIDGE" up
 for h in a b; do
   ns=$NET$h
-  ip netns add "$ns"
-  NETNS+=("$ns")
-  ip -n "$ns" link set lo up
-  ip link add "$ns" type veth peer name eth0 netns "$ns"
-  ip link set "$ns" master "$BRIDGE" up
-  ip -n "$ns" addr add "10.234.0.$([ $h = a ] && echo 1 || echo 2)/24" dev eth0
+  netns_host "$ns" "10.234.0.$([ $h = a ] && echo 1 || echo 2)"
   ip -n "$ns" link set eth0 up
   netdelay_start "$ns" "$DELAY_MS"
 done

@@ -121,12 +121,7 @@ add_host() {
   local ns=$NET$1
   IP[$1]=10.232.0.$NEXT_IP
   NEXT_IP=$((NEXT_IP + 1))
-  ip netns add "$ns"
-  NETNS+=("$ns")
-  ip -n "$ns" link set lo up
-  ip link add "$ns" type veth peer name eth0 netns "$ns"
-  ip link set "$ns" master "$BRIDGE"
-  ip -n "$ns" addr add "${IP[$1]}/24" dev eth0
+  netns_host "$ns" "${IP[$1]}"
   shape eth0 "$ns"
   shape "$ns"
   if [ "$DELAY_MS" -gt 0 ]; then netdelay_start "$ns" "$DELAY_MS"; fi

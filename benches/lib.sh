@@ -38,6 +38,19 @@ serve() {
   DAEMON_ADDR=$(echo "$line" | awk '{print $4}')
 }
 
+# netns_host NS ADDR: an emulated host: network namespace NS (joins
+# NETNS) with its loopback up, and a veth pair whose end inside NS, eth0,
+# holds ADDR/24 and whose other end, named NS, is a port of BRIDGE, up.
+# eth0 is left down, for the caller to shape and bring up.
+netns_host() {
+  ip netns add "$1"
+  NETNS+=("$1")
+  ip -n "$1" link set lo up
+  ip link add "$1" type veth peer name eth0 netns "$1"
+  ip link set "$1" master "$BRIDGE" up
+  ip -n "$1" addr add "$2/24" dev eth0
+}
+
 # netdelay_prepare: NETDELAY (benches/src/bin/netdelay.rs; default
 # target/release/netdelay, built here when missing) and iptables, which
 # feeds it, are there. Uses the caller's ROOT, log and die.

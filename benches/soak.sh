@@ -188,11 +188,7 @@ link() {
 }
 for h in $(seq 1 "$HOSTS"); do
   ns=$NET$h
-  ip netns add "$ns"; NETNS+=("$ns")
-  ip -n "$ns" link set lo up
-  ip link add "$ns" type veth peer name eth0 netns "$ns"
-  ip link set "$ns" master "$BRIDGE" up
-  ip -n "$ns" addr add "$(ip_of "$h")/24" dev eth0
+  netns_host "$ns" "$(ip_of "$h")"
   link "$h"
   if [ "$LINK_DELAY" = netdelay ]; then netdelay_start "$ns" $((2 * (5 + 7 * (h % 5)))); fi
   mkdir -p "$(dir_of "$h")"

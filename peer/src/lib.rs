@@ -481,13 +481,21 @@ impl Engine {
             .await
             .map_err(|e| PeerError::NoProviders { why: format!("lock task: {e}") })??;
 
-        // Held whole already: nothing to ask anyone, so no connection and
-        // no round trip (113 ms for a no-op fetch over a 50 ms link).
+        // Held whole already, with its prefetch order: nothing to ask
+        // anyone, so no connection and no round trip (113 ms for a no-op
+        // fetch over a 50 ms link). Without an order the providers are
+        // still asked for one (a publisher gets back the order a lazy
+        // deploy elsewhere recorded).
         let manifests_only = opts.manifests_only;
-        let store = self.store.clone();
-        let held = tokio::task::spawn_blocking(move || held_whole(&store, layer, manifests_only))
-            .await
-            .map_err(|e| PeerError::NoProviders { why: format!("scan task: {e}") })??;
+        let held = match self.store.order_bytes(&layer)? {
+            Some(_) => {
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || held_whole(&store, layer, manifests_only))
+                    .await
+                    .map_err(|e| PeerError::NoProviders { why: format!("scan task: {e}") })??
+            }
+            None => None,
+        };
         if let Some((stack, local)) = held {
             self.store.record_layers(&stack, manifests_only)?;
             let rep = FetchReport {

@@ -165,15 +165,24 @@ fn two_providers_share_the_work_and_a_refetch_asks_nothing() {
         assert_eq!(encodings.get(&(true, xenod_store::Encoding::Block)), Some(&16), "{encodings:?}");
         assert_eq!(encodings.get(&(false, xenod_store::Encoding::Block)), None, "{encodings:?}");
 
-        // Resumable: nothing is asked for again, even with no provider up;
-        // held whole, the stack costs no connection at all.
+        // Resumable: nothing is asked for again, even with no provider up.
         let gone = a.node.addr();
         a.node.shutdown().await;
         b.node.shutdown().await;
         let own = c.node.addr(); // our own address is skipped
-        let rep = c.node.fetch(top, &[own, gone], small_batches()).await.unwrap();
+        let rep = c.node.fetch(top, std::slice::from_ref(&own), small_batches()).await.unwrap();
         assert_eq!(rep.chunks_fetched, 0);
         assert!(rep.chunks_local > 0);
+        // Held whole but without a prefetch order: the providers are asked
+        // for one (this one is gone, which fails nothing).
+        let rep = c.node.fetch(top, &[own.clone(), gone.clone()], small_batches()).await.unwrap();
+        assert_eq!((rep.chunks_fetched, rep.providers.len()), (0, 1), "{rep:#?}");
+        // With an order too, nothing is left to ask: no connection at all.
+        let s = c.node.store();
+        let some = *s.stack_data_chunks(&top).unwrap().iter().next().unwrap();
+        s.put_order(&xenod_store::Order::new(top, [some])).unwrap();
+        let rep = c.node.fetch(top, &[own, gone], small_batches()).await.unwrap();
+        assert_eq!(rep.chunks_fetched, 0);
         assert!(rep.providers.is_empty(), "a provider was contacted: {rep:#?}");
         assert_eq!(rep.stack.len(), 2);
     });
