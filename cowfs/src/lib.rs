@@ -54,7 +54,8 @@ pub use flatten::{FlattenStats, flatten};
 pub use fs::CowFs;
 pub use lower::{LowerTree, MOUNT_FILE, MOUNT_ROUNDS};
 pub use mount::{
-    DEFAULT_FILE_CACHE, MountOptions, Mounted, is_mounted, mount, serve, serving_pid, unmount, unmount_and_wait,
+    DEFAULT_FILE_CACHE, MountOptions, Mounted, is_mounted, mount, process_runs, serve, serving_pid, unmount,
+    unmount_and_wait,
 };
 pub use partial::DirtyMap;
 pub use quota::Quota;

@@ -116,7 +116,13 @@ impl Default for MountOptions {
 
 /// The union to serve and how, and the claim on a writable upper
 /// (held while the mount lives).
-fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<(CowFs, Config, Option<Claim>)> {
+/// `fsname` is the source mountinfo shows for the mount.
+fn prepare(
+    store: Arc<Store>,
+    stack: &[LayerId],
+    opts: &MountOptions,
+    fsname: String,
+) -> Result<(CowFs, Config, Option<Claim>)> {
     let upper = if opts.read_only { None } else { opts.upper.as_deref() };
     // Claimed before the union touches it: another mount's staging area
     // must not be cleaned up under it.
@@ -162,7 +168,7 @@ fn prepare(store: Arc<Store>, stack: &[LayerId], opts: &MountOptions) -> Result<
         crate::track::serve_control(sock, control)?;
     }
     let mut mount_options = vec![
-        MountOption::FSName(FSNAME.into()),
+        MountOption::FSName(fsname),
         MountOption::Subtype("xenod".into()),
         MountOption::DefaultPermissions,
         MountOption::Dev,
@@ -279,7 +285,7 @@ fn connection_of(mnt: &Path) -> Option<u64> {
 /// Mounts the union of `stack` (bottom first) on `mountpoint`, served in
 /// the background. The lower tree is loaded before this returns.
 pub fn mount(store: Arc<Store>, stack: &[LayerId], mountpoint: &Path, opts: &MountOptions) -> Result<Mounted> {
-    let (fs, config, claim) = prepare(store, stack, opts)?;
+    let (fs, config, claim) = prepare(store, stack, opts, FSNAME.into())?;
     let union = fs.union.clone();
     let session = fuser::spawn_mount(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
     let connection = connection_of(mountpoint);
@@ -295,14 +301,9 @@ pub fn serve(
     opts: &MountOptions,
     ready: impl FnOnce(),
 ) -> Result<()> {
-    let (fs, mut config, claim) = prepare(store, stack, opts)?;
     // A process that serves one mount and exits after it names itself, for
     // `unmount_and_wait` to find in mountinfo.
-    for o in &mut config.mount_options {
-        if let MountOption::FSName(n) = o {
-            *n = format!("{FSNAME}:{}", std::process::id());
-        }
-    }
+    let (fs, config, claim) = prepare(store, stack, opts, format!("{FSNAME}:{}", std::process::id()))?;
     let union = fs.union.clone();
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(Error::io("mounting on", mountpoint))?;
     // Counters are for metrics only: a socket that cannot be bound (a path
@@ -359,18 +360,21 @@ pub fn unmount_and_wait(mountpoint: &Path, wait: std::time::Duration) -> Result<
     unmount(mountpoint, false)?;
     let Some(pid) = pid else { return Ok(true) };
     let deadline = std::time::Instant::now() + wait;
-    loop {
-        // Gone, or a zombie left for its parent to reap: either way done.
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
-        if matches!(state, None | Some('Z' | 'X')) {
-            return Ok(true);
-        }
+    while process_runs(pid) {
         if std::time::Instant::now() >= deadline {
             return Ok(false);
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    Ok(true)
+}
+
+/// Whether process `pid` runs: it exists and is no zombie (one that exited
+/// and waits for its parent to reap it).
+pub fn process_runs(pid: u32) -> bool {
+    // The state follows the parenthesised command name.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X'])))
 }
 
 /// How long an unmount that finds the mount busy tries again.

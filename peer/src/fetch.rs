@@ -893,8 +893,6 @@ impl Swarm {
 
 const VAR_DROPPED: u32 = 1;
 
-/// Every chunk a stack needs, by round: the manifest chunks of each layer,
-/// then the distinct data chunks. Reads only local data.
 /// The stack of `layer` and how many of its chunks are here, when this
 /// store holds all of it intact already (its manifests, and its data
 /// unless `manifests_only`); `None` as soon as something is missing. The
@@ -934,6 +932,8 @@ pub(crate) fn held_whole(
     Ok(Some((stack, local)))
 }
 
+/// Every chunk a stack needs, by round: the manifest chunks of each layer,
+/// then the distinct data chunks. Reads only local data.
 pub(crate) fn missing_manifest_chunks(store: &Store, stack: &[ChunkId]) -> Result<(Vec<ChunkId>, u64), Error> {
     let mut seen = HashSet::new();
     let mut want = Vec::new();

@@ -366,10 +366,10 @@ fn commit_and_flatten_refuse_a_mounted_upper_and_another_base() {
     fails(&text(&data, &["mount", &base, mnt2.to_str().unwrap(), "--upper", u]), 6, "mounted read-write");
     assert!(!xenod_cowfs::is_mounted(&mnt2));
     let pid = xenod_cowfs::serving_pid(&mnt).expect("mountinfo names the serving process");
-    assert!(running(pid), "process {pid} serves {m}");
+    assert!(xenod_cowfs::process_runs(pid), "process {pid} serves {m}");
     assert!(text(&data, &["umount", m]).status.success());
     // `umount` returns once the serving process has exited: the upper is free at once.
-    assert!(!running(pid), "process {pid} still runs after umount");
+    assert!(!xenod_cowfs::process_runs(pid), "process {pid} still runs after umount");
 
     // Unmounted: another base is refused (the upper records its stack), its own is taken.
     let o = text(&data, &["commit", u, "--base", &other]);
@@ -385,10 +385,4 @@ fn commit_and_flatten_refuse_a_mounted_upper_and_another_base() {
     let o = text(&data, &["flatten", u, "--base", &base]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!upper.join(".xenod").exists(), "flatten leaves no work area");
-}
-
-/// Whether process `pid` runs (exists and is not a zombie).
-fn running(pid: u32) -> bool {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next()).is_some_and(|c| !matches!(c, 'Z' | 'X'))
 }

@@ -443,15 +443,6 @@ fn record_order(store: &Store, top: &LayerId, control: &Path) -> Result<serde_js
     Ok(json!({ "waits": waits, "recorded": recorded, "order": entries }))
 }
 
-/// Whether process `pid` runs (a zombie does not).
-fn alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(s) => s.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
-        Err(_) => false,
-    }
-}
-
 impl Instances {
     /// Deploys the stack of `reference` (local: every layer here, or with
     /// `lazy` its manifests) as one instance or `replicas`; returns
@@ -672,7 +663,7 @@ impl Instances {
         {
             // The filesystem process exits once unmounted; wait for it briefly.
             let t0 = Instant::now();
-            while alive(pid) && t0.elapsed() < Duration::from_secs(5) {
+            while xenod_cowfs::process_runs(pid) && t0.elapsed() < Duration::from_secs(5) {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
